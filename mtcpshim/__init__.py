@@ -1,0 +1,1 @@
+"""mtcpshim: run unmodified Linux programs over a user-level TCP stack."""

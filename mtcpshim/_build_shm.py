@@ -1,0 +1,20 @@
+"""cffi builder for mtcpshim._shm: the stack side of the shared-memory ABI."""
+import pathlib
+import sys
+
+import cffi
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from abi_source import PRELOAD_DIR, cdef_text  # noqa: E402
+
+ffibuilder = cffi.FFI()
+ffibuilder.cdef(cdef_text())
+ffibuilder.set_source(
+    "mtcpshim._shm",
+    '#include "mts_shm.h"',
+    include_dirs=[str(PRELOAD_DIR)],
+    extra_compile_args=["-O2", "-std=gnu11"],
+)
+
+if __name__ == "__main__":
+    ffibuilder.compile(tmpdir=str(pathlib.Path(__file__).resolve().parent.parent), verbose=False)

@@ -1,0 +1,113 @@
+"""The `mtcpshim` command line."""
+import argparse
+import ipaddress
+import sys
+
+from mtcpshim import testnet
+
+USAGE_ERROR = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """Reports a bad flag as one readable line and exit status 2."""
+
+    def error(self, message):
+        sys.stderr.write(f"{self.prog}: {message}\n")
+        sys.exit(USAGE_ERROR)
+
+
+def _ipv4_interface(text):
+    try:
+        iface = ipaddress.IPv4Interface(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad address {text!r}: want A.B.C.D/PREFIX")
+    if "/" not in text:
+        raise argparse.ArgumentTypeError(f"bad address {text!r}: the prefix length is missing")
+    return iface
+
+
+def _ipv4_address(text):
+    try:
+        return ipaddress.IPv4Address(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad gateway address {text!r}")
+
+
+def _parser() -> argparse.ArgumentParser:
+    net = testnet.TESTNET
+    parser = _Parser(prog="mtcpshim", description="Run unmodified programs over a user-level TCP stack.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    tn = commands.add_parser("testnet", help="the built-in test network")
+    tn_commands = tn.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    tn_up = tn_commands.add_parser("up", help=f"create {net.cli_ns} and {net.srv_ns} joined by a veth pair")
+    tn_up.add_argument("--loss", type=float, metavar="PCT",
+                       help="drop PCT%% of packets in each direction (nftables on the client's veth)")
+    tn_commands.add_parser("down", help="remove the test network")
+    tn_commands.add_parser("status", help="show the test network")
+    tn_exec = tn_commands.add_parser("exec", help=f"run a command in {net.cli_ns} on the kernel stack")
+    tn_exec.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD")
+
+    run = commands.add_parser("run", help="run PROGRAM with its TCP sockets on the user-level stack")
+    run.add_argument("--netns", default=net.srv_ns, help="namespace of the stack's interface (default %(default)s)")
+    run.add_argument("--iface", default=net.srv_if, help="interface the stack owns (default %(default)s)")
+    run.add_argument("--ip", type=_ipv4_interface, default=ipaddress.IPv4Interface(f"{net.srv_ip}/{net.prefix}"),
+                     help="the stack's address, ADDR/PREFIX (default %(default)s)")
+    run.add_argument("--gateway", type=_ipv4_address, help="next hop for destinations off the prefix")
+    run.add_argument("--io", choices=("afpacket", "tap"), default="afpacket", help="packet I/O backend")
+    run.add_argument("--pcap", metavar="FILE", help="write every frame the stack sends and receives")
+    run.add_argument("--spin-us", type=float, default=0.0,
+                     help="microseconds the idle stack polls before it sleeps (default 0)")
+    run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- PROGRAM [ARGS...]")
+    return parser
+
+
+def _strip_dashes(argv: list[str]) -> list[str]:
+    return argv[1:] if argv[:1] == ["--"] else argv
+
+
+def _testnet(args) -> int:
+    if args.action == "up":
+        testnet.up(loss_percent=args.loss)
+    elif args.action == "down":
+        testnet.down()
+    elif args.action == "status":
+        for key, value in testnet.status().items():
+            print(f"{key}: {value}")
+    else:
+        argv = _strip_dashes(args.argv)
+        if not argv:
+            raise testnet.TestNetError("testnet exec needs a command: mtcpshim testnet exec -- CMD")
+        return testnet.exec_in_client(argv)
+    return 0
+
+
+def _run(args) -> int:
+    from mtcpshim import launcher
+    from mtcpshim.netns import netns_exists
+
+    argv = _strip_dashes(args.argv)
+    if not argv:
+        raise launcher.LaunchError("run needs a program: mtcpshim run [OPTIONS] -- PROGRAM [ARGS...]")
+    net = testnet.TESTNET
+    if args.netns == net.srv_ns and args.iface == net.srv_if and not netns_exists(net.srv_ns):
+        testnet.up()
+    if args.netns and not netns_exists(args.netns):
+        raise launcher.LaunchError(f"no such network namespace: {args.netns}")
+    options = launcher.StackOptions(netns=args.netns, iface=args.iface, ip=args.ip, gateway=args.gateway,
+                                    io=args.io, pcap=args.pcap, spin_us=args.spin_us)
+    return launcher.run(options, argv)
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    from mtcpshim.launcher import LaunchError
+    try:
+        return _testnet(args) if args.command == "testnet" else _run(args)
+    except (testnet.TestNetError, LaunchError) as err:
+        print(f"mtcpshim: {err}", file=sys.stderr)
+        return USAGE_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

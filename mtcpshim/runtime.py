@@ -1,0 +1,427 @@
+"""The stack thread's loop: shared-memory commands and packets in, segments
+and readiness out.
+
+One iteration: control messages -> commands -> a batch of received frames ->
+timers -> one flush of transmitted frames -> readiness published once per
+touched socket (mTCP's flow-level event aggregation) -> armed waiters woken
+once.  When nothing is left to do the thread announces it is sleeping,
+re-checks the command queue, and sleeps in poll() on the NIC, the wake
+eventfd and the control socket until the next timer.
+"""
+import errno
+import os
+import select
+import socket
+import time
+
+from mtcpshim._shm import ffi, lib
+from mtcpshim.shmbuf import DETACHED, ShmRecvBuffer, ShmSendBuffer
+from stack.host import TcpHost
+from stack.tcp import (EV_CLOSED, EV_ESTABLISHED, EV_PEER_FIN, EV_RESET, TcpState)
+
+RX_BATCH = 64
+IPPROTO_TCP = 6
+
+_SLOT_STATE = {
+    TcpState.SYN_SENT: lib.MTS_ST_CONNECTING,
+    TcpState.SYN_RECEIVED: lib.MTS_ST_CONNECTING,
+    TcpState.CLOSED: lib.MTS_ST_CLOSED,
+}
+# Every state not listed is past the handshake.
+_AFTER_OUR_FIN = (TcpState.FIN_WAIT_2, TcpState.TIME_WAIT, TcpState.CLOSED)
+
+
+class StackSocket:
+    """What the stack knows of one slot."""
+
+    __slots__ = ("slot_id", "slot", "port", "conn", "listener", "parent", "events", "app_closed")
+
+    def __init__(self, slot_id, slot):
+        self.slot_id = slot_id
+        self.slot = slot
+        self.port = 0           # a port this socket reserved (bind, ephemeral)
+        self.conn = None
+        self.listener = None
+        self.parent = None      # the listening StackSocket of a not yet accepted connection
+        self.events = 0         # MTS_EV_* published so far
+        self.app_closed = False
+
+
+class Runtime:
+    def __init__(self, region, packet_io, iface, host: TcpHost, ctl_fd: int, wake_fd: int,
+                 pcap=None, spin_seconds: float = 0.0):
+        self.region = region
+        self.header = region.header
+        self.io = packet_io
+        self.iface = iface
+        self.host = host
+        self.pcap = pcap
+        self.spin_seconds = spin_seconds
+        self.ctl = socket.socket(fileno=ctl_fd)
+        self.ctl.setblocking(False)
+        self.wake_fd = wake_fd
+        self.sockets: dict[int, StackSocket] = {}
+        self.waiters: dict[int, int] = {}  # waiter id -> its eventfd
+        self.dirty: set[StackSocket] = set()
+        self.stopping = False
+        self._cmd = ffi.new("struct mts_cmd *")
+        self._signal_r, signal_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._signal_w = signal_w
+        self._poller = select.poll()
+        for fd in (packet_io.fileno(), wake_fd, ctl_fd, self._signal_r):
+            self._poller.register(fd, select.POLLIN)
+
+    @property
+    def signal_fd(self) -> int:
+        """Write end for signal.set_wakeup_fd: a signal ends the sleep."""
+        return self._signal_w
+
+    # -- the loop ----------------------------------------------------------
+
+    def run(self, until=None) -> None:
+        """Serves until stopped (SIGTERM) or until `until()` turns true."""
+        clock = time.monotonic
+        idle_since = None
+        while not self.stopping and not (until is not None and until()):
+            now = clock()
+            busy = self._control() | self._commands(now) | self._receive(now)
+            self._timers(now)
+            self._transmit(now)
+            self._publish()
+            if busy:
+                idle_since = None
+                continue
+            if idle_since is None:
+                idle_since = now
+            if now - idle_since < self.spin_seconds:
+                continue
+            self._sleep(clock(), max_ms=-1 if until is None else 50)
+            idle_since = None
+
+    def close_all(self, deadline: float) -> None:
+        """The program is gone: close what it left open, as the kernel does
+        at exit, and serve until those connections finish or `deadline`."""
+        self.header.stack_state = lib.MTS_STACK_STOPPED
+        now = time.monotonic()
+        for sock in list(self.sockets.values()):
+            if not sock.app_closed:
+                self._close(sock.slot_id, 0, now)
+        self._publish()
+        self.stopping = False
+        finished = (TcpState.TIME_WAIT, TcpState.CLOSED)
+        self.run(until=lambda: time.monotonic() > deadline or all(
+            conn.state in finished for conn in self.host.connections.values()))
+
+    def _sleep(self, now: float, max_ms: int) -> None:
+        if not lib.mts_stack_try_sleep(self.header):
+            return
+        deadline = self._next_deadline()
+        timeout = -1 if deadline is None else max(0, int((deadline - now) * 1000) + 1)
+        if max_ms >= 0 and (timeout < 0 or timeout > max_ms):
+            timeout = max_ms
+        for fd, _ in self._poller.poll(timeout):
+            if fd == self.wake_fd:
+                _drain_eventfd(fd)
+            elif fd == self._signal_r:
+                os.read(fd, 64)
+        lib.mts_stack_awake(self.header)
+
+    def _next_deadline(self):
+        deadlines = [d for d in (self.host.next_deadline(), self.iface.deadline()) if d is not None]
+        return min(deadlines) if deadlines else None
+
+    # -- control socket: waiter registration ------------------------------
+
+    def _control(self) -> bool:
+        busy = False
+        while True:
+            try:
+                data, fds, _, _ = socket.recv_fds(self.ctl, ffi.sizeof("struct mts_ctl_msg"), 4)
+            except BlockingIOError:
+                return busy
+            busy = True
+            msg = ffi.from_buffer("struct mts_ctl_msg *", data) if len(data) == ffi.sizeof(
+                "struct mts_ctl_msg") else None
+            if msg is None or msg.op != lib.MTS_CTL_REGISTER_WAITER or len(fds) != 1 \
+                    or msg.waiter >= self.header.nwaiters:
+                self.host.count("ctl_bad_message")
+                for fd in fds:
+                    os.close(fd)
+                continue
+            old = self.waiters.pop(msg.waiter, None)
+            if old is not None:
+                os.close(old)
+            self.waiters[msg.waiter] = fds[0]
+            waiter = lib.mts_waiter_at(self.header, msg.waiter)
+            waiter.registered = 1
+            lib.mts_futex_wake(ffi.addressof(waiter, "registered"))
+
+    # -- commands from the applications -----------------------------------
+
+    def _commands(self, now: float) -> bool:
+        cmd = self._cmd
+        busy = False
+        while lib.mts_cmd_pop(self.header, cmd):
+            busy = True
+            handler = self._HANDLERS.get(cmd.op)
+            if handler is None or cmd.slot >= self.header.nslots and cmd.op != lib.MTS_OP_WAITER_FREE:
+                self.host.count("cmd_bad")
+                continue
+            handler(self, cmd.slot, cmd.arg, now)
+        return busy
+
+    def _socket(self, slot_id: int) -> StackSocket:
+        sock = self.sockets.get(slot_id)
+        if sock is None:
+            sock = self.sockets[slot_id] = StackSocket(slot_id, lib.mts_slot_at(self.header, slot_id))
+        return sock
+
+    def _bind(self, slot_id, arg, now):
+        sock = self._socket(slot_id)
+        ip, port = arg >> 16, arg & 0xFFFF
+        if ip not in (0, self.host.ip):
+            return lib.mts_complete(sock.slot, -errno.EADDRNOTAVAIL)
+        if sock.port or sock.conn is not None:
+            return lib.mts_complete(sock.slot, -errno.EINVAL)
+        try:
+            sock.port = self.host.bind(port)
+        except OSError as err:
+            return lib.mts_complete(sock.slot, -err.errno)
+        sock.slot.local_ip, sock.slot.local_port = ip, sock.port
+        lib.mts_publish(sock.slot, lib.MTS_ST_BOUND, 0, 0)
+        lib.mts_complete(sock.slot, 0)
+
+    def _listen(self, slot_id, arg, now):
+        sock = self._socket(slot_id)
+        if not sock.port or sock.conn is not None:
+            return lib.mts_complete(sock.slot, -errno.EINVAL)
+        backlog = min(max(int(arg), 1), self.header.rx_size // 4)
+        if sock.listener is None:
+            sock.listener = self.host.listen(sock.port, backlog, lambda ip, port: self._accept_slot(sock))
+        sock.listener.backlog = backlog
+        sock.slot.backlog = backlog
+        lib.mts_publish(sock.slot, lib.MTS_ST_LISTENING, 0, 0)
+        lib.mts_complete(sock.slot, 0)
+
+    def _accept_slot(self, listening: StackSocket):
+        """A SYN arrived for `listening`: a slot for the new connection."""
+        child_id = lib.mts_slot_alloc(self.header)
+        if child_id < 0:
+            return None
+        child = self._socket(child_id)
+        child.parent = listening
+        child.slot.local_ip, child.slot.local_port = self.host.ip, listening.port
+        return (ShmSendBuffer(self.header, child_id), ShmRecvBuffer(self.header, child_id), child)
+
+    def _connect(self, slot_id, arg, now):
+        sock = self._socket(slot_id)
+        if sock.conn is not None:
+            established = sock.events & lib.MTS_EV_CONNECTED
+            return lib.mts_complete(sock.slot, -(errno.EISCONN if established else errno.EALREADY))
+        if sock.listener is not None:
+            return lib.mts_complete(sock.slot, -errno.EISCONN)
+        ip, port = arg >> 16, arg & 0xFFFF
+        if not self.iface.routes(ip):
+            return lib.mts_complete(sock.slot, -errno.ENETUNREACH)
+        buffers = ShmSendBuffer(self.header, slot_id), ShmRecvBuffer(self.header, slot_id)
+        try:
+            if sock.port:
+                conn = self.host.connect(sock.port, ip, port, *buffers, sock, now)
+            else:
+                conn = self.host.connect_ephemeral(ip, port, *buffers, sock, now)
+                sock.port = conn.local_port
+        except OSError as err:
+            return lib.mts_complete(sock.slot, -err.errno)
+        sock.conn = conn
+        slot = sock.slot
+        slot.local_ip, slot.local_port = self.host.ip, conn.local_port
+        slot.remote_ip, slot.remote_port = ip, port
+        self._apply_options(sock)
+        lib.mts_publish(slot, lib.MTS_ST_CONNECTING, 0, 0)
+        lib.mts_complete(slot, 0)
+
+    def _tx(self, slot_id, arg, now):
+        sock = self.sockets.get(slot_id)
+        if sock is not None and sock.conn is not None:
+            sock.slot.tx_pending = 0  # before the core looks at the ring: see mtcpshim_abi.h
+            sock.conn.send_ready(now)
+            self.host.after(sock.conn, now)
+
+    def _rxwin(self, slot_id, arg, now):
+        sock = self.sockets.get(slot_id)
+        if sock is not None and sock.conn is not None:
+            sock.conn.recv_consumed(now)
+            self.host.after(sock.conn, now)
+
+    def _shutdown(self, slot_id, arg, now):
+        sock = self.sockets.get(slot_id)
+        if sock is not None and sock.conn is not None and arg in (socket.SHUT_WR, socket.SHUT_RDWR):
+            sock.conn.shutdown_write(now)
+            self.host.after(sock.conn, now)
+
+    def _close(self, slot_id, arg, now):
+        sock = self.sockets.get(slot_id)
+        if sock is None:  # never reached the stack: nothing but the slot
+            return lib.mts_slot_free(self.header, slot_id)
+        sock.app_closed = True
+        if sock.listener is not None:
+            self.host.unlisten(sock.port)
+            for child in [s for s in self.sockets.values() if s.parent is sock]:
+                self._abort_unaccepted(child, now)
+            while (child_id := lib.mts_accept_pop(self.header, slot_id)) >= 0:
+                self._abort_unaccepted(self.sockets[child_id], now)
+        elif sock.conn is not None:
+            if arg:
+                sock.conn.abort(now)
+            else:
+                sock.conn.close(now)
+            self.host.after(sock.conn, now)
+        self._maybe_release(sock)
+
+    def _abort_unaccepted(self, child: StackSocket, now):
+        child.app_closed = True
+        child.parent = None
+        if child.conn is not None:
+            child.conn.abort(now)
+            self.host.after(child.conn, now)
+        self._maybe_release(child)
+
+    def _setopt(self, slot_id, arg, now):
+        sock = self.sockets.get(slot_id)
+        if sock is not None and sock.conn is not None:
+            self._apply_options(sock)
+            if arg in (lib.MTS_OPT_NODELAY, lib.MTS_OPT_CORK):
+                sock.conn.send_ready(now)  # uncorking may release a small segment
+            self.host.after(sock.conn, now)
+
+    def _apply_options(self, sock: StackSocket):
+        slot, conn = sock.slot, sock.conn
+        conn.nodelay = bool(slot.opt_nodelay) and not slot.opt_cork
+        conn.keepalive = bool(slot.opt_keepalive)
+        if slot.opt_keepidle:
+            conn.keepidle = float(slot.opt_keepidle)
+        if slot.opt_keepintvl:
+            conn.keepintvl = float(slot.opt_keepintvl)
+        if slot.opt_keepcnt:
+            conn.keepcnt = int(slot.opt_keepcnt)
+
+    def _waiter_free(self, waiter_id, arg, now):
+        fd = self.waiters.pop(waiter_id, None)
+        if fd is not None:
+            os.close(fd)
+            lib.mts_waiter_free(self.header, waiter_id)
+
+    _HANDLERS = {
+        lib.MTS_OP_BIND: _bind,
+        lib.MTS_OP_LISTEN: _listen,
+        lib.MTS_OP_CONNECT: _connect,
+        lib.MTS_OP_TX: _tx,
+        lib.MTS_OP_RXWIN: _rxwin,
+        lib.MTS_OP_SHUTDOWN: _shutdown,
+        lib.MTS_OP_CLOSE: _close,
+        lib.MTS_OP_SETOPT: _setopt,
+        lib.MTS_OP_WAITER_FREE: _waiter_free,
+    }
+
+    # -- packets ------------------------------------------------------------
+
+    def _receive(self, now: float) -> bool:
+        frames = self.io.recv_batch(RX_BATCH)
+        if not frames:
+            return False
+        iface_receive, host_receive, pcap = self.iface.receive, self.host.receive, self.pcap
+        for frame in frames:
+            if pcap is not None:
+                pcap.write(frame, time.time())
+            tcp = iface_receive(frame, now)
+            if tcp is not None:
+                host_receive(tcp[0], tcp[1], tcp[2], now)
+        return True
+
+    def _timers(self, now: float) -> None:
+        self.host.on_timers(now)
+        deadline = self.iface.deadline()
+        if deadline is not None and deadline <= now:
+            self.iface.on_timer(now)
+
+    def _transmit(self, now: float) -> None:
+        send_ip = self.iface.send_ip
+        for dst_ip, segment in self.host.take_output():
+            send_ip(dst_ip, IPPROTO_TCP, segment, now)
+        frames = self.iface.take_frames()
+        if frames:
+            if self.pcap is not None:
+                stamp = time.time()
+                for frame in frames:
+                    self.pcap.write(frame, stamp)
+            self.io.send_batch(frames)
+
+    # -- readiness ----------------------------------------------------------
+
+    def _publish(self) -> None:
+        touched = self.host.touched
+        if not touched:
+            return
+        for conn in touched:
+            self._publish_connection(conn.owner, conn)
+        touched.clear()
+        for waiter_id, fd in self.waiters.items():
+            if lib.mts_waiter_disarm(lib.mts_waiter_at(self.header, waiter_id)):
+                os.eventfd_write(fd, 1)
+
+    def _publish_connection(self, sock: StackSocket, conn) -> None:
+        happened = conn.events
+        conn.events = 0
+        so_error = 0
+        if happened & EV_ESTABLISHED:
+            sock.events |= lib.MTS_EV_CONNECTED
+            if sock.parent is not None:
+                self._queue_for_accept(sock)
+        if happened & EV_PEER_FIN:
+            sock.events |= lib.MTS_EV_RDHUP
+        if happened & EV_RESET:
+            so_error = conn.error or errno.ECONNRESET
+            sock.events |= lib.MTS_EV_HUP
+        if conn.state == TcpState.CLOSED or (
+                sock.events & lib.MTS_EV_RDHUP and conn.state in _AFTER_OUR_FIN):
+            sock.events |= lib.MTS_EV_HUP
+        if sock.slot is not None:
+            state = _SLOT_STATE.get(conn.state, lib.MTS_ST_CONNECTED)
+            lib.mts_publish(sock.slot, state, sock.events, so_error)
+        if happened & EV_CLOSED and sock.parent is not None:
+            sock.parent = None  # died during the handshake: nobody will accept it
+            sock.app_closed = True
+        self._maybe_release(sock)
+
+    def _queue_for_accept(self, child: StackSocket) -> None:
+        parent = child.parent
+        child.parent = None
+        if parent.app_closed or lib.mts_accept_push(self.header, parent.slot_id, child.slot_id) < 0:
+            child.app_closed = True
+            child.conn.abort(time.monotonic())
+            self.host.count("tcp_accept_queue_full")
+            return
+        lib.mts_publish(parent.slot, lib.MTS_ST_LISTENING, 0, 0)
+
+    def _maybe_release(self, sock: StackSocket) -> None:
+        """Frees the slot of a socket the application has closed once the
+        connection no longer needs its rings (everything sent was acked)."""
+        if not sock.app_closed or sock.slot is None:
+            return
+        conn = sock.conn
+        if conn is not None and conn.state not in _AFTER_OUR_FIN:
+            return
+        if conn is not None:
+            conn.send_buf = conn.recv_buf = DETACHED
+        if sock.port:
+            self.host.unbind(sock.port)
+        del self.sockets[sock.slot_id]
+        lib.mts_slot_free(self.header, sock.slot_id)
+        sock.slot = None
+
+
+def _drain_eventfd(fd: int) -> None:
+    try:
+        os.eventfd_read(fd)
+    except BlockingIOError:
+        pass

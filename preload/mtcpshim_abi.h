@@ -1,0 +1,230 @@
+/*
+ * mtcpshim shared-memory ABI: the single source of truth for every structure
+ * the application side (preload/ interposer, C) and the stack side (Python,
+ * through cffi) both touch.  mtcpshim/abi.py hands this very text to cffi, so
+ * this file must stay within what cffi's cdef parser accepts: integer
+ * #defines, structs of fixed-width integers, no attributes, no functions.
+ * Layout checks and the shared inline operations live in mts_shm.h.
+ *
+ * The region is a memfd created by the launcher and mapped by every process
+ * at its own address, so structures hold offsets, never pointers:
+ *
+ *   [mts_header][mts_waiter x nwaiters][mts_cmdq + mts_cmd x cmd_capacity]
+ *   [mts_slot x nslots][per slot: RX ring data (rx_size), TX ring data (tx_size)]
+ *
+ * All integers are host byte order, addresses included.
+ */
+
+#define MTS_MAGIC 0x314d485350435453
+#define MTS_VERSION 1
+
+/* Name of the environment variable that carries the inherited descriptors:
+ * "SHM_FD,CTL_FD,WAKE_FD,DEATH_FD" (see mtcpshim/launcher.py). */
+#define MTS_ENV_FDS "MTCPSHIM_FDS"
+/* Set to a non-empty value to log the interposer's decisions to stderr. */
+#define MTS_ENV_DEBUG "MTCPSHIM_DEBUG"
+
+#define MTS_CACHELINE 64
+
+/* mts_header.stack_state */
+#define MTS_STACK_STARTING 0
+#define MTS_STACK_RUNNING 1
+#define MTS_STACK_STOPPED 2 /* orderly shutdown */
+#define MTS_STACK_DEAD 3    /* crashed; mts_header.fault says why */
+
+struct mts_header {
+    uint64_t magic;
+    uint32_t version;
+    uint32_t header_size;
+    uint64_t region_size;
+
+    uint32_t nslots;
+    uint32_t nwaiters;
+    uint32_t cmd_capacity; /* power of two */
+    uint32_t rx_size;      /* power of two, bytes of each slot's RX ring */
+    uint32_t tx_size;      /* power of two, bytes of each slot's TX ring */
+    uint32_t pad0;
+
+    uint64_t waiters_off;
+    uint64_t cmdq_off;
+    uint64_t slots_off;
+    uint64_t data_off;
+
+    /* The stack's address: sockets bound to it (or to 0.0.0.0) and
+     * connections to destinations it routes belong to the stack. */
+    uint32_t ip;
+    uint32_t prefix_len;
+    uint32_t gateway; /* 0: none, only the on-link prefix is routed */
+
+    uint32_t stack_state;
+    int32_t stack_pid;
+    uint32_t slot_hint; /* where the next slot search starts */
+    uint8_t pad1[24];
+
+    /* Its own cache line: written by the stack every time it sleeps. */
+    uint32_t stack_sleeping;
+    uint8_t pad2[60];
+
+    /* NUL-terminated reason the stack died, written by the launcher. */
+    char fault[256];
+};
+
+/*
+ * Waiters: an application thread that must block (epoll_wait, poll, select,
+ * a blocking accept/connect/read/write) owns a waiter whose eventfd it has
+ * handed to the stack (MTS_CTL_REGISTER_WAITER).  Protocol: set armed = 1,
+ * re-check readiness, then sleep in the kernel on the eventfd.  At the end of
+ * every loop that changed some socket's readiness, the stack exchanges armed
+ * to 0 and, if it was 1, writes the eventfd.
+ */
+struct mts_waiter {
+    uint32_t in_use;     /* 0 free, 1 owned (claimed by compare-and-swap) */
+    uint32_t armed;
+    uint32_t registered; /* futex word: stack sets 1 once it holds the eventfd */
+    int32_t owner_pid;
+};
+
+/* Control datagrams on the inherited SOCK_DGRAM Unix socket (CTL_FD),
+ * carrying the eventfd with SCM_RIGHTS. */
+#define MTS_CTL_REGISTER_WAITER 1
+
+struct mts_ctl_msg {
+    uint32_t op;
+    uint32_t waiter;
+};
+
+/*
+ * Command queue: a bounded multi-producer queue (Vyukov style: each cell
+ * carries a sequence number) from every application thread and process to the
+ * stack thread.  After pushing, the application writes WAKE_FD if
+ * mts_header.stack_sleeping is set.  The stack sets stack_sleeping, re-checks
+ * the queue, and only then sleeps.
+ */
+#define MTS_OP_BIND 1     /* sync; arg = ip << 16 | port */
+#define MTS_OP_LISTEN 2   /* sync; arg = backlog */
+#define MTS_OP_CONNECT 3  /* sync start, completes asynchronously; arg = ip << 16 | port */
+#define MTS_OP_TX 4       /* async: the TX ring has new data (deduplicated by slot.tx_pending) */
+#define MTS_OP_RXWIN 5    /* async: the app read from RX after the stack set slot.rx_notify */
+#define MTS_OP_SHUTDOWN 6 /* async; arg = SHUT_RD / SHUT_WR / SHUT_RDWR */
+#define MTS_OP_CLOSE 7    /* async: the last application reference is gone; arg = 1 to abort (RST) */
+#define MTS_OP_SETOPT 8   /* async; arg = MTS_OPT_* that changed */
+#define MTS_OP_WAITER_FREE 9 /* async; slot field holds the waiter id */
+
+struct mts_cmd {
+    uint64_t seq;
+    uint32_t op;
+    uint32_t slot;
+    uint64_t arg;
+    uint64_t pad;
+};
+
+struct mts_cmdq {
+    uint64_t enqueue_pos;
+    uint8_t pad0[56];
+    uint64_t dequeue_pos;
+    uint8_t pad1[56];
+    /* followed by cmd_capacity struct mts_cmd */
+};
+
+/*
+ * A byte ring: head counts bytes ever produced, tail bytes ever consumed;
+ * used = head - tail.  Each index is written by one side only and sits on its
+ * own cache line.  The data area's offset is derived from the slot id.
+ * TX ring: the application produces; the stack advances tail only when the
+ * peer has acknowledged the bytes, so the ring doubles as the retransmission
+ * buffer.  A listener's RX area holds its accept queue: uint32 slot ids of
+ * established connections, consumed by compare-and-swap on tail (several
+ * processes may accept from one listener).
+ */
+struct mts_ring {
+    uint64_t head;
+    uint8_t pad0[56];
+    uint64_t tail;
+    uint8_t pad1[56];
+};
+
+/* mts_slot.in_use */
+#define MTS_SLOT_FREE 0
+#define MTS_SLOT_USED 1
+
+/* mts_slot.state, published by the stack */
+#define MTS_ST_FRESH 0      /* allocated, no command seen yet */
+#define MTS_ST_BOUND 1
+#define MTS_ST_LISTENING 2
+#define MTS_ST_CONNECTING 3
+#define MTS_ST_CONNECTED 4  /* established (may since have received FIN) */
+#define MTS_ST_CLOSED 5     /* reset, refused, timed out or finished */
+
+/* mts_slot.events, sticky bits published by the stack */
+#define MTS_EV_CONNECTED 0x1 /* handshake completed */
+#define MTS_EV_RDHUP 0x2     /* peer sent FIN: EOF once RX is drained */
+#define MTS_EV_HUP 0x4       /* no more traffic in either direction */
+/* A pending error is so_error != 0 (EPOLLERR); reading SO_ERROR clears it. */
+
+/* mts_slot.app_flags, set by the application */
+#define MTS_AF_NONBLOCK 0x1
+#define MTS_AF_SHUT_RD 0x2
+#define MTS_AF_SHUT_WR 0x4
+
+/* mts_slot option selectors for MTS_OP_SETOPT */
+#define MTS_OPT_NODELAY 1
+#define MTS_OPT_KEEPALIVE 2
+#define MTS_OPT_LINGER 3
+#define MTS_OPT_CORK 4
+#define MTS_OPT_BUFFERS 5
+
+struct mts_slot {
+    /* ownership */
+    uint32_t in_use;
+    uint32_t refcnt;     /* application descriptors (dup, fork) naming it */
+    uint32_t generation; /* bumped at every allocation */
+    uint32_t pad0;
+
+    /* published by the stack */
+    uint32_t state;
+    uint32_t events;
+    uint32_t event_seq; /* bumped at every readiness change: edge-triggered epoll */
+    int32_t so_error;
+
+    /* written by the application */
+    uint32_t app_flags;
+    uint32_t tx_pending; /* 1 while an MTS_OP_TX for this slot is queued */
+    uint32_t rx_notify;  /* stack sets 1: send MTS_OP_RXWIN after the next read */
+
+    /* synchronous commands */
+    uint32_t op_lock;    /* serialises one slot's sync commands across threads */
+    uint32_t op_done;    /* futex word: stack sets 1 and wakes */
+    int32_t op_result;   /* 0 or -errno */
+
+    /* addresses, host order */
+    uint32_t local_ip;
+    uint32_t remote_ip;
+    uint16_t local_port;
+    uint16_t remote_port;
+    uint32_t backlog;
+
+    /* socket options: the application stores them, then sends MTS_OP_SETOPT */
+    uint32_t opt_nodelay;
+    uint32_t opt_cork;
+    uint32_t opt_keepalive;
+    uint32_t opt_keepidle;  /* seconds */
+    uint32_t opt_keepintvl; /* seconds */
+    uint32_t opt_keepcnt;
+    uint32_t opt_linger_on;
+    uint32_t opt_linger_sec;
+    uint32_t opt_reuseaddr;
+    uint32_t opt_reuseport;
+    uint32_t opt_rcvbuf;
+    uint32_t opt_sndbuf;
+    uint32_t opt_maxseg;
+    uint32_t opt_rcvtimeo_ms;
+    uint32_t opt_sndtimeo_ms;
+    uint32_t opt_user_timeout_ms;
+    uint32_t opt_defer_accept;
+    uint32_t opt_quickack;
+
+    uint8_t pad1[112];
+
+    struct mts_ring rx; /* stack produces, application consumes */
+    struct mts_ring tx; /* application produces, stack consumes on ACK */
+};

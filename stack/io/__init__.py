@@ -1,0 +1,1 @@
+"""Packet I/O backends behind one small interface (see base.py)."""
