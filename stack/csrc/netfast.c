@@ -1,0 +1,267 @@
+/* netfast: see netfast.h for the contract of every function. */
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+#include <endian.h>
+#include <linux/if_packet.h>
+
+#include "netfast.h"
+
+#define ETH_HEADER_LEN 14
+#define ETHERTYPE_IPV4 0x0800
+#define IPV4_MIN_HEADER_LEN 20
+#define IPPROTO_TCP_ 6
+#define IPPROTO_UDP_ 17
+#define TCP_MIN_HEADER_LEN 20
+#define TCP_CHECKSUM_AT 16
+#define UDP_HEADER_LEN 8
+#define UDP_CHECKSUM_AT 6
+#define IPV4_FLAG_DF 0x4000
+#define IPV4_MF_AND_OFFSET 0x3fff
+#define DEFAULT_TTL 64
+
+/* Where a TPACKET_V2 slot's packet data starts on TX (without
+ * PACKET_TX_HAS_OFF), and where its struct sockaddr_ll sits on RX. */
+#define TPACKET2_HEADER_ALIGNED TPACKET_ALIGN(sizeof(struct tpacket2_hdr))
+
+static inline uint16_t load_be16(const uint8_t *p) { return (uint16_t)(p[0] << 8 | p[1]); }
+
+static inline uint32_t load_be32(const uint8_t *p)
+{
+    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+}
+
+static inline void store_be16(uint8_t *p, uint16_t v) { p[0] = v >> 8; p[1] = v & 0xff; }
+
+static inline void store_be32(uint8_t *p, uint32_t v)
+{
+    p[0] = v >> 24; p[1] = (v >> 16) & 0xff; p[2] = (v >> 8) & 0xff; p[3] = v & 0xff;
+}
+
+static inline uint64_t fold16(uint64_t sum)
+{
+    while (sum >> 16)
+        sum = (sum & 0xffff) + (sum >> 16);
+    return sum;
+}
+
+/* One's-complement sums do not depend on byte order (RFC 1071 2(B)): add
+ * native-order 32-bit words into a wide accumulator, fold, and swap the two
+ * bytes once at the end on a little-endian machine. */
+static uint64_t native_word_sum(const uint8_t *data, size_t len)
+{
+    uint64_t sum = 0;
+    uint32_t word32;
+    uint16_t word16;
+
+    for (; len >= 8; data += 8, len -= 8) {
+        uint64_t word64;
+        memcpy(&word64, data, 8);
+        sum += (word64 & 0xffffffffu) + (word64 >> 32);
+    }
+    if (len >= 4) {
+        memcpy(&word32, data, 4);
+        sum += word32;
+        data += 4;
+        len -= 4;
+    }
+    if (len >= 2) {
+        memcpy(&word16, data, 2);
+        sum += word16;
+        data += 2;
+        len -= 2;
+    }
+    if (len) {
+        uint8_t tail[2] = {data[0], 0};
+        memcpy(&word16, tail, 2);
+        sum += word16;
+    }
+    return sum;
+}
+
+static uint16_t big_endian_sum(const uint8_t *data, size_t len)
+{
+    uint16_t sum = (uint16_t)fold16(native_word_sum(data, len));
+#if __BYTE_ORDER == __LITTLE_ENDIAN
+    sum = (uint16_t)(sum << 8 | sum >> 8);
+#endif
+    return sum;
+}
+
+uint16_t nf_ones_complement_sum(const uint8_t *data, size_t len, uint64_t initial)
+{
+    return (uint16_t)fold16((uint64_t)big_endian_sum(data, len) + fold16(initial));
+}
+
+static uint64_t pseudo_header_sum(uint32_t src_ip, uint32_t dst_ip, uint8_t protocol,
+                                  size_t length)
+{
+    return (src_ip >> 16) + (src_ip & 0xffff) + (dst_ip >> 16) + (dst_ip & 0xffff)
+           + protocol + length;
+}
+
+uint64_t nf_match_tcp_frame(const uint8_t *frame, size_t len,
+                            const uint8_t *our_mac, uint32_t our_ip)
+{
+    if (len < ETH_HEADER_LEN + IPV4_MIN_HEADER_LEN)
+        return 0;
+    if (memcmp(frame, our_mac, 6) != 0 || load_be16(frame + 12) != ETHERTYPE_IPV4)
+        return 0;
+    const uint8_t *ip = frame + ETH_HEADER_LEN;
+    size_t header_len = (size_t)(ip[0] & 0x0f) * 4;
+    size_t total_len = load_be16(ip + 2);
+    if ((ip[0] >> 4) != 4 || header_len < IPV4_MIN_HEADER_LEN
+            || total_len < header_len + TCP_MIN_HEADER_LEN
+            || ETH_HEADER_LEN + total_len > len)
+        return 0;
+    if ((load_be16(ip + 6) & IPV4_MF_AND_OFFSET) || ip[9] != IPPROTO_TCP_
+            || load_be32(ip + 16) != our_ip)
+        return 0;
+    if (nf_ones_complement_sum(ip, header_len, 0) != 0xffff)
+        return 0;
+    uint32_t src_ip = load_be32(ip + 12);
+    size_t tcp_len = total_len - header_len;
+    uint64_t pseudo = pseudo_header_sum(src_ip, our_ip, IPPROTO_TCP_, tcp_len);
+    if (nf_ones_complement_sum(ip + header_len, tcp_len, pseudo) != 0xffff)
+        return 0;
+    return (uint64_t)src_ip << 32 | (uint64_t)(ETH_HEADER_LEN + header_len) << 16 | tcp_len;
+}
+
+void nf_build_tcp_frame(uint8_t *frame, const uint8_t *dst_mac, const uint8_t *src_mac,
+                        uint32_t src_ip, uint32_t dst_ip, uint16_t ident,
+                        const uint8_t *segment, size_t segment_len)
+{
+    uint8_t *ip = frame + ETH_HEADER_LEN;
+    uint8_t *tcp = ip + IPV4_MIN_HEADER_LEN;
+
+    memcpy(frame, dst_mac, 6);
+    memcpy(frame + 6, src_mac, 6);
+    store_be16(frame + 12, ETHERTYPE_IPV4);
+
+    ip[0] = 0x45;
+    ip[1] = 0;
+    store_be16(ip + 2, (uint16_t)(IPV4_MIN_HEADER_LEN + segment_len));
+    store_be16(ip + 4, ident);
+    store_be16(ip + 6, IPV4_FLAG_DF);
+    ip[8] = DEFAULT_TTL;
+    ip[9] = IPPROTO_TCP_;
+    store_be16(ip + 10, 0);
+    store_be32(ip + 12, src_ip);
+    store_be32(ip + 16, dst_ip);
+    store_be16(ip + 10, (uint16_t)~nf_ones_complement_sum(ip, IPV4_MIN_HEADER_LEN, 0));
+
+    memcpy(tcp, segment, segment_len);
+    store_be16(tcp + TCP_CHECKSUM_AT, 0);
+    uint64_t pseudo = pseudo_header_sum(src_ip, dst_ip, IPPROTO_TCP_, segment_len);
+    store_be16(tcp + TCP_CHECKSUM_AT,
+               (uint16_t)~nf_ones_complement_sum(tcp, segment_len, pseudo));
+}
+
+/* The sender left the TCP/UDP checksum to offload (CHECKSUM_PARTIAL): the
+ * field holds only the pseudo-header sum.  Compute the real one. */
+static int complete_checksum(uint8_t *frame, size_t len)
+{
+    if (len < ETH_HEADER_LEN + IPV4_MIN_HEADER_LEN || load_be16(frame + 12) != ETHERTYPE_IPV4)
+        return 0;
+    uint8_t *ip = frame + ETH_HEADER_LEN;
+    size_t header_len = (size_t)(ip[0] & 0x0f) * 4;
+    size_t total_len = load_be16(ip + 2);
+    if ((ip[0] >> 4) != 4 || header_len < IPV4_MIN_HEADER_LEN || total_len < header_len
+            || ETH_HEADER_LEN + total_len > len || (load_be16(ip + 6) & IPV4_MF_AND_OFFSET))
+        return 0;
+    size_t l4_len = total_len - header_len;
+    size_t checksum_at;
+    if (ip[9] == IPPROTO_TCP_ && l4_len >= TCP_MIN_HEADER_LEN)
+        checksum_at = TCP_CHECKSUM_AT;
+    else if (ip[9] == IPPROTO_UDP_ && l4_len >= UDP_HEADER_LEN)
+        checksum_at = UDP_CHECKSUM_AT;
+    else
+        return 0;
+    uint8_t *l4 = ip + header_len;
+    store_be16(l4 + checksum_at, 0);
+    uint64_t pseudo = pseudo_header_sum(load_be32(ip + 12), load_be32(ip + 16), ip[9], l4_len);
+    uint16_t checksum = (uint16_t)~nf_ones_complement_sum(l4, l4_len, pseudo);
+    if (ip[9] == IPPROTO_UDP_ && checksum == 0)
+        checksum = 0xffff;  /* RFC 768: zero means "no checksum" */
+    store_be16(l4 + checksum_at, checksum);
+    return 1;
+}
+
+static inline struct tpacket2_hdr *ring_slot(const struct nf_ring *ring, uint32_t index)
+{
+    return (struct tpacket2_hdr *)(ring->base + (size_t)index * ring->frame_size);
+}
+
+unsigned nf_rx_collect(struct nf_ring *ring, unsigned max_frames, uint32_t *spans,
+                       struct nf_ring_stats *stats)
+{
+    unsigned frames = 0;
+    uint32_t index = ring->cursor;
+
+    while (frames < max_frames && ring->held < ring->frame_count) {
+        struct tpacket2_hdr *slot = ring_slot(ring, index);
+        uint32_t status = __atomic_load_n(&slot->tp_status, __ATOMIC_ACQUIRE);
+        if (!(status & TP_STATUS_USER))
+            break;
+        ring->held++;
+        index = index + 1 == ring->frame_count ? 0 : index + 1;
+
+        const struct sockaddr_ll *link =
+            (const struct sockaddr_ll *)((uint8_t *)slot + TPACKET2_HEADER_ALIGNED);
+        if (link->sll_pkttype == PACKET_OUTGOING)
+            continue;
+        if (slot->tp_snaplen < slot->tp_len) {
+            stats->rx_truncated++;
+            continue;
+        }
+        uint8_t *frame = (uint8_t *)slot + slot->tp_mac;
+        if ((status & TP_STATUS_CSUMNOTREADY) && complete_checksum(frame, slot->tp_snaplen))
+            stats->rx_csum_fixed++;
+        spans[2 * frames] = (uint32_t)(frame - ring->base);
+        spans[2 * frames + 1] = spans[2 * frames] + slot->tp_snaplen;
+        frames++;
+    }
+    if (!frames)
+        nf_rx_release(ring);
+    return frames;
+}
+
+void nf_rx_release(struct nf_ring *ring)
+{
+    uint32_t index = ring->cursor;
+    for (; ring->held; ring->held--) {
+        __atomic_store_n(&ring_slot(ring, index)->tp_status, TP_STATUS_KERNEL, __ATOMIC_RELEASE);
+        index = index + 1 == ring->frame_count ? 0 : index + 1;
+    }
+    ring->cursor = index;
+}
+
+unsigned nf_tx_queue(struct nf_ring *ring, const uint8_t *frames,
+                     const uint32_t *lengths, unsigned count,
+                     struct nf_ring_stats *stats)
+{
+    const size_t capacity = ring->frame_size - TPACKET2_HEADER_ALIGNED;
+    unsigned queued = 0;
+
+    for (unsigned i = 0; i < count; frames += lengths[i], i++) {
+        if (lengths[i] > capacity) {
+            stats->tx_oversize++;
+            continue;
+        }
+        struct tpacket2_hdr *slot = ring_slot(ring, ring->cursor);
+        uint32_t status = __atomic_load_n(&slot->tp_status, __ATOMIC_ACQUIRE);
+        if (status == TP_STATUS_WRONG_FORMAT) {
+            stats->tx_rejected++;
+        } else if (status != TP_STATUS_AVAILABLE) {
+            /* Still queued or in flight: the slots after it are too. */
+            stats->tx_ring_full += count - i;
+            break;
+        }
+        memcpy((uint8_t *)slot + TPACKET2_HEADER_ALIGNED, frames, lengths[i]);
+        slot->tp_len = lengths[i];
+        __atomic_store_n(&slot->tp_status, TP_STATUS_SEND_REQUEST, __ATOMIC_RELEASE);
+        ring->cursor = ring->cursor + 1 == ring->frame_count ? 0 : ring->cursor + 1;
+        queued++;
+    }
+    return queued;
+}

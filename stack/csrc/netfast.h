@@ -1,0 +1,78 @@
+/*
+ * netfast: the stack's per-byte and per-packet work in C, called through cffi
+ * (stack/_build_netfast.py builds it as stack._netfast).
+ *
+ * This header is handed to cffi's cdef verbatim, so it holds only
+ * declarations cffi understands: no includes, no macros with expressions.
+ * Addresses are host-order integers, as everywhere in the stack.
+ */
+
+/* RFC 1071 one's-complement sum of `data` (big-endian 16-bit words, an odd
+ * tail byte padded with zero) added to the partial sum `initial`, folded to
+ * 16 bits.  Same result as stack.checksum.ones_complement_sum. */
+uint16_t nf_ones_complement_sum(const uint8_t *data, size_t len, uint64_t initial);
+
+/* Fast receive path.  If `frame` is Ethernet to `our_mac`, IPv4 with a valid
+ * header (version, IHL, lengths, header checksum), not a fragment, TCP, to
+ * `our_ip`, with a correct TCP checksum, returns
+ *     src_ip << 32 | tcp_offset << 16 | tcp_len
+ * (tcp_offset is where the TCP header starts in the frame; tcp_len excludes
+ * Ethernet padding).  Returns 0 for anything else: the caller then takes its
+ * slow path, which finds out what the frame is and why it is dropped. */
+uint64_t nf_match_tcp_frame(const uint8_t *frame, size_t len,
+                            const uint8_t *our_mac, uint32_t our_ip);
+
+/* Size of the Ethernet + IPv4 headers nf_build_tcp_frame puts in front. */
+#define NF_TCP_FRAME_HEADROOM 34
+
+/* Writes Ethernet and IPv4 headers (TTL 64, DF, no options) into `frame`,
+ * copies `segment` (a whole TCP segment) after them and stores both the IPv4
+ * header checksum and the TCP checksum; the segment's own checksum field is
+ * ignored.  `frame` holds NF_TCP_FRAME_HEADROOM + segment_len bytes;
+ * 20 <= segment_len <= 65515. */
+void nf_build_tcp_frame(uint8_t *frame, const uint8_t *dst_mac, const uint8_t *src_mac,
+                        uint32_t src_ip, uint32_t dst_ip, uint16_t ident,
+                        const uint8_t *segment, size_t segment_len);
+
+/* A TPACKET_V2 ring inside a PACKET_MMAP mapping.  `cursor` is the slot the
+ * next walk starts at; `held` counts RX slots walked but not yet handed back.
+ * Frames never span blocks because the block size is a multiple of
+ * frame_size. */
+struct nf_ring {
+    uint8_t *base;
+    uint32_t frame_size;
+    uint32_t frame_count;
+    uint32_t cursor;
+    uint32_t held;
+};
+
+/* Counters the ring walks keep (the backend reports them). */
+struct nf_ring_stats {
+    uint64_t rx_truncated;    /* frame bigger than a ring slot (e.g. a GSO packet) */
+    uint64_t rx_csum_fixed;   /* checksum left to offload, completed in software */
+    uint64_t tx_ring_full;    /* no free TX slot: frame dropped */
+    uint64_t tx_oversize;     /* frame bigger than a TX slot: dropped */
+    uint64_t tx_rejected;     /* the kernel refused a frame (TP_STATUS_WRONG_FORMAT) */
+};
+
+/* Walks the RX ring from the cursor over slots the kernel has handed to user
+ * space, up to `max_frames` deliverable frames.  Frame i lies at
+ * [spans[2i], spans[2i+1]) from ring->base and stays valid until
+ * nf_rx_release.  Frames this host sent (PACKET_OUTGOING) and truncated
+ * frames are skipped.  A frame whose TCP/UDP checksum the sender left to
+ * offload (TP_STATUS_CSUMNOTREADY: veth, local senders) gets it completed in
+ * place, so every frame returned looks as it would on a wire.  Returns the
+ * number of frames; when that is 0, the walked slots are already released. */
+unsigned nf_rx_collect(struct nf_ring *ring, unsigned max_frames, uint32_t *spans,
+                       struct nf_ring_stats *stats);
+
+/* Hands the slots the last walk held back to the kernel. */
+void nf_rx_release(struct nf_ring *ring);
+
+/* Copies `count` frames, laid end to end in `frames` with their lengths in
+ * `lengths`, into free TX slots and marks them for sending; the caller then
+ * flushes with one send().  Frames that do not fit are dropped and counted.
+ * Returns the number queued. */
+unsigned nf_tx_queue(struct nf_ring *ring, const uint8_t *frames,
+                     const uint32_t *lengths, unsigned count,
+                     struct nf_ring_stats *stats);

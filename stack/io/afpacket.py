@@ -1,0 +1,173 @@
+"""AF_PACKET backend: TPACKET_V2 RX and TX rings in one shared mapping.
+
+RX: the kernel fills ring slots; `recv_batch` walks the ready ones in C
+(netfast.c), copies each frame once into a bytes object and hands the slots
+back.  TPACKET_V2, not V3: V3 delivers a block only when it is full or its
+retire timer (at least 1 ms) fires, which adds a millisecond at low load.
+
+TX: `send_batch` copies the batch into free slots in one C call and flushes
+the whole batch with one send().  PACKET_QDISC_BYPASS (when the kernel has
+it) skips the qdisc layer, as a NIC driver's own ring would.
+
+The socket is opened in the network namespace of the calling thread.  Frames
+are sized for base.MTU; anything larger (a GSO/TSO packet from a local kernel
+sender, say) cannot fit a slot and is dropped and counted as `rx_truncated`:
+turn segmentation offload off on the sending side.  Checksums a local sender
+left to offload are completed in software (`rx_csum_fixed`).
+"""
+import errno
+import fcntl
+import mmap
+import socket
+import struct
+
+from stack import fastpath
+from stack.io.base import MAX_FRAME_LEN, PacketIOError
+
+_SOL_PACKET = 263
+_PACKET_RX_RING = 5
+_PACKET_STATISTICS = 6
+_PACKET_VERSION = 10
+_PACKET_TX_RING = 13
+_PACKET_LOSS = 14
+_PACKET_QDISC_BYPASS = 20
+_PACKET_IGNORE_OUTGOING = 23
+_TPACKET_V2 = 1
+_ETH_P_ALL = 0x0003
+_SIOCGIFHWADDR = 0x8927
+
+# On RX the frame starts after the tpacket2 header, the sockaddr_ll and
+# alignment padding: at most 80 bytes in.  Slots are a power of two so that
+# they tile a page.
+_RX_HEADROOM = 80
+SLOT_SIZE = 1 << (_RX_HEADROOM + MAX_FRAME_LEN - 1).bit_length()
+_BLOCK_SIZE = max(mmap.PAGESIZE, SLOT_SIZE)
+
+_TPACKET_REQ = struct.Struct("IIII")       # block size, blocks, frame size, frames
+_TPACKET_STATS = struct.Struct("II")       # packets, drops (reading resets them)
+
+
+class AfPacketIO:
+    """Packet I/O on interface `ifname` through AF_PACKET mmap rings.
+
+    `rx_slots`/`tx_slots` are the ring sizes in frames.  `counters()` reports
+    the rings' drops plus the kernel's (`rx_kernel_drops`: ring full)."""
+
+    def __init__(self, ifname: str, rx_slots: int = 1024, tx_slots: int = 1024):
+        if not fastpath.ACCELERATED:
+            raise PacketIOError("AfPacketIO walks its rings in C: "
+                                "build stack._netfast (python3 stack/_build_netfast.py)")
+        self.ifname = ifname
+        try:
+            socket.if_nametoindex(ifname)
+        except OSError:
+            raise PacketIOError(f"no such interface: {ifname}") from None
+        try:
+            # Protocol 0: nothing is queued before the rings exist; bind() starts RX.
+            self._sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+        except PermissionError:
+            raise PacketIOError(f"AF_PACKET on {ifname} needs CAP_NET_RAW "
+                                "(run as root or grant the capability)") from None
+        try:
+            self._setup(ifname, rx_slots, tx_slots)
+        except BaseException:
+            self._sock.close()
+            raise
+
+    def _setup(self, ifname: str, rx_slots: int, tx_slots: int) -> None:
+        ffi, lib = fastpath.ffi, fastpath.lib
+        sock = self._sock
+        sock.setsockopt(_SOL_PACKET, _PACKET_VERSION, _TPACKET_V2)
+        # Skip malformed TX frames (marked WRONG_FORMAT) instead of stalling the ring.
+        sock.setsockopt(_SOL_PACKET, _PACKET_LOSS, 1)
+        for optional in (_PACKET_QDISC_BYPASS, _PACKET_IGNORE_OUTGOING):
+            try:
+                sock.setsockopt(_SOL_PACKET, optional, 1)
+            except OSError as error:
+                if error.errno != errno.ENOPROTOOPT:
+                    raise
+        slots_per_block = _BLOCK_SIZE // SLOT_SIZE
+        rx_blocks = -(-rx_slots // slots_per_block)
+        tx_blocks = -(-tx_slots // slots_per_block)
+        rx_slots, tx_slots = rx_blocks * slots_per_block, tx_blocks * slots_per_block
+        sock.setsockopt(_SOL_PACKET, _PACKET_RX_RING,
+                        _TPACKET_REQ.pack(_BLOCK_SIZE, rx_blocks, SLOT_SIZE, rx_slots))
+        sock.setsockopt(_SOL_PACKET, _PACKET_TX_RING,
+                        _TPACKET_REQ.pack(_BLOCK_SIZE, tx_blocks, SLOT_SIZE, tx_slots))
+        # One mapping: the RX ring, then the TX ring.
+        rx_bytes = rx_blocks * _BLOCK_SIZE
+        self._map = mmap.mmap(sock.fileno(), rx_bytes + tx_blocks * _BLOCK_SIZE,
+                              mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self._map_view = ffi.from_buffer(self._map)
+        base = ffi.cast("uint8_t *", self._map_view)
+        self._rx = ffi.new("struct nf_ring *", (base, SLOT_SIZE, rx_slots, 0, 0))
+        self._tx = ffi.new("struct nf_ring *", (base + rx_bytes, SLOT_SIZE, tx_slots, 0, 0))
+        self._rx_slots = rx_slots
+        self._rx_spans = ffi.new("uint32_t[]", 2 * rx_slots)
+        self._stats = ffi.new("struct nf_ring_stats *")
+        self._rx_kernel_drops = 0
+        ifreq = fcntl.ioctl(sock.fileno(), _SIOCGIFHWADDR, struct.pack("16s16x", ifname.encode()))
+        self.mac = ifreq[18:24]
+        try:
+            sock.bind((ifname, _ETH_P_ALL))
+        except OSError as error:
+            if error.errno == errno.ENODEV:
+                raise PacketIOError(f"no such interface: {ifname}") from None
+            raise
+        self._collect, self._release = lib.nf_rx_collect, lib.nf_rx_release
+        self._queue = lib.nf_tx_queue
+        self._unpack = ffi.unpack
+        self._new_lengths = ffi.new
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def recv_batch(self, max_frames: int) -> list[bytes]:
+        count = self._collect(self._rx, min(max_frames, self._rx_slots), self._rx_spans,
+                              self._stats)
+        if not count:
+            return []
+        ring = self._map
+        bounds = iter(self._unpack(self._rx_spans, 2 * count))
+        frames = [ring[start:end] for start, end in zip(bounds, bounds)]
+        self._release(self._rx)
+        return frames
+
+    def send_batch(self, frames: list) -> int:
+        if not frames:
+            return 0
+        # One C call for the batch: the frames laid end to end plus their lengths.
+        lengths = self._new_lengths("uint32_t[]", [len(frame) for frame in frames])
+        queued = self._queue(self._tx, b"".join(frames), lengths, len(frames), self._stats)
+        if queued:
+            try:
+                self._sock.send(b"", socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                pass  # the slots stay marked; the next flush sends them
+            except OSError as error:
+                if error.errno != errno.ENOBUFS:
+                    raise
+        return queued
+
+    def counters(self) -> dict[str, int]:
+        _, drops = _TPACKET_STATS.unpack(
+            self._sock.getsockopt(_SOL_PACKET, _PACKET_STATISTICS, _TPACKET_STATS.size))
+        self._rx_kernel_drops += drops
+        stats = self._stats
+        return {"rx_kernel_drops": self._rx_kernel_drops,
+                "rx_truncated": stats.rx_truncated, "rx_csum_fixed": stats.rx_csum_fixed,
+                "tx_ring_full": stats.tx_ring_full, "tx_oversize": stats.tx_oversize,
+                "tx_rejected": stats.tx_rejected}
+
+    def close(self) -> None:
+        if self._sock.fileno() < 0:
+            return
+        fastpath.ffi.release(self._map_view)
+        self._map.close()
+        self._sock.close()
+
+    def __enter__(self) -> "AfPacketIO":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()

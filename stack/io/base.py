@@ -1,0 +1,35 @@
+"""The interface every packet I/O backend implements.
+
+A backend moves whole Ethernet frames.  `recv_batch` never blocks: the
+runtime sleeps in poll() on `fileno()` and drains what is there.
+`send_batch` hands a batch to the device with one flush (one system call
+where the device allows it) and returns how many frames it accepted; the
+rest are dropped and counted by the backend, as a NIC drops on a full ring.
+"""
+from typing import Protocol
+
+#: The interface MTU the backends size their buffers for (IPv4 packet bytes).
+MTU = 1500
+#: Largest frame that carries an MTU-sized packet: Ethernet header and one
+#: 802.1Q tag (no FCS: devices strip it).
+MAX_FRAME_LEN = 14 + 4 + MTU
+
+
+class PacketIOError(Exception):
+    """A backend cannot be opened (missing device, missing privilege, ...)."""
+
+
+class PacketIO(Protocol):
+    mac: bytes
+
+    def fileno(self) -> int:
+        ...
+
+    def recv_batch(self, max_frames: int) -> list[bytes]:
+        ...
+
+    def send_batch(self, frames: list) -> int:
+        ...
+
+    def close(self) -> None:
+        ...
