@@ -20,7 +20,6 @@ from stack.host import TcpHost
 from stack.tcp import (EV_CLOSED, EV_ESTABLISHED, EV_PEER_FIN, EV_RESET, TcpState)
 
 RX_BATCH = 64
-IPPROTO_TCP = 6
 
 _SLOT_STATE = {
     TcpState.SYN_SENT: lib.MTS_ST_CONNECTING,
@@ -345,10 +344,13 @@ class Runtime:
             self.iface.on_timer(now)
 
     def _transmit(self, now: float) -> None:
-        send_ip = self.iface.send_ip
+        frame_tcp = self.iface.frame_tcp
+        frames = []
         for dst_ip, segment in self.host.take_output():
-            send_ip(dst_ip, IPPROTO_TCP, segment, now)
-        frames = self.iface.take_frames()
+            frame = frame_tcp(dst_ip, segment, now)
+            if frame is not None:
+                frames.append(frame)
+        frames += self.iface.take_frames()  # ARP, ICMP, and frames that waited for ARP
         if frames:
             if self.pcap is not None:
                 stamp = time.time()

@@ -53,6 +53,10 @@ class ShmRecvBuffer:
         # application to report its reads (mts_rx_arm_notify).
         self._low_water = header.rx_size // 2
 
+    def __len__(self) -> int:
+        """Bytes received and not yet read by the application."""
+        return lib.mts_ring_used(self._ring)
+
     def space(self) -> int:
         room = self._cap - lib.mts_ring_used(self._ring)
         if room < self._low_water:

@@ -224,6 +224,10 @@ class Interface:
         self.counters["tx_frames"] += len(frames)
         return frames
 
+    def routes(self, dst_ip: int) -> bool:
+        """Whether the interface can reach dst_ip (on-link or via the gateway)."""
+        return self._next_hop(dst_ip) is not None
+
     def _next_hop(self, dst_ip: int) -> int | None:
         if not (dst_ip ^ self.ip) & self.netmask:
             return dst_ip

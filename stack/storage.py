@@ -1,0 +1,197 @@
+"""Byte storage for TCP: a ring buffer and an out-of-order assembler.
+
+`RingBuffer` speaks both buffer protocols of the TCP core.  As a send buffer:
+`len(buf)` bytes queued and not yet acknowledged, `peek(offset, n)` to build
+a segment, `consume(n)` when an ACK covers bytes; the application appends with
+`write`.  As a receive buffer: `space()`, `write(data)` for in-order data; the
+application takes bytes with `read(n)`.
+"""
+import bisect
+
+
+class RingBuffer:
+    __slots__ = ("_data", "_capacity", "_head", "_length")
+
+    def __init__(self, capacity: int):
+        if capacity <= 0:
+            raise ValueError("capacity must be positive")
+        self._data = bytearray(capacity)
+        self._capacity = capacity
+        self._head = 0
+        self._length = 0
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    def __len__(self) -> int:
+        return self._length
+
+    def space(self) -> int:
+        return self._capacity - self._length
+
+    def write(self, data) -> int:
+        """Append as much of `data` as fits; return the byte count taken."""
+        capacity = self._capacity
+        count = min(len(data), capacity - self._length)
+        if count <= 0:
+            return 0
+        tail = (self._head + self._length) % capacity
+        first = min(count, capacity - tail)
+        self._data[tail:tail + first] = data[:first]
+        if first < count:
+            self._data[:count - first] = data[first:count]
+        self._length += count
+        return count
+
+    def peek(self, offset: int, n: int) -> bytes:
+        """Up to `n` bytes starting `offset` bytes after the oldest one."""
+        count = min(n, self._length - offset)
+        if count <= 0:
+            return b""
+        capacity = self._capacity
+        start = (self._head + offset) % capacity
+        end = start + count
+        if end <= capacity:
+            return bytes(self._data[start:end])
+        return bytes(self._data[start:]) + bytes(self._data[:end - capacity])
+
+    def consume(self, n: int) -> None:
+        """Drop the `n` oldest bytes (at most all of them)."""
+        n = min(n, self._length)
+        self._head = (self._head + n) % self._capacity
+        self._length -= n
+
+    def read(self, n: int) -> bytes:
+        data = self.peek(0, n)
+        self.consume(len(data))
+        return data
+
+
+class Assembler:
+    """Out-of-order data waiting for a hole before it.
+
+    Offsets are relative to the next byte the reader expects (rcv_nxt).
+    Internally ranges sit at absolute positions counted from an origin that
+    `advance` and `pop_contiguous` move, so moving the reader never rewrites
+    the stored ranges.  Ranges are disjoint and never adjacent; at most
+    `max_ranges` are kept, and data that would need more is dropped (the
+    sender retransmits it).
+    """
+
+    __slots__ = ("_starts", "_chunks", "_origin", "_max_ranges", "_latest")
+
+    def __init__(self, max_ranges: int = 32):
+        self._starts = []       # absolute start of each range, ascending
+        self._chunks = []       # bytearray per range
+        self._origin = 0        # absolute position of offset 0
+        self._max_ranges = max_ranges
+        self._latest = None     # start of the range that last received data
+
+    def __bool__(self) -> bool:
+        return bool(self._starts)
+
+    def __len__(self) -> int:
+        """Number of ranges held."""
+        return len(self._starts)
+
+    def add(self, offset: int, data) -> bool:
+        """Store `data` found at `offset`; bytes already held win over
+        overlapping new ones.  Returns False if nothing could be stored
+        because the range limit was reached."""
+        if offset < 0:
+            data = data[-offset:]
+            offset = 0
+        if not data:
+            return True
+        starts, chunks = self._starts, self._chunks
+        start = self._origin + offset
+        end = start + len(data)
+        # Ranges [first, last] touch or overlap [start, end].
+        first = bisect.bisect_left(starts, start)
+        if first and starts[first - 1] + len(chunks[first - 1]) >= start:
+            first -= 1
+        last = bisect.bisect_right(starts, end) - 1
+        if first > last:
+            if len(starts) >= self._max_ranges:
+                if first == len(starts):
+                    return False
+                # Keep the data nearest the reader: evict the farthest range.
+                starts.pop()
+                chunks.pop()
+            starts.insert(first, start)
+            chunks.insert(first, bytearray(data))
+            self._latest = start
+            return True
+        merged_start = min(start, starts[first])
+        merged = bytearray()
+        position = merged_start
+        for index in range(first, last + 1):
+            range_start = starts[index]
+            if position < range_start:
+                merged += data[position - start:range_start - start]
+            merged += chunks[index]
+            position = range_start + len(chunks[index])
+        if position < end:
+            merged += data[position - start:]
+        starts[first:last + 1] = [merged_start]
+        chunks[first:last + 1] = [merged]
+        self._latest = merged_start
+        return True
+
+    def pop_contiguous(self, limit: int = -1) -> bytes:
+        """Remove and return the bytes at offset 0 onwards (at most `limit`
+        if it is not negative); b"" when the next byte is still missing."""
+        starts = self._starts
+        if not starts or starts[0] != self._origin:
+            return b""
+        chunk = self._chunks[0]
+        if 0 <= limit < len(chunk):
+            data = bytes(chunk[:limit])
+            del chunk[:limit]
+            starts[0] += limit
+            if self._latest == self._origin:
+                self._latest = starts[0]
+        else:
+            data = bytes(chunk)
+            del starts[0]
+            del self._chunks[0]
+        self._origin += len(data)
+        return data
+
+    def advance(self, n: int) -> None:
+        """The reader took `n` bytes from elsewhere: shift offsets, dropping
+        anything now behind it."""
+        origin = self._origin + n
+        self._origin = origin
+        starts, chunks = self._starts, self._chunks
+        while starts and starts[0] < origin:
+            overlap = origin - starts[0]
+            if overlap >= len(chunks[0]):
+                del starts[0]
+                del chunks[0]
+            else:
+                del chunks[0][:overlap]
+                if self._latest == starts[0]:
+                    self._latest = origin
+                starts[0] = origin
+
+    def sack_blocks(self, limit: int = 4) -> list:
+        """Up to `limit` (start, end) offset ranges for SACK: the range that
+        most recently received data first (RFC 2018 section 4), then the
+        others nearest the reader first."""
+        origin = self._origin
+        blocks = []
+        latest = self._latest
+        for start, chunk in zip(self._starts, self._chunks):
+            block = (start - origin, start - origin + len(chunk))
+            if start == latest:
+                blocks.insert(0, block)
+            else:
+                blocks.append(block)
+        return blocks[:limit]
+
+    def clear(self) -> None:
+        self._starts.clear()
+        self._chunks.clear()
+        self._latest = None

@@ -1,0 +1,994 @@
+"""Sans-IO TCP (RFC 9293): segments in, segments and events out, time passed in.
+
+A `TcpConnection` owns one connection's state machine.  The runtime feeds it
+parsed segments (`on_segment`), the passage of time (`on_timer` once `now`
+reaches `deadline()`) and application actions (`send_ready`,
+`recv_consumed`, `close`, `shutdown_write`, `abort`); after each batch it
+collects segments with `take_output()` and readiness from `events`.
+
+Implemented: handshakes both ways with MSS, window scale (RFC 7323),
+SACK-permitted (RFC 2018) and timestamps negotiated; PAWS; sliding windows
+that never shrink the right edge; out-of-order reassembly with SACK blocks
+sent back; RFC 6298 retransmission timer with Karn's rule or timestamp RTT
+samples; slow start and congestion avoidance from a 10-segment initial
+window (RFC 5681, 6928); fast retransmit and NewReno recovery (RFC 6582)
+with limited transmit (RFC 3042);
+delayed ACKs; Nagle with Minshall's refinement (as Linux) or TCP_NODELAY;
+zero-window probing; keepalive; half-close, simultaneous open and close,
+TIME_WAIT; RFC 5961 challenge ACKs for RST and SYN.
+
+Buffers are the runtime's (shared-memory rings there, `RingBuffer` in
+tests).  Send buffer: `len(buf)` bytes queued and not yet acknowledged,
+`peek(offset, n)` counted from the oldest unacknowledged byte, `consume(n)`.
+Receive buffer: `space()`, `write(data) -> int`, and `len(buf)` (unread
+bytes: close() resets the connection when some remain, as Linux).  Both may
+change between calls as the application writes and reads.
+
+Not implemented: urgent data (URG is ignored), ECN, SACK-based loss
+recovery on the sending side (received SACK blocks are ignored; loss
+recovery is NewReno), D-SACK, path MTU discovery.
+
+Pure ACKs are mostly not sent from inside `on_segment`: the connection notes
+that one is owed, and `take_output()` builds at most one, carrying the latest
+state.  A runtime that processes a batch of received segments before draining
+output so sends one ACK per batch, as Linux does with GRO.  The exception is
+out-of-order data, which gets one duplicate ACK per segment (RFC 5681 4.2).
+"""
+import enum
+import errno
+
+from stack.seq import seq_add, seq_diff, seq_ge, seq_gt, seq_le, seq_lt
+from stack.storage import Assembler
+from stack.wire.tcp import ACK, FIN, PSH, RST, SYN, MAX_WSCALE, TcpSegment
+
+_MASK = 0xFFFFFFFF
+_HALF = 0x80000000
+_TIMESTAMP_OPTION_LEN = 12       # NOP, NOP, kind 8 length 10
+_DEFAULT_PEER_MSS = 536          # RFC 9293 3.7.1: no MSS option received
+_MAX_WINDOW = 0xFFFF
+_CLOCK_GRANULARITY = 0.001       # timestamps tick in milliseconds
+
+
+class TcpConfig:
+    """Tunables, with Linux-like defaults.  Override by keyword:
+    `TcpConfig(nodelay=True, time_wait=0.5)`."""
+
+    mss = 1460                   # MSS we announce; caps the MSS we send with
+    window_scaling = True        # offer/accept RFC 7323 window scaling
+    recv_wscale = None           # None: smallest shift that covers the receive buffer
+    timestamps = True
+    sack = True
+    time_wait = 60.0             # seconds in TIME_WAIT (2 MSL, as Linux)
+    fin_wait2_timeout = 60.0     # FIN_WAIT_2 after close() (Linux tcp_fin_timeout)
+    delayed_ack = 0.040
+    initial_rto = 1.0
+    min_rto = 0.2
+    max_rto = 120.0
+    syn_retries = 6
+    retries = 15                 # data retransmissions before ETIMEDOUT
+    initial_window_segments = 10
+    nodelay = False
+    keepalive = False
+    keepidle = 7200.0
+    keepintvl = 75.0
+    keepcnt = 9
+    max_ooo_ranges = 32          # out-of-order ranges held for reassembly
+
+    def __init__(self, **overrides):
+        for name, value in overrides.items():
+            if not hasattr(TcpConfig, name) or name.startswith("_"):
+                raise TypeError(f"unknown TcpConfig option {name!r}")
+            setattr(self, name, value)
+
+
+class TcpState(enum.IntEnum):
+    CLOSED = 0
+    LISTEN = 1
+    SYN_SENT = 2
+    SYN_RECEIVED = 3
+    ESTABLISHED = 4
+    FIN_WAIT_1 = 5
+    FIN_WAIT_2 = 6
+    CLOSE_WAIT = 7
+    CLOSING = 8
+    LAST_ACK = 9
+    TIME_WAIT = 10
+
+
+CLOSED = TcpState.CLOSED
+LISTEN = TcpState.LISTEN
+SYN_SENT = TcpState.SYN_SENT
+SYN_RECEIVED = TcpState.SYN_RECEIVED
+ESTABLISHED = TcpState.ESTABLISHED
+FIN_WAIT_1 = TcpState.FIN_WAIT_1
+FIN_WAIT_2 = TcpState.FIN_WAIT_2
+CLOSE_WAIT = TcpState.CLOSE_WAIT
+CLOSING = TcpState.CLOSING
+LAST_ACK = TcpState.LAST_ACK
+TIME_WAIT = TcpState.TIME_WAIT
+
+# State sets as bit masks: `(1 << state) & MASK` costs less than hashing an enum.
+_SENDING = ((1 << ESTABLISHED) | (1 << CLOSE_WAIT) | (1 << FIN_WAIT_1)
+            | (1 << CLOSING) | (1 << LAST_ACK))
+_RECEIVING = (1 << SYN_RECEIVED) | (1 << ESTABLISHED) | (1 << FIN_WAIT_1) | (1 << FIN_WAIT_2)
+_SYNCHRONIZED = _SENDING | (1 << SYN_RECEIVED) | (1 << FIN_WAIT_2) | (1 << TIME_WAIT)
+# Linux tcp_need_reset(): states in which an abort tells the peer with a RST.
+_RESET_ON_ABORT = ((1 << SYN_RECEIVED) | (1 << ESTABLISHED) | (1 << CLOSE_WAIT)
+                   | (1 << FIN_WAIT_1) | (1 << FIN_WAIT_2))
+_KEEPALIVE_STATES = (1 << ESTABLISHED) | (1 << CLOSE_WAIT) | (1 << FIN_WAIT_2)
+
+EV_ESTABLISHED = 0x01   # handshake completed
+EV_READABLE = 0x02      # new in-order data was written to the receive buffer
+EV_WRITABLE = 0x04      # an ACK freed send-buffer space
+EV_PEER_FIN = 0x08      # the peer closed its side: EOF after the buffered data
+EV_RESET = 0x10         # reset, refused or timed out; `error` holds the errno
+EV_CLOSED = 0x20        # finished: the runtime can forget the connection
+
+
+def reset_for(seg: TcpSegment):
+    """RFC 9293 3.10.7.1: the reply to `seg` when no connection owns it."""
+    if seg.flags & RST:
+        return None
+    if seg.flags & ACK:
+        return TcpSegment(seg.dst_port, seg.src_port, seg.ack, 0, RST, 0)
+    return TcpSegment(seg.dst_port, seg.src_port, 0, seq_add(seg.seq, seg.seg_len),
+                      RST | ACK, 0)
+
+
+class TcpConnection:
+    __slots__ = (
+        "config", "local_ip", "local_port", "remote_ip", "remote_port",
+        "send_buf", "recv_buf", "state", "error", "events", "outbox",
+        "nodelay", "keepalive", "keepidle", "keepintvl", "keepcnt",
+        # send sequence space
+        "iss", "snd_una", "snd_nxt", "snd_max", "snd_wnd", "snd_wl1", "snd_wl2",
+        "snd_wscale", "_max_snd_wnd", "_send_base", "_fin_seq", "send_mss", "_snd_sml",
+        # congestion control and loss recovery
+        "cwnd", "ssthresh", "_cwnd_acked", "_dupacks", "_in_recovery", "_recover",
+        "srtt", "rttvar", "rto", "_rtt_seq", "_rtt_time", "_retries",
+        # receive sequence space
+        "irs", "rcv_nxt", "rcv_adv", "rcv_wscale", "_rcv_mss", "_rcv_buf_size",
+        "_rcv_unacked", "_last_ack_sent", "_assembler", "_rcv_fin_seq",
+        # negotiated options
+        "ts_enabled", "ts_recent", "sack_enabled", "_wscale_ok",
+        # timers and bookkeeping
+        "_now", "_ack_now", "_retransmit_at", "_delayed_ack_at", "_persist_at",
+        "_persist_backoff", "_probes_unanswered", "_linger_at", "_last_rx",
+        "_keepalive_probes", "_orphaned",
+        # the runtime's own per-connection fields, never touched here
+        "owner", "listener", "timer_at",
+    )
+
+    def __init__(self, config: TcpConfig, local_ip: int, local_port: int,
+                 remote_ip: int, remote_port: int, send_buf, recv_buf, iss: int,
+                 now: float):
+        self.config = config
+        self.local_ip = local_ip
+        self.local_port = local_port
+        self.remote_ip = remote_ip
+        self.remote_port = remote_port
+        self.send_buf = send_buf
+        self.recv_buf = recv_buf
+        self.state = CLOSED
+        self.error = 0
+        self.events = 0
+        self.outbox = []
+        self.nodelay = config.nodelay
+        self.keepalive = config.keepalive
+        self.keepidle = config.keepidle
+        self.keepintvl = config.keepintvl
+        self.keepcnt = config.keepcnt
+
+        self.iss = iss
+        self.snd_una = iss
+        self.snd_nxt = seq_add(iss, 1)
+        self.snd_max = self.snd_nxt
+        self.snd_wnd = 0
+        self.snd_wl1 = 0
+        self.snd_wl2 = iss
+        self.snd_wscale = 0
+        self._max_snd_wnd = 0
+        self._send_base = self.snd_nxt     # sequence number of send_buf's first byte
+        self._fin_seq = None               # sequence number of our FIN once queued
+        self.send_mss = _DEFAULT_PEER_MSS
+        self._snd_sml = iss                # end of the last small segment (Minshall)
+
+        self.cwnd = 0
+        self.ssthresh = 1 << 30
+        self._cwnd_acked = 0
+        self._dupacks = 0
+        self._in_recovery = False
+        self._recover = iss
+        self.srtt = None
+        self.rttvar = 0.0
+        self.rto = config.initial_rto
+        self._rtt_seq = None               # Karn: sequence number being timed
+        self._rtt_time = 0.0
+        self._retries = 0
+
+        space = recv_buf.space()
+        self.irs = 0
+        self.rcv_nxt = 0
+        self.rcv_adv = 0                   # right edge of the window we advertised
+        if config.recv_wscale is not None:
+            self.rcv_wscale = config.recv_wscale
+        else:
+            shift = 0
+            while shift < MAX_WSCALE and (_MAX_WINDOW << shift) < space:
+                shift += 1
+            self.rcv_wscale = shift
+        self._rcv_mss = _DEFAULT_PEER_MSS
+        self._rcv_buf_size = space
+        self._rcv_unacked = 0              # in-order bytes received since our last ACK
+        self._last_ack_sent = 0
+        self._assembler = Assembler(config.max_ooo_ranges)
+        self._rcv_fin_seq = None           # peer's FIN, seen before the data ahead of it
+
+        self.ts_enabled = False
+        self.ts_recent = 0
+        self.sack_enabled = False
+        self._wscale_ok = False
+
+        self._now = now
+        self._ack_now = False
+        self._retransmit_at = None
+        self._delayed_ack_at = None
+        self._persist_at = None
+        self._persist_backoff = 0
+        self._probes_unanswered = 0
+        self._linger_at = None             # end of TIME_WAIT or orphaned FIN_WAIT_2
+        self._last_rx = now
+        self._keepalive_probes = 0
+        self._orphaned = False             # the application closed the socket
+        self.owner = None
+        self.listener = None
+        self.timer_at = None
+
+    # ----------------------------------------------------------- opening
+
+    @classmethod
+    def connect(cls, config, local_ip, local_port, remote_ip, remote_port,
+                send_buf, recv_buf, iss, now) -> "TcpConnection":
+        """Active open: the SYN is in the outbox."""
+        conn = cls(config, local_ip, local_port, remote_ip, remote_port,
+                   send_buf, recv_buf, iss, now)
+        if not config.window_scaling:
+            conn.rcv_wscale = 0
+        conn.state = SYN_SENT
+        conn._send_syn()
+        return conn
+
+    @classmethod
+    def accept(cls, config, local_ip, local_port, remote_ip, remote_port, syn,
+               send_buf, recv_buf, iss, now) -> "TcpConnection":
+        """Passive open from a received SYN: the SYN-ACK is in the outbox and
+        carries only the options the SYN offered (plus our MSS, as Linux)."""
+        conn = cls(config, local_ip, local_port, remote_ip, remote_port,
+                   send_buf, recv_buf, iss, now)
+        conn._learn_peer_syn(syn)
+        conn.snd_wnd = syn.window          # never scaled in a SYN
+        conn._max_snd_wnd = syn.window
+        conn.snd_wl1 = syn.seq
+        conn.state = SYN_RECEIVED
+        conn._send_syn()
+        return conn
+
+    def _learn_peer_syn(self, syn: TcpSegment) -> None:
+        """Sequence numbers and options from the peer's SYN or SYN-ACK."""
+        config = self.config
+        self.irs = syn.seq
+        self.rcv_nxt = seq_add(syn.seq, 1)
+        self._wscale_ok = config.window_scaling and syn.wscale is not None
+        if self._wscale_ok:
+            self.snd_wscale = syn.wscale
+        else:
+            self.snd_wscale = 0
+            self.rcv_wscale = 0
+        self.sack_enabled = config.sack and syn.sack_permitted
+        self.ts_enabled = config.timestamps and syn.timestamp is not None
+        if self.ts_enabled:
+            self.ts_recent = syn.timestamp[0]
+        option_bytes = _TIMESTAMP_OPTION_LEN if self.ts_enabled else 0
+        peer_mss = syn.mss if syn.mss else _DEFAULT_PEER_MSS
+        self.send_mss = max(min(peer_mss, config.mss) - option_bytes, 1)
+        self._rcv_mss = self.send_mss
+        self.cwnd = config.initial_window_segments * self.send_mss
+
+    def _send_syn(self) -> None:
+        """(Re)transmit our SYN, or SYN-ACK in SYN_RECEIVED."""
+        config = self.config
+        window = min(self.recv_buf.space(), _MAX_WINDOW)
+        if self.state == SYN_SENT:
+            segment = TcpSegment(self.local_port, self.remote_port, self.iss, 0, SYN,
+                                 window, mss=config.mss,
+                                 sack_permitted=config.sack)
+            if config.window_scaling:
+                segment.wscale = self.rcv_wscale
+            if config.timestamps:
+                segment.timestamp = (self._ts_now(), 0)
+        else:
+            segment = TcpSegment(self.local_port, self.remote_port, self.iss, self.rcv_nxt,
+                                 SYN | ACK, window, mss=config.mss,
+                                 sack_permitted=self.sack_enabled)
+            if self._wscale_ok:
+                segment.wscale = self.rcv_wscale
+            if self.ts_enabled:
+                segment.timestamp = (self._ts_now(), self.ts_recent)
+            self.rcv_adv = seq_add(self.rcv_nxt, window)
+            self._last_ack_sent = self.rcv_nxt
+        self.outbox.append(segment)
+        if self._retransmit_at is None:
+            self._retransmit_at = self._now + self.rto
+        if self._retries == 0:
+            self._rtt_seq = self.iss
+            self._rtt_time = self._now
+
+    # ------------------------------------------------------ application
+
+    def take_output(self) -> list:
+        """Segments to transmit, oldest first; includes the ACK owed, if any."""
+        if self._ack_now and (1 << self.state) & _SYNCHRONIZED:
+            self._send_ack()
+        outbox = self.outbox
+        if outbox:
+            self.outbox = []
+        return outbox
+
+    def send_ready(self, now: float) -> None:
+        """The application queued more data in send_buf."""
+        self._now = now
+        self._output()
+
+    def recv_consumed(self, now: float) -> None:
+        """The application read from recv_buf: announce the larger window if
+        it grew by at least min(buffer/2, MSS) (RFC 1122 4.2.3.3) and the
+        current one is below half the buffer, so steady reading does not
+        double the ACK rate."""
+        self._now = now
+        if not (1 << self.state) & _RECEIVING:
+            return
+        current = seq_diff(self.rcv_adv, self.rcv_nxt)
+        if (current <= self._rcv_buf_size // 2
+                and self.recv_buf.space() - current >= self._sws_threshold()):
+            self._ack_now = True
+
+    def close(self, now: float) -> None:
+        """The application closed the socket: FIN after the queued data, or a
+        RST if received data was left unread (as Linux)."""
+        self._now = now
+        state = self.state
+        if state == CLOSED or state == TIME_WAIT:
+            self._orphaned = True
+            return
+        if state == SYN_SENT:
+            self._enter_closed()
+            return
+        if len(self.recv_buf):
+            self.abort(now)
+            return
+        self._orphaned = True
+        if state == FIN_WAIT_2:
+            self._linger_at = now + self.config.fin_wait2_timeout
+        self._queue_fin()
+
+    def shutdown_write(self, now: float) -> None:
+        """SHUT_WR: FIN after the queued data; receiving continues."""
+        self._now = now
+        if self.state != CLOSED:
+            self._queue_fin()
+
+    def abort(self, now: float) -> None:
+        """Drop the connection now, telling the peer with a RST (SO_LINGER 0)."""
+        self._now = now
+        if self.state == CLOSED:
+            return
+        if (1 << self.state) & _RESET_ON_ABORT:
+            self.outbox.append(TcpSegment(self.local_port, self.remote_port, self.snd_nxt,
+                                          self.rcv_nxt, RST | ACK, 0))
+        self._enter_closed()
+
+    def _queue_fin(self) -> None:
+        if self._fin_seq is not None:
+            return
+        state = self.state
+        if state == ESTABLISHED:
+            self.state = FIN_WAIT_1
+        elif state == CLOSE_WAIT:
+            self.state = LAST_ACK
+        elif state != SYN_SENT and state != SYN_RECEIVED:
+            return
+        # Before the handshake completes the FIN waits; see _handshake_acked.
+        self._fin_seq = seq_add(self._send_base, len(self.send_buf))
+        self._output()
+
+    # ------------------------------------------------------------ timers
+
+    def deadline(self):
+        """The earliest time on_timer has work to do, or None."""
+        earliest = None
+        for moment in (self._retransmit_at, self._delayed_ack_at, self._persist_at,
+                       self._linger_at, self._keepalive_at()):
+            if moment is not None and (earliest is None or moment < earliest):
+                earliest = moment
+        return earliest
+
+    def _keepalive_at(self):
+        if (not self.keepalive or not (1 << self.state) & _KEEPALIVE_STATES
+                or self.snd_una != self.snd_max):
+            return None
+        return self._last_rx + self.keepidle + self._keepalive_probes * self.keepintvl
+
+    def on_timer(self, now: float) -> None:
+        self._now = now
+        if self._linger_at is not None and now >= self._linger_at:
+            self._enter_closed()
+            return
+        if self._retransmit_at is not None and now >= self._retransmit_at:
+            self._on_retransmit_timeout()
+        if self._persist_at is not None and now >= self._persist_at:
+            self._on_persist_timeout()
+        if self._delayed_ack_at is not None and now >= self._delayed_ack_at:
+            self._delayed_ack_at = None
+            self._ack_now = True
+        keepalive_at = self._keepalive_at()
+        if keepalive_at is not None and now >= keepalive_at:
+            self._on_keepalive_timeout()
+
+    def _on_retransmit_timeout(self) -> None:
+        self._retransmit_at = None
+        self._retries += 1
+        self._rtt_seq = None               # Karn: never time a retransmission
+        self.rto = min(self.rto * 2, self.config.max_rto)
+        if self.state == SYN_SENT or self.state == SYN_RECEIVED:
+            if self._retries > self.config.syn_retries:
+                self._fail(errno.ETIMEDOUT)
+                return
+            self._send_syn()
+            return
+        if self._retries > self.config.retries:
+            self._fail(errno.ETIMEDOUT)
+            return
+        # RFC 5681 (4) and RFC 6582 section 4: collapse to one segment, resend
+        # from the first unacknowledged byte, and do not fast-retransmit on
+        # the duplicate ACKs this go-back-N will cause.
+        flight = seq_diff(self.snd_max, self.snd_una)
+        self.ssthresh = max(flight // 2, 2 * self.send_mss)
+        self.cwnd = self.send_mss
+        self._cwnd_acked = 0
+        self._in_recovery = False
+        self._dupacks = 0
+        self._recover = self.snd_max
+        self.snd_nxt = self.snd_una
+        self._output()
+
+    def _on_persist_timeout(self) -> None:
+        self._probes_unanswered += 1
+        if self._probes_unanswered > self.config.retries:
+            self._fail(errno.ETIMEDOUT)
+            return
+        self._send_probe()
+        self._persist_backoff += 1
+        self._arm_persist()
+
+    def _on_keepalive_timeout(self) -> None:
+        if self._keepalive_probes >= self.keepcnt:
+            self.outbox.append(TcpSegment(self.local_port, self.remote_port, self.snd_nxt,
+                                          self.rcv_nxt, RST | ACK, 0))
+            self._fail(errno.ETIMEDOUT)
+            return
+        self._keepalive_probes += 1
+        self._send_probe()
+
+    def _send_probe(self) -> None:
+        """An ACK with an already acknowledged sequence number: the peer
+        must answer it with its current ACK and window (Linux style)."""
+        self._segment(seq_add(self.snd_una, -1), ACK, b"")
+
+    def _arm_persist(self) -> None:
+        interval = min(max(self.rto, self.config.min_rto) * (1 << self._persist_backoff),
+                       self.config.max_rto)
+        self._persist_at = self._now + interval
+
+    # ----------------------------------------------------------- receive
+
+    def on_segment(self, seg: TcpSegment, now: float) -> None:
+        self._now = now
+        state = self.state
+        if state == SYN_SENT:
+            self._on_segment_syn_sent(seg)
+            return
+        if not (1 << state) & _SYNCHRONIZED:
+            return
+        flags = seg.flags
+        if state == SYN_RECEIVED and flags & SYN and seg.seq == self.irs:
+            self._on_syn_again(seg)
+            return
+        self._last_rx = now
+        self._keepalive_probes = 0
+        payload = seg.payload
+        payload_len = len(payload)
+        seq = seg.seq
+        rcv_nxt = self.rcv_nxt
+
+        # PAWS (RFC 7323 5.3): an old timestamp marks an old duplicate.
+        timestamp = seg.timestamp
+        if (timestamp is not None and self.ts_enabled and not flags & RST
+                and ((timestamp[0] - self.ts_recent) & _MASK) >= _HALF):
+            self._ack_now = True
+            return
+
+        # Acceptability (RFC 9293 3.10.7.4), against the window we advertised.
+        offset = ((seq - rcv_nxt + _HALF) & _MASK) - _HALF
+        rcv_wnd = ((self.rcv_adv - rcv_nxt + _HALF) & _MASK) - _HALF
+        if rcv_wnd < 0:
+            rcv_wnd = 0
+        seg_len = payload_len + (flags & SYN) // SYN + (flags & FIN)
+        if seg_len == 0:
+            acceptable = 0 <= offset < rcv_wnd or offset == 0
+        else:
+            # With a zero window a segment at rcv_nxt is still accepted for
+            # its ACK and RST; its data is trimmed away below.
+            acceptable = (0 <= offset < rcv_wnd or 0 <= offset + seg_len - 1 < rcv_wnd
+                          or offset == 0)
+        if not acceptable:
+            if not flags & RST:
+                self._ack_now = True
+                if state == TIME_WAIT and flags & FIN:
+                    self._linger_at = now + self.config.time_wait
+            return
+
+        if flags & RST:
+            if offset == 0:
+                self._reset_by_peer()
+            else:
+                self._ack_now = True       # RFC 5961 3.2 challenge ACK
+            return
+        if flags & SYN:
+            self._ack_now = True           # RFC 5961 4.2 challenge ACK
+            return
+        if not flags & ACK:
+            return
+
+        # RFC 7323 4.3: remember the timestamp of a segment that covers the
+        # left edge of what we last acknowledged.
+        if timestamp is not None and seq_le(seq, self._last_ack_sent):
+            self.ts_recent = timestamp[0]
+
+        if state == SYN_RECEIVED:
+            ack = seg.ack
+            if not (seq_lt(self.snd_una, ack) and seq_le(ack, self.snd_max)):
+                self.outbox.append(TcpSegment(self.local_port, self.remote_port, ack, 0,
+                                              RST, 0))
+                return
+            self._handshake_acked()
+        if not self._process_ack(seg):
+            return
+        if self.state == CLOSED:
+            return
+
+        if payload_len and (1 << self.state) & _RECEIVING:
+            if self._orphaned and seq_diff(seq_add(seq, payload_len), rcv_nxt) > 0:
+                # Nobody will read this data (Linux: TCPAbortOnData).
+                self.abort(now)
+                return
+            self._receive_data(offset, payload, rcv_wnd)
+        if flags & FIN and (1 << self.state) & _RECEIVING:
+            fin_offset = offset + payload_len
+            if 0 <= fin_offset < rcv_wnd or fin_offset == 0:
+                self._rcv_fin_seq = seq_add(rcv_nxt, fin_offset)
+        if self._rcv_fin_seq is not None and self._rcv_fin_seq == self.rcv_nxt:
+            self._receive_fin()
+        self._output()
+
+    def _on_segment_syn_sent(self, seg: TcpSegment) -> None:
+        flags = seg.flags
+        ack = seg.ack
+        if flags & ACK and (seq_le(ack, self.iss) or seq_gt(ack, self.snd_max)):
+            if not flags & RST:
+                self.outbox.append(TcpSegment(self.local_port, self.remote_port, ack, 0,
+                                              RST, 0))
+            return
+        if flags & RST:
+            if flags & ACK:
+                self._fail(errno.ECONNREFUSED)
+            return
+        if not flags & SYN:
+            return
+        self._learn_peer_syn(seg)
+        # The window of a SYN or SYN-ACK is never scaled.
+        self.snd_wnd = seg.window
+        self._max_snd_wnd = seg.window
+        self.snd_wl1 = seg.seq
+        if flags & ACK:
+            self.snd_wl2 = ack
+            self.rcv_adv = seq_add(self.rcv_nxt, min(self.recv_buf.space(), _MAX_WINDOW))
+            self._on_new_ack(seg, ack)
+            self._handshake_acked()
+            self._ack_now = True
+            self._output()
+        else:
+            self.state = SYN_RECEIVED      # simultaneous open
+            self._retransmit_at = None
+            self._send_syn()
+
+    def _on_syn_again(self, seg: TcpSegment) -> None:
+        """The peer's SYN once more, in SYN_RECEIVED: either a retransmission
+        (our SYN-ACK was lost) or, after a simultaneous open, the peer's
+        SYN-ACK, which completes the handshake (as Linux does)."""
+        if not seg.flags & ACK:
+            self._send_syn()
+            return
+        ack = seg.ack
+        if seg.flags & RST or not (seq_lt(self.snd_una, ack) and seq_le(ack, self.snd_max)):
+            return
+        self.snd_wnd = seg.window          # a SYN's window is never scaled
+        self.snd_wl1 = seg.seq
+        self.snd_wl2 = ack
+        self._on_new_ack(seg, ack)
+        self._handshake_acked()
+        self._output()
+
+    def _handshake_acked(self) -> None:
+        self.state = ESTABLISHED if self._fin_seq is None else FIN_WAIT_1
+        self.events |= EV_ESTABLISHED
+        self._retries = 0
+
+    def _reset_by_peer(self) -> None:
+        state = self.state
+        if state == TIME_WAIT:
+            return                         # RFC 1337: TIME_WAIT ignores RST
+        if state == SYN_RECEIVED:
+            self._fail(errno.ECONNREFUSED)
+        elif state == CLOSE_WAIT:
+            self._fail(errno.EPIPE)
+        else:
+            self._fail(errno.ECONNRESET)
+
+    def _process_ack(self, seg: TcpSegment) -> bool:
+        """The ACK field and window of an acceptable segment.  Returns False
+        if the segment must be dropped."""
+        ack = seg.ack
+        snd_una = self.snd_una
+        acked = ((ack - snd_una + _HALF) & _MASK) - _HALF
+        window = seg.window << self.snd_wscale
+        self._probes_unanswered = 0
+        if acked > 0:
+            if seq_gt(ack, self.snd_max):
+                self._ack_now = True       # acknowledges data never sent
+                return False
+            self._on_new_ack(seg, ack)
+        elif acked == 0:
+            if (snd_una != self.snd_max and not seg.payload
+                    and not seg.flags & (SYN | FIN) and window == self.snd_wnd):
+                self._on_duplicate_ack()
+        elif acked < -self._max_snd_wnd:
+            self._ack_now = True           # RFC 5961 5.2: ACK far too old
+            return False
+
+        # RFC 9293 3.10.7.4: take the window from the newest segment only.
+        seq = seg.seq
+        wl1 = self.snd_wl1
+        if seq_lt(wl1, seq) or (wl1 == seq and seq_le(self.snd_wl2, ack)):
+            if window and not self.snd_wnd:
+                self._persist_at = None
+                self._persist_backoff = 0
+            self.snd_wnd = window
+            self.snd_wl1 = seq
+            self.snd_wl2 = ack
+            if window > self._max_snd_wnd:
+                self._max_snd_wnd = window
+
+        fin_seq = self._fin_seq
+        if fin_seq is not None and self.snd_una == seq_add(fin_seq, 1):
+            state = self.state
+            if state == FIN_WAIT_1:
+                self.state = FIN_WAIT_2
+                if self._orphaned:
+                    self._linger_at = self._now + self.config.fin_wait2_timeout
+            elif state == CLOSING:
+                self._enter_time_wait()
+            elif state == LAST_ACK:
+                self._enter_closed()
+        return True
+
+    def _on_new_ack(self, seg: TcpSegment, ack: int) -> None:
+        now = self._now
+        snd_una = self.snd_una
+        flight_before = seq_diff(self.snd_max, snd_una)
+
+        timestamp = seg.timestamp
+        if self.ts_enabled and timestamp is not None and timestamp[1]:
+            elapsed = (self._ts_now() - timestamp[1]) & _MASK
+            if elapsed < _HALF:
+                self._sample_rtt(elapsed / 1000.0)
+        elif self._rtt_seq is not None and seq_gt(ack, self._rtt_seq):
+            self._sample_rtt(now - self._rtt_time)
+            self._rtt_seq = None
+
+        send_buf = self.send_buf
+        data_acked = seq_diff(ack, self._send_base)
+        if data_acked > 0:
+            queued = len(send_buf)
+            if data_acked > queued:
+                data_acked = queued        # the rest acknowledges our FIN
+            if data_acked:
+                send_buf.consume(data_acked)
+                self._send_base = seq_add(self._send_base, data_acked)
+                self.events |= EV_WRITABLE
+        else:
+            data_acked = 0
+        self.snd_una = ack
+        if seq_lt(self.snd_nxt, ack):
+            self.snd_nxt = ack
+        self._retries = 0
+
+        mss = self.send_mss
+        if self._in_recovery:
+            if seq_ge(ack, self._recover):
+                # Full acknowledgment (RFC 6582 3.2 step 3): deflate to
+                # ssthresh, as Linux does, rather than to the flight size,
+                # which leaves an application-limited sender at one segment.
+                self.cwnd = self.ssthresh
+                self._in_recovery = False
+                self._dupacks = 0
+            else:
+                # Partial acknowledgment: the next hole is lost too.
+                self._retransmit_head()
+                self.cwnd = max(self.cwnd - data_acked + mss, mss)
+        else:
+            self._dupacks = 0
+            # Grow only while the window is what limits us (RFC 7661 spirit).
+            if 2 * flight_before >= self.cwnd:
+                if self.cwnd < self.ssthresh:
+                    self.cwnd += data_acked
+                else:
+                    self._cwnd_acked += data_acked
+                    if self._cwnd_acked >= self.cwnd:
+                        self._cwnd_acked -= self.cwnd
+                        self.cwnd += mss
+
+        if ack == self.snd_max:
+            self._retransmit_at = None
+        else:
+            self._retransmit_at = now + self.rto
+
+    def _on_duplicate_ack(self) -> None:
+        self._dupacks += 1
+        if self._in_recovery:
+            self.cwnd += self.send_mss     # each dup ACK: a segment has left
+        elif self._dupacks == 3 and seq_ge(self.snd_una, self._recover):
+            # Fast retransmit, then NewReno fast recovery (RFC 6582 3.2).
+            mss = self.send_mss
+            flight = seq_diff(self.snd_max, self.snd_una)
+            self.ssthresh = max(flight // 2, 2 * mss)
+            self._recover = self.snd_max
+            self._in_recovery = True
+            self._retransmit_head()
+            self.cwnd = self.ssthresh + 3 * mss
+            self._retransmit_at = self._now + self.rto
+
+    def _sample_rtt(self, rtt: float) -> None:
+        """RFC 6298 section 2."""
+        if self.srtt is None:
+            self.srtt = rtt
+            self.rttvar = rtt / 2
+        else:
+            self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - rtt)
+            self.srtt = 0.875 * self.srtt + 0.125 * rtt
+        config = self.config
+        rto = self.srtt + max(_CLOCK_GRANULARITY, 4 * self.rttvar)
+        self.rto = min(max(rto, config.min_rto), config.max_rto)
+
+    def _receive_data(self, offset: int, payload, rcv_wnd: int) -> None:
+        """Payload starting `offset` bytes after rcv_nxt, already known to
+        overlap the window."""
+        end = offset + len(payload)
+        if end > rcv_wnd:
+            payload = payload[:rcv_wnd - offset] if rcv_wnd > offset else b""
+            self._ack_now = True
+        if offset < 0:
+            payload = payload[-offset:]
+            offset = 0
+        if not payload:
+            self._ack_now = True           # a duplicate: tell the sender at once
+            return
+        assembler = self._assembler
+        recv_buf = self.recv_buf
+        if offset == 0 and not assembler:
+            taken = recv_buf.write(payload)
+            if taken:
+                self.rcv_nxt = (self.rcv_nxt + taken) & _MASK
+                self.events |= EV_READABLE
+                self._rcv_unacked += taken
+            if taken < len(payload) or self._rcv_unacked >= 2 * self._rcv_mss:
+                self._ack_now = True
+            elif self._delayed_ack_at is None:
+                self._delayed_ack_at = self._now + self.config.delayed_ack
+            return
+        assembler.add(offset, payload)
+        if offset:
+            # RFC 5681 4.2: one duplicate ACK per out-of-order segment, even
+            # within a batch: the sender counts them to detect loss.
+            self._send_ack()
+            return
+        # Filling a hole: acknowledge at once, so recovery moves on.
+        self._ack_now = True
+        data = assembler.pop_contiguous(recv_buf.space())
+        taken = recv_buf.write(data)
+        if taken:
+            self.rcv_nxt = (self.rcv_nxt + taken) & _MASK
+            self.events |= EV_READABLE
+        if taken < len(data):              # the buffer shrank: forget the rest
+            assembler.clear()
+
+    def _receive_fin(self) -> None:
+        self.rcv_nxt = seq_add(self.rcv_nxt, 1)
+        self._rcv_fin_seq = None
+        self.events |= EV_PEER_FIN
+        self._ack_now = True
+        state = self.state
+        if state == ESTABLISHED or state == SYN_RECEIVED:
+            self.state = CLOSE_WAIT
+        elif state == FIN_WAIT_1:
+            self.state = CLOSING
+        elif state == FIN_WAIT_2:
+            self._enter_time_wait()
+
+    # -------------------------------------------------------------- send
+
+    def _output(self) -> None:
+        """Send what the peer's window, cwnd, Nagle and the queue allow,
+        then our FIN once all data is out."""
+        if not (1 << self.state) & _SENDING:
+            return
+        send_buf = self.send_buf
+        send_base = self._send_base
+        snd_una = self.snd_una
+        mss = self.send_mss
+        fin_seq = self._fin_seq
+        data_end = fin_seq if fin_seq is not None else (send_base + len(send_buf)) & _MASK
+        cwnd = self.cwnd
+        if 0 < self._dupacks < 3 and not self._in_recovery and self.snd_nxt == self.snd_max:
+            # Limited transmit (RFC 3042): a new segment per early duplicate
+            # ACK, so a small window can still produce the third one.
+            cwnd += self._dupacks * mss
+        window = self.snd_wnd if self.snd_wnd < cwnd else cwnd
+        window_end = (snd_una + window) & _MASK
+        nagle = not self.nodelay and fin_seq is None
+        snd_nxt = self.snd_nxt
+        unsent = ((data_end - snd_nxt + _HALF) & _MASK) - _HALF
+        sent = False
+        while unsent > 0:
+            size = ((window_end - snd_nxt + _HALF) & _MASK) - _HALF
+            if size > mss:
+                size = mss
+            if size > unsent:
+                size = unsent
+            if size <= 0:
+                break
+            if size < mss:
+                if snd_nxt != snd_una:
+                    # Hold a window-limited runt while data is in flight;
+                    # hold a short tail while an earlier short segment is
+                    # unacknowledged (Nagle, Minshall's variant).
+                    if size < unsent or (nagle and seq_gt(self._snd_sml, snd_una)):
+                        break
+                self._snd_sml = (snd_nxt + size) & _MASK
+            flags = ACK
+            if size == unsent:
+                flags = ACK | PSH if fin_seq is None else ACK | PSH | FIN
+            payload = send_buf.peek(((snd_nxt - send_base) & _MASK), size)
+            if self._rtt_seq is None and not self.ts_enabled and snd_nxt == self.snd_max:
+                self._rtt_seq = snd_nxt
+                self._rtt_time = self._now
+            self._segment(snd_nxt, flags, payload)
+            snd_nxt = (snd_nxt + size + (flags & FIN)) & _MASK
+            unsent -= size
+            sent = True
+        if unsent == 0 and fin_seq is not None and snd_nxt == fin_seq and not sent:
+            self._segment(snd_nxt, ACK | FIN, b"")
+            snd_nxt = (snd_nxt + 1) & _MASK
+            sent = True
+        if not sent:
+            if (unsent > 0 and snd_nxt == snd_una and self._retransmit_at is None
+                    and self._persist_at is None):
+                self._arm_persist()       # zero window, nothing in flight
+            return
+        self.snd_nxt = snd_nxt
+        if seq_gt(snd_nxt, self.snd_max):
+            self.snd_max = snd_nxt
+        self._persist_at = None
+        if self._retransmit_at is None:
+            self._retransmit_at = self._now + self.rto
+
+    def _retransmit_head(self) -> None:
+        """Resend the first unacknowledged segment (fast retransmit, partial ACK)."""
+        seq = self.snd_una
+        fin_seq = self._fin_seq
+        outstanding = seq_diff(self.snd_max, seq)
+        if outstanding <= 0:
+            return
+        data_end = seq_add(self._send_base, len(self.send_buf))
+        size = min(self.send_mss, max(seq_diff(data_end, seq), 0), outstanding)
+        flags = ACK
+        if fin_seq is not None and seq_add(seq, size) == fin_seq and outstanding > size:
+            flags |= FIN
+        payload = self.send_buf.peek(seq_diff(seq, self._send_base), size) if size else b""
+        self._rtt_seq = None               # Karn
+        self._segment(seq, flags, payload)
+
+    def _segment(self, seq: int, flags: int, payload) -> None:
+        """Queue a segment that carries our current ACK, window and options."""
+        rcv_nxt = self.rcv_nxt
+        segment = TcpSegment(self.local_port, self.remote_port, seq, rcv_nxt, flags,
+                             self._advertise_window(), payload)
+        if self.ts_enabled:
+            segment.timestamp = (int(self._now * 1000) & _MASK, self.ts_recent)
+        if self.sack_enabled and self._assembler:
+            blocks = self._assembler.sack_blocks(3 if self.ts_enabled else 4)
+            segment.sack_blocks = tuple(((rcv_nxt + left) & _MASK, (rcv_nxt + right) & _MASK)
+                                        for left, right in blocks)
+        self._ack_now = False
+        self._delayed_ack_at = None
+        self._rcv_unacked = 0
+        self._last_ack_sent = rcv_nxt
+        self.outbox.append(segment)
+
+    def _send_ack(self) -> None:
+        self._segment(self.snd_nxt, ACK, b"")
+
+    def _advertise_window(self) -> int:
+        """The raw window field, updating rcv_adv.  The right edge never moves
+        left, and moves right only by min(buffer/2, MSS) or more (receiver
+        SWS avoidance, RFC 1122 4.2.3.3)."""
+        rcv_nxt = self.rcv_nxt
+        shift = self.rcv_wscale
+        current = ((self.rcv_adv - rcv_nxt + _HALF) & _MASK) - _HALF
+        if current < 0:
+            current = 0
+        window = self.recv_buf.space()
+        if window - current < self._sws_threshold():
+            window = current
+        raw = window >> shift
+        if raw > _MAX_WINDOW:
+            raw = _MAX_WINDOW
+        elif (raw << shift) < current:
+            raw += 1                       # round up rather than shrink
+        self.rcv_adv = (rcv_nxt + (raw << shift)) & _MASK
+        return raw
+
+    def _sws_threshold(self) -> int:
+        half = self._rcv_buf_size // 2
+        return half if half < self._rcv_mss else self._rcv_mss
+
+    def _ts_now(self) -> int:
+        return int(self._now * 1000) & _MASK
+
+    # ----------------------------------------------------------- closing
+
+    def _enter_time_wait(self) -> None:
+        self.state = TIME_WAIT
+        self._retransmit_at = None
+        self._persist_at = None
+        self._delayed_ack_at = None
+        self._linger_at = self._now + self.config.time_wait
+
+    def _enter_closed(self) -> None:
+        self.state = CLOSED
+        self.events |= EV_CLOSED
+        self._ack_now = False
+        self._retransmit_at = None
+        self._persist_at = None
+        self._delayed_ack_at = None
+        self._linger_at = None
+        self._assembler.clear()
+
+    def _fail(self, error: int) -> None:
+        self.error = error
+        self.events |= EV_RESET
+        self._enter_closed()
+
+    def __repr__(self) -> str:
+        return (f"<TcpConnection {self.local_port}->{self.remote_port} {self.state.name} "
+                f"una={self.snd_una} nxt={self.snd_nxt} rcv_nxt={self.rcv_nxt} "
+                f"cwnd={self.cwnd} wnd={self.snd_wnd}>")

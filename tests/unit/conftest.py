@@ -1,0 +1,126 @@
+"""Scripted-peer harness for the TCP core, in the style of smoltcp's socket
+tests: build the peer's segments with `rx`, the segments we expect with
+`tx`, feed with `send`, collect with `recv`.  Every segment goes through
+emit and parse on the way, so traces also exercise the wire format."""
+import pytest
+
+from stack.storage import RingBuffer
+from stack.tcp import TcpConfig, TcpConnection
+from stack.wire.tcp import ACK, SYN, TcpSegment
+
+LOCAL_IP = 0xC6120002      # 198.18.0.2, the stack
+REMOTE_IP = 0xC6120001     # 198.18.0.1, the scripted peer
+LOCAL_PORT = 80
+REMOTE_PORT = 49152
+HANDSHAKE_RTT = 0.1
+
+
+class Trace:
+    def __init__(self, config=None, local_iss=1000, remote_iss=5000,
+                 buffer_size=60000, send_buffer_size=None):
+        self.config = config or TcpConfig(timestamps=False)
+        self.L = local_iss         # our ISS
+        self.R = remote_iss        # the peer's ISS
+        self.send_buf = RingBuffer(send_buffer_size or buffer_size)
+        self.recv_buf = RingBuffer(buffer_size)
+        self.window = min(buffer_size, 65535)   # our window while the buffer is empty
+        self.now = 0.0
+        self.conn = None
+
+    # segment builders; sequence numbers may be given unwrapped
+    def rx(self, flags, seq, ack=0, payload=b"", window=65535, **options) -> TcpSegment:
+        return TcpSegment(REMOTE_PORT, LOCAL_PORT, seq & 0xFFFFFFFF, ack & 0xFFFFFFFF,
+                          flags, window, payload, **options)
+
+    def tx(self, flags, seq, ack=0, payload=b"", window=None, **options) -> TcpSegment:
+        return TcpSegment(LOCAL_PORT, REMOTE_PORT, seq & 0xFFFFFFFF, ack & 0xFFFFFFFF,
+                          flags, self.window if window is None else window, payload,
+                          **options)
+
+    # the connection's inputs and outputs
+    def connect(self):
+        self.conn = TcpConnection.connect(self.config, LOCAL_IP, LOCAL_PORT, REMOTE_IP,
+                                          REMOTE_PORT, self.send_buf, self.recv_buf,
+                                          self.L, self.now)
+        return self.conn
+
+    def accept(self, syn: TcpSegment):
+        syn = TcpSegment.parse(syn.emit(REMOTE_IP, LOCAL_IP), REMOTE_IP, LOCAL_IP)
+        self.conn = TcpConnection.accept(self.config, LOCAL_IP, LOCAL_PORT, REMOTE_IP,
+                                         REMOTE_PORT, syn, self.send_buf, self.recv_buf,
+                                         self.L, self.now)
+        return self.conn
+
+    def send(self, *segments: TcpSegment) -> None:
+        """Deliver segments from the peer, as one receive batch."""
+        for segment in segments:
+            wire = segment.emit(REMOTE_IP, LOCAL_IP)
+            self.conn.on_segment(TcpSegment.parse(wire, REMOTE_IP, LOCAL_IP), self.now)
+
+    def recv(self) -> list:
+        return [TcpSegment.parse(segment.emit(LOCAL_IP, REMOTE_IP), LOCAL_IP, REMOTE_IP)
+                for segment in self.conn.take_output()]
+
+    def wait(self, seconds: float) -> None:
+        """Let time pass, running every timer that falls due on the way."""
+        end = self.now + seconds
+        for _ in range(1000):
+            deadline = self.conn.deadline()
+            if deadline is None or deadline > end:
+                break
+            self.now = max(self.now, deadline)
+            self.conn.on_timer(self.now)
+        self.now = end
+
+    def wait_for_timer(self) -> float:
+        """Advance exactly to the next deadline and run it; return how long that was."""
+        deadline = self.conn.deadline()
+        assert deadline is not None, "no timer pending"
+        waited = deadline - self.now
+        self.now = deadline
+        self.conn.on_timer(self.now)
+        return waited
+
+    def write(self, data: bytes) -> None:
+        assert self.send_buf.write(data) == len(data)
+        self.conn.send_ready(self.now)
+
+    def read(self, n: int = 1 << 30) -> bytes:
+        data = self.recv_buf.read(n)
+        self.conn.recv_consumed(self.now)
+        return data
+
+    def events(self) -> int:
+        """Events raised since the last call, cleared as the runtime would."""
+        events, self.conn.events = self.conn.events, 0
+        return events
+
+    def establish(self, **peer_syn_options) -> None:
+        """Passive open from a SYN carrying `peer_syn_options` (MSS 1460 by
+        default); the peer's ACK arrives HANDSHAKE_RTT later."""
+        peer_syn_options.setdefault("mss", 1460)
+        self.accept(self.rx(SYN, self.R, **peer_syn_options))
+        self.recv()
+        self.now += HANDSHAKE_RTT
+        self.send(self.rx(ACK, self.R + 1, self.L + 1))
+        self.events()
+
+
+@pytest.fixture
+def make_tcp_trace():
+    """`make_trace(config=..., local_iss=..., remote_iss=..., buffer_size=...)`."""
+    return Trace
+
+
+@pytest.fixture
+def tcp_trace() -> Trace:
+    return Trace()
+
+
+@pytest.fixture
+def tcp_established() -> Trace:
+    """ESTABLISHED by passive open, no options but MSS 1460 on either side;
+    both buffers 60000 bytes (window 60000, no scaling)."""
+    trace = Trace()
+    trace.establish()
+    return trace
