@@ -83,11 +83,7 @@ class Runtime:
         idle_since = None
         while not self.stopping and not (until is not None and until()):
             now = clock()
-            busy = self._control() | self._commands(now) | self._receive(now)
-            self._timers(now)
-            self._transmit(now)
-            self._publish()
-            if busy:
+            if self.step(now):
                 idle_since = None
                 continue
             if idle_since is None:
@@ -96,6 +92,14 @@ class Runtime:
                 continue
             self._sleep(clock(), max_ms=-1 if until is None else 50)
             idle_since = None
+
+    def step(self, now: float) -> bool:
+        """One iteration of the loop; True if there was input to handle."""
+        busy = self._control() | self._commands(now) | self._receive(now)
+        self._timers(now)
+        self._transmit(now)
+        self._publish()
+        return busy
 
     def close_all(self, deadline: float) -> None:
         """The program is gone: close what it left open, as the kernel does
@@ -196,20 +200,22 @@ class Runtime:
             return lib.mts_complete(sock.slot, -errno.EINVAL)
         backlog = min(max(int(arg), 1), self.header.rx_size // 4)
         if sock.listener is None:
-            sock.listener = self.host.listen(sock.port, backlog, lambda ip, port: self._accept_slot(sock))
+            sock.listener = self.host.listen(sock.port, backlog, lambda ip, port: self._accept_slot(sock, ip, port))
         sock.listener.backlog = backlog
         sock.slot.backlog = backlog
         lib.mts_publish(sock.slot, lib.MTS_ST_LISTENING, 0, 0)
         lib.mts_complete(sock.slot, 0)
 
-    def _accept_slot(self, listening: StackSocket):
+    def _accept_slot(self, listening: StackSocket, remote_ip: int, remote_port: int):
         """A SYN arrived for `listening`: a slot for the new connection."""
         child_id = lib.mts_slot_alloc(self.header)
         if child_id < 0:
             return None
         child = self._socket(child_id)
         child.parent = listening
-        child.slot.local_ip, child.slot.local_port = self.host.ip, listening.port
+        slot = child.slot
+        slot.local_ip, slot.local_port = self.host.ip, listening.port
+        slot.remote_ip, slot.remote_port = remote_ip, remote_port
         return (ShmSendBuffer(self.header, child_id), ShmRecvBuffer(self.header, child_id), child)
 
     def _connect(self, slot_id, arg, now):
@@ -374,6 +380,7 @@ class Runtime:
     def _publish_connection(self, sock: StackSocket, conn) -> None:
         happened = conn.events
         conn.events = 0
+        sock.conn = conn  # a passive connection meets its socket here
         so_error = 0
         if happened & EV_ESTABLISHED:
             sock.events |= lib.MTS_EV_CONNECTED

@@ -11,6 +11,7 @@ import random
 
 from stack.tcp import (EV_CLOSED, EV_ESTABLISHED, TcpConfig, TcpConnection, TcpState,
                        reset_for)
+from stack.seq import seq_gt
 from stack.wire.errors import WireError
 from stack.wire.tcp import SYN, ACK, RST, TcpSegment
 
@@ -113,9 +114,11 @@ class TcpHost:
             return
         conn = self.connections.get((seg.dst_port, src_ip, seg.src_port))
         if conn is not None:
-            conn.on_segment(seg, now)
-            self.after(conn, now)
-            return
+            if not self._reincarnates(conn, seg):
+                conn.on_segment(seg, now)
+                self.after(conn, now)
+                return
+            self._forget(conn)
         listener = self.listeners.get(seg.dst_port)
         if listener is not None and seg.flags & (SYN | ACK | RST) == SYN:
             self._passive_open(listener, src_ip, seg, now)
@@ -124,6 +127,13 @@ class TcpHost:
         reply = reset_for(seg)
         if reply is not None:
             self._output.append((src_ip, reply.emit(self.ip, src_ip, fill_checksum=False)))
+
+    @staticmethod
+    def _reincarnates(conn: TcpConnection, seg: TcpSegment) -> bool:
+        """A SYN above the old sequence space may reuse a TIME_WAIT 4-tuple
+        (RFC 9293 3.6.1, as Linux does): clients recycle ports quickly."""
+        return (conn.state == TcpState.TIME_WAIT and seg.flags & (SYN | ACK | RST) == SYN
+                and seq_gt(seg.seq, conn.rcv_nxt))
 
     def _passive_open(self, listener: Listener, src_ip: int, syn: TcpSegment, now: float) -> None:
         if listener.pending >= listener.backlog:
@@ -169,6 +179,7 @@ class TcpHost:
             self.touched.add(conn)
 
     def _forget(self, conn: TcpConnection) -> None:
+        conn.timer_at = None  # its heap entries are now stale
         key = (conn.local_port, conn.remote_ip, conn.remote_port)
         if self.connections.get(key) is conn:
             del self.connections[key]
