@@ -1,4 +1,5 @@
-"""cffi builder for mtcpshim._shm: the stack side of the shared-memory ABI."""
+"""cffi builder for mtcpshim._shm, the stack side of the shared-memory ABI.
+Built by `pip install -e .` (setup.py's cffi_modules)."""
 import pathlib
 import sys
 
@@ -16,5 +17,3 @@ ffibuilder.set_source(
     extra_compile_args=["-O2", "-std=gnu11"],
 )
 
-if __name__ == "__main__":
-    ffibuilder.compile(tmpdir=str(pathlib.Path(__file__).resolve().parent.parent), verbose=False)

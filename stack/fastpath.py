@@ -1,7 +1,7 @@
 """C versions of the stack's per-byte work, with pure-Python fallbacks.
 
 `ACCELERATED` says which is active: True when the cffi module `stack._netfast`
-is built (python3 stack/_build_netfast.py), False when this module fell back
+is built (pip install -e .), False when this module fell back
 to `stack.checksum`.  `ones_complement_sum` and `internet_checksum` have the
 signatures of their `stack.checksum` counterparts in both cases.
 

@@ -56,7 +56,7 @@ class AfPacketIO:
     def __init__(self, ifname: str, rx_slots: int = 1024, tx_slots: int = 1024):
         if not fastpath.ACCELERATED:
             raise PacketIOError("AfPacketIO walks its rings in C: "
-                                "build stack._netfast (python3 stack/_build_netfast.py)")
+                                "build stack._netfast (pip install -e .)")
         self.ifname = ifname
         try:
             socket.if_nametoindex(ifname)
