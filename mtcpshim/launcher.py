@@ -6,6 +6,7 @@ the shared region (memfd), a datagram control socket pair, the stack's wake
 eventfd, and a death pipe whose only writer is the stack, so a program
 blocked in epoll_wait hears of a stack crash at once.
 """
+import fcntl
 import ipaddress
 import os
 import select
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from mtcpshim import abi_source
 from mtcpshim.region import Region, RegionSize
 
+LOCK_DIR = "/run/mtcpshim"
 PRELOAD_LIBRARY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "libmtcpshim_preload.so")
 STACK_START_TIMEOUT = 20.0
 STACK_STOP_TIMEOUT = 10.0
@@ -49,6 +51,7 @@ def run(options: StackOptions, argv: list[str]) -> int:
     if not os.path.exists(PRELOAD_LIBRARY):
         raise LaunchError(f"interposer not built: {PRELOAD_LIBRARY} is missing (pip install -e .)")
 
+    lock = _claim_interface(options)
     region = Region.create(RegionSize(), int(options.ip.ip), options.ip.network.prefixlen,
                            int(options.gateway) if options.gateway else 0)
     ctl_stack, ctl_app = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -96,7 +99,26 @@ def run(options: StackOptions, argv: list[str]) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         _stop(stack)
+        os.close(lock)
     return status
+
+
+def _claim_interface(options: StackOptions) -> int:
+    """One stack per interface: a second would answer the first one's
+    segments with resets.  The lock lives as long as this launcher."""
+    os.makedirs(LOCK_DIR, exist_ok=True)
+    path = os.path.join(LOCK_DIR, f"{options.netns or 'host'}-{options.iface}.lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise LaunchError(f"another mtcpshim stack already serves {options.iface}"
+                          f"{' in ' + options.netns if options.netns else ''} (launcher pid {holder})")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 def _await_ready(stack: subprocess.Popen, ready_r: int) -> None:

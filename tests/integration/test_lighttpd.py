@@ -1,0 +1,67 @@
+"""Unmodified lighttpd under `mtcpshim run`, driven by curl, ab and wrk from
+the client namespace over the kernel's TCP stack."""
+import re
+
+from netharness import LARGE_FILE_SIZE, NET, SERVER_URL, in_client, sha256_of
+
+REQUESTS = 500
+
+
+def fetch_to_file(url, path, timeout=120):
+    result = in_client(["curl", "-sS", "--fail", "-o", str(path), url], timeout=timeout)
+    assert result.returncode == 0, result.stderr.decode()
+
+
+def test_small_and_large_files_arrive_intact(shim_lighttpd, docroot, tmp_path):
+    for name in ("small.txt", "large.bin"):
+        fetch_to_file(f"{SERVER_URL}/{name}", tmp_path / name)
+        assert sha256_of(tmp_path / name) == sha256_of(docroot / name)
+    assert (tmp_path / "large.bin").stat().st_size == LARGE_FILE_SIZE
+
+
+def curl_many(extra_args):
+    """REQUESTS sequential requests by one curl; returns (codes, connects)."""
+    argv = ["curl", "-sS", "-w", "%{http_code} %{num_connects}\\n", *extra_args]
+    argv += ["-o", "/dev/null", f"{SERVER_URL}/small.txt"] * REQUESTS
+    result = in_client(argv, timeout=180)
+    assert result.returncode == 0, result.stderr.decode()
+    lines = result.stdout.decode().split()
+    codes, connects = lines[0::2], [int(n) for n in lines[1::2]]
+    return codes, sum(connects)
+
+
+def test_keepalive_requests_share_one_connection(shim_lighttpd):
+    codes, connects = curl_many([])
+    assert codes == ["200"] * REQUESTS
+    assert connects == 1
+
+
+def test_connection_close_requests_each_open_a_connection(shim_lighttpd):
+    codes, connects = curl_many(["-H", "Connection: close"])
+    assert codes == ["200"] * REQUESTS
+    assert connects == REQUESTS
+
+
+def test_ab_concurrent_requests_all_succeed(shim_lighttpd):
+    result = in_client(["ab", "-q", "-n", "2000", "-c", "16", f"{SERVER_URL}/small.txt"], timeout=180)
+    report = result.stdout.decode()
+    assert result.returncode == 0, report + result.stderr.decode()
+    assert re.search(r"Complete requests:\s+2000\b", report), report
+    assert re.search(r"Failed requests:\s+0\b", report), report
+    assert "Non-2xx" not in report, report
+
+
+def test_wrk_keepalive_load_has_no_errors(shim_lighttpd):
+    result = in_client(["wrk", "-t1", "-c64", "-d5s", "--timeout", "5s", f"{SERVER_URL}/small.txt"],
+                       timeout=60)
+    report = result.stdout.decode()
+    assert result.returncode == 0, report + result.stderr.decode()
+    assert re.search(r"(\d+) requests in", report), report
+    assert "Socket errors" not in report, report
+    assert "Non-2xx" not in report, report
+
+
+def test_ping_gets_replies(shim_lighttpd):
+    result = in_client(["ping", "-c", "3", "-i", "0.2", "-W", "2", NET.srv_ip], timeout=30)
+    assert result.returncode == 0, result.stdout.decode()
+    assert " 0% packet loss" in result.stdout.decode()

@@ -1,0 +1,100 @@
+"""ICMP echo, packet capture, and the errors a user sees when something is
+wrong: one line and exit status 2 before the program starts, or a failing
+socket call (not a hang) when the stack dies under a running program."""
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from netharness import NET, Launched, in_client, mtcpshim_command, wait_until
+
+
+@pytest.mark.skipif(shutil.which("tcpdump") is None, reason="tcpdump is not installed")
+def test_pcap_shows_the_handshake(kernel_http_server, tmp_path):
+    capture = tmp_path / "run.pcap"
+    result = subprocess.run(mtcpshim_command("run", "--pcap", str(capture), "--", "curl", "-sS", "-o", "/dev/null",
+                                             f"{kernel_http_server}/small.txt"), capture_output=True, timeout=60)
+    assert result.returncode == 0, result.stderr.decode()
+    dump = subprocess.run(["tcpdump", "-nn", "-r", str(capture), "tcp"], capture_output=True, timeout=30)
+    assert dump.returncode == 0, dump.stderr.decode()
+    lines = dump.stdout.decode().splitlines()
+    assert any("Flags [S]," in line and f"> {NET.cli_ip}.8000" in line for line in lines), lines
+    assert any("Flags [S.]," in line for line in lines), lines
+
+
+def run_refused(args, tmp_path, **kwargs):
+    """`mtcpshim run ARGS -- touch MARKER`: must fail before the program runs."""
+    marker = tmp_path / "program-ran"
+    result = subprocess.run(mtcpshim_command("run", *args, "--", "touch", str(marker)), capture_output=True,
+                            timeout=60, **kwargs)
+    assert not marker.exists(), "the program started despite the error"
+    return result
+
+
+def assert_one_line_error(result, *words):
+    stderr = result.stderr.decode().strip()
+    assert result.returncode == 2, stderr
+    assert len(stderr.splitlines()) == 1, stderr
+    for word in words:
+        assert word in stderr, stderr
+
+
+def test_missing_interface_is_one_line_and_status_2(test_network, tmp_path):
+    assert_one_line_error(run_refused(["--iface", "nosuch0"], tmp_path), "nosuch0")
+
+
+@pytest.mark.parametrize("address", ["300.1.2.3/24", "198.18.0.2", "banana"])
+def test_bad_address_is_one_line_and_status_2(address, tmp_path):
+    assert_one_line_error(run_refused(["--ip", address], tmp_path), address)
+
+
+def test_missing_privilege_is_one_line_and_status_2(test_network, tmp_path):
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv is not installed")
+    tmp_path.chmod(0o777)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    result = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--",
+                             *mtcpshim_command("run", "--", "touch", str(tmp_path / "program-ran"))],
+                            capture_output=True, timeout=60, env=env)
+    assert not (tmp_path / "program-ran").exists()
+    assert_one_line_error(result, "root")
+
+
+BLOCKED_ACCEPT = """
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 9000))
+s.listen()
+print("listening", flush=True)
+try:
+    s.accept()
+except OSError as err:
+    print("accept failed:", err.errno, flush=True)
+    sys.exit(3)
+"""
+
+
+def test_stack_death_fails_blocked_call_and_is_reported(test_network, tmp_path):
+    program = Launched([sys.executable, "-c", BLOCKED_ACCEPT], tmp_path / "launcher.log")
+    try:
+        wait_until(lambda: "listening" in program.output() or program.proc.poll() is not None, 30,
+                   "the program to listen")
+        assert "listening" in program.output(), program.output()
+        stacks = [p for p in psutil.Process(program.proc.pid).children(recursive=True)
+                  if "mtcpshim.stackd" in " ".join(p.cmdline())]
+        assert len(stacks) == 1
+        stacks[0].send_signal(signal.SIGKILL)
+        program.proc.wait(30)  # a hang fails here
+        output = program.output()
+        assert program.proc.returncode == 3, output
+        assert "accept failed:" in output
+        assert "the stack died" in output and "signal 9" in output, output
+    finally:
+        program.stop()
