@@ -5,9 +5,12 @@ pipe, then runs the loop until SIGTERM.  On a crash it records the reason in
 the region so that the launcher and the interposer can tell the user.
 """
 import argparse
+import contextlib
 import ipaddress
 import os
 import signal
+import socket
+import subprocess
 import sys
 import time
 import traceback
@@ -37,16 +40,50 @@ def _parse(argv):
 
 
 def _open_packet_io(args):
-    from stack.io.afpacket import AfPacketIO
-    from stack.io.tap import TapIO
+    """The stack's NIC: an AF_PACKET socket on --iface, or with --io tap a TAP
+    device bridged to --iface by the kernel.  Opened inside --netns; the
+    socket or TAP stays there.  Returns (io, cleanup)."""
     from mtcpshim.netns import enter_netns
 
-    backend = TapIO if args.io == "tap" else AfPacketIO
-    if not args.netns:
-        return backend(args.iface)
-    # The packet socket stays in the namespace it was opened in.
-    with enter_netns(args.netns):
-        return backend(args.iface)
+    def in_netns():
+        return enter_netns(args.netns) if args.netns else contextlib.nullcontext()
+
+    with in_netns():
+        if args.io == "tap":
+            return _open_bridged_tap(args.iface, in_netns)
+        from stack.io.afpacket import AfPacketIO
+        return AfPacketIO(args.iface), lambda: None
+
+
+TAP_NAME, BRIDGE_NAME = "mtcptap0", "mtcpbr0"
+
+
+def _open_bridged_tap(iface: str, in_netns):
+    from stack.io.base import PacketIOError
+    from stack.io.tap import TapIO
+
+    try:
+        socket.if_nametoindex(iface)  # asks the current namespace (sysfs may show another)
+    except OSError:
+        raise PacketIOError(f"no such interface: {iface}") from None
+    tap = TapIO(TAP_NAME)
+    commands = [["ip", "link", "add", BRIDGE_NAME, "type", "bridge"],
+                ["ip", "link", "set", iface, "master", BRIDGE_NAME],
+                ["ip", "link", "set", TAP_NAME, "master", BRIDGE_NAME],
+                ["ip", "link", "set", TAP_NAME, "up"],
+                ["ip", "link", "set", BRIDGE_NAME, "up"]]
+    for argv in commands:
+        done = subprocess.run(argv, capture_output=True, text=True)
+        if done.returncode != 0:
+            subprocess.run(["ip", "link", "del", BRIDGE_NAME], capture_output=True)
+            tap.close()
+            raise PacketIOError(f"bridging {TAP_NAME} to {iface} failed: {done.stderr.strip()}")
+    def remove_bridge():
+        # Deleting the bridge releases the interface; the TAP goes with its fd.
+        with in_netns():
+            subprocess.run(["ip", "link", "del", BRIDGE_NAME], capture_output=True)
+        tap.close()
+    return tap, remove_bridge
 
 
 def _build_runtime(args, region):
@@ -55,13 +92,14 @@ def _build_runtime(args, region):
     from stack.iface import Interface
     from stack.io.pcap import PcapWriter
 
-    io = _open_packet_io(args)
+    io, cleanup = _open_packet_io(args)
     ip = int(args.ip.ip)
     gateway = int(args.gateway) if args.gateway else None
     iface = Interface(io.mac, ip, args.ip.network.prefixlen, gateway)
     pcap = PcapWriter(args.pcap) if args.pcap else None
-    return Runtime(region, io, iface, TcpHost(ip), args.ctl_fd, args.wake_fd,
-                   pcap=pcap, spin_seconds=args.spin_us / 1e6)
+    runtime = Runtime(region, io, iface, TcpHost(ip), args.ctl_fd, args.wake_fd,
+                      pcap=pcap, spin_seconds=args.spin_us / 1e6)
+    return runtime, cleanup
 
 
 def main(argv=None) -> int:
@@ -70,7 +108,7 @@ def main(argv=None) -> int:
     region.header.stack_pid = os.getpid()
     with os.fdopen(args.ready_fd, "w") as ready:
         try:
-            runtime = _build_runtime(args, region)
+            runtime, cleanup = _build_runtime(args, region)
         except Exception as err:  # reported as one line before the program starts
             ready.write(f"error: {err}\n")
             return 2
@@ -93,6 +131,7 @@ def main(argv=None) -> int:
     finally:
         if runtime.pcap is not None:
             runtime.pcap.close()
+        cleanup()
     return 0
 
 

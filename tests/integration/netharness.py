@@ -85,12 +85,12 @@ mimetype.assign = (".html" => "text/html", ".txt" => "text/plain", ".bin" => "ap
 
 
 @contextlib.contextmanager
-def shim_lighttpd_running(docroot, workdir):
-    """lighttpd under `mtcpshim run`, answering on the stack's address."""
+def shim_lighttpd_running(docroot, workdir, run_args=()):
+    """lighttpd under `mtcpshim run RUN_ARGS`, answering on the stack's address."""
     if shutil.which("lighttpd") is None:
         pytest.skip("lighttpd is not installed")
     conf = lighttpd_config(workdir, docroot)
-    server = Launched(["lighttpd", "-D", "-f", str(conf)], workdir / "launcher.log")
+    server = Launched(["lighttpd", "-D", "-f", str(conf)], workdir / "launcher.log", run_args)
     try:
         wait_until(lambda: server.proc.poll() is not None or in_client(
             ["curl", "-sf", "-m", "2", "-o", "/dev/null", f"{SERVER_URL}/small.txt"], timeout=10).returncode == 0,

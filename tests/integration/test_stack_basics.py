@@ -12,7 +12,8 @@ import time
 import psutil
 import pytest
 
-from netharness import NET, Launched, in_client, mtcpshim_command, wait_until
+from netharness import (NET, SERVER_URL, Launched, in_client, mtcpshim_command, sha256_of,
+                        shim_lighttpd_running, wait_until)
 
 
 @pytest.mark.skipif(shutil.which("tcpdump") is None, reason="tcpdump is not installed")
@@ -26,6 +27,14 @@ def test_pcap_shows_the_handshake(kernel_http_server, tmp_path):
     lines = dump.stdout.decode().splitlines()
     assert any("Flags [S]," in line and f"> {NET.cli_ip}.8000" in line for line in lines), lines
     assert any("Flags [S.]," in line for line in lines), lines
+
+
+def test_tap_backend_serves_the_large_file(test_network, docroot, tmp_path):
+    out = tmp_path / "large.bin"
+    with shim_lighttpd_running(docroot, tmp_path, ["--io", "tap"]):
+        result = in_client(["curl", "-sS", "--fail", "-o", str(out), f"{SERVER_URL}/large.bin"])
+    assert result.returncode == 0, result.stderr.decode()
+    assert sha256_of(out) == sha256_of(docroot / "large.bin")
 
 
 def run_refused(args, tmp_path, **kwargs):
