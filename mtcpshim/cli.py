@@ -59,6 +59,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--spin-us", type=float, default=0.0,
                      help="microseconds the idle stack polls before it sleeps (default 0)")
     run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- PROGRAM [ARGS...]")
+
+    stat = commands.add_parser("stat", help="counters of a running stack (drops by reason, TCP, packet I/O)")
+    stat.add_argument("--netns", default=net.srv_ns, help="namespace given to `run` (default %(default)s)")
+    stat.add_argument("--iface", default=net.srv_if, help="interface given to `run` (default %(default)s)")
+    stat.add_argument("--json", action="store_true", help="print the raw JSON snapshot")
     return parser
 
 
@@ -99,12 +104,20 @@ def _run(args) -> int:
     return launcher.run(options, argv)
 
 
+def _stat(args) -> int:
+    from mtcpshim import stat
+    print(stat.render(stat.fetch(args.netns, args.iface), as_json=args.json))
+    return 0
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     from mtcpshim.launcher import LaunchError
+    from mtcpshim.stat import StatError
+    commands = {"testnet": _testnet, "run": _run, "stat": _stat}
     try:
-        return _testnet(args) if args.command == "testnet" else _run(args)
-    except (testnet.TestNetError, LaunchError) as err:
+        return commands[args.command](args)
+    except (testnet.TestNetError, LaunchError, StatError) as err:
         print(f"mtcpshim: {err}", file=sys.stderr)
         return USAGE_ERROR
 

@@ -63,7 +63,8 @@ def run(options: StackOptions, argv: list[str]) -> int:
         [sys.executable, "-m", "mtcpshim.stackd", "--shm-fd", str(region.fd),
          "--ctl-fd", str(ctl_stack.fileno()), "--wake-fd", str(wake_fd), "--ready-fd", str(ready_w),
          "--iface", options.iface, "--ip", str(options.ip), "--io", options.io,
-         "--spin-us", str(options.spin_us)]
+         "--spin-us", str(options.spin_us),
+         "--stats-socket", runtime_path(options.netns, options.iface, "stats")]
         + (["--netns", options.netns] if options.netns else [])
         + (["--gateway", str(options.gateway)] if options.gateway else [])
         + (["--pcap", options.pcap] if options.pcap else []),
@@ -103,11 +104,17 @@ def run(options: StackOptions, argv: list[str]) -> int:
     return status
 
 
+def runtime_path(netns: str | None, iface: str, kind: str) -> str:
+    """Where the stack serving `iface` keeps its lock ("lock") and its
+    statistics socket ("stats")."""
+    return os.path.join(LOCK_DIR, f"{netns or 'host'}-{iface}.{kind}")
+
+
 def _claim_interface(options: StackOptions) -> int:
     """One stack per interface: a second would answer the first one's
     segments with resets.  The lock lives as long as this launcher."""
     os.makedirs(LOCK_DIR, exist_ok=True)
-    path = os.path.join(LOCK_DIR, f"{options.netns or 'host'}-{options.iface}.lock")
+    path = runtime_path(options.netns, options.iface, "lock")
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

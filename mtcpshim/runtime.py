@@ -8,7 +8,9 @@ once.  When nothing is left to do the thread announces it is sleeping,
 re-checks the command queue, and sleeps in poll() on the NIC, the wake
 eventfd and the control socket until the next timer.
 """
+import collections
 import errno
+import json
 import os
 import select
 import socket
@@ -26,6 +28,7 @@ _SLOT_STATE = {
     TcpState.SYN_RECEIVED: lib.MTS_ST_CONNECTING,
     TcpState.CLOSED: lib.MTS_ST_CLOSED,
 }
+_OPTIONS_OFFSET = ffi.offsetof("struct mts_slot", "opt_nodelay")
 # Every state not listed is past the handshake.
 _AFTER_OUR_FIN = (TcpState.FIN_WAIT_2, TcpState.TIME_WAIT, TcpState.CLOSED)
 
@@ -48,7 +51,7 @@ class StackSocket:
 
 class Runtime:
     def __init__(self, region, packet_io, iface, host: TcpHost, ctl_fd: int, wake_fd: int,
-                 pcap=None, spin_seconds: float = 0.0):
+                 pcap=None, spin_seconds: float = 0.0, stats_listener: socket.socket | None = None):
         self.region = region
         self.header = region.header
         self.io = packet_io
@@ -61,14 +64,19 @@ class Runtime:
         self.wake_fd = wake_fd
         self.sockets: dict[int, StackSocket] = {}
         self.waiters: dict[int, int] = {}  # waiter id -> its eventfd
-        self.dirty: set[StackSocket] = set()
         self.stopping = False
+        self.counters = {"loops": 0, "sleeps": 0, "commands": 0, "waiter_wakeups": 0}
+        self.stats_listener = stats_listener
+        self._next_stats_check = 0.0
         self._cmd = ffi.new("struct mts_cmd *")
         self._signal_r, signal_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._signal_w = signal_w
         self._poller = select.poll()
         for fd in (packet_io.fileno(), wake_fd, ctl_fd, self._signal_r):
             self._poller.register(fd, select.POLLIN)
+        if stats_listener is not None:
+            stats_listener.setblocking(False)
+            self._poller.register(stats_listener.fileno(), select.POLLIN)
 
     @property
     def signal_fd(self) -> int:
@@ -95,10 +103,13 @@ class Runtime:
 
     def step(self, now: float) -> bool:
         """One iteration of the loop; True if there was input to handle."""
+        self.counters["loops"] += 1
         busy = self._control() | self._commands(now) | self._receive(now)
         self._timers(now)
         self._transmit(now)
         self._publish()
+        if now >= self._next_stats_check:
+            self._answer_stats(now)
         return busy
 
     def close_all(self, deadline: float) -> None:
@@ -122,11 +133,14 @@ class Runtime:
         timeout = -1 if deadline is None else max(0, int((deadline - now) * 1000) + 1)
         if max_ms >= 0 and (timeout < 0 or timeout > max_ms):
             timeout = max_ms
+        self.counters["sleeps"] += 1
         for fd, _ in self._poller.poll(timeout):
             if fd == self.wake_fd:
                 _drain_eventfd(fd)
             elif fd == self._signal_r:
                 os.read(fd, 64)
+            elif self.stats_listener is not None and fd == self.stats_listener.fileno():
+                self._next_stats_check = 0.0
         lib.mts_stack_awake(self.header)
 
     def _next_deadline(self):
@@ -166,6 +180,7 @@ class Runtime:
         busy = False
         while lib.mts_cmd_pop(self.header, cmd):
             busy = True
+            self.counters["commands"] += 1
             handler = self._HANDLERS.get(cmd.op)
             if handler is None or cmd.slot >= self.header.nslots and cmd.op != lib.MTS_OP_WAITER_FREE:
                 self.host.count("cmd_bad")
@@ -216,6 +231,10 @@ class Runtime:
         slot = child.slot
         slot.local_ip, slot.local_port = self.host.ip, listening.port
         slot.remote_ip, slot.remote_port = remote_ip, remote_port
+        # Accepted sockets inherit the listener's options, as in the kernel.
+        options_size = ffi.offsetof("struct mts_slot", "pad1") - _OPTIONS_OFFSET
+        ffi.memmove(ffi.cast("char *", slot) + _OPTIONS_OFFSET,
+                    ffi.cast("char *", listening.slot) + _OPTIONS_OFFSET, options_size)
         return (ShmSendBuffer(self.header, child_id), ShmRecvBuffer(self.header, child_id), child)
 
     def _connect(self, slot_id, arg, now):
@@ -248,7 +267,7 @@ class Runtime:
     def _tx(self, slot_id, arg, now):
         sock = self.sockets.get(slot_id)
         if sock is not None and sock.conn is not None:
-            sock.slot.tx_pending = 0  # before the core looks at the ring: see mtcpshim_abi.h
+            lib.mts_tx_clear_pending(sock.slot)  # before the core looks at the ring
             sock.conn.send_ready(now)
             self.host.after(sock.conn, now)
 
@@ -364,6 +383,41 @@ class Runtime:
                     self.pcap.write(frame, stamp)
             self.io.send_batch(frames)
 
+    # -- statistics -----------------------------------------------------------
+
+    STATS_CHECK_INTERVAL = 0.1  # seconds between looks at the stats socket under load
+
+    def _answer_stats(self, now: float) -> None:
+        """Serves `mtcpshim stat`: one JSON snapshot per connection."""
+        self._next_stats_check = now + self.STATS_CHECK_INTERVAL
+        if self.stats_listener is None:
+            return
+        while True:
+            try:
+                client, _ = self.stats_listener.accept()
+            except BlockingIOError:
+                return
+            with client:
+                client.settimeout(1.0)
+                try:
+                    client.sendall(json.dumps(self.stats()).encode())
+                except OSError:
+                    pass
+
+    def stats(self) -> dict:
+        states = collections.Counter(conn.state.name for conn in self.host.connections.values())
+        io_counters = self.io.counters() if hasattr(self.io, "counters") else {}
+        return {
+            "pid": os.getpid(),
+            "runtime": dict(self.counters),
+            "interface": dict(self.iface.counters),
+            "packet_io": dict(io_counters),
+            "tcp": dict(self.host.counters),
+            "connections": dict(states),
+            "slots_in_use": len(self.sockets),
+            "waiters": len(self.waiters),
+        }
+
     # -- readiness ----------------------------------------------------------
 
     def _publish(self) -> None:
@@ -375,6 +429,7 @@ class Runtime:
         touched.clear()
         for waiter_id, fd in self.waiters.items():
             if lib.mts_waiter_disarm(lib.mts_waiter_at(self.header, waiter_id)):
+                self.counters["waiter_wakeups"] += 1
                 os.eventfd_write(fd, 1)
 
     def _publish_connection(self, sock: StackSocket, conn) -> None:
@@ -385,6 +440,7 @@ class Runtime:
         if happened & EV_ESTABLISHED:
             sock.events |= lib.MTS_EV_CONNECTED
             if sock.parent is not None:
+                self._apply_options(sock)  # inherited from the listener
                 self._queue_for_accept(sock)
         if happened & EV_PEER_FIN:
             sock.events |= lib.MTS_EV_RDHUP

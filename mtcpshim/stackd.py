@@ -36,6 +36,7 @@ def _parse(argv):
     parser.add_argument("--io", choices=("afpacket", "tap"), default="afpacket")
     parser.add_argument("--pcap")
     parser.add_argument("--spin-us", type=float, default=0.0)
+    parser.add_argument("--stats-socket", help="Unix socket path answering `mtcpshim stat`")
     return parser.parse_args(argv)
 
 
@@ -97,9 +98,26 @@ def _build_runtime(args, region):
     gateway = int(args.gateway) if args.gateway else None
     iface = Interface(io.mac, ip, args.ip.network.prefixlen, gateway)
     pcap = PcapWriter(args.pcap) if args.pcap else None
+    stats = _listen_for_stats(args.stats_socket) if args.stats_socket else None
     runtime = Runtime(region, io, iface, TcpHost(ip), args.ctl_fd, args.wake_fd,
-                      pcap=pcap, spin_seconds=args.spin_us / 1e6)
-    return runtime, cleanup
+                      pcap=pcap, spin_seconds=args.spin_us / 1e6, stats_listener=stats)
+
+    def cleanup_all():
+        if stats is not None:
+            stats.close()
+            os.unlink(args.stats_socket)
+        cleanup()
+    return runtime, cleanup_all
+
+
+def _listen_for_stats(path: str) -> socket.socket:
+    # The launcher holds the interface's lock: a socket left at `path` is stale.
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(8)
+    return listener
 
 
 def main(argv=None) -> int:

@@ -61,6 +61,7 @@ uint32_t mts_accept_pending(struct mts_header *h, uint32_t listener);
 void mts_publish(struct mts_slot *s, uint32_t state, uint32_t events, int32_t so_error);
 void mts_complete(struct mts_slot *s, int32_t result);
 void mts_rx_arm_notify(struct mts_slot *s);
+void mts_tx_clear_pending(struct mts_slot *s);
 int mts_rx_take_notify(struct mts_slot *s);
 int mts_stack_try_sleep(struct mts_header *h);
 void mts_stack_awake(struct mts_header *h);
@@ -393,6 +394,15 @@ static inline int mts_rx_take_notify(struct mts_slot *s)
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     return __atomic_load_n(&s->rx_notify, __ATOMIC_RELAXED) &&
            __atomic_exchange_n(&s->rx_notify, 0u, __ATOMIC_ACQ_REL);
+}
+
+/* The stack takes an MTS_OP_TX: clearing tx_pending with a full barrier
+ * before it reads the TX ring's head pairs with the application's exchange
+ * after its write, so either the stack sees the new bytes or the application
+ * sees the flag clear and queues another MTS_OP_TX. */
+static inline void mts_tx_clear_pending(struct mts_slot *s)
+{
+    __atomic_exchange_n(&s->tx_pending, 0u, __ATOMIC_SEQ_CST);
 }
 
 /* The stack announces it is about to sleep.  Returns 1 if it may (no command

@@ -1,0 +1,43 @@
+"""`mtcpshim stat`: a running stack's counters, like `netstat -s`."""
+import json
+import socket
+
+from mtcpshim.launcher import runtime_path
+
+SECTIONS = (("runtime", "Stack loop"), ("packet_io", "Packet I/O"), ("interface", "Ethernet, ARP, IPv4, ICMP"),
+            ("tcp", "TCP drops and errors"), ("connections", "TCP connections by state"))
+
+
+class StatError(Exception):
+    """One line for the user."""
+
+
+def fetch(netns: str | None, iface: str) -> dict:
+    path = runtime_path(netns, iface, "stats")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.settimeout(5.0)
+        try:
+            conn.connect(path)
+            chunks = []
+            while chunk := conn.recv(65536):
+                chunks.append(chunk)
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise StatError(f"no stack is serving {iface}{' in ' + netns if netns else ''} "
+                            f"(nothing answers at {path})") from None
+        except TimeoutError:
+            raise StatError(f"the stack at {path} did not answer within 5 s") from None
+    return json.loads(b"".join(chunks))
+
+
+def render(snapshot: dict, as_json: bool = False) -> str:
+    if as_json:
+        return json.dumps(snapshot, indent=2, sort_keys=True)
+    lines = [f"stack pid {snapshot['pid']}: {snapshot['slots_in_use']} sockets, {snapshot['waiters']} waiters"]
+    for key, title in SECTIONS:
+        lines.append(f"{title}:")
+        counters = snapshot.get(key) or {}
+        if not counters:
+            lines.append("    (none)")
+        for name, value in sorted(counters.items()):
+            lines.append(f"    {value:>12}  {name.replace('_', ' ')}")
+    return "\n".join(lines)

@@ -1,0 +1,248 @@
+/*
+ * Internal interface of the interposer (libmtcpshim_preload.so).
+ *
+ * The interposer keeps a program's file descriptor numbers real: a socket the
+ * stack serves is an eventfd placeholder in the kernel's table, and an
+ * fd-indexed table here says which slot of the shared region it names.
+ * Everything not marked in that table goes to the kernel untouched.
+ *
+ * Files: shim_core.c (attach, real symbols, fd table, commands, waiting,
+ * fork), shim_socket.c (socket calls and options), shim_io.c (data path),
+ * shim_fd.c (close, dup, fcntl, ioctl), shim_epoll.c, shim_poll.c.
+ */
+#ifndef MTS_SHIM_H
+#define MTS_SHIM_H
+
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include <errno.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdint.h>
+#include <sys/epoll.h>
+#include <sys/select.h>
+#include <sys/socket.h>
+#include <sys/types.h>
+#include <sys/uio.h>
+#include <time.h>
+
+#include "mts_shm.h"
+
+#pragma GCC visibility push(hidden)
+
+/* The next definitions of the interposed functions, resolved once with
+ * dlsym(RTLD_NEXT).  Until then (and while dlsym itself runs, in case it
+ * re-enters us through another interposer's malloc) each pointer holds a
+ * direct system call, so no pointer is ever NULL. */
+struct shim_real {
+    int (*socket)(int, int, int);
+    int (*bind)(int, const struct sockaddr *, socklen_t);
+    int (*listen)(int, int);
+    int (*accept)(int, struct sockaddr *, socklen_t *);
+    int (*accept4)(int, struct sockaddr *, socklen_t *, int);
+    int (*connect)(int, const struct sockaddr *, socklen_t);
+    int (*shutdown)(int, int);
+    int (*getsockname)(int, struct sockaddr *, socklen_t *);
+    int (*getpeername)(int, struct sockaddr *, socklen_t *);
+    int (*getsockopt)(int, int, int, void *, socklen_t *);
+    int (*setsockopt)(int, int, int, const void *, socklen_t);
+    ssize_t (*read)(int, void *, size_t);
+    ssize_t (*readv)(int, const struct iovec *, int);
+    ssize_t (*recv)(int, void *, size_t, int);
+    ssize_t (*recvfrom)(int, void *, size_t, int, struct sockaddr *, socklen_t *);
+    ssize_t (*recvmsg)(int, struct msghdr *, int);
+    ssize_t (*write)(int, const void *, size_t);
+    ssize_t (*writev)(int, const struct iovec *, int);
+    ssize_t (*send)(int, const void *, size_t, int);
+    ssize_t (*sendto)(int, const void *, size_t, int, const struct sockaddr *, socklen_t);
+    ssize_t (*sendmsg)(int, const struct msghdr *, int);
+    ssize_t (*sendfile)(int, int, off_t *, size_t);
+    int (*close)(int);
+    int (*close_range)(unsigned int, unsigned int, int);
+    int (*dup)(int);
+    int (*dup2)(int, int);
+    int (*dup3)(int, int, int);
+    int (*fcntl)(int, int, ...);
+    int (*ioctl)(int, unsigned long, ...);
+    int (*epoll_create)(int);
+    int (*epoll_create1)(int);
+    int (*epoll_ctl)(int, int, int, struct epoll_event *);
+    int (*epoll_pwait)(int, struct epoll_event *, int, int, const sigset_t *);
+    int (*epoll_pwait2)(int, struct epoll_event *, int, const struct timespec *, const sigset_t *);
+    int (*ppoll)(struct pollfd *, nfds_t, const struct timespec *, const sigset_t *);
+    int (*select)(int, fd_set *, fd_set *, fd_set *, struct timeval *);
+    int (*pselect)(int, fd_set *, fd_set *, fd_set *, const struct timespec *, const sigset_t *);
+    pid_t (*fork)(void);
+};
+extern struct shim_real shim_real;
+
+struct shim_state {
+    int active; /* attached to a valid region; otherwise everything passes through */
+    int debug;
+    struct mts_header *hdr;
+    uint64_t region_size;
+    /* The inherited descriptors, moved to high numbers at attach. */
+    int shm_fd, ctl_fd, wake_fd, death_fd;
+    int internal_fd_base; /* our own descriptors live at or above this number */
+    int64_t spin_ns;      /* busy-wait before sleeping (MTCPSHIM_SPIN_US) */
+    int stack_dead;       /* sticky: the death pipe fired or the stack stopped */
+};
+extern struct shim_state shim;
+
+/* Attaches on first use; the constructor normally did it already. */
+extern int shim_init_done;
+void shim_init_slow(void);
+static inline void shim_ensure_init(void)
+{
+    if (__builtin_expect(!__atomic_load_n(&shim_init_done, __ATOMIC_ACQUIRE), 0))
+        shim_init_slow();
+}
+
+/* Non-zero while the interposer runs its own code on this thread: a call
+ * that comes back into an interposed function then goes straight through. */
+extern __thread int shim_busy __attribute__((tls_model("initial-exec")));
+
+void shim_log(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+#define SHIM_DEBUG(...)                                                                            \
+    do {                                                                                           \
+        if (__builtin_expect(shim.debug, 0))                                                       \
+            shim_log(__VA_ARGS__);                                                                 \
+    } while (0)
+
+/* ---- the fd table ----------------------------------------------------- */
+
+enum shim_fd_kind {
+    SHIM_FD_KERNEL = 0,    /* not ours: pass through */
+    SHIM_FD_CANDIDATE = 1, /* AF_INET stream socket still in the kernel, undecided */
+    SHIM_FD_STACK = 2,     /* placeholder of a stack socket; payload = slot id */
+    SHIM_FD_EPOLL = 3,     /* epoll instance (shim_epoll.c keeps its state by fd) */
+    SHIM_FD_INTERNAL = 4,  /* the interposer's own descriptor: close() pretends success */
+};
+
+/* One 64-bit word per fd: kind in the high half, payload in the low half, so
+ * a lookup is a single atomic load. */
+extern uint64_t *shim_fd_table;
+extern uint32_t shim_fd_capacity;
+
+static inline uint64_t shim_fd_word(int fd)
+{
+    if ((unsigned)fd >= shim_fd_capacity)
+        return 0;
+    return __atomic_load_n(&shim_fd_table[fd], __ATOMIC_ACQUIRE);
+}
+static inline enum shim_fd_kind shim_fd_kind_of(uint64_t word) { return (enum shim_fd_kind)(word >> 32); }
+static inline uint32_t shim_fd_payload(uint64_t word) { return (uint32_t)word; }
+
+/* Returns 1 and the slot id if fd is a stack socket of an attached shim. */
+static inline int shim_stack_fd(int fd, uint32_t *slot_id)
+{
+    shim_ensure_init();
+    if (shim_busy)
+        return 0;
+    uint64_t word = shim_fd_word(fd);
+    if (shim_fd_kind_of(word) != SHIM_FD_STACK)
+        return 0;
+    *slot_id = shim_fd_payload(word);
+    return 1;
+}
+
+void shim_fd_set(int fd, enum shim_fd_kind kind, uint32_t payload);
+void shim_fd_clear(int fd);
+/* Serialises compound updates (close, dup, fork) of the table. */
+void shim_fd_lock(void);
+void shim_fd_unlock(void);
+/* Highest fd number ever marked, bounds table scans. */
+int shim_fd_highest(void);
+
+/* An internal descriptor the program is about to overwrite (dup2 target):
+ * move it out of the way first.  Returns 0, or -1 if it could not. */
+int shim_internal_relocate(int fd);
+/* Moves a descriptor of ours to the internal range (>= internal_fd_base). */
+int shim_internal_fd(int fd, int cloexec);
+
+static inline struct mts_slot *shim_slot(uint32_t id) { return mts_slot_at(shim.hdr, id); }
+
+/* ---- stack liveness and commands --------------------------------------- */
+
+/* 0 once the stack stopped or died (sticky).  check_pipe also polls the
+ * death pipe (a system call). */
+int shim_stack_alive(int check_pipe);
+void shim_mark_stack_dead(const char *why);
+void shim_wake_stack(void);
+/* Queues an asynchronous command.  Returns 0, or -1 with errno. */
+int shim_cmd_async(uint32_t op, uint32_t slot, uint64_t arg);
+/* Runs a synchronous command; returns its result, 0 or -errno. */
+int shim_cmd_sync(uint32_t op, uint32_t slot, uint64_t arg);
+
+/* The application drops one reference; the last one closes the socket. */
+void shim_slot_unref(uint32_t slot);
+
+/* ---- waiting ------------------------------------------------------------ */
+
+struct shim_waiter {
+    int32_t id; /* -1: none */
+    int efd;
+    struct mts_waiter *w;
+};
+
+/* Allocates and registers a waiter with the stack.  0, or -1 (none free,
+ * stack gone): callers then sleep in short slices instead. */
+int shim_waiter_open(struct shim_waiter *sw);
+void shim_waiter_close(struct shim_waiter *sw);
+/* Arms: from now on the stack writes the eventfd at its next change. */
+void shim_waiter_arm(struct shim_waiter *sw);
+/* Disarms and drains the eventfd. */
+void shim_waiter_settle(struct shim_waiter *sw);
+/* This thread's waiter for blocking calls and poll/select, or NULL. */
+struct shim_waiter *shim_thread_waiter(void);
+
+/* Monotonic deadlines in nanoseconds; SHIM_FOREVER = no deadline. */
+#define SHIM_FOREVER INT64_MAX
+int64_t shim_now_ns(void);
+int64_t shim_deadline_ms(int64_t timeout_ms);
+int64_t shim_deadline_ts(const struct timespec *ts);
+/* Time left until a deadline for the real ppoll: NULL for none. */
+const struct timespec *shim_remaining(int64_t deadline, struct timespec *out);
+
+/* Spins for the configured time while the slot is not ready. */
+uint32_t shim_spin_slot(uint32_t slot, uint32_t mask);
+/* Blocks until mts_slot_poll(slot) & (mask | EPOLLERR | EPOLLHUP).  Returns
+ * 0, or -1 with errno EAGAIN (deadline passed), EINTR or ENETDOWN. */
+int shim_wait_slot(uint32_t slot, uint32_t mask, int64_t deadline);
+
+/* Readiness of a stack socket as seen by epoll/poll; a dead stack makes
+ * every socket report an error and hang-up so the program notices. */
+static inline uint32_t shim_slot_ready(uint32_t slot)
+{
+    if (__builtin_expect(shim.stack_dead, 0))
+        return EPOLLERR | EPOLLHUP | EPOLLIN | EPOLLOUT | EPOLLRDNORM | EPOLLWRNORM;
+    return mts_slot_poll(shim.hdr, slot);
+}
+
+/* ---- cross-file hooks ---------------------------------------------------- */
+
+/* A stack fd is being closed: forget it in every epoll instance. */
+void shim_epoll_forget_fd(int fd);
+/* An epoll fd is closed, or duplicated (from_fd's instance now also has
+ * the number to_fd). */
+void shim_epoll_unref(int fd);
+void shim_epoll_ref(int from_fd, int to_fd);
+/* After fork in the child. */
+void shim_epoll_after_fork_child(void);
+
+/* Drops the fd's table entry and what it held (slot reference, epoll
+ * instance), after the real close or dup2 over it succeeded. */
+void shim_fd_release(int fd, uint64_t old_word);
+
+/* The data path, shared by read/recv/... and write/send/... */
+ssize_t shim_stack_recv(uint32_t slot, const struct iovec *iov, int iovcnt, int flags);
+ssize_t shim_stack_send(uint32_t slot, const struct iovec *iov, int iovcnt, int flags);
+
+/* poll over a mixed set; used by poll, ppoll, select and pselect. */
+int shim_poll_mixed(struct pollfd *fds, nfds_t nfds, int64_t deadline, const sigset_t *sigmask);
+
+#pragma GCC visibility pop
+
+#endif

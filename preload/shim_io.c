@@ -1,0 +1,413 @@
+/*
+ * The data path of stack sockets: bytes move between the program's buffers
+ * and the slot's rings in this thread, without a system call unless the
+ * call has to wait.
+ */
+#include "shim.h"
+
+#include <fcntl.h>
+#include <sys/sendfile.h>
+
+extern void __chk_fail(void) __attribute__((noreturn));
+
+static ssize_t fail(int err)
+{
+    errno = err;
+    return -1;
+}
+
+/* Total length of an iovec array, or -1 if it does not fit an ssize_t. */
+static ssize_t iov_total(const struct iovec *iov, int iovcnt)
+{
+    if (iovcnt < 0 || iovcnt > IOV_MAX)
+        return -1;
+    size_t total = 0;
+    for (int i = 0; i < iovcnt; i++) {
+        if (iov[i].iov_len > (size_t)SSIZE_MAX - total)
+            return -1;
+        total += iov[i].iov_len;
+    }
+    return (ssize_t)total;
+}
+
+static int nonblocking(struct mts_slot *s, int flags)
+{
+    return (flags & MSG_DONTWAIT) || (__atomic_load_n(&s->app_flags, __ATOMIC_RELAXED) & MTS_AF_NONBLOCK);
+}
+
+static int64_t deadline_for(uint32_t timeout_ms) { return timeout_ms ? shim_deadline_ms(timeout_ms) : SHIM_FOREVER; }
+
+/* ---- receiving --------------------------------------------------------------- */
+
+/* Copies RX bytes into iov, skipping the first `skip` bytes of iov (already
+ * filled); consumes them unless peeking.  Returns the bytes copied. */
+static size_t copy_from_rx(uint32_t slot, const struct iovec *iov, int iovcnt, size_t skip, int peek)
+{
+    struct mts_slot *s = shim_slot(slot);
+    const uint8_t *data = mts_rx_data(shim.hdr, slot);
+    uint32_t cap = shim.hdr->rx_size;
+    size_t copied = 0;
+    for (int i = 0; i < iovcnt; i++) {
+        size_t len = iov[i].iov_len;
+        if (skip >= len) {
+            skip -= len;
+            continue;
+        }
+        size_t want = len - skip;
+        size_t got = mts_ring_peek(&s->rx, data, cap, copied, (uint8_t *)iov[i].iov_base + skip, want);
+        skip = 0;
+        copied += got;
+        if (got < want)
+            break;
+    }
+    if (!peek && copied) {
+        mts_ring_consume(&s->rx, copied);
+        /* The stack asked to hear when the window reopens. */
+        if (mts_rx_take_notify(s))
+            shim_cmd_async(MTS_OP_RXWIN, slot, 0);
+    }
+    return copied;
+}
+
+ssize_t shim_stack_recv(uint32_t slot, const struct iovec *iov, int iovcnt, int flags)
+{
+    struct mts_slot *s = shim_slot(slot);
+    ssize_t want = iov_total(iov, iovcnt);
+    if (want < 0)
+        return fail(EINVAL);
+    if (flags & MSG_OOB)
+        return fail(EINVAL);
+    int peek = flags & MSG_PEEK, wait_all = (flags & MSG_WAITALL) && !peek;
+    int64_t deadline = 0; /* computed at the first wait */
+    size_t done = 0;
+    for (;;) {
+        uint32_t state = __atomic_load_n(&s->state, __ATOMIC_ACQUIRE);
+        if (state == MTS_ST_FRESH || state == MTS_ST_BOUND || state == MTS_ST_LISTENING)
+            return fail(ENOTCONN);
+        if (want == 0)
+            return 0;
+        /* events before the ring: data the stack queued before the FIN it
+         * reports is visible once the FIN is. */
+        uint32_t events = __atomic_load_n(&s->events, __ATOMIC_ACQUIRE);
+        if (mts_ring_used(&s->rx)) {
+            done += copy_from_rx(slot, iov, iovcnt, done, peek);
+            if (done == (size_t)want || !wait_all)
+                return (ssize_t)done;
+            continue;
+        }
+        if (!shim_stack_alive(0))
+            return done ? (ssize_t)done : fail(ENETDOWN);
+        if (__atomic_load_n(&s->so_error, __ATOMIC_ACQUIRE)) {
+            if (done)
+                return (ssize_t)done; /* the error waits for the next call */
+            int err = __atomic_exchange_n(&s->so_error, 0, __ATOMIC_ACQ_REL);
+            if (err)
+                return fail(err);
+        }
+        if ((events & (MTS_EV_RDHUP | MTS_EV_HUP)) || state == MTS_ST_CLOSED ||
+            (__atomic_load_n(&s->app_flags, __ATOMIC_RELAXED) & MTS_AF_SHUT_RD))
+            return (ssize_t)done; /* end of stream */
+        if (nonblocking(s, flags))
+            return done ? (ssize_t)done : fail(EAGAIN);
+        if (!deadline)
+            deadline = deadline_for(s->opt_rcvtimeo_ms);
+        if (shim_wait_slot(slot, EPOLLIN | EPOLLRDHUP, deadline) < 0)
+            return done ? (ssize_t)done : -1;
+    }
+}
+
+/* ---- sending ---------------------------------------------------------------- */
+
+static ssize_t broken_pipe(int flags)
+{
+    if (!(flags & MSG_NOSIGNAL))
+        raise(SIGPIPE);
+    return fail(EPIPE);
+}
+
+/* Tells the stack the TX ring has new bytes, once per batch it has not yet
+ * picked up.  The exchange is a full barrier after our head store. */
+static void notify_tx(uint32_t slot)
+{
+    struct mts_slot *s = shim_slot(slot);
+    if (__atomic_exchange_n(&s->tx_pending, 1, __ATOMIC_SEQ_CST) == 0 && shim_cmd_async(MTS_OP_TX, slot, 0) < 0)
+        __atomic_store_n(&s->tx_pending, 0, __ATOMIC_RELEASE);
+}
+
+/* Whether the socket can take bytes now.  Returns 1 (send), 0 (wait until
+ * connected) or -1 with errno (and SIGPIPE where due). */
+static int send_allowed(struct mts_slot *s, int flags)
+{
+    uint32_t state = __atomic_load_n(&s->state, __ATOMIC_ACQUIRE);
+    uint32_t events = __atomic_load_n(&s->events, __ATOMIC_ACQUIRE);
+    if (__atomic_load_n(&s->app_flags, __ATOMIC_RELAXED) & MTS_AF_SHUT_WR)
+        return (int)broken_pipe(flags);
+    if (!shim_stack_alive(0))
+        return (int)fail(ENETDOWN);
+    if (state == MTS_ST_CLOSED || (events & MTS_EV_HUP)) {
+        int err = __atomic_exchange_n(&s->so_error, 0, __ATOMIC_ACQ_REL);
+        return err ? (int)fail(err) : (int)broken_pipe(flags);
+    }
+    if (state == MTS_ST_CONNECTING)
+        return 0;
+    if (state != MTS_ST_CONNECTED)
+        return (int)broken_pipe(flags); /* Linux answers EPIPE on an unconnected TCP socket */
+    return 1;
+}
+
+/* Copies iov (minus its first `skip` bytes) into the TX ring as far as it
+ * fits.  Returns the bytes taken. */
+static size_t copy_to_tx(uint32_t slot, const struct iovec *iov, int iovcnt, size_t skip)
+{
+    struct mts_slot *s = shim_slot(slot);
+    uint8_t *data = mts_tx_data(shim.hdr, slot);
+    uint32_t cap = shim.hdr->tx_size;
+    size_t copied = 0;
+    for (int i = 0; i < iovcnt; i++) {
+        size_t len = iov[i].iov_len;
+        if (skip >= len) {
+            skip -= len;
+            continue;
+        }
+        size_t want = len - skip;
+        size_t put = mts_ring_write(&s->tx, data, cap, (const uint8_t *)iov[i].iov_base + skip, want);
+        skip = 0;
+        copied += put;
+        if (put < want)
+            break;
+    }
+    return copied;
+}
+
+ssize_t shim_stack_send(uint32_t slot, const struct iovec *iov, int iovcnt, int flags)
+{
+    struct mts_slot *s = shim_slot(slot);
+    ssize_t want = iov_total(iov, iovcnt);
+    if (want < 0)
+        return fail(EINVAL);
+    int64_t deadline = 0;
+    size_t done = 0;
+    for (;;) {
+        int allowed = send_allowed(s, flags);
+        if (allowed < 0)
+            return done ? (ssize_t)done : -1;
+        if (allowed) {
+            if (want == 0)
+                return 0;
+            size_t put = copy_to_tx(slot, iov, iovcnt, done);
+            if (put) {
+                done += put;
+                notify_tx(slot);
+            }
+            if (done == (size_t)want)
+                return (ssize_t)done;
+        }
+        if (nonblocking(s, flags))
+            return done ? (ssize_t)done : fail(EAGAIN);
+        if (!deadline)
+            deadline = deadline_for(s->opt_sndtimeo_ms);
+        if (shim_wait_slot(slot, EPOLLOUT, deadline) < 0)
+            return done ? (ssize_t)done : -1;
+    }
+}
+
+/* ---- sendfile --------------------------------------------------------------- */
+
+/* Reads up to `count` bytes of in_fd straight into the free part of the TX
+ * ring (two pieces when it wraps).  Returns bytes read, 0 at end of file,
+ * -1 with errno. */
+static ssize_t file_to_tx(uint32_t slot, int in_fd, off_t *pos, size_t count)
+{
+    struct mts_slot *s = shim_slot(slot);
+    uint8_t *data = mts_tx_data(shim.hdr, slot);
+    uint32_t cap = shim.hdr->tx_size;
+    uint64_t head = s->tx.head;
+    uint64_t room = cap - (head - __atomic_load_n(&s->tx.tail, __ATOMIC_ACQUIRE));
+    if (count > room)
+        count = room;
+    size_t total = 0;
+    while (total < count) {
+        uint64_t at = (head + total) & (cap - 1);
+        size_t piece = count - total < cap - at ? count - total : cap - at;
+        ssize_t got = pos ? pread(in_fd, data + at, piece, *pos + (off_t)total)
+                          : shim_real.read(in_fd, data + at, piece);
+        if (got < 0) {
+            if (total)
+                break;
+            return -1;
+        }
+        total += (size_t)got;
+        if ((size_t)got < piece)
+            break;
+    }
+    __atomic_store_n(&s->tx.head, head + total, __ATOMIC_RELEASE);
+    if (pos)
+        *pos += (off_t)total;
+    return (ssize_t)total;
+}
+
+static ssize_t stack_sendfile(uint32_t slot, int in_fd, off_t *offset, size_t count)
+{
+    struct mts_slot *s = shim_slot(slot);
+    int64_t deadline = 0;
+    size_t done = 0;
+    if (count > (size_t)SSIZE_MAX)
+        count = (size_t)SSIZE_MAX;
+    while (done < count) {
+        int allowed = send_allowed(s, 0);
+        if (allowed < 0)
+            return done ? (ssize_t)done : -1;
+        if (allowed && mts_ring_used(&s->tx) < shim.hdr->tx_size) {
+            ssize_t got = file_to_tx(slot, in_fd, offset, count - done);
+            if (got < 0)
+                return done ? (ssize_t)done : -1;
+            if (got == 0)
+                break; /* end of file */
+            done += (size_t)got;
+            notify_tx(slot);
+            continue;
+        }
+        if (nonblocking(s, 0))
+            return done ? (ssize_t)done : fail(EAGAIN);
+        if (!deadline)
+            deadline = deadline_for(s->opt_sndtimeo_ms);
+        if (shim_wait_slot(slot, EPOLLOUT, deadline) < 0)
+            return done ? (ssize_t)done : -1;
+    }
+    return (ssize_t)done;
+}
+
+/* ---- the interposed calls ------------------------------------------------------ */
+
+ssize_t read(int fd, void *buf, size_t n)
+{
+    uint32_t slot;
+    if (!shim_stack_fd(fd, &slot))
+        return shim_real.read(fd, buf, n);
+    struct iovec iov = {buf, n};
+    return shim_stack_recv(slot, &iov, 1, 0);
+}
+
+ssize_t __read_chk(int fd, void *buf, size_t n, size_t buflen)
+{
+    if (n > buflen)
+        __chk_fail();
+    return read(fd, buf, n);
+}
+
+ssize_t readv(int fd, const struct iovec *iov, int iovcnt)
+{
+    uint32_t slot;
+    if (!shim_stack_fd(fd, &slot))
+        return shim_real.readv(fd, iov, iovcnt);
+    return shim_stack_recv(slot, iov, iovcnt, 0);
+}
+
+ssize_t recv(int fd, void *buf, size_t n, int flags)
+{
+    uint32_t slot;
+    if (!shim_stack_fd(fd, &slot))
+        return shim_real.recv(fd, buf, n, flags);
+    struct iovec iov = {buf, n};
+    return shim_stack_recv(slot, &iov, 1, flags);
+}
+
+ssize_t __recv_chk(int fd, void *buf, size_t n, size_t buflen, int flags)
+{
+    if (n > buflen)
+        __chk_fail();
+    return recv(fd, buf, n, flags);
+}
+
+ssize_t recvfrom(int fd, void *buf, size_t n, int flags, struct sockaddr *addr, socklen_t *addrlen)
+{
+    uint32_t slot;
+    if (!shim_stack_fd(fd, &slot))
+        return shim_real.recvfrom(fd, buf, n, flags, addr, addrlen);
+    struct iovec iov = {buf, n};
+    ssize_t got = shim_stack_recv(slot, &iov, 1, flags);
+    if (got >= 0 && addr && addrlen)
+        *addrlen = 0; /* a TCP socket reports no source address */
+    return got;
+}
+
+ssize_t __recvfrom_chk(int fd, void *buf, size_t n, size_t buflen, int flags, struct sockaddr *addr,
+                       socklen_t *addrlen)
+{
+    if (n > buflen)
+        __chk_fail();
+    return recvfrom(fd, buf, n, flags, addr, addrlen);
+}
+
+ssize_t recvmsg(int fd, struct msghdr *msg, int flags)
+{
+    uint32_t slot;
+    if (!shim_stack_fd(fd, &slot))
+        return shim_real.recvmsg(fd, msg, flags);
+    ssize_t got = shim_stack_recv(slot, msg->msg_iov, (int)msg->msg_iovlen, flags);
+    if (got >= 0) {
+        msg->msg_namelen = 0;
+        msg->msg_controllen = 0;
+        msg->msg_flags = 0;
+    }
+    return got;
+}
+
+ssize_t write(int fd, const void *buf, size_t n)
+{
+    uint32_t slot;
+    if (!shim_stack_fd(fd, &slot))
+        return shim_real.write(fd, buf, n);
+    struct iovec iov = {(void *)buf, n};
+    return shim_stack_send(slot, &iov, 1, 0);
+}
+
+ssize_t writev(int fd, const struct iovec *iov, int iovcnt)
+{
+    uint32_t slot;
+    if (!shim_stack_fd(fd, &slot))
+        return shim_real.writev(fd, iov, iovcnt);
+    return shim_stack_send(slot, iov, iovcnt, 0);
+}
+
+ssize_t send(int fd, const void *buf, size_t n, int flags)
+{
+    uint32_t slot;
+    if (!shim_stack_fd(fd, &slot))
+        return shim_real.send(fd, buf, n, flags);
+    struct iovec iov = {(void *)buf, n};
+    return shim_stack_send(slot, &iov, 1, flags);
+}
+
+/* A connected TCP socket ignores the destination, as Linux does. */
+ssize_t sendto(int fd, const void *buf, size_t n, int flags, const struct sockaddr *addr, socklen_t addrlen)
+{
+    uint32_t slot;
+    if (!shim_stack_fd(fd, &slot))
+        return shim_real.sendto(fd, buf, n, flags, addr, addrlen);
+    struct iovec iov = {(void *)buf, n};
+    return shim_stack_send(slot, &iov, 1, flags);
+}
+
+ssize_t sendmsg(int fd, const struct msghdr *msg, int flags)
+{
+    uint32_t slot;
+    if (!shim_stack_fd(fd, &slot))
+        return shim_real.sendmsg(fd, msg, flags);
+    return shim_stack_send(slot, msg->msg_iov, (int)msg->msg_iovlen, flags);
+}
+
+ssize_t sendfile(int out_fd, int in_fd, off_t *offset, size_t count)
+{
+    uint32_t slot;
+    if (!shim_stack_fd(out_fd, &slot))
+        return shim_real.sendfile(out_fd, in_fd, offset, count);
+    return stack_sendfile(slot, in_fd, offset, count);
+}
+
+/* off_t is 64 bits on every target this builds for (LP64). */
+_Static_assert(sizeof(off_t) == sizeof(off64_t), "sendfile64 aliases sendfile");
+ssize_t sendfile64(int out_fd, int in_fd, off64_t *offset, size_t count)
+{
+    return sendfile(out_fd, in_fd, (off_t *)offset, count);
+}

@@ -1,0 +1,680 @@
+/*
+ * Socket calls: which sockets move to the stack, and the control path of
+ * those that did (bind, listen, accept, connect, shutdown, names, options).
+ */
+#include "shim.h"
+
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/eventfd.h>
+
+#define SOCK_TYPE_MASK 0xf
+#define MAX_BACKLOG 4096
+/* Reported before the stack knows better (MTU 1500, no options). */
+#define DEFAULT_MSS 1460
+
+/* ---- which sockets belong to the stack ----------------------------------- */
+
+static int is_loopback(uint32_t ip) { return ip >> 24 == 127; }
+static int is_multicast(uint32_t ip) { return ip >> 28 == 14; }
+
+/* A local address the stack serves. */
+static int stack_serves(uint32_t ip) { return ip == INADDR_ANY || ip == shim.hdr->ip; }
+
+/* A destination the stack routes: its prefix, or anything not local when it
+ * has a gateway. */
+static int stack_routes(uint32_t ip)
+{
+    if (ip == INADDR_ANY || is_loopback(ip) || is_multicast(ip) || ip == INADDR_BROADCAST)
+        return 0;
+    uint32_t prefix = shim.hdr->prefix_len;
+    uint32_t mask = prefix == 0 ? 0 : prefix >= 32 ? ~0u : ~0u << (32 - prefix);
+    return (ip & mask) == (shim.hdr->ip & mask) || shim.hdr->gateway != 0;
+}
+
+static const struct sockaddr_in *as_inet(const struct sockaddr *addr, socklen_t len)
+{
+    if (!addr || len < (socklen_t)sizeof(struct sockaddr_in) || addr->sa_family != AF_INET)
+        return NULL;
+    return (const struct sockaddr_in *)addr;
+}
+
+static void ip_text(uint32_t ip, char out[16])
+{
+    struct in_addr a = {htonl(ip)};
+    inet_ntop(AF_INET, &a, out, 16);
+}
+
+static uint32_t timeval_ms(const struct timeval *tv)
+{
+    uint64_t ms = (uint64_t)tv->tv_sec * 1000 + (uint64_t)(tv->tv_usec + 999) / 1000;
+    return ms > UINT32_MAX ? UINT32_MAX : (uint32_t)ms;
+}
+
+/* Options the program set while the socket was still the kernel's. */
+static void copy_kernel_options(int fd, struct mts_slot *s)
+{
+    int v;
+    socklen_t len;
+#define COPY_INT(level, name, field)                                                               \
+    do {                                                                                           \
+        len = sizeof(v);                                                                           \
+        if (shim_real.getsockopt(fd, level, name, &v, &len) == 0)                                  \
+            s->field = (uint32_t)v;                                                                \
+    } while (0)
+    COPY_INT(SOL_SOCKET, SO_REUSEADDR, opt_reuseaddr);
+    COPY_INT(SOL_SOCKET, SO_REUSEPORT, opt_reuseport);
+    COPY_INT(SOL_SOCKET, SO_KEEPALIVE, opt_keepalive);
+    COPY_INT(IPPROTO_TCP, TCP_NODELAY, opt_nodelay);
+    COPY_INT(IPPROTO_TCP, TCP_CORK, opt_cork);
+    COPY_INT(IPPROTO_TCP, TCP_KEEPIDLE, opt_keepidle);
+    COPY_INT(IPPROTO_TCP, TCP_KEEPINTVL, opt_keepintvl);
+    COPY_INT(IPPROTO_TCP, TCP_KEEPCNT, opt_keepcnt);
+    COPY_INT(IPPROTO_TCP, TCP_DEFER_ACCEPT, opt_defer_accept);
+    COPY_INT(IPPROTO_TCP, TCP_USER_TIMEOUT, opt_user_timeout_ms);
+#undef COPY_INT
+    struct linger linger;
+    len = sizeof(linger);
+    if (shim_real.getsockopt(fd, SOL_SOCKET, SO_LINGER, &linger, &len) == 0) {
+        s->opt_linger_on = linger.l_onoff != 0;
+        s->opt_linger_sec = linger.l_linger > 0 ? (uint32_t)linger.l_linger : 0;
+    }
+    struct timeval tv;
+    len = sizeof(tv);
+    if (shim_real.getsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, &len) == 0)
+        s->opt_rcvtimeo_ms = timeval_ms(&tv);
+    len = sizeof(tv);
+    if (shim_real.getsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, &len) == 0)
+        s->opt_sndtimeo_ms = timeval_ms(&tv);
+}
+
+/* Moves a candidate to the stack: a slot, and an eventfd placeholder under
+ * the same fd number (the kernel socket is closed by the dup3). */
+static int become_stack_socket(int fd, uint32_t *slot_out)
+{
+    int32_t id = mts_slot_alloc(shim.hdr);
+    if (id < 0) {
+        SHIM_DEBUG("fd %d: no free slot", fd);
+        errno = ENOBUFS;
+        return -1;
+    }
+    struct mts_slot *s = shim_slot((uint32_t)id);
+    __atomic_store_n(&s->refcnt, 1, __ATOMIC_RELEASE);
+    copy_kernel_options(fd, s);
+    int status = shim_real.fcntl(fd, F_GETFL);
+    int fd_flags = shim_real.fcntl(fd, F_GETFD);
+    int nonblock = status >= 0 && (status & O_NONBLOCK);
+    s->app_flags = nonblock ? MTS_AF_NONBLOCK : 0;
+    int placeholder = eventfd(0, EFD_CLOEXEC | (nonblock ? EFD_NONBLOCK : 0));
+    if (placeholder < 0 ||
+        shim_real.dup3(placeholder, fd, fd_flags >= 0 && (fd_flags & FD_CLOEXEC) ? O_CLOEXEC : 0) < 0) {
+        int err = errno;
+        if (placeholder >= 0)
+            shim_real.close(placeholder);
+        shim_slot_unref((uint32_t)id);
+        errno = err;
+        return -1;
+    }
+    shim_real.close(placeholder);
+    shim_fd_set(fd, SHIM_FD_STACK, (uint32_t)id);
+    *slot_out = (uint32_t)id;
+    SHIM_DEBUG("fd %d: stack socket, slot %d%s", fd, id, nonblock ? ", nonblocking" : "");
+    return 0;
+}
+
+static int fail(int err)
+{
+    errno = err;
+    return -1;
+}
+
+static int stack_bind(int fd, uint32_t slot, uint32_t ip, uint16_t port)
+{
+    int result = shim_cmd_sync(MTS_OP_BIND, slot, (uint64_t)ip << 16 | port);
+    struct mts_slot *s = shim_slot(slot);
+    SHIM_DEBUG("fd %d: bind port %u -> %d (local port %u)", fd, port, result, s->local_port);
+    return result < 0 ? fail(-result) : 0;
+}
+
+/* ---- socket, bind, listen, connect ---------------------------------------- */
+
+int socket(int domain, int type, int protocol)
+{
+    shim_ensure_init();
+    int fd = shim_real.socket(domain, type, protocol);
+    if (fd < 0 || !shim.active || shim_busy)
+        return fd;
+    if (domain == AF_INET && (type & SOCK_TYPE_MASK) == SOCK_STREAM && (protocol == 0 || protocol == IPPROTO_TCP)) {
+        shim_fd_set(fd, SHIM_FD_CANDIDATE, 0);
+        SHIM_DEBUG("fd %d: TCP socket, undecided", fd);
+    } else {
+        shim_fd_clear(fd); /* a number whose earlier life we missed */
+    }
+    return fd;
+}
+
+int bind(int fd, const struct sockaddr *addr, socklen_t len)
+{
+    shim_ensure_init();
+    uint64_t word = shim_busy ? 0 : shim_fd_word(fd);
+    enum shim_fd_kind kind = shim_fd_kind_of(word);
+    if (kind != SHIM_FD_CANDIDATE && kind != SHIM_FD_STACK)
+        return shim_real.bind(fd, addr, len);
+    const struct sockaddr_in *sin = as_inet(addr, len);
+    uint32_t slot = shim_fd_payload(word);
+    if (kind == SHIM_FD_CANDIDATE) {
+        if (!sin || !stack_serves(ntohl(sin->sin_addr.s_addr))) {
+            int result = shim_real.bind(fd, addr, len);
+            if (result == 0) {
+                shim_fd_clear(fd);
+                SHIM_DEBUG("fd %d: bound to a kernel address, stays in the kernel", fd);
+            }
+            return result;
+        }
+        if (become_stack_socket(fd, &slot) < 0)
+            return -1;
+    } else if (!addr || len < (socklen_t)sizeof(struct sockaddr_in)) {
+        return fail(EINVAL);
+    } else if (addr->sa_family != AF_INET) {
+        return fail(EAFNOSUPPORT);
+    }
+    return stack_bind(fd, slot, ntohl(sin->sin_addr.s_addr), ntohs(sin->sin_port));
+}
+
+int listen(int fd, int backlog)
+{
+    shim_ensure_init();
+    uint64_t word = shim_busy ? 0 : shim_fd_word(fd);
+    enum shim_fd_kind kind = shim_fd_kind_of(word);
+    if (kind != SHIM_FD_CANDIDATE && kind != SHIM_FD_STACK)
+        return shim_real.listen(fd, backlog);
+    uint32_t slot = shim_fd_payload(word);
+    /* An unbound socket is bound to 0.0.0.0 and an ephemeral port first, as
+     * Linux does; that address is the stack's. */
+    if (kind == SHIM_FD_CANDIDATE) {
+        if (become_stack_socket(fd, &slot) < 0 || stack_bind(fd, slot, INADDR_ANY, 0) < 0)
+            return -1;
+    } else {
+        uint32_t state = __atomic_load_n(&shim_slot(slot)->state, __ATOMIC_ACQUIRE);
+        if (state == MTS_ST_FRESH && stack_bind(fd, slot, INADDR_ANY, 0) < 0)
+            return -1;
+        if (state != MTS_ST_FRESH && state != MTS_ST_BOUND && state != MTS_ST_LISTENING)
+            return fail(EINVAL);
+    }
+    if (backlog < 0 || backlog > MAX_BACKLOG)
+        backlog = MAX_BACKLOG;
+    shim_slot(slot)->backlog = (uint32_t)backlog;
+    int result = shim_cmd_sync(MTS_OP_LISTEN, slot, (uint64_t)backlog);
+    SHIM_DEBUG("fd %d: listen backlog %d -> %d", fd, backlog, result);
+    return result < 0 ? fail(-result) : 0;
+}
+
+static int finish_blocking_connect(int fd, uint32_t slot)
+{
+    struct mts_slot *s = shim_slot(slot);
+    int64_t deadline = s->opt_sndtimeo_ms ? shim_deadline_ms(s->opt_sndtimeo_ms) : SHIM_FOREVER;
+    for (;;) {
+        uint32_t state = __atomic_load_n(&s->state, __ATOMIC_ACQUIRE);
+        if (state == MTS_ST_CONNECTED)
+            return 0;
+        if (state == MTS_ST_CLOSED || __atomic_load_n(&s->so_error, __ATOMIC_ACQUIRE)) {
+            int err = __atomic_exchange_n(&s->so_error, 0, __ATOMIC_ACQ_REL);
+            SHIM_DEBUG("fd %d: connect failed: %s", fd, strerror(err ? err : ECONNREFUSED));
+            return fail(err ? err : ECONNREFUSED);
+        }
+        if (shim_wait_slot(slot, EPOLLOUT, deadline) < 0)
+            return fail(errno == EAGAIN ? EINPROGRESS : errno);
+    }
+}
+
+static int stack_connect(int fd, uint32_t slot, const struct sockaddr *addr, socklen_t len)
+{
+    struct mts_slot *s = shim_slot(slot);
+    if (!addr || len < (socklen_t)sizeof(struct sockaddr_in))
+        return fail(EINVAL);
+    if (addr->sa_family != AF_INET)
+        return fail(EAFNOSUPPORT);
+    if (!shim_stack_alive(0))
+        return fail(ENETDOWN);
+    switch (__atomic_load_n(&s->state, __ATOMIC_ACQUIRE)) {
+    case MTS_ST_CONNECTING:
+        return fail(EALREADY);
+    case MTS_ST_CONNECTED:
+        return fail(EISCONN);
+    case MTS_ST_LISTENING:
+        return fail(EINVAL);
+    case MTS_ST_CLOSED: {
+        int err = __atomic_exchange_n(&s->so_error, 0, __ATOMIC_ACQ_REL);
+        return fail(err ? err : EISCONN);
+    }
+    default:
+        break;
+    }
+    const struct sockaddr_in *sin = (const struct sockaddr_in *)addr;
+    uint32_t ip = ntohl(sin->sin_addr.s_addr);
+    uint16_t port = ntohs(sin->sin_port);
+    int result = shim_cmd_sync(MTS_OP_CONNECT, slot, (uint64_t)ip << 16 | port);
+    if (shim.debug) {
+        char text[16];
+        ip_text(ip, text);
+        SHIM_DEBUG("fd %d: connect %s:%u -> %d", fd, text, port, result);
+    }
+    if (result < 0)
+        return fail(-result);
+    if (__atomic_load_n(&s->app_flags, __ATOMIC_RELAXED) & MTS_AF_NONBLOCK)
+        return fail(EINPROGRESS);
+    return finish_blocking_connect(fd, slot);
+}
+
+int connect(int fd, const struct sockaddr *addr, socklen_t len)
+{
+    shim_ensure_init();
+    uint64_t word = shim_busy ? 0 : shim_fd_word(fd);
+    enum shim_fd_kind kind = shim_fd_kind_of(word);
+    uint32_t slot = shim_fd_payload(word);
+    if (kind == SHIM_FD_CANDIDATE) {
+        const struct sockaddr_in *sin = as_inet(addr, len);
+        if (!sin || !stack_routes(ntohl(sin->sin_addr.s_addr))) {
+            shim_fd_clear(fd);
+            SHIM_DEBUG("fd %d: connect to a kernel destination, stays in the kernel", fd);
+            return shim_real.connect(fd, addr, len);
+        }
+        if (become_stack_socket(fd, &slot) < 0)
+            return -1;
+    } else if (kind != SHIM_FD_STACK) {
+        return shim_real.connect(fd, addr, len);
+    }
+    return stack_connect(fd, slot, addr, len);
+}
+
+/* ---- accept ----------------------------------------------------------------- */
+
+static void fill_address(struct sockaddr *addr, socklen_t *len, uint32_t ip, uint16_t port)
+{
+    if (!addr || !len)
+        return;
+    struct sockaddr_in sin = {.sin_family = AF_INET, .sin_port = htons(port), .sin_addr = {htonl(ip)}};
+    memcpy(addr, &sin, *len < sizeof(sin) ? *len : sizeof(sin));
+    *len = sizeof(sin);
+}
+
+static int stack_accept(int fd, uint32_t slot, struct sockaddr *addr, socklen_t *len, int flags)
+{
+    struct mts_slot *listener = shim_slot(slot);
+    if (flags & ~(SOCK_NONBLOCK | SOCK_CLOEXEC))
+        return fail(EINVAL);
+    if (__atomic_load_n(&listener->state, __ATOMIC_ACQUIRE) != MTS_ST_LISTENING)
+        return fail(EINVAL);
+    int64_t deadline = listener->opt_rcvtimeo_ms ? shim_deadline_ms(listener->opt_rcvtimeo_ms) : SHIM_FOREVER;
+    int32_t child;
+    while ((child = mts_accept_pop(shim.hdr, slot)) < 0) {
+        if (!shim_stack_alive(0))
+            return fail(ENETDOWN);
+        if (__atomic_load_n(&listener->app_flags, __ATOMIC_RELAXED) & MTS_AF_NONBLOCK)
+            return fail(EAGAIN);
+        if (shim_wait_slot(slot, EPOLLIN, deadline) < 0)
+            return -1;
+        if (__atomic_load_n(&listener->state, __ATOMIC_ACQUIRE) != MTS_ST_LISTENING)
+            return fail(EINVAL);
+    }
+    struct mts_slot *s = shim_slot((uint32_t)child);
+    __atomic_store_n(&s->refcnt, 1, __ATOMIC_RELEASE);
+    __atomic_store_n(&s->app_flags, flags & SOCK_NONBLOCK ? MTS_AF_NONBLOCK : 0, __ATOMIC_RELEASE);
+    int nfd = eventfd(0, (flags & SOCK_NONBLOCK ? EFD_NONBLOCK : 0) | (flags & SOCK_CLOEXEC ? EFD_CLOEXEC : 0));
+    if (nfd < 0) {
+        int err = errno;
+        s->opt_linger_on = 1; /* nobody will ever read it: reset */
+        s->opt_linger_sec = 0;
+        shim_slot_unref((uint32_t)child);
+        return fail(err);
+    }
+    shim_fd_set(nfd, SHIM_FD_STACK, (uint32_t)child);
+    fill_address(addr, len, s->remote_ip, s->remote_port);
+    if (shim.debug) {
+        char text[16];
+        ip_text(s->remote_ip, text);
+        SHIM_DEBUG("fd %d: accepted fd %d, slot %d, from %s:%u", fd, nfd, child, text, s->remote_port);
+    }
+    return nfd;
+}
+
+int accept4(int fd, struct sockaddr *addr, socklen_t *len, int flags)
+{
+    uint32_t slot;
+    if (!shim_stack_fd(fd, &slot))
+        return shim_real.accept4(fd, addr, len, flags);
+    return stack_accept(fd, slot, addr, len, flags);
+}
+
+int accept(int fd, struct sockaddr *addr, socklen_t *len)
+{
+    uint32_t slot;
+    if (!shim_stack_fd(fd, &slot))
+        return shim_real.accept(fd, addr, len);
+    return stack_accept(fd, slot, addr, len, 0);
+}
+
+/* ---- shutdown and names ------------------------------------------------------ */
+
+int shutdown(int fd, int how)
+{
+    uint32_t slot;
+    if (!shim_stack_fd(fd, &slot))
+        return shim_real.shutdown(fd, how);
+    struct mts_slot *s = shim_slot(slot);
+    uint32_t flags = how == SHUT_RD ? MTS_AF_SHUT_RD : how == SHUT_WR ? MTS_AF_SHUT_WR
+                   : how == SHUT_RDWR ? MTS_AF_SHUT_RD | MTS_AF_SHUT_WR : 0;
+    if (!flags)
+        return fail(EINVAL);
+    uint32_t state = __atomic_load_n(&s->state, __ATOMIC_ACQUIRE);
+    if (state == MTS_ST_FRESH || state == MTS_ST_BOUND || state == MTS_ST_CLOSED)
+        return fail(ENOTCONN);
+    __atomic_or_fetch(&s->app_flags, flags, __ATOMIC_ACQ_REL);
+    SHIM_DEBUG("fd %d: shutdown %d", fd, how);
+    return shim_cmd_async(MTS_OP_SHUTDOWN, slot, (uint64_t)how);
+}
+
+int getsockname(int fd, struct sockaddr *addr, socklen_t *len)
+{
+    uint32_t slot;
+    if (!shim_stack_fd(fd, &slot))
+        return shim_real.getsockname(fd, addr, len);
+    if (!addr || !len)
+        return fail(EFAULT);
+    struct mts_slot *s = shim_slot(slot);
+    fill_address(addr, len, s->local_ip, s->local_port);
+    return 0;
+}
+
+int getpeername(int fd, struct sockaddr *addr, socklen_t *len)
+{
+    uint32_t slot;
+    if (!shim_stack_fd(fd, &slot))
+        return shim_real.getpeername(fd, addr, len);
+    if (!addr || !len)
+        return fail(EFAULT);
+    struct mts_slot *s = shim_slot(slot);
+    if (__atomic_load_n(&s->state, __ATOMIC_ACQUIRE) != MTS_ST_CONNECTED)
+        return fail(ENOTCONN);
+    fill_address(addr, len, s->remote_ip, s->remote_port);
+    return 0;
+}
+
+/* ---- options -------------------------------------------------------------------- */
+
+static int put_value(void *val, socklen_t *len, const void *value, socklen_t size)
+{
+    if (!val || !len)
+        return fail(EFAULT);
+    if ((int)*len < 0)
+        return fail(EINVAL);
+    if (*len > size)
+        *len = size;
+    memcpy(val, value, *len);
+    return 0;
+}
+
+static int put_int(void *val, socklen_t *len, int value) { return put_value(val, len, &value, sizeof(value)); }
+
+static int put_timeval(void *val, socklen_t *len, uint32_t ms)
+{
+    struct timeval tv = {.tv_sec = ms / 1000, .tv_usec = (ms % 1000) * 1000};
+    return put_value(val, len, &tv, sizeof(tv));
+}
+
+/* The Linux TCP state a program would see (lighttpd checks CLOSE_WAIT). */
+static int tcp_state_of(struct mts_slot *s)
+{
+    uint32_t events = __atomic_load_n(&s->events, __ATOMIC_ACQUIRE);
+    uint32_t shut_wr = __atomic_load_n(&s->app_flags, __ATOMIC_RELAXED) & MTS_AF_SHUT_WR;
+    switch (__atomic_load_n(&s->state, __ATOMIC_ACQUIRE)) {
+    case MTS_ST_LISTENING:
+        return TCP_LISTEN;
+    case MTS_ST_CONNECTING:
+        return TCP_SYN_SENT;
+    case MTS_ST_CONNECTED:
+        if (events & MTS_EV_HUP)
+            return TCP_CLOSE;
+        if (events & MTS_EV_RDHUP)
+            return shut_wr ? TCP_LAST_ACK : TCP_CLOSE_WAIT;
+        return shut_wr ? TCP_FIN_WAIT1 : TCP_ESTABLISHED;
+    default:
+        return TCP_CLOSE;
+    }
+}
+
+static int stack_getsockopt(uint32_t slot, int level, int name, void *val, socklen_t *len)
+{
+    struct mts_slot *s = shim_slot(slot);
+    if (level == SOL_SOCKET) {
+        switch (name) {
+        case SO_ERROR:
+            return put_int(val, len, __atomic_exchange_n(&s->so_error, 0, __ATOMIC_ACQ_REL));
+        case SO_TYPE:
+            return put_int(val, len, SOCK_STREAM);
+        case SO_DOMAIN:
+            return put_int(val, len, AF_INET);
+        case SO_PROTOCOL:
+            return put_int(val, len, IPPROTO_TCP);
+        case SO_ACCEPTCONN:
+            return put_int(val, len, __atomic_load_n(&s->state, __ATOMIC_ACQUIRE) == MTS_ST_LISTENING);
+        case SO_REUSEADDR:
+            return put_int(val, len, (int)s->opt_reuseaddr);
+        case SO_REUSEPORT:
+            return put_int(val, len, (int)s->opt_reuseport);
+        case SO_KEEPALIVE:
+            return put_int(val, len, (int)s->opt_keepalive);
+        case SO_LINGER: {
+            struct linger linger = {.l_onoff = (int)s->opt_linger_on, .l_linger = (int)s->opt_linger_sec};
+            return put_value(val, len, &linger, sizeof(linger));
+        }
+        case SO_RCVBUF:
+            return put_int(val, len, (int)shim.hdr->rx_size);
+        case SO_SNDBUF:
+            return put_int(val, len, (int)shim.hdr->tx_size);
+        case SO_RCVTIMEO:
+            return put_timeval(val, len, s->opt_rcvtimeo_ms);
+        case SO_SNDTIMEO:
+            return put_timeval(val, len, s->opt_sndtimeo_ms);
+        case SO_RCVLOWAT:
+        case SO_SNDLOWAT:
+            return put_int(val, len, 1);
+        case SO_PRIORITY:
+        case SO_OOBINLINE:
+        case SO_DONTROUTE:
+        case SO_BROADCAST:
+            return put_int(val, len, 0);
+        default:
+            return fail(ENOPROTOOPT);
+        }
+    }
+    if (level == IPPROTO_TCP) {
+        switch (name) {
+        case TCP_NODELAY:
+            return put_int(val, len, (int)s->opt_nodelay);
+        case TCP_CORK:
+            return put_int(val, len, (int)s->opt_cork);
+        case TCP_KEEPIDLE:
+            return put_int(val, len, s->opt_keepidle ? (int)s->opt_keepidle : 7200);
+        case TCP_KEEPINTVL:
+            return put_int(val, len, s->opt_keepintvl ? (int)s->opt_keepintvl : 75);
+        case TCP_KEEPCNT:
+            return put_int(val, len, s->opt_keepcnt ? (int)s->opt_keepcnt : 9);
+        case TCP_MAXSEG:
+            return put_int(val, len, s->opt_maxseg ? (int)s->opt_maxseg : DEFAULT_MSS);
+        case TCP_DEFER_ACCEPT:
+            return put_int(val, len, (int)s->opt_defer_accept);
+        case TCP_QUICKACK:
+            return put_int(val, len, (int)s->opt_quickack);
+        case TCP_USER_TIMEOUT:
+            return put_int(val, len, (int)s->opt_user_timeout_ms);
+        case TCP_INFO: {
+            struct tcp_info info;
+            memset(&info, 0, sizeof(info));
+            info.tcpi_state = (uint8_t)tcp_state_of(s);
+            info.tcpi_snd_mss = info.tcpi_rcv_mss = info.tcpi_advmss = DEFAULT_MSS;
+            return put_value(val, len, &info, sizeof(info));
+        }
+        default:
+            return fail(ENOPROTOOPT);
+        }
+    }
+    if (level == IPPROTO_IP) {
+        switch (name) {
+        case IP_TOS:
+            return put_int(val, len, 0);
+        case IP_TTL:
+            return put_int(val, len, 64);
+        default:
+            return fail(ENOPROTOOPT);
+        }
+    }
+    return fail(ENOPROTOOPT);
+}
+
+static int stack_setsockopt(int fd, uint32_t slot, int level, int name, const void *val, socklen_t len)
+{
+    struct mts_slot *s = shim_slot(slot);
+    int value = 0;
+    if (val && len >= (socklen_t)sizeof(int))
+        memcpy(&value, val, sizeof(int));
+    uint32_t changed = 0;
+#define NEED(size)                                                                                 \
+    do {                                                                                           \
+        if (!val)                                                                                  \
+            return fail(EFAULT);                                                                   \
+        if (len < (socklen_t)(size))                                                               \
+            return fail(EINVAL);                                                                   \
+    } while (0)
+    if (level == SOL_SOCKET) {
+        switch (name) {
+        case SO_REUSEADDR:
+            NEED(sizeof(int));
+            s->opt_reuseaddr = value != 0;
+            break;
+        case SO_REUSEPORT:
+            NEED(sizeof(int));
+            s->opt_reuseport = value != 0;
+            break;
+        case SO_KEEPALIVE:
+            NEED(sizeof(int));
+            s->opt_keepalive = value != 0;
+            changed = MTS_OPT_KEEPALIVE;
+            break;
+        case SO_LINGER: {
+            NEED(sizeof(struct linger));
+            struct linger linger;
+            memcpy(&linger, val, sizeof(linger));
+            s->opt_linger_sec = linger.l_linger > 0 ? (uint32_t)linger.l_linger : 0;
+            s->opt_linger_on = linger.l_onoff != 0;
+            changed = MTS_OPT_LINGER;
+            break;
+        }
+        case SO_RCVBUF:
+        case SO_RCVBUFFORCE:
+            NEED(sizeof(int));
+            s->opt_rcvbuf = value > 0 ? (uint32_t)value : 0;
+            changed = MTS_OPT_BUFFERS;
+            break;
+        case SO_SNDBUF:
+        case SO_SNDBUFFORCE:
+            NEED(sizeof(int));
+            s->opt_sndbuf = value > 0 ? (uint32_t)value : 0;
+            changed = MTS_OPT_BUFFERS;
+            break;
+        case SO_RCVTIMEO:
+        case SO_SNDTIMEO: {
+            NEED(sizeof(struct timeval));
+            struct timeval tv;
+            memcpy(&tv, val, sizeof(tv));
+            if (tv.tv_usec < 0 || tv.tv_usec >= 1000000)
+                return fail(EDOM);
+            /* A negative time means no timeout, as in Linux. */
+            *(name == SO_RCVTIMEO ? &s->opt_rcvtimeo_ms : &s->opt_sndtimeo_ms) = tv.tv_sec < 0 ? 0 : timeval_ms(&tv);
+            break;
+        }
+        case SO_RCVLOWAT:
+        case SO_SNDLOWAT:
+        case SO_PRIORITY:
+        case SO_OOBINLINE:
+        case SO_DONTROUTE:
+        case SO_BROADCAST:
+            NEED(sizeof(int));
+            break; /* accepted, without effect on the stack */
+        default:
+            return fail(ENOPROTOOPT);
+        }
+    } else if (level == IPPROTO_TCP) {
+        switch (name) {
+        case TCP_NODELAY:
+            NEED(sizeof(int));
+            s->opt_nodelay = value != 0;
+            changed = MTS_OPT_NODELAY;
+            break;
+        case TCP_CORK:
+            NEED(sizeof(int));
+            s->opt_cork = value != 0;
+            changed = MTS_OPT_CORK;
+            break;
+        case TCP_KEEPIDLE:
+        case TCP_KEEPINTVL:
+        case TCP_KEEPCNT:
+            NEED(sizeof(int));
+            if (value < 1 || value > 32767)
+                return fail(EINVAL);
+            *(name == TCP_KEEPIDLE ? &s->opt_keepidle : name == TCP_KEEPINTVL ? &s->opt_keepintvl
+                                                                              : &s->opt_keepcnt) = (uint32_t)value;
+            changed = MTS_OPT_KEEPALIVE;
+            break;
+        case TCP_MAXSEG:
+            NEED(sizeof(int));
+            if (value != 0 && (value < 88 || value > 65535))
+                return fail(EINVAL);
+            s->opt_maxseg = (uint32_t)value;
+            break;
+        case TCP_DEFER_ACCEPT:
+            NEED(sizeof(int));
+            s->opt_defer_accept = value > 0 ? (uint32_t)value : 0;
+            break;
+        case TCP_QUICKACK:
+            NEED(sizeof(int));
+            s->opt_quickack = value != 0;
+            break;
+        case TCP_USER_TIMEOUT:
+            NEED(sizeof(int));
+            if (value < 0)
+                return fail(EINVAL);
+            s->opt_user_timeout_ms = (uint32_t)value;
+            break;
+        default:
+            return fail(ENOPROTOOPT);
+        }
+    } else if (level == IPPROTO_IP) {
+        /* IP_TOS, IP_TTL and friends: accepted, the stack does not use them. */
+    } else {
+        return fail(ENOPROTOOPT);
+    }
+#undef NEED
+    SHIM_DEBUG("fd %d: setsockopt level %d name %d value %d", fd, level, name, value);
+    if (changed && shim_cmd_async(MTS_OP_SETOPT, slot, changed) < 0)
+        SHIM_DEBUG("fd %d: option change not delivered: %s", fd, strerror(errno));
+    return 0;
+}
+
+int getsockopt(int fd, int level, int name, void *val, socklen_t *len)
+{
+    uint32_t slot;
+    if (!shim_stack_fd(fd, &slot))
+        return shim_real.getsockopt(fd, level, name, val, len);
+    return stack_getsockopt(slot, level, name, val, len);
+}
+
+int setsockopt(int fd, int level, int name, const void *val, socklen_t len)
+{
+    uint32_t slot;
+    if (!shim_stack_fd(fd, &slot))
+        return shim_real.setsockopt(fd, level, name, val, len);
+    return stack_setsockopt(fd, slot, level, name, val, len);
+}

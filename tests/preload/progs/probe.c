@@ -1,0 +1,655 @@
+/*
+ * probe SCENARIO: drives socket calls through the interposer and prints one
+ * line per step, "what result [ERRNO]", for tests/preload/test_interposer.py
+ * to compare against the trace it expects.  The stack's address comes from
+ * PROBE_IP.
+ */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/ioctl.h>
+#include <sys/select.h>
+#include <sys/sendfile.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+static void out(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static void out(const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vprintf(fmt, ap);
+    va_end(ap);
+    putchar('\n');
+    fflush(stdout);
+}
+
+/* "what N" or "what -1 ENAME". */
+static long step(const char *what, long result)
+{
+    if (result < 0)
+        out("%s -1 %s", what, strerrorname_np(errno));
+    else
+        out("%s %ld", what, result);
+    return result;
+}
+
+static void die(const char *what)
+{
+    out("FATAL %s: %s", what, strerrorname_np(errno));
+    exit(2);
+}
+
+static const char *poll_bits(short revents)
+{
+    static char texts[2][128]; /* two calls may share one printf */
+    static int turn;
+    char *text = texts[turn ^= 1];
+    text[0] = 0;
+    const struct {
+        short bit;
+        const char *name;
+    } names[] = {{POLLIN, "IN"}, {POLLOUT, "OUT"}, {POLLERR, "ERR"}, {POLLHUP, "HUP"}, {POLLNVAL, "NVAL"}};
+    for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
+        if (revents & names[i].bit)
+            snprintf(text + strlen(text), sizeof(texts[0]) - strlen(text), "%s%s", text[0] ? "|" : "", names[i].name);
+    return text[0] ? text : "0";
+}
+
+static const char *epoll_bits(uint32_t events)
+{
+    static char texts[2][128]; /* two calls may share one printf */
+    static int turn;
+    char *text = texts[turn ^= 1];
+    text[0] = 0;
+    const struct {
+        uint32_t bit;
+        const char *name;
+    } names[] = {{EPOLLIN, "IN"}, {EPOLLOUT, "OUT"}, {EPOLLERR, "ERR"}, {EPOLLHUP, "HUP"}, {EPOLLRDHUP, "RDHUP"}};
+    for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
+        if (events & names[i].bit)
+            snprintf(text + strlen(text), sizeof(texts[0]) - strlen(text), "%s%s", text[0] ? "|" : "", names[i].name);
+    return text[0] ? text : "0";
+}
+
+static struct sockaddr_in stack_addr(uint16_t port)
+{
+    struct sockaddr_in sin = {.sin_family = AF_INET, .sin_port = htons(port)};
+    const char *ip = getenv("PROBE_IP");
+    inet_pton(AF_INET, ip ? ip : "198.18.0.2", &sin.sin_addr);
+    return sin;
+}
+
+static uint16_t local_port(int fd)
+{
+    struct sockaddr_in sin;
+    socklen_t len = sizeof(sin);
+    if (getsockname(fd, (struct sockaddr *)&sin, &len) < 0)
+        die("getsockname");
+    return ntohs(sin.sin_port);
+}
+
+static int listener(int flags)
+{
+    int fd = socket(AF_INET, SOCK_STREAM | flags, 0);
+    struct sockaddr_in any = {.sin_family = AF_INET};
+    if (fd < 0 || bind(fd, (struct sockaddr *)&any, sizeof(any)) < 0 || listen(fd, 16) < 0)
+        die("listener");
+    return fd;
+}
+
+/* A connected pair over the stack: *client connected, *server accepted. */
+static void connected_pair(int *client, int *server, int flags)
+{
+    int l = listener(0);
+    struct sockaddr_in to = stack_addr(local_port(l));
+    *client = socket(AF_INET, SOCK_STREAM | flags, 0);
+    if (connect(*client, (struct sockaddr *)&to, sizeof(to)) < 0 && errno != EINPROGRESS)
+        die("connect");
+    *server = accept4(l, NULL, NULL, flags);
+    if (*server < 0)
+        die("accept");
+    close(l);
+}
+
+static int wait_readable(int fd)
+{
+    struct pollfd p = {.fd = fd, .events = POLLIN};
+    return poll(&p, 1, 5000);
+}
+
+static void sleep_ms(long ms)
+{
+    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000};
+    nanosleep(&ts, NULL);
+}
+
+/* ---- scenarios --------------------------------------------------------------- */
+
+static void handshake(void)
+{
+    int l = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
+    int one = 1;
+    step("setsockopt_reuseaddr", setsockopt(l, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)));
+    struct sockaddr_in any = {.sin_family = AF_INET};
+    step("bind", bind(l, (struct sockaddr *)&any, sizeof(any)));
+    uint16_t port = local_port(l);
+    out("port_assigned %d", port != 0);
+    step("listen", listen(l, 16));
+    step("accept", accept4(l, NULL, NULL, 0));
+    int c = socket(AF_INET, SOCK_STREAM, 0);
+    fcntl(c, F_SETFL, fcntl(c, F_GETFL) | O_NONBLOCK);
+    struct sockaddr_in to = stack_addr(port);
+    step("connect", connect(c, (struct sockaddr *)&to, sizeof(to)));
+    struct pollfd p = {.fd = c, .events = POLLOUT};
+    step("poll_client", poll(&p, 1, 5000));
+    out("revents %s", poll_bits(p.revents));
+    int err = -1;
+    socklen_t len = sizeof(err);
+    step("getsockopt_so_error", getsockopt(c, SOL_SOCKET, SO_ERROR, &err, &len));
+    out("so_error %d", err);
+    step("connect_again", connect(c, (struct sockaddr *)&to, sizeof(to)));
+    p = (struct pollfd){.fd = l, .events = POLLIN};
+    step("poll_listener", poll(&p, 1, 5000));
+    out("revents %s", poll_bits(p.revents));
+    struct sockaddr_in peer;
+    socklen_t peer_len = sizeof(peer);
+    int a = accept4(l, (struct sockaddr *)&peer, &peer_len, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    out("accepted %d", a >= 0);
+    out("peer_is_client %d", peer_len == sizeof(peer) && ntohs(peer.sin_port) == local_port(c));
+    out("cloexec %d", (fcntl(a, F_GETFD) & FD_CLOEXEC) != 0);
+    out("nonblock %d", (fcntl(a, F_GETFL) & O_NONBLOCK) != 0);
+    int type = 0;
+    len = sizeof(type);
+    getsockopt(a, SOL_SOCKET, SO_TYPE, &type, &len);
+    out("so_type_stream %d", type == SOCK_STREAM);
+    struct tcp_info info;
+    len = sizeof(info);
+    step("tcp_info", getsockopt(a, IPPROTO_TCP, TCP_INFO, &info, &len));
+    out("tcpi_state_established %d", info.tcpi_state == TCP_ESTABLISHED);
+    step("setsockopt_nodelay", setsockopt(c, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one)));
+    step("setsockopt_unknown", setsockopt(c, IPPROTO_TCP, TCP_CONGESTION, "cubic", 5));
+    step("close_client", close(c));
+    step("close_accepted", close(a));
+    step("close_listener", close(l));
+}
+
+struct reader {
+    int fd;
+    size_t want;
+    size_t got;
+    int pattern_ok;
+};
+
+static void *read_all(void *arg)
+{
+    struct reader *r = arg;
+    char buf[8192];
+    r->pattern_ok = 1;
+    while (r->got < r->want) {
+        ssize_t n = read(r->fd, buf, sizeof(buf));
+        if (n <= 0)
+            break;
+        for (ssize_t i = 0; i < n; i++)
+            if (buf[i] != (char)((r->got + (size_t)i) % 251))
+                r->pattern_ok = 0;
+        r->got += (size_t)n;
+    }
+    return NULL;
+}
+
+static void data(void)
+{
+    int c, a;
+    connected_pair(&c, &a, 0);
+    step("write", write(c, "hello", 5));
+    step("poll", wait_readable(a));
+    int pending = -1;
+    step("ioctl_fionread", ioctl(a, FIONREAD, &pending));
+    out("fionread %d", pending);
+    char buf[64] = {0};
+    step("recv_peek", recv(a, buf, 3, MSG_PEEK));
+    out("peeked %s", buf);
+    memset(buf, 0, sizeof(buf));
+    step("read", read(a, buf, sizeof(buf)));
+    out("data %s", buf);
+    struct iovec out_iov[2] = {{"ab", 2}, {"cde", 3}};
+    step("writev", writev(a, out_iov, 2));
+    step("poll", wait_readable(c));
+    char first[2], second[10] = {0};
+    struct iovec in_iov[2] = {{first, 2}, {second, sizeof(second)}};
+    step("readv", readv(c, in_iov, 2));
+    out("data %.2s|%s", first, second);
+    step("recv_dontwait", recv(c, buf, sizeof(buf), MSG_DONTWAIT));
+
+    /* Several times the ring size through a blocking write. */
+    enum { BIG = 300000 };
+    char *big = malloc(BIG);
+    for (size_t i = 0; i < BIG; i++)
+        big[i] = (char)(i % 251);
+    struct reader r = {.fd = a, .want = BIG};
+    pthread_t thread;
+    pthread_create(&thread, NULL, read_all, &r);
+    step("write_big", write(c, big, BIG));
+    pthread_join(thread, NULL);
+    out("read_big %zu pattern_ok %d", r.got, r.pattern_ok);
+    free(big);
+    close(c);
+    close(a);
+}
+
+static volatile sig_atomic_t sigpipes;
+static void count_sigpipe(int sig) { (void)sig, sigpipes++; }
+
+static void eof(void)
+{
+    signal(SIGPIPE, count_sigpipe);
+    int c, a;
+    connected_pair(&c, &a, 0);
+    step("shutdown_wr", shutdown(c, SHUT_WR));
+    char buf[16];
+    step("read_eof", read(a, buf, sizeof(buf)));
+    step("send_nosignal", send(c, "x", 1, MSG_NOSIGNAL));
+    out("sigpipes %d", (int)sigpipes);
+    step("write", write(c, "x", 1));
+    out("sigpipes %d", (int)sigpipes);
+    step("write_back", write(a, "y", 1));
+    step("read_back", read(c, buf, sizeof(buf)));
+    struct tcp_info info;
+    socklen_t len = sizeof(info);
+    getsockopt(a, IPPROTO_TCP, TCP_INFO, &info, &len);
+    out("tcpi_state_close_wait %d", info.tcpi_state == TCP_CLOSE_WAIT);
+    step("close_server", close(a));
+    step("read_after_peer_close", read(c, buf, sizeof(buf)));
+    close(c);
+    int fresh = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in any = {.sin_family = AF_INET};
+    bind(fresh, (struct sockaddr *)&any, sizeof(any));
+    step("read_unconnected", read(fresh, buf, sizeof(buf)));
+    close(fresh);
+}
+
+static void sendfile_scenario(void)
+{
+    enum { SIZE = 150000 };
+    char path[] = "/tmp/probe-sendfile-XXXXXX";
+    int file = mkstemp(path);
+    unlink(path);
+    char *content = malloc(SIZE);
+    for (size_t i = 0; i < SIZE; i++)
+        content[i] = (char)(i % 251);
+    if (write(file, content, SIZE) != SIZE)
+        die("write file");
+    free(content);
+    int c, a;
+    connected_pair(&c, &a, 0);
+    struct reader r = {.fd = a, .want = SIZE};
+    pthread_t thread;
+    pthread_create(&thread, NULL, read_all, &r);
+    off_t offset = 0;
+    step("sendfile", sendfile(c, file, &offset, SIZE));
+    out("offset %ld", (long)offset);
+    pthread_join(thread, NULL);
+    out("received %zu pattern_ok %d", r.got, r.pattern_ok);
+    lseek(file, 0, SEEK_SET);
+    step("sendfile_position", sendfile(c, file, NULL, 1000));
+    out("file_position %ld", (long)lseek(file, 0, SEEK_CUR));
+    close(file);
+    close(c);
+    close(a);
+}
+
+static int wait_events(int ep, int timeout, const char *what)
+{
+    struct epoll_event events[8];
+    int n = epoll_wait(ep, events, 8, timeout);
+    if (n < 0) {
+        step(what, n);
+        return n;
+    }
+    char line[256];
+    snprintf(line, sizeof(line), "%s %d", what, n);
+    for (int i = 0; i < n; i++)
+        snprintf(line + strlen(line), sizeof(line) - strlen(line), " fd%d:%s", (int)events[i].data.u32 == 0 ? 0 : 1,
+                 epoll_bits(events[i].events));
+    out("%s", line);
+    return n;
+}
+
+static void epoll_scenario(void)
+{
+    int c, a;
+    connected_pair(&c, &a, SOCK_NONBLOCK);
+    int ep = epoll_create1(EPOLL_CLOEXEC);
+    char buf[16];
+    /* data.u32 = 0 names the socket, 1 the pipe in the printed trace. */
+    struct epoll_event ev = {.events = EPOLLIN, .data.u32 = 0};
+    step("ctl_add", epoll_ctl(ep, EPOLL_CTL_ADD, a, &ev));
+    step("ctl_add_again", epoll_ctl(ep, EPOLL_CTL_ADD, a, &ev));
+    step("ctl_del_unknown", epoll_ctl(ep, EPOLL_CTL_DEL, c, NULL));
+    wait_events(ep, 0, "idle");
+
+    write(c, "1", 1);
+    wait_events(ep, 5000, "level");
+    wait_events(ep, 0, "level_unread");
+    read(a, buf, sizeof(buf));
+    wait_events(ep, 0, "level_after_read");
+
+    ev.events = EPOLLIN | EPOLLET;
+    step("ctl_mod_edge", epoll_ctl(ep, EPOLL_CTL_MOD, a, &ev));
+    write(c, "2", 1);
+    wait_events(ep, 5000, "edge");
+    wait_events(ep, 0, "edge_unread");
+    write(c, "3", 1);
+    wait_events(ep, 5000, "edge_more_data");
+    read(a, buf, sizeof(buf));
+
+    ev.events = EPOLLIN | EPOLLONESHOT;
+    step("ctl_mod_oneshot", epoll_ctl(ep, EPOLL_CTL_MOD, a, &ev));
+    write(c, "4", 1);
+    wait_events(ep, 5000, "oneshot");
+    wait_events(ep, 0, "oneshot_disabled");
+    step("ctl_mod_rearm", epoll_ctl(ep, EPOLL_CTL_MOD, a, &ev));
+    wait_events(ep, 0, "oneshot_rearmed");
+    read(a, buf, sizeof(buf));
+
+    ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP;
+    step("ctl_mod_out", epoll_ctl(ep, EPOLL_CTL_MOD, a, &ev));
+    wait_events(ep, 0, "writable");
+    int pipe_fds[2];
+    pipe(pipe_fds);
+    struct epoll_event pev = {.events = EPOLLIN, .data.u32 = 1};
+    step("ctl_add_pipe", epoll_ctl(ep, EPOLL_CTL_ADD, pipe_fds[0], &pev));
+    write(pipe_fds[1], "p", 1);
+    wait_events(ep, 0, "socket_and_pipe");
+    shutdown(c, SHUT_WR);
+    read(pipe_fds[0], buf, 1);
+    ev.events = EPOLLIN | EPOLLRDHUP;
+    epoll_ctl(ep, EPOLL_CTL_MOD, a, &ev);
+    wait_events(ep, 5000, "peer_fin");
+    step("close_socket", close(a));
+    write(pipe_fds[1], "p", 1);
+    wait_events(ep, 0, "after_close");
+    close(ep);
+    close(c);
+}
+
+struct delayed_write {
+    int fd;
+    long ms;
+};
+
+static void *write_later(void *arg)
+{
+    struct delayed_write *d = arg;
+    sleep_ms(d->ms);
+    write(d->fd, "w", 1);
+    return NULL;
+}
+
+static void pollmix(void)
+{
+    int c, a, pipe_fds[2];
+    connected_pair(&c, &a, 0);
+    pipe(pipe_fds);
+    char buf[16];
+    struct pollfd p[2] = {{.fd = pipe_fds[0], .events = POLLIN}, {.fd = a, .events = POLLIN}};
+    step("poll_idle", poll(p, 2, 0));
+    write(pipe_fds[1], "p", 1);
+    step("poll_pipe", poll(p, 2, 5000));
+    out("revents pipe=%s socket=%s", poll_bits(p[0].revents), poll_bits(p[1].revents));
+    read(pipe_fds[0], buf, 1);
+    write(c, "s", 1);
+    step("poll_socket", poll(p, 2, 5000));
+    out("revents pipe=%s socket=%s", poll_bits(p[0].revents), poll_bits(p[1].revents));
+    write(pipe_fds[1], "p", 1);
+    step("poll_both", poll(p, 2, 5000));
+    out("revents pipe=%s socket=%s", poll_bits(p[0].revents), poll_bits(p[1].revents));
+
+    fd_set readable;
+    FD_ZERO(&readable);
+    FD_SET(pipe_fds[0], &readable);
+    FD_SET(a, &readable);
+    int high = (a > pipe_fds[0] ? a : pipe_fds[0]) + 1;
+    struct timeval tv = {5, 0};
+    step("select_both", select(high, &readable, NULL, NULL, &tv));
+    out("selected pipe=%d socket=%d", FD_ISSET(pipe_fds[0], &readable) != 0, FD_ISSET(a, &readable) != 0);
+    read(pipe_fds[0], buf, 1);
+    read(a, buf, sizeof(buf));
+    FD_ZERO(&readable);
+    FD_SET(pipe_fds[0], &readable);
+    FD_SET(a, &readable);
+    tv = (struct timeval){0, 0};
+    step("select_idle", select(high, &readable, NULL, NULL, &tv));
+    fd_set writable;
+    FD_ZERO(&writable);
+    FD_SET(a, &writable);
+    tv = (struct timeval){0, 0};
+    step("select_writable", select(a + 1, NULL, &writable, NULL, &tv));
+
+    /* A sleeping poll wakes for the stack socket, and for the pipe. */
+    pthread_t thread;
+    struct delayed_write later = {c, 50};
+    pthread_create(&thread, NULL, write_later, &later);
+    step("poll_wakes_for_socket", poll(p, 2, -1));
+    out("revents pipe=%s socket=%s", poll_bits(p[0].revents), poll_bits(p[1].revents));
+    pthread_join(thread, NULL);
+    read(a, buf, sizeof(buf));
+    later = (struct delayed_write){pipe_fds[1], 50};
+    pthread_create(&thread, NULL, write_later, &later);
+    step("poll_wakes_for_pipe", poll(p, 2, -1));
+    out("revents pipe=%s socket=%s", poll_bits(p[0].revents), poll_bits(p[1].revents));
+    pthread_join(thread, NULL);
+    step("poll_timeout", poll(&p[1], 1, 30));
+}
+
+struct late_client {
+    uint16_t port;
+    int fd, connect_result, connect_errno;
+    ssize_t write_result;
+};
+
+/* Connects after the main thread is (most likely) blocked in accept, and
+ * writes after it is blocked in read; it reports after the join, so the
+ * trace does not depend on the interleaving. */
+static void *connect_later(void *arg)
+{
+    struct late_client *client = arg;
+    sleep_ms(50);
+    client->fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in to = stack_addr(client->port);
+    client->connect_result = connect(client->fd, (struct sockaddr *)&to, sizeof(to));
+    client->connect_errno = errno;
+    sleep_ms(50);
+    client->write_result = write(client->fd, "ping", 4);
+    return NULL;
+}
+
+static void blocking(void)
+{
+    int l = listener(0);
+    struct late_client client = {.port = local_port(l)};
+    pthread_t thread;
+    pthread_create(&thread, NULL, connect_later, &client);
+    int a = accept(l, NULL, NULL);
+    out("accepted %d", a >= 0);
+    char buf[16] = {0};
+    step("read_blocks", read(a, buf, sizeof(buf)));
+    out("data %s", buf);
+    pthread_join(thread, NULL);
+    errno = client.connect_errno;
+    step("thread_connect", client.connect_result);
+    step("thread_write", client.write_result);
+    struct timeval tv = {0, 100000};
+    step("set_rcvtimeo", setsockopt(a, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv)));
+    step("read_times_out", read(a, buf, sizeof(buf)));
+    close(client.fd);
+    step("read_eof", read(a, buf, sizeof(buf)));
+    close(a);
+    close(l);
+}
+
+static int is_kernel_socket(int fd)
+{
+    char path[64], target[64] = {0};
+    snprintf(path, sizeof(path), "/proc/self/fd/%d", fd);
+    readlink(path, target, sizeof(target) - 1);
+    return strncmp(target, "socket:", 7) == 0;
+}
+
+static void passthrough(void)
+{
+    int u = socket(AF_INET, SOCK_DGRAM, 0);
+    struct sockaddr_in lo = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    step("udp_bind", bind(u, (struct sockaddr *)&lo, sizeof(lo)));
+    lo.sin_port = htons(local_port(u));
+    step("udp_sendto", sendto(u, "u", 1, 0, (struct sockaddr *)&lo, sizeof(lo)));
+    char buf[16];
+    step("udp_recv", recv(u, buf, sizeof(buf), 0));
+    out("udp_kernel %d", is_kernel_socket(u));
+
+    int l = socket(AF_INET, SOCK_STREAM, 0);
+    lo.sin_port = 0;
+    step("tcp_bind_loopback", bind(l, (struct sockaddr *)&lo, sizeof(lo)));
+    step("tcp_listen", listen(l, 4));
+    lo.sin_port = htons(local_port(l));
+    int c = socket(AF_INET, SOCK_STREAM, 0);
+    step("tcp_connect_loopback", connect(c, (struct sockaddr *)&lo, sizeof(lo)));
+    int a = accept(l, NULL, NULL);
+    step("tcp_write", write(c, "k", 1));
+    step("tcp_read", read(a, buf, sizeof(buf)));
+    out("tcp_kernel %d %d %d", is_kernel_socket(l), is_kernel_socket(c), is_kernel_socket(a));
+
+    int s = listener(0);
+    out("stack_listener_kernel %d", is_kernel_socket(s));
+    close(s);
+    close(a);
+    close(c);
+    close(l);
+    close(u);
+}
+
+static void death(void)
+{
+    int c, a;
+    connected_pair(&c, &a, 0);
+    int ep = epoll_create1(0);
+    struct epoll_event ev = {.events = EPOLLIN, .data.u32 = 0};
+    epoll_ctl(ep, EPOLL_CTL_ADD, c, &ev);
+    out("blocked");
+    char buf[16];
+    step("read", read(a, buf, sizeof(buf)));
+    wait_events(ep, 5000, "epoll");
+    step("write", write(c, "x", 1));
+    step("close", close(a));
+}
+
+static void refused(void)
+{
+    int l = listener(0);
+    uint16_t port = local_port(l);
+    close(l);
+    struct sockaddr_in to = stack_addr(port);
+    int c = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
+    step("connect_nonblocking", connect(c, (struct sockaddr *)&to, sizeof(to)));
+    struct pollfd p = {.fd = c, .events = POLLOUT};
+    step("poll", poll(&p, 1, 5000));
+    out("revents %s", poll_bits(p.revents));
+    int err = 0;
+    socklen_t len = sizeof(err);
+    getsockopt(c, SOL_SOCKET, SO_ERROR, &err, &len);
+    out("so_error %s", strerrorname_np(err));
+    close(c);
+    c = socket(AF_INET, SOCK_STREAM, 0);
+    step("connect_blocking", connect(c, (struct sockaddr *)&to, sizeof(to)));
+    close(c);
+}
+
+static void forkdup(void)
+{
+    int c, a;
+    connected_pair(&c, &a, 0);
+    int b = dup(a);
+    step("close_original", close(a));
+    step("write", write(c, "d", 1));
+    char buf[16] = {0};
+    step("read_dup", read(b, buf, sizeof(buf)));
+    int high = fcntl(b, F_DUPFD_CLOEXEC, 500);
+    out("dupfd_at_least_500 %d", high >= 500);
+    step("close_dupfd", close(high));
+    pid_t child = fork();
+    if (child == 0) {
+        write(b, "child", 5);
+        exit(0);
+    }
+    int status;
+    waitpid(child, &status, 0);
+    out("child_exit %d", WEXITSTATUS(status));
+    memset(buf, 0, sizeof(buf));
+    step("read_from_child", read(c, buf, sizeof(buf)));
+    out("data %s", buf);
+    step("write_after_child", write(b, "p", 1));
+    step("read_parent", read(c, buf, sizeof(buf)));
+    int target = dup2(b, 100);
+    out("dup2 %d", target);
+    step("close_dup", close(b));
+    step("write_via_dup2", write(target, "q", 1));
+    step("read_dup2", read(c, buf, sizeof(buf)));
+    step("close_last", close(target));
+    step("read_eof", read(c, buf, sizeof(buf)));
+    close(c);
+}
+
+static void protect(void)
+{
+    const char *fds = getenv("MTCPSHIM_FDS");
+    int shm, ctl, wake, dead;
+    if (!fds || sscanf(fds, "%d,%d,%d,%d", &shm, &ctl, &wake, &dead) != 4)
+        die("MTCPSHIM_FDS");
+    out("moved_high %d", shm >= 500 && ctl >= 500 && wake >= 500 && dead >= 500);
+    step("close_inherited", close(ctl));
+    step("close_range", close_range(3, ~0u, 0));
+    int devnull = open("/dev/null", O_RDONLY);
+    step("dup2_onto_inherited", dup2(devnull, wake));
+    close(devnull);
+    int c, a;
+    connected_pair(&c, &a, 0);
+    step("write", write(c, "still", 5));
+    char buf[16] = {0};
+    step("read", read(a, buf, sizeof(buf)));
+    out("data %s", buf);
+}
+
+int main(int argc, char **argv)
+{
+    const struct {
+        const char *name;
+        void (*run)(void);
+    } scenarios[] = {
+        {"handshake", handshake}, {"data", data},         {"eof", eof},         {"sendfile", sendfile_scenario},
+        {"epoll", epoll_scenario}, {"pollmix", pollmix},  {"blocking", blocking}, {"passthrough", passthrough},
+        {"death", death},         {"refused", refused},   {"forkdup", forkdup}, {"protect", protect},
+    };
+    for (size_t i = 0; argc == 2 && i < sizeof(scenarios) / sizeof(scenarios[0]); i++)
+        if (strcmp(argv[1], scenarios[i].name) == 0) {
+            scenarios[i].run();
+            return 0;
+        }
+    fprintf(stderr, "usage: probe SCENARIO\n");
+    return 2;
+}

@@ -1,0 +1,226 @@
+"""The interposer against a loopback stack: each test runs one probe
+scenario (tests/preload/progs/probe.c) and reads its trace, one call per
+line, "call result [ERRNO]"."""
+from conftest import PROGRAM_TIMEOUT
+
+
+def test_without_the_stack_everything_stays_in_the_kernel(run_probe):
+    trace = run_probe.run("passthrough", attached=False)
+    assert "tcp_kernel 1 1 1" in trace
+    assert "stack_listener_kernel 1" in trace
+
+
+def test_nonblocking_handshake(run_probe):
+    assert run_probe.run("handshake") == [
+        "setsockopt_reuseaddr 0",
+        "bind 0",
+        "port_assigned 1",
+        "listen 0",
+        "accept -1 EAGAIN",
+        "connect -1 EINPROGRESS",
+        "poll_client 1",
+        "revents OUT",
+        "getsockopt_so_error 0",
+        "so_error 0",
+        "connect_again -1 EISCONN",
+        "poll_listener 1",
+        "revents IN",
+        "accepted 1",
+        "peer_is_client 1",
+        "cloexec 1",
+        "nonblock 1",
+        "so_type_stream 1",
+        "tcp_info 0",
+        "tcpi_state_established 1",
+        "setsockopt_nodelay 0",
+        "setsockopt_unknown -1 ENOPROTOOPT",
+        "close_client 0",
+        "close_accepted 0",
+        "close_listener 0",
+    ]
+    run_probe.stack.settle()
+    assert run_probe.stack.log[:3] == ["bind 0 port 0", "listen 0 backlog 16", "connect 1 port 40000"]
+    assert "setopt 1 1" in run_probe.stack.log  # TCP_NODELAY reached the stack
+    assert sorted(line for line in run_probe.stack.log if line.startswith("close")) == [
+        "close 0", "close 1", "close 2"]
+
+
+def test_read_write_and_their_variants(run_probe):
+    assert run_probe.run("data") == [
+        "write 5",
+        "poll 1",
+        "ioctl_fionread 0",
+        "fionread 5",
+        "recv_peek 3",
+        "peeked hel",
+        "read 5",
+        "data hello",
+        "writev 5",
+        "poll 1",
+        "readv 5",
+        "data ab|cde",
+        "recv_dontwait -1 EAGAIN",
+        "write_big 300000",
+        "read_big 300000 pattern_ok 1",
+    ]
+
+
+def test_end_of_stream_and_shutdown(run_probe):
+    assert run_probe.run("eof") == [
+        "shutdown_wr 0",
+        "read_eof 0",
+        "send_nosignal -1 EPIPE",
+        "sigpipes 0",
+        "write -1 EPIPE",
+        "sigpipes 1",
+        "write_back 1",
+        "read_back 1",
+        "tcpi_state_close_wait 1",
+        "close_server 0",
+        "read_after_peer_close 0",
+        "read_unconnected -1 ENOTCONN",
+    ]
+
+
+def test_sendfile_moves_a_file_through_the_tx_ring(run_probe):
+    assert run_probe.run("sendfile") == [
+        "sendfile 150000",
+        "offset 150000",
+        "received 150000 pattern_ok 1",
+        "sendfile_position 1000",
+        "file_position 1000",
+    ]
+
+
+def test_epoll_level_edge_oneshot_and_kernel_fds(run_probe):
+    assert run_probe.run("epoll") == [
+        "ctl_add 0",
+        "ctl_add_again -1 EEXIST",
+        "ctl_del_unknown -1 ENOENT",
+        "idle 0",
+        "level 1 fd0:IN",
+        "level_unread 1 fd0:IN",
+        "level_after_read 0",
+        "ctl_mod_edge 0",
+        "edge 1 fd0:IN",
+        "edge_unread 0",
+        "edge_more_data 1 fd0:IN",
+        "ctl_mod_oneshot 0",
+        "oneshot 1 fd0:IN",
+        "oneshot_disabled 0",
+        "ctl_mod_rearm 0",
+        "oneshot_rearmed 1 fd0:IN",
+        "ctl_mod_out 0",
+        "writable 1 fd0:OUT",
+        "ctl_add_pipe 0",
+        "socket_and_pipe 2 fd0:OUT fd1:IN",
+        "peer_fin 1 fd0:IN|RDHUP",
+        "close_socket 0",
+        "after_close 1 fd1:IN",
+    ]
+
+
+def test_poll_and_select_mix_a_pipe_and_a_stack_socket(run_probe):
+    assert run_probe.run("pollmix") == [
+        "poll_idle 0",
+        "poll_pipe 1",
+        "revents pipe=IN socket=0",
+        "poll_socket 1",
+        "revents pipe=0 socket=IN",
+        "poll_both 2",
+        "revents pipe=IN socket=IN",
+        "select_both 2",
+        "selected pipe=1 socket=1",
+        "select_idle 0",
+        "select_writable 1",
+        "poll_wakes_for_socket 1",
+        "revents pipe=0 socket=IN",
+        "poll_wakes_for_pipe 1",
+        "revents pipe=IN socket=0",
+        "poll_timeout 0",
+    ]
+
+
+def test_blocking_accept_and_read_wake_up(run_probe):
+    assert run_probe.run("blocking") == [
+        "accepted 1",
+        "read_blocks 4",
+        "data ping",
+        "thread_connect 0",
+        "thread_write 4",
+        "set_rcvtimeo 0",
+        "read_times_out -1 EAGAIN",
+        "read_eof 0",
+    ]
+
+
+def test_udp_and_loopback_tcp_pass_through(run_probe):
+    assert run_probe.run("passthrough") == [
+        "udp_bind 0",
+        "udp_sendto 1",
+        "udp_recv 1",
+        "udp_kernel 1",
+        "tcp_bind_loopback 0",
+        "tcp_listen 0",
+        "tcp_connect_loopback 0",
+        "tcp_write 1",
+        "tcp_read 1",
+        "tcp_kernel 1 1 1",
+        "stack_listener_kernel 0",
+    ]
+
+
+def test_connection_refused(run_probe):
+    assert run_probe.run("refused") == [
+        "connect_nonblocking -1 EINPROGRESS",
+        "poll 1",
+        "revents OUT|ERR|HUP",
+        "so_error ECONNREFUSED",
+        "connect_blocking -1 ECONNREFUSED",
+    ]
+
+
+def test_dup_and_fork_share_the_socket_until_the_last_close(run_probe):
+    assert run_probe.run("forkdup") == [
+        "close_original 0",
+        "write 1",
+        "read_dup 1",
+        "dupfd_at_least_500 1",
+        "close_dupfd 0",
+        "child_exit 0",
+        "read_from_child 5",
+        "data child",
+        "write_after_child 1",
+        "read_parent 1",
+        "dup2 100",
+        "close_dup 0",
+        "write_via_dup2 1",
+        "read_dup2 1",
+        "close_last 0",
+        "read_eof 0",
+    ]
+
+
+def test_the_inherited_fds_survive_the_program(run_probe):
+    trace = run_probe.run("protect")
+    assert trace[:3] == ["moved_high 1", "close_inherited 0", "close_range 0"]
+    assert trace[4:] == ["write 5", "read 5", "data still"]
+
+
+def test_a_dead_stack_fails_blocked_calls_instead_of_hanging(run_probe):
+    process = run_probe.start("death")
+    try:
+        assert process.stdout.readline() == "blocked\n"
+        run_probe.stack.die()
+        out, err = process.communicate(timeout=PROGRAM_TIMEOUT)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert out.splitlines() == [
+        "read -1 ENETDOWN",
+        "epoll 1 fd0:IN|ERR|HUP",
+        "write -1 ENETDOWN",
+        "close 0",
+    ]
+
