@@ -69,7 +69,7 @@ def wait_until(predicate, timeout, what):
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
-def lighttpd_config(directory: pathlib.Path, docroot: pathlib.Path) -> pathlib.Path:
+def lighttpd_config(directory: pathlib.Path, docroot: pathlib.Path, extra: str = "") -> pathlib.Path:
     conf = directory / "lighttpd.conf"
     conf.write_text(f"""
 server.document-root = "{docroot}"
@@ -80,16 +80,18 @@ server.max-keep-alive-requests = 10000
 server.max-keep-alive-idle = 30
 index-file.names = ("index.html")
 mimetype.assign = (".html" => "text/html", ".txt" => "text/plain", ".bin" => "application/octet-stream")
+{extra}
 """)
     return conf
 
 
 @contextlib.contextmanager
-def shim_lighttpd_running(docroot, workdir, run_args=()):
-    """lighttpd under `mtcpshim run RUN_ARGS`, answering on the stack's address."""
+def shim_lighttpd_running(docroot, workdir, run_args=(), config=""):
+    """lighttpd under `mtcpshim run RUN_ARGS`, answering on the stack's address;
+    `config` adds lines to its configuration."""
     if shutil.which("lighttpd") is None:
         pytest.skip("lighttpd is not installed")
-    conf = lighttpd_config(workdir, docroot)
+    conf = lighttpd_config(workdir, docroot, config)
     server = Launched(["lighttpd", "-D", "-f", str(conf)], workdir / "launcher.log", run_args)
     try:
         wait_until(lambda: server.proc.poll() is not None or in_client(

@@ -37,6 +37,15 @@ def test_tap_backend_serves_the_large_file(test_network, docroot, tmp_path):
     assert sha256_of(out) == sha256_of(docroot / "large.bin")
 
 
+def test_forked_lighttpd_workers_share_the_listening_socket(test_network, tmp_path, docroot):
+    with shim_lighttpd_running(docroot, tmp_path, config="server.max-worker = 2") as server:
+        workers = psutil.Process(server.proc.pid).children(recursive=True)
+        assert sum(p.name() == "lighttpd" for p in workers) == 3  # the master and two workers
+        result = in_client(["ab", "-q", "-n", "1000", "-c", "8", f"{SERVER_URL}/small.txt"], timeout=120)
+    report = result.stdout.decode()
+    assert "Complete requests:      1000" in report and "Failed requests:        0" in report, report
+
+
 def run_refused(args, tmp_path, **kwargs):
     """`mtcpshim run ARGS -- touch MARKER`: must fail before the program runs."""
     marker = tmp_path / "program-ran"

@@ -11,9 +11,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 sys.path.insert(0, str(HERE))
 
-from loopback_stack import STACK_IP, LoopbackStack  # noqa: E402
-
-PROGRAM_TIMEOUT = 30
+from loopback_stack import PROGRAM_TIMEOUT, STACK_IP, LoopbackStack  # noqa: E402
 
 
 @pytest.fixture(scope="session")

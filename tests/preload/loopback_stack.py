@@ -21,6 +21,7 @@ from mtcpshim._shm import ffi, lib
 from mtcpshim.region import Region, RegionSize
 
 STACK_IP = "198.18.0.2"
+PROGRAM_TIMEOUT = 30  # seconds a probe program may take
 EPHEMERAL_FIRST = 40000
 
 

@@ -1,7 +1,7 @@
 """The interposer against a loopback stack: each test runs one probe
 scenario (tests/preload/progs/probe.c) and reads its trace, one call per
 line, "call result [ERRNO]"."""
-from conftest import PROGRAM_TIMEOUT
+from loopback_stack import PROGRAM_TIMEOUT
 
 
 def test_without_the_stack_everything_stays_in_the_kernel(run_probe):
