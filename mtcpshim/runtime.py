@@ -144,7 +144,9 @@ class Runtime:
         lib.mts_stack_awake(self.header)
 
     def _next_deadline(self):
-        deadlines = [d for d in (self.host.next_deadline(), self.iface.deadline()) if d is not None]
+        io_deadline = getattr(self.io, "deadline", None)  # a fault injector's held frames
+        deadlines = [d for d in (self.host.next_deadline(), self.iface.deadline(),
+                                 io_deadline() if io_deadline else None) if d is not None]
         return min(deadlines) if deadlines else None
 
     # -- control socket: waiter registration ------------------------------
@@ -421,12 +423,12 @@ class Runtime:
     # -- readiness ----------------------------------------------------------
 
     def _publish(self) -> None:
-        touched = self.host.touched
-        if not touched:
+        if not self.host.touched:
             return
+        touched = list(self.host.touched)
+        self.host.touched.clear()  # publishing may touch more: those go next loop
         for conn in touched:
             self._publish_connection(conn.owner, conn)
-        touched.clear()
         for waiter_id, fd in self.waiters.items():
             if lib.mts_waiter_disarm(lib.mts_waiter_at(self.header, waiter_id)):
                 self.counters["waiter_wakeups"] += 1
@@ -439,9 +441,6 @@ class Runtime:
         so_error = 0
         if happened & EV_ESTABLISHED:
             sock.events |= lib.MTS_EV_CONNECTED
-            if sock.parent is not None:
-                self._apply_options(sock)  # inherited from the listener
-                self._queue_for_accept(sock)
         if happened & EV_PEER_FIN:
             sock.events |= lib.MTS_EV_RDHUP
         if happened & EV_RESET:
@@ -453,19 +452,26 @@ class Runtime:
         if sock.slot is not None:
             state = _SLOT_STATE.get(conn.state, lib.MTS_ST_CONNECTED)
             lib.mts_publish(sock.slot, state, sock.events, so_error)
-        if happened & EV_CLOSED and sock.parent is not None:
-            sock.parent = None  # died during the handshake: nobody will accept it
-            sock.app_closed = True
+        if sock.parent is not None:
+            if happened & EV_CLOSED:
+                sock.parent = None  # died during the handshake: nobody will accept it
+                sock.app_closed = True
+            elif happened & EV_ESTABLISHED:
+                # Only now that its state is published may anyone accept it.
+                self._queue_for_accept(sock)
         self._maybe_release(sock)
 
     def _queue_for_accept(self, child: StackSocket) -> None:
         parent = child.parent
         child.parent = None
         if parent.app_closed or lib.mts_accept_push(self.header, parent.slot_id, child.slot_id) < 0:
+            self.host.count("tcp_listener_closed" if parent.app_closed else "tcp_accept_queue_full")
             child.app_closed = True
-            child.conn.abort(time.monotonic())
-            self.host.count("tcp_accept_queue_full")
+            now = time.monotonic()
+            child.conn.abort(now)
+            self.host.after(child.conn, now)
             return
+        self._apply_options(child)  # inherited from the listener
         lib.mts_publish(parent.slot, lib.MTS_ST_LISTENING, 0, 0)
 
     def _maybe_release(self, sock: StackSocket) -> None:

@@ -246,3 +246,24 @@ def test_armed_waiter_is_woken_once_by_new_readiness(world):
     assert os.eventfd_read(waiter_fd) == 1
     assert waiter.armed == 0
     assert lib.mts_accept_pending(world.h, listener) == 1
+
+
+def test_accepted_socket_is_published_established_before_it_is_queued(world, monkeypatch):
+    """Another process may accept the instant the child is queued: the child's
+    state must already read as connected then (a FRESH state read as EOF)."""
+    import mtcpshim.runtime as runtime_module
+
+    states_when_queued = []
+
+    class RecordingLib:
+        def __getattr__(self, name):
+            return getattr(lib, name)
+
+        def mts_accept_push(self, header, listener, child):
+            states_when_queued.append(lib.mts_slot_at(header, child).state)
+            return lib.mts_accept_push(header, listener, child)
+
+    monkeypatch.setattr(runtime_module, "lib", RecordingLib())
+    listening_socket(world)
+    peer_connects(world)
+    assert states_when_queued == [lib.MTS_ST_CONNECTED]
