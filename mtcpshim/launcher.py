@@ -39,6 +39,7 @@ class StackOptions:
     io: str = "afpacket"
     pcap: str | None = None
     spin_us: float = 0.0
+    impair: str | None = None   # an ImpairSpec (stack/io/impair.py), already validated
 
 
 def run(options: StackOptions, argv: list[str]) -> int:
@@ -51,7 +52,7 @@ def run(options: StackOptions, argv: list[str]) -> int:
     if not os.path.exists(PRELOAD_LIBRARY):
         raise LaunchError(f"interposer not built: {PRELOAD_LIBRARY} is missing (pip install -e .)")
 
-    lock = _claim_interface(options)
+    lock = claim_interface(options.netns, options.iface)
     region = Region.create(RegionSize(), int(options.ip.ip), options.ip.network.prefixlen,
                            int(options.gateway) if options.gateway else 0)
     ctl_stack, ctl_app = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -67,7 +68,8 @@ def run(options: StackOptions, argv: list[str]) -> int:
          "--stats-socket", runtime_path(options.netns, options.iface, "stats")]
         + (["--netns", options.netns] if options.netns else [])
         + (["--gateway", str(options.gateway)] if options.gateway else [])
-        + (["--pcap", options.pcap] if options.pcap else []),
+        + (["--pcap", options.pcap] if options.pcap else [])
+        + (["--impair", options.impair] if options.impair else []),
         pass_fds=(region.fd, ctl_stack.fileno(), wake_fd, ready_w, death_w))
     ctl_stack.close()
     os.close(ready_w)
@@ -110,19 +112,19 @@ def runtime_path(netns: str | None, iface: str, kind: str) -> str:
     return os.path.join(LOCK_DIR, f"{netns or 'host'}-{iface}.{kind}")
 
 
-def _claim_interface(options: StackOptions) -> int:
+def claim_interface(netns: str | None, iface: str) -> int:
     """One stack per interface: a second would answer the first one's
-    segments with resets.  The lock lives as long as this launcher."""
+    segments with resets.  Returns the lock's fd; closing it releases it."""
     os.makedirs(LOCK_DIR, exist_ok=True)
-    path = runtime_path(options.netns, options.iface, "lock")
+    path = runtime_path(netns, iface, "lock")
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
         os.close(fd)
-        raise LaunchError(f"another mtcpshim stack already serves {options.iface}"
-                          f"{' in ' + options.netns if options.netns else ''} (launcher pid {holder})")
+        raise LaunchError(f"another mtcpshim stack already serves {iface}"
+                          f"{' in ' + netns if netns else ''} (launcher pid {holder})")
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd

@@ -4,40 +4,75 @@ stripped of IPv4), segments out through `take_output()`, time passed in.
 
 Buffers come from the caller (the runtime hands out shared-memory rings), so
 the host never decides where bytes live.
+
+Initial sequence numbers follow RFC 6528 and ephemeral ports RFC 6056
+(algorithm 3), both from keyed hashes in `stack.isn`.  A listener holds at
+most `backlog` connections in SYN_RECEIVED; SYNs beyond that are answered
+with SYN cookies (as Linux with tcp_syncookies=1), which keep no state at
+all: the connection and its buffers come into being only when an ACK
+returns a valid cookie.  Under a SYN flood the host's memory therefore
+stays bounded by the backlogs.
 """
 import errno
 import heapq
 import random
 
-from stack.tcp import (EV_CLOSED, EV_ESTABLISHED, TcpConfig, TcpConnection, TcpState,
-                       reset_for)
-from stack.seq import seq_gt
+from stack.isn import COOKIE_MAX_AGE, COOKIE_PERIOD, MSS_TABLE, TcpSecrets, mss_index_for
+from stack.tcp import (EV_CLOSED, EV_ESTABLISHED, ChallengeAckLimiter, TcpConfig,
+                       TcpConnection, TcpState, reset_for)
+from stack.seq import seq_add, seq_gt
 from stack.wire.errors import WireError
-from stack.wire.tcp import SYN, ACK, RST, TcpSegment
+from stack.wire.tcp import SYN, ACK, RST, MAX_WSCALE, TcpSegment
 
 # RFC 6335 dynamic range, the same as Linux's default ip_local_port_range.
 EPHEMERAL_PORTS = range(32768, 61000)
+
+# A cookie SYN-ACK is sent before any buffer exists, so it announces a fixed
+# window and, unless TcpConfig.recv_wscale says otherwise, Linux's usual
+# shift; the connection made from the cookie keeps to both.
+COOKIE_WINDOW = 65535
+COOKIE_WSCALE = 7
+# A cookie SYN-ACK's TSval carries the options the SYN offered in its low
+# bits (the peer echoes it in TSecr): the peer's window shift (15: none,
+# shifts never exceed MAX_WSCALE = 14) and SACK-permitted.
+_TS_OPTION_BITS = 5
+_TS_OPTION_MASK = (1 << _TS_OPTION_BITS) - 1
+_TS_NO_WSCALE = 0xF
+_TS_SACK = 0x10
 
 
 class Listener:
     """A passive socket.  `accept_buffers(remote_ip, remote_port)` returns
     (send_buf, recv_buf, owner) for a new connection or None to refuse it;
-    `owner` is the caller's handle, kept on the connection as `conn.owner`."""
+    `owner` is the caller's handle, kept on the connection as `conn.owner`.
+    It is called when a SYN is taken into the backlog, or, for a SYN that
+    was answered with a cookie, when the ACK carrying the cookie arrives."""
 
-    __slots__ = ("port", "backlog", "accept_buffers", "pending")
+    __slots__ = ("port", "backlog", "accept_buffers", "pending", "cookies_sent_at")
 
     def __init__(self, port, backlog, accept_buffers):
         self.port = port
         self.backlog = backlog
         self.accept_buffers = accept_buffers
         self.pending = 0  # connections in SYN_RECEIVED
+        self.cookies_sent_at = None  # last time the backlog overflowed into cookies
 
 
 class TcpHost:
-    def __init__(self, ip: int, config: TcpConfig | None = None, rng: random.Random | None = None):
+    """`rng` draws the host's secret and random port starts; pass a seeded
+    random.Random for reproducible tests.  `max_connections` (None: no
+    limit) bounds the connection table: beyond it connect() raises
+    OSError(ENOBUFS) and SYNs are dropped."""
+
+    def __init__(self, ip: int, config: TcpConfig | None = None,
+                 rng: random.Random | None = None, max_connections: int | None = None):
         self.ip = ip
         self.config = config or TcpConfig()
         self.rng = rng or random.SystemRandom()
+        self.secrets = TcpSecrets(self.rng.getrandbits(256).to_bytes(32, "big"))
+        self.challenge_acks = ChallengeAckLimiter(self.config.challenge_ack_limit, self.rng)
+        self.max_connections = max_connections
+        self._port_counter = 0  # RFC 6056 algorithm 3's next_ephemeral
         self.listeners: dict[int, Listener] = {}
         self.bound_ports: set[int] = set()
         self.connections: dict[tuple[int, int, int], TcpConnection] = {}  # (local_port, remote_ip, remote_port)
@@ -63,14 +98,17 @@ class TcpHost:
         (TIME_WAIT) keep their 4-tuples, which connect_ephemeral avoids."""
         self.bound_ports.discard(port)
 
-    def _ephemeral_port(self, usable) -> int:
-        # RFC 6056 algorithm 1: random start, then linear probe.
+    def _ephemeral_port(self, usable, start=None) -> int:
+        """The first usable port from `start` on (RFC 6056 algorithm 1, a
+        random start, when None: bind() knows no destination yet)."""
         span = len(EPHEMERAL_PORTS)
-        start = self.rng.randrange(span)
+        if start is None:
+            start = self.rng.randrange(span)
         for i in range(span):
             port = EPHEMERAL_PORTS[(start + i) % span]
             if usable(port):
                 self.bound_ports.add(port)
+                self._port_counter += i + 1
                 return port
         raise OSError(errno.EADDRNOTAVAIL, "no free local port")
 
@@ -85,23 +123,41 @@ class TcpHost:
         self.listeners.pop(port, None)
 
     def connect(self, local_port, remote_ip, remote_port, send_buf, recv_buf, owner, now) -> TcpConnection:
+        """Active open.  Raises OSError: EADDRINUSE if the 4-tuple is taken,
+        ENOBUFS at max_connections."""
         key = (local_port, remote_ip, remote_port)
         if key in self.connections:
             raise OSError(errno.EADDRINUSE, "connection exists")
-        conn = TcpConnection.connect(self.config, self.ip, local_port, remote_ip, remote_port,
-                                     send_buf, recv_buf, self._iss(), now)
+        if self._full():
+            self.count("tcp_connection_limit")
+            raise OSError(errno.ENOBUFS, "connection table full")
+        secrets = self.secrets
+        conn = TcpConnection.connect(
+            self.config, self.ip, local_port, remote_ip, remote_port, send_buf, recv_buf,
+            secrets.isn(self.ip, local_port, remote_ip, remote_port, now), now,
+            secrets.timestamp_offset(self.ip, local_port, remote_ip, remote_port))
         conn.owner = owner
+        conn.challenge_acks = self.challenge_acks
         self.connections[key] = conn
         self.after(conn, now)
         return conn
 
     def connect_ephemeral(self, remote_ip, remote_port, send_buf, recv_buf, owner, now) -> TcpConnection:
+        """Active open from a port chosen by RFC 6056 algorithm 3: a keyed
+        hash of the destination picks where the search starts, so ports are
+        unpredictable off-path yet successive connections to one
+        destination do not collide with its TIME_WAIT 4-tuples."""
+        if self._full():
+            self.count("tcp_connection_limit")
+            raise OSError(errno.ENOBUFS, "connection table full")
+        offset = self.secrets.port_offset(self.ip, remote_ip, remote_port)
         port = self._ephemeral_port(
-            lambda p: p not in self.bound_ports and (p, remote_ip, remote_port) not in self.connections)
+            lambda p: p not in self.bound_ports and (p, remote_ip, remote_port) not in self.connections,
+            (offset + self._port_counter) % len(EPHEMERAL_PORTS))
         return self.connect(port, remote_ip, remote_port, send_buf, recv_buf, owner, now)
 
-    def _iss(self) -> int:
-        return self.rng.getrandbits(32)
+    def _full(self) -> bool:
+        return self.max_connections is not None and len(self.connections) >= self.max_connections
 
     # -- input -----------------------------------------------------------
 
@@ -120,9 +176,15 @@ class TcpHost:
                 return
             self._forget(conn)
         listener = self.listeners.get(seg.dst_port)
-        if listener is not None and seg.flags & (SYN | ACK | RST) == SYN:
-            self._passive_open(listener, src_ip, seg, now)
-            return
+        if listener is not None:
+            flags = seg.flags & (SYN | ACK | RST)
+            if flags == SYN:
+                self._passive_open(listener, src_ip, seg, now)
+                return
+            if (flags == ACK and listener.cookies_sent_at is not None
+                    and now - listener.cookies_sent_at < COOKIE_MAX_AGE * COOKIE_PERIOD
+                    and self._open_from_cookie(listener, src_ip, seg, now)):
+                return
         self.count("tcp_no_socket")
         reply = reset_for(seg)
         if reply is not None:
@@ -137,20 +199,109 @@ class TcpHost:
 
     def _passive_open(self, listener: Listener, src_ip: int, syn: TcpSegment, now: float) -> None:
         if listener.pending >= listener.backlog:
-            self.count("tcp_syn_backlog_full")
+            if self.config.syn_cookies:
+                self._send_cookie(listener, src_ip, syn, now)
+            else:
+                self.count("tcp_syn_backlog_full")
+            return
+        if self._full():
+            self.count("tcp_connection_limit")
             return
         accepted = listener.accept_buffers(src_ip, syn.src_port)
         if accepted is None:
             self.count("tcp_accept_refused")
             return
         send_buf, recv_buf, owner = accepted
-        conn = TcpConnection.accept(self.config, self.ip, syn.dst_port, src_ip, syn.src_port, syn,
-                                    send_buf, recv_buf, self._iss(), now)
+        secrets = self.secrets
+        local_port, remote_port = syn.dst_port, syn.src_port
+        conn = TcpConnection.accept(
+            self.config, self.ip, local_port, src_ip, remote_port, syn, send_buf, recv_buf,
+            secrets.isn(self.ip, local_port, src_ip, remote_port, now), now,
+            secrets.timestamp_offset(self.ip, local_port, src_ip, remote_port))
+        self._adopt(conn, listener, owner, now)
+
+    def _adopt(self, conn: TcpConnection, listener: Listener, owner, now: float) -> None:
         conn.owner = owner
         conn.listener = listener
+        conn.challenge_acks = self.challenge_acks
         listener.pending += 1
-        self.connections[(syn.dst_port, src_ip, syn.src_port)] = conn
+        self.connections[(conn.local_port, conn.remote_ip, conn.remote_port)] = conn
         self.after(conn, now)
+
+    # -- SYN cookies -------------------------------------------------------
+
+    def _cookie_wscale(self) -> int:
+        config = self.config
+        return config.recv_wscale if config.recv_wscale is not None else COOKIE_WSCALE
+
+    def _send_cookie(self, listener: Listener, src_ip: int, syn: TcpSegment, now: float) -> None:
+        """Answer `syn` with a SYN-ACK whose ISN is a cookie, keeping nothing."""
+        config = self.config
+        local_port, remote_port = syn.dst_port, syn.src_port
+        secrets = self.secrets
+        cookie = secrets.syn_cookie(self.ip, local_port, src_ip, remote_port, syn.seq,
+                                    mss_index_for(syn.mss), now)
+        reply = TcpSegment(local_port, remote_port, cookie, seq_add(syn.seq, 1), SYN | ACK,
+                           COOKIE_WINDOW, mss=config.mss)
+        # Without timestamps there is nowhere to keep the other options:
+        # such a connection goes without window scaling and SACK (as Linux).
+        if config.timestamps and syn.timestamp is not None:
+            options = _TS_NO_WSCALE
+            if config.window_scaling and syn.wscale is not None:
+                options = syn.wscale
+                reply.wscale = self._cookie_wscale()
+            if config.sack and syn.sack_permitted:
+                options |= _TS_SACK
+                reply.sack_permitted = True
+            clock = (int(now * 1000) + secrets.timestamp_offset(
+                self.ip, local_port, src_ip, remote_port)) & 0xFFFFFFFF
+            tsval = (clock & ~_TS_OPTION_MASK) | options
+            if tsval > clock:              # never ahead of the clock the connection will use
+                tsval = (tsval - (1 << _TS_OPTION_BITS)) & 0xFFFFFFFF
+            reply.timestamp = (tsval, syn.timestamp[0])
+        listener.cookies_sent_at = now
+        self.count("tcp_syncookies_sent")
+        self._output.append((src_ip, reply.emit(self.ip, src_ip, fill_checksum=False)))
+
+    def _open_from_cookie(self, listener: Listener, src_ip: int, ack: TcpSegment,
+                          now: float) -> bool:
+        """The handshake's ACK for a cookie SYN-ACK: rebuild the SYN from
+        the cookie, then create the connection and its buffers.  False if
+        the cookie is not valid (the caller answers with a RST)."""
+        local_port, remote_port = ack.dst_port, ack.src_port
+        peer_isn = seq_add(ack.seq, -1)
+        iss = seq_add(ack.ack, -1)
+        mss_index = self.secrets.check_syn_cookie(self.ip, local_port, src_ip, remote_port,
+                                                  peer_isn, iss, now)
+        if mss_index is None:
+            self.count("tcp_syncookies_failed")
+            return False
+        if self._full():
+            self.count("tcp_connection_limit")
+            return True                    # valid: let the peer retry rather than reset
+        accepted = listener.accept_buffers(src_ip, remote_port)
+        if accepted is None:
+            self.count("tcp_accept_refused")
+            return True
+        send_buf, recv_buf, owner = accepted
+        syn = TcpSegment(remote_port, local_port, peer_isn, 0, SYN, ack.window,
+                         mss=MSS_TABLE[mss_index])
+        if ack.timestamp is not None and self.config.timestamps:
+            options = ack.timestamp[1] & _TS_OPTION_MASK
+            syn.timestamp = (ack.timestamp[0], 0)
+            peer_wscale = options & _TS_NO_WSCALE
+            if peer_wscale <= MAX_WSCALE:
+                syn.wscale = peer_wscale
+            syn.sack_permitted = bool(options & _TS_SACK)
+        conn = TcpConnection.accept_cookie(
+            self.config, self.ip, local_port, src_ip, remote_port, syn,
+            self._cookie_wscale(), COOKIE_WINDOW, send_buf, recv_buf, iss, now,
+            self.secrets.timestamp_offset(self.ip, local_port, src_ip, remote_port))
+        self.count("tcp_syncookies_accepted")
+        self._adopt(conn, listener, owner, now)
+        conn.on_segment(ack, now)
+        self.after(conn, now)
+        return True
 
     # -- bookkeeping after every call into a connection -------------------
 

@@ -10,12 +10,14 @@ Implemented: handshakes both ways with MSS, window scale (RFC 7323),
 SACK-permitted (RFC 2018) and timestamps negotiated; PAWS; sliding windows
 that never shrink the right edge; out-of-order reassembly with SACK blocks
 sent back; RFC 6298 retransmission timer with Karn's rule or timestamp RTT
-samples; slow start and congestion avoidance from a 10-segment initial
-window (RFC 5681, 6928); fast retransmit and NewReno recovery (RFC 6582)
-with limited transmit (RFC 3042);
-delayed ACKs; Nagle with Minshall's refinement (as Linux) or TCP_NODELAY;
-zero-window probing; keepalive; half-close, simultaneous open and close,
-TIME_WAIT; RFC 5961 challenge ACKs for RST and SYN.
+samples; congestion control from `stack.cc` (CUBIC or NewReno, per
+connection) from a 10-segment initial window (RFC 6928); loss recovery by
+the peer's SACK blocks (RFC 6675: scoreboard, pipe, NextSeg) or, without
+SACK, NewReno (RFC 6582); limited transmit (RFC 3042); delayed ACKs; Nagle
+with Minshall's refinement (as Linux) or TCP_NODELAY; sender and receiver
+silly-window avoidance (RFC 9293 3.8.6.2); zero-window probing; keepalive;
+TCP_USER_TIMEOUT; half-close, simultaneous open and close, TIME_WAIT;
+RFC 5961 (challenge ACKs for RST and SYN, ACK range checks, rate limits).
 
 Buffers are the runtime's (shared-memory rings there, `RingBuffer` in
 tests).  Send buffer: `len(buf)` bytes queued and not yet acknowledged,
@@ -24,9 +26,8 @@ Receive buffer: `space()`, `write(data) -> int`, and `len(buf)` (unread
 bytes: close() resets the connection when some remain, as Linux).  Both may
 change between calls as the application writes and reads.
 
-Not implemented: urgent data (URG is ignored), ECN, SACK-based loss
-recovery on the sending side (received SACK blocks are ignored; loss
-recovery is NewReno), D-SACK, path MTU discovery.
+Not implemented: urgent data (URG is ignored), ECN, D-SACK, RACK, path
+MTU discovery.
 
 Pure ACKs are mostly not sent from inside `on_segment`: the connection notes
 that one is owed, and `take_output()` builds at most one, carrying the latest
@@ -36,7 +37,9 @@ out-of-order data, which gets one duplicate ACK per segment (RFC 5681 4.2).
 """
 import enum
 import errno
+import random
 
+from stack import cc
 from stack.seq import seq_add, seq_diff, seq_ge, seq_gt, seq_le, seq_lt
 from stack.storage import Assembler
 from stack.wire.tcp import ACK, FIN, PSH, RST, SYN, MAX_WSCALE, TcpSegment
@@ -47,6 +50,8 @@ _TIMESTAMP_OPTION_LEN = 12       # NOP, NOP, kind 8 length 10
 _DEFAULT_PEER_MSS = 536          # RFC 9293 3.7.1: no MSS option received
 _MAX_WINDOW = 0xFFFF
 _CLOCK_GRANULARITY = 0.001       # timestamps tick in milliseconds
+_PAWS_IDLE = 24 * 24 * 3600      # RFC 7323 5.5: TS.Recent is invalid after 24 days idle
+_DUPTHRESH = 3                   # RFC 5681 / 6675 DupThresh
 
 
 class TcpConfig:
@@ -72,6 +77,12 @@ class TcpConfig:
     keepidle = 7200.0
     keepintvl = 75.0
     keepcnt = 9
+    user_timeout = 0.0           # TCP_USER_TIMEOUT in seconds; 0: off
+    congestion = "cubic"         # a name from stack.cc.ALGORITHMS (Linux's default)
+    invalid_ack_interval = 0.5   # Linux tcp_invalid_ratelimit: per-connection
+                                 # limit on ACKs answering invalid segments
+    challenge_ack_limit = 1000   # per second and host (Linux tcp_challenge_ack_limit)
+    syn_cookies = True           # answer SYNs with cookies when the backlog is full
     max_ooo_ranges = 32          # out-of-order ranges held for reassembly
 
     def __init__(self, **overrides):
@@ -125,6 +136,33 @@ EV_RESET = 0x10         # reset, refused or timed out; `error` holds the errno
 EV_CLOSED = 0x20        # finished: the runtime can forget the connection
 
 
+class ChallengeAckLimiter:
+    """RFC 5961 section 7: the host-wide budget of challenge ACKs.  Each
+    second's budget is drawn from [limit/2, 3*limit/2), as Linux does since
+    CVE-2016-5696: with a fixed budget an off-path attacker could count the
+    challenge ACKs a victim connection spent and so find its sequence
+    numbers."""
+
+    __slots__ = ("limit", "_rng", "_second", "_left")
+
+    def __init__(self, limit: int, rng: random.Random | None = None):
+        self.limit = limit
+        self._rng = rng or random.SystemRandom()
+        self._second = None
+        self._left = 0
+
+    def allow(self, now: float) -> bool:
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            half = (self.limit + 1) // 2
+            self._left = half + self._rng.randrange(max(self.limit, 1))
+        if self._left <= 0:
+            return False
+        self._left -= 1
+        return True
+
+
 def reset_for(seg: TcpSegment):
     """RFC 9293 3.10.7.1: the reply to `seg` when no connection owns it."""
     if seg.flags & RST:
@@ -139,20 +177,23 @@ class TcpConnection:
     __slots__ = (
         "config", "local_ip", "local_port", "remote_ip", "remote_port",
         "send_buf", "recv_buf", "state", "error", "events", "outbox",
-        "nodelay", "keepalive", "keepidle", "keepintvl", "keepcnt",
+        "nodelay", "keepalive", "keepidle", "keepintvl", "keepcnt", "user_timeout",
+        "challenge_acks",
         # send sequence space
         "iss", "snd_una", "snd_nxt", "snd_max", "snd_wnd", "snd_wl1", "snd_wl2",
         "snd_wscale", "_max_snd_wnd", "_send_base", "_fin_seq", "send_mss", "_snd_sml",
         # congestion control and loss recovery
-        "cwnd", "ssthresh", "_cwnd_acked", "_dupacks", "_in_recovery", "_recover",
-        "srtt", "rttvar", "rto", "_rtt_seq", "_rtt_time", "_retries",
+        "cwnd", "ssthresh", "_cc", "_dupacks", "_in_recovery", "_recover",
+        "_sacked", "_high_rxt",
+        "srtt", "rttvar", "rto", "_rtt_seq", "_rtt_time", "_retries", "_stall_start",
         # receive sequence space
-        "irs", "rcv_nxt", "rcv_adv", "rcv_wscale", "_rcv_mss", "_rcv_buf_size",
+        "irs", "rcv_nxt", "rcv_adv", "rcv_wscale", "_rcv_mss", "_rcv_buf_size", "_sws_threshold",
         "_rcv_unacked", "_last_ack_sent", "_assembler", "_rcv_fin_seq",
         # negotiated options
-        "ts_enabled", "ts_recent", "sack_enabled", "_wscale_ok",
+        "ts_enabled", "ts_recent", "_ts_recent_at", "_ts_offset", "sack_enabled",
+        "_wscale_ok",
         # timers and bookkeeping
-        "_now", "_ack_now", "_retransmit_at", "_delayed_ack_at", "_persist_at",
+        "_now", "_ack_now", "_invalid_ack_at", "_retransmit_at", "_delayed_ack_at", "_persist_at",
         "_persist_backoff", "_probes_unanswered", "_linger_at", "_last_rx",
         "_keepalive_probes", "_orphaned",
         # the runtime's own per-connection fields, never touched here
@@ -161,7 +202,7 @@ class TcpConnection:
 
     def __init__(self, config: TcpConfig, local_ip: int, local_port: int,
                  remote_ip: int, remote_port: int, send_buf, recv_buf, iss: int,
-                 now: float):
+                 now: float, ts_offset: int = 0):
         self.config = config
         self.local_ip = local_ip
         self.local_port = local_port
@@ -178,6 +219,8 @@ class TcpConnection:
         self.keepidle = config.keepidle
         self.keepintvl = config.keepintvl
         self.keepcnt = config.keepcnt
+        self.user_timeout = config.user_timeout
+        self.challenge_acks = None         # a host-wide ChallengeAckLimiter, if any
 
         self.iss = iss
         self.snd_una = iss
@@ -195,16 +238,19 @@ class TcpConnection:
 
         self.cwnd = 0
         self.ssthresh = 1 << 30
-        self._cwnd_acked = 0
+        self._cc = cc.create(config.congestion)
         self._dupacks = 0
         self._in_recovery = False
         self._recover = iss
+        self._sacked = []                  # SACK scoreboard: disjoint [left, right) above snd_una
+        self._high_rxt = iss               # RFC 6675 HighRxt, as the end of that segment
         self.srtt = None
         self.rttvar = 0.0
         self.rto = config.initial_rto
         self._rtt_seq = None               # Karn: sequence number being timed
         self._rtt_time = 0.0
         self._retries = 0
+        self._stall_start = None           # since when data or probes go unanswered
 
         space = recv_buf.space()
         self.irs = 0
@@ -217,8 +263,8 @@ class TcpConnection:
             while shift < MAX_WSCALE and (_MAX_WINDOW << shift) < space:
                 shift += 1
             self.rcv_wscale = shift
-        self._rcv_mss = _DEFAULT_PEER_MSS
         self._rcv_buf_size = space
+        self._set_rcv_mss(_DEFAULT_PEER_MSS)
         self._rcv_unacked = 0              # in-order bytes received since our last ACK
         self._last_ack_sent = 0
         self._assembler = Assembler(config.max_ooo_ranges)
@@ -226,11 +272,14 @@ class TcpConnection:
 
         self.ts_enabled = False
         self.ts_recent = 0
+        self._ts_recent_at = now
+        self._ts_offset = ts_offset
         self.sack_enabled = False
         self._wscale_ok = False
 
         self._now = now
         self._ack_now = False
+        self._invalid_ack_at = None
         self._retransmit_at = None
         self._delayed_ack_at = None
         self._persist_at = None
@@ -248,30 +297,69 @@ class TcpConnection:
 
     @classmethod
     def connect(cls, config, local_ip, local_port, remote_ip, remote_port,
-                send_buf, recv_buf, iss, now) -> "TcpConnection":
+                send_buf, recv_buf, iss, now, ts_offset=0) -> "TcpConnection":
         """Active open: the SYN is in the outbox."""
         conn = cls(config, local_ip, local_port, remote_ip, remote_port,
-                   send_buf, recv_buf, iss, now)
+                   send_buf, recv_buf, iss, now, ts_offset)
         if not config.window_scaling:
             conn.rcv_wscale = 0
         conn.state = SYN_SENT
+        conn._stall_start = now
         conn._send_syn()
         return conn
 
     @classmethod
     def accept(cls, config, local_ip, local_port, remote_ip, remote_port, syn,
-               send_buf, recv_buf, iss, now) -> "TcpConnection":
+               send_buf, recv_buf, iss, now, ts_offset=0) -> "TcpConnection":
         """Passive open from a received SYN: the SYN-ACK is in the outbox and
         carries only the options the SYN offered (plus our MSS, as Linux)."""
+        conn = cls._from_syn(config, local_ip, local_port, remote_ip, remote_port, syn,
+                             send_buf, recv_buf, iss, now, ts_offset)
+        conn._send_syn()
+        return conn
+
+    @classmethod
+    def accept_cookie(cls, config, local_ip, local_port, remote_ip, remote_port, syn,
+                      rcv_wscale, syn_ack_window, send_buf, recv_buf, iss, now,
+                      ts_offset=0) -> "TcpConnection":
+        """Passive open whose SYN-ACK was a SYN cookie sent without state.
+        `syn` is the SYN as the cookie recorded it (sequence number and the
+        options it carried); `rcv_wscale` and `syn_ack_window` are what that
+        SYN-ACK announced.  The connection is in SYN_RECEIVED with nothing
+        to send: feed it the ACK that carried the cookie."""
+        conn = cls._from_syn(config, local_ip, local_port, remote_ip, remote_port, syn,
+                             send_buf, recv_buf, iss, now, ts_offset)
+        if conn._wscale_ok:
+            conn.rcv_wscale = rcv_wscale
+        conn.rcv_adv = seq_add(conn.rcv_nxt, syn_ack_window)
+        conn._last_ack_sent = conn.rcv_nxt
+        conn._retransmit_at = now + conn.rto
+        return conn
+
+    @classmethod
+    def _from_syn(cls, config, local_ip, local_port, remote_ip, remote_port, syn,
+                  send_buf, recv_buf, iss, now, ts_offset) -> "TcpConnection":
         conn = cls(config, local_ip, local_port, remote_ip, remote_port,
-                   send_buf, recv_buf, iss, now)
+                   send_buf, recv_buf, iss, now, ts_offset)
         conn._learn_peer_syn(syn)
         conn.snd_wnd = syn.window          # never scaled in a SYN
         conn._max_snd_wnd = syn.window
         conn.snd_wl1 = syn.seq
         conn.state = SYN_RECEIVED
-        conn._send_syn()
+        conn._stall_start = now
         return conn
+
+    @property
+    def congestion(self) -> str:
+        """The congestion control algorithm's name (TCP_CONGESTION).
+        Assigning another name switches algorithm from the current window
+        on; ValueError for unknown names."""
+        return self._cc.name
+
+    @congestion.setter
+    def congestion(self, name: str) -> None:
+        if name != self._cc.name:
+            self._cc = cc.create(name)
 
     def _learn_peer_syn(self, syn: TcpSegment) -> None:
         """Sequence numbers and options from the peer's SYN or SYN-ACK."""
@@ -291,7 +379,7 @@ class TcpConnection:
         option_bytes = _TIMESTAMP_OPTION_LEN if self.ts_enabled else 0
         peer_mss = syn.mss if syn.mss else _DEFAULT_PEER_MSS
         self.send_mss = max(min(peer_mss, config.mss) - option_bytes, 1)
-        self._rcv_mss = self.send_mss
+        self._set_rcv_mss(self.send_mss)
         self.cwnd = config.initial_window_segments * self.send_mss
 
     def _send_syn(self) -> None:
@@ -349,7 +437,7 @@ class TcpConnection:
             return
         current = seq_diff(self.rcv_adv, self.rcv_nxt)
         if (current <= self._rcv_buf_size // 2
-                and self.recv_buf.space() - current >= self._sws_threshold()):
+                and self.recv_buf.space() - current >= self._sws_threshold):
             self._ack_now = True
 
     def close(self, now: float) -> None:
@@ -436,42 +524,106 @@ class TcpConnection:
 
     def _on_retransmit_timeout(self) -> None:
         self._retransmit_at = None
+        now = self._now
+        if self._stall_start is None:
+            self._stall_start = now - self.rto     # when the head went out, near enough
         self._retries += 1
         self._rtt_seq = None               # Karn: never time a retransmission
         self.rto = min(self.rto * 2, self.config.max_rto)
+        if self._user_timed_out():
+            self._fail(errno.ETIMEDOUT)
+            return
         if self.state == SYN_SENT or self.state == SYN_RECEIVED:
             if self._retries > self.config.syn_retries:
                 self._fail(errno.ETIMEDOUT)
                 return
             self._send_syn()
+            self._clamp_to_user_timeout()
             return
         if self._retries > self.config.retries:
             self._fail(errno.ETIMEDOUT)
             return
         # RFC 5681 (4) and RFC 6582 section 4: collapse to one segment, resend
         # from the first unacknowledged byte, and do not fast-retransmit on
-        # the duplicate ACKs this go-back-N will cause.
-        flight = seq_diff(self.snd_max, self.snd_una)
-        self.ssthresh = max(flight // 2, 2 * self.send_mss)
+        # the duplicate ACKs this go-back-N will cause.  Only the first
+        # timeout of a series, outside a recovery that already reduced the
+        # window, counts as a new congestion event (as Linux).
+        if self._retries == 1 and not self._in_recovery:
+            self._cc.on_congestion(self, seq_diff(self.snd_max, self.snd_una), now)
         self.cwnd = self.send_mss
-        self._cwnd_acked = 0
         self._in_recovery = False
         self._dupacks = 0
         self._recover = self.snd_max
+        # The receiver may have dropped what it SACKed (RFC 2018 section 8):
+        # resend everything, as after a timeout without SACK.
+        self._sacked = []
         self.snd_nxt = self.snd_una
         self._output()
+        self._clamp_to_user_timeout()
+
+    def _user_timed_out(self) -> bool:
+        """TCP_USER_TIMEOUT: data (or our SYN) unacknowledged, or queued
+        behind a zero window, for user_timeout seconds."""
+        return (self.user_timeout > 0 and self._stall_start is not None
+                and self._now - self._stall_start >= self.user_timeout)
+
+    def _clamp_to_user_timeout(self) -> None:
+        """Fire no later than the user timeout, so it is kept to the timer
+        granularity rather than to the next backed-off retransmission."""
+        if self.user_timeout > 0 and self._retransmit_at is not None:
+            give_up = self._stall_start + self.user_timeout
+            if give_up < self._retransmit_at:
+                self._retransmit_at = give_up
 
     def _on_persist_timeout(self) -> None:
+        self._persist_at = None
         self._probes_unanswered += 1
-        if self._probes_unanswered > self.config.retries:
+        if self._user_timed_out() or self._probes_unanswered > self.config.retries:
             self._fail(errno.ETIMEDOUT)
+            return
+        # A window too small to be worth a segment (sender SWS avoidance)
+        # is used anyway once the persist timer runs out (RFC 9293
+        # 3.8.6.2.1, the override timeout); a zero window gets a probe.
+        if self._send_window_filler():
             return
         self._send_probe()
         self._persist_backoff += 1
         self._arm_persist()
 
+    def _send_window_filler(self) -> bool:
+        """Send as much new data as the peer's window takes now, in one
+        segment; False if the window or the queue is empty."""
+        snd_nxt = self.snd_nxt
+        usable = seq_diff(seq_add(self.snd_una, self.snd_wnd), snd_nxt)
+        fin_seq = self._fin_seq
+        data_end = fin_seq if fin_seq is not None else seq_add(self._send_base,
+                                                                len(self.send_buf))
+        unsent = seq_diff(data_end, snd_nxt)
+        size = min(usable, unsent, self.send_mss)
+        if size <= 0:
+            return False
+        flags = ACK
+        if size == unsent:
+            flags = ACK | PSH if fin_seq is None else ACK | PSH | FIN
+        self._segment(snd_nxt, flags, self.send_buf.peek(seq_diff(snd_nxt, self._send_base),
+                                                         size))
+        self.snd_nxt = seq_add(snd_nxt, size + (flags & FIN))
+        if seq_gt(self.snd_nxt, self.snd_max):
+            self.snd_max = self.snd_nxt
+        self._persist_backoff = 0
+        if self._retransmit_at is None:
+            self._retransmit_at = self._now + self.rto
+        return True
+
     def _on_keepalive_timeout(self) -> None:
-        if self._keepalive_probes >= self.keepcnt:
+        # Linux's rule: with TCP_USER_TIMEOUT set, it (not keepcnt) bounds
+        # how long unanswered probes may go on.
+        if self.user_timeout > 0:
+            gave_up = (self._keepalive_probes > 0
+                       and self._now - self._last_rx >= self.user_timeout)
+        else:
+            gave_up = self._keepalive_probes >= self.keepcnt
+        if gave_up:
             self.outbox.append(TcpSegment(self.local_port, self.remote_port, self.snd_nxt,
                                           self.rcv_nxt, RST | ACK, 0))
             self._fail(errno.ETIMEDOUT)
@@ -485,6 +637,8 @@ class TcpConnection:
         self._segment(seq_add(self.snd_una, -1), ACK, b"")
 
     def _arm_persist(self) -> None:
+        if self._stall_start is None:
+            self._stall_start = self._now
         interval = min(max(self.rto, self.config.min_rto) * (1 << self._persist_backoff),
                        self.config.max_rto)
         self._persist_at = self._now + interval
@@ -510,11 +664,16 @@ class TcpConnection:
         seq = seg.seq
         rcv_nxt = self.rcv_nxt
 
-        # PAWS (RFC 7323 5.3): an old timestamp marks an old duplicate.
+        # PAWS (RFC 7323 5.3): an old timestamp marks an old duplicate,
+        # unless TS.Recent itself is too old to compare with (5.5).
         timestamp = seg.timestamp
         if (timestamp is not None and self.ts_enabled and not flags & RST
-                and ((timestamp[0] - self.ts_recent) & _MASK) >= _HALF):
-            self._ack_now = True
+                and ((timestamp[0] - self.ts_recent) & _MASK) >= _HALF
+                and now - self._ts_recent_at <= _PAWS_IDLE):
+            if flags & SYN:
+                self._challenge_ack()
+            else:
+                self._answer_invalid(payload_len or flags & FIN)
             return
 
         # Acceptability (RFC 9293 3.10.7.4), against the window we advertised.
@@ -531,20 +690,24 @@ class TcpConnection:
             acceptable = (0 <= offset < rcv_wnd or 0 <= offset + seg_len - 1 < rcv_wnd
                           or offset == 0)
         if not acceptable:
-            if not flags & RST:
-                self._ack_now = True
-                if state == TIME_WAIT and flags & FIN:
-                    self._linger_at = now + self.config.time_wait
+            if flags & RST:
+                return                     # RFC 5961 3.2: silently dropped
+            if flags & SYN:
+                self._challenge_ack()      # RFC 5961 4.2, whatever the sequence number
+                return
+            self._answer_invalid(seg_len)
+            if state == TIME_WAIT and flags & FIN:
+                self._linger_at = now + self.config.time_wait
             return
 
         if flags & RST:
             if offset == 0:
                 self._reset_by_peer()
             else:
-                self._ack_now = True       # RFC 5961 3.2 challenge ACK
+                self._challenge_ack()      # RFC 5961 3.2: in window but not exact
             return
         if flags & SYN:
-            self._ack_now = True           # RFC 5961 4.2 challenge ACK
+            self._challenge_ack()          # RFC 5961 4.2
             return
         if not flags & ACK:
             return
@@ -553,6 +716,7 @@ class TcpConnection:
         # left edge of what we last acknowledged.
         if timestamp is not None and seq_le(seq, self._last_ack_sent):
             self.ts_recent = timestamp[0]
+            self._ts_recent_at = now
 
         if state == SYN_RECEIVED:
             ack = seg.ack
@@ -644,6 +808,32 @@ class TcpConnection:
         else:
             self._fail(errno.ECONNRESET)
 
+    def _challenge_ack(self) -> None:
+        """RFC 5961: ACK a suspicious RST, SYN or ACK, so that a genuine
+        peer learns where we are, within the rate limits of section 7."""
+        now = self._now
+        last = self._invalid_ack_at
+        if last is not None and now - last < self.config.invalid_ack_interval:
+            return
+        limiter = self.challenge_acks
+        if limiter is not None and not limiter.allow(now):
+            return
+        self._invalid_ack_at = now
+        self._ack_now = True
+
+    def _answer_invalid(self, seg_len: int) -> None:
+        """The duplicate ACK RFC 9293 asks for after an unacceptable segment.
+        Segments without data are answered at most once per
+        invalid_ack_interval, so two ends that disagree cannot ping-pong
+        ACKs forever (Linux tcp_oow_rate_limited)."""
+        if not seg_len:
+            now = self._now
+            last = self._invalid_ack_at
+            if last is not None and now - last < self.config.invalid_ack_interval:
+                return
+            self._invalid_ack_at = now
+        self._ack_now = True
+
     def _process_ack(self, seg: TcpSegment) -> bool:
         """The ACK field and window of an acceptable segment.  Returns False
         if the segment must be dropped."""
@@ -654,15 +844,19 @@ class TcpConnection:
         self._probes_unanswered = 0
         if acked > 0:
             if seq_gt(ack, self.snd_max):
-                self._ack_now = True       # acknowledges data never sent
+                self._challenge_ack()      # RFC 5961 5.2: acknowledges data never sent
                 return False
             self._on_new_ack(seg, ack)
         elif acked == 0:
-            if (snd_una != self.snd_max and not seg.payload
-                    and not seg.flags & (SYN | FIN) and window == self.snd_wnd):
-                self._on_duplicate_ack()
+            if snd_una != self.snd_max:
+                if seg.sack_blocks and self.sack_enabled:
+                    # RFC 6675: a duplicate is an ACK that SACKs new data.
+                    if self._record_sacks(seg.sack_blocks):
+                        self._on_duplicate_ack()
+                elif not seg.payload and not seg.flags & (SYN | FIN) and window == self.snd_wnd:
+                    self._on_duplicate_ack()
         elif acked < -self._max_snd_wnd:
-            self._ack_now = True           # RFC 5961 5.2: ACK far too old
+            self._challenge_ack()          # RFC 5961 5.2: older than any window we saw
             return False
 
         # RFC 9293 3.10.7.4: take the window from the newest segment only.
@@ -698,7 +892,7 @@ class TcpConnection:
 
         timestamp = seg.timestamp
         if self.ts_enabled and timestamp is not None and timestamp[1]:
-            elapsed = (self._ts_now() - timestamp[1]) & _MASK
+            elapsed = (int(now * 1000) + self._ts_offset - timestamp[1]) & _MASK
             if elapsed < _HALF:
                 self._sample_rtt(elapsed / 1000.0)
         elif self._rtt_seq is not None and seq_gt(ack, self._rtt_seq):
@@ -721,8 +915,10 @@ class TcpConnection:
         if seq_lt(self.snd_nxt, ack):
             self.snd_nxt = ack
         self._retries = 0
+        self._stall_start = None
+        if self._sacked or (seg.sack_blocks and self.sack_enabled):
+            self._record_sacks(seg.sack_blocks if self.sack_enabled else ())
 
-        mss = self.send_mss
         if self._in_recovery:
             if seq_ge(ack, self._recover):
                 # Full acknowledgment (RFC 6582 3.2 step 3): deflate to
@@ -731,21 +927,16 @@ class TcpConnection:
                 self.cwnd = self.ssthresh
                 self._in_recovery = False
                 self._dupacks = 0
-            else:
-                # Partial acknowledgment: the next hole is lost too.
+            elif not self.sack_enabled:
+                # NewReno partial acknowledgment: the next hole is lost too.
+                # (With SACK, the scoreboard tells _output what to resend.)
                 self._retransmit_head()
-                self.cwnd = max(self.cwnd - data_acked + mss, mss)
+                self.cwnd = max(self.cwnd - data_acked + self.send_mss, self.send_mss)
         else:
             self._dupacks = 0
             # Grow only while the window is what limits us (RFC 7661 spirit).
-            if 2 * flight_before >= self.cwnd:
-                if self.cwnd < self.ssthresh:
-                    self.cwnd += data_acked
-                else:
-                    self._cwnd_acked += data_acked
-                    if self._cwnd_acked >= self.cwnd:
-                        self._cwnd_acked -= self.cwnd
-                        self.cwnd += mss
+            if data_acked and 2 * flight_before >= self.cwnd:
+                self._cc.on_ack(self, data_acked, now)
 
         if ack == self.snd_max:
             self._retransmit_at = None
@@ -755,17 +946,105 @@ class TcpConnection:
     def _on_duplicate_ack(self) -> None:
         self._dupacks += 1
         if self._in_recovery:
-            self.cwnd += self.send_mss     # each dup ACK: a segment has left
-        elif self._dupacks == 3 and seq_ge(self.snd_una, self._recover):
-            # Fast retransmit, then NewReno fast recovery (RFC 6582 3.2).
-            mss = self.send_mss
-            flight = seq_diff(self.snd_max, self.snd_una)
-            self.ssthresh = max(flight // 2, 2 * mss)
-            self._recover = self.snd_max
-            self._in_recovery = True
+            if not self.sack_enabled:
+                self.cwnd += self.send_mss  # NewReno: each dup ACK, a segment has left
+            return
+        # RFC 6582 section 4: not for losses of a window already recovered.
+        if seq_lt(self.snd_una, self._recover):
+            return
+        if self._dupacks >= _DUPTHRESH or (self._sacked and self._head_lost()):
+            self._enter_recovery()
+
+    def _enter_recovery(self) -> None:
+        """Fast retransmit, then recovery: RFC 6675 with SACK, else NewReno."""
+        mss = self.send_mss
+        snd_una = self.snd_una
+        self._cc.on_congestion(self, seq_diff(self.snd_max, snd_una), self._now)
+        self._recover = self.snd_max
+        self._in_recovery = True
+        if self.sack_enabled:
+            self.cwnd = self.ssthresh
+            self._high_rxt = seq_add(snd_una, self._retransmit_from(snd_una, seq_diff(
+                self.snd_max, snd_una)))
+        else:
             self._retransmit_head()
             self.cwnd = self.ssthresh + 3 * mss
-            self._retransmit_at = self._now + self.rto
+        self._retransmit_at = self._now + self.rto
+
+    # RFC 6675 scoreboard.  Everything in it lies in [snd_una, snd_max]; the
+    # helpers work in offsets from snd_una, which cannot wrap.
+
+    def _record_sacks(self, blocks) -> bool:
+        """Merge the peer's SACK blocks into the scoreboard, dropping what
+        snd_una passed.  Blocks for data never sent, below snd_una (D-SACK)
+        or malformed are ignored.  True if new bytes were SACKed."""
+        snd_una = self.snd_una
+        limit = seq_diff(self.snd_max, snd_una)
+        ranges = []
+        before = 0
+        for left, right in self._sacked:
+            start, end = seq_diff(left, snd_una), seq_diff(right, snd_una)
+            if end > 0:
+                start = max(start, 0)
+                ranges.append((start, end))
+                before += end - start
+        for left, right in blocks:
+            start, end = seq_diff(left, snd_una), seq_diff(right, snd_una)
+            if start < end and 0 < end <= limit:
+                ranges.append((max(start, 0), end))
+        ranges.sort()
+        merged = []
+        after = 0
+        for start, end in ranges:
+            if merged and start <= merged[-1][1]:
+                if end > merged[-1][1]:
+                    after += end - merged[-1][1]
+                    merged[-1][1] = end
+            else:
+                merged.append([start, end])
+                after += end - start
+        self._sacked = [(seq_add(snd_una, start), seq_add(snd_una, end))
+                        for start, end in merged]
+        return after > before
+
+    def _holes(self) -> list:
+        """(start, end, lost) offsets of the unSACKed ranges below the
+        highest SACKed byte.  RFC 6675 IsLost: a hole is lost once DupThresh
+        SACKed ranges, or more than (DupThresh - 1) * SMSS SACKed bytes,
+        lie above it."""
+        snd_una = self.snd_una
+        threshold = (_DUPTHRESH - 1) * self.send_mss
+        sacked = self._sacked
+        holes = []
+        sacked_above = 0
+        for index in range(len(sacked) - 1, -1, -1):
+            start = seq_diff(sacked[index][0], snd_una)
+            sacked_above += seq_diff(sacked[index][1], sacked[index][0])
+            hole_start = seq_diff(sacked[index - 1][1], snd_una) if index else 0
+            if hole_start < start:
+                lost = len(sacked) - index >= _DUPTHRESH or sacked_above > threshold
+                holes.append((hole_start, start, lost))
+        holes.reverse()
+        return holes
+
+    def _head_lost(self) -> bool:
+        holes = self._holes()
+        return bool(holes) and holes[0][0] == 0 and holes[0][2]
+
+    def _pipe(self, holes, retransmitted: int) -> int:
+        """RFC 6675 SetPipe: bytes believed in the network.  Sent and
+        neither SACKed nor lost, plus what was retransmitted (below the
+        offset `retransmitted`, HighRxt) and not SACKed since."""
+        snd_una = self.snd_una
+        pipe = seq_diff(self.snd_max, snd_una)
+        for left, right in self._sacked:
+            pipe -= seq_diff(right, left)
+        for start, end, lost in holes:
+            if lost:
+                pipe -= end - start
+            if start < retransmitted:
+                pipe += min(end, retransmitted) - start
+        return pipe
 
     def _sample_rtt(self, rtt: float) -> None:
         """RFC 6298 section 2."""
@@ -838,7 +1117,8 @@ class TcpConnection:
 
     def _output(self) -> None:
         """Send what the peer's window, cwnd, Nagle and the queue allow,
-        then our FIN once all data is out."""
+        then our FIN once all data is out.  In SACK recovery, lost holes go
+        first and the pipe, not the flight, is held to cwnd (RFC 6675)."""
         if not (1 << self.state) & _SENDING:
             return
         send_buf = self.send_buf
@@ -847,16 +1127,24 @@ class TcpConnection:
         mss = self.send_mss
         fin_seq = self._fin_seq
         data_end = fin_seq if fin_seq is not None else (send_base + len(send_buf)) & _MASK
-        cwnd = self.cwnd
-        if 0 < self._dupacks < 3 and not self._in_recovery and self.snd_nxt == self.snd_max:
-            # Limited transmit (RFC 3042): a new segment per early duplicate
-            # ACK, so a small window can still produce the third one.
-            cwnd += self._dupacks * mss
-        window = self.snd_wnd if self.snd_wnd < cwnd else cwnd
-        window_end = (snd_una + window) & _MASK
-        nagle = not self.nodelay and fin_seq is None
         snd_nxt = self.snd_nxt
+        sack_recovery = self._in_recovery and self.sack_enabled
+        if sack_recovery:
+            budget = self._retransmit_lost()
+            peer_edge = (snd_una + self.snd_wnd) & _MASK
+            budget_edge = (snd_nxt + max(budget, 0)) & _MASK
+            window_end = peer_edge if seq_lt(peer_edge, budget_edge) else budget_edge
+        else:
+            cwnd = self.cwnd
+            if 0 < self._dupacks < _DUPTHRESH and not self._in_recovery and snd_nxt == self.snd_max:
+                # Limited transmit (RFC 3042): a new segment per early
+                # duplicate ACK, so a small window can still produce the third.
+                cwnd += self._dupacks * mss
+            window = self.snd_wnd if self.snd_wnd < cwnd else cwnd
+            window_end = (snd_una + window) & _MASK
+        nagle = not self.nodelay and fin_seq is None
         unsent = ((data_end - snd_nxt + _HALF) & _MASK) - _HALF
+        first_new = snd_nxt
         sent = False
         while unsent > 0:
             size = ((window_end - snd_nxt + _HALF) & _MASK) - _HALF
@@ -867,12 +1155,16 @@ class TcpConnection:
             if size <= 0:
                 break
             if size < mss:
-                if snd_nxt != snd_una:
-                    # Hold a window-limited runt while data is in flight;
-                    # hold a short tail while an earlier short segment is
-                    # unacknowledged (Nagle, Minshall's variant).
-                    if size < unsent or (nagle and seq_gt(self._snd_sml, snd_una)):
+                if size < unsent:
+                    # Sender SWS avoidance (RFC 9293 3.8.6.2.1): a segment
+                    # cut short by the window goes only if it is at least
+                    # half the largest window the peer offered.
+                    if size < self._max_snd_wnd >> 1:
                         break
+                elif nagle and snd_nxt != snd_una and seq_gt(self._snd_sml, snd_una):
+                    # The tail of the queue waits while an earlier short
+                    # segment is unacknowledged (Nagle, Minshall's variant).
+                    break
                 self._snd_sml = (snd_nxt + size) & _MASK
             flags = ACK
             if size == unsent:
@@ -889,33 +1181,84 @@ class TcpConnection:
             self._segment(snd_nxt, ACK | FIN, b"")
             snd_nxt = (snd_nxt + 1) & _MASK
             sent = True
+        if sack_recovery and not sent:
+            # NextSeg rule 3: no new data could go, so resend a hole not
+            # yet deemed lost.
+            sent = self._retransmit_unlost(budget)
         if not sent:
             if (unsent > 0 and snd_nxt == snd_una and self._retransmit_at is None
                     and self._persist_at is None):
-                self._arm_persist()       # zero window, nothing in flight
+                self._arm_persist()       # zero or silly window, nothing in flight
             return
-        self.snd_nxt = snd_nxt
-        if seq_gt(snd_nxt, self.snd_max):
-            self.snd_max = snd_nxt
+        if snd_nxt != first_new:
+            self.snd_nxt = snd_nxt
+            if seq_gt(snd_nxt, self.snd_max):
+                self.snd_max = snd_nxt
         self._persist_at = None
         if self._retransmit_at is None:
             self._retransmit_at = self._now + self.rto
 
+    def _retransmit_lost(self) -> int:
+        """NextSeg rule 1 (RFC 6675 section 4): resend the lost holes above
+        HighRxt while cwnd exceeds the pipe by a segment.  Returns what is
+        left of cwnd - pipe."""
+        mss = self.send_mss
+        holes = self._holes()
+        retransmitted = seq_diff(self._high_rxt, self.snd_una)
+        if retransmitted < 0:
+            retransmitted = 0
+        budget = self.cwnd - self._pipe(holes, retransmitted)
+        snd_una = self.snd_una
+        for start, end, lost in holes:
+            if not lost or budget < mss:
+                break                      # holes above a kept one are kept too
+            position = start if start > retransmitted else retransmitted
+            while position < end and budget >= mss:
+                used = self._retransmit_from(seq_add(snd_una, position), end - position)
+                if not used:
+                    break
+                position += used
+                budget -= used
+                retransmitted = position
+        self._high_rxt = seq_add(snd_una, retransmitted)
+        return budget
+
+    def _retransmit_unlost(self, budget: int) -> bool:
+        """NextSeg rule 3: one segment from the first hole above HighRxt,
+        lost or not; True if one was sent."""
+        if budget < self.send_mss:
+            return False
+        snd_una = self.snd_una
+        retransmitted = max(seq_diff(self._high_rxt, snd_una), 0)
+        for start, end, _ in self._holes():
+            position = start if start > retransmitted else retransmitted
+            if position < end:
+                used = self._retransmit_from(seq_add(snd_una, position), end - position)
+                self._high_rxt = seq_add(snd_una, position + used)
+                return used > 0
+        return False
+
     def _retransmit_head(self) -> None:
         """Resend the first unacknowledged segment (fast retransmit, partial ACK)."""
-        seq = self.snd_una
+        outstanding = seq_diff(self.snd_max, self.snd_una)
+        if outstanding > 0:
+            self._retransmit_from(self.snd_una, outstanding)
+
+    def _retransmit_from(self, seq: int, limit: int) -> int:
+        """Resend up to one segment from `seq`, no more than `limit`
+        sequence numbers; returns how many it covered (0: nothing to send)."""
         fin_seq = self._fin_seq
-        outstanding = seq_diff(self.snd_max, seq)
-        if outstanding <= 0:
-            return
         data_end = seq_add(self._send_base, len(self.send_buf))
-        size = min(self.send_mss, max(seq_diff(data_end, seq), 0), outstanding)
+        size = min(self.send_mss, max(seq_diff(data_end, seq), 0), limit)
         flags = ACK
-        if fin_seq is not None and seq_add(seq, size) == fin_seq and outstanding > size:
+        if fin_seq is not None and seq_add(seq, size) == fin_seq and limit > size:
             flags |= FIN
+        elif not size:
+            return 0
         payload = self.send_buf.peek(seq_diff(seq, self._send_base), size) if size else b""
         self._rtt_seq = None               # Karn
         self._segment(seq, flags, payload)
+        return size + (flags & FIN)
 
     def _segment(self, seq: int, flags: int, payload) -> None:
         """Queue a segment that carries our current ACK, window and options."""
@@ -923,7 +1266,8 @@ class TcpConnection:
         segment = TcpSegment(self.local_port, self.remote_port, seq, rcv_nxt, flags,
                              self._advertise_window(), payload)
         if self.ts_enabled:
-            segment.timestamp = (int(self._now * 1000) & _MASK, self.ts_recent)
+            segment.timestamp = ((int(self._now * 1000) + self._ts_offset) & _MASK,
+                                 self.ts_recent)
         if self.sack_enabled and self._assembler:
             blocks = self._assembler.sack_blocks(3 if self.ts_enabled else 4)
             segment.sack_blocks = tuple(((rcv_nxt + left) & _MASK, (rcv_nxt + right) & _MASK)
@@ -947,7 +1291,7 @@ class TcpConnection:
         if current < 0:
             current = 0
         window = self.recv_buf.space()
-        if window - current < self._sws_threshold():
+        if window - current < self._sws_threshold:
             window = current
         raw = window >> shift
         if raw > _MAX_WINDOW:
@@ -957,12 +1301,14 @@ class TcpConnection:
         self.rcv_adv = (rcv_nxt + (raw << shift)) & _MASK
         return raw
 
-    def _sws_threshold(self) -> int:
-        half = self._rcv_buf_size // 2
-        return half if half < self._rcv_mss else self._rcv_mss
+    def _set_rcv_mss(self, mss: int) -> None:
+        self._rcv_mss = mss
+        # Receiver SWS threshold, min(buffer/2, MSS), kept because every
+        # segment sent needs it.
+        self._sws_threshold = min(self._rcv_buf_size // 2, mss)
 
     def _ts_now(self) -> int:
-        return int(self._now * 1000) & _MASK
+        return (int(self._now * 1000) + self._ts_offset) & _MASK
 
     # ----------------------------------------------------------- closing
 

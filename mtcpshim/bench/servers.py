@@ -13,7 +13,6 @@ anything left in that session is killed.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import pathlib
 import signal
@@ -179,17 +178,13 @@ def kernel_address() -> Iterator[None]:
 
 @contextlib.contextmanager
 def interface_lock() -> Iterator[None]:
-    """The lock file `mtcpshim run` takes for the test network's interface
-    (see launcher._claim_interface), so the two exclude each other."""
-    os.makedirs(launcher.LOCK_DIR, exist_ok=True)
-    path = os.path.join(launcher.LOCK_DIR, f"{NET.srv_ns}-{NET.srv_if}.lock")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    """The lock `mtcpshim run` takes for the test network's interface, so the
+    kernel-stack runs and a stack exclude each other."""
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise BenchError(f"an mtcpshim stack already serves {NET.srv_if} in {NET.srv_ns}: "
-                             "stop it before benchmarking") from None
+        fd = launcher.claim_interface(NET.srv_ns, NET.srv_if)
+    except launcher.LaunchError as err:
+        raise BenchError(f"{err}: stop it before benchmarking") from None
+    try:
         yield
     finally:
         os.close(fd)

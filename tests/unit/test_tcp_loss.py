@@ -1,4 +1,5 @@
-"""Loss recovery: retransmission timeout with backoff, fast retransmit, NewReno."""
+"""Loss recovery: retransmission timeout with backoff, fast retransmit, NewReno
+without SACK, RFC 6675 with it."""
 import errno
 
 import pytest
@@ -49,8 +50,9 @@ def test_timeout_restarts_from_one_segment_and_goes_back_n(tcp_established):
                         t.tx(ACK, t.L + 1 + 2 * MSS, t.R + 1, data[2 * MSS:3 * MSS])]
 
 
-def test_fast_retransmit_and_newreno_recovery(tcp_established):
-    t = tcp_established
+def test_fast_retransmit_and_newreno_recovery(make_tcp_trace):
+    t = make_tcp_trace(config=TcpConfig(timestamps=False, congestion="reno"))
+    t.establish()
     data = b"".join(bytes([65 + i]) * MSS for i in range(12))
     t.write(data[:10 * MSS])
     sent = t.recv()

@@ -1,0 +1,145 @@
+"""Congestion control: NewReno (RFC 5681, 6582) and CUBIC (RFC 9438).
+
+A controller decides how the congestion window grows and how far it falls.
+The connection keeps `cwnd` and `ssthresh` (bytes) in its own fields, where
+the send path reads them without an indirection, and calls the controller:
+
+  on_ack(conn, acked, now)            `acked` new bytes were cumulatively
+                                      acknowledged while cwnd limited the
+                                      sender and no loss was being repaired:
+                                      grow conn.cwnd.
+  on_congestion(conn, flight, now)    a loss was detected (fast retransmit,
+                                      or the first timeout of a series) with
+                                      `flight` bytes outstanding: set
+                                      conn.ssthresh.  The connection then
+                                      sets cwnd as its recovery requires.
+
+Both grow the window the same way below ssthresh (slow start, counting
+bytes as Linux does, RFC 3465); they differ in congestion avoidance and in
+the reduction.  `create(name)` builds one by its Linux name, which is what
+TCP_CONGESTION carries.
+"""
+
+# RFC 9438 section 4.1 constants: window in segments, time in seconds.
+_CUBIC_C = 0.4
+_CUBIC_BETA = 0.7
+_CUBIC_ALPHA = 3 * (1 - _CUBIC_BETA) / (1 + _CUBIC_BETA)
+
+
+def _slow_start(conn, acked: int) -> int:
+    """Grow cwnd by the bytes acknowledged, up to ssthresh; return the
+    acknowledged bytes left over for congestion avoidance."""
+    cwnd = conn.cwnd
+    ssthresh = conn.ssthresh
+    if cwnd >= ssthresh:
+        return acked
+    grown = cwnd + acked
+    if grown <= ssthresh:
+        conn.cwnd = grown
+        return 0
+    conn.cwnd = ssthresh
+    return grown - ssthresh
+
+
+class NewReno:
+    """RFC 5681: one segment per window of acknowledged data in congestion
+    avoidance; half the flight on loss.  The fast-recovery part (RFC 6582)
+    lives in the connection, which owns retransmission."""
+
+    name = "reno"
+    __slots__ = ("_acked",)
+
+    def __init__(self):
+        self._acked = 0                    # bytes acknowledged toward the next increment
+
+    def on_ack(self, conn, acked: int, now: float) -> None:
+        acked = _slow_start(conn, acked)
+        if not acked:
+            return
+        self._acked += acked
+        cwnd = conn.cwnd
+        if self._acked >= cwnd:
+            self._acked -= cwnd
+            conn.cwnd = cwnd + conn.send_mss
+
+    def on_congestion(self, conn, flight: int, now: float) -> None:
+        conn.ssthresh = max(flight // 2, 2 * conn.send_mss)
+        self._acked = 0
+
+
+class Cubic:
+    """RFC 9438.  After a reduction the window follows the cubic
+    W(t) = C (t - K)^3 + W_max, concave up to the window where the loss
+    happened, then convex beyond it; never slower than the Reno estimate
+    W_est (section 4.3).  Windows here are in segments, as in the RFC."""
+
+    name = "cubic"
+    __slots__ = ("_w_max", "_k", "_epoch_start", "_w_est", "_cwnd_prior")
+
+    def __init__(self):
+        self._w_max = 0.0                  # window before the last reduction
+        self._k = 0.0                      # seconds from epoch start to reach _w_max
+        self._epoch_start = None           # start of the current avoidance epoch
+        self._w_est = 0.0                  # Reno-friendly estimate
+        self._cwnd_prior = 0.0             # window when ssthresh was last set
+
+    def on_ack(self, conn, acked: int, now: float) -> None:
+        acked = _slow_start(conn, acked)
+        if not acked:
+            return
+        mss = conn.send_mss
+        window = conn.cwnd / mss
+        if self._epoch_start is None:
+            self._epoch_start = now
+            self._w_est = window
+            if window < self._w_max:
+                self._k = ((self._w_max - window) / _CUBIC_C) ** (1 / 3)
+            else:
+                self._k = 0.0
+                self._w_max = window
+        elapsed = now - self._epoch_start
+        segments = acked / mss
+        alpha = 1.0 if self._w_est >= self._cwnd_prior else _CUBIC_ALPHA
+        self._w_est += alpha * segments / window
+        cubic = _CUBIC_C * (elapsed - self._k) ** 3 + self._w_max
+        if cubic < self._w_est:
+            target = self._w_est           # Reno-friendly region
+            window = max(window, target)
+        else:
+            # Aim at where the curve will be one RTT from now (section 4.2),
+            # never more than 1.5 times the current window.
+            rtt = conn.srtt or 0.0
+            target = _CUBIC_C * (elapsed + rtt - self._k) ** 3 + self._w_max
+            if target < window:
+                target = window
+            elif target > 1.5 * window:
+                target = 1.5 * window
+            window += (target - window) / window * segments
+        grown = int(window * mss)
+        if grown > conn.cwnd:
+            conn.cwnd = grown
+
+    def on_congestion(self, conn, flight: int, now: float) -> None:
+        mss = conn.send_mss
+        window = conn.cwnd / mss
+        # Fast convergence (section 4.7): a flow whose window keeps falling
+        # releases bandwidth to newcomers by aiming lower.
+        if window < self._w_max:
+            self._w_max = window * (1 + _CUBIC_BETA) / 2
+        else:
+            self._w_max = window
+        self._cwnd_prior = window
+        self._epoch_start = None
+        conn.ssthresh = max(int(conn.cwnd * _CUBIC_BETA), 2 * mss)
+
+
+ALGORITHMS = {NewReno.name: NewReno, Cubic.name: Cubic}
+
+
+def create(name: str):
+    """A fresh controller by its Linux name ("reno", "cubic"); ValueError
+    for others (the runtime answers TCP_CONGESTION with ENOENT, as Linux)."""
+    try:
+        return ALGORITHMS[name]()
+    except KeyError:
+        raise ValueError(f"unknown congestion control {name!r}") from None

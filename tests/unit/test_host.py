@@ -1,0 +1,260 @@
+"""The endpoint table: RFC 6528 ISNs, RFC 6056 ports, the SYN backlog and
+SYN cookies, and limits that refuse cleanly.  Traces go through
+TcpHost.receive as wire bytes, as the runtime delivers them."""
+import errno
+import random
+
+import pytest
+
+from stack.host import COOKIE_WINDOW, COOKIE_WSCALE, EPHEMERAL_PORTS, TcpHost
+from stack.isn import COOKIE_PERIOD, ISN_CLOCK_HZ, MSS_TABLE, TcpSecrets, mss_index_for
+from stack.storage import RingBuffer
+from stack.tcp import TcpConfig, TcpState
+from stack.wire.tcp import ACK, PSH, RST, SYN, TcpSegment
+
+HOST_IP = 0xC6120002
+PEER_IP = 0xC6120001
+PORT = 80
+
+
+class Peer:
+    """Scripted clients in front of one host with one listener."""
+
+    def __init__(self, config=None, backlog=4, refuse=False, **host_options):
+        self.host = TcpHost(HOST_IP, config or TcpConfig(), random.Random(1), **host_options)
+        self.accepted = []                                # (remote_port, owner) per accept_buffers
+        self.refuse = refuse
+        self.listener = self.host.listen(PORT, backlog, self.accept_buffers)
+        self.listener.backlog = backlog                   # 0: every SYN gets a cookie
+        self.now = 0.0
+
+    def accept_buffers(self, remote_ip, remote_port):
+        if self.refuse:
+            return None
+        owner = f"socket-{len(self.accepted)}"
+        self.accepted.append((remote_port, owner))
+        return RingBuffer(65536), RingBuffer(65536), owner
+
+    def send(self, segment, src_ip=PEER_IP):
+        self.host.receive(src_ip, HOST_IP, segment.emit(src_ip, HOST_IP), self.now)
+
+    def recv(self):
+        return [TcpSegment.parse(wire, HOST_IP, dst, verify_checksum=False)
+                for dst, wire in self.host.take_output()]
+
+
+def syn(port, seq=1000, **options):
+    return TcpSegment(port, PORT, seq, 0, SYN, 64240, **options)
+
+
+# -- initial sequence numbers and ports -------------------------------------
+
+def test_isn_is_a_keyed_hash_of_the_four_tuple_plus_a_4us_clock():
+    secrets = TcpSecrets(bytes(range(32)))
+    first = secrets.isn(HOST_IP, 80, PEER_IP, 40000, 10.0)
+    # The clock part: 4 us ticks.
+    assert secrets.isn(HOST_IP, 80, PEER_IP, 40000, 10.0 + 1 / ISN_CLOCK_HZ) == first + 1
+    assert (secrets.isn(HOST_IP, 80, PEER_IP, 40000, 11.0) - first) % 2**32 == ISN_CLOCK_HZ
+    # Another port, another secret: unrelated offsets.
+    assert secrets.isn(HOST_IP, 80, PEER_IP, 40001, 10.0) != first
+    assert TcpSecrets(bytes(32)).isn(HOST_IP, 80, PEER_IP, 40000, 10.0) != first
+    # The clock wraps modulo 2**32 (about every 4.77 hours).
+    assert secrets.isn(HOST_IP, 80, PEER_IP, 40000, 10.0 + 2**32 / ISN_CLOCK_HZ) == first
+
+
+def test_host_connections_start_at_the_rfc6528_isn():
+    host = TcpHost(HOST_IP, rng=random.Random(3))
+    conn = host.connect(45000, PEER_IP, 80, RingBuffer(1000), RingBuffer(1000), None, 5.0)
+    assert conn.iss == host.secrets.isn(HOST_IP, 45000, PEER_IP, 80, 5.0)
+    (wire,) = [w for _, w in host.take_output()]
+    assert TcpSegment.parse(wire, HOST_IP, PEER_IP, verify_checksum=False).seq == conn.iss
+
+
+def test_ephemeral_ports_follow_rfc6056_algorithm_3():
+    host = TcpHost(HOST_IP, rng=random.Random(4))
+
+    def open_to(remote_port):
+        return host.connect_ephemeral(PEER_IP, remote_port, RingBuffer(100), RingBuffer(100),
+                                      None, 0.0).local_port
+
+    span = len(EPHEMERAL_PORTS)
+    offset = host.secrets.port_offset(HOST_IP, PEER_IP, 80)
+    # One destination: the hashed offset, then on by the shared counter.
+    assert open_to(80) == EPHEMERAL_PORTS[offset % span]
+    assert open_to(80) == EPHEMERAL_PORTS[(offset + 1) % span]
+    # Another destination starts from its own offset.
+    other = host.secrets.port_offset(HOST_IP, PEER_IP, 443)
+    assert open_to(443) == EPHEMERAL_PORTS[(other + 2) % span]
+
+
+def test_timestamps_start_at_a_per_connection_offset():
+    host = TcpHost(HOST_IP, rng=random.Random(5))
+    conn = host.connect(45000, PEER_IP, 80, RingBuffer(1000), RingBuffer(1000), None, 2.0)
+    (wire,) = [w for _, w in host.take_output()]
+    tsval = TcpSegment.parse(wire, HOST_IP, PEER_IP, verify_checksum=False).timestamp[0]
+    offset = host.secrets.timestamp_offset(HOST_IP, 45000, PEER_IP, 80)
+    assert tsval == (2000 + offset) % 2**32
+    assert conn.state == TcpState.SYN_SENT
+
+
+# -- SYN backlog and cookies ------------------------------------------------
+
+def test_syns_beyond_the_backlog_get_cookies_and_keep_no_state():
+    peer = Peer(backlog=2)
+    for port in range(40000, 40100):
+        peer.send(syn(port))
+    replies = peer.recv()
+    assert len(replies) == 100 and all(r.flags == SYN | ACK for r in replies)
+    # Two connections and two buffer sets: the backlog.  The rest are cookies.
+    assert len(peer.host.connections) == 2
+    assert len(peer.accepted) == 2
+    assert peer.host.counters["tcp_syncookies_sent"] == 98
+
+
+def test_cookie_ack_creates_the_connection_and_asks_for_buffers_then():
+    peer = Peer(backlog=0)
+    peer.send(syn(40000, seq=2**32 - 1, mss=1400))       # the peer's ISN wraps
+    (syn_ack,) = peer.recv()
+    assert syn_ack.ack == 0
+    assert peer.host.connections == {} and peer.accepted == []
+    peer.now = 0.05
+    peer.send(TcpSegment(40000, PORT, 0, (syn_ack.seq + 1) % 2**32, ACK | PSH, 502, b"GET /"))
+    (conn,) = peer.host.connections.values()
+    assert peer.accepted == [(40000, "socket-0")]
+    assert conn.owner == "socket-0"
+    assert conn.state == TcpState.ESTABLISHED
+    assert conn.send_mss == MSS_TABLE[mss_index_for(1400)] == 1300
+    assert conn.recv_buf.read(100) == b"GET /"
+    assert conn in peer.host.touched
+    assert peer.host.counters["tcp_syncookies_accepted"] == 1
+
+
+def test_cookie_keeps_window_scale_and_sack_in_the_timestamp():
+    peer = Peer(backlog=0)
+    peer.send(syn(40000, mss=1460, wscale=9, sack_permitted=True, timestamp=(777, 0)))
+    (syn_ack,) = peer.recv()
+    assert (syn_ack.wscale, syn_ack.sack_permitted, syn_ack.window) == (
+        COOKIE_WSCALE, True, COOKIE_WINDOW)
+    tsval = syn_ack.timestamp[0]
+    peer.send(TcpSegment(40000, PORT, 1001, syn_ack.seq + 1, ACK, 100,
+                         timestamp=(778, tsval)))
+    (conn,) = peer.host.connections.values()
+    assert (conn.snd_wscale, conn.rcv_wscale, conn.sack_enabled, conn.ts_enabled) == (
+        9, COOKIE_WSCALE, True, True)
+    assert conn.snd_wnd == 100 << 9
+    assert conn.ts_recent == 778
+    assert conn.send_mss == 1460 - 12
+
+
+def test_cookie_without_timestamps_goes_without_scaling_and_sack():
+    peer = Peer(backlog=0)
+    peer.send(syn(40000, mss=1460, wscale=9, sack_permitted=True))
+    (syn_ack,) = peer.recv()
+    assert (syn_ack.wscale, syn_ack.sack_permitted) == (None, False)
+    peer.send(TcpSegment(40000, PORT, 1001, syn_ack.seq + 1, ACK, 100))
+    (conn,) = peer.host.connections.values()
+    assert (conn.snd_wscale, conn.rcv_wscale, conn.sack_enabled) == (0, 0, False)
+
+
+@pytest.mark.parametrize("tamper", ["cookie", "peer_seq", "port", "age"])
+def test_invalid_cookie_is_reset(tamper):
+    peer = Peer(backlog=0)
+    peer.send(syn(40000))
+    (syn_ack,) = peer.recv()
+    seq, ack, port = 1001, syn_ack.seq + 1, 40000
+    if tamper == "cookie":
+        ack += 1 << 12                                    # a bit of the keyed hash
+    elif tamper == "peer_seq":
+        seq += 1
+    elif tamper == "port":
+        port += 1
+    else:
+        peer.now += 2 * COOKIE_PERIOD
+    peer.send(TcpSegment(port, PORT, seq, ack % 2**32, ACK, 100))
+    assert peer.host.connections == {}
+    assert [r.flags for r in peer.recv()] == [RST]
+    assert peer.accepted == []
+
+
+def test_acks_are_not_taken_for_cookies_unless_cookies_were_sent():
+    peer = Peer(backlog=4)
+    secrets = peer.host.secrets
+    cookie = secrets.syn_cookie(HOST_IP, PORT, PEER_IP, 40000, 1000, 0, peer.now)
+    peer.send(TcpSegment(40000, PORT, 1001, cookie + 1, ACK, 100))
+    assert peer.host.connections == {}
+    assert peer.host.counters["tcp_no_socket"] == 1
+
+
+def test_legitimate_client_connects_during_a_flood():
+    peer = Peer(backlog=8)
+    flood = random.Random(9)
+    for _ in range(2000):                                 # spoofed sources, never ACKed
+        peer.send(syn(flood.randrange(1024, 65536), seq=flood.getrandbits(32)),
+                  src_ip=0xC6130000 | flood.getrandbits(16))
+        if flood.random() < 0.005:
+            peer.now += 0.001
+    peer.host.take_output()
+    peer.send(syn(50000, seq=77, mss=1460, timestamp=(5, 0)))
+    (syn_ack,) = [r for r in peer.recv() if r.dst_port == 50000]
+    peer.send(TcpSegment(50000, PORT, 78, syn_ack.seq + 1, ACK, 1000,
+                         timestamp=(6, syn_ack.timestamp[0])))
+    conn = peer.host.connections[(PORT, PEER_IP, 50000)]
+    assert conn.state == TcpState.ESTABLISHED
+    assert len(peer.host.connections) == 9                # the backlog plus the client
+    assert len(peer.accepted) == 9
+
+
+def test_without_cookies_a_full_backlog_drops_syns():
+    peer = Peer(config=TcpConfig(syn_cookies=False), backlog=1)
+    peer.send(syn(40000))
+    peer.send(syn(40001))
+    assert len(peer.recv()) == 1
+    assert peer.host.counters["tcp_syn_backlog_full"] == 1
+
+
+# -- limits -----------------------------------------------------------------
+
+def test_refused_buffers_drop_the_syn_and_the_cookie_ack_cleanly():
+    peer = Peer(backlog=1, refuse=True)
+    peer.send(syn(40000))
+    assert peer.recv() == [] and peer.host.connections == {}
+    assert peer.host.counters["tcp_accept_refused"] == 1
+    peer.listener.backlog = 0                             # cookies from now on
+    peer.send(syn(40001))
+    (syn_ack,) = peer.recv()
+    peer.send(TcpSegment(40001, PORT, 1001, syn_ack.seq + 1, ACK, 100))
+    # No buffers: nothing is created and nothing is reset; the peer's
+    # retransmission may find buffers later, the cookie stays valid.
+    assert peer.recv() == [] and peer.host.connections == {}
+    assert peer.host.counters["tcp_accept_refused"] == 2
+    peer.refuse = False
+    peer.now += 1.0
+    peer.send(TcpSegment(40001, PORT, 1001, syn_ack.seq + 1, ACK | PSH, 100, b"retry"))
+    (conn,) = peer.host.connections.values()
+    assert conn.recv_buf.read(10) == b"retry"
+
+
+def test_connection_table_limit_refuses_cleanly():
+    peer = Peer(backlog=8, max_connections=2)
+    peer.send(syn(40000))
+    peer.send(syn(40001))
+    peer.send(syn(40002))
+    assert len(peer.host.connections) == 2
+    assert peer.host.counters["tcp_connection_limit"] == 1
+    with pytest.raises(OSError) as raised:
+        peer.host.connect_ephemeral(PEER_IP, 9, RingBuffer(10), RingBuffer(10), None, 0.0)
+    assert raised.value.errno == errno.ENOBUFS
+
+
+def test_exhausted_receive_buffer_only_closes_the_window():
+    host = TcpHost(HOST_IP, rng=random.Random(2))
+    host.listen(PORT, 4, lambda ip, port: (RingBuffer(100), RingBuffer(1), None))
+    host.receive(PEER_IP, HOST_IP, syn(40000, mss=1460).emit(PEER_IP, HOST_IP), 0.0)
+    (conn,) = host.connections.values()
+    for seq in (1001, 1002, 1002):
+        host.receive(PEER_IP, HOST_IP, TcpSegment(
+            40000, PORT, seq, conn.iss + 1, ACK | PSH, 100, b"xy").emit(PEER_IP, HOST_IP), 0.1)
+    assert conn.recv_buf.read(5) == b"x"
+    acks = [TcpSegment.parse(w, HOST_IP, PEER_IP, verify_checksum=False)
+            for _, w in host.take_output()]
+    assert acks[-1].ack == 1002 and acks[-1].window == 0

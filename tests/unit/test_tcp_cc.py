@@ -1,0 +1,115 @@
+"""Congestion control: NewReno (RFC 5681) and CUBIC (RFC 9438) through the
+controller interface, then selection per connection."""
+from types import SimpleNamespace
+
+import pytest
+
+from stack import cc
+from stack.tcp import TcpConfig
+from stack.wire.tcp import ACK
+
+MSS = 1000
+
+
+def window(segments, ssthresh_segments=1 << 20, srtt=0.1):
+    """The fields of a connection a controller reads and writes."""
+    return SimpleNamespace(cwnd=segments * MSS, ssthresh=ssthresh_segments * MSS,
+                           send_mss=MSS, srtt=srtt)
+
+
+def run_rtts(controller, conn, rtts, start=0.0):
+    """Every round trip, one ACK per segment of the window, all at once."""
+    now = start
+    for _ in range(rtts):
+        for _ in range(conn.cwnd // MSS):
+            controller.on_ack(conn, MSS, now)
+        now += conn.srtt
+    return now
+
+
+@pytest.mark.parametrize("name", ["reno", "cubic"])
+def test_slow_start_doubles_per_round_trip_up_to_ssthresh(name):
+    controller, conn = cc.create(name), window(10, ssthresh_segments=30)
+    run_rtts(controller, conn, 1)
+    assert conn.cwnd == 20 * MSS
+    controller.on_ack(conn, 15 * MSS, 0.2)               # crosses ssthresh
+    assert 30 * MSS <= conn.cwnd < 31 * MSS               # the rest goes to avoidance
+
+
+def test_reno_avoidance_adds_one_segment_per_window():
+    controller, conn = cc.NewReno(), window(20, ssthresh_segments=10)
+    run_rtts(controller, conn, 5)
+    assert conn.cwnd == 25 * MSS
+
+
+def test_reno_halves_the_flight_on_loss():
+    controller, conn = cc.NewReno(), window(20)
+    controller.on_congestion(conn, 16 * MSS, 0.0)
+    assert conn.ssthresh == 8 * MSS
+    controller.on_congestion(conn, MSS, 0.0)
+    assert conn.ssthresh == 2 * MSS                      # never below two segments
+
+
+def test_cubic_reduces_by_beta_and_regrows_to_the_old_window_after_k():
+    controller, conn = cc.Cubic(), window(100)
+    controller.on_congestion(conn, 100 * MSS, 0.0)
+    assert conn.ssthresh == 70 * MSS
+    conn.cwnd = conn.ssthresh
+    # K = cbrt((W_max - cwnd) / C) = cbrt(30 / 0.4), about 4.2 s.
+    now = run_rtts(controller, conn, 42, start=1.0)
+    assert controller._k == pytest.approx(75 ** (1 / 3))
+    assert 97 * MSS <= conn.cwnd <= 103 * MSS
+    # Concave then convex: slow near W_max, faster again beyond it.
+    near_plateau = conn.cwnd
+    now = run_rtts(controller, conn, 10, start=now)
+    plateau_growth = conn.cwnd - near_plateau
+    before = conn.cwnd
+    run_rtts(controller, conn, 10, start=now)
+    assert conn.cwnd - before > 2 * plateau_growth
+
+
+def test_cubic_fast_convergence_lowers_w_max_after_consecutive_losses():
+    controller, conn = cc.Cubic(), window(100)
+    controller.on_congestion(conn, 100 * MSS, 0.0)
+    conn.cwnd = 80 * MSS                                 # lost again below W_max
+    controller.on_congestion(conn, 80 * MSS, 10.0)
+    assert controller._w_max == pytest.approx(80 * (1 + 0.7) / 2)
+    assert conn.ssthresh == 56 * MSS
+
+
+def test_cubic_is_never_slower_than_reno_at_short_round_trips():
+    controller, conn = cc.Cubic(), window(10, srtt=0.001)
+    controller.on_congestion(conn, 10 * MSS, 0.0)
+    conn.cwnd = conn.ssthresh
+    # 100 round trips of 1 ms: the cubic curve has barely moved (K is 2 s),
+    # the Reno estimate gained about a segment per round trip.
+    run_rtts(controller, conn, 100, start=0.0)
+    assert 90 * MSS <= conn.cwnd <= 110 * MSS
+
+
+def test_unknown_algorithm_is_refused():
+    with pytest.raises(ValueError):
+        cc.create("vegas")
+
+
+def test_connection_uses_the_configured_algorithm_and_can_switch(make_tcp_trace):
+    t = make_tcp_trace(config=TcpConfig(timestamps=False, congestion="reno"))
+    t.establish()
+    assert t.conn.congestion == "reno"
+    t.conn.congestion = "cubic"                          # setsockopt(TCP_CONGESTION)
+    assert t.conn.congestion == "cubic"
+    with pytest.raises(ValueError):
+        t.conn.congestion = "bbr"
+    assert t.conn.congestion == "cubic"
+    # A fast retransmit now reduces by CUBIC's beta: 0.7 of 10 segments.
+    t.write(bytes(10 * 1460))
+    t.recv()
+    duplicate = t.rx(ACK, t.R + 1, t.L + 1)
+    t.send(duplicate, duplicate, duplicate)
+    assert t.conn.ssthresh == int(10 * 1460 * 0.7)
+
+
+def test_default_is_cubic_with_an_initial_window_of_ten(tcp_established):
+    t = tcp_established
+    assert t.conn.congestion == "cubic"
+    assert t.conn.cwnd == 10 * 1460
