@@ -330,6 +330,13 @@ class Runtime:
             conn.keepintvl = float(slot.opt_keepintvl)
         if slot.opt_keepcnt:
             conn.keepcnt = int(slot.opt_keepcnt)
+        conn.user_timeout = slot.opt_user_timeout_ms / 1000.0
+        congestion = ffi.string(slot.opt_congestion).decode(errors="replace")
+        if congestion and congestion != conn.congestion:
+            try:
+                conn.congestion = congestion
+            except ValueError:  # the interposer checked the name: a drift between the two lists
+                self.host.count("setopt_unknown_congestion")
 
     def _waiter_free(self, waiter_id, arg, now):
         fd = self.waiters.pop(waiter_id, None)

@@ -172,6 +172,12 @@ struct mts_ring {
 #define MTS_OPT_LINGER 3
 #define MTS_OPT_CORK 4
 #define MTS_OPT_BUFFERS 5
+#define MTS_OPT_USER_TIMEOUT 6
+#define MTS_OPT_CONGESTION 7
+
+/* TCP_CONGESTION names the stack implements (stack/cc.py); the size of
+ * mts_slot.opt_congestion, NUL included. */
+#define MTS_CONGESTION_NAME_MAX 16
 
 struct mts_slot {
     /* ownership */
@@ -222,8 +228,9 @@ struct mts_slot {
     uint32_t opt_user_timeout_ms;
     uint32_t opt_defer_accept;
     uint32_t opt_quickack;
+    char opt_congestion[16]; /* MTS_CONGESTION_NAME_MAX; empty: the default */
 
-    uint8_t pad1[112];
+    uint8_t pad1[96];
 
     struct mts_ring rx; /* stack produces, application consumes */
     struct mts_ring tx; /* application produces, stack consumes on ACK */

@@ -404,6 +404,18 @@ int getpeername(int fd, struct sockaddr *addr, socklen_t *len)
 
 /* ---- options -------------------------------------------------------------------- */
 
+/* The congestion controls of stack/cc.py; the stack checks the name again. */
+#define CONGESTION_DEFAULT "cubic"
+static const char *const congestion_names[] = {"cubic", "reno"};
+
+static int congestion_known(const char *name)
+{
+    for (size_t i = 0; i < sizeof(congestion_names) / sizeof(congestion_names[0]); i++)
+        if (strcmp(name, congestion_names[i]) == 0)
+            return 1;
+    return 0;
+}
+
 static int put_value(void *val, socklen_t *len, const void *value, socklen_t size)
 {
     if (!val || !len)
@@ -510,6 +522,10 @@ static int stack_getsockopt(uint32_t slot, int level, int name, void *val, sockl
             return put_int(val, len, (int)s->opt_quickack);
         case TCP_USER_TIMEOUT:
             return put_int(val, len, (int)s->opt_user_timeout_ms);
+        case TCP_CONGESTION: {
+            const char *name = s->opt_congestion[0] ? s->opt_congestion : CONGESTION_DEFAULT;
+            return put_value(val, len, name, strlen(name) + 1);
+        }
         case TCP_INFO: {
             struct tcp_info info;
             memset(&info, 0, sizeof(info));
@@ -647,7 +663,19 @@ static int stack_setsockopt(int fd, uint32_t slot, int level, int name, const vo
             if (value < 0)
                 return fail(EINVAL);
             s->opt_user_timeout_ms = (uint32_t)value;
+            changed = MTS_OPT_USER_TIMEOUT;
             break;
+        case TCP_CONGESTION: {
+            if (!val)
+                return fail(EFAULT);
+            char wanted[MTS_CONGESTION_NAME_MAX] = {0};
+            memcpy(wanted, val, len < sizeof(wanted) - 1 ? len : sizeof(wanted) - 1);
+            if (!congestion_known(wanted))
+                return fail(ENOENT); /* as Linux does for an algorithm it lacks */
+            memcpy(s->opt_congestion, wanted, sizeof(wanted));
+            changed = MTS_OPT_CONGESTION;
+            break;
+        }
         default:
             return fail(ENOPROTOOPT);
         }

@@ -267,3 +267,14 @@ def test_accepted_socket_is_published_established_before_it_is_queued(world, mon
     listening_socket(world)
     peer_connects(world)
     assert states_when_queued == [lib.MTS_ST_CONNECTED]
+
+
+def test_socket_options_reach_the_connection(world):
+    world.peer.host.listen(80, 8, lambda ip, port: (RingBuffer(RING), RingBuffer(RING), None))
+    slot = world.new_socket()
+    s = lib.mts_slot_at(world.h, slot)
+    s.opt_nodelay, s.opt_user_timeout_ms = 1, 2500
+    s.opt_congestion = b"reno"
+    assert world.sync(lib.MTS_OP_CONNECT, slot, addr(PEER_IP, 80)) == 0
+    conn = world.runtime.sockets[slot].conn
+    assert (conn.nodelay, conn.user_timeout, conn.congestion) == (True, 2.5, "reno")

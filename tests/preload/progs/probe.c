@@ -183,7 +183,13 @@ static void handshake(void)
     step("tcp_info", getsockopt(a, IPPROTO_TCP, TCP_INFO, &info, &len));
     out("tcpi_state_established %d", info.tcpi_state == TCP_ESTABLISHED);
     step("setsockopt_nodelay", setsockopt(c, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one)));
-    step("setsockopt_unknown", setsockopt(c, IPPROTO_TCP, TCP_CONGESTION, "cubic", 5));
+    step("setsockopt_congestion", setsockopt(c, IPPROTO_TCP, TCP_CONGESTION, "reno", 4));
+    step("setsockopt_congestion_missing", setsockopt(c, IPPROTO_TCP, TCP_CONGESTION, "bbr", 3));
+    char congestion[16] = "";
+    len = sizeof(congestion);
+    step("getsockopt_congestion", getsockopt(c, IPPROTO_TCP, TCP_CONGESTION, congestion, &len));
+    out("congestion %s", congestion);
+    step("setsockopt_unknown", setsockopt(c, IPPROTO_TCP, TCP_ULP, "tls", 3));
     step("close_client", close(c));
     step("close_accepted", close(a));
     step("close_listener", close(l));
