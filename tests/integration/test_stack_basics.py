@@ -72,6 +72,11 @@ def test_bad_address_is_one_line_and_status_2(address, tmp_path):
     assert_one_line_error(run_refused(["--ip", address], tmp_path), address)
 
 
+@pytest.mark.parametrize("flag", [["--bogus"], ["--io", "carrier-pigeon"], ["--gateway", "x"]])
+def test_bad_flag_is_one_line_and_status_2(flag, tmp_path):
+    assert_one_line_error(run_refused(flag, tmp_path), flag[-1])
+
+
 def test_missing_privilege_is_one_line_and_status_2(test_network, tmp_path):
     if shutil.which("setpriv") is None:
         pytest.skip("setpriv is not installed")
