@@ -29,8 +29,10 @@ _SLOT_STATE = {
     TcpState.CLOSED: lib.MTS_ST_CLOSED,
 }
 _OPTIONS_OFFSET = ffi.offsetof("struct mts_slot", "opt_nodelay")
-# Every state not listed is past the handshake.
+_ST_CONNECTED = lib.MTS_ST_CONNECTED  # every state not listed: past the handshake
 _AFTER_OUR_FIN = (TcpState.FIN_WAIT_2, TcpState.TIME_WAIT, TcpState.CLOSED)
+_CLOSED = TcpState.CLOSED
+_EV_RDHUP = lib.MTS_EV_RDHUP
 
 
 class StackSocket:
@@ -178,17 +180,20 @@ class Runtime:
     # -- commands from the applications -----------------------------------
 
     def _commands(self, now: float) -> bool:
-        cmd = self._cmd
-        busy = False
-        while lib.mts_cmd_pop(self.header, cmd):
-            busy = True
-            self.counters["commands"] += 1
-            handler = self._HANDLERS.get(cmd.op)
-            if handler is None or cmd.slot >= self.header.nslots and cmd.op != lib.MTS_OP_WAITER_FREE:
+        cmd, header, handlers, pop = self._cmd, self.header, self._HANDLERS, lib.mts_cmd_pop
+        nslots = header.nslots
+        popped = 0
+        while pop(header, cmd):
+            popped += 1
+            op, slot_id = cmd.op, cmd.slot
+            handler = handlers.get(op)
+            if handler is None or slot_id >= nslots and op != lib.MTS_OP_WAITER_FREE:
                 self.host.count("cmd_bad")
                 continue
-            handler(self, cmd.slot, cmd.arg, now)
-        return busy
+            handler(self, slot_id, cmd.arg, now)
+        if popped:
+            self.counters["commands"] += popped
+        return popped > 0
 
     def _socket(self, slot_id: int) -> StackSocket:
         sock = self.sockets.get(slot_id)
@@ -268,10 +273,10 @@ class Runtime:
 
     def _tx(self, slot_id, arg, now):
         sock = self.sockets.get(slot_id)
-        if sock is not None and sock.conn is not None:
+        if sock is not None and (conn := sock.conn) is not None:
             lib.mts_tx_clear_pending(sock.slot)  # before the core looks at the ring
-            sock.conn.send_ready(now)
-            self.host.after(sock.conn, now)
+            conn.send_ready(now)
+            self.host.after(conn, now)
 
     def _rxwin(self, slot_id, arg, now):
         sock = self.sockets.get(slot_id)
@@ -453,12 +458,12 @@ class Runtime:
         if happened & EV_RESET:
             so_error = conn.error or errno.ECONNRESET
             sock.events |= lib.MTS_EV_HUP
-        if conn.state == TcpState.CLOSED or (
-                sock.events & lib.MTS_EV_RDHUP and conn.state in _AFTER_OUR_FIN):
+        state = conn.state
+        if state == _CLOSED or (sock.events & _EV_RDHUP and state in _AFTER_OUR_FIN):
             sock.events |= lib.MTS_EV_HUP
         if sock.slot is not None:
-            state = _SLOT_STATE.get(conn.state, lib.MTS_ST_CONNECTED)
-            lib.mts_publish(sock.slot, state, sock.events, so_error)
+            lib.mts_publish(sock.slot, _SLOT_STATE.get(state, _ST_CONNECTED), sock.events,
+                            so_error)
         if sock.parent is not None:
             if happened & EV_CLOSED:
                 sock.parent = None  # died during the handshake: nobody will accept it
@@ -466,7 +471,8 @@ class Runtime:
             elif happened & EV_ESTABLISHED:
                 # Only now that its state is published may anyone accept it.
                 self._queue_for_accept(sock)
-        self._maybe_release(sock)
+        if sock.app_closed:
+            self._maybe_release(sock)
 
     def _queue_for_accept(self, child: StackSocket) -> None:
         parent = child.parent

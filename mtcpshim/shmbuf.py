@@ -10,11 +10,12 @@ from mtcpshim._shm import ffi, lib
 
 
 class ShmSendBuffer:
-    __slots__ = ("_ring", "_data", "_cap", "_mask")
+    __slots__ = ("_ring", "_data", "_view", "_cap", "_mask")
 
     def __init__(self, header, slot_id: int):
         self._ring = ffi.addressof(lib.mts_slot_at(header, slot_id).tx)
         self._data = lib.mts_tx_data(header, slot_id)
+        self._view = memoryview(ffi.buffer(self._data, header.tx_size))
         self._cap = header.tx_size
         self._mask = header.tx_size - 1
 
@@ -29,10 +30,11 @@ class ShmSendBuffer:
         used = ring.head - ring.tail
         if offset >= used:
             return b""
-        n = min(n, used - offset)
+        if n > used - offset:
+            n = used - offset
         start = (ring.tail + offset) & self._mask
         if start + n <= self._cap:
-            return ffi.buffer(self._data + start, n)
+            return self._view[start:start + n]
         out = ffi.new("uint8_t[]", n)
         lib.mts_ring_peek(ring, self._data, self._cap, offset, out, n)
         return ffi.buffer(out, n)

@@ -18,8 +18,8 @@ import heapq
 import random
 
 from stack.isn import COOKIE_MAX_AGE, COOKIE_PERIOD, MSS_TABLE, TcpSecrets, mss_index_for
-from stack.tcp import (EV_CLOSED, EV_ESTABLISHED, ChallengeAckLimiter, TcpConfig,
-                       TcpConnection, TcpState, reset_for)
+from stack.tcp import (EV_CLOSED, EV_ESTABLISHED, TIME_WAIT, ChallengeAckLimiter, TcpConfig,
+                       TcpConnection, reset_for)
 from stack.seq import seq_add, seq_gt
 from stack.wire.errors import WireError
 from stack.wire.tcp import SYN, ACK, RST, MAX_WSCALE, TcpSegment
@@ -170,7 +170,7 @@ class TcpHost:
             return
         conn = self.connections.get((seg.dst_port, src_ip, seg.src_port))
         if conn is not None:
-            if not self._reincarnates(conn, seg):
+            if conn.state != TIME_WAIT or not self._reincarnates(conn, seg):
                 conn.on_segment(seg, now)
                 self.after(conn, now)
                 return
@@ -194,7 +194,7 @@ class TcpHost:
     def _reincarnates(conn: TcpConnection, seg: TcpSegment) -> bool:
         """A SYN above the old sequence space may reuse a TIME_WAIT 4-tuple
         (RFC 9293 3.6.1, as Linux does): clients recycle ports quickly."""
-        return (conn.state == TcpState.TIME_WAIT and seg.flags & (SYN | ACK | RST) == SYN
+        return (conn.state == TIME_WAIT and seg.flags & (SYN | ACK | RST) == SYN
                 and seq_gt(seg.seq, conn.rcv_nxt))
 
     def _passive_open(self, listener: Listener, src_ip: int, syn: TcpSegment, now: float) -> None:
@@ -316,10 +316,10 @@ class TcpHost:
                 # The interface fills the checksum while framing (C, one pass).
                 emit((remote, seg.emit(self.ip, remote, fill_checksum=False)))
         deadline = conn.deadline()
-        if deadline is not None and deadline != conn.timer_at:
-            conn.timer_at = deadline
-            self._timer_seq += 1
-            heapq.heappush(self._timers, (deadline, self._timer_seq, conn))
+        if deadline is not None:
+            scheduled = conn.timer_at
+            if scheduled is None or deadline < scheduled:
+                self._schedule(conn, deadline)
         events = conn.events
         if events:
             if events & EV_ESTABLISHED and conn.listener is not None:
@@ -338,18 +338,46 @@ class TcpHost:
             conn.listener.pending -= 1
             conn.listener = None
 
+    # Timers are lazy: a connection's heap entry (conn.timer_at) is only
+    # replaced when its deadline moves earlier.  When it moves later, as it
+    # does on most ACKs (the retransmission timer restarts), the entry stays
+    # and, once due, is pushed again for the real deadline; so a busy
+    # connection costs a heap push per timeout period, not per segment.
+
+    def _schedule(self, conn: TcpConnection, deadline: float) -> None:
+        conn.timer_at = deadline
+        self._timer_seq += 1
+        heapq.heappush(self._timers, (deadline, self._timer_seq, conn))
+
+    def _reschedule_head(self) -> bool:
+        """Pops the earliest entry if it is stale: superseded by an earlier
+        one, or early for its connection's real deadline (pushed again
+        then).  False if the head entry is due as it stands."""
+        scheduled, _, conn = self._timers[0]
+        if conn.timer_at != scheduled:
+            heapq.heappop(self._timers)
+            return True
+        deadline = conn.deadline()
+        if deadline is not None and deadline <= scheduled:
+            return False
+        heapq.heappop(self._timers)
+        conn.timer_at = None
+        if deadline is not None:
+            self._schedule(conn, deadline)
+        return True
+
     def next_deadline(self) -> float | None:
         timers = self._timers
-        while timers and timers[0][2].timer_at != timers[0][0]:
-            heapq.heappop(timers)  # superseded entry
+        while timers and self._reschedule_head():
+            pass
         return timers[0][0] if timers else None
 
     def on_timers(self, now: float) -> None:
         timers = self._timers
         while timers and timers[0][0] <= now:
-            deadline, _, conn = heapq.heappop(timers)
-            if conn.timer_at != deadline:
+            if self._reschedule_head():
                 continue
+            _, _, conn = heapq.heappop(timers)
             conn.timer_at = None
             conn.on_timer(now)
             self.after(conn, now)

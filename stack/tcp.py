@@ -493,9 +493,15 @@ class TcpConnection:
 
     def deadline(self):
         """The earliest time on_timer has work to do, or None."""
-        earliest = None
-        for moment in (self._retransmit_at, self._delayed_ack_at, self._persist_at,
-                       self._linger_at, self._keepalive_at()):
+        # Called after every segment.  The retransmission and delayed-ACK
+        # timers are the busy ones; the others are rarely set.
+        earliest = self._retransmit_at
+        moment = self._delayed_ack_at
+        if moment is not None and (earliest is None or moment < earliest):
+            earliest = moment
+        if self._persist_at is None and self._linger_at is None and not self.keepalive:
+            return earliest
+        for moment in (self._persist_at, self._linger_at, self._keepalive_at()):
             if moment is not None and (earliest is None or moment < earliest):
                 earliest = moment
         return earliest
@@ -700,21 +706,19 @@ class TcpConnection:
                 self._linger_at = now + self.config.time_wait
             return
 
-        if flags & RST:
-            if offset == 0:
-                self._reset_by_peer()
-            else:
-                self._challenge_ack()      # RFC 5961 3.2: in window but not exact
-            return
-        if flags & SYN:
-            self._challenge_ack()          # RFC 5961 4.2
-            return
-        if not flags & ACK:
-            return
+        if flags & (RST | SYN | ACK) != ACK:
+            if flags & RST:
+                if offset == 0:
+                    self._reset_by_peer()
+                else:
+                    self._challenge_ack()  # RFC 5961 3.2: in window but not exact
+            elif flags & SYN:
+                self._challenge_ack()      # RFC 5961 4.2
+            return                         # and without ACK, nothing to do
 
         # RFC 7323 4.3: remember the timestamp of a segment that covers the
         # left edge of what we last acknowledged.
-        if timestamp is not None and seq_le(seq, self._last_ack_sent):
+        if timestamp is not None and ((self._last_ack_sent - seq) & _MASK) < _HALF:
             self.ts_recent = timestamp[0]
             self._ts_recent_at = now
 
@@ -843,7 +847,7 @@ class TcpConnection:
         window = seg.window << self.snd_wscale
         self._probes_unanswered = 0
         if acked > 0:
-            if seq_gt(ack, self.snd_max):
+            if ((self.snd_max - ack) & _MASK) >= _HALF:
                 self._challenge_ack()      # RFC 5961 5.2: acknowledges data never sent
                 return False
             self._on_new_ack(seg, ack)
@@ -862,7 +866,8 @@ class TcpConnection:
         # RFC 9293 3.10.7.4: take the window from the newest segment only.
         seq = seg.seq
         wl1 = self.snd_wl1
-        if seq_lt(wl1, seq) or (wl1 == seq and seq_le(self.snd_wl2, ack)):
+        if (((wl1 - seq) & _MASK) >= _HALF
+                or (wl1 == seq and ((ack - self.snd_wl2) & _MASK) < _HALF)):
             if window and not self.snd_wnd:
                 self._persist_at = None
                 self._persist_backoff = 0
@@ -873,7 +878,7 @@ class TcpConnection:
                 self._max_snd_wnd = window
 
         fin_seq = self._fin_seq
-        if fin_seq is not None and self.snd_una == seq_add(fin_seq, 1):
+        if fin_seq is not None and self.snd_una == (fin_seq + 1) & _MASK:
             state = self.state
             if state == FIN_WAIT_1:
                 self.state = FIN_WAIT_2
@@ -888,7 +893,7 @@ class TcpConnection:
     def _on_new_ack(self, seg: TcpSegment, ack: int) -> None:
         now = self._now
         snd_una = self.snd_una
-        flight_before = seq_diff(self.snd_max, snd_una)
+        flight_before = (self.snd_max - snd_una) & _MASK
 
         timestamp = seg.timestamp
         if self.ts_enabled and timestamp is not None and timestamp[1]:
@@ -900,19 +905,20 @@ class TcpConnection:
             self._rtt_seq = None
 
         send_buf = self.send_buf
-        data_acked = seq_diff(ack, self._send_base)
+        send_base = self._send_base
+        data_acked = ((ack - send_base + _HALF) & _MASK) - _HALF
         if data_acked > 0:
             queued = len(send_buf)
             if data_acked > queued:
                 data_acked = queued        # the rest acknowledges our FIN
             if data_acked:
                 send_buf.consume(data_acked)
-                self._send_base = seq_add(self._send_base, data_acked)
+                self._send_base = (send_base + data_acked) & _MASK
                 self.events |= EV_WRITABLE
         else:
             data_acked = 0
         self.snd_una = ack
-        if seq_lt(self.snd_nxt, ack):
+        if ((self.snd_nxt - ack) & _MASK) >= _HALF:
             self.snd_nxt = ack
         self._retries = 0
         self._stall_start = None
@@ -1054,9 +1060,14 @@ class TcpConnection:
         else:
             self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - rtt)
             self.srtt = 0.875 * self.srtt + 0.125 * rtt
+        variation = 4 * self.rttvar
+        rto = self.srtt + (variation if variation > _CLOCK_GRANULARITY else _CLOCK_GRANULARITY)
         config = self.config
-        rto = self.srtt + max(_CLOCK_GRANULARITY, 4 * self.rttvar)
-        self.rto = min(max(rto, config.min_rto), config.max_rto)
+        if rto < config.min_rto:
+            rto = config.min_rto
+        elif rto > config.max_rto:
+            rto = config.max_rto
+        self.rto = rto
 
     def _receive_data(self, offset: int, payload, rcv_wnd: int) -> None:
         """Payload starting `offset` bytes after rcv_nxt, already known to
@@ -1123,11 +1134,13 @@ class TcpConnection:
             return
         send_buf = self.send_buf
         send_base = self._send_base
-        snd_una = self.snd_una
-        mss = self.send_mss
         fin_seq = self._fin_seq
         data_end = fin_seq if fin_seq is not None else (send_base + len(send_buf)) & _MASK
         snd_nxt = self.snd_nxt
+        if data_end == snd_nxt and fin_seq is None and not self._in_recovery:
+            return                         # all sent: the common case on receive
+        snd_una = self.snd_una
+        mss = self.send_mss
         sack_recovery = self._in_recovery and self.sack_enabled
         if sack_recovery:
             budget = self._retransmit_lost()

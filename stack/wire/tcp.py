@@ -36,13 +36,20 @@ OPT_TIMESTAMP = 8
 MAX_WSCALE = 14
 
 _HEADER = struct.Struct("!HHIIBBHHH")
+_HEADER_OFFSET = HEADER_LEN << 2                  # the data offset byte
+# The header of an established connection with timestamps, the fixed part
+# and NOP, NOP, TIMESTAMP together: one pack on output, one unpack on input
+# (which takes the first option word whole, to compare).
+_HEADER_NOP_NOP_TS = struct.Struct("!HHIIBBHHHBBBBII")
+_HEADER_NOP_NOP_TS_PARSE = struct.Struct("!HHIIBBHHHIII")
+_HEADER_NOP_NOP_TS_OFFSET = (HEADER_LEN + 12) << 2
+_NOP_NOP_TS_WORD = 0x0101080A
 _CHECKSUM = struct.Struct("!H")
 _U16 = struct.Struct("!H")
 _U32_PAIR = struct.Struct("!II")
 _OPT_MSS = struct.Struct("!BBH")
 # NOP NOP TIMESTAMP: what every segment carries once timestamps are on.
 _OPT_NOP_NOP_TS = struct.Struct("!BBBBII")
-_NOP_NOP_TS_PREFIX = bytes((OPT_NOP, OPT_NOP, OPT_TIMESTAMP, 10))
 _NOP_NOP_SACK_PERMITTED = bytes((OPT_NOP, OPT_NOP, OPT_SACK_PERMITTED, 2))
 
 # tcpdump's flag letters, in tcpdump's order.
@@ -88,10 +95,17 @@ class TcpSegment:
     def parse(cls, data, src_ip: int, dst_ip: int,
               verify_checksum: bool = True) -> "TcpSegment":
         length = len(data)
-        if length < HEADER_LEN:
+        if length >= HEADER_LEN + 12:
+            # Unpack the options a segment usually carries (NOP, NOP,
+            # timestamps) with the header; used if that is what they are.
+            (src_port, dst_port, seq, ack, offset_byte, flags, window, _, urgent,
+             first_option_word, tsval, tsecr) = _HEADER_NOP_NOP_TS_PARSE.unpack_from(data)
+        elif length >= HEADER_LEN:
+            (src_port, dst_port, seq, ack, offset_byte, flags, window, _,
+             urgent) = _HEADER.unpack_from(data)
+            first_option_word = None
+        else:
             raise WireError("tcp_truncated", f"{length} bytes")
-        (src_port, dst_port, seq, ack, offset_byte, flags, window, _,
-         urgent) = _HEADER.unpack_from(data)
         header_len = (offset_byte >> 4) * 4
         if header_len < HEADER_LEN or header_len > length:
             raise WireError("tcp_bad_offset", f"header {header_len} of {length} bytes")
@@ -102,8 +116,8 @@ class TcpSegment:
                       data[header_len:], urgent)
         if header_len == HEADER_LEN:
             return segment
-        if header_len == 32 and data[20:24] == _NOP_NOP_TS_PREFIX:
-            segment.timestamp = _U32_PAIR.unpack_from(data, 24)
+        if header_len == HEADER_LEN + 12 and first_option_word == _NOP_NOP_TS_WORD:
+            segment.timestamp = (tsval, tsecr)
             return segment
         segment._parse_options(data, header_len)
         return segment
@@ -147,9 +161,6 @@ class TcpSegment:
         """The options field, Linux order: MSS, SACK-permitted/timestamps,
         window scale, SACK blocks; each padded with NOPs to 4 bytes."""
         timestamp = self.timestamp
-        if (timestamp is not None and self.mss is None and self.wscale is None
-                and not self.sack_permitted and not self.sack_blocks):
-            return _OPT_NOP_NOP_TS.pack(OPT_NOP, OPT_NOP, OPT_TIMESTAMP, 10, *timestamp)
         options = bytearray()
         if self.mss is not None:
             options += _OPT_MSS.pack(OPT_MSS, 4, self.mss)
@@ -175,17 +186,31 @@ class TcpSegment:
     def emit(self, src_ip: int, dst_ip: int, fill_checksum: bool = True) -> bytes:
         """Header, options and payload.  `fill_checksum=False` leaves the
         checksum zero for a caller that computes it with the IP header."""
-        options = self.options_bytes() if (
-            self.timestamp is not None or self.mss is not None or self.wscale is not None
-            or self.sack_permitted or self.sack_blocks) else b""
-        header_len = HEADER_LEN + len(options)
-        header = bytearray(header_len)
-        _HEADER.pack_into(header, 0, self.src_port, self.dst_port, self.seq, self.ack,
-                          header_len << 2, self.flags, self.window, 0, self.urgent)
-        header[HEADER_LEN:] = options
         payload = self.payload
-        if not fill_checksum:
-            return bytes(header) + payload
+        timestamp = self.timestamp
+        if (self.mss is None and self.wscale is None and not self.sack_permitted
+                and not self.sack_blocks):
+            # Nearly every segment: no options, or only timestamps.
+            if timestamp is not None:
+                header = _HEADER_NOP_NOP_TS.pack(
+                    self.src_port, self.dst_port, self.seq, self.ack, _HEADER_NOP_NOP_TS_OFFSET,
+                    self.flags, self.window, 0, self.urgent,
+                    OPT_NOP, OPT_NOP, OPT_TIMESTAMP, 10, timestamp[0], timestamp[1])
+            else:
+                header = _HEADER.pack(self.src_port, self.dst_port, self.seq, self.ack,
+                                      _HEADER_OFFSET, self.flags, self.window, 0, self.urgent)
+            if not fill_checksum:
+                return header + payload
+            header = bytearray(header)
+        else:
+            options = self.options_bytes()
+            header = bytearray(HEADER_LEN + len(options))
+            _HEADER.pack_into(header, 0, self.src_port, self.dst_port, self.seq, self.ack,
+                              len(header) << 2, self.flags, self.window, 0, self.urgent)
+            header[HEADER_LEN:] = options
+            if not fill_checksum:
+                return bytes(header) + payload
+        header_len = len(header)
         # Sum the header and the payload separately: the header length is a
         # multiple of 4, so the payload's words stay aligned and need no copy.
         partial = checksum.ones_complement_sum(header, checksum.pseudo_header_sum(
