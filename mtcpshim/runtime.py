@@ -79,6 +79,7 @@ class Runtime:
         if stats_listener is not None:
             stats_listener.setblocking(False)
             self._poller.register(stats_listener.fileno(), select.POLLIN)
+        iface.announce()  # neighbours may remember another MAC for our address
 
     @property
     def signal_fd(self) -> int:

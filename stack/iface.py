@@ -256,6 +256,13 @@ class Interface:
         resolution.requests_sent += 1
         resolution.next_request = now + ARP_REQUEST_INTERVAL
 
+    def announce(self) -> None:
+        """Queues a gratuitous ARP (RFC 5227 announcement: a request for our
+        own address), so neighbours that cached another MAC for it, from an
+        earlier stack or TAP device, update their entry at once."""
+        self._send_arp_request(self.ip, BROADCAST)
+        self.counters["arp_announce_tx"] += 1
+
     def _refresh(self, ip: int, neighbour: _Neighbour, now: float) -> None:
         self._send_arp_request(ip, neighbour.mac)
         neighbour.refresh_at = now + ARP_REQUEST_INTERVAL

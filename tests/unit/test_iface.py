@@ -287,3 +287,14 @@ def test_c_and_python_paths_agree_frame_by_frame():
         assert (fast_result and (fast_result[0], fast_result[1], bytes(fast_result[2]))) == (
             slow_result and (slow_result[0], slow_result[1], bytes(slow_result[2])))
     assert fast.counters == slow.counters
+
+
+def test_announce_queues_a_gratuitous_arp_request_for_our_own_address():
+    iface = Interface(bytes.fromhex("020000000002"), 0xC6120002, 24)
+    iface.announce()
+    (frame,) = iface.take_frames()
+    ethernet, payload = EthernetHeader.parse(frame)
+    arp = ArpPacket.parse(payload)
+    assert (ethernet.dst, ethernet.ethertype) == (BROADCAST, ETHERTYPE_ARP)
+    assert (arp.operation, arp.sender_ip, arp.target_ip, arp.sender_mac) == (
+        OP_REQUEST, 0xC6120002, 0xC6120002, bytes.fromhex("020000000002"))
