@@ -421,6 +421,8 @@ class Runtime:
 
     def stats(self) -> dict:
         states = collections.Counter(conn.state.name for conn in self.host.connections.values())
+        if self.host.time_waits:
+            states["TIME_WAIT"] += len(self.host.time_waits)
         io_counters = self.io.counters() if hasattr(self.io, "counters") else {}
         return {
             "pid": os.getpid(),
@@ -450,6 +452,8 @@ class Runtime:
     def _publish_connection(self, sock: StackSocket, conn) -> None:
         happened = conn.events
         conn.events = 0
+        if sock.slot is None:
+            return  # released: the application is gone, the connection finishes alone
         sock.conn = conn  # a passive connection meets its socket here
         so_error = 0
         if happened & EV_ESTABLISHED:
@@ -462,9 +466,7 @@ class Runtime:
         state = conn.state
         if state == _CLOSED or (sock.events & _EV_RDHUP and state in _AFTER_OUR_FIN):
             sock.events |= lib.MTS_EV_HUP
-        if sock.slot is not None:
-            lib.mts_publish(sock.slot, _SLOT_STATE.get(state, _ST_CONNECTED), sock.events,
-                            so_error)
+        lib.mts_publish(sock.slot, _SLOT_STATE.get(state, _ST_CONNECTED), sock.events, so_error)
         if sock.parent is not None:
             if happened & EV_CLOSED:
                 sock.parent = None  # died during the handshake: nobody will accept it
@@ -498,6 +500,7 @@ class Runtime:
             return
         if conn is not None:
             conn.send_buf = conn.recv_buf = DETACHED
+            sock.conn = None  # no reference cycle: both go as soon as the host forgets the connection
         if sock.port:
             self.host.unbind(sock.port)
         del self.sockets[sock.slot_id]

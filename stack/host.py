@@ -21,6 +21,7 @@ from stack.isn import COOKIE_MAX_AGE, COOKIE_PERIOD, MSS_TABLE, TcpSecrets, mss_
 from stack.tcp import (EV_CLOSED, EV_ESTABLISHED, TIME_WAIT, ChallengeAckLimiter, TcpConfig,
                        TcpConnection, reset_for)
 from stack.seq import seq_add, seq_gt
+from stack.timewait import REINCARNATE, TimeWaitTable
 from stack.wire.errors import WireError
 from stack.wire.tcp import SYN, ACK, RST, MAX_WSCALE, TcpSegment
 
@@ -76,6 +77,7 @@ class TcpHost:
         self.listeners: dict[int, Listener] = {}
         self.bound_ports: set[int] = set()
         self.connections: dict[tuple[int, int, int], TcpConnection] = {}  # (local_port, remote_ip, remote_port)
+        self.time_waits = TimeWaitTable(self.config.time_wait)  # same keys, after TIME_WAIT begins
         self.touched: set[TcpConnection] = set()  # connections with events for the caller
         self.counters: dict[str, int] = {}
         self._timers: list[tuple[float, int, TcpConnection]] = []
@@ -126,7 +128,7 @@ class TcpHost:
         """Active open.  Raises OSError: EADDRINUSE if the 4-tuple is taken,
         ENOBUFS at max_connections."""
         key = (local_port, remote_ip, remote_port)
-        if key in self.connections:
+        if key in self.connections or key in self.time_waits:
             raise OSError(errno.EADDRINUSE, "connection exists")
         if self._full():
             self.count("tcp_connection_limit")
@@ -152,7 +154,8 @@ class TcpHost:
             raise OSError(errno.ENOBUFS, "connection table full")
         offset = self.secrets.port_offset(self.ip, remote_ip, remote_port)
         port = self._ephemeral_port(
-            lambda p: p not in self.bound_ports and (p, remote_ip, remote_port) not in self.connections,
+            lambda p: p not in self.bound_ports and (p, remote_ip, remote_port) not in self.connections
+            and (p, remote_ip, remote_port) not in self.time_waits,
             (offset + self._port_counter) % len(EPHEMERAL_PORTS))
         return self.connect(port, remote_ip, remote_port, send_buf, recv_buf, owner, now)
 
@@ -168,13 +171,20 @@ class TcpHost:
         except WireError as err:
             self.count(err.reason)
             return
-        conn = self.connections.get((seg.dst_port, src_ip, seg.src_port))
+        key = (seg.dst_port, src_ip, seg.src_port)
+        conn = self.connections.get(key)
         if conn is not None:
             if conn.state != TIME_WAIT or not self._reincarnates(conn, seg):
                 conn.on_segment(seg, now)
                 self.after(conn, now)
                 return
             self._forget(conn)
+        elif key in self.time_waits:
+            reply = self.time_waits.receive(key, seg, now)
+            if reply is not REINCARNATE:
+                if reply is not None:
+                    self._output.append((src_ip, reply.emit(self.ip, src_ip, fill_checksum=False)))
+                return
         listener = self.listeners.get(seg.dst_port)
         if listener is not None:
             flags = seg.flags & (SYN | ACK | RST)
@@ -315,11 +325,14 @@ class TcpHost:
             for seg in out:
                 # The interface fills the checksum while framing (C, one pass).
                 emit((remote, seg.emit(self.ip, remote, fill_checksum=False)))
-        deadline = conn.deadline()
-        if deadline is not None:
-            scheduled = conn.timer_at
-            if scheduled is None or deadline < scheduled:
-                self._schedule(conn, deadline)
+        if conn.state == TIME_WAIT:
+            self._retire(conn, now)
+        else:
+            deadline = conn.deadline()
+            if deadline is not None:
+                scheduled = conn.timer_at
+                if scheduled is None or deadline < scheduled:
+                    self._schedule(conn, deadline)
         events = conn.events
         if events:
             if events & EV_ESTABLISHED and conn.listener is not None:
@@ -328,6 +341,14 @@ class TcpHost:
             if events & EV_CLOSED:
                 self._forget(conn)
             self.touched.add(conn)
+
+    def _retire(self, conn: TcpConnection, now: float) -> None:
+        """A connection entering TIME_WAIT leaves the table for a compact
+        record; its owner may still hold the object until it closes."""
+        key = (conn.local_port, conn.remote_ip, conn.remote_port)
+        if self.connections.get(key) is conn:
+            self.time_waits.add(conn, now)
+            self._forget(conn)
 
     def _forget(self, conn: TcpConnection) -> None:
         conn.timer_at = None  # its heap entries are now stale
@@ -370,9 +391,14 @@ class TcpHost:
         timers = self._timers
         while timers and self._reschedule_head():
             pass
-        return timers[0][0] if timers else None
+        deadline = timers[0][0] if timers else None
+        time_wait = self.time_waits.next_deadline()
+        if deadline is None or (time_wait is not None and time_wait < deadline):
+            return time_wait
+        return deadline
 
     def on_timers(self, now: float) -> None:
+        self.time_waits.expire(now)
         timers = self._timers
         while timers and timers[0][0] <= now:
             if self._reschedule_head():

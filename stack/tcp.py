@@ -1294,6 +1294,15 @@ class TcpConnection:
     def _send_ack(self) -> None:
         self._segment(self.snd_nxt, ACK, b"")
 
+    def time_wait_fields(self) -> tuple:
+        """(snd_nxt, rcv_nxt, window field, ts_recent or None, timestamp
+        offset): what answering the peer in TIME_WAIT needs once this object
+        is gone (stack/timewait.py)."""
+        window = ((self.rcv_adv - self.rcv_nxt + _HALF) & _MASK) - _HALF
+        raw = max(0, window) >> self.rcv_wscale
+        return (self.snd_nxt, self.rcv_nxt, min(raw, _MAX_WINDOW),
+                self.ts_recent if self.ts_enabled else None, self._ts_offset)
+
     def _advertise_window(self) -> int:
         """The raw window field, updating rcv_adv.  The right edge never moves
         left, and moves right only by min(buffer/2, MSS) or more (receiver

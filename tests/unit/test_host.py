@@ -258,3 +258,57 @@ def test_exhausted_receive_buffer_only_closes_the_window():
     acks = [TcpSegment.parse(w, HOST_IP, PEER_IP, verify_checksum=False)
             for _, w in host.take_output()]
     assert acks[-1].ack == 1002 and acks[-1].window == 0
+
+
+def test_time_wait_keeps_a_compact_record_that_acks_and_reincarnates():
+    from stack.storage import RingBuffer
+    from stack.tcp import TcpState
+    from stack.wire.tcp import ACK, FIN, SYN, TcpSegment
+
+    server_ip, client_ip, now = 0xC6120002, 0xC6120001, 100.0
+    server = TcpHost(server_ip)
+    server.listen(80, 4, lambda ip, port: (RingBuffer(4096), RingBuffer(4096), None))
+
+    def client_sends(seq, ack, flags):
+        segment = TcpSegment(40000, 80, seq, ack, flags, 65535, mss=1460 if flags & SYN else None)
+        server.receive(client_ip, server_ip, segment.emit(client_ip, server_ip), now)
+        return [TcpSegment.parse(out, server_ip, client_ip, verify_checksum=False)
+                for _, out in server.take_output()]
+
+    (syn_ack,) = client_sends(1000, 0, SYN)
+    iss = syn_ack.seq
+    client_sends(1001, iss + 1, ACK)
+    conn = server.connections[(80, client_ip, 40000)]
+    conn.close(now)                                  # the server closes first: FIN
+    server.after(conn, now)
+    server.take_output()
+    client_sends(1001, iss + 2, ACK)                 # FIN_WAIT_2
+    client_sends(1001, iss + 2, FIN | ACK)           # TIME_WAIT: a record replaces the connection
+    assert conn.state == TcpState.TIME_WAIT
+    assert (80, client_ip, 40000) not in server.connections
+    assert len(server.time_waits) == 1
+
+    (again,) = client_sends(1001, iss + 2, FIN | ACK)  # a retransmitted FIN: the final ACK again
+    assert (again.flags, again.seq, again.ack) == (ACK, iss + 2, 1002)
+
+    (new_syn_ack,) = client_sends(5000, 0, SYN)       # a higher SYN reincarnates the 4-tuple
+    assert new_syn_ack.flags == SYN | ACK and new_syn_ack.ack == 5001
+    assert len(server.time_waits) == 0
+
+
+def test_time_wait_records_expire():
+    from stack.timewait import TimeWaitTable
+
+    class Closed:
+        local_port, remote_ip, remote_port = 80, 1, 2
+
+        def time_wait_fields(self):
+            return (10, 20, 100, None, 0)
+
+    table = TimeWaitTable(60.0)
+    table.add(Closed(), now=0.0)
+    assert table.next_deadline() == 60.0
+    table.expire(59.9)
+    assert len(table) == 1
+    table.expire(60.0)
+    assert len(table) == 0 and table.next_deadline() is None

@@ -1,0 +1,69 @@
+"""TIME_WAIT without the connection: a compact record per 4-tuple.
+
+A server that closes first (HTTP with `Connection: close`) keeps every
+connection in TIME_WAIT for 2*MSL: tens of thousands of them.  Like Linux's
+inet_timewait_sock, the host then keeps only what answering the peer needs,
+as a tuple of ints the garbage collector does not track, and lets the full
+TcpConnection go.  All records live for the same time, so expiry is a FIFO.
+"""
+import collections
+
+from stack.seq import seq_gt
+from stack.wire.tcp import ACK, RST, SYN, TcpSegment
+
+_MASK = 0xFFFFFFFF
+
+# TimeWaitTable.receive's answer when a new SYN may reuse the 4-tuple.
+REINCARNATE = object()
+
+
+class TimeWaitTable:
+    """Records keyed by (local_port, remote_ip, remote_port)."""
+
+    def __init__(self, duration: float):
+        self.duration = duration
+        self._records: dict[tuple[int, int, int], tuple] = {}
+        self._expiry: collections.deque = collections.deque()  # (expires, key), oldest first
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __contains__(self, key) -> bool:
+        return key in self._records
+
+    def add(self, conn, now: float) -> None:
+        """Takes over `conn`, which has just entered TIME_WAIT."""
+        key = (conn.local_port, conn.remote_ip, conn.remote_port)
+        snd_nxt, rcv_nxt, window, ts_recent, ts_offset = conn.time_wait_fields()
+        expires = now + self.duration
+        self._records[key] = (expires, snd_nxt, rcv_nxt, window, ts_recent, ts_offset)
+        self._expiry.append((expires, key))
+
+    def receive(self, key, seg: TcpSegment, now: float):
+        """A segment for a TIME_WAIT 4-tuple.  Returns None to drop it, the
+        ACK to send, or REINCARNATE when a new SYN may reuse the 4-tuple (the
+        record is gone; the caller opens a connection as for any SYN)."""
+        expires, snd_nxt, rcv_nxt, window, ts_recent, ts_offset = self._records[key]
+        flags = seg.flags
+        if flags & RST:
+            return None                    # RFC 1337: no assassination
+        if flags & (SYN | ACK) == SYN and seq_gt(seg.seq, rcv_nxt):
+            del self._records[key]         # RFC 9293 3.6.1, as Linux does
+            return REINCARNATE
+        # Anything else, the peer's retransmitted FIN above all, gets the
+        # final ACK again.
+        ack = TcpSegment(key[0], key[2], snd_nxt, rcv_nxt, ACK, window)
+        if ts_recent is not None:
+            ack.timestamp = ((int(now * 1000) + ts_offset) & _MASK, ts_recent)
+        return ack
+
+    def next_deadline(self) -> float | None:
+        return self._expiry[0][0] if self._expiry else None
+
+    def expire(self, now: float) -> None:
+        expiry, records = self._expiry, self._records
+        while expiry and expiry[0][0] <= now:
+            expires, key = expiry.popleft()
+            record = records.get(key)
+            if record is not None and record[0] == expires:  # not reincarnated meanwhile
+                del records[key]
