@@ -33,6 +33,15 @@ def _ipv4_address(text):
         raise argparse.ArgumentTypeError(f"bad gateway address {text!r}")
 
 
+def _impairment(text):
+    from stack.io.impair import ImpairSpec, ImpairSpecError
+    try:
+        ImpairSpec.parse(text)
+    except ImpairSpecError as err:
+        raise argparse.ArgumentTypeError(str(err))
+    return text  # the stack process parses it again
+
+
 def _parser() -> argparse.ArgumentParser:
     net = testnet.TESTNET
     parser = _Parser(prog="mtcpshim", description="Run unmodified programs over a user-level TCP stack.")
@@ -58,12 +67,19 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--pcap", metavar="FILE", help="write every frame the stack sends and receives")
     run.add_argument("--spin-us", type=float, default=0.0,
                      help="microseconds the idle stack polls before it sleeps (default 0)")
+    run.add_argument("--impair", type=_impairment, metavar="SPEC",
+                     help="seeded faults on the stack's frames, e.g. loss=1%%,dup=1%%,reorder=25%%,"
+                          "corrupt=0.1%%,delay=20ms,jitter=10ms,seed=7,dir=rx|tx|both")
     run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- PROGRAM [ARGS...]")
 
     stat = commands.add_parser("stat", help="counters of a running stack (drops by reason, TCP, packet I/O)")
     stat.add_argument("--netns", default=net.srv_ns, help="namespace given to `run` (default %(default)s)")
     stat.add_argument("--iface", default=net.srv_if, help="interface given to `run` (default %(default)s)")
     stat.add_argument("--json", action="store_true", help="print the raw JSON snapshot")
+
+    bench = commands.add_parser("bench", help="lighttpd and iperf3 on the kernel's TCP stack vs ours, side by side")
+    from mtcpshim import bench as bench_command
+    bench_command.add_arguments(bench)
     return parser
 
 
@@ -100,7 +116,8 @@ def _run(args) -> int:
     if args.netns and not netns_exists(args.netns):
         raise launcher.LaunchError(f"no such network namespace: {args.netns}")
     options = launcher.StackOptions(netns=args.netns, iface=args.iface, ip=args.ip, gateway=args.gateway,
-                                    io=args.io, pcap=args.pcap, spin_us=args.spin_us)
+                                    io=args.io, pcap=args.pcap, spin_us=args.spin_us,
+                                    impair=args.impair)
     return launcher.run(options, argv)
 
 
@@ -110,11 +127,16 @@ def _stat(args) -> int:
     return 0
 
 
+def _bench(args) -> int:
+    from mtcpshim import bench
+    return bench.main(args)
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     from mtcpshim.launcher import LaunchError
     from mtcpshim.stat import StatError
-    commands = {"testnet": _testnet, "run": _run, "stat": _stat}
+    commands = {"testnet": _testnet, "run": _run, "stat": _stat, "bench": _bench}
     try:
         return commands[args.command](args)
     except (testnet.TestNetError, LaunchError, StatError) as err:

@@ -36,6 +36,7 @@ def _parse(argv):
     parser.add_argument("--io", choices=("afpacket", "tap"), default="afpacket")
     parser.add_argument("--pcap")
     parser.add_argument("--spin-us", type=float, default=0.0)
+    parser.add_argument("--impair", help="an ImpairSpec: faults applied to the packet I/O")
     parser.add_argument("--stats-socket", help="Unix socket path answering `mtcpshim stat`")
     return parser.parse_args(argv)
 
@@ -94,6 +95,9 @@ def _build_runtime(args, region):
     from stack.io.pcap import PcapWriter
 
     io, cleanup = _open_packet_io(args)
+    if args.impair:
+        from stack.io.impair import ImpairedIO, ImpairSpec
+        io = ImpairedIO(io, ImpairSpec.parse(args.impair))
     ip = int(args.ip.ip)
     gateway = int(args.gateway) if args.gateway else None
     iface = Interface(io.mac, ip, args.ip.network.prefixlen, gateway)

@@ -1,0 +1,181 @@
+#!/usr/bin/env python3
+"""The long reliability runs behind docs/reliability.md.
+
+    sudo python3 scripts/reliability.py                  # everything, long sizes
+    sudo python3 scripts/reliability.py faults --size-mib 16
+    sudo python3 scripts/reliability.py fuzz --frames 1000000
+    sudo python3 scripts/reliability.py flood --syns 100000
+
+faults  moves a body each way under every fault of tests/faults/faultnet.py
+        (256 MiB by default), sha256-checked;
+fuzz    throws mutated frames at the stack while a transfer runs;
+flood   sends spoofed SYNs while a client keeps connecting.
+
+Each part runs on its own private test network (random mtcpt-* names,
+removed afterwards).  Results are printed as Markdown and, with --json,
+written as JSON, merged into what the file already holds.
+"""
+import argparse
+import json
+import os
+import pathlib
+import sys
+import tempfile
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT / "tests" / "faults"), str(ROOT / "tests" / "fuzz"), str(ROOT)]
+
+import attacks  # noqa: E402
+import faultnet  # noqa: E402
+
+MIB = 1024 * 1024
+
+
+def run_faults(size_mib: int, timeout: float) -> dict:
+    results = {"size_bytes": size_mib * MIB, "runs": []}
+    with tempfile.TemporaryDirectory(prefix="mtcpshim-faults-") as scratch, faultnet.private_network() as net:
+        scratch = pathlib.Path(scratch)
+        docroot = scratch / "docroot"
+        docroot.mkdir()
+        faultnet.make_body(docroot / "body.bin", size_mib * MIB)
+        with faultnet.kernel_http_server(net, docroot, scratch / "http.log") as kernel_url:
+            for name, settings in {"none": {}, **faultnet.FAULTS}.items():
+                settings = dict(settings)
+                impair = settings.pop("impair", None)
+                faultnet.set_link_faults(net, **settings)
+                try:
+                    for direction in ("stack sends", "stack receives"):
+                        workdir = scratch / "run"
+                        workdir.mkdir(exist_ok=True)
+                        print(f"faults: {name}, {direction}, {size_mib} MiB ...", file=sys.stderr, flush=True)
+                        try:
+                            if direction == "stack sends":
+                                transfer = faultnet.stack_sends(net, docroot, "body.bin", workdir, impair, timeout)
+                            else:
+                                transfer = faultnet.stack_receives(net, kernel_url, docroot, "body.bin", workdir,
+                                                                   impair, timeout)
+                        except faultnet.FaultRunError as err:
+                            results["runs"].append({"fault": name, "direction": direction, "error": str(err)})
+                            continue
+                        results["runs"].append({
+                            "fault": name, "direction": direction, "impair": impair, **settings,
+                            "bytes": transfer.size, "seconds": round(transfer.seconds, 2),
+                            "mb_per_s": round(transfer.megabytes_per_second, 3), "exact": transfer.exact,
+                            "stack_peak_rss_kib": transfer.stack_counters["peak_rss_kib"],
+                            "stack": faultnet.stack_drop_counters(transfer.stack_counters),
+                            "kernel": {k: v for k, v in transfer.kernel_counters.items() if v},
+                            "link": {k: v for k, v in transfer.link_counters.items() if v},
+                        })
+                        print(f"    {transfer.size} bytes in {transfer.seconds:.1f} s, exact={transfer.exact}",
+                              file=sys.stderr, flush=True)
+                finally:
+                    faultnet.set_link_faults(net)
+    return results
+
+
+def faults_markdown(results: dict) -> str:
+    lines = [f"Body: {results['size_bytes'] // MIB} MiB each way per fault.", "",
+             "| fault | direction | bytes | seconds | MB/s | sha256 equal | stack peak RSS | what the faults did |",
+             "|---|---|---:|---:|---:|---|---:|---|"]
+    for run in results["runs"]:
+        if "error" in run:
+            lines.append(f"| {run['fault']} | {run['direction']} | | | | **failed** | | {run['error']} |")
+            continue
+        evidence = {**run["link"], **{k: v for k, v in run["stack"].items() if k.startswith("impair_")}}
+        drops = {k: v for k, v in run["stack"].items() if not k.startswith("impair_")}
+        kernel = {k: v for k, v in run["kernel"].items() if k.split(".")[1] in (
+            "InCsumErrors", "InHdrErrors", "TCPDSACKOldSent", "TCPDSACKRecv", "RetransSegs")}
+        detail = ", ".join(f"{k} {v}" for k, v in {**evidence, **drops, **kernel}.items())
+        lines.append(f"| {run['fault']} | {run['direction']} | {run['bytes']} | {run['seconds']} | "
+                     f"{run['mb_per_s']} | {'yes' if run['exact'] else '**NO**'} | "
+                     f"{run['stack_peak_rss_kib'] // 1024} MiB | {detail} |")
+    return "\n".join(lines)
+
+
+def run_fuzz(frames: int, rate: float, seed: int) -> dict:
+    with tempfile.TemporaryDirectory(prefix="mtcpshim-fuzz-") as scratch, faultnet.private_network() as net:
+        scratch = pathlib.Path(scratch)
+        docroot = scratch / "docroot"
+        docroot.mkdir()
+        faultnet.make_body(docroot / "body.bin", 16 * MIB)
+        print(f"fuzz: {frames} frames at {rate:.0f}/s ...", file=sys.stderr, flush=True)
+        return {"seed": seed, "target_rate": rate,
+                **attacks.fuzz_during_transfers(net, docroot, "body.bin", scratch, frames, rate,
+                                                time_limit=3600, seed=seed)}
+
+
+def fuzz_markdown(run: dict) -> str:
+    kinds = ", ".join(f"{kind} {count}" for kind, count in sorted(run["by_kind"].items()))
+    reasons = ", ".join(f"{name} {count}" for name, count in sorted(run["drop_reasons"].items()) if count)
+    return "\n".join([
+        f"- frames sent: {run['frames_sent']} in {run['seconds']} s ({run['frames_per_s']} frames/s, seed {run['seed']})",
+        f"- by kind: {kinds}",
+        f"- frames that had to be dropped: {run['must_drop']}; drops counted by the stack: {run['drops_counted']} "
+        f"(of which the packet ring's own: {run['ring_drops']})",
+        f"- drop counters: {reasons}",
+        f"- stack alive afterwards: {run['stack_alive']}, still answering: {run['still_answers']}",
+        f"- downloads during the run: {run['transfers']}, byte-exact: {run['transfers_exact']} "
+        f"({run['bytes_moved']} bytes)",
+        f"- stack RSS: {run['rss_before'] // 1024} KiB before, peak {run['peak_rss'] // 1024} KiB",
+    ])
+
+
+def run_flood(syns: int, rate: float, seed: int) -> dict:
+    with tempfile.TemporaryDirectory(prefix="mtcpshim-flood-") as scratch, faultnet.private_network() as net:
+        scratch = pathlib.Path(scratch)
+        print(f"flood: {syns} SYNs at {rate:.0f}/s ...", file=sys.stderr, flush=True)
+        return {"seed": seed, "target_rate": rate,
+                **attacks.syn_flood(net, scratch, scratch, syns, rate, time_limit=3600, seed=seed)}
+
+
+def flood_markdown(run: dict) -> str:
+    counters = ", ".join(f"{name} {count}" for name, count in sorted(run["tcp_counters"].items()))
+    return "\n".join([
+        f"- spoofed SYNs sent: {run['syns_sent']} in {run['seconds']} s ({run['syns_per_s']} SYNs/s, seed {run['seed']})",
+        f"- TCP counters during the run: {counters}",
+        f"- honest connections during the flood: {run['client_during_ok']} of {run['client_during']} succeeded; "
+        f"afterwards: {run['client_after_ok']} of {run['client_after']}",
+        f"- stack alive afterwards: {run['stack_alive']}; connections left: {run['connections_after']}",
+        f"- stack RSS: {run['rss_before'] // 1024} KiB before, peak {run['peak_rss'] // 1024} KiB, "
+        f"{run['rss_after'] // 1024} KiB after",
+    ])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("parts", nargs="*", choices=("faults", "fuzz", "flood", []), default=[],
+                        help="what to run (default: all)")
+    parser.add_argument("--size-mib", type=int, default=256, help="body size per fault and direction")
+    parser.add_argument("--timeout", type=float, default=7200, help="seconds one transfer may take")
+    parser.add_argument("--frames", type=int, default=1_000_000, help="frames to fuzz with")
+    parser.add_argument("--fuzz-rate", type=float, default=20_000, help="fuzzed frames per second")
+    parser.add_argument("--syns", type=int, default=100_000, help="spoofed SYNs to flood with")
+    parser.add_argument("--syn-rate", type=float, default=10_000, help="SYNs per second")
+    parser.add_argument("--seed", type=int, default=1, help="seed of the fuzzer and the flood")
+    parser.add_argument("--json", type=pathlib.Path, help="merge the results into this JSON file")
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        parser.error("needs root (network namespaces, AF_PACKET)")
+    parts = args.parts or ["faults", "fuzz", "flood"]
+
+    results = json.loads(args.json.read_text()) if args.json and args.json.exists() else {}
+    started = time.monotonic()
+    if "faults" in parts:
+        results["faults"] = run_faults(args.size_mib, args.timeout)
+        print("## Faults\n\n" + faults_markdown(results["faults"]) + "\n")
+    if "fuzz" in parts:
+        results["fuzz"] = run_fuzz(args.frames, args.fuzz_rate, args.seed)
+        print("## Fuzzing\n\n" + fuzz_markdown(results["fuzz"]) + "\n")
+    if "flood" in parts:
+        results["flood"] = run_flood(args.syns, args.syn_rate, args.seed)
+        print("## SYN flood\n\n" + flood_markdown(results["flood"]) + "\n")
+    results["machine"] = {"cpus": os.cpu_count(), "kernel": os.uname().release}
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    print(f"done in {time.monotonic() - started:.0f} s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
