@@ -221,10 +221,14 @@ class Runtime:
         sock = self._socket(slot_id)
         if not sock.port or sock.conn is not None:
             return lib.mts_complete(sock.slot, -errno.EINVAL)
-        backlog = min(max(int(arg), 1), self.header.rx_size // 4)
+        backlog = min(max(int(arg), 1), self.header.rx_size // 4)  # the accept queue's room
+        # Each half-open connection holds a slot: past a quarter of them, SYNs
+        # get cookies, so a flood cannot take every slot (and every listener).
+        syn_backlog = min(backlog, self.header.nslots // 4)
         if sock.listener is None:
-            sock.listener = self.host.listen(sock.port, backlog, lambda ip, port: self._accept_slot(sock, ip, port))
-        sock.listener.backlog = backlog
+            sock.listener = self.host.listen(sock.port, syn_backlog,
+                                             lambda ip, port: self._accept_slot(sock, ip, port))
+        sock.listener.backlog = syn_backlog
         sock.slot.backlog = backlog
         lib.mts_publish(sock.slot, lib.MTS_ST_LISTENING, 0, 0)
         lib.mts_complete(sock.slot, 0)

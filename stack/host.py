@@ -219,7 +219,12 @@ class TcpHost:
             return
         accepted = listener.accept_buffers(src_ip, syn.src_port)
         if accepted is None:
-            self.count("tcp_accept_refused")
+            # No buffers for another half-open connection: a cookie keeps
+            # nothing, and by the handshake's end buffers may be free.
+            if self.config.syn_cookies:
+                self._send_cookie(listener, src_ip, syn, now)
+            else:
+                self.count("tcp_accept_refused")
             return
         send_buf, recv_buf, owner = accepted
         secrets = self.secrets

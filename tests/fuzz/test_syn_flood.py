@@ -36,9 +36,6 @@ def test_honest_clients_connect_through_a_syn_flood(flood_net, tmp_path):
     assert run["peak_rss"] - run["rss_before"] < MEMORY_SLACK
 
 
-@pytest.mark.xfail(strict=True, reason="half-open connections take a socket slot each; with a backlog "
-                   "(1024, lighttpd's default) not below the 1024 slots, slots run out before the backlog "
-                   "overflows into cookies, and later SYNs are dropped (tcp_accept_refused)")
 def test_honest_clients_connect_when_the_backlog_is_as_large_as_the_slot_table(flood_net, tmp_path):
     run = syn_flood(flood_net, tmp_path, tmp_path, 5000, RATE, time_limit=60, listen_backlog=1024,
                     client_timeout=3, attempts_after=1)

@@ -214,19 +214,18 @@ def test_without_cookies_a_full_backlog_drops_syns():
 
 # -- limits -----------------------------------------------------------------
 
-def test_refused_buffers_drop_the_syn_and_the_cookie_ack_cleanly():
-    peer = Peer(backlog=1, refuse=True)
-    peer.send(syn(40000))
-    assert peer.recv() == [] and peer.host.connections == {}
-    assert peer.host.counters["tcp_accept_refused"] == 1
-    peer.listener.backlog = 0                             # cookies from now on
+def test_refused_buffers_answer_with_a_cookie_and_the_ack_waits_for_buffers():
+    peer = Peer(backlog=8, refuse=True)
     peer.send(syn(40001))
+    # No buffers for a half-open connection: a cookie SYN-ACK keeps nothing.
     (syn_ack,) = peer.recv()
+    assert syn_ack.flags == SYN | ACK and peer.host.connections == {}
+    assert peer.host.counters["tcp_syncookies_sent"] == 1
     peer.send(TcpSegment(40001, PORT, 1001, syn_ack.seq + 1, ACK, 100))
-    # No buffers: nothing is created and nothing is reset; the peer's
+    # Still no buffers: nothing is created and nothing is reset; the peer's
     # retransmission may find buffers later, the cookie stays valid.
     assert peer.recv() == [] and peer.host.connections == {}
-    assert peer.host.counters["tcp_accept_refused"] == 2
+    assert peer.host.counters["tcp_accept_refused"] == 1
     peer.refuse = False
     peer.now += 1.0
     peer.send(TcpSegment(40001, PORT, 1001, syn_ack.seq + 1, ACK | PSH, 100, b"retry"))
