@@ -47,6 +47,7 @@ ARP_REQUEST_INTERVAL = 1.0
 ARP_REQUEST_ATTEMPTS = 3
 #: Frames held per unresolved neighbour; beyond that the oldest is dropped.
 ARP_QUEUE_LIMIT = 32
+NEIGHBOUR_LIMIT = 1024     # cached neighbours (Linux's gc_thresh3)
 
 _TCP_CHECKSUM_AT = 16
 
@@ -275,7 +276,11 @@ class Interface:
 
     def _learn(self, ip: int, mac: bytes, now: float) -> None:
         refresh_lead = ARP_REQUEST_ATTEMPTS * ARP_REQUEST_INTERVAL
-        self._neighbours[ip] = _Neighbour(
+        neighbours = self._neighbours
+        if ip not in neighbours and len(neighbours) >= NEIGHBOUR_LIMIT:
+            del neighbours[next(iter(neighbours))]  # the longest known: ARP floods stay bounded
+            self.counters["arp_neighbour_evicted"] += 1
+        neighbours[ip] = _Neighbour(
             mac, now + self.arp_timeout, now + max(0.0, self.arp_timeout - refresh_lead))
         resolution = self._resolving.pop(ip, None)
         if resolution is not None:

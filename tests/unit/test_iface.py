@@ -298,3 +298,16 @@ def test_announce_queues_a_gratuitous_arp_request_for_our_own_address():
     assert (ethernet.dst, ethernet.ethertype) == (BROADCAST, ETHERTYPE_ARP)
     assert (arp.operation, arp.sender_ip, arp.target_ip, arp.sender_mac) == (
         OP_REQUEST, 0xC6120002, 0xC6120002, bytes.fromhex("020000000002"))
+
+
+def test_neighbour_cache_stays_bounded_under_an_arp_flood():
+    from stack.iface import NEIGHBOUR_LIMIT
+
+    iface = Interface(bytes.fromhex("020000000002"), 0xC6120002, 16)
+    for n in range(NEIGHBOUR_LIMIT + 10):
+        sender_ip = 0xC6120100 + n
+        request = ArpPacket(OP_REQUEST, bytes([2, 0, 0, 0, n >> 8, n & 0xFF]), sender_ip,
+                            bytes(6), 0xC6120002)
+        iface.receive(EthernetHeader(BROADCAST, request.sender_mac, ETHERTYPE_ARP).emit(request.emit()), 1.0)
+    assert len(iface._neighbours) == NEIGHBOUR_LIMIT
+    assert iface.counters["arp_neighbour_evicted"] == 10
