@@ -143,3 +143,12 @@ def test_lossy_reordering_duplicating_link_is_byte_exact(seed):
 def test_heavy_loss_still_completes():
     run_transfer(seed=6, upload_size=200 * 1024, download_size=20 * 1024, loss=0.15,
                  reorder=0.1)
+
+
+@pytest.mark.parametrize("seed", range(100, 160))
+def test_many_seeds_of_mixed_faults_stay_byte_exact(seed):
+    """Sizes and fault mixes drawn from the seed: a failing seed replays exactly."""
+    draw = random.Random(seed)
+    run_transfer(seed, upload_size=draw.randrange(1, 256 * 1024), download_size=draw.randrange(0, 64 * 1024),
+                 loss=draw.choice([0.0, 0.01, 0.05]), duplicate=draw.choice([0.0, 0.02]),
+                 reorder=draw.choice([0.0, 0.05, 0.25]), corrupt=draw.choice([0.0, 0.005]))
