@@ -89,6 +89,45 @@ def test_missing_privilege_is_one_line_and_status_2(test_network, tmp_path):
     assert_one_line_error(result, "root")
 
 
+SOCKET_EXHAUSTION = """
+import errno, resource, socket
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (min(4096, hard), hard))
+opened, failure = [], None
+for _ in range(2000):
+    s = socket.socket()
+    s.setblocking(False)
+    try:
+        s.connect(("198.18.0.1", 9))
+    except BlockingIOError:
+        pass
+    except OSError as err:
+        failure = err.errno
+        s.close()
+        break
+    opened.append(s)
+print("opened", len(opened), "failure", errno.errorcode.get(failure), flush=True)
+for s in opened:
+    s.close()
+s = socket.socket()
+s.setblocking(False)
+try:
+    s.connect(("198.18.0.1", 9))
+except BlockingIOError:
+    pass
+print("a socket again after closing", flush=True)
+"""
+
+
+def test_running_out_of_stack_sockets_is_enobufs_and_closing_frees_them(test_network):
+    result = subprocess.run(mtcpshim_command("run", "--", sys.executable, "-c", SOCKET_EXHAUSTION),
+                            capture_output=True, timeout=120)
+    output = result.stdout.decode()
+    assert result.returncode == 0, output + result.stderr.decode()
+    assert "opened 1024 failure ENOBUFS" in output  # the region's 1024 socket slots
+    assert "a socket again after closing" in output
+
+
 BLOCKED_ACCEPT = """
 import socket, sys
 s = socket.socket()
