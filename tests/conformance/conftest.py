@@ -1,0 +1,93 @@
+"""One private test network and one stack for the whole conformance run:
+peer_server.py under `mtcpshim run` serves the echo, bulk and sink ports,
+and each test drives its own Probe connection against it.  Everything is
+stopped by pid and the network removed at the end."""
+import itertools
+import os
+import pathlib
+import random
+import sys
+
+import pytest
+
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "faults"))
+
+import faultnet  # noqa: E402  (found through the path set just above)
+from probe import RST, Probe  # noqa: E402
+
+STACK_START_TIMEOUT = 30.0
+
+
+class ServerUnderTest:
+    """peer_server.py under the stack, and its connection log."""
+
+    def __init__(self, program: faultnet.ShimProgram, log_path: pathlib.Path):
+        self.program = program
+        self.log_path = log_path
+
+    def events(self, peer_port: int) -> list[str]:
+        """The server's events for the connection from `peer_port`, in order."""
+        events = []
+        for line in self.log_path.read_text().splitlines():
+            _, peer, event = line.split(" ", 2)
+            if int(peer) == peer_port:
+                events.append(event)
+        return events
+
+    def wait_for_event(self, peer_port: int, event: str, timeout: float = 5.0) -> None:
+        faultnet.wait_until(lambda: event in self.events(peer_port), timeout,
+                            f"the server to log {event!r} for port {peer_port}")
+
+    def bytes_read(self, peer_port: int) -> int:
+        return sum(int(event.split()[1]) for event in self.events(peer_port) if event.startswith("read "))
+
+
+@pytest.fixture(scope="session")
+def conformance_net():
+    if os.geteuid() != 0:
+        pytest.skip("needs root for network namespaces and AF_PACKET")
+    with faultnet.private_network() as net:
+        yield net
+
+
+@pytest.fixture(scope="session")
+def server(conformance_net, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("conformance")
+    log_path = workdir / "server-events.log"
+    log_path.touch()
+    program = faultnet.ShimProgram(conformance_net, [sys.executable, str(HERE / "peer_server.py"), str(log_path)],
+                                   workdir / "launcher.log")
+    try:
+        faultnet.wait_until(lambda: program.proc.poll() is not None or "listening" in log_path.read_text(),
+                            STACK_START_TIMEOUT, "peer_server.py to listen under the stack")
+        if program.proc.poll() is not None:
+            pytest.fail(f"peer_server.py under the stack exited: {program.output().strip()[-500:]}")
+        yield ServerUnderTest(program, log_path)
+    finally:
+        program.stop()
+
+
+# Each probe gets a source port of its own, so no test meets a connection
+# an earlier one left in the stack.
+_source_ports = itertools.count(random.randrange(20000, 50000))
+
+
+@pytest.fixture
+def open_probe(conformance_net, server):
+    """open_probe(port) -> a Probe aimed at the server's `port`; closed after the test."""
+    probes = []
+
+    def make(port: int) -> Probe:
+        probe = Probe(conformance_net, next(_source_ports), port)
+        probes.append(probe)
+        return probe
+
+    yield make
+    for probe in probes:
+        # Leave nothing behind in the stack: an exact RST ends the
+        # connection if the test left it open, and is ignored otherwise.
+        probe.send(RST, ack=0)
+        probe.close()
+    if server.program.proc.poll() is not None:
+        pytest.fail(f"the stack exited during the test: {server.program.output().strip()[-500:]}")
