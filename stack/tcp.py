@@ -52,6 +52,10 @@ _MAX_WINDOW = 0xFFFF
 _CLOCK_GRANULARITY = 0.001       # timestamps tick in milliseconds
 _PAWS_IDLE = 24 * 24 * 3600      # RFC 7323 5.5: TS.Recent is invalid after 24 days idle
 _DUPTHRESH = 3                   # RFC 5681 / 6675 DupThresh
+# Tail loss probe (RFC 8985 section 7): wait 2*SRTT, at least this long, and
+# a peer's delayed ACK more when a single segment is out.
+_TLP_MIN = 0.010
+_TLP_DELAYED_ACK = 0.200
 
 
 class TcpConfig:
@@ -184,7 +188,7 @@ class TcpConnection:
         "snd_wscale", "_max_snd_wnd", "_send_base", "_fin_seq", "send_mss", "_snd_sml",
         # congestion control and loss recovery
         "cwnd", "ssthresh", "_cc", "_dupacks", "_in_recovery", "_recover",
-        "_sacked", "_high_rxt",
+        "_sacked", "_high_rxt", "_rxt_snd_max",
         "srtt", "rttvar", "rto", "_rtt_seq", "_rtt_time", "_retries", "_stall_start",
         # receive sequence space
         "irs", "rcv_nxt", "rcv_adv", "rcv_wscale", "_rcv_mss", "_rcv_buf_size", "_sws_threshold",
@@ -193,7 +197,7 @@ class TcpConnection:
         "ts_enabled", "ts_recent", "_ts_recent_at", "_ts_offset", "sack_enabled",
         "_wscale_ok",
         # timers and bookkeeping
-        "_now", "_ack_now", "_invalid_ack_at", "_retransmit_at", "_delayed_ack_at", "_persist_at",
+        "_now", "_ack_now", "_invalid_ack_at", "_retransmit_at", "_probe_at", "_delayed_ack_at", "_persist_at",
         "_persist_backoff", "_probes_unanswered", "_linger_at", "_last_rx",
         "_keepalive_probes", "_orphaned",
         # the runtime's own per-connection fields, never touched here
@@ -244,6 +248,7 @@ class TcpConnection:
         self._recover = iss
         self._sacked = []                  # SACK scoreboard: disjoint [left, right) above snd_una
         self._high_rxt = iss               # RFC 6675 HighRxt, as the end of that segment
+        self._rxt_snd_max = iss            # snd_max when HighRxt last moved: see _detect_lost_retransmission
         self.srtt = None
         self.rttvar = 0.0
         self.rto = config.initial_rto
@@ -281,6 +286,7 @@ class TcpConnection:
         self._ack_now = False
         self._invalid_ack_at = None
         self._retransmit_at = None
+        self._probe_at = None              # _retransmit_at holds a tail loss probe when equal
         self._delayed_ack_at = None
         self._persist_at = None
         self._persist_backoff = 0
@@ -518,7 +524,10 @@ class TcpConnection:
             self._enter_closed()
             return
         if self._retransmit_at is not None and now >= self._retransmit_at:
-            self._on_retransmit_timeout()
+            if self._retransmit_at == self._probe_at:
+                self._send_tail_probe()
+            else:
+                self._on_retransmit_timeout()
         if self._persist_at is not None and now >= self._persist_at:
             self._on_persist_timeout()
         if self._delayed_ack_at is not None and now >= self._delayed_ack_at:
@@ -856,6 +865,7 @@ class TcpConnection:
                 if seg.sack_blocks and self.sack_enabled:
                     # RFC 6675: a duplicate is an ACK that SACKs new data.
                     if self._record_sacks(seg.sack_blocks):
+                        self._detect_lost_retransmission()
                         self._on_duplicate_ack()
                 elif not seg.payload and not seg.flags & (SYN | FIN) and window == self.snd_wnd:
                     self._on_duplicate_ack()
@@ -924,6 +934,7 @@ class TcpConnection:
         self._stall_start = None
         if self._sacked or (seg.sack_blocks and self.sack_enabled):
             self._record_sacks(seg.sack_blocks if self.sack_enabled else ())
+            self._detect_lost_retransmission()
 
         if self._in_recovery:
             if seq_ge(ack, self._recover):
@@ -947,7 +958,7 @@ class TcpConnection:
         if ack == self.snd_max:
             self._retransmit_at = None
         else:
-            self._retransmit_at = now + self.rto
+            self._arm_retransmit(now)
 
     def _on_duplicate_ack(self) -> None:
         self._dupacks += 1
@@ -972,6 +983,7 @@ class TcpConnection:
             self.cwnd = self.ssthresh
             self._high_rxt = seq_add(snd_una, self._retransmit_from(snd_una, seq_diff(
                 self.snd_max, snd_una)))
+            self._rxt_snd_max = self.snd_max
         else:
             self._retransmit_head()
             self.cwnd = self.ssthresh + 3 * mss
@@ -1012,6 +1024,19 @@ class TcpConnection:
         self._sacked = [(seq_add(snd_una, start), seq_add(snd_una, end))
                         for start, end in merged]
         return after > before
+
+    def _detect_lost_retransmission(self) -> None:
+        """In SACK recovery, a retransmission is lost once the peer SACKs
+        DupThresh segments sent after it while what it resent is still
+        unacknowledged (the idea of RACK, RFC 8985, kept to one mark): the
+        holes below HighRxt may then be resent, rather than wait for the RTO."""
+        if not self._in_recovery or not self._sacked:
+            return
+        highest = self._sacked[-1][1]
+        if (seq_diff(highest, self._rxt_snd_max) >= _DUPTHRESH * self.send_mss
+                and seq_lt(self.snd_una, self._high_rxt)):
+            self._high_rxt = self.snd_una
+            self._rxt_snd_max = self.snd_max
 
     def _holes(self) -> list:
         """(start, end, lost) offsets of the unSACKed ranges below the
@@ -1209,7 +1234,36 @@ class TcpConnection:
                 self.snd_max = snd_nxt
         self._persist_at = None
         if self._retransmit_at is None:
-            self._retransmit_at = self._now + self.rto
+            self._arm_retransmit(self._now)
+
+    def _arm_retransmit(self, now: float) -> None:
+        """The retransmission timer, preceded by a tail loss probe (RFC 8985
+        section 7) when one can recover a lost tail, or the lost ACKs of a
+        flight, in a few round trips instead of a timeout."""
+        rto_at = now + self.rto
+        self._retransmit_at = rto_at
+        if (self.sack_enabled and not self._in_recovery and self._retries == 0
+                and self.srtt is not None and (1 << self.state) & _SENDING):
+            pto = 2 * self.srtt
+            if pto < _TLP_MIN:
+                pto = _TLP_MIN
+            if seq_diff(self.snd_max, self.snd_una) <= self.send_mss:
+                pto += _TLP_DELAYED_ACK
+            if now + pto < rto_at:
+                self._retransmit_at = self._probe_at = now + pto
+
+    def _send_tail_probe(self) -> None:
+        """New data if the peer's window has room, else the last segment
+        again: either way the peer's answer (SACK) shows what was lost."""
+        self._probe_at = None
+        self._retransmit_at = self._now + self.rto  # counted from the probe
+        if self._send_window_filler():
+            return
+        outstanding = seq_diff(self.snd_max, self.snd_una)
+        last = min(outstanding, self.send_mss)
+        if last > 0:
+            self._rtt_seq = None               # Karn: never time a retransmission
+            self._retransmit_from(seq_add(self.snd_max, -last), last)
 
     def _retransmit_lost(self) -> int:
         """NextSeg rule 1 (RFC 6675 section 4): resend the lost holes above
@@ -1233,6 +1287,7 @@ class TcpConnection:
                 position += used
                 budget -= used
                 retransmitted = position
+                self._rxt_snd_max = self.snd_max
         self._high_rxt = seq_add(snd_una, retransmitted)
         return budget
 
@@ -1248,6 +1303,7 @@ class TcpConnection:
             if position < end:
                 used = self._retransmit_from(seq_add(snd_una, position), end - position)
                 self._high_rxt = seq_add(snd_una, position + used)
+                self._rxt_snd_max = self.snd_max
                 return used > 0
         return False
 

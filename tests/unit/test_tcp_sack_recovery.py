@@ -139,6 +139,8 @@ def test_timeout_forgets_the_scoreboard_and_goes_back_n(sack_trace):
     t.recv()
     t.send(ack(t, 0, (1, 2)))
     t.wait_for_timer()
+    assert indices(t, t.recv()) == [5]                    # the tail loss probe first
+    t.wait_for_timer()
     # The receiver may have reneged on what it SACKed: start over from the
     # first unacknowledged byte, one segment (RFC 2018 section 8).
     assert indices(t, t.recv()) == [0]
@@ -158,3 +160,54 @@ def test_peer_without_sack_gets_newreno(make_tcp_trace):
     assert t.conn._sacked == []
     assert t.conn._in_recovery
     assert t.conn.cwnd == t.conn.ssthresh + 3 * MSS      # NewReno inflation
+
+
+def test_lost_acks_of_a_tail_are_recovered_by_a_probe_not_a_timeout(sack_trace):
+    """RFC 8985 section 7: the flight arrived but its ACKs were lost.  After
+    2 * SRTT the last segment goes again; its ACK covers the whole flight,
+    with no timeout and no window reduction."""
+    t = sack_trace
+    cwnd = t.conn.cwnd
+    t.write(bytes(4 * MSS))
+    assert indices(t, t.recv()) == [0, 1, 2, 3]
+    waited = t.wait_for_timer()
+    assert indices(t, t.recv()) == [3]
+    assert waited == pytest.approx(max(2 * t.conn.srtt, 0.010)) and waited < t.conn.rto
+    t.send(ack(t, 4))
+    assert t.conn.snd_una == seq_of(t, 4) and t.conn.cwnd >= cwnd
+    assert t.conn.deadline() is None or t.conn.deadline() - t.now > 0.1  # nothing outstanding
+
+
+def test_tail_probe_sends_new_data_when_the_window_allows(sack_trace):
+    t = sack_trace
+    t.write(bytes(12 * MSS))
+    assert indices(t, t.recv()) == list(range(10))      # the initial window: 10 segments
+    t.wait_for_timer()
+    assert indices(t, t.recv()) == [10]                  # a probe with new data beats a resend
+    t.send(ack(t, 0, (10, 11)))                          # the SACK shows the head was lost
+    t.send(ack(t, 0, (9, 11)))
+    t.send(ack(t, 0, (8, 11)))
+    assert 0 in indices(t, t.recv())                     # fast recovery, no timeout
+
+
+def test_a_lost_retransmission_is_resent_once_later_data_is_sacked(sack_trace):
+    """The retransmission of segment 1 is lost too.  When the peer SACKs
+    DupThresh segments sent after it (14, 15, 16) while 1 is still missing,
+    segment 1 goes again, without waiting for the retransmission timeout."""
+    t = sack_trace
+    t.write(bytes(40 * MSS))
+    assert indices(t, t.recv()) == list(range(10))
+    t.send(ack(t, 1))
+    assert indices(t, t.recv()) == [10, 11]
+    t.send(ack(t, 1, (2, 3)))
+    t.send(ack(t, 1, (2, 4)))
+    assert indices(t, t.recv()) == [12, 13]
+    t.send(ack(t, 1, (2, 5)))
+    assert indices(t, t.recv()) == [1]                   # fast retransmit; snd_max is segment 14
+    sent_after = []
+    for end in range(6, 17):                             # everything but segment 1 arrives
+        t.send(ack(t, 1, (2, end)))
+        sent_after += indices(t, t.recv())
+    assert 1 not in sent_after and sent_after[:2] == [14, 15]
+    t.send(ack(t, 1, (2, 17)))                           # 14, 15 and 16 SACKed: 1 was lost again
+    assert indices(t, t.recv())[0] == 1
