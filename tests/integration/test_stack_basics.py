@@ -93,28 +93,27 @@ SOCKET_EXHAUSTION = """
 import errno, resource, socket
 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 resource.setrlimit(resource.RLIMIT_NOFILE, (min(4096, hard), hard))
-opened, failure = [], None
-for _ in range(2000):
+
+def connecting_socket():
     s = socket.socket()
     s.setblocking(False)
     try:
         s.connect(("198.18.0.1", 9))
     except BlockingIOError:
         pass
+    return s
+
+opened, failure = [], None
+for _ in range(2000):
+    try:
+        opened.append(connecting_socket())
     except OSError as err:
         failure = err.errno
-        s.close()
         break
-    opened.append(s)
 print("opened", len(opened), "failure", errno.errorcode.get(failure), flush=True)
 for s in opened:
     s.close()
-s = socket.socket()
-s.setblocking(False)
-try:
-    s.connect(("198.18.0.1", 9))
-except BlockingIOError:
-    pass
+connecting_socket()
 print("a socket again after closing", flush=True)
 """
 
