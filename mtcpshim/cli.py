@@ -87,14 +87,32 @@ def _strip_dashes(argv: list[str]) -> list[str]:
     return argv[1:] if argv[:1] == ["--"] else argv
 
 
+def _render_status(status: dict) -> str:
+    lines = [f"test network: {'up' if status['up'] else 'down or incomplete'}"]
+    for name, present in status["namespaces"].items():
+        lines.append(f"  namespace {name}: {'present' if present else 'missing'}")
+    for name, link in status["links"].items():
+        if not link["present"]:
+            lines.append(f"  {name}: missing")
+            continue
+        offloads = [feature for feature, on in link["offloads"].items() if on]
+        lines.append(f"  {name} in {link['netns']}: {'up' if link['admin_up'] else 'down'}, "
+                     f"addresses {', '.join(link['addresses']) or 'none'}, "
+                     f"offloads {', '.join(offloads) or 'off'}")
+    loss = status["loss"]
+    lines.append("  loss: none" if loss is None else
+                 f"  loss: {loss['percent']}% each way ({loss['dropped_to_client']} frames dropped "
+                 f"towards the client, {loss['dropped_from_client']} from it)")
+    return "\n".join(lines)
+
+
 def _testnet(args) -> int:
     if args.action == "up":
         testnet.up(loss_percent=args.loss)
     elif args.action == "down":
         testnet.down()
     elif args.action == "status":
-        for key, value in testnet.status().items():
-            print(f"{key}: {value}")
+        print(_render_status(testnet.status()))
     else:
         argv = _strip_dashes(args.argv)
         if not argv:
