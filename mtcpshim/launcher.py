@@ -6,6 +6,7 @@ the shared region (memfd), a datagram control socket pair, the stack's wake
 eventfd, and a death pipe whose only writer is the stack, so a program
 blocked in epoll_wait hears of a stack crash at once.
 """
+import contextlib
 import fcntl
 import ipaddress
 import os
@@ -52,7 +53,11 @@ def run(options: StackOptions, argv: list[str]) -> int:
     if not os.path.exists(PRELOAD_LIBRARY):
         raise LaunchError(f"interposer not built: {PRELOAD_LIBRARY} is missing (pip install -e .)")
 
-    lock = claim_interface(options.netns, options.iface)
+    with interface_claim(options.netns, options.iface):
+        return _run_stack_and_program(options, argv)
+
+
+def _run_stack_and_program(options: StackOptions, argv: list[str]) -> int:
     region = Region.create(RegionSize(), int(options.ip.ip), options.ip.network.prefixlen,
                            int(options.gateway) if options.gateway else 0)
     ctl_stack, ctl_app = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -102,7 +107,6 @@ def run(options: StackOptions, argv: list[str]) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         _stop(stack)
-        os.close(lock)
     return status
 
 
@@ -112,22 +116,37 @@ def runtime_path(netns: str | None, iface: str, kind: str) -> str:
     return os.path.join(LOCK_DIR, f"{netns or 'host'}-{iface}.{kind}")
 
 
-def claim_interface(netns: str | None, iface: str) -> int:
+@contextlib.contextmanager
+def interface_claim(netns: str | None, iface: str):
     """One stack per interface: a second would answer the first one's
-    segments with resets.  Returns the lock's fd; closing it releases it."""
+    segments with resets.  Held for the block; then the lock file and the
+    statistics socket's path (left by a stack that was killed) go too."""
     os.makedirs(LOCK_DIR, exist_ok=True)
     path = runtime_path(netns, iface, "lock")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise LaunchError(f"another mtcpshim stack already serves {iface}"
+                              f"{' in ' + netns if netns else ''} (launcher pid {holder})") from None
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the previous holder removed the file meanwhile: lock the new one
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.ftruncate(fd, 0)  # a killed launcher's file may remain
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(runtime_path(netns, iface, "stats"))
+        os.unlink(path)  # while still locked: a waiter re-checks the inode
         os.close(fd)
-        raise LaunchError(f"another mtcpshim stack already serves {iface}"
-                          f"{' in ' + netns if netns else ''} (launcher pid {holder})")
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
 
 
 def _await_ready(stack: subprocess.Popen, ready_r: int) -> None:

@@ -181,13 +181,10 @@ def interface_lock() -> Iterator[None]:
     """The lock `mtcpshim run` takes for the test network's interface, so the
     kernel-stack runs and a stack exclude each other."""
     try:
-        fd = launcher.claim_interface(NET.srv_ns, NET.srv_if)
-    except launcher.LaunchError as err:
+        with launcher.interface_claim(NET.srv_ns, NET.srv_if):
+            yield
+    except launcher.LaunchError as err:  # only the claim raises it
         raise BenchError(f"{err}: stop it before benchmarking") from None
-    try:
-        yield
-    finally:
-        os.close(fd)
 
 
 def _ip(*args: str, check: bool = True) -> None:
