@@ -34,6 +34,7 @@ import shutil
 import socket
 import struct
 import subprocess
+import time
 from collections.abc import Sequence
 
 from mtcpshim.netns import enter_netns, netns_exists, run_in_ns
@@ -66,6 +67,8 @@ TESTNET = TestNet()
 # limits the right-hand side to the numgen range, so 100 % cannot be written
 # as "< 10000"); the finest step is 0.01 %.
 LOSS_SCALE = 10000
+LINK_GONE_TIMEOUT = 3.0  # seconds a deleted link may take to disappear
+REBUILD_ATTEMPTS, REBUILD_SETTLE = 3, 0.3  # after recreating a namespace (see up)
 
 # Legacy ethtool ioctls (linux/ethtool.h), the interface the ethtool tool
 # uses; ethtool itself is not installed. Feature name -> (get, set) command.
@@ -90,15 +93,31 @@ def up(loss_percent: float | None = None, net: TestNet = TESTNET) -> None:
     """
     _preflight()
     loss_threshold = _loss_threshold(loss_percent)
+    recreated = False
     for ns in (net.cli_ns, net.srv_ns):
         if not netns_exists(ns):
             _run(["ip", "netns", "add", ns])
+            recreated = True
+    for _ in range(REBUILD_ATTEMPTS):
+        _build_links(net)
+        # A namespace deleted just before is torn down asynchronously, and
+        # that has been seen to take the new veth pair with it: check again.
+        if not recreated or _links_survive(net):
+            break
 
+    current = _probe_loss(net)
+    if not loss_threshold:
+        if current is not None:
+            _run(["nft", "delete", "table", "netdev", net.loss_table], ns=net.cli_ns)
+    elif current is None or current["percent"] != _percent(loss_threshold):
+        _install_loss(net, loss_threshold)
+
+
+def _build_links(net: TestNet) -> None:
     if not (_link_exists(net.cli_ns, net.cli_if) and _link_exists(net.srv_ns, net.srv_if)):
         # Deleting either end of a veth removes both; clear a half-built pair.
         for ns, ifname in ((net.cli_ns, net.cli_if), (net.srv_ns, net.srv_if)):
-            if _link_exists(ns, ifname):
-                _run(["ip", "-n", ns, "link", "del", "dev", ifname])
+            _remove_link(ns, ifname)
         _run(["ip", "link", "add", net.cli_if, "netns", net.cli_ns,
               "type", "veth", "peer", "name", net.srv_if, "netns", net.srv_ns])
     if not _link_exists(net.cli_ns, net.sink_if):
@@ -123,12 +142,10 @@ def up(loss_percent: float | None = None, net: TestNet = TESTNET) -> None:
     # the egress hook; one segment per packet makes loss count wire frames.
     _run(["ip", "-n", net.cli_ns, "link", "set", "dev", net.cli_if, "gso_max_segs", "1"])
 
-    current = _probe_loss(net)
-    if not loss_threshold:
-        if current is not None:
-            _run(["nft", "delete", "table", "netdev", net.loss_table], ns=net.cli_ns)
-    elif current is None or current["percent"] != _percent(loss_threshold):
-        _install_loss(net, loss_threshold)
+
+def _links_survive(net: TestNet) -> bool:
+    time.sleep(REBUILD_SETTLE)
+    return _link_exists(net.cli_ns, net.cli_if) and _link_exists(net.srv_ns, net.srv_if)
 
 
 def down(net: TestNet = TESTNET) -> None:
@@ -211,6 +228,18 @@ def _run(argv: list[str], ns: str | None = None, stdin: str | None = None) -> st
         reason = next((line for line in result.stderr.splitlines() if line.strip()), f"exit status {result.returncode}")
         raise TestNetError(f"`{shlex.join(command)}` failed: {reason.strip()}")
     return result.stdout
+
+
+def _remove_link(ns: str, ifname: str) -> None:
+    """Deletes `ifname` and waits until it is gone.  A deleted namespace's
+    veth end goes asynchronously, taking its peer with it: the peer may
+    vanish under us, or linger a moment and collide with the new pair."""
+    subprocess.run(["ip", "-n", ns, "link", "del", "dev", ifname], capture_output=True)
+    deadline = time.monotonic() + LINK_GONE_TIMEOUT
+    while _link_exists(ns, ifname):
+        if time.monotonic() > deadline:
+            raise TestNetError(f"{ifname} in {ns} did not go away")
+        time.sleep(0.02)
 
 
 def _link_exists(ns: str, ifname: str) -> bool:

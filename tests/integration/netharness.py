@@ -1,25 +1,27 @@
 """Helpers for the integration tests: the test network's names, programs in
 the client namespace, programs under `mtcpshim run` stopped by pid."""
 import contextlib
-import hashlib
 import os
 import pathlib
-import shutil
 import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 from mtcpshim import testnet
+
+# tests/faults' harness (parametrised by network) serves these tests too.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "faults"))
+from faultnet import sha256_of, wait_until  # noqa: E402,F401 (re-exported)
 
 NET = testnet.TESTNET
 SERVER_PORT = 8080
 SERVER_URL = f"http://{NET.srv_ip}:{SERVER_PORT}"
 LARGE_FILE_SIZE = 10 * 1024 * 1024
 HTTP_PORT = 8000  # the kernel-side python3 -m http.server in the client namespace
+
 
 def mtcpshim_command(*args) -> list[str]:
     return [sys.executable, "-m", "mtcpshim.cli", *args]
@@ -29,10 +31,6 @@ def in_client(argv, timeout=120, **kwargs) -> subprocess.CompletedProcess:
     """Runs argv in the client namespace on the kernel stack."""
     return subprocess.run(["ip", "netns", "exec", NET.cli_ns, *argv], capture_output=True,
                           timeout=timeout, **kwargs)
-
-
-def sha256_of(path) -> str:
-    return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
 
 
 class Launched:
@@ -58,15 +56,6 @@ class Launched:
                 self.proc.wait()
         self.log.close()
         return self.proc.returncode
-
-
-def wait_until(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def lighttpd_config(directory: pathlib.Path, docroot: pathlib.Path, extra: str = "") -> pathlib.Path:
