@@ -1,6 +1,14 @@
 """The shared-memory region: created by the launcher, mapped by the stack and
 by every wrapped process.  Layout and operations come from preload/ (the ABI
-header and mts_shm.h) through the cffi module mtcpshim._shm."""
+header and mts_shm.h) through the cffi module mtcpshim._shm.
+
+The memfd is sealed against resizing, so no process holding it can shrink
+the mapping under the stack (SIGBUS); the stack refuses a region without
+the seals.  `geom` is this process's own copy of the layout, read once at
+attach: the stack attaches before the program runs, and never reads the
+header's geometry again.
+"""
+import fcntl
 import mmap
 import os
 from dataclasses import dataclass
@@ -20,26 +28,38 @@ class RegionSize:
         return lib.mts_region_size(self.nslots, self.nwaiters, self.cmd_capacity, self.rx_size, self.tx_size)
 
 
+_SIZE_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+
+
 class Region:
-    """A mapping of the region; `header` is the cffi `struct mts_header *`."""
+    """A mapping of the region; `header` is the cffi `struct mts_header *`,
+    `geom` the private `struct mts_geom *` every operation takes."""
 
     def __init__(self, fd: int):
+        if fcntl.fcntl(fd, fcntl.F_GET_SEALS) & _SIZE_SEALS != _SIZE_SEALS:
+            raise ValueError("shared region is not sealed against resizing")
         self.fd = fd
         size = os.fstat(fd).st_size
         self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self.base = ffi.from_buffer(self._map)
         self.header = ffi.cast("struct mts_header *", self.base)
-        if not lib.mts_region_valid(self.header, size):
-            raise ValueError("shared region has a bad magic, version or size")
+        self.geom = ffi.new("struct mts_geom *")
+        if lib.mts_geom_attach(self.geom, self.base, size) != 0:
+            raise ValueError("shared region has a bad magic, version or geometry")
 
     @classmethod
     def create(cls, size: RegionSize, ip: int, prefix_len: int, gateway: int = 0) -> "Region":
-        """A fresh memfd laid out for `size`, inheritable by children."""
-        fd = os.memfd_create("mtcpshim", 0)
-        os.ftruncate(fd, size.bytes())
-        with mmap.mmap(fd, size.bytes(), mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) as m:
+        """A fresh sealed memfd laid out for `size`, inheritable by children."""
+        total = size.bytes()
+        if not total:
+            raise ValueError(f"region geometry out of bounds: {size}")
+        fd = os.memfd_create("mtcpshim", os.MFD_ALLOW_SEALING)
+        os.ftruncate(fd, total)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SIZE_SEALS)
+        with mmap.mmap(fd, total, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) as m:
             base = ffi.from_buffer(m)
-            lib.mts_region_init(base, size.nslots, size.nwaiters, size.cmd_capacity, size.rx_size, size.tx_size)
+            lib.mts_region_init(base, total, size.nslots, size.nwaiters, size.cmd_capacity,
+                                size.rx_size, size.tx_size)
             header = ffi.cast("struct mts_header *", base)
             header.ip, header.prefix_len, header.gateway = ip, prefix_len, gateway
             del base, header
@@ -47,7 +67,7 @@ class Region:
         return cls(fd)
 
     def slot(self, slot_id: int):
-        return lib.mts_slot_at(self.header, slot_id)
+        return lib.mts_slot_at(self.geom, slot_id)
 
     def set_fault(self, reason: str) -> None:
         """Records why the stack died, for the interposer and the launcher."""
@@ -59,5 +79,5 @@ class Region:
         return ffi.string(self.header.fault).decode(errors="replace")
 
     def close(self) -> None:
-        del self.header, self.base
+        del self.header, self.base, self.geom
         self._map.close()

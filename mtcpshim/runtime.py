@@ -7,6 +7,13 @@ touched socket (mTCP's flow-level event aggregation) -> armed waiters woken
 once.  When nothing is left to do the thread announces it is sleeping,
 re-checks the command queue, and sleeps in poll() on the NIC, the wake
 eventfd and the control socket until the next timer.
+
+The region is a trust boundary: any process of the program can write any
+value anywhere in it.  Addresses come from the stack's private geometry
+(region.geom); every slot id, waiter id, command and accept-queue entry read
+there is checked against the stack's own state before use; an impossible
+ring index or queue resets that socket (`_reset_corrupt`), counted under
+"shm" in the statistics and logged with the program's pid.
 """
 import collections
 import errno
@@ -14,7 +21,9 @@ import json
 import os
 import select
 import socket
+import sys
 import time
+import traceback
 
 from mtcpshim._shm import ffi, lib
 from mtcpshim.shmbuf import DETACHED, ShmRecvBuffer, ShmSendBuffer
@@ -33,12 +42,16 @@ _ST_CONNECTED = lib.MTS_ST_CONNECTED  # every state not listed: past the handsha
 _AFTER_OUR_FIN = (TcpState.FIN_WAIT_2, TcpState.TIME_WAIT, TcpState.CLOSED)
 _CLOSED = TcpState.CLOSED
 _EV_RDHUP = lib.MTS_EV_RDHUP
+_SLOT_USED = lib.MTS_SLOT_USED
+_ADDRESS_ARG_LIMIT = 1 << 48  # ip << 16 | port
+_U64 = (1 << 64) - 1
 
 
 class StackSocket:
     """What the stack knows of one slot."""
 
-    __slots__ = ("slot_id", "slot", "port", "conn", "listener", "parent", "events", "app_closed")
+    __slots__ = ("slot_id", "slot", "port", "conn", "listener", "parent", "events", "app_closed",
+                 "accept_head", "queued", "queued_on", "quarantined")
 
     def __init__(self, slot_id, slot):
         self.slot_id = slot_id
@@ -46,16 +59,31 @@ class StackSocket:
         self.port = 0           # a port this socket reserved (bind, ephemeral)
         self.conn = None
         self.listener = None
-        self.parent = None      # the listening StackSocket of a not yet accepted connection
+        self.parent = None      # the listening StackSocket of a connection in its handshake
         self.events = 0         # MTS_EV_* published so far
         self.app_closed = False
+        # A listener's accept queue, as the stack knows it: its own head, and
+        # the connections it queued that the program has not yet touched.
+        self.accept_head = 0
+        self.queued = set()
+        self.queued_on = None   # the listener whose `queued` holds this connection
+        self.quarantined = False  # reset for corruption: its rings are never read again
 
 
 class Runtime:
     def __init__(self, region, packet_io, iface, host: TcpHost, ctl_fd: int, wake_fd: int,
-                 pcap=None, spin_seconds: float = 0.0, stats_listener: socket.socket | None = None):
+                 pcap=None, spin_seconds: float = 0.0, stats_listener: socket.socket | None = None,
+                 launcher_fd: int | None = None):
         self.region = region
         self.header = region.header
+        self.geom = geom = region.geom
+        self._cmd_pos = ffi.new("uint64_t *")   # the queue's dequeue position is ours alone
+        self._owned = bytearray(geom.nslots)    # slots the stack knows live, whatever in_use says
+        self._owned_view = ffi.from_buffer(self._owned)
+        self._corrupt: dict[StackSocket, str] = {}
+        self.shm_counters = collections.Counter()
+        self.program_pid = None                 # told by the launcher, for log lines
+        self._log_second, self._log_lines, self._log_suppressed = 0, 0, 0
         self.io = packet_io
         self.iface = iface
         self.host = host
@@ -76,6 +104,10 @@ class Runtime:
         self._poller = select.poll()
         for fd in (packet_io.fileno(), wake_fd, ctl_fd, self._signal_r):
             self._poller.register(fd, select.POLLIN)
+        self.launcher_fd = launcher_fd
+        if launcher_fd is not None:
+            os.set_blocking(launcher_fd, False)
+            self._poller.register(launcher_fd, select.POLLIN)
         if stats_listener is not None:
             stats_listener.setblocking(False)
             self._poller.register(stats_listener.fileno(), select.POLLIN)
@@ -109,11 +141,19 @@ class Runtime:
         self.counters["loops"] += 1
         busy = self._control() | self._commands(now) | self._receive(now)
         self._timers(now)
-        self._transmit(now)
-        self._publish()
+        self._output(now)
+        if self._corrupt:  # found while publishing: the resets go out now
+            self._output(now)
         if now >= self._next_stats_check:
             self._answer_stats(now)
+            self._hear_launcher()
         return busy
+
+    def _output(self, now: float) -> None:
+        if self._corrupt:
+            self._reset_corrupt(now)
+        self._transmit(now)
+        self._publish()
 
     def close_all(self, deadline: float) -> None:
         """The program is gone: close what it left open, as the kernel does
@@ -130,7 +170,7 @@ class Runtime:
             conn.state in finished for conn in self.host.connections.values()))
 
     def _sleep(self, now: float, max_ms: int) -> None:
-        if not lib.mts_stack_try_sleep(self.header):
+        if not lib.mts_stack_try_sleep(self.geom, self._cmd_pos[0]):
             return
         deadline = self._next_deadline()
         timeout = -1 if deadline is None else max(0, int((deadline - now) * 1000) + 1)
@@ -144,7 +184,9 @@ class Runtime:
                 os.read(fd, 64)
             elif self.stats_listener is not None and fd == self.stats_listener.fileno():
                 self._next_stats_check = 0.0
-        lib.mts_stack_awake(self.header)
+            elif fd == self.launcher_fd:
+                self._hear_launcher()
+        lib.mts_stack_awake(self.geom)
 
     def _next_deadline(self):
         io_deadline = getattr(self.io, "deadline", None)  # a fault injector's held frames
@@ -164,9 +206,9 @@ class Runtime:
             busy = True
             msg = ffi.from_buffer("struct mts_ctl_msg *", data) if len(data) == ffi.sizeof(
                 "struct mts_ctl_msg") else None
-            if msg is None or msg.op != lib.MTS_CTL_REGISTER_WAITER or len(fds) != 1 \
-                    or msg.waiter >= self.header.nwaiters:
-                self.host.count("ctl_bad_message")
+            waiter = lib.mts_waiter_at(self.geom, msg.waiter) if msg is not None else ffi.NULL
+            if msg is None or msg.op != lib.MTS_CTL_REGISTER_WAITER or len(fds) != 1 or waiter == ffi.NULL:
+                self.shm_counters["ctl_bad"] += 1
                 for fd in fds:
                     os.close(fd)
                 continue
@@ -174,24 +216,36 @@ class Runtime:
             if old is not None:
                 os.close(old)
             self.waiters[msg.waiter] = fds[0]
-            waiter = lib.mts_waiter_at(self.header, msg.waiter)
             waiter.registered = 1
             lib.mts_futex_wake(ffi.addressof(waiter, "registered"))
 
     # -- commands from the applications -----------------------------------
 
     def _commands(self, now: float) -> bool:
-        cmd, header, handlers, pop = self._cmd, self.header, self._HANDLERS, lib.mts_cmd_pop
-        nslots = header.nslots
+        cmd, geom, pos, handlers, pop = self._cmd, self.geom, self._cmd_pos, self._HANDLERS, lib.mts_cmd_pop
+        nslots = geom.nslots
         popped = 0
-        while pop(header, cmd):
+        # At most one queue's worth per loop: a program that keeps refilling
+        # cells cannot starve the network.
+        while popped < geom.cmd_capacity and pop(geom, pos, cmd):
             popped += 1
             op, slot_id = cmd.op, cmd.slot
             handler = handlers.get(op)
             if handler is None or slot_id >= nslots and op != lib.MTS_OP_WAITER_FREE:
-                self.host.count("cmd_bad")
+                self.shm_counters["cmd_bad"] += 1
                 continue
-            handler(self, slot_id, cmd.arg, now)
+            sock = self.sockets.get(slot_id)
+            if sock is not None and sock.queued_on is not None:
+                sock.queued_on.queued.discard(sock)  # the program accepted it
+                sock.queued_on = None
+            try:
+                handler(self, slot_id, cmd.arg, now)
+            except Exception:  # a bug reached through program-controlled input: contain it
+                self.shm_counters["handler_faults"] += 1
+                _log(f"command {op} on slot {slot_id} failed:\n{traceback.format_exc()}")
+                sock = self.sockets.get(slot_id) if op != lib.MTS_OP_WAITER_FREE else None
+                if sock is not None:
+                    self._corrupted(sock, f"command {op} failed")
         if popped:
             self.counters["commands"] += popped
         return popped > 0
@@ -199,12 +253,20 @@ class Runtime:
     def _socket(self, slot_id: int) -> StackSocket:
         sock = self.sockets.get(slot_id)
         if sock is None:
-            sock = self.sockets[slot_id] = StackSocket(slot_id, lib.mts_slot_at(self.header, slot_id))
+            sock = self.sockets[slot_id] = StackSocket(slot_id, lib.mts_slot_at(self.geom, slot_id))
+            self._owned[slot_id] = 1
         return sock
+
+    def _buffers(self, sock: StackSocket):
+        """The TCP core's view of the socket's rings."""
+        report = lambda reason: self._corrupted(sock, reason)  # noqa: E731
+        return ShmSendBuffer(self.geom, sock.slot_id, report), ShmRecvBuffer(self.geom, sock.slot_id, report)
 
     def _bind(self, slot_id, arg, now):
         sock = self._socket(slot_id)
         ip, port = arg >> 16, arg & 0xFFFF
+        if arg >= _ADDRESS_ARG_LIMIT:
+            return lib.mts_complete(sock.slot, -errno.EINVAL)
         if ip not in (0, self.host.ip):
             return lib.mts_complete(sock.slot, -errno.EADDRNOTAVAIL)
         if sock.port or sock.conn is not None:
@@ -221,10 +283,10 @@ class Runtime:
         sock = self._socket(slot_id)
         if not sock.port or sock.conn is not None:
             return lib.mts_complete(sock.slot, -errno.EINVAL)
-        backlog = min(max(int(arg), 1), self.header.rx_size // 4)  # the accept queue's room
+        backlog = min(max(int(arg), 1), self.geom.accept_capacity)
         # Each half-open connection holds a slot: past a quarter of them, SYNs
         # get cookies, so a flood cannot take every slot (and every listener).
-        syn_backlog = min(backlog, self.header.nslots // 4)
+        syn_backlog = min(backlog, self.geom.nslots // 4)
         if sock.listener is None:
             sock.listener = self.host.listen(sock.port, syn_backlog,
                                              lambda ip, port: self._accept_slot(sock, ip, port))
@@ -235,7 +297,7 @@ class Runtime:
 
     def _accept_slot(self, listening: StackSocket, remote_ip: int, remote_port: int):
         """A SYN arrived for `listening`: a slot for the new connection."""
-        child_id = lib.mts_slot_alloc(self.header)
+        child_id = lib.mts_slot_alloc(self.geom, self._owned_view)
         if child_id < 0:
             return None
         child = self._socket(child_id)
@@ -247,7 +309,7 @@ class Runtime:
         options_size = ffi.offsetof("struct mts_slot", "pad1") - _OPTIONS_OFFSET
         ffi.memmove(ffi.cast("char *", slot) + _OPTIONS_OFFSET,
                     ffi.cast("char *", listening.slot) + _OPTIONS_OFFSET, options_size)
-        return (ShmSendBuffer(self.header, child_id), ShmRecvBuffer(self.header, child_id), child)
+        return (*self._buffers(child), child)
 
     def _connect(self, slot_id, arg, now):
         sock = self._socket(slot_id)
@@ -257,9 +319,11 @@ class Runtime:
         if sock.listener is not None:
             return lib.mts_complete(sock.slot, -errno.EISCONN)
         ip, port = arg >> 16, arg & 0xFFFF
+        if arg >= _ADDRESS_ARG_LIMIT:
+            return lib.mts_complete(sock.slot, -errno.EINVAL)
         if not self.iface.routes(ip):
             return lib.mts_complete(sock.slot, -errno.ENETUNREACH)
-        buffers = ShmSendBuffer(self.header, slot_id), ShmRecvBuffer(self.header, slot_id)
+        buffers = self._buffers(sock)
         try:
             if sock.port:
                 conn = self.host.connect(sock.port, ip, port, *buffers, sock, now)
@@ -298,14 +362,21 @@ class Runtime:
     def _close(self, slot_id, arg, now):
         sock = self.sockets.get(slot_id)
         if sock is None:  # never reached the stack: nothing but the slot
-            return lib.mts_slot_free(self.header, slot_id)
+            return lib.mts_slot_free(self.geom, slot_id)
+        if sock.app_closed:
+            return
         sock.app_closed = True
         if sock.listener is not None:
-            self.host.unlisten(sock.port)
-            for child in [s for s in self.sockets.values() if s.parent is sock]:
+            self._stop_listening(sock, now)
+            # What the program did not accept is ours to abort; each entry
+            # must be one we queued, and we stop at our own head.
+            while (child_id := lib.mts_accept_take(self.geom, slot_id, sock.accept_head)) != -1:
+                child = self.sockets.get(child_id)
+                if child_id < 0 or child is None or child not in sock.queued:
+                    self.shm_counters["accept_entry_bad"] += 1
+                    self._abort_unclaimed(sock, now)
+                    break
                 self._abort_unaccepted(child, now)
-            while (child_id := lib.mts_accept_pop(self.header, slot_id)) >= 0:
-                self._abort_unaccepted(self.sockets[child_id], now)
         elif sock.conn is not None:
             if arg:
                 sock.conn.abort(now)
@@ -314,7 +385,22 @@ class Runtime:
             self.host.after(sock.conn, now)
         self._maybe_release(sock)
 
+    def _stop_listening(self, sock: StackSocket, now):
+        self.host.unlisten(sock.port)
+        sock.listener = None
+        for child in [s for s in self.sockets.values() if s.parent is sock]:
+            self._abort_unaccepted(child, now)
+
+    def _abort_unclaimed(self, listener: StackSocket, now):
+        """The accept queue cannot be believed: what the listener queued and
+        no process of the program holds a descriptor for goes."""
+        for child in [c for c in listener.queued if c.slot is not None and not c.slot.refcnt]:
+            self._abort_unaccepted(child, now)
+
     def _abort_unaccepted(self, child: StackSocket, now):
+        if child.queued_on is not None:
+            child.queued_on.queued.discard(child)
+            child.queued_on = None
         child.app_closed = True
         child.parent = None
         if child.conn is not None:
@@ -352,7 +438,7 @@ class Runtime:
         fd = self.waiters.pop(waiter_id, None)
         if fd is not None:
             os.close(fd)
-            lib.mts_waiter_free(self.header, waiter_id)
+            lib.mts_waiter_free(self.geom, waiter_id)
 
     _HANDLERS = {
         lib.MTS_OP_BIND: _bind,
@@ -435,6 +521,7 @@ class Runtime:
             "packet_io": dict(io_counters),
             "tcp": dict(self.host.counters),
             "connections": dict(states),
+            "shm": dict(self.shm_counters),
             "slots_in_use": len(self.sockets),
             "waiters": len(self.waiters),
         }
@@ -449,7 +536,7 @@ class Runtime:
         for conn in touched:
             self._publish_connection(conn.owner, conn)
         for waiter_id, fd in self.waiters.items():
-            if lib.mts_waiter_disarm(lib.mts_waiter_at(self.header, waiter_id)):
+            if lib.mts_waiter_disarm(lib.mts_waiter_at(self.geom, waiter_id)):
                 self.counters["waiter_wakeups"] += 1
                 os.eventfd_write(fd, 1)
 
@@ -458,6 +545,11 @@ class Runtime:
         conn.events = 0
         if sock.slot is None:
             return  # released: the application is gone, the connection finishes alone
+        if sock.slot.in_use != _SLOT_USED:
+            # Marked free behind our back: take it back so that nobody else
+            # allocates it, and reset the connection it carried.
+            sock.slot.in_use = _SLOT_USED
+            self._corrupted(sock, "slot marked free while in use")
         sock.conn = conn  # a passive connection meets its socket here
         so_error = 0
         if happened & EV_ESTABLISHED:
@@ -484,8 +576,9 @@ class Runtime:
     def _queue_for_accept(self, child: StackSocket) -> None:
         parent = child.parent
         child.parent = None
-        if parent.app_closed or lib.mts_accept_push(self.header, parent.slot_id, child.slot_id) < 0:
-            self.host.count("tcp_listener_closed" if parent.app_closed else "tcp_accept_queue_full")
+        pushed = parent.listener is not None and self._accept_push(parent, child)
+        if not pushed:
+            self.host.count("tcp_listener_closed" if parent.listener is None else "tcp_accept_queue_full")
             child.app_closed = True
             now = time.monotonic()
             child.conn.abort(now)
@@ -493,6 +586,23 @@ class Runtime:
             return
         self._apply_options(child)  # inherited from the listener
         lib.mts_publish(parent.slot, lib.MTS_ST_LISTENING, 0, 0)
+
+    def _accept_push(self, listener: StackSocket, child: StackSocket) -> bool:
+        """Queues `child` at the stack's own head; False if the queue is full.
+        The program's tail must lie within capacity below that head."""
+        head = listener.accept_head
+        waiting = (head - lib.mts_index_load(ffi.addressof(listener.slot.rx, "tail"))) & _U64
+        if waiting > self.geom.accept_capacity:
+            self._corrupted(listener, "accept queue tail impossible")
+            return False
+        if waiting == self.geom.accept_capacity:
+            return False
+        lib.mts_accept_put(self.geom, listener.slot_id, head, child.slot_id)
+        listener.accept_head = (head + 1) & _U64
+        lib.mts_index_store(ffi.addressof(listener.slot.rx, "head"), listener.accept_head)
+        listener.queued.add(child)
+        child.queued_on = listener
+        return True
 
     def _maybe_release(self, sock: StackSocket) -> None:
         """Frees the slot of a socket the application has closed once the
@@ -507,9 +617,91 @@ class Runtime:
             sock.conn = None  # no reference cycle: both go as soon as the host forgets the connection
         if sock.port:
             self.host.unbind(sock.port)
+        if sock.queued_on is not None:
+            sock.queued_on.queued.discard(sock)
+            sock.queued_on = None
+        self._corrupt.pop(sock, None)
         del self.sockets[sock.slot_id]
-        lib.mts_slot_free(self.header, sock.slot_id)
+        self._owned[sock.slot_id] = 0
+        lib.mts_slot_free(self.geom, sock.slot_id)
         sock.slot = None
+
+    # -- containment ----------------------------------------------------------
+
+    def _corrupted(self, sock: StackSocket, reason: str) -> None:
+        """The program wrote something impossible for `sock`: reset it at the
+        end of this stage (never from inside the TCP core's call)."""
+        if sock.slot is not None and not sock.quarantined:
+            self._corrupt.setdefault(sock, reason)
+
+    def _reset_corrupt(self, now: float) -> None:
+        corrupt, self._corrupt = self._corrupt, {}
+        for sock, reason in corrupt.items():
+            if sock.slot is None:
+                continue
+            sock.quarantined = True
+            self.shm_counters["sockets_reset"] += 1
+            slot = sock.slot
+            self._log_limited(now, f"the program{'' if self.program_pid is None else f' (pid {self.program_pid})'} "
+                              f"corrupted socket {sock.slot_id} ({_endpoints(slot)}): {reason}; socket reset")
+            if sock.listener is not None:
+                self._stop_listening(sock, now)
+                self._abort_unclaimed(sock, now)
+            conn = sock.conn
+            if conn is not None:
+                conn.send_buf = conn.recv_buf = DETACHED  # its rings are never read again
+                conn.abort(now)
+                self.host.after(conn, now)
+            sock.events |= lib.MTS_EV_HUP
+            lib.mts_publish(slot, lib.MTS_ST_CLOSED, sock.events, errno.ECONNRESET)
+            self._maybe_release(sock)
+
+    LOG_LINES_PER_SECOND = 10  # a program corrupting in a loop must not flood the log
+
+    def _log_limited(self, now: float, message: str) -> None:
+        second = int(now)
+        if second != self._log_second:
+            if self._log_suppressed:
+                _log(f"({self._log_suppressed} more such lines suppressed)")
+            self._log_second, self._log_lines, self._log_suppressed = second, 0, 0
+        if self._log_lines < self.LOG_LINES_PER_SECOND:
+            self._log_lines += 1
+            _log(message)
+        else:
+            self._log_suppressed += 1
+
+    # -- the launcher ---------------------------------------------------------
+
+    def _hear_launcher(self) -> None:
+        """The launcher says `program PID` once; its end of the pipe closing
+        means it is gone, and so is the reason to serve."""
+        if self.launcher_fd is None:
+            return
+        try:
+            data = os.read(self.launcher_fd, 256)
+        except BlockingIOError:
+            return
+        for line in data.decode(errors="replace").splitlines():
+            word, _, pid = line.partition(" ")
+            if word == "program" and pid.isdigit():
+                self.program_pid = int(pid)
+        if not data:
+            _log("the launcher is gone: stopping")
+            self._poller.unregister(self.launcher_fd)
+            os.close(self.launcher_fd)
+            self.launcher_fd = None
+            self.stopping = True
+
+
+def _endpoints(slot) -> str:
+    def address(ip, port):
+        return f"{ip >> 24}.{ip >> 16 & 255}.{ip >> 8 & 255}.{ip & 255}:{port}"
+    local = address(slot.local_ip, slot.local_port)
+    return local if not slot.remote_port else f"{local} <-> {address(slot.remote_ip, slot.remote_port)}"
+
+
+def _log(message: str) -> None:
+    print(f"mtcpshim stack: {message}", file=sys.stderr, flush=True)
 
 
 def _drain_eventfd(fd: int) -> None:

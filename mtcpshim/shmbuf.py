@@ -5,74 +5,112 @@ TX ring: the application appends; the core peeks unacknowledged bytes and
 consumes them only once acknowledged, so the ring is also the retransmission
 queue and nothing is copied until a segment is built.
 RX ring: the core appends in-order bytes; the application reads.
+
+The program can write anything into the region, so each buffer keeps the
+index the stack owns (TX tail, RX head) to itself, takes its addresses from
+the stack's private geometry, and reads the program's index as untrusted:
+an impossible one (more bytes in use than the ring holds, a TX head that
+moved backwards) is reported through `on_corrupt` and read as an empty ring,
+so the core never sees it.  The runtime then resets the socket.
 """
 from mtcpshim._shm import ffi, lib
 
+_U64 = (1 << 64) - 1
+
 
 class ShmSendBuffer:
-    __slots__ = ("_ring", "_data", "_view", "_cap", "_mask")
+    __slots__ = ("_head_word", "_tail_word", "_head", "_tail", "_data", "_view", "_cap", "_mask",
+                 "_on_corrupt")
 
-    def __init__(self, header, slot_id: int):
-        self._ring = ffi.addressof(lib.mts_slot_at(header, slot_id).tx)
-        self._data = lib.mts_tx_data(header, slot_id)
-        self._view = memoryview(ffi.buffer(self._data, header.tx_size))
-        self._cap = header.tx_size
-        self._mask = header.tx_size - 1
+    def __init__(self, geom, slot_id: int, on_corrupt):
+        ring = lib.mts_slot_at(geom, slot_id).tx
+        self._head_word = ffi.addressof(ring, "head")
+        self._tail_word = ffi.addressof(ring, "tail")
+        self._tail = lib.mts_index_load(self._tail_word)
+        self._head = self._tail  # the last head seen valid: bytes below it stay put
+        self._data = lib.mts_tx_data(geom, slot_id)
+        self._cap = geom.tx_size
+        self._mask = geom.tx_size - 1
+        self._view = memoryview(ffi.buffer(self._data, self._cap))
+        self._on_corrupt = on_corrupt
 
     def __len__(self) -> int:
-        return lib.mts_ring_used(self._ring)
+        head = lib.mts_index_load(self._head_word)
+        used = (head - self._tail) & _U64
+        if used > self._cap or ((head - self._head) & _U64) > self._cap:
+            self._on_corrupt("TX ring head impossible (beyond capacity or moved backwards)")
+            return 0
+        self._head = head
+        return used
 
     def peek(self, offset: int, n: int):
-        """Up to n bytes at offset past the oldest unacknowledged byte.  The
-        application never overwrites them before consume(), so a view into
-        the ring is safe when the bytes do not wrap."""
-        ring = self._ring
-        used = ring.head - ring.tail
+        """Up to n bytes at offset past the oldest unacknowledged byte, within
+        what __len__ last saw.  The application never overwrites them before
+        consume(), so a view into the ring is safe when they do not wrap."""
+        used = (self._head - self._tail) & _U64
         if offset >= used:
             return b""
         if n > used - offset:
             n = used - offset
-        start = (ring.tail + offset) & self._mask
+        start = (self._tail + offset) & self._mask
         if start + n <= self._cap:
             return self._view[start:start + n]
         out = ffi.new("uint8_t[]", n)
-        lib.mts_ring_peek(ring, self._data, self._cap, offset, out, n)
+        lib.mts_copy_out(self._data, self._cap, self._tail + offset, out, n)
         return ffi.buffer(out, n)
 
     def consume(self, n: int) -> None:
-        lib.mts_ring_consume(self._ring, n)
+        self._tail = (self._tail + n) & _U64
+        lib.mts_index_store(self._tail_word, self._tail)
 
 
 class ShmRecvBuffer:
-    __slots__ = ("_slot", "_ring", "_data", "_cap", "_low_water")
+    __slots__ = ("_slot", "_head_word", "_tail_word", "_head", "_data", "_cap", "_low_water",
+                 "_on_corrupt")
 
-    def __init__(self, header, slot_id: int):
-        self._slot = lib.mts_slot_at(header, slot_id)
-        self._ring = ffi.addressof(self._slot.rx)
-        self._data = lib.mts_rx_data(header, slot_id)
-        self._cap = header.rx_size
+    def __init__(self, geom, slot_id: int, on_corrupt):
+        self._slot = lib.mts_slot_at(geom, slot_id)
+        self._head_word = ffi.addressof(self._slot.rx, "head")
+        self._tail_word = ffi.addressof(self._slot.rx, "tail")
+        self._head = lib.mts_index_load(self._head_word)
+        self._data = lib.mts_rx_data(geom, slot_id)
+        self._cap = geom.rx_size
         # Below this much room the window is worth reopening: ask the
         # application to report its reads (mts_rx_arm_notify).
-        self._low_water = header.rx_size // 2
+        self._low_water = geom.rx_size // 2
+        self._on_corrupt = on_corrupt
 
     def __len__(self) -> int:
         """Bytes received and not yet read by the application."""
-        return lib.mts_ring_used(self._ring)
+        used = (self._head - lib.mts_index_load(self._tail_word)) & _U64
+        if used > self._cap:
+            self._on_corrupt("RX ring tail impossible (ahead of head or beyond capacity)")
+            return 0
+        return used
 
     def space(self) -> int:
-        room = self._cap - lib.mts_ring_used(self._ring)
+        room = self._cap - len(self)
         if room < self._low_water:
             lib.mts_rx_arm_notify(self._slot)
-            room = self._cap - lib.mts_ring_used(self._ring)
+            room = self._cap - len(self)
         return room
 
     def write(self, data) -> int:
-        return lib.mts_ring_write(self._ring, self._data, self._cap, ffi.from_buffer(data), len(data))
+        used = (self._head - lib.mts_index_load(self._tail_word)) & _U64
+        if used > self._cap:
+            self._on_corrupt("RX ring tail impossible (ahead of head or beyond capacity)")
+            return 0
+        n = min(len(data), self._cap - used)
+        lib.mts_copy_in(self._data, self._cap, self._head, ffi.from_buffer(data), n)
+        self._head = (self._head + n) & _U64
+        lib.mts_index_store(self._head_word, self._head)
+        return n
 
 
 class DetachedBuffer:
     """Stands in for the rings once the application has closed a socket and
-    its slot is freed (TIME_WAIT needs neither data nor window)."""
+    its slot is freed (TIME_WAIT needs neither data nor window), or once the
+    socket was reset for corrupt rings."""
 
     __slots__ = ()
 

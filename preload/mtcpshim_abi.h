@@ -26,6 +26,36 @@
 
 #define MTS_CACHELINE 64
 
+/* Bounds a header must respect to be attached (mts_geom_attach), so that no
+ * offset computed from the geometry can overflow. */
+#define MTS_MAX_SLOTS 1048576
+#define MTS_MAX_WAITERS 65536
+#define MTS_MAX_CMD_CAPACITY 1048576
+#define MTS_MIN_RING 4096
+#define MTS_MAX_RING 1073741824
+
+/*
+ * A process's own copy of the region's layout: NOT in the region.  Each side
+ * fills one once, at attach, from a header it validates (mts_geom_attach);
+ * the stack does so before the program starts.  Every operation in mts_shm.h
+ * computes addresses from it and never from the header again, so nothing a
+ * program writes into the region decides where the stack reads or writes.
+ */
+struct mts_geom {
+    uint8_t *base;
+    uint64_t size;
+    uint32_t nslots;
+    uint32_t nwaiters;
+    uint32_t cmd_capacity;
+    uint32_t rx_size;
+    uint32_t tx_size;
+    uint32_t accept_capacity; /* slot ids a listener's RX area holds */
+    uint64_t waiters_off;
+    uint64_t cmdq_off;
+    uint64_t slots_off;
+    uint64_t data_off;
+};
+
 /* mts_header.stack_state */
 #define MTS_STACK_STARTING 0
 #define MTS_STACK_RUNNING 1
@@ -38,6 +68,7 @@ struct mts_header {
     uint32_t header_size;
     uint64_t region_size;
 
+    /* The geometry as created; read once at attach, into struct mts_geom. */
     uint32_t nslots;
     uint32_t nwaiters;
     uint32_t cmd_capacity; /* power of two */
@@ -121,8 +152,7 @@ struct mts_cmd {
 struct mts_cmdq {
     uint64_t enqueue_pos;
     uint8_t pad0[56];
-    uint64_t dequeue_pos;
-    uint8_t pad1[56];
+    uint8_t pad1[64];    /* the dequeue position is the stack's own, never shared */
     /* followed by cmd_capacity struct mts_cmd */
 };
 
@@ -130,6 +160,9 @@ struct mts_cmdq {
  * A byte ring: head counts bytes ever produced, tail bytes ever consumed;
  * used = head - tail.  Each index is written by one side only and sits on its
  * own cache line.  The data area's offset is derived from the slot id.
+ * The stack keeps its own copy of the index it writes and reads the other
+ * side's as untrusted: used > capacity (a tail ahead of the head, say) is
+ * corruption, and that socket is reset.
  * TX ring: the application produces; the stack advances tail only when the
  * peer has acknowledged the bytes, so the ring doubles as the retransmission
  * buffer.  A listener's RX area holds its accept queue: uint32 slot ids of

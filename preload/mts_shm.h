@@ -25,6 +25,7 @@ _Static_assert(offsetof(struct mts_header, stack_sleeping) % MTS_CACHELINE == 0,
 _Static_assert(sizeof(struct mts_waiter) == 16, "mts_waiter layout");
 _Static_assert(sizeof(struct mts_cmd) == 32, "mts_cmd layout");
 _Static_assert(sizeof(struct mts_cmdq) == 128, "mts_cmdq layout");
+_Static_assert(MTS_MAX_RING <= UINT32_MAX / 2 + 1, "ring sizes fit uint32_t");
 _Static_assert(sizeof(struct mts_ring) == 128, "mts_ring layout");
 _Static_assert(offsetof(struct mts_slot, rx) == 256, "mts_slot rings aligned");
 _Static_assert(sizeof(struct mts_slot) == 512, "mts_slot layout");
@@ -34,38 +35,43 @@ _Static_assert(sizeof(struct mts_slot) == 512, "mts_slot layout");
 #ifdef MTS_CFFI_PROTOTYPES /* cdef-begin */
 uint64_t mts_region_size(uint32_t nslots, uint32_t nwaiters, uint32_t cmd_capacity,
                          uint32_t rx_size, uint32_t tx_size);
-void mts_region_init(void *base, uint32_t nslots, uint32_t nwaiters, uint32_t cmd_capacity,
-                     uint32_t rx_size, uint32_t tx_size);
-int mts_region_valid(const struct mts_header *h, uint64_t mapped_size);
-struct mts_slot *mts_slot_at(struct mts_header *h, uint32_t id);
-uint8_t *mts_rx_data(struct mts_header *h, uint32_t id);
-uint8_t *mts_tx_data(struct mts_header *h, uint32_t id);
-struct mts_waiter *mts_waiter_at(struct mts_header *h, uint32_t id);
-int32_t mts_slot_alloc(struct mts_header *h);
-void mts_slot_free(struct mts_header *h, uint32_t id);
-int32_t mts_waiter_alloc(struct mts_header *h, int32_t pid);
-void mts_waiter_free(struct mts_header *h, uint32_t id);
+int mts_region_init(void *base, uint64_t mapped_size, uint32_t nslots, uint32_t nwaiters,
+                    uint32_t cmd_capacity, uint32_t rx_size, uint32_t tx_size);
+int mts_geom_attach(struct mts_geom *g, void *base, uint64_t mapped_size);
+struct mts_slot *mts_slot_at(const struct mts_geom *g, uint32_t id);
+uint8_t *mts_rx_data(const struct mts_geom *g, uint32_t id);
+uint8_t *mts_tx_data(const struct mts_geom *g, uint32_t id);
+struct mts_waiter *mts_waiter_at(const struct mts_geom *g, uint32_t id);
+int32_t mts_slot_alloc(const struct mts_geom *g, const uint8_t *skip);
+void mts_slot_free(const struct mts_geom *g, uint32_t id);
+int32_t mts_waiter_alloc(const struct mts_geom *g, int32_t pid);
+void mts_waiter_free(const struct mts_geom *g, uint32_t id);
 uint32_t mts_waiter_disarm(struct mts_waiter *w);
-int mts_cmd_push(struct mts_header *h, uint32_t op, uint32_t slot, uint64_t arg);
-int mts_cmd_pop(struct mts_header *h, struct mts_cmd *out);
-int mts_cmd_pending(struct mts_header *h);
+int mts_cmd_push(const struct mts_geom *g, uint32_t op, uint32_t slot, uint64_t arg);
+int mts_cmd_pop(const struct mts_geom *g, uint64_t *pos, struct mts_cmd *out);
+int mts_cmd_pending(const struct mts_geom *g, uint64_t pos);
 uint64_t mts_ring_used(const struct mts_ring *r);
 uint64_t mts_ring_write(struct mts_ring *r, uint8_t *data, uint32_t cap, const void *src, uint64_t n);
 uint64_t mts_ring_read(struct mts_ring *r, const uint8_t *data, uint32_t cap, void *dst, uint64_t n);
 uint64_t mts_ring_peek(const struct mts_ring *r, const uint8_t *data, uint32_t cap,
                        uint64_t offset, void *dst, uint64_t n);
 void mts_ring_consume(struct mts_ring *r, uint64_t n);
-int mts_accept_push(struct mts_header *h, uint32_t listener, uint32_t child);
-int32_t mts_accept_pop(struct mts_header *h, uint32_t listener);
-uint32_t mts_accept_pending(struct mts_header *h, uint32_t listener);
+uint64_t mts_index_load(const uint64_t *index);
+void mts_index_store(uint64_t *index, uint64_t value);
+void mts_copy_in(uint8_t *data, uint32_t cap, uint64_t pos, const void *src, uint64_t n);
+void mts_copy_out(const uint8_t *data, uint32_t cap, uint64_t pos, void *dst, uint64_t n);
+void mts_accept_put(const struct mts_geom *g, uint32_t listener, uint64_t pos, uint32_t child);
+int64_t mts_accept_take(const struct mts_geom *g, uint32_t listener, uint64_t head);
+int32_t mts_accept_pop(const struct mts_geom *g, uint32_t listener);
+uint32_t mts_accept_pending(const struct mts_geom *g, uint32_t listener);
 void mts_publish(struct mts_slot *s, uint32_t state, uint32_t events, int32_t so_error);
 void mts_complete(struct mts_slot *s, int32_t result);
 void mts_rx_arm_notify(struct mts_slot *s);
 void mts_tx_clear_pending(struct mts_slot *s);
 int mts_rx_take_notify(struct mts_slot *s);
-int mts_stack_try_sleep(struct mts_header *h);
-void mts_stack_awake(struct mts_header *h);
-uint32_t mts_slot_poll(struct mts_header *h, uint32_t id);
+int mts_stack_try_sleep(const struct mts_geom *g, uint64_t pos);
+void mts_stack_awake(const struct mts_geom *g);
+uint32_t mts_slot_poll(const struct mts_geom *g, uint32_t id);
 void mts_futex_wake(uint32_t *word);
 int mts_futex_wait(uint32_t *word, uint32_t expected, int timeout_ms);
 #endif /* cdef-end */
@@ -75,80 +81,128 @@ int mts_futex_wait(uint32_t *word, uint32_t expected, int timeout_ms);
 
 static inline uint64_t mts_align(uint64_t n, uint64_t to) { return (n + to - 1) & ~(to - 1); }
 
+static inline int mts_pow2(uint32_t n) { return n && !(n & (n - 1)); }
+
+static inline struct mts_header *mts_hdr(const struct mts_geom *g) { return (struct mts_header *)g->base; }
+
+/* The one layout rule: fills g's offsets and size from its counts and sizes.
+ * Returns 0, or -1 for counts or sizes outside the ABI's bounds. */
+static inline int mts_layout(struct mts_geom *g)
+{
+    if (!g->nslots || g->nslots > MTS_MAX_SLOTS || !g->nwaiters || g->nwaiters > MTS_MAX_WAITERS ||
+        !mts_pow2(g->cmd_capacity) || g->cmd_capacity > MTS_MAX_CMD_CAPACITY ||
+        !mts_pow2(g->rx_size) || g->rx_size < MTS_MIN_RING || g->rx_size > MTS_MAX_RING ||
+        !mts_pow2(g->tx_size) || g->tx_size < MTS_MIN_RING || g->tx_size > MTS_MAX_RING)
+        return -1;
+    uint64_t off = mts_align(sizeof(struct mts_header), 4096);
+    g->waiters_off = off;
+    off = mts_align(off + (uint64_t)g->nwaiters * sizeof(struct mts_waiter), MTS_CACHELINE);
+    g->cmdq_off = off;
+    off = mts_align(off + sizeof(struct mts_cmdq) + (uint64_t)g->cmd_capacity * sizeof(struct mts_cmd), 4096);
+    g->slots_off = off;
+    off = mts_align(off + (uint64_t)g->nslots * sizeof(struct mts_slot), 4096);
+    g->data_off = off;
+    g->size = off + (uint64_t)g->nslots * ((uint64_t)g->rx_size + g->tx_size);
+    g->accept_capacity = g->rx_size / sizeof(uint32_t);
+    return 0;
+}
+
 static inline uint64_t mts_region_size(uint32_t nslots, uint32_t nwaiters, uint32_t cmd_capacity,
                                        uint32_t rx_size, uint32_t tx_size)
 {
-    uint64_t off = mts_align(sizeof(struct mts_header), 4096);
-    off = mts_align(off + (uint64_t)nwaiters * sizeof(struct mts_waiter), MTS_CACHELINE);
-    off = mts_align(off + sizeof(struct mts_cmdq) + (uint64_t)cmd_capacity * sizeof(struct mts_cmd), 4096);
-    off = mts_align(off + (uint64_t)nslots * sizeof(struct mts_slot), 4096);
-    return off + (uint64_t)nslots * ((uint64_t)rx_size + tx_size);
+    struct mts_geom g = {.nslots = nslots, .nwaiters = nwaiters, .cmd_capacity = cmd_capacity,
+                         .rx_size = rx_size, .tx_size = tx_size};
+    return mts_layout(&g) ? 0 : g.size;
 }
 
-/* Lays out a zero-filled region (a fresh memfd is). */
-static inline void mts_region_init(void *base, uint32_t nslots, uint32_t nwaiters, uint32_t cmd_capacity,
-                                   uint32_t rx_size, uint32_t tx_size)
+/* Lays out a zero-filled region (a fresh memfd is).  Returns 0, or -1 if the
+ * geometry is out of bounds or does not fit mapped_size. */
+static inline int mts_region_init(void *base, uint64_t mapped_size, uint32_t nslots, uint32_t nwaiters,
+                                  uint32_t cmd_capacity, uint32_t rx_size, uint32_t tx_size)
 {
+    struct mts_geom g = {.nslots = nslots, .nwaiters = nwaiters, .cmd_capacity = cmd_capacity,
+                         .rx_size = rx_size, .tx_size = tx_size};
+    if (mts_layout(&g) || g.size > mapped_size)
+        return -1;
     struct mts_header *h = base;
-    uint64_t off = mts_align(sizeof(struct mts_header), 4096);
-    h->waiters_off = off;
-    off = mts_align(off + (uint64_t)nwaiters * sizeof(struct mts_waiter), MTS_CACHELINE);
-    h->cmdq_off = off;
-    off = mts_align(off + sizeof(struct mts_cmdq) + (uint64_t)cmd_capacity * sizeof(struct mts_cmd), 4096);
-    h->slots_off = off;
-    off = mts_align(off + (uint64_t)nslots * sizeof(struct mts_slot), 4096);
-    h->data_off = off;
-    h->region_size = mts_region_size(nslots, nwaiters, cmd_capacity, rx_size, tx_size);
+    h->waiters_off = g.waiters_off;
+    h->cmdq_off = g.cmdq_off;
+    h->slots_off = g.slots_off;
+    h->data_off = g.data_off;
+    h->region_size = g.size;
     h->header_size = sizeof(struct mts_header);
     h->nslots = nslots;
     h->nwaiters = nwaiters;
     h->cmd_capacity = cmd_capacity;
     h->rx_size = rx_size;
     h->tx_size = tx_size;
-    struct mts_cmd *cells = (struct mts_cmd *)((char *)base + h->cmdq_off + sizeof(struct mts_cmdq));
+    struct mts_cmd *cells = (struct mts_cmd *)((char *)base + g.cmdq_off + sizeof(struct mts_cmdq));
     for (uint32_t i = 0; i < cmd_capacity; i++)
         cells[i].seq = i;
     h->version = MTS_VERSION;
     MTS_STORE(&h->magic, (uint64_t)MTS_MAGIC);
+    return 0;
 }
 
-static inline int mts_region_valid(const struct mts_header *h, uint64_t mapped_size)
+/* Reads the header's geometry once into g, recomputing every offset by the
+ * layout rule.  Returns 0, or -1 if the header is not a region this ABI made
+ * or claims more than mapped_size. */
+static inline int mts_geom_attach(struct mts_geom *g, void *base, uint64_t mapped_size)
 {
-    return mapped_size >= sizeof(*h) && MTS_LOAD(&h->magic) == (uint64_t)MTS_MAGIC &&
-           h->version == MTS_VERSION && h->header_size == sizeof(*h) && h->region_size <= mapped_size;
+    const volatile struct mts_header *h = base;
+    memset(g, 0, sizeof(*g));
+    if (mapped_size < sizeof(struct mts_header) || h->magic != (uint64_t)MTS_MAGIC ||
+        h->version != MTS_VERSION || h->header_size != sizeof(struct mts_header))
+        return -1;
+    g->nslots = h->nslots;
+    g->nwaiters = h->nwaiters;
+    g->cmd_capacity = h->cmd_capacity;
+    g->rx_size = h->rx_size;
+    g->tx_size = h->tx_size;
+    if (mts_layout(g) || g->size > mapped_size || g->size != h->region_size ||
+        g->waiters_off != h->waiters_off || g->cmdq_off != h->cmdq_off ||
+        g->slots_off != h->slots_off || g->data_off != h->data_off)
+        return -1;
+    g->base = base;
+    return 0;
 }
 
-static inline struct mts_slot *mts_slot_at(struct mts_header *h, uint32_t id)
+/* Address helpers: NULL for an id outside the geometry. */
+static inline struct mts_slot *mts_slot_at(const struct mts_geom *g, uint32_t id)
 {
-    return (struct mts_slot *)((char *)h + h->slots_off) + id;
+    return id < g->nslots ? (struct mts_slot *)(g->base + g->slots_off) + id : NULL;
 }
 
-static inline uint8_t *mts_rx_data(struct mts_header *h, uint32_t id)
+static inline uint8_t *mts_rx_data(const struct mts_geom *g, uint32_t id)
 {
-    return (uint8_t *)h + h->data_off + (uint64_t)id * ((uint64_t)h->rx_size + h->tx_size);
+    return id < g->nslots ? g->base + g->data_off + (uint64_t)id * ((uint64_t)g->rx_size + g->tx_size) : NULL;
 }
 
-static inline uint8_t *mts_tx_data(struct mts_header *h, uint32_t id)
+static inline uint8_t *mts_tx_data(const struct mts_geom *g, uint32_t id)
 {
-    return mts_rx_data(h, id) + h->rx_size;
+    return id < g->nslots ? mts_rx_data(g, id) + g->rx_size : NULL;
 }
 
-static inline struct mts_waiter *mts_waiter_at(struct mts_header *h, uint32_t id)
+static inline struct mts_waiter *mts_waiter_at(const struct mts_geom *g, uint32_t id)
 {
-    return (struct mts_waiter *)((char *)h + h->waiters_off) + id;
+    return id < g->nwaiters ? (struct mts_waiter *)(g->base + g->waiters_off) + id : NULL;
 }
 
 /* Claims a free slot by compare-and-swap (both sides allocate: the
  * application at bind/connect, the stack for accepted connections) and resets
- * it.  Only the stack frees slots. */
-static inline int32_t mts_slot_alloc(struct mts_header *h)
+ * it.  Only the stack frees slots.  `skip` (the stack's, NULL for the
+ * application) marks slots the caller knows to be live whatever their in_use
+ * word says: a program that marks a live slot free cannot make the stack
+ * hand it out twice. */
+static inline int32_t mts_slot_alloc(const struct mts_geom *g, const uint8_t *skip)
 {
-    uint32_t start = MTS_LOAD(&h->slot_hint);
-    for (uint32_t i = 0; i < h->nslots; i++) {
-        uint32_t id = (start + i) % h->nslots;
-        struct mts_slot *s = mts_slot_at(h, id);
+    struct mts_header *h = mts_hdr(g);
+    uint32_t start = MTS_LOAD(&h->slot_hint) % g->nslots;
+    for (uint32_t i = 0; i < g->nslots; i++) {
+        uint32_t id = (start + i) % g->nslots;
+        struct mts_slot *s = mts_slot_at(g, id);
         uint32_t expected = MTS_SLOT_FREE;
-        if (MTS_LOAD(&s->in_use) != MTS_SLOT_FREE ||
+        if ((skip && skip[id]) || MTS_LOAD(&s->in_use) != MTS_SLOT_FREE ||
             !__atomic_compare_exchange_n(&s->in_use, &expected, MTS_SLOT_USED, 0,
                                          __ATOMIC_ACQ_REL, __ATOMIC_RELAXED))
             continue;
@@ -156,21 +210,23 @@ static inline int32_t mts_slot_alloc(struct mts_header *h)
         memset((char *)s + offsetof(struct mts_slot, refcnt), 0,
                sizeof(*s) - offsetof(struct mts_slot, refcnt));
         s->generation = generation;
-        MTS_STORE(&h->slot_hint, (id + 1) % h->nslots);
+        MTS_STORE(&h->slot_hint, (id + 1) % g->nslots);
         return (int32_t)id;
     }
     return -1;
 }
 
-static inline void mts_slot_free(struct mts_header *h, uint32_t id)
+static inline void mts_slot_free(const struct mts_geom *g, uint32_t id)
 {
-    MTS_STORE(&mts_slot_at(h, id)->in_use, (uint32_t)MTS_SLOT_FREE);
+    struct mts_slot *s = mts_slot_at(g, id);
+    if (s)
+        MTS_STORE(&s->in_use, (uint32_t)MTS_SLOT_FREE);
 }
 
-static inline int32_t mts_waiter_alloc(struct mts_header *h, int32_t pid)
+static inline int32_t mts_waiter_alloc(const struct mts_geom *g, int32_t pid)
 {
-    for (uint32_t id = 0; id < h->nwaiters; id++) {
-        struct mts_waiter *w = mts_waiter_at(h, id);
+    for (uint32_t id = 0; id < g->nwaiters; id++) {
+        struct mts_waiter *w = mts_waiter_at(g, id);
         uint32_t expected = 0;
         if (MTS_LOAD(&w->in_use) == 0 &&
             __atomic_compare_exchange_n(&w->in_use, &expected, 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED)) {
@@ -184,9 +240,11 @@ static inline int32_t mts_waiter_alloc(struct mts_header *h, int32_t pid)
 }
 
 /* Called by the stack once it has closed its copy of the waiter's eventfd. */
-static inline void mts_waiter_free(struct mts_header *h, uint32_t id)
+static inline void mts_waiter_free(const struct mts_geom *g, uint32_t id)
 {
-    struct mts_waiter *w = mts_waiter_at(h, id);
+    struct mts_waiter *w = mts_waiter_at(g, id);
+    if (!w)
+        return;
     w->registered = 0;
     MTS_STORE(&w->in_use, 0u);
 }
@@ -197,23 +255,23 @@ static inline uint32_t mts_waiter_disarm(struct mts_waiter *w)
     return MTS_LOAD(&w->armed) && __atomic_exchange_n(&w->armed, 0u, __ATOMIC_ACQ_REL);
 }
 
-static inline struct mts_cmdq *mts_cmdq(struct mts_header *h)
+static inline struct mts_cmdq *mts_cmdq(const struct mts_geom *g)
 {
-    return (struct mts_cmdq *)((char *)h + h->cmdq_off);
+    return (struct mts_cmdq *)(g->base + g->cmdq_off);
 }
 
-static inline struct mts_cmd *mts_cmd_cell(struct mts_header *h, uint64_t pos)
+static inline struct mts_cmd *mts_cmd_cell(const struct mts_geom *g, uint64_t pos)
 {
-    return (struct mts_cmd *)(mts_cmdq(h) + 1) + (pos & (h->cmd_capacity - 1));
+    return (struct mts_cmd *)(mts_cmdq(g) + 1) + (pos & (g->cmd_capacity - 1));
 }
 
 /* Returns 0, or -1 when the queue is full. */
-static inline int mts_cmd_push(struct mts_header *h, uint32_t op, uint32_t slot, uint64_t arg)
+static inline int mts_cmd_push(const struct mts_geom *g, uint32_t op, uint32_t slot, uint64_t arg)
 {
-    struct mts_cmdq *q = mts_cmdq(h);
+    struct mts_cmdq *q = mts_cmdq(g);
     uint64_t pos = __atomic_load_n(&q->enqueue_pos, __ATOMIC_RELAXED);
     for (;;) {
-        struct mts_cmd *cell = mts_cmd_cell(h, pos);
+        struct mts_cmd *cell = mts_cmd_cell(g, pos);
         int64_t lag = (int64_t)(MTS_LOAD(&cell->seq) - pos);
         if (lag == 0) {
             if (__atomic_compare_exchange_n(&q->enqueue_pos, &pos, pos + 1, 1,
@@ -232,24 +290,24 @@ static inline int mts_cmd_push(struct mts_header *h, uint32_t op, uint32_t slot,
     }
 }
 
-/* Single consumer (the stack thread).  Returns 1 and fills *out, or 0. */
-static inline int mts_cmd_pop(struct mts_header *h, struct mts_cmd *out)
+/* Single consumer (the stack thread), whose own *pos says where it is.
+ * Returns 1 and fills *out (every field still to be checked), or 0. */
+static inline int mts_cmd_pop(const struct mts_geom *g, uint64_t *pos, struct mts_cmd *out)
 {
-    struct mts_cmdq *q = mts_cmdq(h);
-    uint64_t pos = q->dequeue_pos;
-    struct mts_cmd *cell = mts_cmd_cell(h, pos);
-    if (MTS_LOAD(&cell->seq) != pos + 1)
+    struct mts_cmd *cell = mts_cmd_cell(g, *pos);
+    if (MTS_LOAD(&cell->seq) != *pos + 1)
         return 0;
-    *out = *cell;
-    MTS_STORE(&cell->seq, pos + h->cmd_capacity);
-    q->dequeue_pos = pos + 1;
+    out->op = cell->op;
+    out->slot = cell->slot;
+    out->arg = cell->arg;
+    MTS_STORE(&cell->seq, *pos + g->cmd_capacity);
+    *pos += 1;
     return 1;
 }
 
-static inline int mts_cmd_pending(struct mts_header *h)
+static inline int mts_cmd_pending(const struct mts_geom *g, uint64_t pos)
 {
-    struct mts_cmdq *q = mts_cmdq(h);
-    return MTS_LOAD(&mts_cmd_cell(h, q->dequeue_pos)->seq) == q->dequeue_pos + 1;
+    return MTS_LOAD(&mts_cmd_cell(g, pos)->seq) == pos + 1;
 }
 
 static inline uint64_t mts_ring_used(const struct mts_ring *r)
@@ -257,8 +315,16 @@ static inline uint64_t mts_ring_used(const struct mts_ring *r)
     return MTS_LOAD(&r->head) - MTS_LOAD(&r->tail);
 }
 
+static inline uint64_t mts_index_load(const uint64_t *index) { return MTS_LOAD(index); }
+
+static inline void mts_index_store(uint64_t *index, uint64_t value) { MTS_STORE(index, value); }
+
+/* Copies n <= cap bytes at ring position pos (wrapping); more is clamped, so
+ * no index, however wrong, copies outside the data area. */
 static inline void mts_copy_in(uint8_t *data, uint32_t cap, uint64_t pos, const void *src, uint64_t n)
 {
+    if (n > cap)
+        n = cap;
     uint64_t at = pos & (cap - 1), first = cap - at < n ? cap - at : n;
     memcpy(data + at, src, first);
     memcpy(data, (const uint8_t *)src + first, n - first);
@@ -266,15 +332,25 @@ static inline void mts_copy_in(uint8_t *data, uint32_t cap, uint64_t pos, const 
 
 static inline void mts_copy_out(const uint8_t *data, uint32_t cap, uint64_t pos, void *dst, uint64_t n)
 {
+    if (n > cap)
+        n = cap;
     uint64_t at = pos & (cap - 1), first = cap - at < n ? cap - at : n;
     memcpy(dst, data + at, first);
     memcpy((uint8_t *)dst + first, data, n - first);
 }
 
+/* The application's side of a byte ring.  An impossible used count (written
+ * by a misbehaving process of the program) reads as a full ring. */
+static inline uint64_t mts_ring_used_bounded(const struct mts_ring *r, uint32_t cap)
+{
+    uint64_t used = mts_ring_used(r);
+    return used > cap ? cap : used;
+}
+
 /* Producer side: copies as much of src as fits, returns the bytes taken. */
 static inline uint64_t mts_ring_write(struct mts_ring *r, uint8_t *data, uint32_t cap, const void *src, uint64_t n)
 {
-    uint64_t head = r->head, room = cap - (head - MTS_LOAD(&r->tail));
+    uint64_t head = r->head, used = head - MTS_LOAD(&r->tail), room = used > cap ? 0 : cap - used;
     if (n > room)
         n = room;
     mts_copy_in(data, cap, head, src, n);
@@ -288,6 +364,8 @@ static inline uint64_t mts_ring_read(struct mts_ring *r, const uint8_t *data, ui
     uint64_t tail = r->tail, used = MTS_LOAD(&r->head) - tail;
     if (n > used)
         n = used;
+    if (n > cap)
+        n = cap;
     mts_copy_out(data, cap, tail, dst, n);
     MTS_STORE(&r->tail, tail + n);
     return n;
@@ -298,6 +376,8 @@ static inline uint64_t mts_ring_peek(const struct mts_ring *r, const uint8_t *da
                                      uint64_t offset, void *dst, uint64_t n)
 {
     uint64_t tail = r->tail, used = MTS_LOAD(&r->head) - tail;
+    if (used > cap)
+        used = cap;
     if (offset >= used)
         return 0;
     if (n > used - offset)
@@ -311,38 +391,48 @@ static inline void mts_ring_consume(struct mts_ring *r, uint64_t n)
     MTS_STORE(&r->tail, r->tail + n);
 }
 
-/* A listener's accept queue, in its RX area (see mtcpshim_abi.h). */
-static inline uint32_t mts_accept_capacity(struct mts_header *h) { return h->rx_size / sizeof(uint32_t); }
-
-static inline int mts_accept_push(struct mts_header *h, uint32_t listener, uint32_t child)
+/* A listener's accept queue, in its RX area (see mtcpshim_abi.h).  The stack,
+ * the only producer, keeps the head itself: it stores an entry at its own
+ * position, then publishes head = pos + 1. */
+static inline void mts_accept_put(const struct mts_geom *g, uint32_t listener, uint64_t pos, uint32_t child)
 {
-    struct mts_ring *r = &mts_slot_at(h, listener)->rx;
-    uint32_t *queue = (uint32_t *)mts_rx_data(h, listener);
-    uint64_t head = r->head;
-    if (head - MTS_LOAD(&r->tail) >= mts_accept_capacity(h))
-        return -1;
-    queue[head % mts_accept_capacity(h)] = child;
-    MTS_STORE(&r->head, head + 1);
-    return 0;
+    uint32_t *queue = (uint32_t *)mts_rx_data(g, listener);
+    if (queue)
+        __atomic_store_n(&queue[pos % g->accept_capacity], child, __ATOMIC_RELAXED);
 }
 
-/* Any number of consumers; returns a slot id or -1 when empty. */
-static inline int32_t mts_accept_pop(struct mts_header *h, uint32_t listener)
+/* Any number of consumers; returns a slot id, -1 when empty, or -2 when the
+ * queue's indices are impossible.  The stack passes its own head; the
+ * application the published one. */
+static inline int64_t mts_accept_take(const struct mts_geom *g, uint32_t listener, uint64_t head)
 {
-    struct mts_ring *r = &mts_slot_at(h, listener)->rx;
-    const uint32_t *queue = (const uint32_t *)mts_rx_data(h, listener);
-    uint64_t tail = MTS_LOAD(&r->tail);
-    while (tail != MTS_LOAD(&r->head)) {
-        uint32_t child = __atomic_load_n(&queue[tail % mts_accept_capacity(h)], __ATOMIC_RELAXED);
-        if (__atomic_compare_exchange_n(&r->tail, &tail, tail + 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
-            return (int32_t)child;
+    struct mts_slot *s = mts_slot_at(g, listener);
+    const uint32_t *queue = (const uint32_t *)mts_rx_data(g, listener);
+    if (!s)
+        return -2;
+    uint64_t tail = MTS_LOAD(&s->rx.tail);
+    while (tail != head) {
+        if (head - tail > g->accept_capacity)
+            return -2;
+        uint32_t child = __atomic_load_n(&queue[tail % g->accept_capacity], __ATOMIC_RELAXED);
+        if (__atomic_compare_exchange_n(&s->rx.tail, &tail, tail + 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+            return child;
     }
     return -1;
 }
 
-static inline uint32_t mts_accept_pending(struct mts_header *h, uint32_t listener)
+/* The application accepts: a slot id within the geometry, or -1. */
+static inline int32_t mts_accept_pop(const struct mts_geom *g, uint32_t listener)
 {
-    return (uint32_t)mts_ring_used(&mts_slot_at(h, listener)->rx);
+    struct mts_slot *s = mts_slot_at(g, listener);
+    int64_t child = s ? mts_accept_take(g, listener, MTS_LOAD(&s->rx.head)) : -1;
+    return child >= 0 && child < g->nslots ? (int32_t)child : -1;
+}
+
+static inline uint32_t mts_accept_pending(const struct mts_geom *g, uint32_t listener)
+{
+    uint64_t used = mts_ring_used(&mts_slot_at(g, listener)->rx);
+    return used > g->accept_capacity ? 0 : (uint32_t)used;
 }
 
 /* The stack publishes a slot's new state, then bumps event_seq, so a reader
@@ -406,32 +496,36 @@ static inline void mts_tx_clear_pending(struct mts_slot *s)
 }
 
 /* The stack announces it is about to sleep.  Returns 1 if it may (no command
- * arrived meanwhile), else clears the flag and returns 0. */
-static inline int mts_stack_try_sleep(struct mts_header *h)
+ * arrived at its own dequeue position meanwhile), else clears the flag and
+ * returns 0. */
+static inline int mts_stack_try_sleep(const struct mts_geom *g, uint64_t pos)
 {
+    struct mts_header *h = mts_hdr(g);
     __atomic_store_n(&h->stack_sleeping, 1u, __ATOMIC_SEQ_CST);
-    if (!mts_cmd_pending(h))
+    if (!mts_cmd_pending(g, pos))
         return 1;
     __atomic_store_n(&h->stack_sleeping, 0u, __ATOMIC_RELAXED);
     return 0;
 }
 
-static inline void mts_stack_awake(struct mts_header *h)
+static inline void mts_stack_awake(const struct mts_geom *g)
 {
-    __atomic_store_n(&h->stack_sleeping, 0u, __ATOMIC_RELAXED);
+    __atomic_store_n(&mts_hdr(g)->stack_sleeping, 0u, __ATOMIC_RELAXED);
 }
 
 /* Readiness of a stack socket in epoll bits, derived from what both sides
  * publish: the interposer's poll/select/epoll all use this one rule. */
-static inline uint32_t mts_slot_poll(struct mts_header *h, uint32_t id)
+static inline uint32_t mts_slot_poll(const struct mts_geom *g, uint32_t id)
 {
-    struct mts_slot *s = mts_slot_at(h, id);
+    struct mts_slot *s = mts_slot_at(g, id);
+    if (!s)
+        return EPOLLERR | EPOLLHUP;
     uint32_t state = MTS_LOAD(&s->state), events = MTS_LOAD(&s->events), mask = 0;
     if (MTS_LOAD(&s->so_error))
         mask |= EPOLLERR;
     switch (state) {
     case MTS_ST_LISTENING:
-        if (mts_accept_pending(h, id))
+        if (mts_accept_pending(g, id))
             mask |= EPOLLIN | EPOLLRDNORM;
         return mask;
     case MTS_ST_CONNECTING:
@@ -448,7 +542,7 @@ static inline uint32_t mts_slot_poll(struct mts_header *h, uint32_t id)
         mask |= EPOLLRDHUP;
     if (events & MTS_EV_HUP)
         mask |= EPOLLHUP | EPOLLOUT | EPOLLWRNORM;
-    else if (state == MTS_ST_CONNECTED && h->tx_size - mts_ring_used(&s->tx) >= h->tx_size / 4)
+    else if (state == MTS_ST_CONNECTED && g->tx_size - mts_ring_used_bounded(&s->tx, g->tx_size) >= g->tx_size / 4)
         mask |= EPOLLOUT | EPOLLWRNORM;
     return mask;
 }

@@ -82,7 +82,7 @@ struct shim_state {
     int active; /* attached to a valid region; otherwise everything passes through */
     int debug;
     struct mts_header *hdr;
-    uint64_t region_size;
+    struct mts_geom geom; /* the layout, read once at attach */
     /* The inherited descriptors, moved to high numbers at attach. */
     int shm_fd, ctl_fd, wake_fd, death_fd;
     int internal_fd_base; /* our own descriptors live at or above this number */
@@ -162,7 +162,7 @@ int shim_internal_relocate(int fd);
 /* Moves a descriptor of ours to the internal range (>= internal_fd_base). */
 int shim_internal_fd(int fd, int cloexec);
 
-static inline struct mts_slot *shim_slot(uint32_t id) { return mts_slot_at(shim.hdr, id); }
+static inline struct mts_slot *shim_slot(uint32_t id) { return mts_slot_at(&shim.geom, id); }
 
 /* ---- stack liveness and commands --------------------------------------- */
 
@@ -218,7 +218,7 @@ static inline uint32_t shim_slot_ready(uint32_t slot)
 {
     if (__builtin_expect(shim.stack_dead, 0))
         return EPOLLERR | EPOLLHUP | EPOLLIN | EPOLLOUT | EPOLLRDNORM | EPOLLWRNORM;
-    return mts_slot_poll(shim.hdr, slot);
+    return mts_slot_poll(&shim.geom, slot);
 }
 
 /* ---- cross-file hooks ---------------------------------------------------- */

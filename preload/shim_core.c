@@ -352,7 +352,7 @@ int shim_internal_relocate(int fd)
         SHIM_DEBUG("moved inherited fd %d to %d", fd, moved);
         return 0;
     }
-    for (uint32_t id = 0; waiters_by_id && id < shim.hdr->nwaiters; id++) {
+    for (uint32_t id = 0; waiters_by_id && id < shim.geom.nwaiters; id++) {
         struct shim_waiter *sw = __atomic_load_n(&waiters_by_id[id], __ATOMIC_ACQUIRE);
         if (!sw || sw->efd != fd)
             continue;
@@ -424,21 +424,20 @@ static void attach(void)
         return;
     }
     void *base = mmap(NULL, (size_t)st.st_size, PROT_READ | PROT_WRITE, MAP_SHARED, fds[0], 0);
-    if (base == MAP_FAILED || !mts_region_valid(base, (uint64_t)st.st_size)) {
+    if (base == MAP_FAILED || mts_geom_attach(&shim.geom, base, (uint64_t)st.st_size) != 0) {
         SHIM_DEBUG("shared region on fd %d is invalid: every call goes to the kernel", fds[0]);
         if (base != MAP_FAILED)
             munmap(base, (size_t)st.st_size);
         return;
     }
     setup_fd_table();
-    waiters_by_id = calloc(((struct mts_header *)base)->nwaiters, sizeof(*waiters_by_id));
+    waiters_by_id = calloc(shim.geom.nwaiters, sizeof(*waiters_by_id));
     if (!shim_fd_table || !waiters_by_id || pthread_key_create(&thread_waiter_key, thread_waiter_exit) != 0) {
         SHIM_DEBUG("out of memory at attach: every call goes to the kernel");
         munmap(base, (size_t)st.st_size);
         return;
     }
     shim.hdr = base;
-    shim.region_size = (uint64_t)st.st_size;
     shim.shm_fd = shim_internal_fd(fds[0], 0);
     shim.ctl_fd = shim_internal_fd(fds[1], 0);
     shim.wake_fd = shim_internal_fd(fds[2], 0);
@@ -447,7 +446,7 @@ static void attach(void)
     shim.active = 1;
     SHIM_DEBUG("attached: stack %u.%u.%u.%u/%u, %u slots, fds %d,%d,%d,%d", shim.hdr->ip >> 24,
                shim.hdr->ip >> 16 & 255, shim.hdr->ip >> 8 & 255, shim.hdr->ip & 255, shim.hdr->prefix_len,
-               shim.hdr->nslots, shim.shm_fd, shim.ctl_fd, shim.wake_fd, shim.death_fd);
+               shim.geom.nslots, shim.shm_fd, shim.ctl_fd, shim.wake_fd, shim.death_fd);
 }
 
 void shim_init_slow(void)
@@ -533,7 +532,7 @@ static void sleep_ns(long ns)
 static int push_command(uint32_t op, uint32_t slot, uint64_t arg)
 {
     for (int attempt = 0; attempt < PUSH_SPIN_ATTEMPTS + PUSH_SLEEP_ATTEMPTS; attempt++) {
-        if (mts_cmd_push(shim.hdr, op, slot, arg) == 0) {
+        if (mts_cmd_push(&shim.geom, op, slot, arg) == 0) {
             shim_wake_stack();
             return 0;
         }
@@ -678,18 +677,18 @@ int shim_waiter_open(struct shim_waiter *sw)
     sw->w = NULL;
     if (!shim_stack_alive(0))
         return -1;
-    int32_t id = mts_waiter_alloc(shim.hdr, (int32_t)getpid());
+    int32_t id = mts_waiter_alloc(&shim.geom, (int32_t)getpid());
     if (id < 0) {
         SHIM_DEBUG("no free waiter: blocking calls poll in 1 ms slices");
         return -1;
     }
-    struct mts_waiter *w = mts_waiter_at(shim.hdr, (uint32_t)id);
+    struct mts_waiter *w = mts_waiter_at(&shim.geom, (uint32_t)id);
     int efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     if (efd < 0 || send_waiter_fd(id, efd) < 0) {
         SHIM_DEBUG("waiter %d not registered: %s", id, strerror(errno));
         if (efd >= 0)
             shim_real.close(efd);
-        mts_waiter_free(shim.hdr, (uint32_t)id); /* the stack never saw it */
+        mts_waiter_free(&shim.geom, (uint32_t)id); /* the stack never saw it */
         return -1;
     }
     shim_wake_stack();

@@ -233,10 +233,10 @@ int ioctl(int fd, unsigned long request, ...)
             errno = EINVAL;
             return -1;
         }
-        *(int *)arg = (int)mts_ring_used(&s->rx);
+        *(int *)arg = (int)mts_ring_used_bounded(&s->rx, shim.geom.rx_size);
         return 0;
     case SIOCOUTQ:
-        *(int *)arg = (int)mts_ring_used(&s->tx);
+        *(int *)arg = (int)mts_ring_used_bounded(&s->tx, shim.geom.tx_size);
         return 0;
     default:
         return shim_real.ioctl(fd, request, arg);

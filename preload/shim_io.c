@@ -44,8 +44,8 @@ static int64_t deadline_for(uint32_t timeout_ms) { return timeout_ms ? shim_dead
 static size_t copy_from_rx(uint32_t slot, const struct iovec *iov, int iovcnt, size_t skip, int peek)
 {
     struct mts_slot *s = shim_slot(slot);
-    const uint8_t *data = mts_rx_data(shim.hdr, slot);
-    uint32_t cap = shim.hdr->rx_size;
+    const uint8_t *data = mts_rx_data(&shim.geom, slot);
+    uint32_t cap = shim.geom.rx_size;
     size_t copied = 0;
     for (int i = 0; i < iovcnt; i++) {
         size_t len = iov[i].iov_len;
@@ -160,8 +160,8 @@ static int send_allowed(struct mts_slot *s, int flags)
 static size_t copy_to_tx(uint32_t slot, const struct iovec *iov, int iovcnt, size_t skip)
 {
     struct mts_slot *s = shim_slot(slot);
-    uint8_t *data = mts_tx_data(shim.hdr, slot);
-    uint32_t cap = shim.hdr->tx_size;
+    uint8_t *data = mts_tx_data(&shim.geom, slot);
+    uint32_t cap = shim.geom.tx_size;
     size_t copied = 0;
     for (int i = 0; i < iovcnt; i++) {
         size_t len = iov[i].iov_len;
@@ -219,8 +219,8 @@ ssize_t shim_stack_send(uint32_t slot, const struct iovec *iov, int iovcnt, int 
 static ssize_t file_to_tx(uint32_t slot, int in_fd, off_t *pos, size_t count)
 {
     struct mts_slot *s = shim_slot(slot);
-    uint8_t *data = mts_tx_data(shim.hdr, slot);
-    uint32_t cap = shim.hdr->tx_size;
+    uint8_t *data = mts_tx_data(&shim.geom, slot);
+    uint32_t cap = shim.geom.tx_size;
     uint64_t head = s->tx.head;
     uint64_t room = cap - (head - __atomic_load_n(&s->tx.tail, __ATOMIC_ACQUIRE));
     if (count > room)
@@ -257,7 +257,7 @@ static ssize_t stack_sendfile(uint32_t slot, int in_fd, off_t *offset, size_t co
         int allowed = send_allowed(s, 0);
         if (allowed < 0)
             return done ? (ssize_t)done : -1;
-        if (allowed && mts_ring_used(&s->tx) < shim.hdr->tx_size) {
+        if (allowed && mts_ring_used(&s->tx) < shim.geom.tx_size) {
             ssize_t got = file_to_tx(slot, in_fd, offset, count - done);
             if (got < 0)
                 return done ? (ssize_t)done : -1;

@@ -94,7 +94,7 @@ static void copy_kernel_options(int fd, struct mts_slot *s)
  * the same fd number (the kernel socket is closed by the dup3). */
 static int become_stack_socket(int fd, uint32_t *slot_out)
 {
-    int32_t id = mts_slot_alloc(shim.hdr);
+    int32_t id = mts_slot_alloc(&shim.geom, NULL);
     if (id < 0) {
         SHIM_DEBUG("fd %d: no free slot", fd);
         errno = ENOBUFS;
@@ -309,7 +309,7 @@ static int stack_accept(int fd, uint32_t slot, struct sockaddr *addr, socklen_t 
         return fail(EINVAL);
     int64_t deadline = listener->opt_rcvtimeo_ms ? shim_deadline_ms(listener->opt_rcvtimeo_ms) : SHIM_FOREVER;
     int32_t child;
-    while ((child = mts_accept_pop(shim.hdr, slot)) < 0) {
+    while ((child = mts_accept_pop(&shim.geom, slot)) < 0) {
         if (!shim_stack_alive(0))
             return fail(ENETDOWN);
         if (__atomic_load_n(&listener->app_flags, __ATOMIC_RELAXED) & MTS_AF_NONBLOCK)
@@ -483,9 +483,9 @@ static int stack_getsockopt(uint32_t slot, int level, int name, void *val, sockl
             return put_value(val, len, &linger, sizeof(linger));
         }
         case SO_RCVBUF:
-            return put_int(val, len, (int)shim.hdr->rx_size);
+            return put_int(val, len, (int)shim.geom.rx_size);
         case SO_SNDBUF:
-            return put_int(val, len, (int)shim.hdr->tx_size);
+            return put_int(val, len, (int)shim.geom.tx_size);
         case SO_RCVTIMEO:
             return put_timeval(val, len, s->opt_rcvtimeo_ms);
         case SO_SNDTIMEO:

@@ -178,7 +178,7 @@ def bench_keepalive(count):
     region = Region.create(RegionSize(nslots=2 * KEEPALIVE_CONNECTIONS, nwaiters=4,
                                       cmd_capacity=1024, rx_size=64 * 1024, tx_size=64 * 1024),
                            LOCAL_IP, 24)
-    header = region.header
+    geom = region.geom
     stack_ctl, app_ctl = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     link = _MemoryLink()
     wake_fd = os.eventfd(0, os.EFD_NONBLOCK)
@@ -208,10 +208,10 @@ def bench_keepalive(count):
         link.inbound.extend(bytes(frame) for frame in peer_iface.take_frames())
 
     def command(op, slot, arg=0):
-        assert lib.mts_cmd_push(header, op, slot, arg) == 0
+        assert lib.mts_cmd_push(geom, op, slot, arg) == 0
 
-    listener = lib.mts_slot_alloc(header)
-    lib.mts_slot_at(header, listener).refcnt = 1
+    listener = lib.mts_slot_alloc(geom, ffi.NULL)
+    lib.mts_slot_at(geom, listener).refcnt = 1
     command(lib.MTS_OP_BIND, listener, HTTP_PORT)
     command(lib.MTS_OP_LISTEN, listener, KEEPALIVE_CONNECTIONS)
     peers = []
@@ -223,12 +223,12 @@ def bench_keepalive(count):
             peer_exchange()
             stack_step()
     children = []
-    while (child := lib.mts_accept_pop(header, listener)) >= 0:
+    while (child := lib.mts_accept_pop(geom, listener)) >= 0:
         children.append(child)
     assert len(children) == KEEPALIVE_CONNECTIONS, "the handshakes did not complete"
-    rings = [(ffi.addressof(lib.mts_slot_at(header, child).rx), lib.mts_rx_data(header, child),
-              ffi.addressof(lib.mts_slot_at(header, child).tx), lib.mts_tx_data(header, child),
-              lib.mts_slot_at(header, child), child) for child in children]
+    rings = [(ffi.addressof(lib.mts_slot_at(geom, child).rx), lib.mts_rx_data(geom, child),
+              ffi.addressof(lib.mts_slot_at(geom, child).tx), lib.mts_tx_data(geom, child),
+              lib.mts_slot_at(geom, child), child) for child in children]
     scratch = ffi.new("uint8_t[]", 4096)
 
     timed[0] = 0.0
@@ -241,11 +241,11 @@ def bench_keepalive(count):
         peer_exchange()
         stack_step()
         for rx, rx_data, tx, tx_data, slot, child in rings:
-            got = lib.mts_ring_read(rx, rx_data, header.rx_size, scratch, 4096)
+            got = lib.mts_ring_read(rx, rx_data, geom.rx_size, scratch, 4096)
             assert got == len(REQUEST), "a request went missing"
             if lib.mts_rx_take_notify(slot):
                 command(lib.MTS_OP_RXWIN, child)
-            lib.mts_ring_write(tx, tx_data, header.tx_size, RESPONSE, len(RESPONSE))
+            lib.mts_ring_write(tx, tx_data, geom.tx_size, RESPONSE, len(RESPONSE))
             slot.tx_pending = 1
             command(lib.MTS_OP_TX, child)
         stack_step()

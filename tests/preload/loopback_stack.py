@@ -42,6 +42,7 @@ class LoopSocket:
     fin_pending: bool = False  # the app shut down writing; FIN follows its TX
     app_closed: bool = False
     options_changed: list = field(default_factory=list)
+    accept_head: int = 0       # a listener's accept queue: the stack keeps its own head
 
 
 class LoopbackStack:
@@ -52,6 +53,8 @@ class LoopbackStack:
         self.ip = ip_int(ip)
         self.region = Region.create(size, self.ip, prefix_len)
         self.header = self.region.header
+        self.geom = self.region.geom
+        self._cmd_pos = ffi.new("uint64_t *")
         self.ctl, self.ctl_app = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.ctl.setblocking(False)
         self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK)
@@ -90,7 +93,7 @@ class LoopbackStack:
         deadline = time.monotonic() + timeout
         start = self._iterations
         while time.monotonic() < deadline:
-            if self._iterations >= start + 2 and not lib.mts_cmd_pending(self.header):
+            if self._iterations >= start + 2 and not lib.mts_cmd_pending(self.geom, self._cmd_pos[0]):
                 return
             os.eventfd_write(self.wake_fd, 1)
             time.sleep(0.001)
@@ -129,7 +132,7 @@ class LoopbackStack:
             self._control()
             busy = self._commands()
             self._publish()
-            if busy or not lib.mts_stack_try_sleep(self.header):
+            if busy or not lib.mts_stack_try_sleep(self.geom, self._cmd_pos[0]):
                 continue
             for fd, _ in poller.poll(20):
                 if fd == self.wake_fd:
@@ -137,7 +140,7 @@ class LoopbackStack:
                         os.eventfd_read(fd)
                     except BlockingIOError:
                         pass
-            lib.mts_stack_awake(self.header)
+            lib.mts_stack_awake(self.geom)
 
     def _control(self) -> None:
         while True:
@@ -151,14 +154,14 @@ class LoopbackStack:
             if old is not None:
                 os.close(old)
             self.waiters[msg.waiter] = fds[0]
-            waiter = lib.mts_waiter_at(self.header, msg.waiter)
+            waiter = lib.mts_waiter_at(self.geom, msg.waiter)
             waiter.registered = 1
             lib.mts_futex_wake(ffi.addressof(waiter, "registered"))
             self.log.append(f"register_waiter {msg.waiter}")
 
     def _commands(self) -> bool:
         busy = False
-        while lib.mts_cmd_pop(self.header, self._cmd):
+        while lib.mts_cmd_pop(self.geom, self._cmd_pos, self._cmd):
             busy = True
             op, slot_id, arg = self._cmd.op, self._cmd.slot, self._cmd.arg
             self._HANDLERS[op](self, slot_id, arg)
@@ -173,7 +176,7 @@ class LoopbackStack:
                 sock.so_error = 0
         self._changed.clear()
         for waiter_id, fd in self.waiters.items():
-            if lib.mts_waiter_disarm(lib.mts_waiter_at(self.header, waiter_id)):
+            if lib.mts_waiter_disarm(lib.mts_waiter_at(self.geom, waiter_id)):
                 os.eventfd_write(fd, 1)
 
     # -- commands ----------------------------------------------------------
@@ -181,7 +184,7 @@ class LoopbackStack:
     def _socket(self, slot_id: int) -> LoopSocket:
         sock = self.sockets.get(slot_id)
         if sock is None:
-            sock = self.sockets[slot_id] = LoopSocket(slot_id, lib.mts_slot_at(self.header, slot_id))
+            sock = self.sockets[slot_id] = LoopSocket(slot_id, lib.mts_slot_at(self.geom, slot_id))
         return sock
 
     def _ephemeral_port(self) -> int:
@@ -237,7 +240,7 @@ class LoopbackStack:
             sock.state, sock.so_error, sock.events = lib.MTS_ST_CLOSED, errno.ECONNREFUSED, lib.MTS_EV_HUP
             self._changed.add(sock)
             return
-        child_id = lib.mts_slot_alloc(self.header)
+        child_id = lib.mts_slot_alloc(self.geom, ffi.NULL)
         assert child_id >= 0
         child = self._socket(child_id)
         child.slot.local_ip, child.slot.local_port = self.ip, port
@@ -247,7 +250,9 @@ class LoopbackStack:
             end.state, end.events = lib.MTS_ST_CONNECTED, lib.MTS_EV_CONNECTED
             self._changed.add(end)
         lib.mts_publish(child.slot, child.state, child.events, 0)
-        assert lib.mts_accept_push(self.header, listener.slot_id, child_id) == 0
+        lib.mts_accept_put(self.geom, listener.slot_id, listener.accept_head, child_id)
+        listener.accept_head += 1
+        lib.mts_index_store(ffi.addressof(listener.slot.rx, "head"), listener.accept_head)
         self._changed.add(listener)
 
     def _tx(self, slot_id, arg):
@@ -272,12 +277,12 @@ class LoopbackStack:
         sock = self.sockets.pop(slot_id, None)
         self.log.append(f"close {slot_id}{' abort' if arg else ''}")
         if sock is None:
-            return lib.mts_slot_free(self.header, slot_id)
+            return lib.mts_slot_free(self.geom, slot_id)
         sock.app_closed = True
         if self.ports.get(sock.port) is sock:
             del self.ports[sock.port]
         if sock.listening:
-            while (child_id := lib.mts_accept_pop(self.header, slot_id)) >= 0:
+            while (child_id := lib.mts_accept_pop(self.geom, slot_id)) >= 0:
                 self._reset(self.sockets[child_id].peer)
                 self._forget(self.sockets.pop(child_id))
         elif sock.peer is not None:
@@ -296,7 +301,7 @@ class LoopbackStack:
         fd = self.waiters.pop(waiter_id, None)
         if fd is not None:
             os.close(fd)
-            lib.mts_waiter_free(self.header, waiter_id)
+            lib.mts_waiter_free(self.geom, waiter_id)
 
     _HANDLERS = {
         lib.MTS_OP_BIND: _bind,
@@ -322,17 +327,17 @@ class LoopbackStack:
         else:
             rx = ffi.addressof(peer.slot.rx)
             while lib.mts_ring_used(tx):
-                n = min(self.header.rx_size - lib.mts_ring_used(rx), lib.mts_ring_used(tx))
+                n = min(self.geom.rx_size - lib.mts_ring_used(rx), lib.mts_ring_used(tx))
                 if n == 0:
                     # Ask for a word once the peer reads, then look again:
                     # it may have read everything before the flag was up.
                     lib.mts_rx_arm_notify(peer.slot)
-                    if lib.mts_ring_used(rx) < self.header.rx_size:
+                    if lib.mts_ring_used(rx) < self.geom.rx_size:
                         continue
                     return
                 chunk = ffi.new("uint8_t[]", n)
-                lib.mts_ring_peek(tx, lib.mts_tx_data(self.header, sock.slot_id), self.header.tx_size, 0, chunk, n)
-                lib.mts_ring_write(rx, lib.mts_rx_data(self.header, peer.slot_id), self.header.rx_size, chunk, n)
+                lib.mts_ring_peek(tx, lib.mts_tx_data(self.geom, sock.slot_id), self.geom.tx_size, 0, chunk, n)
+                lib.mts_ring_write(rx, lib.mts_rx_data(self.geom, peer.slot_id), self.geom.rx_size, chunk, n)
                 lib.mts_ring_consume(tx, n)
                 self._changed.update((sock, peer))
         if sock.fin_pending and not sock.events & lib.MTS_EV_HUP:
@@ -353,4 +358,4 @@ class LoopbackStack:
         self._changed.add(sock)
 
     def _forget(self, sock: LoopSocket) -> None:
-        lib.mts_slot_free(self.header, sock.slot_id)
+        lib.mts_slot_free(self.geom, sock.slot_id)

@@ -1,0 +1,10 @@
+import pytest
+
+from world import World
+
+
+@pytest.fixture
+def world():
+    w = World()
+    yield w
+    w.region.close()

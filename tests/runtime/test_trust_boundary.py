@@ -1,0 +1,178 @@
+"""The shared region is a trust boundary: each test is the program writing
+something impossible into it (issue 8's table, row by row), then what the
+stack must do: stay up, touch nothing outside the region, reset and count
+the socket concerned, and go on serving everyone else."""
+import errno
+import os
+import random
+import socket
+
+from mtcpshim._shm import ffi, lib
+from world import PEER_IP, addr, listening_socket, peer_connects
+
+U32_MAX, U64_MAX = (1 << 32) - 1, (1 << 64) - 1
+
+
+def header_field(world, name):
+    """The address of a header word, as the program sees it: raw memory."""
+    return ffi.addressof(world.region.header[0], name)
+
+
+def counted(world, name):
+    return world.runtime.stats()["shm"].get(name, 0)
+
+
+def still_serves(world, port=9090):
+    """A new connection completes and carries data both ways."""
+    listener = listening_socket(world, port)
+    conn, (peer_tx, peer_rx) = peer_connects(world, port)
+    assert conn.state.name == "ESTABLISHED"
+    child = lib.mts_accept_pop(world.g, listener)
+    assert child >= 0
+    peer_tx.write(b"ping")
+    conn.send_ready(world.now)
+    world.peer.host.after(conn, world.now)
+    world.settle()
+    assert world.read(child) == b"ping"
+    world.write(child, b"pong")
+    world.settle()
+    assert peer_rx.read(4) == b"pong"
+
+
+def accepted_connection(world, listener, port=8080):
+    conn, buffers = peer_connects(world, port)
+    child = lib.mts_accept_pop(world.g, listener)
+    assert child >= 0
+    lib.mts_slot_at(world.g, child).refcnt = 1
+    return child, conn, buffers
+
+
+def test_a_command_for_a_slot_past_the_real_ones_is_refused_whatever_nslots_says(world):
+    ffi.cast("uint32_t *", header_field(world, "nslots"))[0] = U32_MAX
+    world.command(lib.MTS_OP_LISTEN, 0x7FFFFFF0, 16)
+    world.command(lib.MTS_OP_CLOSE, world.g.nslots)
+    world.settle()
+    assert counted(world, "cmd_bad") == 2
+    still_serves(world)
+
+
+def test_the_command_queue_is_read_at_the_stacks_own_position(world):
+    ffi.cast("uint32_t *", header_field(world, "cmd_capacity"))[0] = U32_MAX
+    cmdq = ffi.cast("char *", world.region.header) + world.g.cmdq_off
+    ffi.cast("uint64_t *", cmdq + 64)[0] = 1 << 62  # where the dequeue position once was
+    still_serves(world)
+
+
+def test_a_moved_accept_queue_resets_the_listener_and_no_other(world):
+    listener = listening_socket(world)
+    ffi.cast("uint32_t *", header_field(world, "rx_size"))[0] = 1 << 31
+    rx = lib.mts_slot_at(world.g, listener).rx
+    rx.head, rx.tail = 1 << 40, (1 << 40) + 12345  # tail ahead of head
+    conn, _ = peer_connects(world)
+    assert counted(world, "sockets_reset") == 1
+    slot = lib.mts_slot_at(world.g, listener)
+    assert (slot.state, slot.so_error) == (lib.MTS_ST_CLOSED, errno.ECONNRESET)
+    assert conn.state.name in ("CLOSED", "SYN_SENT")  # reset, or never answered again
+    still_serves(world)
+
+
+def test_a_waiter_id_past_the_real_waiters_is_refused_whatever_nwaiters_says(world):
+    ffi.cast("uint32_t *", header_field(world, "nwaiters"))[0] = U32_MAX
+    ffi.cast("uint64_t *", header_field(world, "waiters_off"))[0] = 1 << 40
+    efd = os.eventfd(0)
+    msg = ffi.new("struct mts_ctl_msg *", {"op": lib.MTS_CTL_REGISTER_WAITER, "waiter": 0x10000000})
+    socket.send_fds(world.ctl_app, [ffi.buffer(msg)[:]], [efd])
+    os.close(efd)
+    world.settle()
+    assert counted(world, "ctl_bad") == 1
+    assert world.runtime.waiters == {}
+    still_serves(world)
+
+
+def test_a_moved_data_offset_does_not_move_a_send_buffer(world):
+    ffi.cast("uint64_t *", header_field(world, "data_off"))[0] = 1 << 44
+    listener = listening_socket(world)
+    child, conn, (_, peer_rx) = accepted_connection(world, listener)
+    payload = os.urandom(4096)
+    assert world.write(child, payload) == len(payload)  # the program's side: the real ring
+    world.settle()
+    assert peer_rx.read(len(peer_rx)) == payload      # exactly what the program queued
+
+
+def test_made_up_accept_queue_entries_are_never_taken_for_connections(world):
+    listener = listening_socket(world)
+    bystander = world.new_socket()
+    conn, _ = peer_connects(world)
+    queue = ffi.cast("uint32_t *", lib.mts_rx_data(world.g, listener))
+    queue[0] = bystander                          # over the real entry
+    queue[1] = 12345                              # past the stack's head
+    lib.mts_slot_at(world.g, listener).rx.head = 2
+    world.command(lib.MTS_OP_CLOSE, listener)
+    world.settle()
+    assert counted(world, "accept_entry_bad") == 1
+    assert lib.mts_slot_at(world.g, bystander).in_use == lib.MTS_SLOT_USED
+    assert conn.state.name == "CLOSED"            # the real one, never accepted, was reset
+    still_serves(world)
+
+
+def test_a_receive_tail_past_its_head_resets_that_connection_only(world):
+    listener = listening_socket(world)
+    victim, victim_conn, (victim_tx, _) = accepted_connection(world, listener)
+    other, other_conn, (other_tx, _) = accepted_connection(world, listener)
+    rx = lib.mts_slot_at(world.g, victim).rx
+    rx.tail = rx.head + 10 * 1024 * 1024
+    for conn, tx in ((victim_conn, victim_tx), (other_conn, other_tx)):
+        tx.write(b"more data")
+        conn.send_ready(world.now)
+        world.peer.host.after(conn, world.now)
+    world.settle()
+    assert counted(world, "sockets_reset") == 1
+    victim_slot = lib.mts_slot_at(world.g, victim)
+    assert victim_slot.so_error == errno.ECONNRESET and victim_slot.events & lib.MTS_EV_HUP
+    assert victim_conn.state.name == "CLOSED"  # our RST reached the peer
+    assert world.read(other) == b"more data"
+    world.command(lib.MTS_OP_CLOSE, victim)
+    world.settle()
+    assert victim not in world.runtime.sockets
+
+
+def test_a_live_slot_marked_free_is_never_handed_out_twice(world):
+    listener = listening_socket(world)
+    first, first_conn, (first_tx, _) = accepted_connection(world, listener)
+    lib.mts_slot_at(world.g, first).in_use = lib.MTS_SLOT_FREE
+    world.runtime.header.slot_hint = first  # the next search starts right there
+    second, _, _ = accepted_connection(world, listener)
+    assert second != first
+    first_tx.write(b"x")
+    first_conn.send_ready(world.now)
+    world.peer.host.after(first_conn, world.now)
+    world.settle()
+    assert counted(world, "sockets_reset") == 1
+    assert lib.mts_slot_at(world.g, first).in_use == lib.MTS_SLOT_USED  # the stack took it back
+
+
+def test_random_writes_anywhere_in_the_region_never_escape_the_runtime(world):
+    """A seeded storm of hostile words over the whole region, with
+    well-formed commands of random ops, slots and arguments mixed in: every
+    step of the loop returns."""
+    rng = random.Random(8)
+    listener = listening_socket(world)
+    accepted_connection(world, listener)
+    size = world.g.size
+    words = ffi.cast("uint64_t *", world.region.header)
+    cells = ffi.cast("struct mts_cmd *", ffi.cast("char *", world.region.header) + world.g.cmdq_off
+                     + ffi.sizeof("struct mts_cmdq"))
+    values = (0, 1, U32_MAX, U64_MAX, 1 << 63, 1 << 40, world.g.nslots, world.g.rx_size + 1)
+    for _ in range(4000):
+        offset = rng.randrange(size // 8)
+        words[offset] = rng.choice(values) if rng.random() < 0.5 else rng.getrandbits(64)
+        if rng.random() < 0.1:
+            pos = world.runtime._cmd_pos[0]
+            cell = cells + (pos & (world.g.cmd_capacity - 1))
+            cell.op, cell.arg = rng.randrange(12), rng.getrandbits(64)
+            cell.slot = rng.choice((rng.randrange(world.g.nslots), U32_MAX))
+            cell.seq = pos + 1
+        world.runtime.step(world.now)
+        world.now += 0.001
+    assert world.runtime.stats()["shm"]  # something was refused or reset
+

@@ -1,0 +1,140 @@
+"""The stack runtime driven step by step: a real region, interface, host and
+TCP core on our side; on the far side of an in-memory Ethernet link, a peer
+host built from the same stack pieces.  The application's half of the ABI is
+played with the same mts_shm.h operations the interposer uses."""
+import os
+import socket
+
+from mtcpshim._shm import ffi, lib
+from mtcpshim.region import Region, RegionSize
+from mtcpshim.runtime import Runtime
+from stack.host import TcpHost
+from stack.iface import Interface
+from stack.storage import RingBuffer
+
+STACK_IP, PEER_IP = 0xC6120002, 0xC6120001
+STACK_MAC, PEER_MAC = bytes.fromhex("020000000002"), bytes.fromhex("020000000001")
+RING = 64 * 1024
+
+
+class MemoryLink:
+    """The stack's packet I/O: frames it sends go to the peer; frames the
+    peer sends wait in `inbound`."""
+
+    mac = STACK_MAC
+
+    def __init__(self):
+        self.inbound, self.outbound = [], []
+        self._fd = os.eventfd(0, os.EFD_NONBLOCK)
+
+    def fileno(self):
+        return self._fd
+
+    def recv_batch(self, max_frames):
+        batch, self.inbound = self.inbound[:max_frames], self.inbound[max_frames:]
+        return batch
+
+    def send_batch(self, frames):
+        self.outbound.extend(bytes(f) for f in frames)
+        return len(frames)
+
+
+class Peer:
+    """A host on the other end of the link, from the same stack pieces."""
+
+    def __init__(self):
+        self.iface = Interface(PEER_MAC, PEER_IP, 24)
+        self.host = TcpHost(PEER_IP)
+
+    def deliver(self, frames, now):
+        for frame in frames:
+            tcp = self.iface.receive(frame, now)
+            if tcp is not None:
+                self.host.receive(*tcp, now)
+
+    def transmit(self, now):
+        frames = []
+        for dst, seg in self.host.take_output():
+            frame = self.iface.frame_tcp(dst, seg, now)
+            if frame is not None:
+                frames.append(bytes(frame))
+        return frames + [bytes(f) for f in self.iface.take_frames()]
+
+
+class World:
+    def __init__(self):
+        self.region = Region.create(RegionSize(nslots=16, nwaiters=4, cmd_capacity=64, rx_size=RING,
+                                               tx_size=RING), STACK_IP, 24)
+        self.g = self.region.geom
+        self.ctl_stack, self.ctl_app = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.wake = os.eventfd(0, os.EFD_NONBLOCK)
+        self.link = MemoryLink()
+        self.runtime = Runtime(self.region, self.link, Interface(STACK_MAC, STACK_IP, 24), TcpHost(STACK_IP),
+                               self.ctl_stack.detach(), self.wake)
+        self.peer = Peer()
+        self.now = 1000.0
+
+    def settle(self, rounds=50, advance=0.001):
+        """Runs both sides until the link is quiet."""
+        for _ in range(rounds):
+            self.now += advance
+            self.runtime.step(self.now)
+            self.peer.host.on_timers(self.now)
+            out, self.link.outbound = self.link.outbound, []
+            self.peer.deliver(out, self.now)
+            back = self.peer.transmit(self.now)
+            self.link.inbound.extend(back)
+            if not out and not back and not lib.mts_cmd_pending(self.g, self.runtime._cmd_pos[0]):
+                return
+
+    # -- the application's side of the ABI ------------------------------
+
+    def command(self, op, slot, arg=0):
+        assert lib.mts_cmd_push(self.g, op, slot, arg) == 0
+
+    def sync(self, op, slot, arg=0):
+        lib.mts_slot_at(self.g, slot).op_done = 0
+        self.command(op, slot, arg)
+        self.settle()
+        s = lib.mts_slot_at(self.g, slot)
+        assert s.op_done == 1
+        return s.op_result
+
+    def new_socket(self):
+        slot = lib.mts_slot_alloc(self.g, ffi.NULL)
+        lib.mts_slot_at(self.g, slot).refcnt = 1
+        return slot
+
+    def write(self, slot, data):
+        s = lib.mts_slot_at(self.g, slot)
+        n = lib.mts_ring_write(ffi.addressof(s.tx), lib.mts_tx_data(self.g, slot), self.g.tx_size, data, len(data))
+        if not s.tx_pending:
+            s.tx_pending = 1
+            self.command(lib.MTS_OP_TX, slot)
+        return n
+
+    def read(self, slot, n=RING):
+        s = lib.mts_slot_at(self.g, slot)
+        buf = ffi.new("uint8_t[]", n)
+        got = lib.mts_ring_read(ffi.addressof(s.rx), lib.mts_rx_data(self.g, slot), self.g.rx_size, buf, n)
+        if lib.mts_rx_take_notify(s):
+            self.command(lib.MTS_OP_RXWIN, slot)
+        return ffi.buffer(buf, got)[:]
+
+
+def addr(ip, port):
+    return ip << 16 | port
+
+
+def listening_socket(world, port=8080):
+    slot = world.new_socket()
+    assert world.sync(lib.MTS_OP_BIND, slot, addr(0, port)) == 0
+    assert world.sync(lib.MTS_OP_LISTEN, slot, 16) == 0
+    return slot
+
+
+def peer_connects(world, port=8080):
+    buffers = RingBuffer(RING), RingBuffer(RING)
+    conn = world.peer.host.connect_ephemeral(STACK_IP, port, *buffers, None, world.now)
+    world.settle()
+    return conn, buffers
