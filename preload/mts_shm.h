@@ -85,6 +85,24 @@ static inline int mts_pow2(uint32_t n) { return n && !(n & (n - 1)); }
 
 static inline struct mts_header *mts_hdr(const struct mts_geom *g) { return (struct mts_header *)g->base; }
 
+#ifdef MTS_AUDIT
+#include <stdio.h>
+#include <stdlib.h>
+/* Test builds: every address an operation derives from the geometry must
+ * lie inside the region, or the process aborts with the culprit. */
+#define MTS_IN_REGION(g, p, n) mts_audit((g), (const uint8_t *)(p), (n), __func__)
+static inline void mts_audit(const struct mts_geom *g, const uint8_t *p, uint64_t n, const char *where)
+{
+    if (p && (p < g->base || n > g->size || p - g->base > (ptrdiff_t)(g->size - n))) {
+        fprintf(stderr, "mts_audit: %s: %llu bytes at offset %lld, outside the %llu-byte region\n", where,
+                (unsigned long long)n, (long long)(p - g->base), (unsigned long long)g->size);
+        abort();
+    }
+}
+#else
+#define MTS_IN_REGION(g, p, n) ((void)0)
+#endif
+
 /* The one layout rule: fills g's offsets and size from its counts and sizes.
  * Returns 0, or -1 for counts or sizes outside the ABI's bounds. */
 static inline int mts_layout(struct mts_geom *g)
@@ -170,22 +188,31 @@ static inline int mts_geom_attach(struct mts_geom *g, void *base, uint64_t mappe
 /* Address helpers: NULL for an id outside the geometry. */
 static inline struct mts_slot *mts_slot_at(const struct mts_geom *g, uint32_t id)
 {
-    return id < g->nslots ? (struct mts_slot *)(g->base + g->slots_off) + id : NULL;
+    struct mts_slot *s = id < g->nslots ? (struct mts_slot *)(g->base + g->slots_off) + id : NULL;
+    MTS_IN_REGION(g, s, sizeof(*s));
+    return s;
 }
 
 static inline uint8_t *mts_rx_data(const struct mts_geom *g, uint32_t id)
 {
-    return id < g->nslots ? g->base + g->data_off + (uint64_t)id * ((uint64_t)g->rx_size + g->tx_size) : NULL;
+    uint8_t *data = id < g->nslots ? g->base + g->data_off + (uint64_t)id * ((uint64_t)g->rx_size + g->tx_size)
+                                   : NULL;
+    MTS_IN_REGION(g, data, g->rx_size);
+    return data;
 }
 
 static inline uint8_t *mts_tx_data(const struct mts_geom *g, uint32_t id)
 {
-    return id < g->nslots ? mts_rx_data(g, id) + g->rx_size : NULL;
+    uint8_t *data = id < g->nslots ? mts_rx_data(g, id) + g->rx_size : NULL;
+    MTS_IN_REGION(g, data, g->tx_size);
+    return data;
 }
 
 static inline struct mts_waiter *mts_waiter_at(const struct mts_geom *g, uint32_t id)
 {
-    return id < g->nwaiters ? (struct mts_waiter *)(g->base + g->waiters_off) + id : NULL;
+    struct mts_waiter *w = id < g->nwaiters ? (struct mts_waiter *)(g->base + g->waiters_off) + id : NULL;
+    MTS_IN_REGION(g, w, sizeof(*w));
+    return w;
 }
 
 /* Claims a free slot by compare-and-swap (both sides allocate: the
@@ -262,7 +289,9 @@ static inline struct mts_cmdq *mts_cmdq(const struct mts_geom *g)
 
 static inline struct mts_cmd *mts_cmd_cell(const struct mts_geom *g, uint64_t pos)
 {
-    return (struct mts_cmd *)(mts_cmdq(g) + 1) + (pos & (g->cmd_capacity - 1));
+    struct mts_cmd *cell = (struct mts_cmd *)(mts_cmdq(g) + 1) + (pos & (g->cmd_capacity - 1));
+    MTS_IN_REGION(g, cell, sizeof(*cell));
+    return cell;
 }
 
 /* Returns 0, or -1 when the queue is full. */
@@ -397,8 +426,10 @@ static inline void mts_ring_consume(struct mts_ring *r, uint64_t n)
 static inline void mts_accept_put(const struct mts_geom *g, uint32_t listener, uint64_t pos, uint32_t child)
 {
     uint32_t *queue = (uint32_t *)mts_rx_data(g, listener);
-    if (queue)
-        __atomic_store_n(&queue[pos % g->accept_capacity], child, __ATOMIC_RELAXED);
+    if (!queue)
+        return;
+    MTS_IN_REGION(g, &queue[pos % g->accept_capacity], sizeof(uint32_t));
+    __atomic_store_n(&queue[pos % g->accept_capacity], child, __ATOMIC_RELAXED);
 }
 
 /* Any number of consumers; returns a slot id, -1 when empty, or -2 when the

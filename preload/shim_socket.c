@@ -8,7 +8,10 @@
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <linux/capability.h>
+#include <stdlib.h>
 #include <sys/eventfd.h>
+#include <sys/syscall.h>
 
 #define SOCK_TYPE_MASK 0xf
 #define MAX_BACKLOG 4096
@@ -32,6 +35,32 @@ static int stack_routes(uint32_t ip)
     uint32_t prefix = shim.hdr->prefix_len;
     uint32_t mask = prefix == 0 ? 0 : prefix >= 32 ? ~0u : ~0u << (32 - prefix);
     return (ip & mask) == (shim.hdr->ip & mask) || shim.hdr->gateway != 0;
+}
+
+/* The namespace's privileged-port rule, as the kernel applies it at bind:
+ * below net.ipv4.ip_unprivileged_port_start a port needs
+ * CAP_NET_BIND_SERVICE (a worker that dropped to nobody cannot take 80). */
+static int port_needs_privilege(uint16_t port)
+{
+    if (port == 0)
+        return 0;
+    long start = 1024;
+    shim_busy++;
+    int fd = open("/proc/sys/net/ipv4/ip_unprivileged_port_start", O_RDONLY | O_CLOEXEC);
+    if (fd >= 0) {
+        char text[16] = {0};
+        if (shim_real.read(fd, text, sizeof(text) - 1) > 0)
+            start = strtol(text, NULL, 10);
+        shim_real.close(fd);
+    }
+    shim_busy--;
+    if (port >= start)
+        return 0;
+    struct __user_cap_header_struct header = {_LINUX_CAPABILITY_VERSION_3, 0};
+    struct __user_cap_data_struct caps[_LINUX_CAPABILITY_U32S_3];
+    if (syscall(SYS_capget, &header, caps) != 0)
+        return 1;
+    return !(caps[CAP_TO_INDEX(CAP_NET_BIND_SERVICE)].effective & CAP_TO_MASK(CAP_NET_BIND_SERVICE));
 }
 
 static const struct sockaddr_in *as_inet(const struct sockaddr *addr, socklen_t len)
@@ -173,12 +202,16 @@ int bind(int fd, const struct sockaddr *addr, socklen_t len)
             }
             return result;
         }
+        if (port_needs_privilege(ntohs(sin->sin_port)))
+            return fail(EACCES);
         if (become_stack_socket(fd, &slot) < 0)
             return -1;
     } else if (!addr || len < (socklen_t)sizeof(struct sockaddr_in)) {
         return fail(EINVAL);
     } else if (addr->sa_family != AF_INET) {
         return fail(EAFNOSUPPORT);
+    } else if (port_needs_privilege(ntohs(sin->sin_port))) {
+        return fail(EACCES);
     }
     return stack_bind(fd, slot, ntohl(sin->sin_addr.s_addr), ntohs(sin->sin_port));
 }

@@ -228,3 +228,12 @@ def test_a_dead_stack_fails_blocked_calls_instead_of_hanging(run_probe):
         "close 0",
     ]
 
+
+
+def test_ports_below_the_namespaces_unprivileged_start_need_cap_net_bind_service(run_probe):
+    assert run_probe.run("privport") == [
+        "bind_80_as_root 0",
+        "setuid_nobody 0",
+        "bind_81_as_nobody -1 EACCES",
+        "bind_8081_as_nobody 0",
+    ]

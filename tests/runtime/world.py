@@ -138,3 +138,47 @@ def peer_connects(world, port=8080):
     conn = world.peer.host.connect_ephemeral(STACK_IP, port, *buffers, None, world.now)
     world.settle()
     return conn, buffers
+
+
+U32_MAX, U64_MAX = (1 << 32) - 1, (1 << 64) - 1
+
+
+def hostile_storm(world, rng, writes, connections=3):
+    """The program turned hostile: `writes` seeded words of adversarial or
+    random values over the whole region (slots most often), well-formed
+    commands of random ops, slots and arguments, while the peer keeps
+    sending on `connections` connections; the loop and the peer run
+    between writes.  Returns the stack's "shm" counters."""
+    g = world.g
+    listener = listening_socket(world)
+    conns = [peer_connects(world)[0] for _ in range(connections)]
+    base = ffi.cast("char *", world.region.header)
+    words = ffi.cast("uint64_t *", base)
+    cells = ffi.cast("struct mts_cmd *", base + g.cmdq_off + ffi.sizeof("struct mts_cmdq"))
+    values = (0, 1, U32_MAX, U64_MAX, 1 << 63, 1 << 40, g.nslots, g.nslots - 1, listener,
+              g.rx_size + 1, g.tx_size - 1, g.size)
+    for _ in range(writes):
+        if rng.random() < 0.3:
+            offset = rng.randrange(g.size // 8)
+        else:
+            offset = (g.slots_off + rng.randrange(g.nslots * ffi.sizeof("struct mts_slot"))) // 8
+        words[offset] = rng.choice(values) if rng.random() < 0.5 else rng.getrandbits(64)
+        if rng.random() < 0.2:
+            pos = world.runtime._cmd_pos[0]
+            cell = cells + (pos & (g.cmd_capacity - 1))
+            cell.op = rng.randrange(12)
+            cell.slot = rng.choice((rng.randrange(g.nslots), U32_MAX, listener))
+            cell.arg = rng.choice((rng.getrandbits(64), rng.randrange(1 << 16), addr(PEER_IP, 80)))
+            cell.seq = pos + 1
+        if rng.random() < 0.05:
+            for conn in conns:
+                conn.send_buf.write(b"x" * 100)
+                conn.send_ready(world.now)
+                world.peer.host.after(conn, world.now)
+        world.now += 0.001
+        world.runtime.step(world.now)
+        world.peer.host.on_timers(world.now)
+        out, world.link.outbound = world.link.outbound, []
+        world.peer.deliver(out, world.now)
+        world.link.inbound.extend(world.peer.transmit(world.now))
+    return world.runtime.stats()["shm"]

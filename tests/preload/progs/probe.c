@@ -641,6 +641,21 @@ static void protect(void)
     out("data %s", buf);
 }
 
+/* The privileged-port rule: root binds 80; once it drops to nobody (as a
+ * server's worker does), 81 is refused and 8081 is not. */
+static void privport(void)
+{
+    struct sockaddr_in addr = stack_addr(80);
+    int first = socket(AF_INET, SOCK_STREAM, 0);
+    step("bind_80_as_root", bind(first, (struct sockaddr *)&addr, sizeof(addr)));
+    step("setuid_nobody", setuid(65534));
+    int second = socket(AF_INET, SOCK_STREAM, 0);
+    addr = stack_addr(81);
+    step("bind_81_as_nobody", bind(second, (struct sockaddr *)&addr, sizeof(addr)));
+    addr = stack_addr(8081);
+    step("bind_8081_as_nobody", bind(second, (struct sockaddr *)&addr, sizeof(addr)));
+}
+
 int main(int argc, char **argv)
 {
     const struct {
@@ -650,6 +665,7 @@ int main(int argc, char **argv)
         {"handshake", handshake}, {"data", data},         {"eof", eof},         {"sendfile", sendfile_scenario},
         {"epoll", epoll_scenario}, {"pollmix", pollmix},  {"blocking", blocking}, {"passthrough", passthrough},
         {"death", death},         {"refused", refused},   {"forkdup", forkdup}, {"protect", protect},
+        {"privport", privport},
     };
     for (size_t i = 0; argc == 2 && i < sizeof(scenarios) / sizeof(scenarios[0]); i++)
         if (strcmp(argv[1], scenarios[i].name) == 0) {
