@@ -1,0 +1,928 @@
+#!/usr/bin/env python3
+"""A hostile program: run it UNDER the stack, it attacks the shared region.
+
+    mtcpshim run [--netns NS --iface IF] -- python3 tests/fuzz/hostile_region.py MODE [options]
+
+It finds the region through MTCPSHIM_FDS ("SHM_FD,CTL_FD,WAKE_FD,DEATH_FD",
+see mtcpshim/launcher.py), maps it read-write as any process of a wrapped
+program may, and writes what an attacker would.  Every offset comes from
+the ABI header through cffi (mtcpshim._shm.ffi) and from the region's header
+as it was when the program started: the attack never trusts the values it
+has itself corrupted.
+
+Modes, one per row of issue 8's table, plus the fuzzer:
+
+  nslots          header.nslots = 0xFFFFFFFF, then a command for slot 0x7FFFFFF0
+  cmdq            header.cmd_capacity and the queue's dequeue position huge, then a command
+  accept-indices  header.rx_size huge and a listener's accept ring head/tail moved;
+                  then a client connects (the test does that, see --state)
+  waiters         header.nwaiters huge, waiters_off far away, then a waiter registration
+  data-off        header.data_off moved, a connection to --peer opened, 4096 bytes "queued"
+  fake-accept     a made-up slot id in a listener's accept queue, then close
+  rx-tail         a live connection's (to --peer) RX tail 10 MB past its head, keep receiving, close
+  slot-free       an accepted connection's slot marked free, then a second connection accepted
+  fuzz            seeded random and adversarial values into every field it can reach,
+                  --count operations at --rate per second, while the program's own
+                  blob server (--blob-port, a child process) serves honest clients
+  serve           (helper) an HTTP/1.0 blob server under the stack, used by fuzz
+
+Talking to the test (--state DIR): the program writes small JSON files into
+DIR when something happened ("ready", "attacked", "check-ready", "result")
+and waits, where the test must act in between, for DIR/go; DIR/stop ends
+it.  After each attack it restores the header's geometry (so that its own
+interposer keeps working: the stack must not have needed that) and serves a
+known blob on --check-port, so the test can check that a new connection
+over the same stack is byte-exact.  Every wait is bounded.
+"""
+import argparse
+import ctypes
+import ctypes.util
+import hashlib
+import json
+import mmap
+import os
+import random
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+
+from mtcpshim._shm import ffi, lib
+
+STRUCT_FORMAT = {1: "B", 2: "H", 4: "I", 8: "Q"}
+HUGE_SLOT = 0x7FFFFFF0
+TEN_MB = 10 * 1000 * 1000
+DATA_OFF_BYTES = 4096
+
+# Header fields that only the program reads (the stack writes them): writing
+# them only makes the program's own sockets fail (stack_state, fault) or its
+# commands wait for the next packet (stack_sleeping).  The fuzzer leaves them
+# alone unless --all-fields.
+PROGRAM_SIDE_HEADER_FIELDS = ("stack_state", "fault", "stack_sleeping")
+
+
+def log(*args):
+    print("hostile:", *args, flush=True)
+
+
+# --- the region's layout, from the ABI header ----------------------------------------
+
+
+def fields_of(struct_name: str, prefix: str = "", base: int = 0):
+    """(name, offset, size, kind) for every field of a struct, nested structs
+    flattened ("rx.head"); kind is "int" or "bytes"."""
+    out = []
+    for name, field in ffi.typeof(struct_name).fields:
+        offset = base + field.offset
+        ctype = field.type
+        if ctype.kind == "struct":
+            out += fields_of(ctype.cname, f"{prefix}{name}.", offset)
+        elif ctype.kind == "array":
+            out.append((prefix + name, offset, ffi.sizeof(ctype), "bytes"))
+        else:
+            out.append((prefix + name, offset, ffi.sizeof(ctype), "int"))
+    return out
+
+
+HEADER_FIELDS = {name: (off, size, kind) for name, off, size, kind in fields_of("struct mts_header")}
+SLOT_FIELDS = {name: (off, size, kind) for name, off, size, kind in fields_of("struct mts_slot")}
+WAITER_FIELDS = {name: (off, size, kind) for name, off, size, kind in fields_of("struct mts_waiter")}
+CMD_FIELDS = {name: (off, size, kind) for name, off, size, kind in fields_of("struct mts_cmd")}
+SLOT_SIZE = ffi.sizeof("struct mts_slot")
+WAITER_SIZE = ffi.sizeof("struct mts_waiter")
+CMD_SIZE = ffi.sizeof("struct mts_cmd")
+CMDQ_SIZE = ffi.sizeof("struct mts_cmdq")
+ENQUEUE_POS = ffi.offsetof("struct mts_cmdq", "enqueue_pos")
+DEQUEUE_POS = 64  # struct mts_cmdq's dequeue position (or, once private to the stack, padding)
+CTL_MSG = ffi.sizeof("struct mts_ctl_msg")
+
+
+def inherited_fds() -> tuple[int, int, int, int]:
+    value = os.environ.get("MTCPSHIM_FDS")
+    if not value:
+        sys.exit("hostile: MTCPSHIM_FDS is not set: run me under `mtcpshim run`")
+    shm, ctl, wake, death = (int(v) for v in value.split(","))
+    return shm, ctl, wake, death
+
+
+class Region:
+    """The shared region, mapped read-write, with the geometry it had when we
+    started (read once)."""
+
+    def __init__(self):
+        self.shm_fd, self.ctl_fd, self.wake_fd, self.death_fd = inherited_fds()
+        self.size = os.fstat(self.shm_fd).st_size
+        self.mm = mmap.mmap(self.shm_fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self.start = {name: self.read(off, size) for name, (off, size, kind) in HEADER_FIELDS.items()
+                      if kind == "int"}
+        g = self.start
+        self.nslots, self.nwaiters, self.cmd_capacity = g["nslots"], g["nwaiters"], g["cmd_capacity"]
+        self.rx_size, self.tx_size = g["rx_size"], g["tx_size"]
+        self.waiters_off, self.cmdq_off = g["waiters_off"], g["cmdq_off"]
+        self.slots_off, self.data_off = g["slots_off"], g["data_off"]
+        self.region_size = g["region_size"]
+        if g["magic"] != lib.MTS_MAGIC or self.region_size > self.size:
+            sys.exit("hostile: the region does not look like an mtcpshim region")
+        self._cas = _compare_and_swap_8(self.mm)
+
+    # raw access
+    def read(self, off: int, size: int) -> int:
+        return struct.unpack_from("=" + STRUCT_FORMAT[size], self.mm, off)[0]
+
+    def write(self, off: int, size: int, value: int) -> None:
+        struct.pack_into("=" + STRUCT_FORMAT[size], self.mm, off, value & ((1 << (8 * size)) - 1))
+
+    def write_bytes(self, off: int, data: bytes) -> None:
+        self.mm[off:off + len(data)] = data
+
+    # header
+    def header(self, name: str) -> int:
+        off, size, _ = HEADER_FIELDS[name]
+        return self.read(off, size)
+
+    def set_header(self, name: str, value: int) -> None:
+        off, size, _ = HEADER_FIELDS[name]
+        self.write(off, size, value)
+
+    def restore_geometry(self) -> None:
+        """Puts back every header field we may have written, as it was at start
+        (the stack's own fields excepted)."""
+        for name in ("magic", "version", "header_size", "region_size", "nslots", "nwaiters", "cmd_capacity",
+                     "rx_size", "tx_size", "waiters_off", "cmdq_off", "slots_off", "data_off", "ip",
+                     "prefix_len", "gateway", "pad0"):
+            self.set_header(name, self.start[name])
+        self.set_header("slot_hint", 0)
+
+    # slots
+    def slot_off(self, slot_id: int) -> int:
+        return self.slots_off + slot_id * SLOT_SIZE
+
+    def slot(self, slot_id: int, name: str) -> int:
+        off, size, _ = SLOT_FIELDS[name]
+        return self.read(self.slot_off(slot_id) + off, size)
+
+    def set_slot(self, slot_id: int, name: str, value: int) -> None:
+        off, size, _ = SLOT_FIELDS[name]
+        self.write(self.slot_off(slot_id) + off, size, value)
+
+    def rx_data_off(self, slot_id: int) -> int:
+        return self.data_off + slot_id * (self.rx_size + self.tx_size)
+
+    def tx_data_off(self, slot_id: int) -> int:
+        return self.rx_data_off(slot_id) + self.rx_size
+
+    def find_slot(self, local_port: int, state: int | None = None, remote_port: int | None = None,
+                  timeout: float = 10.0) -> int:
+        deadline = time.monotonic() + timeout
+        while True:
+            for slot_id in range(self.nslots):
+                if (self.slot(slot_id, "in_use") == lib.MTS_SLOT_USED
+                        and self.slot(slot_id, "local_port") == local_port
+                        and (state is None or self.slot(slot_id, "state") == state)
+                        and (remote_port is None or self.slot(slot_id, "remote_port") == remote_port)):
+                    return slot_id
+            if time.monotonic() > deadline:
+                raise SystemExit(f"hostile: no slot with local port {local_port} (state {state}, "
+                                 f"remote port {remote_port}) within {timeout:.0f} s")
+            time.sleep(0.05)
+
+    # waiters
+    def waiter_off(self, waiter_id: int) -> int:
+        return self.waiters_off + waiter_id * WAITER_SIZE
+
+    def waiter(self, waiter_id: int, name: str) -> int:
+        off, size, _ = WAITER_FIELDS[name]
+        return self.read(self.waiter_off(waiter_id) + off, size)
+
+    # command queue
+    def cell_off(self, pos: int) -> int:
+        return self.cmdq_off + CMDQ_SIZE + (pos & (self.cmd_capacity - 1)) * CMD_SIZE
+
+    def push(self, op: int, slot: int, arg: int) -> bool:
+        """mts_cmd_push over the raw region (Vyukov queue), with the geometry
+        we started with; False if the queue is full."""
+        enqueue = self.cmdq_off + ENQUEUE_POS
+        for _ in range(10000):
+            pos = self.read(enqueue, 8)
+            cell = self.cell_off(pos)
+            lag = (self.read(cell, 8) - pos) & 0xFFFFFFFFFFFFFFFF
+            lag = lag - (1 << 64) if lag >> 63 else lag
+            if lag == 0:
+                if self._cas(enqueue, pos, pos + 1):
+                    self.write(cell + CMD_FIELDS["op"][0], 4, op)
+                    self.write(cell + CMD_FIELDS["slot"][0], 4, slot)
+                    self.write(cell + CMD_FIELDS["arg"][0], 8, arg)
+                    self.write(cell + CMD_FIELDS["seq"][0], 8, pos + 1)
+                    return True
+            elif lag < 0:
+                return False
+        return False
+
+    def wake_stack(self) -> None:
+        try:
+            os.eventfd_write(self.wake_fd, 1)
+        except OSError:
+            pass
+
+    def register_waiter(self, waiter_id: int) -> None:
+        """An MTS_CTL_REGISTER_WAITER datagram for waiter_id, with a fresh eventfd."""
+        ctl = socket.socket(fileno=self.ctl_fd)
+        efd = os.eventfd(0, os.EFD_NONBLOCK)
+        try:
+            message = struct.pack("=II", lib.MTS_CTL_REGISTER_WAITER, waiter_id & 0xFFFFFFFF)
+            assert len(message) == CTL_MSG
+            socket.send_fds(ctl, [message], [efd])
+        except OSError:
+            pass
+        finally:
+            ctl.detach()
+            os.close(efd)
+
+
+def _compare_and_swap_8(mm: mmap.mmap):
+    """An atomic 8-byte compare-and-swap on the mapping, from libatomic: the
+    command queue has other producers (the program's other processes).
+    Without libatomic, a plain read-compare-write (fine when we are the only
+    producer)."""
+    name = ctypes.util.find_library("atomic")
+    if name:
+        try:
+            libatomic = ctypes.CDLL(name)
+            cas = libatomic.__atomic_compare_exchange_8
+            cas.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int, ctypes.c_int)
+            cas.restype = ctypes.c_bool
+            base = ctypes.addressof(ctypes.c_char.from_buffer(mm))
+            expected = ctypes.c_uint64()
+
+            def atomic(off, old, new):
+                expected.value = old
+                return cas(base + off, ctypes.addressof(expected), new & 0xFFFFFFFFFFFFFFFF, 5, 5)
+            return atomic
+        except (OSError, AttributeError):
+            pass
+
+    def plain(off, old, new):
+        if struct.unpack_from("=Q", mm, off)[0] != old:
+            return False
+        struct.pack_into("=Q", mm, off, new & 0xFFFFFFFFFFFFFFFF)
+        return True
+    return plain
+
+
+# --- talking to the test ---------------------------------------------------------------
+
+
+class State:
+    def __init__(self, directory: str | None, max_wait: float):
+        self.dir = directory
+        self.max_wait = max_wait
+        if directory:
+            os.makedirs(directory, exist_ok=True)
+
+    def say(self, event: str, **info) -> None:
+        log(event, json.dumps(info, sort_keys=True))
+        if self.dir:
+            tmp = os.path.join(self.dir, f".{event}.tmp")
+            with open(tmp, "w") as out:
+                json.dump(info, out)
+            os.rename(tmp, os.path.join(self.dir, event))
+
+    def has(self, event: str) -> bool:
+        return bool(self.dir) and os.path.exists(os.path.join(self.dir, event))
+
+    def wait(self, event: str, timeout: float | None = None) -> bool:
+        """Waits (bounded) for the test to create DIR/event; True if it did."""
+        if not self.dir:
+            return False
+        deadline = time.monotonic() + (self.max_wait if timeout is None else timeout)
+        while time.monotonic() < deadline:
+            if self.has(event):
+                return True
+            time.sleep(0.05)
+        log(f"gave up waiting for {event}")
+        return False
+
+
+# --- honest servers (check blob, fuzz mode's concurrent transfers) ------------------------
+
+
+def blob(size: int, seed: int) -> bytes:
+    return random.Random(seed).randbytes(size)
+
+
+def _serve_connection(conn: socket.socket, body: bytes, stats: dict) -> None:
+    try:
+        conn.settimeout(20)
+        request = b""
+        while b"\r\n\r\n" not in request and len(request) < 8192:
+            chunk = conn.recv(4096)
+            if not chunk:
+                break
+            request += chunk
+        conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Type: application/octet-stream\r\n"
+                     b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
+        conn.shutdown(socket.SHUT_WR)
+        # Wait (bounded) for the client's FIN, so our close does not reset it.
+        while conn.recv(4096):
+            pass
+        stats["served"] += 1
+    except OSError as err:
+        stats["errors"] += 1
+        stats["last_error"] = repr(err)
+    finally:
+        try:
+            conn.close()
+        except OSError:
+            pass
+
+
+def serve_blob(port: int, body: bytes, should_stop, max_seconds: float, on_ready=None,
+               max_threads: int = 64) -> dict:
+    """An HTTP/1.0 server for one body on 0.0.0.0:port, a thread per
+    connection, until should_stop() or max_seconds."""
+    stats = {"served": 0, "errors": 0, "accepted": 0}
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("0.0.0.0", port))
+    listener.listen(128)
+    listener.settimeout(0.2)
+    if on_ready:
+        on_ready()
+    deadline = time.monotonic() + max_seconds
+    threads = []
+    try:
+        while not should_stop() and time.monotonic() < deadline:
+            try:
+                conn, _ = listener.accept()
+            except (TimeoutError, socket.timeout):
+                continue
+            except OSError as err:
+                stats["accept_errors"] = stats.get("accept_errors", 0) + 1
+                stats["last_error"] = repr(err)
+                time.sleep(0.1)
+                continue
+            stats["accepted"] += 1
+            threads = [t for t in threads if t.is_alive()]
+            if len(threads) >= max_threads:
+                conn.close()
+                continue
+            thread = threading.Thread(target=_serve_connection, args=(conn, body, stats), daemon=True)
+            thread.start()
+            threads.append(thread)
+    finally:
+        listener.close()
+        for thread in threads:
+            thread.join(5)
+    return stats
+
+
+def check_phase(region: Region, state: State, args) -> dict:
+    """After the attack: the header's geometry back as it was (our own
+    interposer reads it), then a fresh listener serving the check blob."""
+    region.restore_geometry()
+    body = blob(args.check_size, args.seed + 1)
+    return serve_blob(args.check_port, body, lambda: state.has("stop"), args.max_seconds,
+                      on_ready=lambda: state.say("check-ready", port=args.check_port,
+                                                 size=len(body), sha256=hashlib.sha256(body).hexdigest()))
+
+
+# --- the attacks ----------------------------------------------------------------------------
+
+
+def listen(port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("0.0.0.0", port))
+    sock.listen(16)
+    return sock
+
+
+def attack_nslots(region: Region, state: State, args) -> dict:
+    region.set_header("nslots", 0xFFFFFFFF)
+    pushed = region.push(lib.MTS_OP_BIND, HUGE_SLOT, 4242)
+    region.wake_stack()
+    state.say("attacked", slot=HUGE_SLOT, pushed=pushed)
+    time.sleep(args.settle)
+    return {"pushed": pushed}
+
+
+def attack_cmdq(region: Region, state: State, args) -> dict:
+    region.set_header("cmd_capacity", 1 << 31)
+    region.write(region.cmdq_off + DEQUEUE_POS, 8, (1 << 62) | 0x7FFFFF00)
+    # A well-formed command (in the real queue) with an op no handler has:
+    # whoever takes it must count it as bad.
+    pushed = region.push(0, 0, 0)
+    region.wake_stack()
+    state.say("attacked", pushed=pushed)
+    time.sleep(args.settle)
+    return {"pushed": pushed}
+
+
+def attack_accept_indices(region: Region, state: State, args) -> dict:
+    listener = listen(args.port)
+    slot_id = region.find_slot(args.port, lib.MTS_ST_LISTENING)
+    region.set_header("rx_size", 1 << 31)
+    moved = 1 << 40
+    region.set_slot(slot_id, "rx.head", moved)
+    region.set_slot(slot_id, "rx.tail", moved)
+    state.say("attacked", slot=slot_id, port=args.port, head=moved, tail=moved)
+    state.wait("go")  # the test's client has connected (or tried to)
+    time.sleep(args.settle)
+    listener.close()
+    return {"slot": slot_id}
+
+
+def attack_waiters(region: Region, state: State, args) -> dict:
+    region.set_header("nwaiters", 0xFFFFFFFF)
+    region.set_header("waiters_off", region.region_size + (1 << 40))
+    region.register_waiter(HUGE_SLOT)
+    state.say("attacked", waiter=HUGE_SLOT)
+    time.sleep(args.settle)
+    return {}
+
+
+def parse_peer(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    return host, int(port)
+
+
+def data_off_pattern() -> bytes:
+    out = b""
+    counter = 0
+    while len(out) < DATA_OFF_BYTES:
+        out += hashlib.sha256(b"hostile data-off %d" % counter).digest()
+        counter += 1
+    return out[:DATA_OFF_BYTES]
+
+
+def attack_data_off(region: Region, state: State, args) -> dict:
+    # Where a new connection's TX area would lie for a stack that re-reads
+    # data_off: just past the end of the region, in someone else's memory.
+    region.set_header("data_off", region.region_size)
+    conn = socket.create_connection(parse_peer(args.peer), timeout=10)
+    local_port = conn.getsockname()[1]
+    slot_id = region.find_slot(local_port)
+    region.restore_geometry()  # our own interposer reads it
+    # "Queue" 4096 bytes: into the TX area where it really is, head moved on.
+    pattern = data_off_pattern()
+    head = region.slot(slot_id, "tx.head")
+    cap = region.tx_size
+    start = head & (cap - 1)
+    first = min(cap - start, DATA_OFF_BYTES)
+    region.write_bytes(region.tx_data_off(slot_id) + start, pattern[:first])
+    region.write_bytes(region.tx_data_off(slot_id), pattern[first:])
+    region.set_slot(slot_id, "tx_pending", 1)
+    region.set_slot(slot_id, "tx.head", head + DATA_OFF_BYTES)
+    pushed = region.push(lib.MTS_OP_TX, slot_id, 0)
+    region.wake_stack()
+    state.say("attacked", slot=slot_id, local_port=local_port, pushed=pushed,
+              sha256=hashlib.sha256(pattern).hexdigest())
+    time.sleep(args.settle)
+    try:
+        conn.close()
+    except OSError:
+        pass
+    return {"slot": slot_id}
+
+
+def attack_fake_accept(region: Region, state: State, args) -> dict:
+    listener = listen(args.port)
+    slot_id = region.find_slot(args.port, lib.MTS_ST_LISTENING)
+    made_up = region.nslots - 1 if slot_id != region.nslots - 1 else region.nslots - 2
+    head = region.slot(slot_id, "rx.head")
+    capacity = region.rx_size // 4
+    region.write(region.rx_data_off(slot_id) + (head % capacity) * 4, 4, made_up)
+    region.set_slot(slot_id, "rx.head", head + 1)
+    state.say("attacked", slot=slot_id, entry=made_up)
+    listener.close()
+    time.sleep(args.settle)
+    return {"slot": slot_id, "entry": made_up}
+
+
+def _receive_for(conn: socket.socket, seconds: float, limit: int) -> tuple[int, str]:
+    got, outcome = 0, "time up"
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and got < limit:
+        try:
+            conn.settimeout(max(0.05, min(1.0, deadline - time.monotonic())))
+            chunk = conn.recv(65536)
+        except (TimeoutError, socket.timeout):
+            continue
+        except OSError as err:
+            return got, repr(err)
+        if not chunk:
+            return got, "eof"
+        got += len(chunk)
+    return got, outcome
+
+
+def attack_rx_tail(region: Region, state: State, args) -> dict:
+    conn = socket.create_connection(parse_peer(args.peer), timeout=10)
+    local_port = conn.getsockname()[1]
+    slot_id = region.find_slot(local_port)
+    before, _ = _receive_for(conn, 10, 64 * 1024)
+    head = region.slot(slot_id, "rx.head")
+    region.set_slot(slot_id, "rx.tail", head + TEN_MB)
+    state.say("attacked", slot=slot_id, head=head, tail=head + TEN_MB, received_before=before)
+    after, outcome = _receive_for(conn, args.settle + 2, 1 << 30)
+    try:
+        conn.close()
+    except OSError:
+        pass
+    time.sleep(args.settle)
+    return {"slot": slot_id, "received_before": before, "received_after": after, "outcome": outcome}
+
+
+def tagged(tag: bytes, size: int) -> bytes:
+    return (tag * (size // len(tag) + 1))[:size]
+
+
+def attack_slot_free(region: Region, state: State, args) -> dict:
+    listener = listen(args.port)
+    listener.settimeout(args.max_wait)
+    state.say("ready", port=args.port)
+    first, first_peer = listener.accept()
+    victim = region.find_slot(args.port, remote_port=first_peer[1])
+    region.set_slot(victim, "in_use", lib.MTS_SLOT_FREE)
+    region.set_header("slot_hint", victim)
+    state.say("attacked", slot=victim, first_peer_port=first_peer[1])
+    second, second_peer = listener.accept()
+    second_slot = region.find_slot(args.port, remote_port=second_peer[1], timeout=2) \
+        if _slot_exists(region, args.port, second_peer[1]) else None
+    results = {}
+    for name, conn, tag in (("first", first, b"<first connection>"), ("second", second, b"<second connection>")):
+        try:
+            conn.settimeout(10)
+            conn.sendall(tagged(tag, args.tag_size))
+            results[name] = "sent"
+        except OSError as err:
+            results[name] = repr(err)
+    for conn in (first, second):
+        try:
+            conn.close()
+        except OSError:
+            pass
+    listener.close()
+    state.say("sent", **results)
+    time.sleep(args.settle)
+    return {"slot": victim, "second_slot": second_slot, "second_peer_port": second_peer[1], **results}
+
+
+def _slot_exists(region: Region, port: int, remote_port: int) -> bool:
+    return any(region.slot(i, "local_port") == port and region.slot(i, "remote_port") == remote_port
+               for i in range(region.nslots))
+
+
+# --- the fuzzer ---------------------------------------------------------------------------------
+
+
+class Fuzzer:
+    """Seeded hostile writes into every field of the region it can reach,
+    sparing only what the program's honest connections stand on: the slots
+    whose local port is protected (--protect-port), the waiters of protected
+    processes (--protect-pid), and (unless --all-fields) the header fields
+    only the program reads.  Command cells' sequence numbers and the
+    producers' enqueue position are spared too (--all-fields writes them):
+    the queue is the program's own, one bad sequence number stops every
+    process of the program (not the stack) from being heard."""
+
+    def __init__(self, region: Region, seed: int, protect_ports, protect_pids, all_fields: bool):
+        self.r = region
+        self.rng = random.Random(seed)
+        self.protect_ports = set(protect_ports)
+        self.protect_pids = set(protect_pids)
+        self.all_fields = all_fields
+        self.counts: dict[str, int] = {}
+        self.live: list[int] = []
+        self.listeners: list[int] = []
+        self._next_refresh = 0
+        self.header_fields = [name for name, (off, size, kind) in HEADER_FIELDS.items()
+                              if not name.startswith("pad") and (
+                                  all_fields or name not in PROGRAM_SIDE_HEADER_FIELDS)]
+        self.slot_fields = [name for name in SLOT_FIELDS if not name.startswith(("pad", "rx.pad", "tx.pad"))]
+        self.ring_fields = ["rx.head", "rx.tail", "tx.head", "tx.tail"]
+        self.waiter_fields = list(WAITER_FIELDS)
+        self.actions = [
+            (self.header, 8), (self.slot_field, 20), (self.ring_index, 25), (self.accept_queue, 8),
+            (self.waiter_entry, 6), (self.command, 20), (self.command_cell, 5), (self.data_bytes, 3),
+            (self.dequeue_position, 2), (self.waiter_registration, 3),
+        ]
+        self._weights = [w for _, w in self.actions]
+
+    # what may be touched
+    def protected_slot(self, slot_id: int) -> bool:
+        return 0 <= slot_id < self.r.nslots and self.r.slot(slot_id, "local_port") in self.protect_ports
+
+    def protected_waiter(self, waiter_id: int) -> bool:
+        return 0 <= waiter_id < self.r.nwaiters and self.r.waiter(waiter_id, "owner_pid") in self.protect_pids
+
+    def refresh(self) -> None:
+        r = self.r
+        self.live = [i for i in range(r.nslots) if r.slot(i, "in_use") != lib.MTS_SLOT_FREE
+                     and not self.protected_slot(i)]
+        self.listeners = [i for i in self.live if r.slot(i, "state") == lib.MTS_ST_LISTENING]
+
+    def pick_slot(self, live_bias: float = 0.8) -> int | None:
+        if self.live and self.rng.random() < live_bias:
+            slot_id = self.rng.choice(self.live)
+        else:
+            slot_id = self.rng.randrange(self.r.nslots)
+        return None if self.protected_slot(slot_id) else slot_id
+
+    # values
+    def value(self, size: int, current: int, related=()) -> int:
+        bits = 8 * size
+        mask = (1 << bits) - 1
+        rng = self.rng
+        choice = rng.randrange(12)
+        if choice == 0:
+            v = rng.choice((0, 1, mask, mask >> 1, 1 << (bits - 1), 0xFFFFFFFF, 1 << 63))
+        elif choice == 1:
+            v = current + rng.choice((1, -1, 2, -2))
+        elif choice == 2 and related:
+            v = rng.choice(related) + rng.choice((0, 1, -1))
+        elif choice == 3:
+            v = rng.choice((self.r.region_size, self.r.region_size + 4096, self.r.size, 1 << 40,
+                            1 << 47, self.r.rx_size, self.r.rx_size + 1, self.r.nslots, self.r.nslots + 1))
+        elif choice == 4:
+            v = rng.randrange(4096)
+        elif choice == 5:
+            v = current + rng.choice((TEN_MB, -TEN_MB, self.r.rx_size, self.r.rx_size + 1, -self.r.rx_size - 1))
+        else:
+            v = rng.getrandbits(bits)
+        return v & mask
+
+    def count(self, kind: str) -> None:
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+
+    # actions: each is one hostile operation
+    def header(self) -> None:
+        name = self.rng.choice(self.header_fields)
+        off, size, kind = HEADER_FIELDS[name]
+        if kind == "bytes":
+            self.r.write_bytes(off, self.rng.randbytes(size))
+        else:
+            self.r.write(off, size, self.value(size, self.r.read(off, size), (self.r.start.get(name, 0),)))
+        self.count("header")
+
+    def slot_field(self) -> None:
+        slot_id = self.pick_slot()
+        if slot_id is None:
+            return self.count("spared")
+        name = self.rng.choice(self.slot_fields)
+        off, size, kind = SLOT_FIELDS[name]
+        at = self.r.slot_off(slot_id) + off
+        if kind == "bytes":
+            self.r.write_bytes(at, self.rng.randbytes(size))
+        elif name == "in_use" and self.r.read(at, 4) == lib.MTS_SLOT_FREE:
+            return self.count("spared")  # marking a free slot used only leaks it (the program's own loss)
+        else:
+            self.r.write(at, size, self.value(size, self.r.read(at, size), (slot_id, self.r.nslots)))
+        self.count("slot")
+
+    def ring_index(self) -> None:
+        slot_id = self.pick_slot(0.9)
+        if slot_id is None:
+            return self.count("spared")
+        name = self.rng.choice(self.ring_fields)
+        ring = name.split(".")[0]
+        other = self.r.slot(slot_id, f"{ring}.{'tail' if name.endswith('head') else 'head'}")
+        current = self.r.slot(slot_id, name)
+        cap = self.r.rx_size if ring == "rx" else self.r.tx_size
+        related = (other, other + cap, other + cap + 1, other - 1, other + 1, other + TEN_MB, other - cap)
+        self.r.set_slot(slot_id, name, self.value(8, current, related))
+        self.count("ring")
+
+    def accept_queue(self) -> None:
+        if not self.listeners:
+            return self.ring_index()
+        slot_id = self.rng.choice(self.listeners)
+        if self.protected_slot(slot_id):
+            return self.count("spared")
+        capacity = self.r.rx_size // 4
+        head = self.r.slot(slot_id, "rx.head")
+        entry = self.value(4, 0, tuple(self.live) + (slot_id, self.r.nslots, HUGE_SLOT))
+        if self.live and self.rng.random() < 0.3:
+            entry = self.rng.choice(self.live)
+        if any(self.protected_slot(entry) for _ in (0,)):
+            return self.count("spared")
+        self.r.write(self.r.rx_data_off(slot_id) + (head % capacity) * 4, 4, entry)
+        if self.rng.random() < 0.7:
+            self.r.set_slot(slot_id, "rx.head", head + self.rng.choice((1, 1, 2, capacity, capacity + 1)))
+        self.count("accept")
+
+    def waiter_entry(self) -> None:
+        waiter_id = self.rng.randrange(self.r.nwaiters)
+        if self.protected_waiter(waiter_id):
+            return self.count("spared")
+        name = self.rng.choice(self.waiter_fields)
+        off, size, _ = WAITER_FIELDS[name]
+        at = self.r.waiter_off(waiter_id) + off
+        value = self.value(size, self.r.read(at, size), tuple(self.protect_pids))
+        if name == "owner_pid" and value in self.protect_pids:
+            value += 1  # would make it look protected: no difference to the stack
+        self.r.write(at, size, value)
+        self.count("waiter")
+
+    def command(self) -> None:
+        rng = self.rng
+        op = rng.choice((rng.randrange(1, 10), rng.randrange(1, 10), rng.randrange(0, 16), rng.getrandbits(32)))
+        slot_id = rng.choice((rng.choice(self.live) if self.live else 0, rng.randrange(self.r.nslots),
+                              rng.getrandbits(32), self.r.nslots, HUGE_SLOT))
+        if op == lib.MTS_OP_WAITER_FREE:
+            slot_id = rng.randrange(self.r.nwaiters + 2)
+            if self.protected_waiter(slot_id):
+                return self.count("spared")
+        elif self.protected_slot(slot_id):
+            return self.count("spared")
+        arg = rng.choice((0, 1, rng.getrandbits(64), rng.getrandbits(16), self._connect_arg(), rng.randrange(9)))
+        if not self.r.push(op & 0xFFFFFFFF, slot_id & 0xFFFFFFFF, arg):
+            return self.count("queue_full")
+        self.r.wake_stack()
+        self.count("command")
+
+    def _connect_arg(self) -> int:
+        # Somewhere on the test network's own /24 (198.18.0.0/15): no traffic leaves it.
+        ip = (self.r.start["ip"] & 0xFFFFFF00) | self.rng.randrange(256)
+        return ip << 16 | self.rng.randrange(65536)
+
+    def command_cell(self) -> None:
+        pos = self.rng.randrange(self.r.cmd_capacity)
+        cell = self.r.cell_off(pos)
+        name = self.rng.choice(list(CMD_FIELDS) if self.all_fields else ["op", "slot", "arg", "pad"])
+        if self.protected_slot(self.r.read(cell + CMD_FIELDS["slot"][0], 4)):
+            return self.count("spared")
+        off, size, _ = CMD_FIELDS[name]
+        value = self.value(size, self.r.read(cell + off, size), (self.r.nslots, HUGE_SLOT))
+        if name == "slot" and self.protected_slot(value):
+            return self.count("spared")
+        self.r.write(cell + off, size, value)
+        self.count("cell")
+
+    def dequeue_position(self) -> None:
+        at = self.r.cmdq_off + DEQUEUE_POS
+        self.r.write(at, 8, self.value(8, self.r.read(at, 8), (self.r.cmd_capacity,)))
+        self.count("dequeue")
+        if self.all_fields and self.rng.random() < 0.5:
+            at = self.r.cmdq_off + ENQUEUE_POS
+            self.r.write(at, 8, self.value(8, self.r.read(at, 8), (self.r.cmd_capacity,)))
+            self.count("enqueue")
+
+    def data_bytes(self) -> None:
+        slot_id = self.pick_slot()
+        if slot_id is None:
+            return self.count("spared")
+        ring = self.rng.choice(("rx", "tx"))
+        base = self.r.rx_data_off(slot_id) if ring == "rx" else self.r.tx_data_off(slot_id)
+        cap = self.r.rx_size if ring == "rx" else self.r.tx_size
+        n = self.rng.randrange(1, 64)
+        self.r.write_bytes(base + self.rng.randrange(cap - n), self.rng.randbytes(n))
+        self.count("data")
+
+    def waiter_registration(self) -> None:
+        waiter_id = self.rng.choice((self.rng.randrange(self.r.nwaiters), self.r.nwaiters,
+                                     self.rng.getrandbits(32), HUGE_SLOT))
+        if self.protected_waiter(waiter_id):
+            return self.count("spared")
+        self.r.register_waiter(waiter_id)
+        self.count("register")
+
+    def step(self, i: int) -> None:
+        if i >= self._next_refresh:
+            self.refresh()
+            self._next_refresh = i + 100
+        action = self.rng.choices(self.actions, self._weights)[0][0]
+        action()
+
+
+def run_fuzz(region: Region, state: State, args) -> dict:
+    blob_body = blob(args.blob_size, args.seed + 2)
+    victim_body = blob(args.victim_size, args.seed + 3)
+    children = {}
+    here = os.path.abspath(__file__)
+    fds = inherited_fds()
+    for name, port, size, seed in (("blob", args.blob_port, args.blob_size, args.seed + 2),
+                                   ("victims", args.victim_port, args.victim_size, args.seed + 3)):
+        child_state = os.path.join(state.dir, name) if state.dir else None
+        children[name] = subprocess.Popen(
+            [sys.executable, here, "serve", "--port", str(port), "--size", str(size), "--seed", str(seed),
+             "--max-seconds", str(args.max_seconds)] + (["--state", child_state] if child_state else []),
+            pass_fds=fds)
+    for name in children:
+        if state.dir and not State(os.path.join(state.dir, name), args.max_wait).wait("check-ready"):
+            raise SystemExit(f"hostile: the {name} server did not start")
+    state.say("ready", blob_port=args.blob_port, blob_sha256=hashlib.sha256(blob_body).hexdigest(),
+              blob_size=len(blob_body), victim_port=args.victim_port,
+              victim_sha256=hashlib.sha256(victim_body).hexdigest(),
+              pids={name: child.pid for name, child in children.items()})
+    state.wait("go")
+    fuzzer = Fuzzer(region, args.seed, [args.blob_port], [children["blob"].pid], args.all_fields)
+    started = time.monotonic()
+    done = 0
+    deadline = started + args.max_seconds
+    try:
+        for i in range(args.count):
+            if time.monotonic() > deadline or state.has("stop"):
+                break
+            fuzzer.step(i)
+            done += 1
+            if args.rate and done % 50 == 0:
+                ahead = started + done / args.rate - time.monotonic()
+                if ahead > 0:
+                    time.sleep(ahead)
+    finally:
+        seconds = time.monotonic() - started
+        region.restore_geometry()
+    log(f"writes: {done} in {seconds:.1f} s")
+    children_alive = {name: child.poll() is None for name, child in children.items()}
+    result = {"writes": done, "seconds": round(seconds, 2), "by_kind": fuzzer.counts,
+              "children_alive_after_fuzzing": children_alive}
+    state.say("fuzzed", **result)
+    return {"fuzz": result, "children": children}
+
+
+def serve_main(args) -> int:
+    state = State(args.state, args.max_wait)
+    body = blob(args.size, args.seed)
+    stats = serve_blob(args.port, body, lambda: state.has("stop"), args.max_seconds,
+                       on_ready=lambda: state.say("check-ready", port=args.port, pid=os.getpid()))
+    state.say("served", **stats)
+    return 0
+
+
+ATTACKS = {
+    "nslots": attack_nslots,
+    "cmdq": attack_cmdq,
+    "accept-indices": attack_accept_indices,
+    "waiters": attack_waiters,
+    "data-off": attack_data_off,
+    "fake-accept": attack_fake_accept,
+    "rx-tail": attack_rx_tail,
+    "slot-free": attack_slot_free,
+}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("mode", choices=list(ATTACKS) + ["fuzz", "serve"])
+    parser.add_argument("--state", help="directory for the conversation with the test")
+    parser.add_argument("--port", type=int, default=9100, help="the attacked listener's port")
+    parser.add_argument("--peer", help="IP:PORT of a kernel peer to connect to (data-off, rx-tail)")
+    parser.add_argument("--check-port", type=int, default=9200, help="the check server's port")
+    parser.add_argument("--check-size", type=int, default=256 * 1024)
+    parser.add_argument("--tag-size", type=int, default=64 * 1024, help="bytes sent per connection (slot-free)")
+    parser.add_argument("--settle", type=float, default=1.0, help="seconds the stack gets to react")
+    parser.add_argument("--max-wait", type=float, default=60.0, help="the longest wait for the test")
+    parser.add_argument("--max-seconds", type=float, default=300.0, help="the longest any phase runs")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--count", type=int, default=20000, help="fuzz: hostile operations")
+    parser.add_argument("--rate", type=float, default=1000.0, help="fuzz: operations per second (0: flat out)")
+    parser.add_argument("--blob-port", type=int, default=9300, help="fuzz: the honest server's port")
+    parser.add_argument("--blob-size", type=int, default=1024 * 1024)
+    parser.add_argument("--victim-port", type=int, default=9400, help="fuzz: an unprotected server's port")
+    parser.add_argument("--victim-size", type=int, default=64 * 1024)
+    parser.add_argument("--all-fields", action="store_true",
+                        help="fuzz: also the program-side header fields and the queue's sequence numbers")
+    parser.add_argument("--size", type=int, default=1024 * 1024, help="serve: body size")
+    args = parser.parse_args(argv)
+
+    if args.mode == "serve":
+        return serve_main(args)
+    state = State(args.state, args.max_wait)
+    region = Region()
+    log(f"region: {region.size} bytes, {region.nslots} slots, {region.nwaiters} waiters, "
+        f"cmdq {region.cmd_capacity}, rx/tx {region.rx_size}/{region.tx_size}")
+    result = {"mode": args.mode, "pid": os.getpid()}
+    children = {}
+    try:
+        if args.mode == "fuzz":
+            fuzzed = run_fuzz(region, state, args)
+            children = fuzzed.pop("children")
+            result.update(fuzzed)
+        else:
+            result["attack"] = ATTACKS[args.mode](region, state, args)
+        result["check"] = check_phase(region, state, args)
+    finally:
+        for name in children:
+            if state.dir:
+                State(os.path.join(state.dir, name), args.max_wait).say("stop")
+        for child in children.values():
+            try:
+                result.setdefault("children_status", {})[str(child.pid)] = child.wait(10)
+            except subprocess.TimeoutExpired:
+                child.terminate()
+                try:
+                    child.wait(5)
+                except subprocess.TimeoutExpired:
+                    child.kill()
+                    child.wait()
+        if args.mode == "fuzz":
+            log(f"writes: {result.get('fuzz', {}).get('writes', 0)}")
+        state.say("result", **result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
