@@ -121,9 +121,29 @@ static void copy_kernel_options(int fd, struct mts_slot *s)
 
 /* Moves a candidate to the stack: a slot, and an eventfd placeholder under
  * the same fd number (the kernel socket is closed by the dup3). */
-static int become_stack_socket(int fd, uint32_t *slot_out)
+/* Sockets the program closed free their slots once the stack has served
+ * the close (asynchronously): a socket() right after closing many waits up
+ * to this long for that, as the kernel would have freed them at once. */
+#define SLOT_WAIT_NS (20 * 1000 * 1000)
+
+static int32_t alloc_slot(void)
 {
     int32_t id = mts_slot_alloc(&shim.geom, NULL);
+    if (id >= 0 || !shim_stack_alive(0))
+        return id;
+    shim_wake_stack();
+    int64_t deadline = shim_now_ns() + SLOT_WAIT_NS;
+    while (id < 0 && shim_now_ns() < deadline) {
+        struct timespec pause = {0, 200 * 1000};
+        nanosleep(&pause, NULL);
+        id = mts_slot_alloc(&shim.geom, NULL);
+    }
+    return id;
+}
+
+static int become_stack_socket(int fd, uint32_t *slot_out)
+{
+    int32_t id = alloc_slot();
     if (id < 0) {
         SHIM_DEBUG("fd %d: no free slot", fd);
         errno = ENOBUFS;
