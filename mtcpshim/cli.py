@@ -70,6 +70,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--impair", type=_impairment, metavar="SPEC",
                      help="seeded faults on the stack's frames, e.g. loss=1%%,dup=1%%,reorder=25%%,"
                           "corrupt=0.1%%,delay=20ms,jitter=10ms,seed=7,dir=rx|tx|both")
+    run.add_argument("--user", help="run PROGRAM as USER (its uid, group and supplementary groups)")
+    run.add_argument("--stack-user", default="nobody", metavar="USER",
+                     help="the unprivileged user the stack serves as once its packet I/O is open "
+                          "(default %(default)s)")
     run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- PROGRAM [ARGS...]")
 
     stat = commands.add_parser("stat", help="counters of a running stack (drops by reason, TCP, packet I/O)")
@@ -135,8 +139,8 @@ def _run(args) -> int:
         raise launcher.LaunchError(f"no such network namespace: {args.netns}")
     options = launcher.StackOptions(netns=args.netns, iface=args.iface, ip=args.ip, gateway=args.gateway,
                                     io=args.io, pcap=args.pcap, spin_us=args.spin_us,
-                                    impair=args.impair)
-    return launcher.run(options, argv)
+                                    impair=args.impair, stack_user=args.stack_user)
+    return launcher.run(options, argv, user=args.user)
 
 
 def _stat(args) -> int:

@@ -4,27 +4,40 @@ interposer preloaded, and stay between them until the program ends.
 The launcher owns the plumbing both sides inherit (see mtcpshim_abi.h):
 the shared region (memfd), a datagram control socket pair, the stack's wake
 eventfd, and a death pipe whose only writer is the stack, so a program
-blocked in epoll_wait hears of a stack crash at once.
+blocked in epoll_wait hears of a stack crash at once.  A second pipe runs
+the other way, written only by the launcher: the stack stops when it reads
+its end-of-file, so a killed launcher leaves no stack behind.
+
+The stack opens its packet I/O as root and then serves as an unprivileged
+user (--stack-user); what needs root after that (removing its statistics
+socket, the TAP bridge) is done here.
 """
 import contextlib
 import fcntl
 import ipaddress
 import os
+import pwd
 import select
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 from dataclasses import dataclass
 
 from mtcpshim import abi_source
+from mtcpshim.netns import in_netns, netns_inode
 from mtcpshim.region import Region, RegionSize
+from mtcpshim.stackd import tap_names
 
 LOCK_DIR = "/run/mtcpshim"
 PRELOAD_LIBRARY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "libmtcpshim_preload.so")
 STACK_START_TIMEOUT = 20.0
 STACK_STOP_TIMEOUT = 10.0
+ARPHRD_ETHER = 1                 # linux/if_arp.h
+ARPHRD_LOOPBACK = 772
+_SIOCGIFHWADDR = 0x8927
 
 
 class LaunchError(Exception):
@@ -41,10 +54,12 @@ class StackOptions:
     pcap: str | None = None
     spin_us: float = 0.0
     impair: str | None = None   # an ImpairSpec (stack/io/impair.py), already validated
+    stack_user: str = "nobody"  # whom the stack serves as once its packet I/O is open
 
 
-def run(options: StackOptions, argv: list[str]) -> int:
-    """Runs argv over the stack; returns its exit status (128+N for signal N)."""
+def run(options: StackOptions, argv: list[str], user: str | None = None) -> int:
+    """Runs argv over the stack, as `user` if given; returns its exit status
+    (128+N for signal N), or 1 if it exited 0 but the stack died."""
     if os.geteuid() != 0:
         raise LaunchError("run needs root (CAP_NET_RAW for the packet socket, CAP_SYS_ADMIN "
                           "for the network namespace): try sudo")
@@ -52,77 +67,151 @@ def run(options: StackOptions, argv: list[str]) -> int:
         raise LaunchError(f"program not found: {argv[0]}")
     if not os.path.exists(PRELOAD_LIBRARY):
         raise LaunchError(f"interposer not built: {PRELOAD_LIBRARY} is missing (pip install -e .)")
+    if _user_entry(options.stack_user).pw_uid == 0:
+        raise LaunchError(f"--stack-user {options.stack_user} is root: the stack must serve without root")
+    program_user = _user_entry(user) if user else None
+    if user and shutil.which("setpriv") is None:
+        raise LaunchError("--user needs setpriv (util-linux)")
+    ifindex = _check_serveable(options.netns, options.iface)
 
-    with interface_claim(options.netns, options.iface):
-        return _run_stack_and_program(options, argv)
+    with interface_claim(options.netns, options.iface) as stats_path:
+        try:
+            return _run_stack_and_program(options, argv, program_user, stats_path)
+        finally:
+            if options.io == "tap":
+                # The stack bridged its TAP to the interface as root; once it
+                # has dropped root it cannot undo that.
+                _, bridge_name = tap_names(ifindex)
+                subprocess.run(["ip"] + (["-n", options.netns] if options.netns else [])
+                               + ["link", "del", bridge_name], capture_output=True)
 
 
-def _run_stack_and_program(options: StackOptions, argv: list[str]) -> int:
+def _user_entry(name: str) -> pwd.struct_passwd:
+    try:
+        return pwd.getpwnam(name)
+    except KeyError:
+        raise LaunchError(f"no such user: {name}") from None
+
+
+def _check_serveable(netns: str | None, iface: str) -> int:
+    """The stack speaks Ethernet: anything else is refused before it starts.
+    Returns the interface's index."""
+    index, hardware_type = _interface(netns, iface)
+    if hardware_type == ARPHRD_LOOPBACK:
+        raise LaunchError(f"cannot serve {iface}: it is a loopback interface, and the stack needs an Ethernet one")
+    if hardware_type != ARPHRD_ETHER:
+        raise LaunchError(f"cannot serve {iface}: it is not an Ethernet interface (hardware type {hardware_type})")
+    return index
+
+
+def _interface(netns: str | None, iface: str) -> tuple[int, int]:
+    """The index and the hardware type (ARPHRD_*) of `iface`, asked inside
+    its namespace."""
+    where = f" in {netns}" if netns else ""
+    try:
+        with in_netns(netns):
+            index = socket.if_nametoindex(iface)
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+                ifreq = fcntl.ioctl(probe.fileno(), _SIOCGIFHWADDR, struct.pack("16s16x", iface.encode()))
+    except FileNotFoundError:
+        raise LaunchError(f"no such network namespace: {netns}") from None
+    except (OSError, ValueError):
+        raise LaunchError(f"no such interface: {iface}{where}") from None
+    (hardware_type,) = struct.unpack_from("H", ifreq, 16)  # ifr_hwaddr.sa_family
+    return index, hardware_type
+
+
+def _run_stack_and_program(options: StackOptions, argv: list[str], program_user: pwd.struct_passwd | None,
+                           stats_path: str) -> int:
     region = Region.create(RegionSize(), int(options.ip.ip), options.ip.network.prefixlen,
                            int(options.gateway) if options.gateway else 0)
     ctl_stack, ctl_app = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     wake_fd = os.eventfd(0, os.EFD_NONBLOCK)
     death_r, death_w = os.pipe()
     ready_r, ready_w = os.pipe()
+    # Only this process holds the write end (close-on-exec: never the program's).
+    launcher_r, launcher_w = os.pipe2(os.O_CLOEXEC)
 
     stack = subprocess.Popen(
         [sys.executable, "-m", "mtcpshim.stackd", "--shm-fd", str(region.fd),
          "--ctl-fd", str(ctl_stack.fileno()), "--wake-fd", str(wake_fd), "--ready-fd", str(ready_w),
+         "--launcher-fd", str(launcher_r), "--stack-user", options.stack_user,
          "--iface", options.iface, "--ip", str(options.ip), "--io", options.io,
-         "--spin-us", str(options.spin_us),
-         "--stats-socket", runtime_path(options.netns, options.iface, "stats")]
+         "--spin-us", str(options.spin_us), "--stats-socket", stats_path]
         + (["--netns", options.netns] if options.netns else [])
         + (["--gateway", str(options.gateway)] if options.gateway else [])
         + (["--pcap", options.pcap] if options.pcap else [])
         + (["--impair", options.impair] if options.impair else []),
-        pass_fds=(region.fd, ctl_stack.fileno(), wake_fd, ready_w, death_w))
+        pass_fds=(region.fd, ctl_stack.fileno(), wake_fd, ready_w, death_w, launcher_r))
     ctl_stack.close()
-    os.close(ready_w)
-    os.close(death_w)
+    for fd in (ready_w, death_w, launcher_r):
+        os.close(fd)
     try:
-        _await_ready(stack, ready_r)
-    except LaunchError:
-        _stop(stack)
-        raise
-    finally:
-        os.close(ready_r)
+        try:
+            _await_ready(stack, ready_r)
+        finally:
+            os.close(ready_r)
 
-    fds = (region.fd, ctl_app.fileno(), wake_fd, death_r)
+        fds = (region.fd, ctl_app.fileno(), wake_fd, death_r)
+        program = _start_program(options.netns, argv, program_user, fds)
+        for fd in fds[1:]:
+            os.close(fd)
+        ctl_app.detach()
+        with contextlib.suppress(BrokenPipeError):  # the stack died already: _supervise says so
+            os.write(launcher_w, f"program {program.pid}\n".encode())
+
+        forward = lambda signum, frame: program.send_signal(signum)  # noqa: E731
+        previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            status, death_reported = _supervise(program, stack, region)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+    finally:
+        _stop(stack)
+        os.close(launcher_w)
+    # A stack that ended before we stopped it, or failed while stopping,
+    # died: the program's status alone would hide that.
+    if death_reported or stack.returncode != 0:
+        if not death_reported:
+            _report_stack_death(stack, region)
+        return status or 1
+    return status
+
+
+def _start_program(netns: str | None, argv: list[str], user: pwd.struct_passwd | None,
+                   fds: tuple[int, ...]) -> subprocess.Popen:
     env = dict(os.environ)
     env["LD_PRELOAD"] = " ".join(filter(None, [PRELOAD_LIBRARY, env.get("LD_PRELOAD")]))
     env[abi_source.string_constants()["MTS_ENV_FDS"]] = ",".join(map(str, fds))
     # The program lives on the stack's host: its kernel sockets (loopback,
-    # UDP) are in the stack's namespace too.
-    in_netns = ["ip", "netns", "exec", options.netns] if options.netns else []
-    program = subprocess.Popen(in_netns + argv, env=env, pass_fds=fds)
-    for fd in fds[1:]:
-        os.close(fd)
-    ctl_app.detach()
-
-    forward = lambda signum, frame: program.send_signal(signum)  # noqa: E731
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        status = _supervise(program, stack, region)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        _stop(stack)
-    return status
+    # UDP) are in the stack's namespace too.  `ip netns exec` needs root, so
+    # the switch to `user` comes after it.
+    prefix = ["ip", "netns", "exec", netns] if netns else []
+    if user:
+        prefix += ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--init-groups", "--"]
+        env.update(HOME=user.pw_dir, USER=user.pw_name, LOGNAME=user.pw_name)
+    return subprocess.Popen(prefix + argv, env=env, pass_fds=fds)
 
 
 def runtime_path(netns: str | None, iface: str, kind: str) -> str:
     """Where the stack serving `iface` keeps its lock ("lock") and its
-    statistics socket ("stats")."""
-    return os.path.join(LOCK_DIR, f"{netns or 'host'}-{iface}.{kind}")
+    statistics socket ("stats").  Named by the namespace's inode and the
+    interface's index, not by their names: a namespace can be bound under
+    any number of names."""
+    index, _ = _interface(netns, iface)
+    return os.path.join(LOCK_DIR, f"net{netns_inode(netns)}-if{index}.{kind}")
 
 
 @contextlib.contextmanager
 def interface_claim(netns: str | None, iface: str):
     """One stack per interface: a second would answer the first one's
-    segments with resets.  Held for the block; then the lock file and the
-    statistics socket's path (left by a stack that was killed) go too."""
+    segments with resets.  Held for the block, which gets the path of the
+    statistics socket; then the lock file and that socket (the stack cannot
+    remove it once it has dropped root) go too."""
     os.makedirs(LOCK_DIR, exist_ok=True)
     path = runtime_path(netns, iface, "lock")
+    stats_path = runtime_path(netns, iface, "stats")
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
@@ -141,10 +230,10 @@ def interface_claim(netns: str | None, iface: str):
     try:
         os.ftruncate(fd, 0)  # a killed launcher's file may remain
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield
+        yield stats_path
     finally:
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(runtime_path(netns, iface, "stats"))
+            os.unlink(stats_path)
         os.unlink(path)  # while still locked: a waiter re-checks the inode
         os.close(fd)
 
@@ -161,7 +250,11 @@ def _await_ready(stack: subprocess.Popen, ready_r: int) -> None:
     raise LaunchError(f"the stack process did not become ready within {STACK_START_TIMEOUT:.0f} s")
 
 
-def _supervise(program: subprocess.Popen, stack: subprocess.Popen, region: Region) -> int:
+def _supervise(program: subprocess.Popen, stack: subprocess.Popen, region: Region) -> tuple[int, bool]:
+    """Waits for the program, reporting the stack's death if it comes first
+    (or with the program's exit: a program that hears of it through the
+    death pipe may well end before we do).  Returns the program's status and
+    whether the stack died."""
     program_fd = os.pidfd_open(program.pid)
     stack_fd = os.pidfd_open(stack.pid)
     try:
@@ -175,7 +268,10 @@ def _supervise(program: subprocess.Popen, stack: subprocess.Popen, region: Regio
             if stack_alive and stack_fd in readable:
                 stack_alive = False
                 _report_stack_death(stack, region)
-        return program.returncode if program.returncode >= 0 else 128 - program.returncode
+        if stack_alive and stack.poll() is not None:
+            stack_alive = False
+            _report_stack_death(stack, region)
+        return program.returncode if program.returncode >= 0 else 128 - program.returncode, not stack_alive
     finally:
         os.close(program_fd)
         os.close(stack_fd)

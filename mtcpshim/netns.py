@@ -29,6 +29,17 @@ def netns_exists(name: str) -> bool:
     return os.path.exists(netns_path(name))
 
 
+def netns_inode(name: str | None) -> int:
+    """The identity of namespace `name` (None: the caller's own), the same
+    under every name it is bound to (`ip netns attach`, mount --bind)."""
+    return os.stat(netns_path(name) if name else "/proc/self/ns/net").st_ino
+
+
+def in_netns(name: str | None) -> contextlib.AbstractContextManager:
+    """enter_netns(name), or stay where we are for None."""
+    return enter_netns(name) if name else contextlib.nullcontext()
+
+
 def run_in_ns(ns: str, argv: Sequence[str], **subprocess_kwargs) -> subprocess.CompletedProcess:
     """subprocess.run(argv) inside network namespace `ns` (via `ip netns exec`)."""
     return subprocess.run(["ip", "netns", "exec", ns, *argv], **subprocess_kwargs)

@@ -1,13 +1,20 @@
 """The stack process: started by the launcher, serves one shared region.
 
-It reports readiness (or the one-line reason it cannot start) on the ready
-pipe, then runs the loop until SIGTERM.  On a crash it records the reason in
-the region so that the launcher and the interposer can tell the user.
+It opens its packet I/O as root, then drops to --stack-user with no
+capabilities: a program (any of its processes can write anywhere in the
+region) that subverts the stack gains nothing.  It reports readiness (or the
+one-line reason it cannot start) on the ready pipe, then runs the loop until
+SIGTERM or until the launcher's pipe closes.  On a crash it records the
+reason in the region so that the launcher and the interposer can tell the
+user.
 """
 import argparse
 import contextlib
+import ctypes
+import importlib
 import ipaddress
 import os
+import pwd
 import signal
 import socket
 import subprocess
@@ -16,11 +23,35 @@ import time
 import traceback
 
 from mtcpshim._shm import lib
+from mtcpshim.netns import in_netns
 from mtcpshim.region import Region
 
 # How long a stopping stack keeps serving so that connections the exiting
 # program left open still end with FIN exchanges rather than silence.
 STOP_LINGER_SECONDS = 1.0
+
+
+def tap_names(ifindex: int) -> tuple[str, str]:
+    """The TAP and the bridge joining it to interface `ifindex` (--io tap):
+    a pair per interface, so that stacks on two interfaces of a namespace
+    keep apart and a pair a killed launcher left is ours to replace."""
+    return f"mtcptap{ifindex}", f"mtcpbr{ifindex}"
+
+
+# Once it has dropped root the stack cannot read the Python installation
+# (under /root, mode 0700) nor maybe this tree: whatever it may import later,
+# in a function or on an error path, is imported before the drop.
+LATE_IMPORTS = ("array",                     # socket.send_fds/recv_fds
+                "ast", "linecache", "tokenize", "unicodedata",   # traceback
+                "warnings", "encodings.ascii", "encodings.latin_1", "encodings.idna")
+
+_PR_CAPBSET_DROP = 24
+_PR_SET_NO_NEW_PRIVS = 38
+_CAPABILITY_FIELDS = ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")
+
+
+class PrivilegeError(Exception):
+    """The stack could not shed its privileges; one line."""
 
 
 def _parse(argv):
@@ -38,6 +69,10 @@ def _parse(argv):
     parser.add_argument("--spin-us", type=float, default=0.0)
     parser.add_argument("--impair", help="an ImpairSpec: faults applied to the packet I/O")
     parser.add_argument("--stats-socket", help="Unix socket path answering `mtcpshim stat`")
+    parser.add_argument("--launcher-fd", type=int,
+                        help="read end of a pipe only the launcher writes: its end-of-file stops the stack")
+    parser.add_argument("--stack-user", default="nobody",
+                        help="the user the stack serves as once its packet I/O is open (default %(default)s)")
     return parser.parse_args(argv)
 
 
@@ -45,47 +80,39 @@ def _open_packet_io(args):
     """The stack's NIC: an AF_PACKET socket on --iface, or with --io tap a TAP
     device bridged to --iface by the kernel.  Opened inside --netns; the
     socket or TAP stays there.  Returns (io, cleanup)."""
-    from mtcpshim.netns import enter_netns
-
-    def in_netns():
-        return enter_netns(args.netns) if args.netns else contextlib.nullcontext()
-
-    with in_netns():
+    with in_netns(args.netns):
         if args.io == "tap":
-            return _open_bridged_tap(args.iface, in_netns)
+            return _open_bridged_tap(args.iface)
         from stack.io.afpacket import AfPacketIO
         return AfPacketIO(args.iface), lambda: None
 
 
-TAP_NAME, BRIDGE_NAME = "mtcptap0", "mtcpbr0"
-
-
-def _open_bridged_tap(iface: str, in_netns):
+def _open_bridged_tap(iface: str):
     from stack.io.base import PacketIOError
     from stack.io.tap import TapIO
 
     try:
-        socket.if_nametoindex(iface)  # asks the current namespace (sysfs may show another)
+        ifindex = socket.if_nametoindex(iface)  # asks the current namespace (sysfs may show another)
     except OSError:
         raise PacketIOError(f"no such interface: {iface}") from None
-    tap = TapIO(TAP_NAME)
-    commands = [["ip", "link", "add", BRIDGE_NAME, "type", "bridge"],
-                ["ip", "link", "set", iface, "master", BRIDGE_NAME],
-                ["ip", "link", "set", TAP_NAME, "master", BRIDGE_NAME],
-                ["ip", "link", "set", TAP_NAME, "up"],
-                ["ip", "link", "set", BRIDGE_NAME, "up"]]
+    tap_name, bridge_name = tap_names(ifindex)
+    # The launcher removes the bridge when the stack exits, unless it was
+    # killed; we hold the interface's lock, so one still there is stale.
+    subprocess.run(["ip", "link", "del", bridge_name], capture_output=True)
+    tap = TapIO(tap_name)
+    commands = [["ip", "link", "add", bridge_name, "type", "bridge"],
+                ["ip", "link", "set", iface, "master", bridge_name],
+                ["ip", "link", "set", tap_name, "master", bridge_name],
+                ["ip", "link", "set", tap_name, "up"],
+                ["ip", "link", "set", bridge_name, "up"]]
     for argv in commands:
         done = subprocess.run(argv, capture_output=True, text=True)
         if done.returncode != 0:
-            subprocess.run(["ip", "link", "del", BRIDGE_NAME], capture_output=True)
+            subprocess.run(["ip", "link", "del", bridge_name], capture_output=True)
             tap.close()
-            raise PacketIOError(f"bridging {TAP_NAME} to {iface} failed: {done.stderr.strip()}")
-    def remove_bridge():
-        # Deleting the bridge releases the interface; the TAP goes with its fd.
-        with in_netns():
-            subprocess.run(["ip", "link", "del", BRIDGE_NAME], capture_output=True)
-        tap.close()
-    return tap, remove_bridge
+            raise PacketIOError(f"bridging {tap_name} to {iface} failed: {done.stderr.strip()}")
+    # The TAP goes with its fd; the bridge is the launcher's to remove.
+    return tap, tap.close
 
 
 def _build_runtime(args, region):
@@ -104,12 +131,14 @@ def _build_runtime(args, region):
     pcap = PcapWriter(args.pcap) if args.pcap else None
     stats = _listen_for_stats(args.stats_socket) if args.stats_socket else None
     runtime = Runtime(region, io, iface, TcpHost(ip), args.ctl_fd, args.wake_fd,
-                      pcap=pcap, spin_seconds=args.spin_us / 1e6, stats_listener=stats)
+                      pcap=pcap, spin_seconds=args.spin_us / 1e6, stats_listener=stats,
+                      launcher_fd=args.launcher_fd)
 
     def cleanup_all():
+        # The statistics socket's path is the launcher's to remove (its
+        # directory is root's).
         if stats is not None:
             stats.close()
-            os.unlink(args.stats_socket)
         cleanup()
     return runtime, cleanup_all
 
@@ -119,30 +148,92 @@ def _listen_for_stats(path: str) -> socket.socket:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(path)
+    previous = os.umask(0o177)  # 0600 from the start, whatever umask we were given
+    try:
+        listener.bind(path)
+    finally:
+        os.umask(previous)
     listener.listen(8)
     return listener
+
+
+def _drop_privileges(user: str) -> None:
+    """Become `user` for good, with no capabilities and no way to gain any
+    (no-new-privs: setuid binaries and file capabilities give nothing)."""
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        raise PrivilegeError(f"no such user: {user}") from None
+    for module in LATE_IMPORTS:
+        importlib.import_module(module)
+    libc = ctypes.CDLL(None, use_errno=True)
+    with open("/proc/sys/kernel/cap_last_cap") as last:
+        last_cap = int(last.read())
+    for cap in range(last_cap + 1):
+        _prctl(libc, _PR_CAPBSET_DROP, cap)
+    _prctl(libc, _PR_SET_NO_NEW_PRIVS, 1)
+    os.setgroups([])
+    os.setgid(entry.pw_gid)
+    os.setuid(entry.pw_uid)  # from root to another user: clears every capability set
+    _check_unprivileged()
+
+
+def _prctl(libc, option: int, arg: int) -> None:
+    if libc.prctl(option, ctypes.c_ulong(arg), ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0)) != 0:
+        err = ctypes.get_errno()
+        raise PrivilegeError(f"prctl({option}, {arg}) failed: {os.strerror(err)}")
+
+
+def _check_unprivileged() -> None:
+    """Trust the kernel's account, not the calls that should have done it."""
+    with open("/proc/self/status") as status:
+        fields = dict(line.split(":", 1) for line in status)
+    if "0" in fields["Uid"].split() or "0" in fields["Gid"].split():
+        raise PrivilegeError(f"still root after dropping privileges: Uid {fields['Uid'].split()}, "
+                             f"Gid {fields['Gid'].split()}")
+    kept = [name for name in _CAPABILITY_FIELDS if int(fields[name], 16)]
+    if kept or fields["NoNewPrivs"].strip() != "1":
+        raise PrivilegeError(f"capabilities left after dropping privileges: {', '.join(kept) or 'NoNewPrivs 0'}")
+
+
+def _tell_launcher(fd: int, line: str) -> None:
+    try:
+        os.write(fd, f"{line}\n".encode())
+    finally:
+        os.close(fd)
 
 
 def main(argv=None) -> int:
     args = _parse(argv)
     region = Region(args.shm_fd)
     region.header.stack_pid = os.getpid()
-    with os.fdopen(args.ready_fd, "w") as ready:
-        try:
-            runtime, cleanup = _build_runtime(args, region)
-        except Exception as err:  # reported as one line before the program starts
-            ready.write(f"error: {err}\n")
-            return 2
-        region.header.stack_state = lib.MTS_STACK_RUNNING
-        ready.write("ready\n")
+    try:
+        runtime, cleanup = _build_runtime(args, region)
+    except Exception as err:  # reported as one line before the program starts
+        _tell_launcher(args.ready_fd, f"error: {err}")
+        return 2
 
     def stop(signum, frame):
         runtime.stopping = True
 
+    # Before "ready": the launcher may stop us as soon as it has read it.
     signal.set_wakeup_fd(runtime.signal_fd)
     signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    # A terminal's ^C reaches the whole process group: the program ends, then
+    # the launcher stops us, and connections the program left get closed.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        _drop_privileges(args.stack_user)
+    except (PrivilegeError, OSError) as err:
+        cleanup()
+        _tell_launcher(args.ready_fd, f"error: the stack cannot drop its privileges: {err}")
+        return 2
+    region.header.stack_state = lib.MTS_STACK_RUNNING
+    try:
+        _tell_launcher(args.ready_fd, "ready")
+    except BrokenPipeError:  # the launcher died before it started the program
+        cleanup()
+        return 1
     try:
         runtime.run()
         runtime.close_all(time.monotonic() + STOP_LINGER_SECONDS)

@@ -2,7 +2,7 @@
 import json
 import socket
 
-from mtcpshim.launcher import runtime_path
+from mtcpshim.launcher import LaunchError, runtime_path
 
 SECTIONS = (("runtime", "Stack loop"), ("packet_io", "Packet I/O"), ("interface", "Ethernet, ARP, IPv4, ICMP"),
             ("tcp", "TCP drops and errors"), ("connections", "TCP connections by state"))
@@ -13,7 +13,10 @@ class StatError(Exception):
 
 
 def fetch(netns: str | None, iface: str) -> dict:
-    path = runtime_path(netns, iface, "stats")
+    try:
+        path = runtime_path(netns, iface, "stats")  # by the namespace's and interface's identity, as `run`
+    except LaunchError as err:  # no such namespace or interface
+        raise StatError(str(err)) from None
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
         conn.settimeout(5.0)
         try:

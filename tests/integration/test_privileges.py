@@ -1,0 +1,209 @@
+"""Least privilege and lifetimes (issue 8): the serving stack holds no root
+and no capabilities, `run --user` runs the program as that user, one stack
+per interface whatever the namespace is called, interfaces the stack cannot
+serve are refused, a killed launcher takes its stack with it, and a stack's
+death is reported even when the program exits 0 first.
+
+Each module run gets its own test network under random names (faultnet's
+private_net), so these tests never meet mtcp-cli/mtcp-srv or another run.
+"""
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+
+import psutil
+import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "faults"))
+from faultnet import kernel_http_server, private_network, wait_until  # noqa: E402
+
+from mtcpshim import launcher, stat  # noqa: E402
+
+pytestmark = pytest.mark.integration
+
+NOBODY = 65534
+
+
+@pytest.fixture(scope="module")
+def net():
+    if os.geteuid() != 0:
+        pytest.skip("needs root for network namespaces")
+    with private_network() as net:
+        yield net
+
+
+class Launched:
+    """`mtcpshim run ... -- argv` on the private network, in its own session
+    so that whatever it started can be killed with it."""
+
+    def __init__(self, net, argv, log_path, options=(), umask=0o022):
+        self.net = net
+        self.log_path = log_path
+        self.log = open(log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mtcpshim.cli", "run", "--netns", net.srv_ns, "--iface", net.srv_if,
+             *options, "--", *argv],
+            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True, umask=umask)
+
+    def output(self) -> str:
+        self.log.flush()
+        return pathlib.Path(self.log_path).read_text(errors="replace")
+
+    def stack_pid(self, timeout: float = 30) -> int:
+        """The serving stack's pid, from `mtcpshim stat` once it answers."""
+        snapshot = {}
+
+        def answers():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"the launcher exited: {self.output()}")
+            try:
+                snapshot.update(stat.fetch(self.net.srv_ns, self.net.srv_if))
+            except stat.StatError:
+                return False
+            return True
+        wait_until(answers, timeout, "the stack to answer `mtcpshim stat`")
+        return snapshot["pid"]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                pass
+        # The launcher's session: the stack and the program, whatever became of the launcher.
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+        self.log.close()
+
+
+def run_briefly(net, argv, options=()) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mtcpshim.cli", "run", *options, "--", *argv],
+                          capture_output=True, text=True, timeout=60)
+
+
+def proc_status(pid: int) -> dict[str, str]:
+    text = pathlib.Path(f"/proc/{pid}/status").read_text()
+    return {key: value.strip() for key, _, value in (line.partition(":") for line in text.splitlines())}
+
+
+def has_exited(process: psutil.Process) -> bool:
+    """Gone, or a zombie that init has not reaped yet."""
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_serving_stack_holds_no_root_and_no_capabilities(net, tmp_path):
+    program = Launched(net, ["sleep", "30"], tmp_path / "launcher.log", umask=0)
+    try:
+        status = proc_status(program.stack_pid())
+        assert all(int(uid) != 0 for uid in status["Uid"].split()), status["Uid"]
+        assert all(int(gid) != 0 for gid in status["Gid"].split()), status["Gid"]
+        for capabilities in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+            assert int(status[capabilities], 16) == 0, f"{capabilities} {status[capabilities]}"
+        assert status["NoNewPrivs"] == "1"
+        # Created under umask 0, yet only root may ask it.
+        stats_path = launcher.runtime_path(net.srv_ns, net.srv_if, "stats")
+        assert os.stat(stats_path).st_mode & 0o777 == 0o600
+        # Still serving the network after the drop.
+        ping = subprocess.run(["ip", "netns", "exec", net.cli_ns, "ping", "-c", "1", "-W", "5", net.srv_ip],
+                              capture_output=True, text=True, timeout=20)
+        assert ping.returncode == 0, ping.stdout + ping.stderr
+    finally:
+        program.stop()
+    assert not os.path.exists(stats_path)
+
+
+def test_program_runs_as_the_given_user_over_the_stack(net, tmp_path):
+    docroot = tmp_path / "docroot"
+    docroot.mkdir()
+    (docroot / "hello.txt").write_text("hello from the kernel side\n")
+    with kernel_http_server(net, docroot, tmp_path / "http.log") as url:
+        # The kernel of the stack's namespace has no address: the download
+        # works only through the stack, that is, with the interposer loaded.
+        done = run_briefly(net, ["sh", "-c", f"id -u; id -g; curl -sS -m 10 {url}/hello.txt"],
+                           options=("--netns", net.srv_ns, "--iface", net.srv_if, "--user", "nobody"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.splitlines() == [str(NOBODY), str(NOBODY), "hello from the kernel side"]
+
+
+def test_a_second_name_of_the_namespace_gets_no_second_stack(net, tmp_path):
+    alias = f"{net.srv_ns}-alias"
+    alias_path = f"/run/netns/{alias}"
+    program = Launched(net, ["sleep", "30"], tmp_path / "launcher.log")
+    pathlib.Path(alias_path).touch()
+    try:
+        subprocess.run(["mount", "--bind", f"/run/netns/{net.srv_ns}", alias_path], check=True)
+        stack_pid = program.stack_pid()
+        second = run_briefly(net, ["true"], options=("--netns", alias, "--iface", net.srv_if))
+        assert second.returncode == 2, second.stdout + second.stderr
+        assert second.stderr.count("\n") == 1 and "already serves" in second.stderr, second.stderr
+        # `mtcpshim stat` finds the stack under either name.
+        assert stat.fetch(alias, net.srv_if)["pid"] == stack_pid
+    finally:
+        subprocess.run(["umount", alias_path], capture_output=True)
+        os.unlink(alias_path)
+        program.stop()
+
+
+def test_interfaces_the_stack_cannot_serve_are_refused_in_one_line(net):
+    tun = "mtptun0"
+    subprocess.run(["ip", "-n", net.srv_ns, "tuntap", "add", "dev", tun, "mode", "tun"], check=True)
+    try:
+        for iface, reason in (("lo", "loopback"), (tun, "not an Ethernet interface"),
+                              ("mtpnone0", "no such interface")):
+            done = run_briefly(net, ["true"], options=("--netns", net.srv_ns, "--iface", iface))
+            assert done.returncode == 2, (iface, done.stderr)
+            assert done.stderr.count("\n") == 1 and reason in done.stderr, done.stderr
+    finally:
+        subprocess.run(["ip", "-n", net.srv_ns, "link", "del", tun], capture_output=True)
+
+
+def test_a_killed_launcher_takes_its_stack_with_it(net, tmp_path):
+    program = Launched(net, ["sleep", "30"], tmp_path / "launcher.log")
+    try:
+        stack = psutil.Process(program.stack_pid())
+        os.kill(program.proc.pid, signal.SIGKILL)
+        program.proc.wait()
+        wait_until(lambda: has_exited(stack), 10, "the stack to exit after its launcher was killed")
+    finally:
+        program.stop()
+    # Nothing it left behind keeps the next stack from serving.
+    done = run_briefly(net, ["true"], options=("--netns", net.srv_ns, "--iface", net.srv_if))
+    assert done.returncode == 0, done.stderr
+
+
+# Blocks in accept on a stack socket and exits 0 as soon as the stack's death
+# fails it: the program ends before the launcher can notice by itself.
+EXIT_ZERO_ON_STACK_DEATH = """
+import socket, sys
+s = socket.socket()
+s.bind(("0.0.0.0", 9000))
+s.listen()
+print("listening", flush=True)
+try:
+    s.accept()
+except OSError:
+    sys.exit(0)
+"""
+
+
+def test_stack_death_makes_the_launcher_fail_even_if_the_program_exits_0(net, tmp_path):
+    program = Launched(net, [sys.executable, "-c", EXIT_ZERO_ON_STACK_DEATH], tmp_path / "launcher.log")
+    try:
+        wait_until(lambda: "listening" in program.output() or program.proc.poll() is not None, 30,
+                   "the program to listen")
+        os.kill(program.stack_pid(), signal.SIGKILL)
+        status = program.proc.wait(30)
+        output = program.output()
+        assert status == 1, output
+        assert "the stack died" in output and "signal 9" in output, output
+    finally:
+        program.stop()
