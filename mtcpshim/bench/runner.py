@@ -140,9 +140,12 @@ def _first_line(text: str) -> str:
 @contextlib.contextmanager
 def test_network() -> Iterator[None]:
     """The test network, up and without loss, for the block; restored afterwards."""
-    with servers.interface_lock():
-        pass  # fail early, before touching anything, if a stack serves the interface
     found = testnet.status()
+    # Fail early, before touching anything, if a stack serves the interface
+    # (there is none to claim, nor to serve, before the network exists).
+    if found["links"][servers.NET.srv_if]["present"]:
+        with servers.interface_lock():
+            pass
     loss = (found["loss"] or {}).get("percent")
     try:
         testnet.up(loss_percent=None)
