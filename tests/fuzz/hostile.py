@@ -57,14 +57,17 @@ class HostileRun:
             time.sleep(0.05)
         self.stack_pid = self.stack.pid if self.stack else None
 
-    def event(self, name: str, timeout: float = EVENT_TIMEOUT) -> dict | None:
+    def event(self, name: str, timeout: float = EVENT_TIMEOUT, instead: str | None = None) -> dict | None:
         """The JSON the program wrote for `name`, or None if it exited, or the
-        stack died, first (or the time ran out)."""
+        stack died, first (or the time ran out, or it wrote `instead`)."""
         path = self.state / name
+        other = self.state / instead if instead else None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if path.exists():
                 return json.loads(path.read_text())
+            if other is not None and other.exists():
+                return None
             if self.program.proc.poll() is not None or not self.stack_alive():
                 time.sleep(0.2)  # a last chance for a file written just before
                 return json.loads(path.read_text()) if path.exists() else None
@@ -167,7 +170,8 @@ def network_still_served(net, run: HostileRun, workdir: pathlib.Path) -> dict:
     subprocess.run(["ip", "-n", net.cli_ns, "neigh", "flush", "dev", net.cli_if], capture_output=True)
     ping = subprocess.run(["ip", "netns", "exec", net.cli_ns, "ping", "-c", "3", "-i", "0.2", "-W", "2",
                            net.srv_ip], capture_output=True, timeout=30)
-    check = run.event("check-ready")
+    check = run.event("check-ready", instead="check-failed")
+    failed = run.state / "check-failed"
     fetched = None
     if check is not None:
         out = workdir / "check.bin"
@@ -176,6 +180,8 @@ def network_still_served(net, run: HostileRun, workdir: pathlib.Path) -> dict:
                    "exact": done.returncode == 0 and faultnet.sha256_of(out) == check["sha256"]}
         out.unlink(missing_ok=True)
     return {"ping_ok": ping.returncode == 0, "check_server": check is not None,
+            "check_failed": json.loads(failed.read_text()) if failed.exists() else None,
+            "check_listen_failures": (check or {}).get("listen_failures", 0),
             "new_connection": fetched, "new_connection_exact": bool(fetched and fetched["exact"])}
 
 
@@ -199,7 +205,7 @@ def run_attack(net, workdir: pathlib.Path, mode: str, settle: float = 1.0) -> di
             args += ["--peer", f"{net.cli_ip}:{PEER_PORT}"]
         with hostile_program(net, workdir, mode, args) as run:
             observed["stack_pid"] = run.stack_pid
-            if mode == "slot-free":
+            if mode in ("slot-free", "fake-accept"):
                 observed["ready"] = run.event("ready")
                 first = Peer(net, workdir, "first", "client", "--connect", f"{net.srv_ip}:{ATTACK_PORT}", total=40)
                 started.append(first)
@@ -218,6 +224,8 @@ def run_attack(net, workdir: pathlib.Path, mode: str, settle: float = 1.0) -> di
                 observed["first"], observed["second"] = first.result(), second.result()
             elif mode in ("data-off", "rx-tail"):
                 observed["peer"] = started[0].result()
+            elif mode == "fake-accept":
+                observed["peer"] = first.result()
             observed.update(network_still_served(net, run, workdir))
             observed["stack_alive"] = run.stack_alive()
             observed["stats"] = run.stats() if observed["stack_alive"] else None

@@ -338,22 +338,56 @@ def _serve_connection(conn: socket.socket, body: bytes, stats: dict) -> None:
             pass
 
 
-def serve_blob(port: int, body: bytes, should_stop, max_seconds: float, on_ready=None,
-               max_threads: int = 64) -> dict:
-    """An HTTP/1.0 server for one body on 0.0.0.0:port, a thread per
-    connection, until should_stop() or max_seconds."""
-    stats = {"served": 0, "errors": 0, "accepted": 0}
+def _listener(port: int) -> socket.socket:
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind(("0.0.0.0", port))
-    listener.listen(128)
-    listener.settimeout(0.2)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("0.0.0.0", port))
+        listener.listen(128)
+        listener.settimeout(0.2)
+    except OSError:
+        listener.close()
+        raise
+    return listener
+
+
+def _first_listener(port: int, attempts: int, stats: dict) -> socket.socket:
+    """A listener, trying again with a new socket (so a new slot) when the
+    stack refuses one: after the fuzzer, a slot the program's interposer
+    hands out may be one the fuzzer had sent commands for."""
+    for attempt in range(attempts):
+        try:
+            return _listener(port)
+        except OSError as err:
+            if attempt == attempts - 1:
+                raise
+            stats["listen_failures"] = stats.get("listen_failures", 0) + 1
+            stats["last_listen_error"] = repr(err)
+            time.sleep(0.1)
+    raise AssertionError("unreachable")
+
+
+def serve_blob(port: int, body: bytes, should_stop, max_seconds: float, on_ready=None,
+               max_threads: int = 64, relisten: bool = False, attempts: int = 1, stats=None) -> dict:
+    """An HTTP/1.0 server for one body on 0.0.0.0:port, a thread per
+    connection, until should_stop() or max_seconds.  With relisten, a
+    listener that fails (the fuzzer broke it) is replaced by a new one."""
+    stats = {} if stats is None else stats
+    stats.update(served=0, errors=0, accepted=0, relistens=0)
+    listener = _first_listener(port, attempts, stats)
     if on_ready:
         on_ready()
     deadline = time.monotonic() + max_seconds
     threads = []
     try:
         while not should_stop() and time.monotonic() < deadline:
+            if listener is None:
+                try:
+                    listener = _listener(port)
+                    stats["relistens"] += 1
+                except OSError:
+                    time.sleep(0.2)
+                    continue
             try:
                 conn, _ = listener.accept()
             except (TimeoutError, socket.timeout):
@@ -361,6 +395,9 @@ def serve_blob(port: int, body: bytes, should_stop, max_seconds: float, on_ready
             except OSError as err:
                 stats["accept_errors"] = stats.get("accept_errors", 0) + 1
                 stats["last_error"] = repr(err)
+                if relisten:
+                    listener.close()
+                    listener = None
                 time.sleep(0.1)
                 continue
             stats["accepted"] += 1
@@ -372,7 +409,8 @@ def serve_blob(port: int, body: bytes, should_stop, max_seconds: float, on_ready
             thread.start()
             threads.append(thread)
     finally:
-        listener.close()
+        if listener is not None:
+            listener.close()
         for thread in threads:
             thread.join(5)
     return stats
@@ -383,9 +421,20 @@ def check_phase(region: Region, state: State, args) -> dict:
     interposer reads it), then a fresh listener serving the check blob."""
     region.restore_geometry()
     body = blob(args.check_size, args.seed + 1)
-    return serve_blob(args.check_port, body, lambda: state.has("stop"), args.max_seconds,
-                      on_ready=lambda: state.say("check-ready", port=args.check_port,
-                                                 size=len(body), sha256=hashlib.sha256(body).hexdigest()))
+    stats = {}
+
+    def ready():
+        state.say("check-ready", port=args.check_port, size=len(body), sha256=hashlib.sha256(body).hexdigest(),
+                  listen_failures=stats.get("listen_failures", 0))
+    try:
+        serve_blob(args.check_port, body, lambda: state.has("stop"), args.max_seconds, on_ready=ready,
+                   attempts=20 if args.mode == "fuzz" else 1, stats=stats)
+    except OSError as err:
+        # Say so, and stay until told to stop: the test still looks at the stack.
+        state.say("check-failed", error=repr(err))
+        state.wait("stop", args.max_seconds)
+        stats["error"] = repr(err)
+    return stats
 
 
 # --- the attacks ----------------------------------------------------------------------------
@@ -488,17 +537,29 @@ def attack_data_off(region: Region, state: State, args) -> dict:
 
 
 def attack_fake_accept(region: Region, state: State, args) -> dict:
+    """Made-up slot ids in the accept queue: one replacing the entry of a
+    connection the stack queued and nobody accepted yet (the test's client
+    connects after "ready"), one more past the head with the head bumped.
+    Then the listener is closed: the stack takes back what was not accepted."""
     listener = listen(args.port)
     slot_id = region.find_slot(args.port, lib.MTS_ST_LISTENING)
-    made_up = region.nslots - 1 if slot_id != region.nslots - 1 else region.nslots - 2
-    head = region.slot(slot_id, "rx.head")
+    state.say("ready", port=args.port, slot=slot_id)
+    deadline = time.monotonic() + args.max_wait
+    while region.slot(slot_id, "rx.head") == region.slot(slot_id, "rx.tail") and time.monotonic() < deadline:
+        time.sleep(0.02)
+    head, tail = region.slot(slot_id, "rx.head"), region.slot(slot_id, "rx.tail")
     capacity = region.rx_size // 4
-    region.write(region.rx_data_off(slot_id) + (head % capacity) * 4, 4, made_up)
+    queue = region.rx_data_off(slot_id)
+    made_up = region.nslots - 1 if slot_id != region.nslots - 1 else region.nslots - 2
+    replaced = region.read(queue + (tail % capacity) * 4, 4) if head != tail else None
+    if head != tail:
+        region.write(queue + (tail % capacity) * 4, 4, made_up)
+    region.write(queue + (head % capacity) * 4, 4, made_up - 1)
     region.set_slot(slot_id, "rx.head", head + 1)
-    state.say("attacked", slot=slot_id, entry=made_up)
+    state.say("attacked", slot=slot_id, entry=made_up, replaced=replaced, head=head, tail=tail)
     listener.close()
     time.sleep(args.settle)
-    return {"slot": slot_id, "entry": made_up}
+    return {"slot": slot_id, "entry": made_up, "replaced": replaced}
 
 
 def _receive_for(conn: socket.socket, seconds: float, limit: int) -> tuple[int, str]:
@@ -595,7 +656,10 @@ class Fuzzer:
         self.protect_pids = set(protect_pids)
         self.all_fields = all_fields
         self.counts: dict[str, int] = {}
+        self.writes = 0
+        self.steps = 0
         self.live: list[int] = []
+        self.connected: list[int] = []
         self.listeners: list[int] = []
         self._next_refresh = 0
         self.header_fields = [name for name, (off, size, kind) in HEADER_FIELDS.items()
@@ -623,9 +687,12 @@ class Fuzzer:
         self.live = [i for i in range(r.nslots) if r.slot(i, "in_use") != lib.MTS_SLOT_FREE
                      and not self.protected_slot(i)]
         self.listeners = [i for i in self.live if r.slot(i, "state") == lib.MTS_ST_LISTENING]
+        self.connected = [i for i in self.live if r.slot(i, "state") == lib.MTS_ST_CONNECTED]
 
     def pick_slot(self, live_bias: float = 0.8) -> int | None:
-        if self.live and self.rng.random() < live_bias:
+        if self.connected and self.rng.random() < 0.5:
+            slot_id = self.rng.choice(self.connected)  # established connections moving data: the best targets
+        elif self.live and self.rng.random() < live_bias:
             slot_id = self.rng.choice(self.live)
         else:
             slot_id = self.rng.randrange(self.r.nslots)
@@ -655,7 +722,10 @@ class Fuzzer:
         return v & mask
 
     def count(self, kind: str) -> None:
+        """Tallies what an action did; "spared" and "queue_full" wrote nothing."""
         self.counts[kind] = self.counts.get(kind, 0) + 1
+        if kind not in ("spared", "queue_full"):
+            self.writes += 1
 
     # actions: each is one hostile operation
     def header(self) -> None:
@@ -789,12 +859,18 @@ class Fuzzer:
         self.r.register_waiter(waiter_id)
         self.count("register")
 
-    def step(self, i: int) -> None:
-        if i >= self._next_refresh:
+    def step(self) -> None:
+        """One hostile operation (an action that spared a protected target
+        is drawn again, a bounded number of times)."""
+        if self.steps >= self._next_refresh:
             self.refresh()
-            self._next_refresh = i + 100
-        action = self.rng.choices(self.actions, self._weights)[0][0]
-        action()
+            self._next_refresh = self.steps + 100
+        self.steps += 1
+        before = self.writes
+        for _ in range(20):
+            self.rng.choices(self.actions, self._weights)[0][0]()
+            if self.writes > before:
+                return
 
 
 def run_fuzz(region: Region, state: State, args) -> dict:
@@ -823,12 +899,12 @@ def run_fuzz(region: Region, state: State, args) -> dict:
     done = 0
     deadline = started + args.max_seconds
     try:
-        for i in range(args.count):
+        while done < args.count and fuzzer.steps < 2 * args.count:
             if time.monotonic() > deadline or state.has("stop"):
                 break
-            fuzzer.step(i)
-            done += 1
-            if args.rate and done % 50 == 0:
+            fuzzer.step()
+            done = fuzzer.writes
+            if args.rate and fuzzer.steps % 50 == 0:
                 ahead = started + done / args.rate - time.monotonic()
                 if ahead > 0:
                     time.sleep(ahead)
@@ -837,7 +913,7 @@ def run_fuzz(region: Region, state: State, args) -> dict:
         region.restore_geometry()
     log(f"writes: {done} in {seconds:.1f} s")
     children_alive = {name: child.poll() is None for name, child in children.items()}
-    result = {"writes": done, "seconds": round(seconds, 2), "by_kind": fuzzer.counts,
+    result = {"writes": done, "steps": fuzzer.steps, "seconds": round(seconds, 2), "by_kind": fuzzer.counts,
               "children_alive_after_fuzzing": children_alive}
     state.say("fuzzed", **result)
     return {"fuzz": result, "children": children}
@@ -846,7 +922,7 @@ def run_fuzz(region: Region, state: State, args) -> dict:
 def serve_main(args) -> int:
     state = State(args.state, args.max_wait)
     body = blob(args.size, args.seed)
-    stats = serve_blob(args.port, body, lambda: state.has("stop"), args.max_seconds,
+    stats = serve_blob(args.port, body, lambda: state.has("stop"), args.max_seconds, relisten=True,
                        on_ready=lambda: state.say("check-ready", port=args.port, pid=os.getpid()))
     state.say("served", **stats)
     return 0

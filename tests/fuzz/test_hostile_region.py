@@ -28,7 +28,7 @@ COUNTED = {
     "accept-indices": ("sockets_reset",),      # the listener whose accept ring moved
     "waiters": ("ctl_bad",),                   # a registration for a waiter past the stack's own count
     "data-off": (),                            # nothing impossible: the stack just never reads data_off
-    "fake-accept": ("accept_entry_bad",),      # an accept entry the stack never queued
+    "fake-accept": ("accept_entry_bad",),      # an accept entry the stack never queued (in place of one it did)
     "rx-tail": ("sockets_reset",),             # tail ahead of head
     "slot-free": ("sockets_reset",),           # a live slot marked free
 }
@@ -78,6 +78,10 @@ def test_attack_leaves_the_stack_alive_serving_and_counting(hostile_net, tmp_pat
         assert peer["outcome"] == "reset" or len(peer["data"]) == DATA_OFF_BYTES, summary
     elif mode == "rx-tail":
         # The corrupted connection ends (reset), it does not hang.
+        assert observed["peer"]["outcome"] == "reset", summary
+    elif mode == "fake-accept":
+        # The connection whose accept entry was replaced is reset with the
+        # listener (never accepted), it does not hang.
         assert observed["peer"]["outcome"] == "reset", summary
     elif mode == "slot-free":
         # Each connection got its own bytes or a reset, never the other's.
