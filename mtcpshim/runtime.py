@@ -63,7 +63,7 @@ class StackSocket:
         self.events = 0         # MTS_EV_* published so far
         self.app_closed = False
         # A listener's accept queue, as the stack knows it: its own head, and
-        # the connections it queued that the program has not yet touched.
+        # the live connections it queued (accepted since, or not).
         self.accept_head = 0
         self.queued = set()
         self.queued_on = None   # the listener whose `queued` holds this connection
@@ -234,10 +234,6 @@ class Runtime:
             if handler is None or slot_id >= nslots and op != lib.MTS_OP_WAITER_FREE:
                 self.shm_counters["cmd_bad"] += 1
                 continue
-            sock = self.sockets.get(slot_id)
-            if sock is not None and sock.queued_on is not None:
-                sock.queued_on.queued.discard(sock)  # the program accepted it
-                sock.queued_on = None
             try:
                 handler(self, slot_id, cmd.arg, now)
             except Exception:  # a bug reached through program-controlled input: contain it

@@ -65,14 +65,13 @@ class ShmSendBuffer:
 
 
 class ShmRecvBuffer:
-    __slots__ = ("_slot", "_head_word", "_tail_word", "_head", "_data", "_cap", "_low_water",
-                 "_on_corrupt")
+    __slots__ = ("_slot", "_ring", "_tail_word", "_head", "_data", "_cap", "_low_water", "_on_corrupt")
 
     def __init__(self, geom, slot_id: int, on_corrupt):
         self._slot = lib.mts_slot_at(geom, slot_id)
-        self._head_word = ffi.addressof(self._slot.rx, "head")
+        self._ring = ffi.addressof(self._slot.rx)
         self._tail_word = ffi.addressof(self._slot.rx, "tail")
-        self._head = lib.mts_index_load(self._head_word)
+        self._head = lib.mts_index_load(ffi.addressof(self._slot.rx, "head"))
         self._data = lib.mts_rx_data(geom, slot_id)
         self._cap = geom.rx_size
         # Below this much room the window is worth reopening: ask the
@@ -96,14 +95,11 @@ class ShmRecvBuffer:
         return room
 
     def write(self, data) -> int:
-        used = (self._head - lib.mts_index_load(self._tail_word)) & _U64
-        if used > self._cap:
+        n = lib.mts_ring_produce(self._ring, self._data, self._cap, self._head, ffi.from_buffer(data), len(data))
+        if n < 0:
             self._on_corrupt("RX ring tail impossible (ahead of head or beyond capacity)")
             return 0
-        n = min(len(data), self._cap - used)
-        lib.mts_copy_in(self._data, self._cap, self._head, ffi.from_buffer(data), n)
         self._head = (self._head + n) & _U64
-        lib.mts_index_store(self._head_word, self._head)
         return n
 
 

@@ -59,6 +59,8 @@ void mts_ring_consume(struct mts_ring *r, uint64_t n);
 uint64_t mts_index_load(const uint64_t *index);
 void mts_index_store(uint64_t *index, uint64_t value);
 void mts_copy_in(uint8_t *data, uint32_t cap, uint64_t pos, const void *src, uint64_t n);
+int64_t mts_ring_produce(struct mts_ring *r, uint8_t *data, uint32_t cap, uint64_t head,
+                         const void *src, uint64_t n);
 void mts_copy_out(const uint8_t *data, uint32_t cap, uint64_t pos, void *dst, uint64_t n);
 void mts_accept_put(const struct mts_geom *g, uint32_t listener, uint64_t pos, uint32_t child);
 int64_t mts_accept_take(const struct mts_geom *g, uint32_t listener, uint64_t head);
@@ -366,6 +368,23 @@ static inline void mts_copy_out(const uint8_t *data, uint32_t cap, uint64_t pos,
     uint64_t at = pos & (cap - 1), first = cap - at < n ? cap - at : n;
     memcpy(dst, data + at, first);
     memcpy((uint8_t *)dst + first, data, n - first);
+}
+
+/* The stack's producer side of an RX ring: it passes its own head and reads
+ * the application's tail as untrusted.  Copies as much of src as fits and
+ * publishes the new head; returns the bytes taken, or -1 if the tail is
+ * impossible (more in use than the ring holds). */
+static inline int64_t mts_ring_produce(struct mts_ring *r, uint8_t *data, uint32_t cap, uint64_t head,
+                                       const void *src, uint64_t n)
+{
+    uint64_t used = head - MTS_LOAD(&r->tail);
+    if (used > cap)
+        return -1;
+    if (n > cap - used)
+        n = cap - used;
+    mts_copy_in(data, cap, head, src, n);
+    MTS_STORE(&r->head, head + n);
+    return (int64_t)n;
 }
 
 /* The application's side of a byte ring.  An impossible used count (written
