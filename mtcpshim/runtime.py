@@ -45,6 +45,7 @@ _EV_RDHUP = lib.MTS_EV_RDHUP
 _SLOT_USED = lib.MTS_SLOT_USED
 _ADDRESS_ARG_LIMIT = 1 << 48  # ip << 16 | port
 _U64 = (1 << 64) - 1
+_POLL_TROUBLE = select.POLLERR | select.POLLHUP | select.POLLNVAL
 
 
 class StackSocket:
@@ -102,6 +103,8 @@ class Runtime:
         self._signal_r, signal_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._signal_w = signal_w
         self._poller = select.poll()
+        self._io_fd = packet_io.fileno()
+        self.fault = None  # why the stack stopped on its own, if it did
         for fd in (packet_io.fileno(), wake_fd, ctl_fd, self._signal_r):
             self._poller.register(fd, select.POLLIN)
         self.launcher_fd = launcher_fd
@@ -177,8 +180,10 @@ class Runtime:
         if max_ms >= 0 and (timeout < 0 or timeout > max_ms):
             timeout = max_ms
         self.counters["sleeps"] += 1
-        for fd, _ in self._poller.poll(timeout):
-            if fd == self.wake_fd:
+        for fd, events in self._poller.poll(timeout):
+            if fd == self._io_fd and events & _POLL_TROUBLE:
+                self._device_trouble()
+            elif fd == self.wake_fd:
                 _drain_eventfd(fd)
             elif fd == self._signal_r:
                 os.read(fd, 64)
@@ -193,6 +198,13 @@ class Runtime:
         deadlines = [d for d in (self.host.next_deadline(), self.iface.deadline(),
                                  io_deadline() if io_deadline else None) if d is not None]
         return min(deadlines) if deadlines else None
+
+    def _device_trouble(self) -> None:
+        reason = self.io.device_error()
+        if reason is not None:
+            _log(f"{reason}: stopping")
+            self.fault = reason
+            self.stopping = True
 
     # -- control socket: waiter registration ------------------------------
 

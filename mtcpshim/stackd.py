@@ -236,6 +236,9 @@ def main(argv=None) -> int:
         return 1
     try:
         runtime.run()
+        if runtime.fault is not None:  # nothing can be sent any more: no linger
+            region.set_fault(f"the stack stopped: {runtime.fault}")
+            return 1
         runtime.close_all(time.monotonic() + STOP_LINGER_SECONDS)
     except Exception as err:
         traceback.print_exc()

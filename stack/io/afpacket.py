@@ -35,6 +35,7 @@ _PACKET_IGNORE_OUTGOING = 23
 _TPACKET_V2 = 1
 _ETH_P_ALL = 0x0003
 _SIOCGIFHWADDR = 0x8927
+_SIOCGIFNAME = 0x8910
 
 # On RX the frame starts after the tpacket2 header, the sockaddr_ll and
 # alignment padding: at most 80 bytes in.  Slots are a power of two so that
@@ -108,6 +109,7 @@ class AfPacketIO:
         self._rx_kernel_drops = 0
         ifreq = fcntl.ioctl(sock.fileno(), _SIOCGIFHWADDR, struct.pack("16s16x", ifname.encode()))
         self.mac = ifreq[18:24]
+        self._ifindex = socket.if_nametoindex(ifname)
         try:
             sock.bind((ifname, _ETH_P_ALL))
         except OSError as error:
@@ -121,6 +123,16 @@ class AfPacketIO:
 
     def fileno(self) -> int:
         return self._sock.fileno()
+
+    def device_error(self) -> str | None:
+        # The interface went down or away (ENETDOWN): until the error is read,
+        # poll() reports it at once, forever.  Down may come up again; away not.
+        self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        try:  # asked through our socket: the namespace we serve, wherever this thread is
+            fcntl.ioctl(self._sock.fileno(), _SIOCGIFNAME, struct.pack("16si12x", b"", self._ifindex))
+        except OSError:
+            return f"interface {self.ifname} was removed"
+        return None
 
     def recv_batch(self, max_frames: int) -> list[bytes]:
         count = self._collect(self._rx, min(max_frames, self._rx_slots), self._rx_spans,

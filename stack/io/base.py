@@ -31,5 +31,10 @@ class PacketIO(Protocol):
     def send_batch(self, frames: list) -> int:
         ...
 
+    def device_error(self) -> str | None:
+        """poll() reported an error on fileno(): clear it, and say why the
+        device is gone for good, or None if it is still there."""
+        ...
+
     def close(self) -> None:
         ...

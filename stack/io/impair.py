@@ -259,6 +259,9 @@ class ImpairedIO:
         if due:
             self.inner.send_batch(due)
 
+    def device_error(self) -> str | None:
+        return self.inner.device_error()
+
     def deadline(self) -> float | None:
         """When the next held frame is due; None if none is held."""
         times = [lane.deadline() for lane in (self._rx, self._tx) if lane is not None]

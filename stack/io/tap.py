@@ -71,6 +71,9 @@ class TapIO:
                 return sent
         return len(frames)
 
+    def device_error(self) -> str | None:
+        return f"TAP device {self.name} was removed"  # a TAP fd reports errors only once detached
+
     def counters(self) -> dict[str, int]:
         return {"tx_dropped": self._tx_dropped}
 

@@ -207,3 +207,18 @@ def test_stack_death_makes_the_launcher_fail_even_if_the_program_exits_0(net, tm
         assert "the stack died" in output and "signal 9" in output, output
     finally:
         program.stop()
+
+
+def test_a_removed_interface_stops_the_stack_with_its_reason(tmp_path):
+    """The packet socket reports the loss forever once the interface is gone:
+    the stack must stop and say why, not spin on it."""
+    with private_network() as own:
+        program = Launched(own, ["sleep", "30"], tmp_path / "launcher.log")
+        try:
+            stack = psutil.Process(program.stack_pid())
+            subprocess.run(["ip", "-n", own.srv_ns, "link", "del", own.srv_if], check=True)
+            wait_until(lambda: has_exited(stack), 10, "the stack to stop after its interface went")
+            wait_until(lambda: "was removed" in program.output(), 10, "the launcher to say why")
+            assert f"the stack stopped: interface {own.srv_if} was removed" in program.output()
+        finally:
+            program.stop()
