@@ -5,11 +5,15 @@
     sudo python3 scripts/reliability.py faults --size-mib 16
     sudo python3 scripts/reliability.py fuzz --frames 1000000
     sudo python3 scripts/reliability.py flood --syns 100000
+    sudo python3 scripts/reliability.py hostile --hostile-ops 1000000
 
 faults  moves a body each way under every fault of tests/faults/faultnet.py
         (256 MiB by default), sha256-checked;
 fuzz    throws mutated frames at the stack while a transfer runs;
-flood   sends spoofed SYNs while a client keeps connecting.
+flood   sends spoofed SYNs while a client keeps connecting;
+hostile runs a program under the stack that attacks the shared region:
+        each attack of issue 8's table, then the seeded region fuzzer
+        beside honest downloads (tests/fuzz/hostile_region.py).
 
 Each part runs on its own private test network (random mtcpt-* names,
 removed afterwards).  Results are printed as Markdown and, with --json,
@@ -28,6 +32,7 @@ sys.path[:0] = [str(ROOT / "tests" / "faults"), str(ROOT / "tests" / "fuzz"), st
 
 import attacks  # noqa: E402
 import faultnet  # noqa: E402
+import hostile  # noqa: E402
 
 MIB = 1024 * 1024
 
@@ -142,9 +147,49 @@ def flood_markdown(run: dict) -> str:
     ])
 
 
+def run_hostile(ops: int, rate: float, seed: int) -> dict:
+    with tempfile.TemporaryDirectory(prefix="mtcpshim-hostile-") as scratch, faultnet.private_network() as net:
+        scratch = pathlib.Path(scratch)
+        attacks_seen = []
+        for mode in hostile.MODES:
+            print(f"hostile: {mode} ...", file=sys.stderr, flush=True)
+            try:
+                observed = hostile.run_attack(net, scratch / mode, mode)
+            except faultnet.FaultRunError as err:
+                attacks_seen.append({"mode": mode, "error": str(err)})
+                continue
+            attacks_seen.append({
+                "mode": mode, "stack_alive": observed["stack_alive"], "stack_death": observed["stack_death"],
+                "ping_ok": observed["ping_ok"], "new_connection_exact": observed["new_connection_exact"],
+                "shm": (observed["stats"] or {}).get("shm"),
+                "peers": {name: observed[name]["outcome"] for name in ("peer", "first", "second")
+                          if observed.get(name)}})
+        time_limit = ops / rate * 1.5 + 120 if rate else 3600
+        print(f"hostile: fuzzer, {ops} operations at {rate:.0f}/s ...", file=sys.stderr, flush=True)
+        fuzz = hostile.run_fuzz(net, scratch / "fuzz", ops, rate, time_limit, seed=seed)
+        fuzz.pop("stats", None)
+        fuzz.pop("output_tail", None)
+        return {"attacks": attacks_seen, "fuzz": fuzz}
+
+
+def hostile_markdown(results: dict) -> str:
+    lines = ["| attack | stack | ping | new connection | counted (shm) | the attacked connections |",
+             "|---|---|---|---|---|---|"]
+    for run in results["attacks"]:
+        if "error" in run:
+            lines.append(f"| {run['mode']} | **run failed** | | | | {run['error']} |")
+            continue
+        stack = "alive" if run["stack_alive"] else f"**dead**: {run['stack_death'] or '?'}"
+        counted = ", ".join(f"{k} {v}" for k, v in sorted((run["shm"] or {}).items())) or "-"
+        peers = ", ".join(f"{k}: {v}" for k, v in run["peers"].items()) or "-"
+        lines.append(f"| {run['mode']} | {stack} | {'ok' if run['ping_ok'] else '**failed**'} | "
+                     f"{'byte-exact' if run['new_connection_exact'] else '**failed**'} | {counted} | {peers} |")
+    return "\n".join(lines) + "\n\n" + hostile.fuzz_summary(results["fuzz"])
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("parts", nargs="*", choices=("faults", "fuzz", "flood", []), default=[],
+    parser.add_argument("parts", nargs="*", choices=("faults", "fuzz", "flood", "hostile", []), default=[],
                         help="what to run (default: all)")
     parser.add_argument("--size-mib", type=int, default=256, help="body size per fault and direction")
     parser.add_argument("--timeout", type=float, default=7200, help="seconds one transfer may take")
@@ -152,12 +197,14 @@ def main(argv=None) -> int:
     parser.add_argument("--fuzz-rate", type=float, default=20_000, help="fuzzed frames per second")
     parser.add_argument("--syns", type=int, default=100_000, help="spoofed SYNs to flood with")
     parser.add_argument("--syn-rate", type=float, default=10_000, help="SYNs per second")
-    parser.add_argument("--seed", type=int, default=1, help="seed of the fuzzer and the flood")
+    parser.add_argument("--hostile-ops", type=int, default=1_000_000, help="hostile writes into the region")
+    parser.add_argument("--hostile-rate", type=float, default=2_000, help="hostile writes per second")
+    parser.add_argument("--seed", type=int, default=1, help="seed of the fuzzers and the flood")
     parser.add_argument("--json", type=pathlib.Path, help="merge the results into this JSON file")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         parser.error("needs root (network namespaces, AF_PACKET)")
-    parts = args.parts or ["faults", "fuzz", "flood"]
+    parts = args.parts or ["faults", "fuzz", "flood", "hostile"]
 
     results = json.loads(args.json.read_text()) if args.json and args.json.exists() else {}
     started = time.monotonic()
@@ -170,6 +217,9 @@ def main(argv=None) -> int:
     if "flood" in parts:
         results["flood"] = run_flood(args.syns, args.syn_rate, args.seed)
         print("## SYN flood\n\n" + flood_markdown(results["flood"]) + "\n")
+    if "hostile" in parts:
+        results["hostile"] = run_hostile(args.hostile_ops, args.hostile_rate, args.seed)
+        print("## A hostile program\n\n" + hostile_markdown(results["hostile"]) + "\n")
     results["machine"] = {"cpus": os.cpu_count(), "kernel": os.uname().release}
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")

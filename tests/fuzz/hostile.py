@@ -279,23 +279,27 @@ def classify(results, expected_sha256: str) -> dict:
 def run_fuzz(net, workdir: pathlib.Path, count: int, rate: float, time_limit: float, seed: int = 1,
              transfer_timeout: float = 60, all_fields: bool = False) -> dict:
     """The hostile-region fuzzer writes while a kernel client downloads a blob
-    from the program's (protected) server again and again, and another
-    downloads from an unprotected one whose sockets the fuzzer attacks."""
+    from the program's (protected) server again and again, and kernel
+    clients keep 16 connections to the program's decoy listener open and
+    sending: those the fuzzer attacks."""
     workdir.mkdir(parents=True, exist_ok=True)
     args = ["--seed", seed, "--count", count, "--rate", rate, "--max-seconds", time_limit + 120,
             "--blob-port", BLOB_PORT, "--victim-port", VICTIM_PORT, "--check-port", CHECK_PORT,
             "--max-wait", EVENT_TIMEOUT] + (["--all-fields"] if all_fields else [])
     observed: dict = {"seed": seed, "count": count, "rate": rate}
-    with hostile_program(net, workdir, "fuzz", args) as run:
+    stop_streams = workdir / "streams.stop"
+    stop_streams.unlink(missing_ok=True)
+    with peers() as started, hostile_program(net, workdir, "fuzz", args) as run:
         observed["stack_pid"] = run.stack_pid
         ready = run.event("ready")
         if ready is None:
             raise faultnet.FaultRunError(f"the hostile program did not start: {run.output()[-1500:]}")
         before = run.stats() or {}
         honest = ClientLoop(net, f"http://{net.srv_ip}:{BLOB_PORT}/blob", workdir, timeout=transfer_timeout)
-        victims = ClientLoop(net, f"http://{net.srv_ip}:{VICTIM_PORT}/victim", workdir, timeout=10)
+        victims = Peer(net, workdir, "streams", "streams", "--connect", f"{net.srv_ip}:{VICTIM_PORT}",
+                       "--streams", "16", "--stop", str(stop_streams), timeout=10, total=time_limit + 120)
+        started.append(victims)
         honest.start()
-        victims.start()
         try:
             run.signal("go")
             fuzzed = run.event("fuzzed", timeout=time_limit + 60)
@@ -305,12 +309,12 @@ def run_fuzz(net, workdir: pathlib.Path, count: int, rate: float, time_limit: fl
                                 transfer_timeout + 30, "the transfer under fire to finish")
         finally:
             honest_results = honest.stop()
-            victim_results = victims.stop()
+            stop_streams.write_text("stop\n")
+            victim_results = victims.result(30)
         observed["fuzzed"] = fuzzed
         observed["honest"] = classify(honest_results, ready["blob_sha256"])
         observed["honest"]["transfers"] = len(honest_results)
-        observed["victims"] = classify(victim_results, ready["victim_sha256"])
-        observed["victims"]["transfers"] = len(victim_results)
+        observed["victims"] = {k: v for k, v in victim_results.items() if k not in ("data", "sha256", "received")}
         observed.update(network_still_served(net, run, workdir))
         observed["stack_alive"] = run.stack_alive()
         after = run.stats() if observed["stack_alive"] else None
@@ -331,7 +335,7 @@ def run_fuzz(net, workdir: pathlib.Path, count: int, rate: float, time_limit: fl
 
 def fuzz_summary(observed: dict) -> str:
     fuzzed = observed.get("fuzzed") or {}
-    honest, victims = observed["honest"], observed["victims"]
+    honest, victims = observed["honest"], observed.get("victims") or {}
     kinds = ", ".join(f"{k} {v}" for k, v in sorted((fuzzed.get("by_kind") or {}).items()))
     return "\n".join([
         f"- hostile operations: {fuzzed.get('writes')} in {fuzzed.get('seconds')} s (seed {observed['seed']}, "
@@ -340,8 +344,9 @@ def fuzz_summary(observed: dict) -> str:
         + (f" ({observed['stack_death']})" if observed.get("stack_death") else ""),
         f"- honest downloads (protected server): {honest['transfers']}, byte-exact {honest['exact']}, "
         f"reset {honest['reset']}, hung {honest['hung']}, failed {honest['failed']}",
-        f"- downloads from the attacked server: {victims['transfers']}, byte-exact {victims['exact']}, "
-        f"reset {victims['reset']}, hung {victims['hung']}, failed {victims['failed']}",
+        f"- attacked connections (kernel clients sending to the decoy listener): {victims.get('connects')} opened, "
+        f"reset {victims.get('reset')}, closed {victims.get('eof')}, refused {victims.get('refused')}, "
+        f"silent for 10 s {victims.get('silent')}, {victims.get('bytes_sent')} bytes sent",
         f"- shm counters: {observed['shm_counters']}",
         f"- afterwards: ping {'ok' if observed['ping_ok'] else 'FAILED'}, new connection "
         f"{'byte-exact' if observed['new_connection_exact'] else 'FAILED'}",

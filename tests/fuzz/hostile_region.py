@@ -24,6 +24,8 @@ Modes, one per row of issue 8's table, plus the fuzzer:
   fuzz            seeded random and adversarial values into every field it can reach,
                   --count operations at --rate per second, while the program's own
                   blob server (--blob-port, a child process) serves honest clients
+                  and kernel clients keep connections to a decoy listener
+                  (--victim-port) open: those are attacked
   serve           (helper) an HTTP/1.0 blob server under the stack, used by fuzz
 
 Talking to the test (--state DIR): the program writes small JSON files into
@@ -368,12 +370,11 @@ def _first_listener(port: int, attempts: int, stats: dict) -> socket.socket:
 
 
 def serve_blob(port: int, body: bytes, should_stop, max_seconds: float, on_ready=None,
-               max_threads: int = 64, relisten: bool = False, attempts: int = 1, stats=None) -> dict:
+               max_threads: int = 64, attempts: int = 1, stats=None) -> dict:
     """An HTTP/1.0 server for one body on 0.0.0.0:port, a thread per
-    connection, until should_stop() or max_seconds.  With relisten, a
-    listener that fails (the fuzzer broke it) is replaced by a new one."""
+    connection, until should_stop() or max_seconds."""
     stats = {} if stats is None else stats
-    stats.update(served=0, errors=0, accepted=0, relistens=0)
+    stats.update(served=0, errors=0, accepted=0)
     listener = _first_listener(port, attempts, stats)
     if on_ready:
         on_ready()
@@ -381,13 +382,6 @@ def serve_blob(port: int, body: bytes, should_stop, max_seconds: float, on_ready
     threads = []
     try:
         while not should_stop() and time.monotonic() < deadline:
-            if listener is None:
-                try:
-                    listener = _listener(port)
-                    stats["relistens"] += 1
-                except OSError:
-                    time.sleep(0.2)
-                    continue
             try:
                 conn, _ = listener.accept()
             except (TimeoutError, socket.timeout):
@@ -395,9 +389,6 @@ def serve_blob(port: int, body: bytes, should_stop, max_seconds: float, on_ready
             except OSError as err:
                 stats["accept_errors"] = stats.get("accept_errors", 0) + 1
                 stats["last_error"] = repr(err)
-                if relisten:
-                    listener.close()
-                    listener = None
                 time.sleep(0.1)
                 continue
             stats["accepted"] += 1
@@ -409,10 +400,43 @@ def serve_blob(port: int, body: bytes, should_stop, max_seconds: float, on_ready
             thread.start()
             threads.append(thread)
     finally:
-        if listener is not None:
-            listener.close()
+        listener.close()
         for thread in threads:
             thread.join(5)
+    return stats
+
+
+def serve_pool(port: int, body: bytes, should_stop, max_seconds: float, on_ready, workers: int = 8) -> dict:
+    """The honest server beside the fuzzer: a fixed pool of threads, each
+    accepting and serving on one listener.  Every thread has blocked in the
+    interposer (so owns its waiter) before on_ready: no waiter is allocated
+    or freed while the fuzzer writes."""
+    stats = {"served": 0, "errors": 0, "accepted": 0}
+    listener = _listener(port)
+    deadline = time.monotonic() + max_seconds
+
+    def worker():
+        while not should_stop() and time.monotonic() < deadline:
+            try:
+                conn, _ = listener.accept()
+            except (TimeoutError, socket.timeout):
+                continue
+            except OSError as err:
+                stats["accept_errors"] = stats.get("accept_errors", 0) + 1
+                stats["last_error"] = repr(err)
+                time.sleep(0.1)
+                continue
+            stats["accepted"] += 1
+            _serve_connection(conn, body, stats)
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(workers)]
+    for thread in threads:
+        thread.start()
+    time.sleep(1.0)  # each has waited in accept at least once
+    on_ready()
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()) + 30)
+    listener.close()
     return stats
 
 
@@ -440,11 +464,11 @@ def check_phase(region: Region, state: State, args) -> dict:
 # --- the attacks ----------------------------------------------------------------------------
 
 
-def listen(port: int) -> socket.socket:
+def listen(port: int, backlog: int = 16) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("0.0.0.0", port))
-    sock.listen(16)
+    sock.listen(backlog)
     return sock
 
 
@@ -790,6 +814,8 @@ class Fuzzer:
         name = self.rng.choice(self.waiter_fields)
         off, size, _ = WAITER_FIELDS[name]
         at = self.r.waiter_off(waiter_id) + off
+        if name == "in_use" and self.r.waiter(waiter_id, "in_use") == 0:
+            return self.count("spared")  # marking a free waiter owned only leaks it
         value = self.value(size, self.r.read(at, size), tuple(self.protect_pids))
         if name == "owner_pid" and value in self.protect_pids:
             value += 1  # would make it look protected: no difference to the stack
@@ -797,21 +823,37 @@ class Fuzzer:
         self.count("waiter")
 
     def command(self) -> None:
+        """A well-formed command with a random op, slot and argument.  In-range
+        slot ids are live, unprotected ones only: a command for a free slot
+        could still sit in the queue when that slot is handed to an honest
+        connection, which no check of the stack can tell from the program's
+        own command."""
         rng = self.rng
         op = rng.choice((rng.randrange(1, 10), rng.randrange(1, 10), rng.randrange(0, 16), rng.getrandbits(32)))
-        slot_id = rng.choice((rng.choice(self.live) if self.live else 0, rng.randrange(self.r.nslots),
-                              rng.getrandbits(32), self.r.nslots, HUGE_SLOT))
         if op == lib.MTS_OP_WAITER_FREE:
-            slot_id = rng.randrange(self.r.nwaiters + 2)
-            if self.protected_waiter(slot_id):
+            slot_id = self.waiter_target()
+            if slot_id is None:
                 return self.count("spared")
-        elif self.protected_slot(slot_id):
-            return self.count("spared")
+        else:
+            slot_id = rng.choice((rng.choice(self.live) if self.live else HUGE_SLOT, rng.getrandbits(32),
+                                  self.r.nslots, self.r.nslots + 1, HUGE_SLOT, 0xFFFFFFFF))
+            if self.protected_slot(slot_id):
+                return self.count("spared")
         arg = rng.choice((0, 1, rng.getrandbits(64), rng.getrandbits(16), self._connect_arg(), rng.randrange(9)))
+        if op in (lib.MTS_OP_BIND, lib.MTS_OP_CONNECT) and (arg & 0xFFFF) in self.protect_ports:
+            arg ^= 1  # not the honest servers' ports
         if not self.r.push(op & 0xFFFFFFFF, slot_id & 0xFFFFFFFF, arg):
             return self.count("queue_full")
         self.r.wake_stack()
         self.count("command")
+
+    def waiter_target(self) -> int | None:
+        """A waiter id for a forged registration or WAITER_FREE: out of range,
+        or in range and not a protected process's."""
+        rng = self.rng
+        waiter_id = rng.choice((rng.randrange(self.r.nwaiters), rng.randrange(self.r.nwaiters),
+                                self.r.nwaiters, self.r.nwaiters + 1, rng.getrandbits(32), HUGE_SLOT))
+        return None if self.protected_waiter(waiter_id) else waiter_id
 
     def _connect_arg(self) -> int:
         # Somewhere on the test network's own /24 (198.18.0.0/15): no traffic leaves it.
@@ -819,16 +861,33 @@ class Fuzzer:
         return ip << 16 | self.rng.randrange(65536)
 
     def command_cell(self) -> None:
-        pos = self.rng.randrange(self.r.cmd_capacity)
-        cell = self.r.cell_off(pos)
-        name = self.rng.choice(list(CMD_FIELDS) if self.all_fields else ["op", "slot", "arg", "pad"])
-        if self.protected_slot(self.r.read(cell + CMD_FIELDS["slot"][0], 4)):
-            return self.count("spared")
+        """Garbage in command cells.  Cells a producer will not reach for half
+        a queue's turn are written freely (the stack must ignore them); or
+        a command of ours is queued and rewritten in place before the stack
+        takes it (if it is quicker, that is a plain forged command).  Pending
+        cells hold the program's honest commands and are left alone.  The
+        sequence numbers only with --all-fields: one bad sequence number
+        stops the program's producers, not the stack."""
+        rng = self.rng
+        enqueue = self.r.read(self.r.cmdq_off + ENQUEUE_POS, 8)
+        names = list(CMD_FIELDS) if self.all_fields else ["op", "slot", "arg", "pad"]
+        name = rng.choice(names)
         off, size, _ = CMD_FIELDS[name]
+        if rng.random() < 0.5:
+            cell = self.r.cell_off(enqueue + self.r.cmd_capacity // 4 + rng.randrange(self.r.cmd_capacity // 2))
+        else:
+            target = rng.choice(self.live) if self.live else HUGE_SLOT
+            if self.protected_slot(target) or not self.r.push(rng.randrange(1, 10), target, 0):
+                return self.count("spared")
+            cell = self.r.cell_off(enqueue)
+            if self.r.read(cell + CMD_FIELDS["slot"][0], 4) != target:
+                return self.count("command")  # another producer took that position: ours went elsewhere
         value = self.value(size, self.r.read(cell + off, size), (self.r.nslots, HUGE_SLOT))
-        if name == "slot" and self.protected_slot(value):
+        if name == "slot" and (self.protected_slot(value) or (
+                0 <= value < self.r.nslots and self.r.slot(value, "in_use") == lib.MTS_SLOT_FREE)):
             return self.count("spared")
         self.r.write(cell + off, size, value)
+        self.r.wake_stack()
         self.count("cell")
 
     def dequeue_position(self) -> None:
@@ -852,9 +911,8 @@ class Fuzzer:
         self.count("data")
 
     def waiter_registration(self) -> None:
-        waiter_id = self.rng.choice((self.rng.randrange(self.r.nwaiters), self.r.nwaiters,
-                                     self.rng.getrandbits(32), HUGE_SLOT))
-        if self.protected_waiter(waiter_id):
+        waiter_id = self.waiter_target()
+        if waiter_id is None:
             return self.count("spared")
         self.r.register_waiter(waiter_id)
         self.count("register")
@@ -874,34 +932,38 @@ class Fuzzer:
 
 
 def run_fuzz(region: Region, state: State, args) -> dict:
+    """The fuzzer, beside an honest server (a child process: its slots, by
+    port, and its waiters, by pid, are spared) and a decoy listener of ours
+    that never accepts: the test's kernel clients keep connections to it
+    open and sending, and those are what the fuzzer attacks.  No process of
+    the program ever reads or closes a descriptor the fuzzer could have
+    forged, so what happens to the honest connections is the stack's doing."""
     blob_body = blob(args.blob_size, args.seed + 2)
-    victim_body = blob(args.victim_size, args.seed + 3)
-    children = {}
-    here = os.path.abspath(__file__)
-    fds = inherited_fds()
-    for name, port, size, seed in (("blob", args.blob_port, args.blob_size, args.seed + 2),
-                                   ("victims", args.victim_port, args.victim_size, args.seed + 3)):
-        child_state = os.path.join(state.dir, name) if state.dir else None
-        children[name] = subprocess.Popen(
-            [sys.executable, here, "serve", "--port", str(port), "--size", str(size), "--seed", str(seed),
-             "--max-seconds", str(args.max_seconds)] + (["--state", child_state] if child_state else []),
-            pass_fds=fds)
-    for name in children:
-        if state.dir and not State(os.path.join(state.dir, name), args.max_wait).wait("check-ready"):
-            raise SystemExit(f"hostile: the {name} server did not start")
+    child_state = os.path.join(state.dir, "blob") if state.dir else None
+    child = subprocess.Popen(
+        [sys.executable, os.path.abspath(__file__), "serve", "--port", str(args.blob_port),
+         "--size", str(args.blob_size), "--seed", str(args.seed + 2), "--max-seconds", str(args.max_seconds)]
+        + (["--state", child_state] if child_state else []), pass_fds=inherited_fds())
+    children = {"blob": child}
+    if state.dir and not State(child_state, args.max_wait).wait("check-ready"):
+        raise SystemExit("hostile: the blob server did not start")
+    decoys = []
+    _new_decoy(region, args.victim_port, decoys)
     state.say("ready", blob_port=args.blob_port, blob_sha256=hashlib.sha256(blob_body).hexdigest(),
-              blob_size=len(blob_body), victim_port=args.victim_port,
-              victim_sha256=hashlib.sha256(victim_body).hexdigest(),
-              pids={name: child.pid for name, child in children.items()})
+              blob_size=len(blob_body), victim_port=args.victim_port, pids={"blob": child.pid})
     state.wait("go")
-    fuzzer = Fuzzer(region, args.seed, [args.blob_port], [children["blob"].pid], args.all_fields)
+    fuzzer = Fuzzer(region, args.seed, [args.blob_port, args.check_port], [child.pid], args.all_fields)
     started = time.monotonic()
     done = 0
     deadline = started + args.max_seconds
+    next_decoy_check = 0.0
     try:
         while done < args.count and fuzzer.steps < 2 * args.count:
             if time.monotonic() > deadline or state.has("stop"):
                 break
+            if time.monotonic() >= next_decoy_check:
+                _keep_a_decoy(region, args.victim_port, decoys, fuzzer.counts)
+                next_decoy_check = time.monotonic() + 0.5
             fuzzer.step()
             done = fuzzer.writes
             if args.rate and fuzzer.steps % 50 == 0:
@@ -912,17 +974,56 @@ def run_fuzz(region: Region, state: State, args) -> dict:
         seconds = time.monotonic() - started
         region.restore_geometry()
     log(f"writes: {done} in {seconds:.1f} s")
-    children_alive = {name: child.poll() is None for name, child in children.items()}
+    _close_decoys(region, args.victim_port, decoys)
     result = {"writes": done, "steps": fuzzer.steps, "seconds": round(seconds, 2), "by_kind": fuzzer.counts,
-              "children_alive_after_fuzzing": children_alive}
+              "blob_server_alive": child.poll() is None}
     state.say("fuzzed", **result)
     return {"fuzz": result, "children": children}
+
+
+def _new_decoy(region: Region, port: int, decoys: list) -> None:
+    """A decoy listener, remembered with its slot and that slot's generation."""
+    sock = listen(port, backlog=128)
+    known = {slot_id for _, slot_id, _ in decoys}
+    slot_id = next((i for i in range(region.nslots) if i not in known and _is_decoy(region, i, port)), None)
+    decoys.append((sock, slot_id, region.slot(slot_id, "generation") if slot_id is not None else None))
+
+
+def _is_decoy(region: Region, slot_id: int, port: int) -> bool:
+    return (region.slot(slot_id, "in_use") == lib.MTS_SLOT_USED and region.slot(slot_id, "state") == lib.MTS_ST_LISTENING
+            and region.slot(slot_id, "local_port") == port)
+
+
+def _keep_a_decoy(region: Region, port: int, decoys: list, counts: dict) -> None:
+    """A new decoy listener when the fuzzer has killed the last one.  The old
+    descriptor stays open: its slot may already serve someone else (closing
+    it would close that); the program's exit lets it go."""
+    if any(_is_decoy(region, i, port) for i in range(region.nslots)):
+        return
+    try:
+        _new_decoy(region, port, decoys)
+        counts["decoys"] = counts.get("decoys", 0) + 1
+    except OSError:
+        counts["decoy_failures"] = counts.get("decoy_failures", 0) + 1
+
+
+def _close_decoys(region: Region, port: int, decoys: list) -> None:
+    """Closes each decoy whose slot is still its own (same generation, still
+    listening on the decoy port): the stack then takes back what it queued
+    there, from a fuzzed queue.  The others stay open until the program exits."""
+    for sock, slot_id, generation in decoys:
+        if slot_id is not None and _is_decoy(region, slot_id, port) \
+                and region.slot(slot_id, "generation") == generation:
+            try:
+                sock.close()
+            except OSError:
+                pass
 
 
 def serve_main(args) -> int:
     state = State(args.state, args.max_wait)
     body = blob(args.size, args.seed)
-    stats = serve_blob(args.port, body, lambda: state.has("stop"), args.max_seconds, relisten=True,
+    stats = serve_pool(args.port, body, lambda: state.has("stop"), args.max_seconds,
                        on_ready=lambda: state.say("check-ready", port=args.port, pid=os.getpid()))
     state.say("served", **stats)
     return 0
@@ -957,8 +1058,8 @@ def main(argv=None) -> int:
     parser.add_argument("--rate", type=float, default=1000.0, help="fuzz: operations per second (0: flat out)")
     parser.add_argument("--blob-port", type=int, default=9300, help="fuzz: the honest server's port")
     parser.add_argument("--blob-size", type=int, default=1024 * 1024)
-    parser.add_argument("--victim-port", type=int, default=9400, help="fuzz: an unprotected server's port")
-    parser.add_argument("--victim-size", type=int, default=64 * 1024)
+    parser.add_argument("--victim-port", type=int, default=9400,
+                        help="fuzz: the decoy listener's port (its connections are attacked)")
     parser.add_argument("--all-fields", action="store_true",
                         help="fuzz: also the program-side header fields and the queue's sequence numbers")
     parser.add_argument("--size", type=int, default=1024 * 1024, help="serve: body size")

@@ -48,8 +48,7 @@ def _shm(observed) -> dict:
     return (observed.get("stats") or {}).get("shm") or {}
 
 
-def _assert_alive_and_serving(observed):
-    summary = hostile.summary(observed)
+def _assert_alive_and_serving(observed, summary):
     assert observed["stack_alive"], f"{summary}\n{observed['output_tail']}"
     assert observed["stack_death"] is None, summary
     assert observed["ping_ok"], summary
@@ -61,7 +60,7 @@ def test_attack_leaves_the_stack_alive_serving_and_counting(hostile_net, tmp_pat
     observed = hostile.run_attack(hostile_net, tmp_path, mode)
     summary = hostile.summary(observed)
     assert observed["attacked"] is not None, f"the attack did not happen: {observed['output_tail']}"
-    _assert_alive_and_serving(observed)
+    _assert_alive_and_serving(observed, summary)
 
     counted = COUNTED[mode]
     if counted:
@@ -102,7 +101,7 @@ def test_hostile_region_fuzzer_beside_honest_transfers(hostile_net, tmp_path):
     print(summary)
     assert observed["fuzzed"] is not None, f"{summary}\n{observed['output_tail']}"
     assert observed["fuzzed"]["writes"] == FUZZ_COUNT, summary
-    _assert_alive_and_serving(observed)
+    _assert_alive_and_serving(observed, summary)
     honest = observed["honest"]
     # Every honest download is byte-exact or reset and counted; none hangs.
     assert honest["transfers"] >= 2 and honest["hung"] == 0 and honest["failed"] == 0, summary
