@@ -257,8 +257,16 @@ def _absent_link(ns: str) -> dict:
 
 
 def _probe_link(ns: str, ifname: str) -> dict:
-    if not _link_exists(ns, ifname):
+    try:
+        return _probe_present_link(ns, ifname) if _link_exists(ns, ifname) else _absent_link(ns)
+    except (TestNetError, OSError):
+        # A namespace's teardown is asynchronous: the link may go while we look.
+        if netns_exists(ns) and _link_exists(ns, ifname):
+            raise
         return _absent_link(ns)
+
+
+def _probe_present_link(ns: str, ifname: str) -> dict:
     (link,) = json.loads(_run(["ip", "-n", ns, "-j", "-d", "addr", "show", "dev", ifname]))
     return {
         "netns": ns,
