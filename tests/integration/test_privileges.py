@@ -12,6 +12,7 @@ import pathlib
 import signal
 import subprocess
 import sys
+import time
 
 import psutil
 import pytest
@@ -172,7 +173,11 @@ def test_a_killed_launcher_takes_its_stack_with_it(net, tmp_path):
         stack = psutil.Process(program.stack_pid())
         os.kill(program.proc.pid, signal.SIGKILL)
         program.proc.wait()
-        wait_until(lambda: has_exited(stack), 10, "the stack to exit after its launcher was killed")
+        deadline = time.monotonic() + 10
+        while not has_exited(stack) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert has_exited(stack), (f"stack {stack.pid} still {stack.status()} 10 s after its launcher "
+                                   f"was killed, CPU {stack.cpu_times()}; its log:\n{program.output()}")
     finally:
         program.stop()
     # Nothing it left behind keeps the next stack from serving.
