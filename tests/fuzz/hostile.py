@@ -259,6 +259,29 @@ def summary(observed: dict) -> str:
 # --- the fuzzer beside honest transfers ---------------------------------------------------
 
 
+class HonestLoop(ClientLoop):
+    """attacks.ClientLoop that also keeps, for each failed download, curl's
+    message, the client port (to find the connection in the stack's log)
+    and how many bytes arrived."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.details: list[dict] = []
+
+    def run(self):
+        while not self._stopping.is_set() and len(self.results) < self.limit:
+            started = time.monotonic()
+            done = faultnet.curl_in_client(self.net, self.url, str(self.output), self.timeout,
+                                           ("-w", "%{local_port} %{size_download}"))
+            seconds = round(time.monotonic() - started, 2)
+            digest = faultnet.sha256_of(self.output) if done.returncode == 0 else None
+            self.results.append((done.returncode, digest, seconds))
+            if done.returncode != 0:
+                port, _, size = done.stdout.decode(errors="replace").partition(" ")
+                self.details.append({"status": done.returncode, "seconds": seconds, "client_port": port,
+                                     "bytes": size, "stderr": done.stderr.decode(errors="replace").strip()})
+
+
 def classify(results, expected_sha256: str) -> dict:
     """curl results (status, sha256, seconds) -> exact / reset / hung / failed."""
     out = {"exact": 0, "reset": 0, "hung": 0, "failed": 0, "failures": []}
@@ -295,7 +318,7 @@ def run_fuzz(net, workdir: pathlib.Path, count: int, rate: float, time_limit: fl
         if ready is None:
             raise faultnet.FaultRunError(f"the hostile program did not start: {run.output()[-1500:]}")
         before = run.stats() or {}
-        honest = ClientLoop(net, f"http://{net.srv_ip}:{BLOB_PORT}/blob", workdir, timeout=transfer_timeout)
+        honest = HonestLoop(net, f"http://{net.srv_ip}:{BLOB_PORT}/blob", workdir, timeout=transfer_timeout)
         victims = Peer(net, workdir, "streams", "streams", "--connect", f"{net.srv_ip}:{VICTIM_PORT}",
                        "--streams", "16", "--stop", str(stop_streams), timeout=10, total=time_limit + 120)
         started.append(victims)
@@ -314,6 +337,7 @@ def run_fuzz(net, workdir: pathlib.Path, count: int, rate: float, time_limit: fl
         observed["fuzzed"] = fuzzed
         observed["honest"] = classify(honest_results, ready["blob_sha256"])
         observed["honest"]["transfers"] = len(honest_results)
+        observed["honest"]["failure_details"] = honest.details[:20]
         observed["victims"] = {k: v for k, v in victim_results.items() if k not in ("data", "sha256", "received")}
         observed.update(network_still_served(net, run, workdir))
         observed["stack_alive"] = run.stack_alive()
@@ -343,7 +367,8 @@ def fuzz_summary(observed: dict) -> str:
         f"- stack crashes: {0 if observed['stack_alive'] else 1}"
         + (f" ({observed['stack_death']})" if observed.get("stack_death") else ""),
         f"- honest downloads (protected server): {honest['transfers']}, byte-exact {honest['exact']}, "
-        f"reset {honest['reset']}, hung {honest['hung']}, failed {honest['failed']}",
+        f"reset {honest['reset']}, hung {honest['hung']}, failed {honest['failed']}"
+        + (f" ({honest.get('failure_details', honest['failures'])[:5]})" if honest["failures"] else ""),
         f"- attacked connections (kernel clients sending to the decoy listener): {victims.get('connects')} opened, "
         f"reset {victims.get('reset')}, closed {victims.get('eof')}, refused {victims.get('refused')}, "
         f"silent for 10 s {victims.get('silent')}, {victims.get('bytes_sent')} bytes sent",

@@ -684,6 +684,7 @@ class Fuzzer:
         self.steps = 0
         self.live: list[int] = []
         self.connected: list[int] = []
+        self.generation: dict[int, int] = {}
         self.listeners: list[int] = []
         self._next_refresh = 0
         self.header_fields = [name for name, (off, size, kind) in HEADER_FIELDS.items()
@@ -712,6 +713,15 @@ class Fuzzer:
                      and not self.protected_slot(i)]
         self.listeners = [i for i in self.live if r.slot(i, "state") == lib.MTS_ST_LISTENING]
         self.connected = [i for i in self.live if r.slot(i, "state") == lib.MTS_ST_CONNECTED]
+        self.generation = {i: r.slot(i, "generation") for i in self.live}
+
+    def still_ours(self, slot_id: int) -> bool:
+        """A slot from the last refresh that has not been handed out again
+        since (the allocation bumps its generation) and is not protected.
+        Without this, a slot freed and given to an honest connection in the
+        meantime would be written as if it were still the attacked one."""
+        return self.generation.get(slot_id) == self.r.slot(slot_id, "generation") \
+            and not self.protected_slot(slot_id)
 
     def pick_slot(self, live_bias: float = 0.8) -> int | None:
         if self.connected and self.rng.random() < 0.5:
@@ -720,7 +730,17 @@ class Fuzzer:
             slot_id = self.rng.choice(self.live)
         else:
             slot_id = self.rng.randrange(self.r.nslots)
-        return None if self.protected_slot(slot_id) else slot_id
+            if self.r.slot(slot_id, "in_use") != lib.MTS_SLOT_FREE and slot_id not in self.generation:
+                return None  # in use since the last refresh: whose, we do not know yet
+            return None if self.protected_slot(slot_id) else slot_id
+        return slot_id if self.still_ours(slot_id) else None
+
+    def wrote_slot(self, slot_id: int, generation: int) -> None:
+        """After a write: if the slot was handed out meanwhile, the write may
+        have landed on a fresh (possibly honest) connection; counted, so that
+        a failure of an honest transfer can be told from a race of ours."""
+        if self.r.slot(slot_id, "generation") != generation or self.protected_slot(slot_id):
+            self.counts["raced"] = self.counts.get("raced", 0) + 1
 
     # values
     def value(self, size: int, current: int, related=()) -> int:
@@ -768,12 +788,14 @@ class Fuzzer:
         name = self.rng.choice(self.slot_fields)
         off, size, kind = SLOT_FIELDS[name]
         at = self.r.slot_off(slot_id) + off
+        generation = self.r.slot(slot_id, "generation")
         if kind == "bytes":
             self.r.write_bytes(at, self.rng.randbytes(size))
         elif name == "in_use" and self.r.read(at, 4) == lib.MTS_SLOT_FREE:
             return self.count("spared")  # marking a free slot used only leaks it (the program's own loss)
         else:
             self.r.write(at, size, self.value(size, self.r.read(at, size), (slot_id, self.r.nslots)))
+        self.wrote_slot(slot_id, generation if name != "generation" else self.r.slot(slot_id, "generation"))
         self.count("slot")
 
     def ring_index(self) -> None:
@@ -786,21 +808,23 @@ class Fuzzer:
         current = self.r.slot(slot_id, name)
         cap = self.r.rx_size if ring == "rx" else self.r.tx_size
         related = (other, other + cap, other + cap + 1, other - 1, other + 1, other + TEN_MB, other - cap)
+        generation = self.r.slot(slot_id, "generation")
         self.r.set_slot(slot_id, name, self.value(8, current, related))
+        self.wrote_slot(slot_id, generation)
         self.count("ring")
 
     def accept_queue(self) -> None:
         if not self.listeners:
             return self.ring_index()
         slot_id = self.rng.choice(self.listeners)
-        if self.protected_slot(slot_id):
+        if not self.still_ours(slot_id):
             return self.count("spared")
         capacity = self.r.rx_size // 4
         head = self.r.slot(slot_id, "rx.head")
         entry = self.value(4, 0, tuple(self.live) + (slot_id, self.r.nslots, HUGE_SLOT))
         if self.live and self.rng.random() < 0.3:
             entry = self.rng.choice(self.live)
-        if any(self.protected_slot(entry) for _ in (0,)):
+        if self.protected_slot(entry):
             return self.count("spared")
         self.r.write(self.r.rx_data_off(slot_id) + (head % capacity) * 4, 4, entry)
         if self.rng.random() < 0.7:
@@ -837,7 +861,7 @@ class Fuzzer:
         else:
             slot_id = rng.choice((rng.choice(self.live) if self.live else HUGE_SLOT, rng.getrandbits(32),
                                   self.r.nslots, self.r.nslots + 1, HUGE_SLOT, 0xFFFFFFFF))
-            if self.protected_slot(slot_id):
+            if slot_id < self.r.nslots and not self.still_ours(slot_id):
                 return self.count("spared")
         arg = rng.choice((0, 1, rng.getrandbits(64), rng.getrandbits(16), self._connect_arg(), rng.randrange(9)))
         if op in (lib.MTS_OP_BIND, lib.MTS_OP_CONNECT) and (arg & 0xFFFF) in self.protect_ports:
@@ -877,14 +901,14 @@ class Fuzzer:
             cell = self.r.cell_off(enqueue + self.r.cmd_capacity // 4 + rng.randrange(self.r.cmd_capacity // 2))
         else:
             target = rng.choice(self.live) if self.live else HUGE_SLOT
-            if self.protected_slot(target) or not self.r.push(rng.randrange(1, 10), target, 0):
+            if (target < self.r.nslots and not self.still_ours(target)) \
+                    or not self.r.push(rng.randrange(1, 10), target, 0):
                 return self.count("spared")
             cell = self.r.cell_off(enqueue)
             if self.r.read(cell + CMD_FIELDS["slot"][0], 4) != target:
                 return self.count("command")  # another producer took that position: ours went elsewhere
         value = self.value(size, self.r.read(cell + off, size), (self.r.nslots, HUGE_SLOT))
-        if name == "slot" and (self.protected_slot(value) or (
-                0 <= value < self.r.nslots and self.r.slot(value, "in_use") == lib.MTS_SLOT_FREE)):
+        if name == "slot" and value < self.r.nslots and not self.still_ours(value):
             return self.count("spared")
         self.r.write(cell + off, size, value)
         self.r.wake_stack()
@@ -907,7 +931,9 @@ class Fuzzer:
         base = self.r.rx_data_off(slot_id) if ring == "rx" else self.r.tx_data_off(slot_id)
         cap = self.r.rx_size if ring == "rx" else self.r.tx_size
         n = self.rng.randrange(1, 64)
+        generation = self.r.slot(slot_id, "generation")
         self.r.write_bytes(base + self.rng.randrange(cap - n), self.rng.randbytes(n))
+        self.wrote_slot(slot_id, generation)
         self.count("data")
 
     def waiter_registration(self) -> None:
@@ -949,6 +975,8 @@ def run_fuzz(region: Region, state: State, args) -> dict:
         raise SystemExit("hostile: the blob server did not start")
     decoys = []
     _new_decoy(region, args.victim_port, decoys)
+    honest_listener = region.find_slot(args.blob_port, lib.MTS_ST_LISTENING)
+    honest_generation = region.slot(honest_listener, "generation")
     state.say("ready", blob_port=args.blob_port, blob_sha256=hashlib.sha256(blob_body).hexdigest(),
               blob_size=len(blob_body), victim_port=args.victim_port, pids={"blob": child.pid})
     state.wait("go")
@@ -976,7 +1004,12 @@ def run_fuzz(region: Region, state: State, args) -> dict:
     log(f"writes: {done} in {seconds:.1f} s")
     _close_decoys(region, args.victim_port, decoys)
     result = {"writes": done, "steps": fuzzer.steps, "seconds": round(seconds, 2), "by_kind": fuzzer.counts,
-              "blob_server_alive": child.poll() is None}
+              "blob_server_alive": child.poll() is None,
+              # The honest listener's slot as the fuzzer leaves it (it never writes there).
+              "honest_listener": {"slot": honest_listener, "generation_before": honest_generation,
+                                  **{name: region.slot(honest_listener, name) for name in (
+                                      "in_use", "generation", "state", "events", "so_error", "local_port",
+                                      "refcnt", "rx.head", "rx.tail")}}}
     state.say("fuzzed", **result)
     return {"fuzz": result, "children": children}
 
