@@ -38,6 +38,7 @@ PEER_PORT = 7100
 EVENT_TIMEOUT = 45.0     # the longest wait for one step of the hostile program
 PEER_TIMEOUT = 15.0      # a kernel peer's longest silence: longer is a hang
 MODES = ("nslots", "cmdq", "accept-indices", "waiters", "data-off", "fake-accept", "rx-tail", "slot-free")
+HONEST_MODES = ("listener-close-handshake",)  # found by the fuzzer, no attack needed
 
 
 class HostileRun:
@@ -164,6 +165,20 @@ def peers():
             peer.kill()
 
 
+HOLD_TABLE = "mtcpshim_hold"
+
+
+def _hold_segments(net, port: int, hold: bool) -> None:
+    """In the client namespace: drop every segment to the stack's `port`
+    but SYNs (so handshakes stay half-open at the stack), or stop doing so."""
+    script = f"table ip {HOLD_TABLE}\ndelete table ip {HOLD_TABLE}\n"
+    if hold:
+        script += (f"table ip {HOLD_TABLE} {{\n chain out {{\n  type filter hook output priority 0;\n"
+                   f"  ip daddr {net.srv_ip} tcp dport {port} tcp flags & syn == 0 drop\n }}\n}}\n")
+    subprocess.run(["ip", "netns", "exec", net.cli_ns, "nft", "-f", "-"], input=script.encode(),
+                   capture_output=True, check=True)
+
+
 def network_still_served(net, run: HostileRun, workdir: pathlib.Path) -> dict:
     """ARP and ping from the client, then a new connection to the hostile
     program's check server, byte-exact."""
@@ -209,7 +224,19 @@ def run_attack(net, workdir: pathlib.Path, mode: str, settle: float = 1.0) -> di
                 observed["ready"] = run.event("ready")
                 first = Peer(net, workdir, "first", "client", "--connect", f"{net.srv_ip}:{ATTACK_PORT}", total=40)
                 started.append(first)
-            observed["attacked"] = run.event("attacked")
+            if mode == "listener-close-handshake":
+                observed["ready"] = run.event("ready")
+                _hold_segments(net, ATTACK_PORT, True)
+                try:
+                    client = Peer(net, workdir, "client", "client", "--connect", f"{net.srv_ip}:{ATTACK_PORT}",
+                                  "--send", "held back by nftables until the listener is gone", total=20)
+                    started.append(client)
+                    observed["attacked"] = run.event("attacked")
+                finally:
+                    _hold_segments(net, ATTACK_PORT, False)
+                run.signal("go")
+            else:
+                observed["attacked"] = run.event("attacked")
             if mode == "accept-indices" and observed["attacked"] is not None:
                 client = Peer(net, workdir, "client", "client", "--connect", f"{net.srv_ip}:{ATTACK_PORT}",
                               "--send", "hello", timeout=5, total=10)

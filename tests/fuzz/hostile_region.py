@@ -21,6 +21,8 @@ Modes, one per row of issue 8's table, plus the fuzzer:
   fake-accept     a made-up slot id in a listener's accept queue, then close
   rx-tail         a live connection's (to --peer) RX tail 10 MB past its head, keep receiving, close
   slot-free       an accepted connection's slot marked free, then a second connection accepted
+  listener-close-handshake   (honest) the listener closed during a client's handshake: the
+                  stack must not write into the freed slot when the handshake completes
   fuzz            seeded random and adversarial values into every field it can reach,
                   --count operations at --rate per second, while the program's own
                   blob server (--blob-port, a child process) serves honest clients
@@ -620,6 +622,37 @@ def attack_rx_tail(region: Region, state: State, args) -> dict:
     return {"slot": slot_id, "received_before": before, "received_after": after, "outcome": outcome}
 
 
+def attack_listener_close_handshake(region: Region, state: State, args) -> dict:
+    """Not an attack: an honest program closes its listener while a client's
+    handshake is still in flight (the test holds the client's ACK and data
+    back with nftables).  The stack must not go on writing into the slot it
+    freed when the held segments arrive."""
+    listener = listen(args.port)
+    state.say("ready", port=args.port)
+    deadline = time.monotonic() + args.max_wait
+    child = None
+    while child is None and time.monotonic() < deadline:
+        child = next((i for i in range(region.nslots) if region.slot(i, "in_use") == lib.MTS_SLOT_USED
+                      and region.slot(i, "local_port") == args.port
+                      and region.slot(i, "state") != lib.MTS_ST_LISTENING), None)
+        time.sleep(0.01)
+    if child is None:
+        raise SystemExit("hostile: no half-open connection appeared")
+    generation = region.slot(child, "generation")
+    listener.close()
+    while region.slot(child, "in_use") != lib.MTS_SLOT_FREE and time.monotonic() < deadline:
+        time.sleep(0.01)
+    at_free = {name: region.slot(child, name) for name in ("in_use", "generation", "rx.head", "tx.tail")}
+    state.say("attacked", slot=child, **at_free)
+    state.wait("go")  # the test released the held segments
+    time.sleep(args.settle + 3)  # the client's retransmissions arrive
+    after = {name: region.slot(child, name) for name in ("in_use", "generation", "rx.head", "tx.tail")}
+    written = after["generation"] == generation and after["in_use"] == lib.MTS_SLOT_FREE \
+        and after["rx.head"] != at_free["rx.head"]
+    return {"slot": child, "at_free": at_free, "after": after, "freed_slot_written": written,
+            "rx_data": bytes(region.mm[region.rx_data_off(child):region.rx_data_off(child) + 16]).hex()}
+
+
 def tagged(tag: bytes, size: int) -> bytes:
     return (tag * (size // len(tag) + 1))[:size]
 
@@ -981,6 +1014,7 @@ def run_fuzz(region: Region, state: State, args) -> dict:
               blob_size=len(blob_body), victim_port=args.victim_port, pids={"blob": child.pid})
     state.wait("go")
     fuzzer = Fuzzer(region, args.seed, [args.blob_port, args.check_port], [child.pid], args.all_fields)
+    honest_waiters = _waiters_of(region, child.pid)
     started = time.monotonic()
     done = 0
     deadline = started + args.max_seconds
@@ -1005,6 +1039,9 @@ def run_fuzz(region: Region, state: State, args) -> dict:
     _close_decoys(region, args.victim_port, decoys)
     result = {"writes": done, "steps": fuzzer.steps, "seconds": round(seconds, 2), "by_kind": fuzzer.counts,
               "blob_server_alive": child.poll() is None,
+              # The honest server's waiters: a change means one was allocated
+              # while the fuzzer wrote (free ids are fair game for forgeries).
+              "honest_waiters": {"before": honest_waiters, "after": _waiters_of(region, child.pid)},
               # The honest listener's slot as the fuzzer leaves it (it never writes there).
               "honest_listener": {"slot": honest_listener, "generation_before": honest_generation,
                                   **{name: region.slot(honest_listener, name) for name in (
@@ -1012,6 +1049,10 @@ def run_fuzz(region: Region, state: State, args) -> dict:
                                       "refcnt", "rx.head", "rx.tail")}}}
     state.say("fuzzed", **result)
     return {"fuzz": result, "children": children}
+
+
+def _waiters_of(region: Region, pid: int) -> list[int]:
+    return [i for i in range(region.nwaiters) if region.waiter(i, "in_use") and region.waiter(i, "owner_pid") == pid]
 
 
 def _new_decoy(region: Region, port: int, decoys: list) -> None:
@@ -1071,6 +1112,7 @@ ATTACKS = {
     "fake-accept": attack_fake_accept,
     "rx-tail": attack_rx_tail,
     "slot-free": attack_slot_free,
+    "listener-close-handshake": attack_listener_close_handshake,
 }
 
 

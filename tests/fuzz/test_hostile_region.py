@@ -95,6 +95,20 @@ def test_attack_leaves_the_stack_alive_serving_and_counting(hostile_net, tmp_pat
         assert observed["peer"]["outcome"] != "peer did not finish", summary
 
 
+def test_closing_a_listener_during_a_handshake_leaves_its_freed_slot_alone(hostile_net, tmp_path):
+    """Found by the fuzzer (an honest download reset for "RX ring tail
+    impossible"): a connection still in its handshake when its listener
+    closes has its slot freed, but its TCP connection lives on with buffers
+    in that slot; when the handshake completes, received data lands in the
+    freed slot, i.e. in whichever socket gets it next."""
+    observed = hostile.run_attack(hostile_net, tmp_path, "listener-close-handshake")
+    summary = hostile.summary(observed)
+    assert observed["attacked"] is not None, f"{summary}\n{observed['output_tail']}"
+    _assert_alive_and_serving(observed, summary)
+    attack = observed["result"]["attack"]
+    assert not attack["freed_slot_written"], f"the stack wrote into slot {attack['slot']} after freeing it: {attack}"
+
+
 def test_hostile_region_fuzzer_beside_honest_transfers(hostile_net, tmp_path):
     observed = hostile.run_fuzz(hostile_net, tmp_path, FUZZ_COUNT, FUZZ_RATE, FUZZ_TIME_LIMIT, seed=1)
     summary = hostile.fuzz_summary(observed)
