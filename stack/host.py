@@ -242,6 +242,7 @@ class TcpHost:
         listener.pending += 1
         self.connections[(conn.local_port, conn.remote_ip, conn.remote_port)] = conn
         self.after(conn, now)
+        self.touched.add(conn)  # its owner meets it at the next publish, before any event
 
     # -- SYN cookies -------------------------------------------------------
 

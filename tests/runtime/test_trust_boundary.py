@@ -8,6 +8,7 @@ import random
 import socket
 
 from mtcpshim._shm import ffi, lib
+from stack.storage import RingBuffer
 from world import hostile_storm, listening_socket, peer_connects
 
 U32_MAX = (1 << 32) - 1
@@ -157,3 +158,27 @@ def test_random_writes_anywhere_in_the_region_never_escape_the_runtime(world):
     loop returns, and the stack refused or reset something."""
     counters = hostile_storm(world, random.Random(8), writes=4000)
     assert counters["cmd_bad"] and counters["sockets_reset"]
+
+
+def test_closing_a_listener_mid_handshake_leaves_its_freed_slot_alone(world):
+    """Not an attack (the hostile-region fuzzer found it): the listener goes
+    while a handshake is half done; the late ACK and data must not land in
+    the slot the half-open connection had."""
+    listener = listening_socket(world)
+    peer_connects(world)                                 # both sides know each other's MAC now
+    before = set(world.runtime.sockets)
+    conn = world.peer.host.connect_ephemeral(world.runtime.host.ip, 8080, RingBuffer(1 << 16),
+                                             RingBuffer(1 << 16), None, world.now)
+    world.link.inbound.extend(world.peer.transmit(world.now))
+    world.runtime.step(world.now)                        # SYN in, SYN-ACK out (held back)
+    syn_ack, world.link.outbound = world.link.outbound, []
+    (child,) = set(world.runtime.sockets) - before
+    world.command(lib.MTS_OP_CLOSE, listener)
+    world.settle()
+    assert lib.mts_slot_at(world.g, child).in_use == lib.MTS_SLOT_FREE
+    conn.send_buf.write(b"late data")
+    world.peer.deliver(syn_ack, world.now)              # the peer completes, sends ACK and data
+    world.link.inbound.extend(world.peer.transmit(world.now))
+    world.settle()
+    assert lib.mts_slot_at(world.g, child).rx.head == 0  # nothing written into the freed slot
+    assert conn.state.name == "CLOSED"                   # reset: nobody listens any more
