@@ -189,7 +189,8 @@ static int complete_checksum(uint8_t *frame, size_t len)
 
 static inline struct tpacket2_hdr *ring_slot(const struct nf_ring *ring, uint32_t index)
 {
-    return (struct tpacket2_hdr *)(ring->base + (size_t)index * ring->frame_size);
+    return (struct tpacket2_hdr *)(ring->base + (size_t)(index / ring->frames_per_block) * ring->block_size +
+                                   (size_t)(index % ring->frames_per_block) * ring->frame_size);
 }
 
 unsigned nf_rx_collect(struct nf_ring *ring, unsigned max_frames, uint32_t *spans,

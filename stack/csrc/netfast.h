@@ -34,16 +34,18 @@ void nf_build_tcp_frame(uint8_t *frame, const uint8_t *dst_mac, const uint8_t *s
                         uint32_t src_ip, uint32_t dst_ip, uint16_t ident,
                         const uint8_t *segment, size_t segment_len);
 
-/* A TPACKET_V2 ring inside a PACKET_MMAP mapping.  `cursor` is the slot the
- * next walk starts at; `held` counts RX slots walked but not yet handed back.
- * Frames never span blocks because the block size is a multiple of
- * frame_size. */
+/* A TPACKET_V2 ring inside a PACKET_MMAP mapping: frame_count frames of
+ * frame_size bytes, frames_per_block of them at the start of each
+ * block_size block (frames never span blocks).  `cursor` is the slot the
+ * next walk starts at; `held` counts RX slots walked but not yet handed back. */
 struct nf_ring {
     uint8_t *base;
     uint32_t frame_size;
     uint32_t frame_count;
     uint32_t cursor;
     uint32_t held;
+    uint32_t frames_per_block;
+    uint32_t block_size;
 };
 
 /* Counters the ring walks keep (the backend reports them). */

@@ -74,16 +74,16 @@ class FaultRunError(Exception):
 # --- the network -------------------------------------------------------------
 
 
-def private_net(tag: str | None = None) -> testnet.TestNet:
+def private_net(tag: str | None = None, offloads: bool = False) -> testnet.TestNet:
     tag = tag or secrets.token_hex(3)
     return testnet.TestNet(cli_ns=f"mtcpt-{tag}-cli", srv_ns=f"mtcpt-{tag}-srv",
-                           cli_if=f"mt{tag}-c", srv_if=f"mt{tag}-s", sink_if=f"mt{tag}-l")
+                           cli_if=f"mt{tag}-c", srv_if=f"mt{tag}-s", sink_if=f"mt{tag}-l", offloads=offloads)
 
 
 @contextlib.contextmanager
-def private_network(tag: str | None = None):
+def private_network(tag: str | None = None, offloads: bool = False):
     """A fresh test network under random names; always removed afterwards."""
-    net = private_net(tag)
+    net = private_net(tag, offloads)
     try:
         testnet.up(net=net)
         yield net
