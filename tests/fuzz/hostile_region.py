@@ -21,6 +21,8 @@ Modes, one per row of issue 8's table, plus the fuzzer:
   fake-accept     a made-up slot id in a listener's accept queue, then close
   rx-tail         a live connection's (to --peer) RX tail 10 MB past its head, keep receiving, close
   slot-free       an accepted connection's slot marked free, then a second connection accepted
+  keepalive-options  keep-alive idle/interval/count and user timeout 0xFFFFFFFF on a live
+                  connection (to --peer), then MTS_OP_SETOPT
   listener-close-handshake   (honest) the listener closed during a client's handshake: the
                   stack must not write into the freed slot when the handshake completes
   fuzz            seeded random and adversarial values into every field it can reach,
@@ -622,6 +624,28 @@ def attack_rx_tail(region: Region, state: State, args) -> dict:
     return {"slot": slot_id, "received_before": before, "received_after": after, "outcome": outcome}
 
 
+def attack_keepalive_options(region: Region, state: State, args) -> dict:
+    """Socket options written straight into the slot, past what setsockopt
+    allows (Linux caps TCP_KEEPIDLE and TCP_KEEPINTVL at 32767 s): keep-alive
+    on, idle and interval 0xFFFFFFFF seconds, then MTS_OP_SETOPT.  Found by
+    the fuzzer: the keep-alive deadline, 136 years away, made the stack's
+    poll() timeout overflow."""
+    conn = socket.create_connection(parse_peer(args.peer), timeout=10)
+    slot_id = region.find_slot(conn.getsockname()[1])
+    for name in ("opt_keepidle", "opt_keepintvl", "opt_keepcnt", "opt_user_timeout_ms"):
+        region.set_slot(slot_id, name, 0xFFFFFFFF)
+    region.set_slot(slot_id, "opt_keepalive", 1)
+    pushed = region.push(lib.MTS_OP_SETOPT, slot_id, lib.MTS_OPT_KEEPALIVE)
+    region.wake_stack()
+    state.say("attacked", slot=slot_id, pushed=pushed)
+    time.sleep(args.settle + 2)  # the stack goes idle: its next deadline is the keep-alive
+    try:
+        conn.close()
+    except OSError:
+        pass
+    return {"slot": slot_id}
+
+
 def attack_listener_close_handshake(region: Region, state: State, args) -> dict:
     """Not an attack: an honest program closes its listener while a client's
     handshake is still in flight (the test holds the client's ACK and data
@@ -1118,6 +1142,7 @@ ATTACKS = {
     "rx-tail": attack_rx_tail,
     "slot-free": attack_slot_free,
     "listener-close-handshake": attack_listener_close_handshake,
+    "keepalive-options": attack_keepalive_options,
 }
 
 

@@ -31,6 +31,7 @@ COUNTED = {
     "fake-accept": ("accept_entry_bad",),      # an accept entry the stack never queued (in place of one it did)
     "rx-tail": ("sockets_reset",),             # tail ahead of head
     "slot-free": ("sockets_reset",),           # a live slot marked free
+    "keepalive-options": (),                   # out of setsockopt's range, not impossible: clamped or refused
 }
 TAGS = {"first": b"<first connection>", "second": b"<second connection>"}
 TAG_SIZE = 64 * 1024  # hostile_region.py's default --tag-size
