@@ -46,6 +46,13 @@ _SLOT_USED = lib.MTS_SLOT_USED
 _ADDRESS_ARG_LIMIT = 1 << 48  # ip << 16 | port
 _U64 = (1 << 64) - 1
 _POLL_TROUBLE = select.POLLERR | select.POLLHUP | select.POLLNVAL
+_MAX_KEEPALIVE_SECONDS, _MAX_KEEPCNT, _MAX_USER_TIMEOUT_MS = 32767, 127, (1 << 31) - 1
+_MAX_SLEEP_MS = 60_000  # a far deadline is re-read after this long anyway
+_IDLE_LOOK_MS = 1000
+
+
+class _NotAllocated(Exception):
+    """A command named a slot no process of the program allocated."""
 
 
 class StackSocket:
@@ -98,7 +105,7 @@ class Runtime:
         self.stopping = False
         self.counters = {"loops": 0, "sleeps": 0, "commands": 0, "waiter_wakeups": 0}
         self.stats_listener = stats_listener
-        self._next_stats_check = 0.0
+        self._next_housekeeping = 0.0
         self._cmd = ffi.new("struct mts_cmd *")
         self._signal_r, signal_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._signal_w = signal_w
@@ -144,13 +151,20 @@ class Runtime:
         self.counters["loops"] += 1
         busy = self._control() | self._commands(now) | self._receive(now)
         self._timers(now)
+        if now >= self._next_housekeeping:
+            self._housekeeping(now)
         self._output(now)
         if self._corrupt:  # found while publishing: the resets go out now
             self._output(now)
-        if now >= self._next_stats_check:
-            self._answer_stats(now)
-            self._hear_launcher()
         return busy
+
+    HOUSEKEEPING_INTERVAL = 0.1  # seconds between looks at the stats socket, the launcher, lost commands
+
+    def _housekeeping(self, now: float) -> None:
+        self._next_housekeeping = now + self.HOUSEKEEPING_INTERVAL
+        self._answer_stats()
+        self._hear_launcher()
+        self._recover_lost_tx(now)
 
     def _output(self, now: float) -> None:
         if self._corrupt:
@@ -176,7 +190,9 @@ class Runtime:
         if not lib.mts_stack_try_sleep(self.geom, self._cmd_pos[0]):
             return
         deadline = self._next_deadline()
-        timeout = -1 if deadline is None else max(0, int((deadline - now) * 1000) + 1)
+        timeout = -1 if deadline is None else min(max(0, int((deadline - now) * 1000) + 1), _MAX_SLEEP_MS)
+        if self.sockets and (timeout < 0 or timeout > _IDLE_LOOK_MS):
+            timeout = _IDLE_LOOK_MS  # housekeeping finds lost commands even when all is quiet
         if max_ms >= 0 and (timeout < 0 or timeout > max_ms):
             timeout = max_ms
         self.counters["sleeps"] += 1
@@ -188,7 +204,7 @@ class Runtime:
             elif fd == self._signal_r:
                 os.read(fd, 64)
             elif self.stats_listener is not None and fd == self.stats_listener.fileno():
-                self._next_stats_check = 0.0
+                self._next_housekeeping = 0.0
             elif fd == self.launcher_fd:
                 self._hear_launcher()
         lib.mts_stack_awake(self.geom)
@@ -248,6 +264,8 @@ class Runtime:
                 continue
             try:
                 handler(self, slot_id, cmd.arg, now)
+            except _NotAllocated:
+                self.shm_counters["cmd_bad"] += 1
             except Exception:  # a bug reached through program-controlled input: contain it
                 self.shm_counters["handler_faults"] += 1
                 _log(f"command {op} on slot {slot_id} failed:\n{traceback.format_exc()}")
@@ -259,11 +277,24 @@ class Runtime:
         return popped > 0
 
     def _socket(self, slot_id: int) -> StackSocket:
+        """The stack's socket for a slot; a slot the stack does not know yet
+        must be one a process of the program allocated."""
         sock = self.sockets.get(slot_id)
         if sock is None:
-            sock = self.sockets[slot_id] = StackSocket(slot_id, lib.mts_slot_at(self.geom, slot_id))
+            slot = lib.mts_slot_at(self.geom, slot_id)
+            if slot.in_use != _SLOT_USED:
+                raise _NotAllocated(slot_id)
+            sock = self.sockets[slot_id] = StackSocket(slot_id, slot)
             self._owned[slot_id] = 1
         return sock
+
+    def _recover_lost_tx(self, now: float) -> None:
+        """A program that overwrote its own command cells can lose an
+        MTS_OP_TX; its tx_pending flag then stays set and it never sends
+        another.  Serve such flags as if the command had come."""
+        for sock in self.sockets.values():
+            if sock.conn is not None and not sock.quarantined and sock.slot.tx_pending:
+                self._tx(sock.slot_id, 0, now)
 
     def _buffers(self, sock: StackSocket):
         """The TCP core's view of the socket's rings."""
@@ -428,13 +459,15 @@ class Runtime:
         slot, conn = sock.slot, sock.conn
         conn.nodelay = bool(slot.opt_nodelay) and not slot.opt_cork
         conn.keepalive = bool(slot.opt_keepalive)
+        # The kernel's own bounds (MAX_TCP_KEEPIDLE/KEEPINTVL/KEEPCNT, an int
+        # of milliseconds): the interposer checks them, a program may not.
         if slot.opt_keepidle:
-            conn.keepidle = float(slot.opt_keepidle)
+            conn.keepidle = float(min(slot.opt_keepidle, _MAX_KEEPALIVE_SECONDS))
         if slot.opt_keepintvl:
-            conn.keepintvl = float(slot.opt_keepintvl)
+            conn.keepintvl = float(min(slot.opt_keepintvl, _MAX_KEEPALIVE_SECONDS))
         if slot.opt_keepcnt:
-            conn.keepcnt = int(slot.opt_keepcnt)
-        conn.user_timeout = slot.opt_user_timeout_ms / 1000.0
+            conn.keepcnt = min(slot.opt_keepcnt, _MAX_KEEPCNT)
+        conn.user_timeout = min(slot.opt_user_timeout_ms, _MAX_USER_TIMEOUT_MS) / 1000.0
         congestion = ffi.string(slot.opt_congestion).decode(errors="replace")
         if congestion and congestion != conn.congestion:
             try:
@@ -498,11 +531,8 @@ class Runtime:
 
     # -- statistics -----------------------------------------------------------
 
-    STATS_CHECK_INTERVAL = 0.1  # seconds between looks at the stats socket under load
-
-    def _answer_stats(self, now: float) -> None:
+    def _answer_stats(self) -> None:
         """Serves `mtcpshim stat`: one JSON snapshot per connection."""
-        self._next_stats_check = now + self.STATS_CHECK_INTERVAL
         if self.stats_listener is None:
             return
         while True:

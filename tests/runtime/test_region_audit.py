@@ -3,6 +3,7 @@ shared-memory operations rebuilt with MTS_AUDIT (every address derived from
 the geometry must lie inside the region, or the process aborts) and under
 AddressSanitizer, then driven by the hostile storm of world.py in a fresh
 interpreter that uses them in place of mtcpshim._shm."""
+import json
 import os
 import subprocess
 import sys
@@ -65,11 +66,14 @@ def test_the_audit_catches_an_address_outside_the_region(audited_shm):
 
 def test_a_hostile_storm_touches_nothing_outside_the_region(audited_shm):
     done = run_with_audit(audited_shm, f"""
-        import random
+        import collections, json, random
         from world import World, hostile_storm
+        total = collections.Counter()
         for seed in range(4):
-            print(seed, hostile_storm(World(), random.Random(seed), writes={STORM_WRITES // 4}), flush=True)
+            total.update(hostile_storm(World(), random.Random(seed), writes={STORM_WRITES // 4}))
+        print(json.dumps(total))
     """)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "mts_audit" not in done.stderr and "AddressSanitizer" not in done.stderr
-    assert done.stdout.count("sockets_reset") == 4, done.stdout
+    counters = json.loads(done.stdout)
+    assert counters["cmd_bad"] and counters["sockets_reset"], counters

@@ -182,3 +182,44 @@ def test_closing_a_listener_mid_handshake_leaves_its_freed_slot_alone(world):
     world.settle()
     assert lib.mts_slot_at(world.g, child).rx.head == 0  # nothing written into the freed slot
     assert conn.state.name == "CLOSED"                   # reset: nobody listens any more
+
+
+def test_option_values_past_the_kernels_bounds_are_clamped(world):
+    """Keep-alive and user-timeout words of 0xFFFFFFFF once put the next
+    deadline 136 years out, past what poll() takes (the fuzzer found it)."""
+    listener = listening_socket(world)
+    child, conn, _ = accepted_connection(world, listener)
+    slot = lib.mts_slot_at(world.g, child)
+    slot.opt_keepalive = 1
+    slot.opt_keepidle = slot.opt_keepintvl = slot.opt_keepcnt = slot.opt_user_timeout_ms = U32_MAX
+    world.command(lib.MTS_OP_SETOPT, child, lib.MTS_OPT_KEEPALIVE)
+    world.settle()
+    stack_conn = world.runtime.sockets[child].conn
+    assert (stack_conn.keepidle, stack_conn.keepintvl, stack_conn.keepcnt) == (32767.0, 32767.0, 127)
+    world.runtime._sleep(world.now, max_ms=0)  # a deadline poll() can take
+    still_serves(world)
+
+
+def test_a_lost_tx_command_does_not_stall_the_connection(world):
+    """The program overwrote its own MTS_OP_TX: tx_pending stays set and it
+    never queues another.  The stack's periodic look sends the bytes."""
+    listener = listening_socket(world)
+    child, conn, (_, peer_rx) = accepted_connection(world, listener)
+    slot = lib.mts_slot_at(world.g, child)
+    lib.mts_ring_write(ffi.addressof(slot.tx), lib.mts_tx_data(world.g, child), world.g.tx_size, b"lost", 4)
+    slot.tx_pending = 1                                   # ...and no command
+    world.settle()
+    assert len(peer_rx) == 0
+    world.now += world.runtime.HOUSEKEEPING_INTERVAL
+    world.settle()
+    assert peer_rx.read(4) == b"lost"
+
+
+def test_commands_for_slots_nobody_allocated_are_refused(world):
+    free_slot = world.g.nslots - 1
+    assert lib.mts_slot_at(world.g, free_slot).in_use == lib.MTS_SLOT_FREE
+    world.command(lib.MTS_OP_LISTEN, free_slot, 16)
+    world.command(lib.MTS_OP_CONNECT, free_slot, 0)
+    world.settle()
+    assert counted(world, "cmd_bad") == 2
+    assert free_slot not in world.runtime.sockets

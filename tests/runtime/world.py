@@ -148,7 +148,8 @@ def hostile_storm(world, rng, writes, connections=3):
     random values over the whole region (slots most often), well-formed
     commands of random ops, slots and arguments, while the peer keeps
     sending on `connections` connections; the loop and the peer run
-    between writes.  Returns the stack's "shm" counters."""
+    between writes.  Most writes land in the slots of sockets the stack
+    serves.  Returns the stack's "shm" counters."""
     g = world.g
     listener = listening_socket(world)
     conns = [peer_connects(world)[0] for _ in range(connections)]
@@ -158,10 +159,12 @@ def hostile_storm(world, rng, writes, connections=3):
     values = (0, 1, U32_MAX, U64_MAX, 1 << 63, 1 << 40, g.nslots, g.nslots - 1, listener,
               g.rx_size + 1, g.tx_size - 1, g.size)
     for _ in range(writes):
-        if rng.random() < 0.3:
+        live = list(world.runtime.sockets)
+        if rng.random() < 0.3 or not live:
             offset = rng.randrange(g.size // 8)
-        else:
-            offset = (g.slots_off + rng.randrange(g.nslots * ffi.sizeof("struct mts_slot"))) // 8
+        else:  # the slot of a socket the stack serves
+            offset = (g.slots_off + rng.choice(live) * ffi.sizeof("struct mts_slot")
+                      + rng.randrange(ffi.sizeof("struct mts_slot"))) // 8
         words[offset] = rng.choice(values) if rng.random() < 0.5 else rng.getrandbits(64)
         if rng.random() < 0.2:
             pos = world.runtime._cmd_pos[0]
@@ -171,7 +174,9 @@ def hostile_storm(world, rng, writes, connections=3):
             cell.arg = rng.choice((rng.getrandbits(64), rng.randrange(1 << 16), addr(PEER_IP, 80)))
             cell.seq = pos + 1
         if rng.random() < 0.05:
-            for conn in conns:
+            for i, conn in enumerate(conns):
+                if conn.state.name == "CLOSED":  # reset: the peer connects again (listener willing)
+                    conns[i] = conn = peer_connects(world)[0]
                 conn.send_buf.write(b"x" * 100)
                 conn.send_ready(world.now)
                 world.peer.host.after(conn, world.now)
