@@ -6,13 +6,13 @@ import sys
 import cffi
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from abi_source import PRELOAD_DIR, cdef_text  # noqa: E402
+from abi_source import PRELOAD_DIR, c_source, cdef_text  # noqa: E402
 
 ffibuilder = cffi.FFI()
 ffibuilder.cdef(cdef_text())
 ffibuilder.set_source(
     "mtcpshim._shm",
-    '#include "mts_shm.h"',
+    c_source(),
     include_dirs=[str(PRELOAD_DIR)],
     extra_compile_args=["-O2", "-std=gnu11"],
 )

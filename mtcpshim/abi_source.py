@@ -1,8 +1,10 @@
 """Turns the ABI header into cffi declarations: the header stays the single
 source of truth for the shared layout, cffi only sees it filtered.
 
-Used at build time by _build_shm.py and at run time for the header's string
-constants (environment variable names), which cffi cannot carry.
+Used at build time by _build_shm.py.  The header's string constants
+(environment variable names), which cffi cannot carry, are compiled into the
+module as a name/value table, so an installed wheel, which has no preload/
+directory, still finds them.
 """
 import pathlib
 import re
@@ -26,9 +28,22 @@ def cdef_text() -> str:
         lines.append(line)
     shm = SHM_HEADER.read_text()
     prototypes = shm.split("/* cdef-begin */", 1)[1].split("#endif /* cdef-end */", 1)[0]
-    return "\n".join(lines) + "\n" + prototypes
+    return "\n".join(lines) + "\n" + prototypes + "\nconst char *const mts_string_constants[];\n"
+
+
+def c_source() -> str:
+    """What the cffi module compiles: the shared operations, and the
+    header's string #defines as a NULL-terminated name, value table."""
+    names = [name for name, _ in _STRING_DEFINE.findall(ABI_HEADER.read_text())]
+    table = "".join(f'"{name}", {name}, ' for name in names)
+    return f'#include "mts_shm.h"\nconst char *const mts_string_constants[] = {{{table}NULL}};\n'
 
 
 def string_constants() -> dict[str, str]:
-    """The header's string #defines (MTS_ENV_FDS and friends)."""
-    return dict(_STRING_DEFINE.findall(ABI_HEADER.read_text()))
+    """The header's string #defines (MTS_ENV_FDS and friends), as compiled."""
+    from mtcpshim._shm import ffi, lib
+    table, constants, i = lib.mts_string_constants, {}, 0
+    while table[i] != ffi.NULL:
+        constants[ffi.string(table[i]).decode()] = ffi.string(table[i + 1]).decode()
+        i += 2
+    return constants

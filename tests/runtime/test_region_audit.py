@@ -25,7 +25,7 @@ def audited_shm(tmp_path_factory):
     build = tmp_path_factory.mktemp("shm-audit")
     builder = cffi.FFI()
     builder.cdef(abi_source.cdef_text())
-    builder.set_source("_shm_audit", '#define MTS_AUDIT 1\n#include "mts_shm.h"',
+    builder.set_source("_shm_audit", "#define MTS_AUDIT 1\n" + abi_source.c_source(),
                        include_dirs=[str(abi_source.PRELOAD_DIR)],
                        extra_compile_args=["-O1", "-g", "-std=gnu11", "-fsanitize=address",
                                            "-fno-omit-frame-pointer"],
