@@ -28,7 +28,7 @@ def cdef_text() -> str:
         lines.append(line)
     shm = SHM_HEADER.read_text()
     prototypes = shm.split("/* cdef-begin */", 1)[1].split("#endif /* cdef-end */", 1)[0]
-    return "\n".join(lines) + "\n" + prototypes + "\nconst char *const mts_string_constants[];\n"
+    return "\n".join(lines) + "\n" + prototypes + "\nextern const char *const mts_string_constants[];\n"
 
 
 def c_source() -> str:
