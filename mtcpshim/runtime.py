@@ -112,6 +112,7 @@ class Runtime:
         self._poller = select.poll()
         self._io_fd = packet_io.fileno()
         self.fault = None  # why the stack stopped on its own, if it did
+        self._truncation_reported = False
         for fd in (packet_io.fileno(), wake_fd, ctl_fd, self._signal_r):
             self._poller.register(fd, select.POLLIN)
         self.launcher_fd = launcher_fd
@@ -165,6 +166,16 @@ class Runtime:
         self._answer_stats()
         self._hear_launcher()
         self._recover_lost_tx(now)
+        if not self._truncation_reported:
+            self._report_truncation()
+
+    def _report_truncation(self) -> None:
+        """Frames too large for the packet I/O's slots are lost: say so once
+        (`mtcpshim stat` counts every one)."""
+        if hasattr(self.io, "counters") and self.io.counters().get("rx_truncated"):
+            self._truncation_reported = True
+            _log("received frames larger than the packet ring's slots are dropped (rx_truncated): "
+                 "lower the sender's gso_max_size or the interface's GRO size")
 
     def _output(self, now: float) -> None:
         if self._corrupt:

@@ -136,3 +136,11 @@ def test_socket_options_reach_the_connection(world):
     assert world.sync(lib.MTS_OP_CONNECT, slot, addr(PEER_IP, 80)) == 0
     conn = world.runtime.sockets[slot].conn
     assert (conn.nodelay, conn.user_timeout, conn.congestion) == (True, 2.5, "reno")
+
+
+def test_truncated_frames_are_reported_once(world, capsys):
+    world.link.counters = lambda: {"rx_truncated": 3}
+    for _ in range(3):
+        world.now += world.runtime.HOUSEKEEPING_INTERVAL
+        world.runtime.step(world.now)
+    assert capsys.readouterr().err.count("rx_truncated") == 1
