@@ -29,9 +29,9 @@ static void add_reference(int from_fd, int to_fd, uint64_t word)
     }
 }
 
-void shim_fd_release(int fd, uint64_t old_word)
+/* Drops what `old_word` held through fd, whose table entry is already clear. */
+static void drop_references(int fd, uint64_t old_word)
 {
-    shim_fd_clear(fd);
     switch (shim_fd_kind_of(old_word)) {
     case SHIM_FD_STACK:
         shim_epoll_forget_fd(fd);
@@ -45,10 +45,38 @@ void shim_fd_release(int fd, uint64_t old_word)
     }
 }
 
+void shim_fd_release(int fd, uint64_t old_word)
+{
+    shim_fd_clear(fd);
+    drop_references(fd, old_word);
+}
+
 static int tracked(uint64_t word)
 {
     enum shim_fd_kind kind = shim_fd_kind_of(word);
     return kind == SHIM_FD_STACK || kind == SHIM_FD_EPOLL || kind == SHIM_FD_CANDIDATE;
+}
+
+/* Closes a tracked fd, the fd lock held.  Its table entry goes before the
+ * number: once the kernel has freed it, another thread may get it back
+ * (accept's eventfd, socket) and record it without our lock; a clear after
+ * the close would wipe that record, and the new stack socket would pass for
+ * a kernel fd (found by the hostile-region fuzzer: an accepted connection's
+ * reads went to the placeholder eventfd, and the download hung). */
+static int close_tracked(int fd, uint64_t word)
+{
+    shim_fd_clear(fd);
+    int result = shim_real.close(fd);
+    int err = errno;
+    /* Linux frees the number even when close reports an I/O error. */
+    if (result == 0 || err != EBADF) {
+        drop_references(fd, word);
+    } else {
+        uint64_t clear = 0; /* not open: the entry as it was, unless the number is taken already */
+        __atomic_compare_exchange_n(&shim_fd_table[fd], &clear, word, 0, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED);
+    }
+    errno = err;
+    return result;
 }
 
 int close(int fd)
@@ -62,14 +90,8 @@ int close(int fd)
     if (!tracked(word))
         return shim_real.close(fd);
     shim_fd_lock();
-    word = shim_fd_word(fd);
-    int result = shim_real.close(fd);
-    int err = errno;
-    /* Linux frees the number even when close reports an I/O error. */
-    if (result == 0 || err != EBADF)
-        shim_fd_release(fd, word);
+    int result = close_tracked(fd, shim_fd_word(fd));
     shim_fd_unlock();
-    errno = err;
     return result;
 }
 
@@ -82,6 +104,14 @@ int close_range(unsigned int first, unsigned int last, int flags)
     shim_fd_lock();
     unsigned int high = (unsigned int)shim_fd_highest(), from = first;
     int result = 0;
+    if (!flags) {
+        /* Ours one by one first, entry before number (see close_tracked). */
+        for (unsigned int fd = first; fd <= last && fd <= high; fd++) {
+            uint64_t word = shim_fd_word((int)fd);
+            if (tracked(word))
+                close_tracked((int)fd, word);
+        }
+    }
     for (unsigned int fd = first; fd <= last && fd <= high && result == 0; fd++) {
         if (shim_fd_kind_of(shim_fd_word((int)fd)) != SHIM_FD_INTERNAL)
             continue;

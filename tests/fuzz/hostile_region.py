@@ -963,14 +963,23 @@ class Fuzzer:
             cell = self.r.cell_off(enqueue + self.r.cmd_capacity // 4 + rng.randrange(self.r.cmd_capacity // 2))
         else:
             target = rng.choice(self.live) if self.live else HUGE_SLOT
+            # Not MTS_OP_WAITER_FREE: its slot field is a waiter id, and a
+            # live slot's id is often a protected waiter's.
             if (target < self.r.nslots and not self.still_ours(target)) \
-                    or not self.r.push(rng.randrange(1, 10), target, 0):
+                    or not self.r.push(rng.randrange(1, lib.MTS_OP_WAITER_FREE), target, 0):
                 return self.count("spared")
             cell = self.r.cell_off(enqueue)
             if self.r.read(cell + CMD_FIELDS["slot"][0], 4) != target:
                 return self.count("command")  # another producer took that position: ours went elsewhere
         value = self.value(size, self.r.read(cell + off, size), (self.r.nslots, HUGE_SLOT))
         if name == "slot" and value < self.r.nslots and not self.still_ours(value):
+            return self.count("spared")
+        # Whatever the stack may take from this cell must not free a protected
+        # waiter (the honest server's thread would sleep on an eventfd nobody
+        # writes any more: its next wait lasts its whole timeout).
+        op = value if name == "op" else self.r.read(cell + CMD_FIELDS["op"][0], 4)
+        slot = value if name == "slot" else self.r.read(cell + CMD_FIELDS["slot"][0], 4)
+        if op == lib.MTS_OP_WAITER_FREE and self.protected_waiter(slot):
             return self.count("spared")
         self.r.write(cell + off, size, value)
         self.r.wake_stack()

@@ -117,6 +117,10 @@ def test_hostile_region_fuzzer_beside_honest_transfers(hostile_net, tmp_path):
     assert observed["fuzzed"] is not None, f"{summary}\n{observed['output_tail']}"
     assert observed["fuzzed"]["writes"] == FUZZ_COUNT, summary
     _assert_alive_and_serving(observed, summary)
+    # The fuzzer spares the honest server's waiters: one freed under it
+    # would leave a thread asleep until its timeout (a stalled download).
+    waiters = observed["fuzzed"].get("honest_waiters") or {}
+    assert waiters.get("after") == waiters.get("before"), f"{summary}\nhonest waiters: {waiters}"
     honest = observed["honest"]
     # Every honest download is byte-exact or reset and counted; none hangs.
     assert honest["transfers"] >= 2 and honest["hung"] == 0 and honest["failed"] == 0, summary
