@@ -223,3 +223,25 @@ def test_commands_for_slots_nobody_allocated_are_refused(world):
     world.settle()
     assert counted(world, "cmd_bad") == 2
     assert free_slot not in world.runtime.sockets
+
+
+def test_the_log_names_the_program_and_the_launcher_s_end_stops_the_stack(world, capsys):
+    """The launcher says `program PID` on its pipe; a reset names that pid;
+    the pipe closing (the launcher died) stops the stack."""
+    read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)
+    world.runtime.launcher_fd = read_end
+    world.runtime._poller.register(read_end)
+    os.write(write_end, b"program 4321\n")
+    listener = listening_socket(world)
+    victim, victim_conn, (victim_tx, _) = accepted_connection(world, listener)
+    lib.mts_slot_at(world.g, victim).rx.tail = 1 << 40
+    victim_tx.write(b"data")
+    victim_conn.send_ready(world.now)
+    world.peer.host.after(victim_conn, world.now)
+    world.settle()
+    assert "the program (pid 4321) corrupted socket" in capsys.readouterr().err
+    os.close(write_end)
+    world.now += world.runtime.HOUSEKEEPING_INTERVAL
+    world.runtime.step(world.now)
+    assert world.runtime.stopping and "the launcher is gone" in capsys.readouterr().err
