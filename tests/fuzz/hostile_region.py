@@ -386,16 +386,9 @@ def serve_blob(port: int, body: bytes, should_stop, max_seconds: float, on_ready
     threads = []
     try:
         while not should_stop() and time.monotonic() < deadline:
-            try:
-                conn, _ = listener.accept()
-            except (TimeoutError, socket.timeout):
+            conn = _accept_one(listener, stats)
+            if conn is None:
                 continue
-            except OSError as err:
-                stats["accept_errors"] = stats.get("accept_errors", 0) + 1
-                stats["last_error"] = repr(err)
-                time.sleep(0.1)
-                continue
-            stats["accepted"] += 1
             threads = [t for t in threads if t.is_alive()]
             if len(threads) >= max_threads:
                 conn.close()
@@ -410,6 +403,21 @@ def serve_blob(port: int, body: bytes, should_stop, max_seconds: float, on_ready
     return stats
 
 
+def _accept_one(listener, stats: dict):
+    """One accept, counted; None on a timeout or an error (after a pause)."""
+    try:
+        conn, _ = listener.accept()
+    except (TimeoutError, socket.timeout):
+        return None
+    except OSError as err:
+        stats["accept_errors"] = stats.get("accept_errors", 0) + 1
+        stats["last_error"] = repr(err)
+        time.sleep(0.1)
+        return None
+    stats["accepted"] += 1
+    return conn
+
+
 def serve_pool(port: int, body: bytes, should_stop, max_seconds: float, on_ready, workers: int = 8) -> dict:
     """The honest server beside the fuzzer: a fixed pool of threads, each
     accepting and serving on one listener.  Every thread has blocked in the
@@ -421,17 +429,9 @@ def serve_pool(port: int, body: bytes, should_stop, max_seconds: float, on_ready
 
     def worker():
         while not should_stop() and time.monotonic() < deadline:
-            try:
-                conn, _ = listener.accept()
-            except (TimeoutError, socket.timeout):
-                continue
-            except OSError as err:
-                stats["accept_errors"] = stats.get("accept_errors", 0) + 1
-                stats["last_error"] = repr(err)
-                time.sleep(0.1)
-                continue
-            stats["accepted"] += 1
-            _serve_connection(conn, body, stats)
+            conn = _accept_one(listener, stats)
+            if conn is not None:
+                _serve_connection(conn, body, stats)
 
     threads = [threading.Thread(target=worker, daemon=True) for _ in range(workers)]
     for thread in threads:
