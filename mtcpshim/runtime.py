@@ -528,8 +528,8 @@ class Runtime:
     def _transmit(self, now: float) -> None:
         frame_tcp = self.iface.frame_tcp
         frames = []
-        for dst_ip, segment in self.host.take_output():
-            frame = frame_tcp(dst_ip, segment, now)
+        for dst_ip, segment, gso_size in self.host.take_output():
+            frame = frame_tcp(dst_ip, segment, now, gso_size)
             if frame is not None:
                 frames.append(frame)
         frames += self.iface.take_frames()  # ARP, ICMP, and frames that waited for ARP

@@ -201,8 +201,8 @@ def bench_keepalive(count):
             tcp = peer_iface.receive(frame, now)
             if tcp is not None:
                 peer_host.receive(*tcp, now)
-        for dst, segment in peer_host.take_output():
-            frame = peer_iface.frame_tcp(dst, segment, now)
+        for dst, segment, gso_size in peer_host.take_output():
+            frame = peer_iface.frame_tcp(dst, segment, now, gso_size)
             if frame is not None:
                 link.inbound.append(bytes(frame))
         link.inbound.extend(bytes(frame) for frame in peer_iface.take_frames())

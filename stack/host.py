@@ -1,6 +1,8 @@
 """The TCP endpoint table of one host: ports, listeners, connections, demux
 and timers.  Sans-IO like the TCP core beneath it: segments in (already
 stripped of IPv4), segments out through `take_output()`, time passed in.
+Each output is (destination, segment bytes, gso_size): a gso_size above 0
+asks the device to cut the segment into pieces of that much payload.
 
 Buffers come from the caller (the runtime hands out shared-memory rings), so
 the host never decides where bytes live.
@@ -82,7 +84,7 @@ class TcpHost:
         self.counters: dict[str, int] = {}
         self._timers: list[tuple[float, int, TcpConnection]] = []
         self._timer_seq = 0
-        self._output: list[tuple[int, bytes]] = []
+        self._output: list[tuple[int, bytes, int]] = []
 
     # -- ports -----------------------------------------------------------
 
@@ -183,7 +185,7 @@ class TcpHost:
             reply = self.time_waits.receive(key, seg, now)
             if reply is not REINCARNATE:
                 if reply is not None:
-                    self._output.append((src_ip, reply.emit(self.ip, src_ip, fill_checksum=False)))
+                    self._output.append((src_ip, reply.emit(self.ip, src_ip, fill_checksum=False), 0))
                 return
         listener = self.listeners.get(seg.dst_port)
         if listener is not None:
@@ -198,7 +200,7 @@ class TcpHost:
         self.count("tcp_no_socket")
         reply = reset_for(seg)
         if reply is not None:
-            self._output.append((src_ip, reply.emit(self.ip, src_ip, fill_checksum=False)))
+            self._output.append((src_ip, reply.emit(self.ip, src_ip, fill_checksum=False), 0))
 
     @staticmethod
     def _reincarnates(conn: TcpConnection, seg: TcpSegment) -> bool:
@@ -277,7 +279,7 @@ class TcpHost:
             reply.timestamp = (tsval, syn.timestamp[0])
         listener.cookies_sent_at = now
         self.count("tcp_syncookies_sent")
-        self._output.append((src_ip, reply.emit(self.ip, src_ip, fill_checksum=False)))
+        self._output.append((src_ip, reply.emit(self.ip, src_ip, fill_checksum=False), 0))
 
     def _open_from_cookie(self, listener: Listener, src_ip: int, ack: TcpSegment,
                           now: float) -> bool:
@@ -327,10 +329,14 @@ class TcpHost:
         out = conn.take_output()
         if out:
             remote = conn.remote_ip
+            mss = conn.send_mss
             emit = self._output.append
             for seg in out:
-                # The interface fills the checksum while framing (C, one pass).
-                emit((remote, seg.emit(self.ip, remote, fill_checksum=False)))
+                # The interface fills the checksum while framing (C, one pass);
+                # a segment longer than the MSS is cut into MSS pieces by the
+                # device (see TcpConfig.gso_max_size).
+                emit((remote, seg.emit(self.ip, remote, fill_checksum=False),
+                      mss if len(seg.payload) > mss else 0))
         if conn.state == TIME_WAIT:
             self._retire(conn, now)
         else:
@@ -414,7 +420,7 @@ class TcpHost:
             conn.on_timer(now)
             self.after(conn, now)
 
-    def take_output(self) -> list[tuple[int, bytes]]:
+    def take_output(self) -> list[tuple[int, bytes, int]]:
         out, self._output = self._output, []
         return out
 

@@ -40,6 +40,7 @@ from stack.wire.ethernet import (BROADCAST, ETHERTYPE_ARP, ETHERTYPE_IPV4,
                                  EthernetHeader)
 from stack.wire.icmp import TYPE_ECHO_REQUEST, IcmpEcho
 from stack.wire.ipv4 import PROTO_ICMP, PROTO_TCP, Ipv4Header
+from stack.wire.vnet import SegmentedFrame
 
 #: Seconds between ARP requests for a neighbour that has not answered.
 ARP_REQUEST_INTERVAL = 1.0
@@ -178,7 +179,7 @@ class Interface:
 
     # ---- transmit ------------------------------------------------------
 
-    def frame_tcp(self, dst_ip: int, segment, now: float) -> bytearray | None:
+    def frame_tcp(self, dst_ip: int, segment, now: float, gso_size: int = 0) -> bytearray | None:
         next_hop = self._next_hop(dst_ip)
         if next_hop is None:
             self.counters["no_route"] += 1
@@ -188,21 +189,30 @@ class Interface:
             if now >= neighbour.refresh_at:
                 self._refresh(next_hop, neighbour, now)
             self.counters["tx_frames"] += 1
-            return self._build_tcp_frame(neighbour.mac, dst_ip, segment)
-        self._hold(next_hop, self._build_tcp_frame(UNKNOWN_MAC, dst_ip, segment), now)
+            return self._build_tcp_frame(neighbour.mac, dst_ip, segment, gso_size)
+        self._hold(next_hop, self._build_tcp_frame(UNKNOWN_MAC, dst_ip, segment, gso_size), now)
         return None
 
-    def _build_tcp_frame(self, dst_mac: bytes, dst_ip: int, segment) -> bytearray:
+    def _build_tcp_frame(self, dst_mac: bytes, dst_ip: int, segment, gso_size: int) -> bytearray:
         ident = self._next_ident()
         if self.accelerated:
-            return fastpath.build_tcp_frame(dst_mac, self.mac, self.ip, dst_ip, ident, segment)
+            return fastpath.build_tcp_frame(dst_mac, self.mac, self.ip, dst_ip, ident, segment,
+                                            gso_size)
         segment = bytearray(segment)
-        segment[_TCP_CHECKSUM_AT:_TCP_CHECKSUM_AT + 2] = b"\0\0"
-        tcp_checksum = fastpath.internet_checksum(
-            segment, pseudo_header_sum(self.ip, dst_ip, PROTO_TCP, len(segment)))
+        pseudo = pseudo_header_sum(self.ip, dst_ip, PROTO_TCP, len(segment))
+        if gso_size:
+            tcp_checksum = pseudo  # the device completes each piece's checksum
+        else:
+            segment[_TCP_CHECKSUM_AT:_TCP_CHECKSUM_AT + 2] = b"\0\0"
+            tcp_checksum = fastpath.internet_checksum(segment, pseudo)
         segment[_TCP_CHECKSUM_AT:_TCP_CHECKSUM_AT + 2] = tcp_checksum.to_bytes(2, "big")
         packet = Ipv4Header(self.ip, dst_ip, PROTO_TCP, ident).emit(segment)
-        return bytearray(EthernetHeader(dst_mac, self.mac, ETHERTYPE_IPV4).emit(packet))
+        frame = EthernetHeader(dst_mac, self.mac, ETHERTYPE_IPV4).emit(packet)
+        if not gso_size:
+            return bytearray(frame)
+        frame = SegmentedFrame(frame)
+        frame.gso_size = gso_size
+        return frame
 
     def send_ip(self, dst_ip: int, protocol: int, payload: bytes, now: float) -> None:
         next_hop = self._next_hop(dst_ip)

@@ -88,6 +88,8 @@ class TcpConfig:
     challenge_ack_limit = 1000   # per second and host (Linux tcp_challenge_ack_limit)
     syn_cookies = True           # answer SYNs with cookies when the backlog is full
     max_ooo_ranges = 32          # out-of-order ranges held for reassembly
+    gso_max_size = 0             # payload bytes one segment may carry for the device
+                                 # to cut into send_mss pieces (TSO/GSO); 0: one MSS
 
     def __init__(self, **overrides):
         for name, value in overrides.items():
@@ -1166,6 +1168,10 @@ class TcpConnection:
             return                         # all sent: the common case on receive
         snd_una = self.snd_una
         mss = self.send_mss
+        # With segmentation offload, one segment carries whole MSS-sized
+        # pieces up to the device's limit; the device cuts it on the wire.
+        burst = self.config.gso_max_size
+        burst = burst - burst % mss if burst > mss else mss
         sack_recovery = self._in_recovery and self.sack_enabled
         if sack_recovery:
             budget = self._retransmit_lost()
@@ -1186,13 +1192,23 @@ class TcpConnection:
         sent = False
         while unsent > 0:
             size = ((window_end - snd_nxt + _HALF) & _MASK) - _HALF
-            if size > mss:
-                size = mss
+            if size > burst:
+                size = burst
             if size > unsent:
                 size = unsent
             if size <= 0:
                 break
-            if size < mss:
+            partial = size % mss
+            if size > mss and partial:
+                # A short piece goes only at the end of the queue, and then
+                # only if Nagle lets it (Linux tcp_mss_split_point); the next
+                # round decides about it alone.
+                if (size < unsent or nagle and snd_nxt != snd_una
+                        and seq_gt(self._snd_sml, snd_una)):
+                    size -= partial
+                else:
+                    self._snd_sml = (snd_nxt + size) & _MASK
+            elif size < mss:
                 if size < unsent:
                     # Sender SWS avoidance (RFC 9293 3.8.6.2.1): a segment
                     # cut short by the window goes only if it is at least

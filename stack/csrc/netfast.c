@@ -129,7 +129,7 @@ uint64_t nf_match_tcp_frame(const uint8_t *frame, size_t len,
 
 void nf_build_tcp_frame(uint8_t *frame, const uint8_t *dst_mac, const uint8_t *src_mac,
                         uint32_t src_ip, uint32_t dst_ip, uint16_t ident,
-                        const uint8_t *segment, size_t segment_len)
+                        const uint8_t *segment, size_t segment_len, int partial_checksum)
 {
     uint8_t *ip = frame + ETH_HEADER_LEN;
     uint8_t *tcp = ip + IPV4_MIN_HEADER_LEN;
@@ -151,8 +151,12 @@ void nf_build_tcp_frame(uint8_t *frame, const uint8_t *dst_mac, const uint8_t *s
     store_be16(ip + 10, (uint16_t)~nf_ones_complement_sum(ip, IPV4_MIN_HEADER_LEN, 0));
 
     memcpy(tcp, segment, segment_len);
-    store_be16(tcp + TCP_CHECKSUM_AT, 0);
     uint64_t pseudo = pseudo_header_sum(src_ip, dst_ip, IPPROTO_TCP_, segment_len);
+    if (partial_checksum) {
+        store_be16(tcp + TCP_CHECKSUM_AT, (uint16_t)fold16(pseudo));
+        return;
+    }
+    store_be16(tcp + TCP_CHECKSUM_AT, 0);
     store_be16(tcp + TCP_CHECKSUM_AT,
                (uint16_t)~nf_ones_complement_sum(tcp, segment_len, pseudo));
 }

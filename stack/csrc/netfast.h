@@ -28,11 +28,13 @@ uint64_t nf_match_tcp_frame(const uint8_t *frame, size_t len,
 /* Writes Ethernet and IPv4 headers (TTL 64, DF, no options) into `frame`,
  * copies `segment` (a whole TCP segment) after them and stores both the IPv4
  * header checksum and the TCP checksum; the segment's own checksum field is
- * ignored.  `frame` holds NF_TCP_FRAME_HEADROOM + segment_len bytes;
+ * ignored.  With `partial_checksum`, the TCP checksum field gets only the
+ * folded pseudo-header sum, for the device to complete (CHECKSUM_PARTIAL).
+ * `frame` holds NF_TCP_FRAME_HEADROOM + segment_len bytes;
  * 20 <= segment_len <= 65515. */
 void nf_build_tcp_frame(uint8_t *frame, const uint8_t *dst_mac, const uint8_t *src_mac,
                         uint32_t src_ip, uint32_t dst_ip, uint16_t ident,
-                        const uint8_t *segment, size_t segment_len);
+                        const uint8_t *segment, size_t segment_len, int partial_checksum);
 
 /* A TPACKET_V2 ring inside a PACKET_MMAP mapping: frame_count frames of
  * frame_size bytes, frames_per_block of them at the start of each

@@ -16,6 +16,14 @@ the TCP core takes one super-segment where it would have taken 45.  Anything
 larger still is dropped and counted as `rx_truncated`.  TX slots are sized
 for base.MTU.  Checksums a local sender left to offload are completed in
 software (`rx_csum_fixed`).
+
+Segmentation offload: a SegmentedFrame (a TCP segment of up to 64 KB, see
+stack/wire/vnet.py) goes out through a second packet socket without rings
+that carries a virtio_net_hdr (PACKET_VNET_HDR): the NIC or the kernel cuts
+it into MSS-sized segments, and on a veth it crosses whole.  One send() per
+64 KB beats a ring slot of that size (about 5 vs 13 us on a veth here).
+Frames keep their order: queued ring frames are flushed before each one.
+`gso_max_size` is 0 when the kernel has no PACKET_VNET_HDR.
 """
 import errno
 import fcntl
@@ -25,6 +33,7 @@ import struct
 
 from stack import fastpath
 from stack.io.base import MAX_FRAME_LEN, PacketIOError
+from stack.wire.vnet import SegmentedFrame
 
 _SOL_PACKET = 263
 _PACKET_RX_RING = 5
@@ -32,6 +41,7 @@ _PACKET_STATISTICS = 6
 _PACKET_VERSION = 10
 _PACKET_TX_RING = 13
 _PACKET_LOSS = 14
+_PACKET_VNET_HDR = 15
 _PACKET_QDISC_BYPASS = 20
 _PACKET_IGNORE_OUTGOING = 23
 _TPACKET_V2 = 1
@@ -49,6 +59,10 @@ _RX_BLOCK_SIZE = 1 << 20
 # TX slots are a power of two so that they tile a page.
 TX_SLOT_SIZE = 1 << (_RX_HEADROOM + MAX_FRAME_LEN - 1).bit_length()
 _TX_BLOCK_SIZE = max(mmap.PAGESIZE, TX_SLOT_SIZE)
+_ETH_P_IP = 0x0800
+#: Payload bytes of the largest segment handed to the kernel to cut: what
+#: fits in one IPv4 packet with the largest TCP header.
+GSO_MAX_SIZE = 65535 - 20 - 60
 
 _TPACKET_REQ = struct.Struct("IIII")       # block size, blocks, frame size, frames
 _TPACKET_STATS = struct.Struct("II")       # packets, drops (reading resets them)
@@ -75,11 +89,31 @@ class AfPacketIO:
         except PermissionError:
             raise PacketIOError(f"AF_PACKET on {ifname} needs CAP_NET_RAW "
                                 "(run as root or grant the capability)") from None
+        self._gso_sock = None
         try:
             self._setup(ifname, rx_slots, tx_slots)
+            self._gso_sock = self._open_gso_socket()
         except BaseException:
             self._sock.close()
             raise
+        self.gso_max_size = GSO_MAX_SIZE if self._gso_sock is not None else 0
+        self._tx_segmented = 0
+
+    def _open_gso_socket(self) -> socket.socket | None:
+        """A send-only packet socket whose frames carry a virtio_net_hdr;
+        None if the kernel cannot.  Protocol 0: it receives nothing."""
+        # No PACKET_QDISC_BYPASS here: the direct path drops a frame that a
+        # device without TSO needs cut in software.
+        sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+        try:
+            sock.setsockopt(_SOL_PACKET, _PACKET_VNET_HDR, 1)
+        except OSError as error:
+            sock.close()
+            if error.errno == errno.ENOPROTOOPT:
+                return None
+            raise
+        self._gso_address = (self.ifname, _ETH_P_IP)
+        return sock
 
     def _setup(self, ifname: str, rx_slots: int, tx_slots: int) -> None:
         ffi, lib = fastpath.ffi, fastpath.lib
@@ -157,6 +191,34 @@ class AfPacketIO:
     def send_batch(self, frames: list) -> int:
         if not frames:
             return 0
+        if self._gso_sock is None:
+            return self._send_ring(frames)
+        sent = 0
+        start = 0
+        for index, frame in enumerate(frames):
+            if type(frame) is SegmentedFrame:
+                sent += self._send_ring(frames[start:index]) + self._send_segmented(frame)
+                start = index + 1
+        return sent + self._send_ring(frames[start:])
+
+    def _send_segmented(self, frame: SegmentedFrame) -> int:
+        try:
+            self._gso_sock.sendmsg([frame.vnet_header(), frame], (), socket.MSG_DONTWAIT,
+                                   self._gso_address)
+        except (BlockingIOError, InterruptedError):
+            self._stats.tx_ring_full += 1
+            return 0
+        except OSError as error:
+            if error.errno not in (errno.ENOBUFS, errno.EMSGSIZE, errno.EINVAL):
+                raise
+            self._stats.tx_rejected += 1
+            return 0
+        self._tx_segmented += 1
+        return 1
+
+    def _send_ring(self, frames: list) -> int:
+        if not frames:
+            return 0
         # One C call for the batch: the frames laid end to end plus their lengths.
         lengths = self._new_lengths("uint32_t[]", [len(frame) for frame in frames])
         queued = self._queue(self._tx, b"".join(frames), lengths, len(frames), self._stats)
@@ -178,7 +240,7 @@ class AfPacketIO:
         return {"rx_kernel_drops": self._rx_kernel_drops,
                 "rx_truncated": stats.rx_truncated, "rx_csum_fixed": stats.rx_csum_fixed,
                 "tx_ring_full": stats.tx_ring_full, "tx_oversize": stats.tx_oversize,
-                "tx_rejected": stats.tx_rejected}
+                "tx_rejected": stats.tx_rejected, "tx_segmented": self._tx_segmented}
 
     def close(self) -> None:
         if self._sock.fileno() < 0:
@@ -186,6 +248,8 @@ class AfPacketIO:
         fastpath.ffi.release(self._map_view)
         self._map.close()
         self._sock.close()
+        if self._gso_sock is not None:
+            self._gso_sock.close()
 
     def __enter__(self) -> "AfPacketIO":
         return self

@@ -234,6 +234,11 @@ class ImpairedIO:
     def mac(self) -> bytes:
         return self.inner.mac
 
+    @property
+    def gso_max_size(self) -> int:
+        # Transmit faults act on wire segments, so the stack cuts them itself.
+        return 0 if self._tx is not None else self.inner.gso_max_size
+
     def fileno(self) -> int:
         return self.inner.fileno()
 

@@ -27,6 +27,7 @@ def random_local_mac() -> bytes:
 
 
 class TapIO:
+    gso_max_size = 0
     def __init__(self, name: str, mac: bytes | None = None):
         if len(name.encode()) >= _IFNAMSIZ:
             raise PacketIOError(f"interface name too long: {name}")

@@ -54,8 +54,8 @@ class Peer:
 
     def transmit(self, now):
         frames = []
-        for dst, seg in self.host.take_output():
-            frame = self.iface.frame_tcp(dst, seg, now)
+        for dst, seg, gso_size in self.host.take_output():
+            frame = self.iface.frame_tcp(dst, seg, now, gso_size)
             if frame is not None:
                 frames.append(bytes(frame))
         return frames + [bytes(f) for f in self.iface.take_frames()]
