@@ -65,6 +65,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--gateway", type=_ipv4_address, help="next hop for destinations off the prefix")
     run.add_argument("--io", choices=("afpacket", "tap"), default="afpacket", help="packet I/O backend")
     run.add_argument("--pcap", metavar="FILE", help="write every frame the stack sends and receives")
+    run.add_argument("--profile", metavar="FILE",
+                     help="profile the stack's loop, written to FILE when it stops (python3 -m pstats FILE)")
     run.add_argument("--spin-us", type=float, default=0.0,
                      help="microseconds the idle stack polls before it sleeps (default 0)")
     run.add_argument("--impair", type=_impairment, metavar="SPEC",
@@ -138,7 +140,7 @@ def _run(args) -> int:
     if args.netns and not netns_exists(args.netns):
         raise launcher.LaunchError(f"no such network namespace: {args.netns}")
     options = launcher.StackOptions(netns=args.netns, iface=args.iface, ip=args.ip, gateway=args.gateway,
-                                    io=args.io, pcap=args.pcap, spin_us=args.spin_us,
+                                    io=args.io, pcap=args.pcap, profile=args.profile, spin_us=args.spin_us,
                                     impair=args.impair, stack_user=args.stack_user)
     return launcher.run(options, argv, user=args.user)
 

@@ -52,6 +52,7 @@ class StackOptions:
     gateway: ipaddress.IPv4Address | None = None
     io: str = "afpacket"
     pcap: str | None = None
+    profile: str | None = None  # cProfile output of the stack's loop
     spin_us: float = 0.0
     impair: str | None = None   # an ImpairSpec (stack/io/impair.py), already validated
     stack_user: str = "nobody"  # whom the stack serves as once its packet I/O is open
@@ -141,6 +142,7 @@ def _run_stack_and_program(options: StackOptions, argv: list[str], program_user:
         + (["--netns", options.netns] if options.netns else [])
         + (["--gateway", str(options.gateway)] if options.gateway else [])
         + (["--pcap", options.pcap] if options.pcap else [])
+        + (["--profile", options.profile] if options.profile else [])
         + (["--impair", options.impair] if options.impair else []),
         pass_fds=(region.fd, ctl_stack.fileno(), wake_fd, ready_w, death_w, launcher_r))
     ctl_stack.close()
