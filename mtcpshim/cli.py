@@ -52,6 +52,10 @@ def _parser() -> argparse.ArgumentParser:
     tn_up = tn_commands.add_parser("up", help=f"create {net.cli_ns} and {net.srv_ns} joined by a veth pair")
     tn_up.add_argument("--loss", type=float, metavar="PCT",
                        help="drop PCT%% of packets in each direction (nftables on the client's veth)")
+    tn_up.add_argument("--no-offloads", action="store_true",
+                       help="turn checksum offload, TSO, GSO and GRO off on both veth ends and send one "
+                            "segment per frame, so that loss counts wire frames (without it the veth keeps "
+                            "the kernel's default offloads, and up restores them)")
     tn_commands.add_parser("down", help="remove the test network")
     tn_commands.add_parser("status", help="show the test network")
     tn_exec = tn_commands.add_parser("exec", help=f"run a command in {net.cli_ns} on the kernel stack")
@@ -94,7 +98,11 @@ def _strip_dashes(argv: list[str]) -> list[str]:
 
 
 def _render_status(status: dict) -> str:
-    lines = [f"test network: {'up' if status['up'] else 'down or incomplete'}"]
+    if status["up"]:
+        variant = "the kernel's default offloads" if status["offloads"] else "offloads off, one segment per frame"
+        lines = [f"test network: up, {variant}"]
+    else:
+        lines = ["test network: down or incomplete"]
     for name, present in status["namespaces"].items():
         lines.append(f"  namespace {name}: {'present' if present else 'missing'}")
     for name, link in status["links"].items():
@@ -104,7 +112,7 @@ def _render_status(status: dict) -> str:
         offloads = [feature for feature, on in link["offloads"].items() if on]
         lines.append(f"  {name} in {link['netns']}: {'up' if link['admin_up'] else 'down'}, "
                      f"addresses {', '.join(link['addresses']) or 'none'}, "
-                     f"offloads {', '.join(offloads) or 'off'}")
+                     f"offloads {', '.join(offloads) or 'off'}, gso_max_segs {link['gso_max_segs']}")
     loss = status["loss"]
     lines.append("  loss: none" if loss is None else
                  f"  loss: {loss['percent']}% each way ({loss['dropped_to_client']} frames dropped "
@@ -114,7 +122,7 @@ def _render_status(status: dict) -> str:
 
 def _testnet(args) -> int:
     if args.action == "up":
-        testnet.up(loss_percent=args.loss)
+        testnet.up(loss_percent=args.loss, net=testnet.FRAME_EXACT_TESTNET if args.no_offloads else testnet.TESTNET)
     elif args.action == "down":
         testnet.down()
     elif args.action == "status":

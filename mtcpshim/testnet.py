@@ -6,8 +6,13 @@
     mtcp-lost (IFB, always down): sink for frames the loss rule picks
 
 Both ends run without IPv6 (the stack is IPv4-only and the kernel's router
-solicitations would be noise) and without offloads, so an AF_PACKET socket on
-mtcp-s sees wire-sized frames with complete checksums.
+solicitations would be noise).  Offloads stay as the kernel ships a veth
+(checksum offload, TSO and GSO on): a kernel sender's 64 KB frames cross
+whole, as a NIC with GRO hands merged frames to a packet socket.  The
+frame-exact variant (TestNet.offloads False, `testnet up --no-offloads`)
+turns them off and sends one segment per frame with complete checksums, so
+that loss and duplication count wire frames; up() switches a network
+between the two in place.
 
 Optional random loss is applied on mtcp-c, outside our stack code, by the
 nftables netdev table `mtcpshim_loss`:
@@ -59,13 +64,15 @@ class TestNet:
     srv_ip: str = "198.18.0.2"
     prefix: int = 24
     loss_table: str = "mtcpshim_loss"
-    # False: offloads off and one segment per frame, so loss and duplication
-    # count wire frames.  True: the veth as the kernel ships it (checksum
-    # offload, TSO/GSO: a kernel sender's 64 KB frames cross whole).
-    offloads: bool = False
+    # True: the veth as the kernel ships it (checksum offload, TSO/GSO: a
+    # kernel sender's 64 KB frames cross whole).  False: offloads off and one
+    # segment per frame, so loss and duplication count wire frames.
+    offloads: bool = True
 
 
 TESTNET = TestNet()
+# The same network, one segment per frame (`mtcpshim testnet up --no-offloads`).
+FRAME_EXACT_TESTNET = dataclasses.replace(TESTNET, offloads=False)
 
 # A frame is lost when numgen random mod LOSS_SCALE <= threshold - 1 (nft
 # limits the right-hand side to the numgen range, so 100 % cannot be written
@@ -83,6 +90,10 @@ OFFLOADS = {
     "gso": (0x23, 0x24),
     "gro": (0x2B, 0x2C),
 }
+# What a new veth has on.  GRO is left as the kernel sets it (off on a veth
+# unless XDP or a user asks), so only the frame-exact variant touches it.
+SHIPPED_OFFLOADS = ("tx-checksum", "tso", "gso")  # in this order: TSO needs checksum offload
+SHIPPED_GSO_MAX_SEGS = 65535  # GSO_MAX_SEGS, a new link's default
 
 
 # --- public interface -------------------------------------------------------
@@ -92,8 +103,9 @@ def up(loss_percent: float | None = None, net: TestNet = TESTNET) -> None:
     """Build the test network, repairing whatever is missing or misconfigured.
 
     Anything already as it should be is left alone, so a running stack keeps
-    its interface. `loss_percent` (0 to 100, step 0.01) sets random loss in
-    each direction; None or 0 removes it.
+    its interface; a network in the other offload variant than `net.offloads`
+    is switched in place.  `loss_percent` (0 to 100, step 0.01) sets random
+    loss in each direction; None or 0 removes it.
     """
     _preflight()
     loss_threshold = _loss_threshold(loss_percent)
@@ -133,8 +145,7 @@ def _build_links(net: TestNet) -> None:
     ):
         # Before the link goes up, so the kernel never sends a router solicitation.
         _disable_ipv6(ns, ifname)
-        if not net.offloads:
-            _disable_offloads(ns, ifname)
+        _set_offloads(ns, ifname, net.offloads)
         link = _probe_link(ns, ifname)
         if link["addresses"] != addresses:
             _run(["ip", "-n", ns, "addr", "flush", "dev", ifname])
@@ -145,8 +156,9 @@ def _build_links(net: TestNet) -> None:
 
     # TCP builds GSO super-packets even with TSO off and splits them only after
     # the egress hook; one segment per packet makes loss count wire frames.
-    if not net.offloads:
-        _run(["ip", "-n", net.cli_ns, "link", "set", "dev", net.cli_if, "gso_max_segs", "1"])
+    gso_max_segs = SHIPPED_GSO_MAX_SEGS if net.offloads else 1
+    if _probe_link(net.cli_ns, net.cli_if)["gso_max_segs"] != gso_max_segs:
+        _run(["ip", "-n", net.cli_ns, "link", "set", "dev", net.cli_if, "gso_max_segs", str(gso_max_segs)])
 
 
 def _links_survive(net: TestNet) -> bool:
@@ -165,7 +177,8 @@ def down(net: TestNet = TESTNET) -> None:
 def status(net: TestNet = TESTNET) -> dict:
     """What exists and how it is configured.
 
-    {"up": bool,                         # everything up() builds is in place
+    {"up": bool,                         # everything up() builds is in place, in either variant
+     "offloads": True | False | None,    # the kernel's defaults, frame-exact (off), or neither
      "namespaces": {name: bool},
      "links": {ifname: {"netns", "present", "admin_up", "addresses",
                         "ipv6_disabled", "offloads": {feature: bool},
@@ -179,6 +192,7 @@ def status(net: TestNet = TESTNET) -> dict:
         for ns, ifname in ((net.cli_ns, net.cli_if), (net.srv_ns, net.srv_if), (net.cli_ns, net.sink_if))
     }
     client, server = links[net.cli_if], links[net.srv_if]
+    offloads = _offload_variant(client, server)
     complete = (
         all(namespaces.values())
         and all(link["present"] for link in links.values())
@@ -186,11 +200,11 @@ def status(net: TestNet = TESTNET) -> dict:
         and client["addresses"] == [f"{net.cli_ip}/{net.prefix}"]
         and server["addresses"] == []
         and client["ipv6_disabled"] and server["ipv6_disabled"]
-        and (net.offloads or not any(client["offloads"].values()) and not any(server["offloads"].values())
-             and client["gso_max_segs"] == 1)
+        and offloads is not None
     )
     return {
         "up": complete,
+        "offloads": offloads,
         "namespaces": namespaces,
         "links": links,
         "loss": _probe_loss(net) if namespaces[net.cli_ns] else None,
@@ -312,11 +326,28 @@ def _read_offloads(ns: str, ifname: str) -> dict[str, bool]:
         return {name: bool(_ethtool(sock, ifname, get)) for name, (get, _) in OFFLOADS.items()}
 
 
-def _disable_offloads(ns: str, ifname: str) -> None:
+def _set_offloads(ns: str, ifname: str, shipped: bool) -> None:
+    """The shipped offloads on (GRO untouched), or every offload off."""
+    wanted = dict.fromkeys(SHIPPED_OFFLOADS, True) if shipped else dict.fromkeys(OFFLOADS, False)
     with enter_netns(ns), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        for name, (get, set_) in OFFLOADS.items():
-            if _ethtool(sock, ifname, get):
-                _ethtool(sock, ifname, set_, 0)
+        for name, on in wanted.items():
+            get, set_ = OFFLOADS[name]
+            if bool(_ethtool(sock, ifname, get)) != on:
+                _ethtool(sock, ifname, set_, int(on))
+                # The kernel drops a feature whose dependencies are off without an error.
+                if bool(_ethtool(sock, ifname, get)) != on:
+                    raise TestNetError(f"could not turn {name} {'on' if on else 'off'} on {ifname} in {ns}")
+
+
+def _offload_variant(client: dict, server: dict) -> bool | None:
+    """True: the shipped offloads on both ends; False: frame-exact; None: neither."""
+    ends = (client, server)
+    if all(all(end["offloads"].get(name) for name in SHIPPED_OFFLOADS) for end in ends) \
+            and client["gso_max_segs"] == SHIPPED_GSO_MAX_SEGS:
+        return True
+    if all(end["present"] and not any(end["offloads"].values()) for end in ends) and client["gso_max_segs"] == 1:
+        return False
+    return None
 
 
 def _install_loss(net: TestNet, threshold: int) -> None:

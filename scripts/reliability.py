@@ -20,6 +20,7 @@ removed afterwards).  Results are printed as Markdown and, with --json,
 written as JSON, merged into what the file already holds.
 """
 import argparse
+import contextlib
 import json
 import os
 import pathlib
@@ -38,61 +39,76 @@ MIB = 1024 * 1024
 
 
 def run_faults(size_mib: int, timeout: float) -> dict:
+    """Each fault on the network it needs (faultnet.needs_frame_exact), with a
+    fault-free baseline on each network used."""
     results = {"size_bytes": size_mib * MIB, "runs": []}
-    with tempfile.TemporaryDirectory(prefix="mtcpshim-faults-") as scratch, faultnet.private_network() as net:
+    plan = [("none", {}, False), ("none", {}, True)] + [
+        (name, settings, faultnet.needs_frame_exact(settings)) for name, settings in faultnet.FAULTS.items()]
+    with tempfile.TemporaryDirectory(prefix="mtcpshim-faults-") as scratch, contextlib.ExitStack() as networks:
         scratch = pathlib.Path(scratch)
         docroot = scratch / "docroot"
         docroot.mkdir()
         faultnet.make_body(docroot / "body.bin", size_mib * MIB)
-        with faultnet.kernel_http_server(net, docroot, scratch / "http.log") as kernel_url:
-            for name, settings in {"none": {}, **faultnet.FAULTS}.items():
-                settings = dict(settings)
-                impair = settings.pop("impair", None)
-                faultnet.set_link_faults(net, **settings)
-                try:
-                    for direction in ("stack sends", "stack receives"):
-                        workdir = scratch / "run"
-                        workdir.mkdir(exist_ok=True)
-                        print(f"faults: {name}, {direction}, {size_mib} MiB ...", file=sys.stderr, flush=True)
-                        try:
-                            if direction == "stack sends":
-                                transfer = faultnet.stack_sends(net, docroot, "body.bin", workdir, impair, timeout)
-                            else:
-                                transfer = faultnet.stack_receives(net, kernel_url, docroot, "body.bin", workdir,
-                                                                   impair, timeout)
-                        except faultnet.FaultRunError as err:
-                            results["runs"].append({"fault": name, "direction": direction, "error": str(err)})
-                            continue
-                        results["runs"].append({
-                            "fault": name, "direction": direction, "impair": impair, **settings,
-                            "bytes": transfer.size, "seconds": round(transfer.seconds, 2),
-                            "mb_per_s": round(transfer.megabytes_per_second, 3), "exact": transfer.exact,
-                            "stack_peak_rss_kib": transfer.stack_counters["peak_rss_kib"],
-                            "stack": faultnet.stack_drop_counters(transfer.stack_counters),
-                            "kernel": {k: v for k, v in transfer.kernel_counters.items() if v},
-                            "link": {k: v for k, v in transfer.link_counters.items() if v},
-                        })
-                        print(f"    {transfer.size} bytes in {transfer.seconds:.1f} s, exact={transfer.exact}",
-                              file=sys.stderr, flush=True)
-                finally:
-                    faultnet.set_link_faults(net)
+        made = {}
+        for frame_exact in (False, True):
+            net = networks.enter_context(faultnet.private_network(offloads=not frame_exact))
+            made[frame_exact] = net, networks.enter_context(
+                faultnet.kernel_http_server(net, docroot, scratch / f"http-{net.cli_ns}.log"))
+        for name, settings, frame_exact in plan:
+            net, kernel_url = made[frame_exact]
+            settings = dict(settings)
+            impair = settings.pop("impair", None)
+            offloads = "off" if frame_exact else "on"
+            faultnet.set_link_faults(net, **settings)
+            try:
+                for direction in ("stack sends", "stack receives"):
+                    workdir = scratch / "run"
+                    workdir.mkdir(exist_ok=True)
+                    print(f"faults: {name} (offloads {offloads}), {direction}, {size_mib} MiB ...",
+                          file=sys.stderr, flush=True)
+                    try:
+                        if direction == "stack sends":
+                            transfer = faultnet.stack_sends(net, docroot, "body.bin", workdir, impair, timeout)
+                        else:
+                            transfer = faultnet.stack_receives(net, kernel_url, docroot, "body.bin", workdir,
+                                                               impair, timeout)
+                    except faultnet.FaultRunError as err:
+                        results["runs"].append({"fault": name, "offloads": offloads, "direction": direction,
+                                                "error": str(err)})
+                        continue
+                    results["runs"].append({
+                        "fault": name, "offloads": offloads, "direction": direction, "impair": impair, **settings,
+                        "bytes": transfer.size, "seconds": round(transfer.seconds, 2),
+                        "mb_per_s": round(transfer.megabytes_per_second, 3), "exact": transfer.exact,
+                        "stack_peak_rss_kib": transfer.stack_counters["peak_rss_kib"],
+                        "stack": faultnet.stack_drop_counters(transfer.stack_counters),
+                        "kernel": {k: v for k, v in transfer.kernel_counters.items() if v},
+                        "link": {k: v for k, v in transfer.link_counters.items() if v},
+                    })
+                    print(f"    {transfer.size} bytes in {transfer.seconds:.1f} s, exact={transfer.exact}",
+                          file=sys.stderr, flush=True)
+            finally:
+                faultnet.set_link_faults(net)
     return results
 
 
 def faults_markdown(results: dict) -> str:
-    lines = [f"Body: {results['size_bytes'] // MIB} MiB each way per fault.", "",
-             "| fault | direction | bytes | seconds | MB/s | sha256 equal | stack peak RSS | what the faults did |",
-             "|---|---|---:|---:|---:|---|---:|---|"]
+    lines = [f"Body: {results['size_bytes'] // MIB} MiB each way per fault. Offloads: the veth at the "
+             "kernel's defaults (on) or frame-exact (off, for nftables loss and duplication).", "",
+             "| fault | offloads | direction | bytes | seconds | MB/s | sha256 equal | stack peak RSS "
+             "| what the faults did |",
+             "|---|---|---|---:|---:|---:|---|---:|---|"]
     for run in results["runs"]:
         if "error" in run:
-            lines.append(f"| {run['fault']} | {run['direction']} | | | | **failed** | | {run['error']} |")
+            lines.append(f"| {run['fault']} | {run['offloads']} | {run['direction']} | | | | **failed** | "
+                         f"| {run['error']} |")
             continue
         evidence = {**run["link"], **{k: v for k, v in run["stack"].items() if k.startswith("impair_")}}
         drops = {k: v for k, v in run["stack"].items() if not k.startswith("impair_")}
         kernel = {k: v for k, v in run["kernel"].items() if k.split(".")[1] in (
             "InCsumErrors", "InHdrErrors", "TCPDSACKOldSent", "TCPDSACKRecv", "RetransSegs")}
         detail = ", ".join(f"{k} {v}" for k, v in {**evidence, **drops, **kernel}.items())
-        lines.append(f"| {run['fault']} | {run['direction']} | {run['bytes']} | {run['seconds']} | "
+        lines.append(f"| {run['fault']} | {run['offloads']} | {run['direction']} | {run['bytes']} | {run['seconds']} | "
                      f"{run['mb_per_s']} | {'yes' if run['exact'] else '**NO**'} | "
                      f"{run['stack_peak_rss_kib'] // 1024} MiB | {detail} |")
     return "\n".join(lines)

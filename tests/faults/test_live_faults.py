@@ -4,24 +4,40 @@ stack serving a client on the kernel, and curl under the stack fetching from
 the kernel's http.server.  Each body arrives byte-exact (sha256), and what
 the faults did is visible in the counters on both sides.
 
+Faults that nftables makes run on the frame-exact network, the stack's own
+injector on the network as the kernel ships it (faultnet.needs_frame_exact).
+
 The CI variant moves a few MiB per run; MTCPSHIM_LONG=1 moves 256 MiB
 (scripts/reliability.py runs the long variant and writes the figures)."""
+import dataclasses
+
 import pytest
 
-from faultnet import BODY_SIZE, FAULTS, LONG, set_link_faults, stack_drop_counters, stack_receives, stack_sends
+from faultnet import (BODY_SIZE, FAULTS, LONG, needs_frame_exact, set_link_faults, stack_drop_counters,
+                      stack_receives, stack_sends)
 
 TIMEOUT = 3600 if LONG else 120
 
 
+@dataclasses.dataclass
+class Fault:
+    net: object
+    impair: str | None
+    link: dict           # set_link_faults' arguments
+    frame_exact: bool
+
+
 @pytest.fixture(params=list(FAULTS))
-def fault(request, fault_net):
+def fault(request):
     settings = dict(FAULTS[request.param])
     impair = settings.pop("impair", None)
-    set_link_faults(fault_net, **settings)
+    frame_exact = needs_frame_exact(settings)
+    net = request.getfixturevalue("frame_exact_net" if frame_exact else "fault_net")
+    set_link_faults(net, **settings)
     try:
-        yield impair, settings
+        yield Fault(net, impair, settings, frame_exact)
     finally:
-        set_link_faults(fault_net)
+        set_link_faults(net)
 
 
 def check_faults_were_applied(transfer, impair, link):
@@ -40,17 +56,16 @@ def check_faults_were_applied(transfer, impair, link):
         assert dropped == corrupted_in
 
 
-def test_stack_sends_to_kernel(fault, fault_net, docroot, tmp_path):
-    impair, link = fault
-    transfer = stack_sends(fault_net, docroot, "body.bin", tmp_path, impair, TIMEOUT)
+def test_stack_sends_to_kernel(fault, docroot, tmp_path):
+    transfer = stack_sends(fault.net, docroot, "body.bin", tmp_path, fault.impair, TIMEOUT)
     assert transfer.size == BODY_SIZE
     assert transfer.exact
-    check_faults_were_applied(transfer, impair, link)
+    check_faults_were_applied(transfer, fault.impair, fault.link)
 
 
-def test_stack_receives_from_kernel(fault, fault_net, kernel_url, docroot, tmp_path):
-    impair, link = fault
-    transfer = stack_receives(fault_net, kernel_url, docroot, "body.bin", tmp_path, impair, TIMEOUT)
+def test_stack_receives_from_kernel(fault, docroot, tmp_path, request):
+    kernel_url = request.getfixturevalue("frame_exact_kernel_url" if fault.frame_exact else "kernel_url")
+    transfer = stack_receives(fault.net, kernel_url, docroot, "body.bin", tmp_path, fault.impair, TIMEOUT)
     assert transfer.size == BODY_SIZE
     assert transfer.exact
-    check_faults_were_applied(transfer, impair, link)
+    check_faults_were_applied(transfer, fault.impair, fault.link)

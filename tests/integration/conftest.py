@@ -3,6 +3,7 @@
 Everything started here is stopped by pid in teardown, and the test network
 is removed again if these tests created it.
 """
+import dataclasses
 import os
 import subprocess
 import sys
@@ -17,11 +18,11 @@ from netharness import HTTP_PORT, LARGE_FILE_SIZE, NET, in_client, shim_lighttpd
 def test_network():
     if os.geteuid() != 0:
         pytest.skip("needs root for network namespaces")
-    existed = testnet.status()["up"]
+    found = testnet.status()
     testnet.up(loss_percent=None)
     yield NET
-    if existed:
-        testnet.up(loss_percent=None)
+    if found["up"]:
+        testnet.up(loss_percent=None, net=dataclasses.replace(NET, offloads=found["offloads"]))
     else:
         testnet.down()
 

@@ -1,8 +1,8 @@
-"""A veth pair as the kernel ships it: checksum offload and TSO/GSO on, so a
-kernel sender hands the link 64 KB super-frames, as a NIC with GRO hands
-merged frames to a packet socket.  256 MiB each way, byte-exact, nothing
-truncated; the rates go to the test's output (the bench compares them with
-the kernel's)."""
+"""The test network as it ships, a veth pair at the kernel's defaults:
+checksum offload and TSO/GSO on, so a kernel sender hands the link 64 KB
+super-frames, as a NIC with GRO hands merged frames to a packet socket.
+256 MiB each way, byte-exact, nothing truncated; the rates go to the test's
+output (the bench compares them with the kernel's)."""
 import os
 import pathlib
 import sys
@@ -22,7 +22,7 @@ TIMEOUT = 300
 def net():
     if os.geteuid() != 0:
         pytest.skip("needs root for network namespaces")
-    with private_network(offloads=True) as net:
+    with private_network() as net:
         yield net
 
 

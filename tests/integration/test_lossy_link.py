@@ -10,7 +10,8 @@ LOSS_PERCENT = 2
 
 @pytest.fixture
 def lossy_link(test_network):
-    testnet.up(loss_percent=LOSS_PERCENT)
+    # 2% of wire frames, not of 64 KB GSO frames: one segment per frame.
+    testnet.up(loss_percent=LOSS_PERCENT, net=testnet.FRAME_EXACT_TESTNET)
     try:
         yield
     finally:

@@ -5,6 +5,7 @@ developer's mtcp-cli / mtcp-srv are never touched; the code path is the one
 the CLI uses. Interface names and addresses are the real ones.
 """
 
+import dataclasses
 import os
 import secrets
 import socket
@@ -61,10 +62,34 @@ def test_up_builds_the_documented_topology(net):
     assert server["addresses"] == []  # the user-level stack owns 198.18.0.2
     for link in (client, server):
         assert link["ipv6_disabled"]
-        assert link["offloads"] == {"tx-checksum": False, "tso": False, "gso": False, "gro": False}
-    assert client["gso_max_segs"] == 1
+        assert all(link["offloads"][name] for name in ("tx-checksum", "tso", "gso"))  # as the kernel ships a veth
+    assert client["gso_max_segs"] == 65535
+    assert state["offloads"] is True
     assert state["links"][net.sink_if]["present"] and not state["links"][net.sink_if]["admin_up"]
     assert state["loss"] is None
+
+
+@requires_root
+def test_frame_exact_variant_sends_one_segment_per_frame(net):
+    testnet.up(net=dataclasses.replace(net, offloads=False))
+
+    state = testnet.status(net)
+    assert state["up"] and state["offloads"] is False
+    for ifname in (net.cli_if, net.srv_if):
+        assert state["links"][ifname]["offloads"] == {"tx-checksum": False, "tso": False, "gso": False, "gro": False}
+    assert state["links"][net.cli_if]["gso_max_segs"] == 1
+
+
+@requires_root
+def test_up_switches_the_offload_variant_in_place(net):
+    testnet.up(1, net=net)
+    before = testnet.status(net), ifindex(net.srv_ns, net.srv_if)
+
+    testnet.up(1, net=dataclasses.replace(net, offloads=False))
+    assert testnet.status(net)["offloads"] is False
+    testnet.up(1, net=net)
+
+    assert (testnet.status(net), ifindex(net.srv_ns, net.srv_if)) == before
 
 
 @requires_root
