@@ -1,5 +1,6 @@
 """`mtcpshim bench`: the same lighttpd and iperf3 on the kernel's TCP stack
-and on ours, side by side on the test network.
+and on ours, side by side on the test network at the kernel's default
+offloads; bulk and iperf3 also on its frame-exact variant (offloads off).
 
     workloads   the client commands (wrk, iperf3) and their parsers
     servers     the server side on either stack, started and stopped by pid

@@ -91,7 +91,9 @@ def _present(values) -> list[float]:
 def markdown_table(summaries: list[WorkloadSummary], records: list[RunRecord], settings: Settings) -> str:
     lines = [
         f"{settings.runs} run(s) of {settings.duration} s per workload and stack, interleaved kernel/shim; "
-        f"{settings.connections} connections for keepalive and close. Median (min-max); "
+        f"{settings.connections} connections for keepalive and close. The test network's veth keeps the "
+        "kernel's default offloads (checksum, TSO, GSO); rows marked \"offloads off\" run on its frame-exact "
+        "variant (offloads off, one segment per frame). Median (min-max); "
         "shim/kernel is the median of per-run ratios. CPU is per request (µs) or per GB (s): "
         "server = lighttpd/iperf3 plus the stack process, machine = all CPUs from /proc/stat.",
         "",
@@ -240,10 +242,12 @@ def write_json(path: str, records: list[RunRecord], summaries: list[WorkloadSumm
         "machine": machine_info(),
         "settings": {"workloads": [w.name for w in settings.workloads], "duration_s": settings.duration,
                      "runs": settings.runs, "connections": settings.connections},
+        "network": "the test network at the kernel's default offloads; measures named *-offloads-off on its "
+                   "frame-exact variant (offloads off, one segment per frame)",
         "units": {"throughput": "req/s for keepalive, close, latency; Gbit/s for bulk and iperf",
                   "cpu_per_unit": "CPU µs per request for keepalive, close, latency; CPU s per GB for bulk and iperf"},
         "runs": [dataclasses.asdict(r) for r in records],
-        "summary": [{"workload": s.workload.name,
+        "summary": [{"workload": s.workload.name, "offloads": s.workload.offloads,
                      "stacks": {stack: dataclasses.asdict(summary) for stack, summary in s.stacks.items()},
                      "shim_over_kernel": {name: dataclasses.asdict(r) if r else None for name, r in s.ratios.items()}}
                     for s in summaries],

@@ -1,9 +1,11 @@
 """Runs the plan: for each run k, the kernel stack then the shim (A B A B),
 each serving every selected workload once from one server start per
-program, with a progress line on stderr.
+program and network variant, with a progress line on stderr.
 
 The test network is brought up if it is absent and left as it was found
-(removed again, or its loss rule put back).
+(removed again, or its offload variant and loss rule put back).  Measures on
+the frame-exact variant come after the others in each run: the network is
+switched in place, between servers.
 """
 from __future__ import annotations
 
@@ -60,23 +62,26 @@ class RunRecord:
 
 def run_plan(settings: Settings, progress: "Progress") -> list[RunRecord]:
     records = []
-    programs = list(dict.fromkeys(w.server for w in settings.workloads))
+    # One server start per (network variant, program), the kernel's defaults first.
+    starts = sorted(dict.fromkeys((w.offloads, w.server) for w in settings.workloads), key=lambda s: not s[0])
     with interrupts.terminate_like_interrupt(), test_network(), servers.site() as where:
         for run in range(1, settings.runs + 1):
             for stack in servers.STACKS:
-                for program in programs:
+                for offloads, program in starts:
+                    testnet.up(net=servers.NET if offloads else testnet.FRAME_EXACT_TESTNET)
                     with servers.running(stack, program, where) as server:
-                        for workload in _run_order(settings.workloads, program):
+                        for workload in _run_order(settings.workloads, program, offloads):
                             progress.step(workload.name, stack, run)
                             records.append(measure(workload, server, run, settings, str(where.wrk_script)))
     progress.finish()
     return records
 
 
-def _run_order(workloads: list[Workload], program: str) -> list[Workload]:
+def _run_order(workloads: list[Workload], program: str, offloads: bool) -> list[Workload]:
     """`close` leaves tens of thousands of connections in TIME_WAIT on the
     server: it goes last, so that no other workload meets them."""
-    return sorted((w for w in workloads if w.server == program), key=lambda w: w.name == "close")
+    return sorted((w for w in workloads if w.server == program and w.offloads == offloads),
+                  key=lambda w: w.name == "close")
 
 
 def measure(workload: Workload, server: servers.RunningServer, run: int, settings: Settings,
@@ -154,8 +159,9 @@ def test_network() -> Iterator[None]:
         with interrupts.deferred():
             if not any(found["namespaces"].values()):
                 testnet.down()
-            elif loss:
-                testnet.up(loss_percent=loss)
+            else:
+                testnet.up(loss_percent=loss, net=testnet.FRAME_EXACT_TESTNET if found["offloads"] is False
+                           else servers.NET)
 
 
 class Progress:

@@ -1,9 +1,12 @@
 """The client side of each workload: the command that loads the server from
 the client namespace, and the parser that turns its output into figures.
 
-Six measures come from the five workloads a user names: `iperf` measures
-both directions.  Every client runs pinned to CPU 0 (the server side has
-CPU 1), so that neither side steals the other's core.
+Nine measures come from the five workloads a user names: `iperf` measures
+both directions, and `bulk` and `iperf` run once more on the test network's
+frame-exact variant (offloads off, one segment per frame) beside the
+kernel's defaults, so that what the offloads are worth to each stack shows.
+Every client runs pinned to CPU 0 (the server side has CPU 1), so that
+neither side steals the other's core.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from mtcpshim import testnet
 
 NET = testnet.TESTNET
 CLIENT_CPU = "0"
+OFFLOADS_OFF = "-offloads-off"  # the name suffix of a measure on the frame-exact network
 HTTP_PORT = 8080
 IPERF_PORT = 5201
 SMALL_FILE, SMALL_FILE_SIZE = "small.txt", 64
@@ -64,19 +68,25 @@ class Workload:
     server: str          # "lighttpd" or "iperf3"
     label: str           # row label in the table
     per_request: bool    # CPU reported per request (else per GB) and rate in req/s (else Gbit/s)
+    offloads: bool = True  # the test network's variant: the kernel's defaults, or frame-exact
+
+    @property
+    def client(self) -> str:
+        """The client command, the same on either network."""
+        return self.name.removesuffix(OFFLOADS_OFF)
 
     def client_argv(self, duration: int, connections: int, script_path: str) -> list[str]:
         prefix = ["ip", "netns", "exec", NET.cli_ns, "taskset", "-c", CLIENT_CPU]
         if self.server == "iperf3":
-            reverse = ["-R"] if self.name == "iperf-send" else []
+            reverse = ["-R"] if self.client == "iperf-send" else []
             return prefix + ["iperf3", "-c", NET.srv_ip, "-p", str(IPERF_PORT), "-t", str(duration), "-J", *reverse]
         wrk = ["wrk", "-t1", f"-d{duration}s", "--timeout", WRK_TIMEOUT, "-s", script_path]
         base_url = f"http://{NET.srv_ip}:{HTTP_PORT}"
-        if self.name == "keepalive":
+        if self.client == "keepalive":
             return prefix + wrk + [f"-c{connections}", f"{base_url}/{SMALL_FILE}"]
-        if self.name == "close":
+        if self.client == "close":
             return prefix + wrk + [f"-c{connections}", "-H", "Connection: close", f"{base_url}/{SMALL_FILE}"]
-        if self.name == "bulk":
+        if self.client == "bulk":
             return prefix + wrk + [f"-c{BULK_CONNECTIONS}", f"{base_url}/{LARGE_FILE}"]
         return prefix + wrk + ["-c1", f"{base_url}/{SMALL_FILE}"]
 
@@ -88,9 +98,15 @@ WORKLOADS = (
     Workload("keepalive", "keepalive", "lighttpd", "keepalive, 64 B", True),
     Workload("close", "close", "lighttpd", "Connection: close, 64 B", True),
     Workload("bulk", "bulk", "lighttpd", f"bulk, 1 MiB, {BULK_CONNECTIONS} conns", False),
+    Workload("bulk" + OFFLOADS_OFF, "bulk", "lighttpd", f"bulk, 1 MiB, {BULK_CONNECTIONS} conns, offloads off",
+             False, offloads=False),
     Workload("latency", "latency", "lighttpd", "latency, 1 conn, 64 B", True),
     Workload("iperf-recv", "iperf", "iperf3", "iperf3, server receives", False),
     Workload("iperf-send", "iperf", "iperf3", "iperf3 -R, server sends", False),
+    Workload("iperf-recv" + OFFLOADS_OFF, "iperf", "iperf3", "iperf3, server receives, offloads off", False,
+             offloads=False),
+    Workload("iperf-send" + OFFLOADS_OFF, "iperf", "iperf3", "iperf3 -R, server sends, offloads off", False,
+             offloads=False),
 )
 
 
