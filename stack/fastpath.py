@@ -10,7 +10,6 @@ Interface uses them for its per-segment paths and has a Python route for
 everything they do.
 """
 from stack import checksum
-from stack.wire.vnet import SegmentedFrame
 
 try:
     from stack._netfast import ffi, lib
@@ -47,22 +46,19 @@ if ACCELERATED:
         return _match(frame, len(frame), our_mac, our_ip)
 
     def build_tcp_frame(dst_mac: bytes, src_mac: bytes, src_ip: int, dst_ip: int,
-                        ident: int, segment, gso_size: int = 0) -> bytearray:
-        """Ethernet + IPv4 + `segment` in one new buffer, both checksums
-        computed (the segment's own checksum field is ignored).  The segment
-        is copied once, into the frame.  With `gso_size`, a SegmentedFrame
-        whose TCP checksum the device completes for each piece."""
+                        ident: int, segment, frame_type=bytearray,
+                        partial_checksum: bool = False) -> bytearray:
+        """Ethernet + IPv4 + `segment` in one new `frame_type` buffer, both
+        checksums computed (the segment's own checksum field is ignored).
+        The segment is copied once, into the frame.  `partial_checksum`
+        leaves the TCP checksum for the device to complete."""
         if not 20 <= len(segment) <= 65515:
             raise ValueError(f"TCP segment of {len(segment)} bytes")
         if type(segment) is not bytes:
             segment = _from_buffer(segment)
-        if gso_size:
-            frame = SegmentedFrame(TCP_FRAME_HEADROOM + len(segment))
-            frame.gso_size = gso_size
-        else:
-            frame = bytearray(TCP_FRAME_HEADROOM + len(segment))
+        frame = frame_type(TCP_FRAME_HEADROOM + len(segment))
         _build(_from_buffer(frame), dst_mac, src_mac, src_ip, dst_ip, ident,
-               segment, len(segment), gso_size != 0)
+               segment, len(segment), partial_checksum)
         return frame
 else:
     ones_complement_sum = checksum.ones_complement_sum

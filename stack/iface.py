@@ -196,8 +196,12 @@ class Interface:
     def _build_tcp_frame(self, dst_mac: bytes, dst_ip: int, segment, gso_size: int) -> bytearray:
         ident = self._next_ident()
         if self.accelerated:
-            return fastpath.build_tcp_frame(dst_mac, self.mac, self.ip, dst_ip, ident, segment,
-                                            gso_size)
+            if not gso_size:
+                return fastpath.build_tcp_frame(dst_mac, self.mac, self.ip, dst_ip, ident, segment)
+            frame = fastpath.build_tcp_frame(dst_mac, self.mac, self.ip, dst_ip, ident, segment,
+                                             SegmentedFrame, partial_checksum=True)
+            frame.gso_size = gso_size
+            return frame
         segment = bytearray(segment)
         pseudo = pseudo_header_sum(self.ip, dst_ip, PROTO_TCP, len(segment))
         if gso_size:

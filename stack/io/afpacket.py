@@ -32,7 +32,7 @@ import socket
 import struct
 
 from stack import fastpath
-from stack.io.base import MAX_FRAME_LEN, PacketIOError
+from stack.io.base import GSO_MAX_SIZE, MAX_FRAME_LEN, PacketIOError
 from stack.wire.vnet import SegmentedFrame
 
 _SOL_PACKET = 263
@@ -60,9 +60,6 @@ _RX_BLOCK_SIZE = 1 << 20
 TX_SLOT_SIZE = 1 << (_RX_HEADROOM + MAX_FRAME_LEN - 1).bit_length()
 _TX_BLOCK_SIZE = max(mmap.PAGESIZE, TX_SLOT_SIZE)
 _ETH_P_IP = 0x0800
-#: Payload bytes of the largest segment handed to the kernel to cut: what
-#: fits in one IPv4 packet with the largest TCP header.
-GSO_MAX_SIZE = 65535 - 20 - 60
 
 _TPACKET_REQ = struct.Struct("IIII")       # block size, blocks, frame size, frames
 _TPACKET_STATS = struct.Struct("II")       # packets, drops (reading resets them)

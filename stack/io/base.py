@@ -13,6 +13,9 @@ MTU = 1500
 #: Largest frame that carries an MTU-sized packet: Ethernet header and one
 #: 802.1Q tag (no FCS: devices strip it).
 MAX_FRAME_LEN = 14 + 4 + MTU
+#: Payload bytes of the largest segment a backend hands the device to cut:
+#: what fits in one IPv4 packet behind the largest TCP header.
+GSO_MAX_SIZE = 65535 - 20 - 60
 
 
 class PacketIOError(Exception):

@@ -3,14 +3,24 @@ packet socket with PACKET_VNET_HDR (or a TAP with IFF_VNET_HDR) carries in
 front of each frame, 10 bytes in the host's byte order (little-endian on
 every machine this runs on: the kernel's legacy virtio rule).
 
-The stack sends a TCP segment longer than the MSS as one `SegmentedFrame`:
-the device (or the kernel in software, or nobody on a veth, where the frame
-crosses whole) cuts it into `gso_size`-byte pieces and completes their
-checksums, as TSO does for the kernel's own TCP.
+Transmit: the stack sends a TCP segment longer than the MSS as one
+`SegmentedFrame`: the device (or the kernel in software, or nobody on a
+veth, where the frame crosses whole) cuts it into `gso_size`-byte pieces and
+completes their checksums, as TSO does for the kernel's own TCP.
+
+Receive: `received_frame` checks a header the kernel put in front of a frame
+(GRO-merged or from a local sender that left its checksum to offload) and
+returns the frame as it would look on a wire.  The header is input like any
+packet: offsets outside the frame, unknown flags or GSO kinds raise
+WireError.
 """
 import struct
 
+from stack import fastpath
+from stack.wire.errors import WireError
+
 F_NEEDS_CSUM = 1               # checksum from csum_start, stored at csum_start + csum_offset
+F_DATA_VALID = 2               # the checksum was verified already
 GSO_NONE = 0
 GSO_TCPV4 = 1
 
@@ -18,6 +28,8 @@ HEADER = struct.Struct("<BBHHHH")  # flags, gso_type, hdr_len, gso_size, csum_st
 NO_OFFLOAD = HEADER.pack(0, GSO_NONE, 0, 0, 0, 0)
 
 _ETH_IPV4_HEADER_LEN = 34      # where the TCP header starts in the stack's frames
+_ETH_HEADER_LEN = 14
+_GSO_ECN = 0x80                # a flag on gso_type: the segments carry ECN bits
 _TCP_CHECKSUM_AT = 16
 _TCP_DATA_OFFSET_AT = _ETH_IPV4_HEADER_LEN + 12
 
@@ -34,3 +46,35 @@ class SegmentedFrame(bytearray):
         headers = _ETH_IPV4_HEADER_LEN + (self[_TCP_DATA_OFFSET_AT] >> 4) * 4
         return HEADER.pack(F_NEEDS_CSUM, GSO_TCPV4, headers, self.gso_size,
                            _ETH_IPV4_HEADER_LEN, _TCP_CHECKSUM_AT)
+
+
+def received_frame(data):
+    """The frame after the header in `data` (bytes from the device), with
+    its partial checksum completed.  Raises WireError ("vnet_truncated",
+    "vnet_bad_flags", "vnet_bad_gso", "vnet_bad_csum_offset")."""
+    if len(data) < HEADER.size + _ETH_HEADER_LEN:
+        raise WireError("vnet_truncated", f"{len(data)} bytes")
+    flags, gso_type, _, gso_size, csum_start, csum_offset = HEADER.unpack_from(data)
+    if flags & ~(F_NEEDS_CSUM | F_DATA_VALID):
+        raise WireError("vnet_bad_flags", f"flags {flags:#x}")
+    frame_len = len(data) - HEADER.size
+    kind = gso_type & ~_GSO_ECN
+    if kind == GSO_TCPV4:
+        # Merged segments: the stack takes the whole, so only the size has to
+        # be sane (the kernel would refuse to cut by 0).
+        if not gso_size or not flags & F_NEEDS_CSUM and not flags & F_DATA_VALID:
+            raise WireError("vnet_bad_gso", f"TCPv4 gso_size {gso_size}, flags {flags:#x}")
+    elif kind != GSO_NONE:
+        raise WireError("vnet_bad_gso", f"gso_type {gso_type:#x}")
+    if not flags & F_NEEDS_CSUM:
+        return memoryview(data)[HEADER.size:]
+    at = csum_start + csum_offset
+    if csum_start < _ETH_HEADER_LEN or at + 2 > frame_len:
+        raise WireError("vnet_bad_csum_offset",
+                        f"csum_start {csum_start} + offset {csum_offset} in {frame_len} bytes")
+    frame = bytearray(memoryview(data)[HEADER.size:])
+    # The field holds the pseudo-header sum; the sum from csum_start on,
+    # complemented, is the checksum (what a NIC does with CHECKSUM_PARTIAL).
+    checksum = fastpath.internet_checksum(memoryview(frame)[csum_start:])
+    frame[at:at + 2] = checksum.to_bytes(2, "big")
+    return frame
