@@ -19,6 +19,7 @@
 #define IPV4_FLAG_DF 0x4000
 #define IPV4_MF_AND_OFFSET 0x3fff
 #define DEFAULT_TTL 64
+#define MTU_FRAME_LEN (ETH_HEADER_LEN + 4 + 1500)  /* with one VLAN tag */
 
 /* Where a TPACKET_V2 slot's packet data starts on TX (without
  * PACKET_TX_HAS_OFF), and where its struct sockaddr_ll sits on RX. */
@@ -220,6 +221,8 @@ unsigned nf_rx_collect(struct nf_ring *ring, unsigned max_frames, uint32_t *span
             continue;
         }
         uint8_t *frame = (uint8_t *)slot + slot->tp_mac;
+        if (slot->tp_snaplen > MTU_FRAME_LEN)
+            stats->rx_merged++;
         if ((status & TP_STATUS_CSUMNOTREADY) && complete_checksum(frame, slot->tp_snaplen))
             stats->rx_csum_fixed++;
         spans[2 * frames] = (uint32_t)(frame - ring->base);

@@ -52,7 +52,8 @@ struct nf_ring {
 
 /* Counters the ring walks keep (the backend reports them). */
 struct nf_ring_stats {
-    uint64_t rx_truncated;    /* frame bigger than a ring slot (e.g. a GSO packet) */
+    uint64_t rx_truncated;    /* frame bigger than a ring slot */
+    uint64_t rx_merged;       /* frame bigger than an MTU: GRO or a local sender's GSO */
     uint64_t rx_csum_fixed;   /* checksum left to offload, completed in software */
     uint64_t tx_ring_full;    /* no free TX slot: frame dropped */
     uint64_t tx_oversize;     /* frame bigger than a TX slot: dropped */

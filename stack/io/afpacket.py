@@ -235,7 +235,8 @@ class AfPacketIO:
         self._rx_kernel_drops += drops
         stats = self._stats
         return {"rx_kernel_drops": self._rx_kernel_drops,
-                "rx_truncated": stats.rx_truncated, "rx_csum_fixed": stats.rx_csum_fixed,
+                "rx_truncated": stats.rx_truncated, "rx_merged": stats.rx_merged,
+                "rx_csum_fixed": stats.rx_csum_fixed,
                 "tx_ring_full": stats.tx_ring_full, "tx_oversize": stats.tx_oversize,
                 "tx_rejected": stats.tx_rejected, "tx_segmented": self._tx_segmented}
 
