@@ -517,6 +517,8 @@ class Runtime:
             tcp = iface_receive(frame, now)
             if tcp is not None:
                 host_receive(tcp[0], tcp[1], tcp[2], now)
+        for error in self.iface.take_icmp_errors():
+            self.host.receive_icmp_error(error, now)
         return True
 
     def _timers(self, now: float) -> None:

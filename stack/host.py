@@ -14,6 +14,11 @@ with SYN cookies (as Linux with tcp_syncookies=1), which keep no state at
 all: the connection and its buffers come into being only when an ACK
 returns a valid cookie.  Under a SYN flood the host's memory therefore
 stays bounded by the backlogs.
+
+ICMP "fragmentation needed" messages come in through `receive_icmp_error`
+and lower a connection's MSS (RFC 1191) once they pass the checks of RFC
+5927: they must name a live connection and a sequence number it has in
+flight, and the MTU they report is held to Linux's floor.
 """
 import errno
 import heapq
@@ -22,13 +27,17 @@ import random
 from stack.isn import COOKIE_MAX_AGE, COOKIE_PERIOD, MSS_TABLE, TcpSecrets, mss_index_for
 from stack.tcp import (EV_CLOSED, EV_ESTABLISHED, TIME_WAIT, ChallengeAckLimiter, TcpConfig,
                        TcpConnection, reset_for)
-from stack.seq import seq_add, seq_gt
+from stack.seq import SEQ_MASK, seq_add, seq_gt
 from stack.timewait import REINCARNATE, TimeWaitTable
 from stack.wire.errors import WireError
+from stack.wire.icmp import FragmentationNeeded
 from stack.wire.tcp import SYN, ACK, RST, MAX_WSCALE, TcpSegment
 
 # RFC 6335 dynamic range, the same as Linux's default ip_local_port_range.
 EPHEMERAL_PORTS = range(32768, 61000)
+# Linux net.ipv4.route.min_pmtu: a smaller reported MTU is raised to this,
+# so a forged ICMP message cannot shrink segments to a trickle.
+MIN_PATH_MTU = 552
 
 # A cookie SYN-ACK is sent before any buffer exists, so it announces a fixed
 # window and, unless TcpConfig.recv_wscale says otherwise, Linux's usual
@@ -201,6 +210,29 @@ class TcpHost:
         reply = reset_for(seg)
         if reply is not None:
             self._output.append((src_ip, reply.emit(self.ip, src_ip, fill_checksum=False), 0))
+
+    def receive_icmp_error(self, error: FragmentationNeeded, now: float) -> None:
+        """An ICMP "fragmentation needed" quoting a segment from our address."""
+        conn = self.connections.get((error.src_port, error.dst_ip, error.dst_port))
+        if conn is None:
+            self.count("icmp_frag_needed_no_connection")
+            return
+        # RFC 5927 section 4.1: a router on the path saw the segment, so it
+        # quotes a sequence number still in flight; a blind attacker rarely
+        # guesses one (Linux counts these as OutOfWindowIcmps).
+        snd_una = conn.snd_una
+        if (error.seq - snd_una) & SEQ_MASK > (conn.snd_max - snd_una) & SEQ_MASK:
+            self.count("icmp_frag_needed_out_of_window")
+            return
+        # MTU 0, from routers older than RFC 1191, falls under the floor as
+        # well: Linux takes min_pmtu then rather than guess from RFC 1191's
+        # plateau table, and so do we.
+        mtu = max(error.mtu, MIN_PATH_MTU)
+        if not conn.on_path_mtu(mtu, now):
+            self.count("icmp_frag_needed_not_lower")
+            return
+        self.count("tcp_pmtu_lowered")
+        self.after(conn, now)
 
     @staticmethod
     def _reincarnates(conn: TcpConnection, seg: TcpSegment) -> bool:

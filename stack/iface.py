@@ -7,7 +7,11 @@ drops what is malformed or not ours, and hands TCP to the caller as
 the caller parses with `TcpSegment.parse(..., verify_checksum=False)`.  With
 the C module built, a valid TCP frame to us costs one C call
 (`fastpath.match_tcp_frame`); anything else takes the Python path, which
-finds out what the frame is and counts why it is dropped.
+finds out what the frame is and counts why it is dropped.  An ICMP
+"fragmentation needed" quoting a TCP segment from our address returns None,
+like any ICMP message, and waits as a `FragmentationNeeded` in
+`take_icmp_errors()`, which the caller drains after each batch: whether it
+concerns a live connection is for the TCP host to decide.
 
 Transmit.  `frame_tcp(dst_ip, segment, now)` turns the bytes of
 `TcpSegment.emit()` into a frame in one call: a new buffer receives the
@@ -24,9 +28,10 @@ or giving up on a neighbour); None when there is nothing pending.
 Counters.  `counters[reason]` counts every drop by the WireError reason or one
 of the interface's own (`eth_not_for_us`, `eth_unsupported_type`,
 `ipv4_fragment`, `not_for_us`, `tcp_not_unicast`, `ipv4_unsupported_protocol`,
-`icmp_unexpected_echo_reply`, `no_route`, `arp_queue_overflow`,
-`arp_unresolved`), and the totals
-`rx_frames`, `tx_frames`, `icmp_echo` (requests answered), `arp_request_rx`,
+`icmp_unexpected_echo_reply`, `icmp_error_not_ours`, `no_route`,
+`arp_queue_overflow`, `arp_unresolved`), and the totals
+`rx_frames`, `tx_frames`, `icmp_echo` (requests answered), `icmp_frag_needed`
+(handed up), `arp_request_rx`,
 `arp_reply_rx`, `arp_request_tx`, `arp_reply_tx`.
 """
 import ipaddress
@@ -38,7 +43,8 @@ from stack.wire.arp import OP_REPLY, OP_REQUEST, UNKNOWN_MAC, ArpPacket
 from stack.wire.errors import WireError
 from stack.wire.ethernet import (BROADCAST, ETHERTYPE_ARP, ETHERTYPE_IPV4,
                                  EthernetHeader)
-from stack.wire.icmp import TYPE_ECHO_REQUEST, IcmpEcho
+from stack.wire.icmp import (CODE_FRAGMENTATION_NEEDED, TYPE_DEST_UNREACHABLE,
+                             TYPE_ECHO_REQUEST, FragmentationNeeded, IcmpEcho)
 from stack.wire.ipv4 import PROTO_ICMP, PROTO_TCP, Ipv4Header
 from stack.wire.vnet import SegmentedFrame
 
@@ -51,6 +57,7 @@ ARP_QUEUE_LIMIT = 32
 NEIGHBOUR_LIMIT = 1024     # cached neighbours (Linux's gc_thresh3)
 
 _TCP_CHECKSUM_AT = 16
+_FRAGMENTATION_NEEDED = bytes((TYPE_DEST_UNREACHABLE, CODE_FRAGMENTATION_NEEDED))
 
 
 class _Neighbour:
@@ -104,6 +111,7 @@ class Interface:
         self._neighbours: dict[int, _Neighbour] = {}
         self._resolving: dict[int, _Resolution] = {}
         self._tx_frames: list = []
+        self._icmp_errors: list[FragmentationNeeded] = []
         self._ident = 0
 
     def __repr__(self) -> str:
@@ -152,7 +160,10 @@ class Interface:
                 raise WireError("tcp_bad_checksum")
             return ip.src, ip.dst, payload
         if ip.protocol == PROTO_ICMP:
-            self._receive_icmp(ip.src, IcmpEcho.parse(payload), now)
+            if payload[:2] == _FRAGMENTATION_NEEDED:
+                self._receive_fragmentation_needed(FragmentationNeeded.parse(payload))
+            else:
+                self._receive_icmp(ip.src, IcmpEcho.parse(payload), now)
             return None
         self.counters["ipv4_unsupported_protocol"] += 1
         return None
@@ -176,6 +187,20 @@ class Interface:
             return
         self.counters["icmp_echo"] += 1
         self.send_ip(src_ip, PROTO_ICMP, echo.reply().emit(), now)
+
+    def _receive_fragmentation_needed(self, error: FragmentationNeeded) -> None:
+        if error.src_ip != self.ip:
+            # It quotes a datagram we did not send: nothing of ours to fix.
+            self.counters["icmp_error_not_ours"] += 1
+            return
+        self.counters["icmp_frag_needed"] += 1
+        self._icmp_errors.append(error)
+
+    def take_icmp_errors(self) -> list[FragmentationNeeded]:
+        errors = self._icmp_errors
+        if errors:
+            self._icmp_errors = []
+        return errors
 
     # ---- transmit ------------------------------------------------------
 

@@ -17,7 +17,9 @@ SACK, NewReno (RFC 6582); limited transmit (RFC 3042); delayed ACKs; Nagle
 with Minshall's refinement (as Linux) or TCP_NODELAY; sender and receiver
 silly-window avoidance (RFC 9293 3.8.6.2); zero-window probing; keepalive;
 TCP_USER_TIMEOUT; half-close, simultaneous open and close, TIME_WAIT;
-RFC 5961 (challenge ACKs for RST and SYN, ACK range checks, rate limits).
+RFC 5961 (challenge ACKs for RST and SYN, ACK range checks, rate limits);
+path MTU discovery from ICMP "fragmentation needed" (RFC 1191, through
+`on_path_mtu`).
 
 Buffers are the runtime's (shared-memory rings there, `RingBuffer` in
 tests).  Send buffer: `len(buf)` bytes queued and not yet acknowledged,
@@ -26,8 +28,8 @@ Receive buffer: `space()`, `write(data) -> int`, and `len(buf)` (unread
 bytes: close() resets the connection when some remain, as Linux).  Both may
 change between calls as the application writes and reads.
 
-Not implemented: urgent data (URG is ignored), ECN, D-SACK, RACK, path
-MTU discovery.
+Not implemented: urgent data (URG is ignored), ECN, D-SACK, RACK,
+packetization-layer path MTU discovery (RFC 4821).
 
 Pure ACKs are mostly not sent from inside `on_segment`: the connection notes
 that one is owed, and `take_output()` builds at most one, carrying the latest
@@ -47,6 +49,7 @@ from stack.wire.tcp import ACK, FIN, PSH, RST, SYN, MAX_WSCALE, TcpSegment
 _MASK = 0xFFFFFFFF
 _HALF = 0x80000000
 _TIMESTAMP_OPTION_LEN = 12       # NOP, NOP, kind 8 length 10
+_IPV4_TCP_HEADERS_LEN = 40       # IPv4 and TCP headers without options
 _DEFAULT_PEER_MSS = 536          # RFC 9293 3.7.1: no MSS option received
 _MAX_WINDOW = 0xFFFF
 _CLOCK_GRANULARITY = 0.001       # timestamps tick in milliseconds
@@ -1150,6 +1153,46 @@ class TcpConnection:
             self.state = CLOSING
         elif state == FIN_WAIT_2:
             self._enter_time_wait()
+
+    # ---------------------------------------------------------- path MTU
+
+    def on_path_mtu(self, mtu: int, now: float) -> bool:
+        """The path to the peer carries IPv4 packets of at most `mtu` bytes
+        (an ICMP "fragmentation needed" the caller has validated and
+        clamped): lower send_mss to fit and, since every larger segment in
+        flight was dropped on the way, resend from snd_una at once at the
+        new size (Linux tcp_simple_retransmit).  The MSS never grows here.
+        Returns False, changing nothing, when segments already fit or the
+        handshake has not yet fixed the MSS."""
+        self._now = now
+        if not (1 << self.state) & _SYNCHRONIZED:
+            return False
+        options = _TIMESTAMP_OPTION_LEN if self.ts_enabled else 0
+        mss = max(mtu - _IPV4_TCP_HEADERS_LEN - options, 1)
+        if mss >= self.send_mss:
+            return False
+        self.send_mss = mss
+        if self.snd_una == self.snd_max or not (1 << self.state) & _SENDING:
+            return True
+        # Go back as after a timeout, but without its congestion response:
+        # the drops came from the packet size, not from a queue, so cwnd and
+        # ssthresh stay (a recovery ends as a full ACK would end it).  As
+        # after a timeout, duplicate ACKs for what is resent must not start
+        # a fast retransmit, and SACKed data goes again.
+        if self._in_recovery:
+            self.cwnd = self.ssthresh
+            self._in_recovery = False
+        self._dupacks = 0
+        self._recover = self.snd_max
+        self._sacked = []
+        self._rtt_seq = None               # Karn: never time a retransmission
+        # The short segment Nagle waits on was dropped with the rest: the
+        # resent tail may go at once and becomes the one to wait on.
+        self._snd_sml = self.snd_una
+        self.snd_nxt = self.snd_una
+        self._output()
+        self._arm_retransmit(now)          # counted from the resend, as Linux does
+        return True
 
     # -------------------------------------------------------------- send
 
