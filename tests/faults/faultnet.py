@@ -393,7 +393,8 @@ def _finish(direction, sent: pathlib.Path, received: pathlib.Path, seconds, stac
 
 # Counters of a stat snapshot that count traffic handled, not dropped.
 NOT_DROPS = {"rx_frames", "tx_frames", "arp_request_rx", "arp_reply_rx", "arp_request_tx", "arp_reply_tx",
-             "icmp_echo", "tcp_syncookies_sent", "tcp_syncookies_accepted"}
+             "icmp_echo", "icmp_frag_needed", "tcp_pmtu_lowered", "tcp_syncookies_sent",
+             "tcp_syncookies_accepted"}
 
 
 def stack_drop_counters(snapshot: dict) -> dict[str, int]:

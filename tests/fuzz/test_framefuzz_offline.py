@@ -16,7 +16,7 @@ TARGET = Target(STACK_MAC, CLIENT_MAC, STACK_IP, CLIENT_IP, fuzz_port=8081, prot
                 protected_client_ports=range(40000, 41000))
 # Totals, not drops: what the interface counts for frames it handled.
 NOT_DROPS = {"rx_frames", "tx_frames", "arp_request_rx", "arp_reply_rx", "arp_request_tx",
-             "arp_reply_tx", "icmp_echo"}
+             "arp_reply_tx", "icmp_echo", "icmp_frag_needed"}
 
 
 def drops(iface, host) -> int:
