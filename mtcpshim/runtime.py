@@ -27,7 +27,7 @@ import traceback
 
 from mtcpshim._shm import ffi, lib
 from mtcpshim.shmbuf import DETACHED, ShmRecvBuffer, ShmSendBuffer
-from stack.host import TcpHost
+from stack.node import Node
 from stack.tcp import (EV_CLOSED, EV_ESTABLISHED, EV_PEER_FIN, EV_RESET, TcpState)
 
 RX_BATCH = 64
@@ -79,7 +79,7 @@ class StackSocket:
 
 
 class Runtime:
-    def __init__(self, region, packet_io, iface, host: TcpHost, ctl_fd: int, wake_fd: int,
+    def __init__(self, region, packet_io, node: Node, ctl_fd: int, wake_fd: int,
                  pcap=None, spin_seconds: float = 0.0, stats_listener: socket.socket | None = None,
                  launcher_fd: int | None = None):
         self.region = region
@@ -93,8 +93,8 @@ class Runtime:
         self.program_pid = None                 # told by the launcher, for log lines
         self._log_second, self._log_lines, self._log_suppressed = 0, 0, 0
         self.io = packet_io
-        self.iface = iface
-        self.host = host
+        self.node = node
+        self.iface, self.host = node.iface, node.host
         self.pcap = pcap
         self.spin_seconds = spin_seconds
         self.ctl = socket.socket(fileno=ctl_fd)
@@ -122,7 +122,7 @@ class Runtime:
         if stats_listener is not None:
             stats_listener.setblocking(False)
             self._poller.register(stats_listener.fileno(), select.POLLIN)
-        iface.announce()  # neighbours may remember another MAC for our address
+        node.iface.announce()  # neighbours may remember another MAC for our address
 
     @property
     def signal_fd(self) -> int:
@@ -151,7 +151,7 @@ class Runtime:
         """One iteration of the loop; True if there was input to handle."""
         self.counters["loops"] += 1
         busy = self._control() | self._commands(now) | self._receive(now)
-        self._timers(now)
+        self.node.on_timers(now)
         if now >= self._next_housekeeping:
             self._housekeeping(now)
         self._output(now)
@@ -222,8 +222,8 @@ class Runtime:
 
     def _next_deadline(self):
         io_deadline = getattr(self.io, "deadline", None)  # a fault injector's held frames
-        deadlines = [d for d in (self.host.next_deadline(), self.iface.deadline(),
-                                 io_deadline() if io_deadline else None) if d is not None]
+        deadlines = [d for d in (self.node.poll_at(), io_deadline() if io_deadline else None)
+                     if d is not None]
         return min(deadlines) if deadlines else None
 
     def _device_trouble(self) -> None:
@@ -510,31 +510,15 @@ class Runtime:
         frames = self.io.recv_batch(RX_BATCH)
         if not frames:
             return False
-        iface_receive, host_receive, pcap = self.iface.receive, self.host.receive, self.pcap
-        for frame in frames:
-            if pcap is not None:
-                pcap.write(frame, time.time())
-            tcp = iface_receive(frame, now)
-            if tcp is not None:
-                host_receive(tcp[0], tcp[1], tcp[2], now)
-        for error in self.iface.take_icmp_errors():
-            self.host.receive_icmp_error(error, now)
+        if self.pcap is not None:
+            stamp = time.time()
+            for frame in frames:
+                self.pcap.write(frame, stamp)
+        self.node.ingest(frames, now)
         return True
 
-    def _timers(self, now: float) -> None:
-        self.host.on_timers(now)
-        deadline = self.iface.deadline()
-        if deadline is not None and deadline <= now:
-            self.iface.on_timer(now)
-
     def _transmit(self, now: float) -> None:
-        frame_tcp = self.iface.frame_tcp
-        frames = []
-        for dst_ip, segment, gso_size in self.host.take_output():
-            frame = frame_tcp(dst_ip, segment, now, gso_size)
-            if frame is not None:
-                frames.append(frame)
-        frames += self.iface.take_frames()  # ARP, ICMP, and frames that waited for ARP
+        frames = self.node.egress(now)
         if frames:
             if self.pcap is not None:
                 stamp = time.time()

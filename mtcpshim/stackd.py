@@ -124,6 +124,7 @@ def _build_runtime(args, region):
     from mtcpshim.runtime import Runtime
     from stack.host import TcpHost
     from stack.iface import Interface
+    from stack.node import Node
     from stack.io.pcap import PcapWriter
     from stack.tcp import TcpConfig
 
@@ -136,8 +137,8 @@ def _build_runtime(args, region):
     iface = Interface(io.mac, ip, args.ip.network.prefixlen, gateway)
     pcap = PcapWriter(args.pcap) if args.pcap else None
     stats = _listen_for_stats(args.stats_socket) if args.stats_socket else None
-    host = TcpHost(ip, TcpConfig(gso_max_size=io.gso_max_size))
-    runtime = Runtime(region, io, iface, host, args.ctl_fd, args.wake_fd,
+    node = Node(iface, TcpHost(ip, TcpConfig(gso_max_size=io.gso_max_size)))
+    runtime = Runtime(region, io, node, args.ctl_fd, args.wake_fd,
                       pcap=pcap, spin_seconds=args.spin_us / 1e6, stats_listener=stats,
                       launcher_fd=args.launcher_fd)
 

@@ -37,6 +37,7 @@ from mtcpshim.region import Region, RegionSize      # noqa: E402
 from mtcpshim.runtime import Runtime                # noqa: E402
 from stack.host import TcpHost                      # noqa: E402
 from stack.iface import Interface                   # noqa: E402
+from stack.node import Node                         # noqa: E402
 from stack.storage import RingBuffer                # noqa: E402
 from stack.tcp import TcpConfig, TcpConnection      # noqa: E402
 from stack.wire.tcp import ACK, PSH, SYN, TcpSegment  # noqa: E402
@@ -182,9 +183,9 @@ def bench_keepalive(count):
     stack_ctl, app_ctl = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     link = _MemoryLink()
     wake_fd = os.eventfd(0, os.EFD_NONBLOCK)
-    runtime = Runtime(region, link, Interface(LOCAL_MAC, LOCAL_IP, 24), TcpHost(LOCAL_IP),
+    runtime = Runtime(region, link, Node(Interface(LOCAL_MAC, LOCAL_IP, 24), TcpHost(LOCAL_IP)),
                       stack_ctl.detach(), wake_fd)
-    peer_iface, peer_host = Interface(REMOTE_MAC, REMOTE_IP, 24), TcpHost(REMOTE_IP)
+    peer = Node(Interface(REMOTE_MAC, REMOTE_IP, 24), TcpHost(REMOTE_IP))
     clock = [1000.0]
     timed = [0.0]
 
@@ -197,15 +198,8 @@ def bench_keepalive(count):
     def peer_exchange():
         now = clock[0]
         frames, link.outbound = link.outbound, []
-        for frame in frames:
-            tcp = peer_iface.receive(frame, now)
-            if tcp is not None:
-                peer_host.receive(*tcp, now)
-        for dst, segment, gso_size in peer_host.take_output():
-            frame = peer_iface.frame_tcp(dst, segment, now, gso_size)
-            if frame is not None:
-                link.inbound.append(bytes(frame))
-        link.inbound.extend(bytes(frame) for frame in peer_iface.take_frames())
+        peer.ingest(frames, now)
+        link.inbound.extend(bytes(frame) for frame in peer.egress(now))
 
     def command(op, slot, arg=0):
         assert lib.mts_cmd_push(geom, op, slot, arg) == 0
@@ -217,7 +211,7 @@ def bench_keepalive(count):
     peers = []
     for _ in range(KEEPALIVE_CONNECTIONS):
         # One at a time: the first waits for ARP, whose queue is short.
-        peers.append(peer_host.connect_ephemeral(LOCAL_IP, HTTP_PORT, RingBuffer(BUFFER),
+        peers.append(peer.host.connect_ephemeral(LOCAL_IP, HTTP_PORT, RingBuffer(BUFFER),
                                                  RingBuffer(BUFFER), None, clock[0]))
         for _ in range(3):
             peer_exchange()
@@ -237,7 +231,7 @@ def bench_keepalive(count):
         for conn in peers:
             conn.send_buf.write(REQUEST)
             conn.send_ready(clock[0])
-            peer_host.after(conn, clock[0])
+            peer.host.after(conn, clock[0])
         peer_exchange()
         stack_step()
         for rx, rx_data, tx, tx_data, slot, child in rings:
@@ -253,7 +247,7 @@ def bench_keepalive(count):
         for conn in peers:
             conn.recv_buf.read(len(conn.recv_buf))
             conn.recv_consumed(clock[0])
-            peer_host.after(conn, clock[0])
+            peer.host.after(conn, clock[0])
         served += len(peers)
     runtime.ctl.close()
     app_ctl.close()

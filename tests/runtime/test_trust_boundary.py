@@ -169,7 +169,7 @@ def test_closing_a_listener_mid_handshake_leaves_its_freed_slot_alone(world):
     before = set(world.runtime.sockets)
     conn = world.peer.host.connect_ephemeral(world.runtime.host.ip, 8080, RingBuffer(1 << 16),
                                              RingBuffer(1 << 16), None, world.now)
-    world.link.inbound.extend(world.peer.transmit(world.now))
+    world.link.inbound.extend(world.peer.egress(world.now))
     world.runtime.step(world.now)                        # SYN in, SYN-ACK out (held back)
     syn_ack, world.link.outbound = world.link.outbound, []
     (child,) = set(world.runtime.sockets) - before
@@ -177,8 +177,8 @@ def test_closing_a_listener_mid_handshake_leaves_its_freed_slot_alone(world):
     world.settle()
     assert lib.mts_slot_at(world.g, child).in_use == lib.MTS_SLOT_FREE
     conn.send_buf.write(b"late data")
-    world.peer.deliver(syn_ack, world.now)              # the peer completes, sends ACK and data
-    world.link.inbound.extend(world.peer.transmit(world.now))
+    world.peer.ingest(syn_ack, world.now)              # the peer completes, sends ACK and data
+    world.link.inbound.extend(world.peer.egress(world.now))
     world.settle()
     assert lib.mts_slot_at(world.g, child).rx.head == 0  # nothing written into the freed slot
     assert conn.state.name == "CLOSED"                   # reset: nobody listens any more

@@ -10,6 +10,7 @@ from mtcpshim.region import Region, RegionSize
 from mtcpshim.runtime import Runtime
 from stack.host import TcpHost
 from stack.iface import Interface
+from stack.node import Node
 from stack.storage import RingBuffer
 
 STACK_IP, PEER_IP = 0xC6120002, 0xC6120001
@@ -39,26 +40,11 @@ class MemoryLink:
         return len(frames)
 
 
-class Peer:
-    """A host on the other end of the link, from the same stack pieces."""
+class Peer(Node):
+    """A node on the other end of the link, from the same stack pieces."""
 
     def __init__(self):
-        self.iface = Interface(PEER_MAC, PEER_IP, 24)
-        self.host = TcpHost(PEER_IP)
-
-    def deliver(self, frames, now):
-        for frame in frames:
-            tcp = self.iface.receive(frame, now)
-            if tcp is not None:
-                self.host.receive(*tcp, now)
-
-    def transmit(self, now):
-        frames = []
-        for dst, seg, gso_size in self.host.take_output():
-            frame = self.iface.frame_tcp(dst, seg, now, gso_size)
-            if frame is not None:
-                frames.append(bytes(frame))
-        return frames + [bytes(f) for f in self.iface.take_frames()]
+        super().__init__(Interface(PEER_MAC, PEER_IP, 24), TcpHost(PEER_IP))
 
 
 class World:
@@ -69,7 +55,7 @@ class World:
         self.ctl_stack, self.ctl_app = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.wake = os.eventfd(0, os.EFD_NONBLOCK)
         self.link = MemoryLink()
-        self.runtime = Runtime(self.region, self.link, Interface(STACK_MAC, STACK_IP, 24), TcpHost(STACK_IP),
+        self.runtime = Runtime(self.region, self.link, Node(Interface(STACK_MAC, STACK_IP, 24), TcpHost(STACK_IP)),
                                self.ctl_stack.detach(), self.wake)
         self.peer = Peer()
         self.now = 1000.0
@@ -79,10 +65,10 @@ class World:
         for _ in range(rounds):
             self.now += advance
             self.runtime.step(self.now)
-            self.peer.host.on_timers(self.now)
+            self.peer.on_timers(self.now)
             out, self.link.outbound = self.link.outbound, []
-            self.peer.deliver(out, self.now)
-            back = self.peer.transmit(self.now)
+            self.peer.ingest(out, self.now)
+            back = self.peer.egress(self.now)
             self.link.inbound.extend(back)
             if not out and not back and not lib.mts_cmd_pending(self.g, self.runtime._cmd_pos[0]):
                 return
@@ -182,8 +168,8 @@ def hostile_storm(world, rng, writes, connections=3):
                 world.peer.host.after(conn, world.now)
         world.now += 0.001
         world.runtime.step(world.now)
-        world.peer.host.on_timers(world.now)
+        world.peer.on_timers(world.now)
         out, world.link.outbound = world.link.outbound, []
-        world.peer.deliver(out, world.now)
-        world.link.inbound.extend(world.peer.transmit(world.now))
+        world.peer.ingest(out, world.now)
+        world.link.inbound.extend(world.peer.egress(world.now))
     return world.runtime.stats()["shm"]

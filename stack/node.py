@@ -1,0 +1,58 @@
+"""One IPv4 node on one link: an Interface and the TcpHost behind it, glued
+in one place (as smoltcp's Interface::poll and poll_at glue its interface
+and sockets).  Sans-IO: frames and time in, frames out.
+
+    ingest(frames, now)   received frames: ARP and ICMP answered by the
+                          interface, TCP handed to the host, ICMP errors
+                          (path MTU) to the host after the batch
+    on_timers(now)        the host's and the interface's timers that are due
+    egress(now)           every frame to send: segments framed, plus ARP,
+                          ICMP and frames that waited for ARP
+    poll_at()             when on_timers next has work; None if never
+
+The runtime, the runtime tests' peer and the core benchmark all drive a
+node; a batched C fast path plugs in here.
+"""
+from stack.host import TcpHost
+from stack.iface import Interface
+
+
+class Node:
+    __slots__ = ("iface", "host")
+
+    def __init__(self, iface: Interface, host: TcpHost):
+        if iface.ip != host.ip:
+            raise ValueError("the interface and the TCP host must share one address")
+        self.iface = iface
+        self.host = host
+
+    def ingest(self, frames, now: float) -> None:
+        iface_receive, host_receive = self.iface.receive, self.host.receive
+        for frame in frames:
+            tcp = iface_receive(frame, now)
+            if tcp is not None:
+                host_receive(tcp[0], tcp[1], tcp[2], now)
+        for error in self.iface.take_icmp_errors():
+            self.host.receive_icmp_error(error, now)
+
+    def on_timers(self, now: float) -> None:
+        self.host.on_timers(now)
+        deadline = self.iface.deadline()
+        if deadline is not None and deadline <= now:
+            self.iface.on_timer(now)
+
+    def egress(self, now: float) -> list:
+        frame_tcp = self.iface.frame_tcp
+        frames = []
+        for dst_ip, segment, gso_size in self.host.take_output():
+            frame = frame_tcp(dst_ip, segment, now, gso_size)
+            if frame is not None:
+                frames.append(frame)
+        frames += self.iface.take_frames()
+        return frames
+
+    def poll_at(self) -> float | None:
+        host_at, iface_at = self.host.next_deadline(), self.iface.deadline()
+        if host_at is None or (iface_at is not None and iface_at < host_at):
+            return iface_at
+        return host_at
