@@ -395,19 +395,19 @@ class Runtime:
         if sock is not None and (conn := sock.conn) is not None:
             lib.mts_tx_clear_pending(sock.slot)  # before the core looks at the ring
             conn.send_ready(now)
-            self.host.after(conn, now)
+            self.host.collect(conn, now)
 
     def _rxwin(self, slot_id, arg, now):
         sock = self.sockets.get(slot_id)
         if sock is not None and sock.conn is not None:
             sock.conn.recv_consumed(now)
-            self.host.after(sock.conn, now)
+            self.host.collect(sock.conn, now)
 
     def _shutdown(self, slot_id, arg, now):
         sock = self.sockets.get(slot_id)
         if sock is not None and sock.conn is not None and arg in (socket.SHUT_WR, socket.SHUT_RDWR):
             sock.conn.shutdown_write(now)
-            self.host.after(sock.conn, now)
+            self.host.collect(sock.conn, now)
 
     def _close(self, slot_id, arg, now):
         sock = self.sockets.get(slot_id)
@@ -432,7 +432,7 @@ class Runtime:
                 sock.conn.abort(now)
             else:
                 sock.conn.close(now)
-            self.host.after(sock.conn, now)
+            self.host.collect(sock.conn, now)
         self._maybe_release(sock)
 
     def _stop_listening(self, sock: StackSocket, now):
@@ -455,7 +455,7 @@ class Runtime:
         child.parent = None
         if child.conn is not None:
             child.conn.abort(now)
-            self.host.after(child.conn, now)
+            self.host.collect(child.conn, now)
         self._maybe_release(child)
 
     def _setopt(self, slot_id, arg, now):
@@ -464,7 +464,7 @@ class Runtime:
             self._apply_options(sock)
             if arg in (lib.MTS_OPT_NODELAY, lib.MTS_OPT_CORK):
                 sock.conn.send_ready(now)  # uncorking may release a small segment
-            self.host.after(sock.conn, now)
+            self.host.collect(sock.conn, now)
 
     def _apply_options(self, sock: StackSocket):
         slot, conn = sock.slot, sock.conn
@@ -617,7 +617,7 @@ class Runtime:
             child.app_closed = True
             now = time.monotonic()
             child.conn.abort(now)
-            self.host.after(child.conn, now)
+            self.host.collect(child.conn, now)
             return
         self._apply_options(child)  # inherited from the listener
         lib.mts_publish(parent.slot, lib.MTS_ST_LISTENING, 0, 0)
@@ -686,7 +686,7 @@ class Runtime:
             if conn is not None:
                 conn.send_buf = conn.recv_buf = DETACHED  # its rings are never read again
                 conn.abort(now)
-                self.host.after(conn, now)
+                self.host.collect(conn, now)
             sock.events |= lib.MTS_EV_HUP
             lib.mts_publish(slot, lib.MTS_ST_CLOSED, sock.events, errno.ECONNRESET)
             self._maybe_release(sock)

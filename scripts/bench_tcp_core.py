@@ -137,7 +137,7 @@ def bench_host_receive(count):
             host.receive(REMOTE_IP, LOCAL_IP, wire, now)
         recv_buf.consume(len(recv_buf))
         conn.recv_consumed(now)
-        host.after(conn, now)
+        host.collect(conn, now)
         host.on_timers(now)
         host.take_output()
         host.touched.clear()
@@ -231,7 +231,7 @@ def bench_keepalive(count):
         for conn in peers:
             conn.send_buf.write(REQUEST)
             conn.send_ready(clock[0])
-            peer.host.after(conn, clock[0])
+            peer.host.collect(conn, clock[0])
         peer_exchange()
         stack_step()
         for rx, rx_data, tx, tx_data, slot, child in rings:
@@ -247,7 +247,7 @@ def bench_keepalive(count):
         for conn in peers:
             conn.recv_buf.read(len(conn.recv_buf))
             conn.recv_consumed(clock[0])
-            peer.host.after(conn, clock[0])
+            peer.host.collect(conn, clock[0])
         served += len(peers)
     runtime.ctl.close()
     app_ctl.close()

@@ -152,7 +152,7 @@ class TcpHost:
         conn.owner = owner
         conn.challenge_acks = self.challenge_acks
         self.connections[key] = conn
-        self.after(conn, now)
+        self.collect(conn, now)
         return conn
 
     def connect_ephemeral(self, remote_ip, remote_port, send_buf, recv_buf, owner, now) -> TcpConnection:
@@ -187,7 +187,7 @@ class TcpHost:
         if conn is not None:
             if conn.state != TIME_WAIT or not self._reincarnates(conn, seg):
                 conn.on_segment(seg, now)
-                self.after(conn, now)
+                self.collect(conn, now)
                 return
             self._forget(conn)
         elif key in self.time_waits:
@@ -232,7 +232,7 @@ class TcpHost:
             self.count("icmp_frag_needed_not_lower")
             return
         self.count("tcp_pmtu_lowered")
-        self.after(conn, now)
+        self.collect(conn, now)
 
     @staticmethod
     def _reincarnates(conn: TcpConnection, seg: TcpSegment) -> bool:
@@ -275,7 +275,7 @@ class TcpHost:
         conn.challenge_acks = self.challenge_acks
         listener.pending += 1
         self.connections[(conn.local_port, conn.remote_ip, conn.remote_port)] = conn
-        self.after(conn, now)
+        self.collect(conn, now)
         self.touched.add(conn)  # its owner meets it at the next publish, before any event
 
     # -- SYN cookies -------------------------------------------------------
@@ -350,12 +350,12 @@ class TcpHost:
         self.count("tcp_syncookies_accepted")
         self._adopt(conn, listener, owner, now)
         conn.on_segment(ack, now)
-        self.after(conn, now)
+        self.collect(conn, now)
         return True
 
     # -- bookkeeping after every call into a connection -------------------
 
-    def after(self, conn: TcpConnection, now: float) -> None:
+    def collect(self, conn: TcpConnection, now: float) -> None:
         """Collects a connection's output, timer and events; the runtime
         calls it after driving a connection directly (send_ready, close...)."""
         out = conn.take_output()
@@ -450,7 +450,7 @@ class TcpHost:
             _, _, conn = heapq.heappop(timers)
             conn.timer_at = None
             conn.on_timer(now)
-            self.after(conn, now)
+            self.collect(conn, now)
 
     def take_output(self) -> list[tuple[int, bytes, int]]:
         out, self._output = self._output, []

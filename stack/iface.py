@@ -6,7 +6,7 @@ drops what is malformed or not ours, and hands TCP to the caller as
 `(src_ip, dst_ip, tcp_bytes)`.  The TCP checksum is already verified then, so
 the caller parses with `TcpSegment.parse(..., verify_checksum=False)`.  With
 the C module built, a valid TCP frame to us costs one C call
-(`fastpath.match_tcp_frame`); anything else takes the Python path, which
+(`native.match_tcp_frame`); anything else takes the Python path, which
 finds out what the frame is and counts why it is dropped.  An ICMP
 "fragmentation needed" quoting a TCP segment from our address returns None,
 like any ICMP message, and waits as a `FragmentationNeeded` in
@@ -37,7 +37,7 @@ of the interface's own (`eth_not_for_us`, `eth_unsupported_type`,
 import ipaddress
 from collections import Counter, deque
 
-from stack import fastpath
+from stack import native
 from stack.checksum import pseudo_header_sum
 from stack.wire.arp import OP_REPLY, OP_REQUEST, UNKNOWN_MAC, ArpPacket
 from stack.wire.errors import WireError
@@ -103,8 +103,8 @@ class Interface:
         self.gateway = gateway
         self.arp_timeout = arp_timeout
         if accelerated is None:
-            accelerated = fastpath.ACCELERATED
-        elif accelerated and not fastpath.ACCELERATED:
+            accelerated = native.ACCELERATED
+        elif accelerated and not native.ACCELERATED:
             raise RuntimeError("stack._netfast is not built")
         self.accelerated = accelerated
         self.counters: Counter[str] = Counter()
@@ -123,7 +123,7 @@ class Interface:
     def receive(self, frame, now: float) -> tuple[int, int, memoryview] | None:
         self.counters["rx_frames"] += 1
         if self.accelerated:
-            match = fastpath.match_tcp_frame(frame, self.mac, self.ip)
+            match = native.match_tcp_frame(frame, self.mac, self.ip)
             if match:
                 start = (match >> 16) & 0xFFFF
                 return match >> 32, self.ip, memoryview(frame)[start:start + (match & 0xFFFF)]
@@ -155,7 +155,7 @@ class Interface:
             if ethernet.dst != self.mac:
                 self.counters["tcp_not_unicast"] += 1
                 return None
-            if fastpath.internet_checksum(
+            if native.internet_checksum(
                     payload, pseudo_header_sum(ip.src, ip.dst, PROTO_TCP, len(payload))):
                 raise WireError("tcp_bad_checksum")
             return ip.src, ip.dst, payload
@@ -222,8 +222,8 @@ class Interface:
         ident = self._next_ident()
         if self.accelerated:
             if not gso_size:
-                return fastpath.build_tcp_frame(dst_mac, self.mac, self.ip, dst_ip, ident, segment)
-            frame = fastpath.build_tcp_frame(dst_mac, self.mac, self.ip, dst_ip, ident, segment,
+                return native.build_tcp_frame(dst_mac, self.mac, self.ip, dst_ip, ident, segment)
+            frame = native.build_tcp_frame(dst_mac, self.mac, self.ip, dst_ip, ident, segment,
                                              SegmentedFrame, partial_checksum=True)
             frame.gso_size = gso_size
             return frame
@@ -233,7 +233,7 @@ class Interface:
             tcp_checksum = pseudo  # the device completes each piece's checksum
         else:
             segment[_TCP_CHECKSUM_AT:_TCP_CHECKSUM_AT + 2] = b"\0\0"
-            tcp_checksum = fastpath.internet_checksum(segment, pseudo)
+            tcp_checksum = native.internet_checksum(segment, pseudo)
         segment[_TCP_CHECKSUM_AT:_TCP_CHECKSUM_AT + 2] = tcp_checksum.to_bytes(2, "big")
         packet = Ipv4Header(self.ip, dst_ip, PROTO_TCP, ident).emit(segment)
         frame = EthernetHeader(dst_mac, self.mac, ETHERTYPE_IPV4).emit(packet)

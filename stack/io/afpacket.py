@@ -31,7 +31,7 @@ import mmap
 import socket
 import struct
 
-from stack import fastpath
+from stack import native
 from stack.io.base import GSO_MAX_SIZE, MAX_FRAME_LEN, PacketIOError
 from stack.wire.vnet import SegmentedFrame
 
@@ -72,7 +72,7 @@ class AfPacketIO:
     the rings' drops plus the kernel's (`rx_kernel_drops`: ring full)."""
 
     def __init__(self, ifname: str, rx_slots: int = 240, tx_slots: int = 1024):
-        if not fastpath.ACCELERATED:
+        if not native.ACCELERATED:
             raise PacketIOError("AfPacketIO walks its rings in C: "
                                 "build stack._netfast (pip install -e .)")
         self.ifname = ifname
@@ -113,7 +113,7 @@ class AfPacketIO:
         return sock
 
     def _setup(self, ifname: str, rx_slots: int, tx_slots: int) -> None:
-        ffi, lib = fastpath.ffi, fastpath.lib
+        ffi, lib = native.ffi, native.lib
         sock = self._sock
         sock.setsockopt(_SOL_PACKET, _PACKET_VERSION, _TPACKET_V2)
         # Skip malformed TX frames (marked WRONG_FORMAT) instead of stalling the ring.
@@ -243,7 +243,7 @@ class AfPacketIO:
     def close(self) -> None:
         if self._sock.fileno() < 0:
             return
-        fastpath.ffi.release(self._map_view)
+        native.ffi.release(self._map_view)
         self._map.close()
         self._sock.close()
         if self._gso_sock is not None:

@@ -3,7 +3,7 @@ answers, and "fragmentation needed" (RFC 1191), the one error it acts on."""
 import struct
 from dataclasses import dataclass
 
-from stack.fastpath import internet_checksum
+from stack.native import internet_checksum
 from stack.wire.errors import WireError
 from stack.wire.ipv4 import PROTO_TCP
 

@@ -10,7 +10,7 @@ import ipaddress
 import struct
 from dataclasses import dataclass
 
-from stack.fastpath import internet_checksum
+from stack.native import internet_checksum
 from stack.wire.errors import WireError
 
 HEADER_LEN = 20

@@ -16,7 +16,7 @@ WireError.
 """
 import struct
 
-from stack import fastpath
+from stack import native
 from stack.wire.errors import WireError
 
 F_NEEDS_CSUM = 1               # checksum from csum_start, stored at csum_start + csum_offset
@@ -75,6 +75,6 @@ def received_frame(data):
     frame = bytearray(memoryview(data)[HEADER.size:])
     # The field holds the pseudo-header sum; the sum from csum_start on,
     # complemented, is the checksum (what a NIC does with CHECKSUM_PARTIAL).
-    checksum = fastpath.internet_checksum(memoryview(frame)[csum_start:])
+    checksum = native.internet_checksum(memoryview(frame)[csum_start:])
     frame[at:at + 2] = checksum.to_bytes(2, "big")
     return frame

@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from stack import checksum, fastpath
+from stack import checksum, native
 from stack.iface import Interface
 from stack.io.afpacket import AfPacketIO
 from stack.io.base import PacketIOError
@@ -31,7 +31,7 @@ pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),
     pytest.mark.skipif(shutil.which("ip") is None, reason="iproute2 is not installed"),
 ]
-needs_c = pytest.mark.skipif(not fastpath.ACCELERATED,
+needs_c = pytest.mark.skipif(not native.ACCELERATED,
                              reason="AfPacketIO needs stack._netfast")
 
 KERNEL_IP = "198.18.220.1"
@@ -98,7 +98,7 @@ def link():
 
 @pytest.fixture
 def stack_side(link):
-    if not fastpath.ACCELERATED:
+    if not native.ACCELERATED:
         pytest.skip("AfPacketIO needs stack._netfast")
     with inside_netns(link.stack_ns):
         io = AfPacketIO("veth0")

@@ -23,7 +23,7 @@ def test_passive_open_data_both_ways_and_close_frees_the_slot(world):
     request = b"GET / HTTP/1.1\r\n\r\n"
     peer_tx.write(request)
     conn.send_ready(world.now)
-    world.peer.host.after(conn, world.now)
+    world.peer.host.collect(conn, world.now)
     world.settle()
     assert world.read(child) == request
 
@@ -35,7 +35,7 @@ def test_passive_open_data_both_ways_and_close_frees_the_slot(world):
         world.settle()
         received += peer_rx.read(len(peer_rx))
         conn.recv_consumed(world.now)
-        world.peer.host.after(conn, world.now)
+        world.peer.host.collect(conn, world.now)
         if received == response:
             break
     assert received == response
@@ -45,7 +45,7 @@ def test_passive_open_data_both_ways_and_close_frees_the_slot(world):
     world.settle()
     assert conn.state.name == "CLOSE_WAIT"
     conn.close(world.now)
-    world.peer.host.after(conn, world.now)
+    world.peer.host.collect(conn, world.now)
     world.settle()
     assert lib.mts_slot_at(world.g, child).in_use == lib.MTS_SLOT_FREE
 
@@ -71,7 +71,7 @@ def test_active_open_to_peer_listener_then_peer_reset(world):
 
     peer_conn = next(iter(world.peer.host.connections.values()))
     peer_conn.abort(world.now)
-    world.peer.host.after(peer_conn, world.now)
+    world.peer.host.collect(peer_conn, world.now)
     world.settle()
     assert s.so_error == errno.ECONNRESET
     assert s.events & lib.MTS_EV_HUP

@@ -32,7 +32,7 @@ def still_serves(world, port=9090):
     assert child >= 0
     peer_tx.write(b"ping")
     conn.send_ready(world.now)
-    world.peer.host.after(conn, world.now)
+    world.peer.host.collect(conn, world.now)
     world.settle()
     assert world.read(child) == b"ping"
     world.write(child, b"pong")
@@ -125,7 +125,7 @@ def test_a_receive_tail_past_its_head_resets_that_connection_only(world):
     for conn, tx in ((victim_conn, victim_tx), (other_conn, other_tx)):
         tx.write(b"more data")
         conn.send_ready(world.now)
-        world.peer.host.after(conn, world.now)
+        world.peer.host.collect(conn, world.now)
     world.settle()
     assert counted(world, "sockets_reset") == 1
     victim_slot = lib.mts_slot_at(world.g, victim)
@@ -146,7 +146,7 @@ def test_a_live_slot_marked_free_is_never_handed_out_twice(world):
     assert second != first
     first_tx.write(b"x")
     first_conn.send_ready(world.now)
-    world.peer.host.after(first_conn, world.now)
+    world.peer.host.collect(first_conn, world.now)
     world.settle()
     assert counted(world, "sockets_reset") == 1
     assert lib.mts_slot_at(world.g, first).in_use == lib.MTS_SLOT_USED  # the stack took it back
@@ -238,7 +238,7 @@ def test_the_log_names_the_program_and_the_launcher_s_end_stops_the_stack(world,
     lib.mts_slot_at(world.g, victim).rx.tail = 1 << 40
     victim_tx.write(b"data")
     victim_conn.send_ready(world.now)
-    world.peer.host.after(victim_conn, world.now)
+    world.peer.host.collect(victim_conn, world.now)
     world.settle()
     assert "the program (pid 4321) corrupted socket" in capsys.readouterr().err
     os.close(write_end)

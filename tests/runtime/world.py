@@ -165,7 +165,7 @@ def hostile_storm(world, rng, writes, connections=3):
                     conns[i] = conn = peer_connects(world)[0]
                 conn.send_buf.write(b"x" * 100)
                 conn.send_ready(world.now)
-                world.peer.host.after(conn, world.now)
+                world.peer.host.collect(conn, world.now)
         world.now += 0.001
         world.runtime.step(world.now)
         world.peer.on_timers(world.now)

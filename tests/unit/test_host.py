@@ -279,7 +279,7 @@ def test_time_wait_keeps_a_compact_record_that_acks_and_reincarnates():
     client_sends(1001, iss + 1, ACK)
     conn = server.connections[(80, client_ip, 40000)]
     conn.close(now)                                  # the server closes first: FIN
-    server.after(conn, now)
+    server.collect(conn, now)
     server.take_output()
     client_sends(1001, iss + 2, ACK)                 # FIN_WAIT_2
     client_sends(1001, iss + 2, FIN | ACK)           # TIME_WAIT: a record replaces the connection

@@ -7,7 +7,7 @@ import struct
 
 import pytest
 
-from stack import checksum, fastpath
+from stack import checksum, native
 from stack.iface import ARP_QUEUE_LIMIT, Interface
 from stack.wire.arp import OP_REPLY, OP_REQUEST, ArpPacket
 from stack.wire.ethernet import BROADCAST, ETHERTYPE_ARP, ETHERTYPE_IPV4, EthernetHeader
@@ -30,7 +30,7 @@ FAR_IP = ip("198.19.5.5")
 
 @pytest.fixture(params=[True, False], ids=["c", "python"])
 def iface(request):
-    if request.param and not fastpath.ACCELERATED:
+    if request.param and not native.ACCELERATED:
         pytest.skip("stack._netfast not built")
     return Interface(OUR_MAC, OUR_IP, 24, gateway=GATEWAY_IP, arp_timeout=60.0,
                      accelerated=request.param)
@@ -276,7 +276,7 @@ def test_dropped_frames_are_counted_by_reason(iface, reason, frame):
 
 
 def test_c_and_python_paths_agree_frame_by_frame():
-    if not fastpath.ACCELERATED:
+    if not native.ACCELERATED:
         pytest.skip("stack._netfast not built")
     fast = Interface(OUR_MAC, OUR_IP, 24, accelerated=True)
     slow = Interface(OUR_MAC, OUR_IP, 24, accelerated=False)

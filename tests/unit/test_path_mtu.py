@@ -7,7 +7,7 @@ import struct
 
 import pytest
 
-from stack import checksum, fastpath
+from stack import checksum, native
 from stack.host import MIN_PATH_MTU, TcpHost
 from stack.iface import Interface
 from stack.storage import RingBuffer
@@ -87,7 +87,7 @@ def test_malformed_fragmentation_needed_is_refused_with_a_reason(reason, message
 
 @pytest.fixture(params=[True, False], ids=["c", "python"])
 def iface(request):
-    if request.param and not fastpath.ACCELERATED:
+    if request.param and not native.ACCELERATED:
         pytest.skip("stack._netfast not built")
     return Interface(OUR_MAC, OUR_IP, 24, gateway=ROUTER_IP, accelerated=request.param)
 
@@ -157,7 +157,7 @@ class Host:
         assert self.conn.state == TcpState.ESTABLISHED
         self.conn.send_buf.write(bytes(20 * MSS))
         self.conn.send_ready(self.now)
-        self.host.after(self.conn, self.now)
+        self.host.collect(self.conn, self.now)
         self.flight = self.sent()
         self.mss = self.conn.send_mss
 

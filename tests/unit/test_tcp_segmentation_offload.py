@@ -7,7 +7,7 @@ import struct
 
 import pytest
 
-from stack import checksum, fastpath
+from stack import checksum, native
 from stack.host import TcpHost
 from stack.iface import Interface
 from stack.storage import RingBuffer
@@ -144,7 +144,7 @@ def test_the_host_marks_longer_than_mss_segments_for_cutting():
     conn = host.connections[(80, peer_ip, 40000)]
     conn.send_buf.write(b"q" * (5 * MSS))
     conn.send_ready(0.1)
-    host.after(conn, 0.1)
+    host.collect(conn, 0.1)
     ((_, segment, gso),) = host.take_output()
     assert gso == MSS and len(segment) == 20 + 5 * MSS
 
@@ -188,7 +188,7 @@ def device_cuts(frame: SegmentedFrame) -> list:
 
 @pytest.mark.parametrize("accelerated", [True, False], ids=["c", "python"])
 def test_a_segmented_frame_cuts_into_valid_segments(accelerated):
-    if accelerated and not fastpath.ACCELERATED:
+    if accelerated and not native.ACCELERATED:
         pytest.skip("stack._netfast not built")
     ours = Interface(OUR_MAC, OUR_IP, 24, accelerated=accelerated)
     peer = Interface(PEER_MAC, PEER_IP, 24, accelerated=accelerated)
@@ -208,7 +208,7 @@ def test_a_segmented_frame_cuts_into_valid_segments(accelerated):
 
 
 def test_c_and_python_build_the_same_segmented_frame():
-    if not fastpath.ACCELERATED:
+    if not native.ACCELERATED:
         pytest.skip("stack._netfast not built")
     frames = []
     for accelerated in (True, False):

@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from stack import checksum, fastpath
+from stack import checksum, native
 from stack.wire.arp import OP_REPLY, OP_REQUEST, ArpPacket
 from stack.wire.errors import WireError
 from stack.wire.ethernet import (BROADCAST, ETHERTYPE_ARP, ETHERTYPE_IPV4,
@@ -18,7 +18,7 @@ MAC_B = bytes.fromhex("020000000002")
 IP_A = int(ipaddress.IPv4Address("198.18.0.1"))
 IP_B = int(ipaddress.IPv4Address("198.18.0.2"))
 
-needs_c = pytest.mark.skipif(not fastpath.ACCELERATED, reason="stack._netfast not built")
+needs_c = pytest.mark.skipif(not native.ACCELERATED, reason="stack._netfast not built")
 
 
 def expect_wire_error(reason, parse, data):
@@ -163,10 +163,10 @@ def test_c_checksum_equals_python_on_random_data():
     for data in buffers:
         for initial in (0, 1, 0xFFFF, 0x1FFFE, rng.randrange(1 << 32)):
             expected = checksum.ones_complement_sum(data, initial)
-            assert fastpath.ones_complement_sum(data, initial) == expected
-            assert fastpath.ones_complement_sum(bytearray(data), initial) == expected
-            assert fastpath.ones_complement_sum(memoryview(data)[0:], initial) == expected
-            assert fastpath.internet_checksum(data, initial) == checksum.internet_checksum(
+            assert native.ones_complement_sum(data, initial) == expected
+            assert native.ones_complement_sum(bytearray(data), initial) == expected
+            assert native.ones_complement_sum(memoryview(data)[0:], initial) == expected
+            assert native.internet_checksum(data, initial) == checksum.internet_checksum(
                 data, initial)
 
 
@@ -185,31 +185,31 @@ def test_c_tcp_frame_equals_python_framing():
     rng = random.Random(793)
     for length in (20, 21, 32, 1480):
         segment = rng.randbytes(length)   # checksum field is random: it is ignored
-        frame = fastpath.build_tcp_frame(MAC_B, MAC_A, IP_A, IP_B, 0xBEEF, segment)
+        frame = native.build_tcp_frame(MAC_B, MAC_A, IP_A, IP_B, 0xBEEF, segment)
         assert bytes(frame) == python_tcp_frame(MAC_B, MAC_A, IP_A, IP_B, 0xBEEF, segment)
     with pytest.raises(ValueError):
-        fastpath.build_tcp_frame(MAC_B, MAC_A, IP_A, IP_B, 1, bytes(19))
+        native.build_tcp_frame(MAC_B, MAC_A, IP_A, IP_B, 1, bytes(19))
 
 
 @needs_c
 def test_c_match_accepts_valid_tcp_to_us_and_nothing_else():
     segment = random.Random(9293).randbytes(100)
     frame = python_tcp_frame(MAC_B, MAC_A, IP_A, IP_B, 1, segment) + bytes(6)  # padded
-    match = fastpath.match_tcp_frame(frame, MAC_B, IP_B)
+    match = native.match_tcp_frame(frame, MAC_B, IP_B)
     assert (match >> 32, (match >> 16) & 0xFFFF, match & 0xFFFF) == (IP_A, 34, 100)
 
-    assert fastpath.match_tcp_frame(frame, MAC_A, IP_B) == 0            # other MAC
-    assert fastpath.match_tcp_frame(frame, MAC_B, IP_A) == 0            # other IP
+    assert native.match_tcp_frame(frame, MAC_A, IP_B) == 0            # other MAC
+    assert native.match_tcp_frame(frame, MAC_B, IP_A) == 0            # other IP
     corrupt = bytearray(frame)
     corrupt[60] ^= 1
-    assert fastpath.match_tcp_frame(bytes(corrupt), MAC_B, IP_B) == 0   # TCP checksum
+    assert native.match_tcp_frame(bytes(corrupt), MAC_B, IP_B) == 0   # TCP checksum
     corrupt = bytearray(frame)
     corrupt[22] ^= 1
-    assert fastpath.match_tcp_frame(bytes(corrupt), MAC_B, IP_B) == 0   # IP checksum
+    assert native.match_tcp_frame(bytes(corrupt), MAC_B, IP_B) == 0   # IP checksum
     fragment = bytearray(frame)
     fragment[20] |= 0x20                                                # MF
-    assert fastpath.match_tcp_frame(reseal_frame(fragment), MAC_B, IP_B) == 0
-    assert fastpath.match_tcp_frame(frame[:100], MAC_B, IP_B) == 0      # cut short
+    assert native.match_tcp_frame(reseal_frame(fragment), MAC_B, IP_B) == 0
+    assert native.match_tcp_frame(frame[:100], MAC_B, IP_B) == 0      # cut short
 
 
 def reseal_frame(frame: bytearray) -> bytes:
