@@ -1,10 +1,13 @@
 /*
  * mtcpshim shared-memory ABI: the single source of truth for every structure
  * the application side (preload/ interposer, C) and the stack side (Python,
- * through cffi) both touch.  mtcpshim/abi.py hands this very text to cffi, so
- * this file must stay within what cffi's cdef parser accepts: integer
- * #defines, structs of fixed-width integers, no attributes, no functions.
- * Layout checks and the shared inline operations live in mts_shm.h.
+ * through cffi) both touch.  mtcpshim/abi_source.py hands this text to cffi
+ * for mtcpshim/_build_shm.py, minus every preprocessor line that is not an
+ * integer #define (string #defines are compiled into the module as a table
+ * instead), so this file must stay within what cffi's cdef parser accepts:
+ * integer #defines, structs of fixed-width integers, no attributes, no
+ * functions.  Layout checks and the shared inline operations live in
+ * mts_shm.h; docs/architecture.md explains the region and its protocols.
  *
  * The region is a memfd created by the launcher and mapped by every process
  * at its own address, so structures hold offsets, never pointers:
