@@ -45,3 +45,19 @@ def render(snapshot: dict, as_json: bool = False) -> str:
         for name, value in sorted(counters.items()):
             lines.append(f"    {value:>12}  {name.replace('_', ' ')}")
     return "\n".join(lines)
+
+
+def serve(listener: socket.socket, snapshot) -> None:
+    """The stack's end: answers every `mtcpshim stat` waiting on `listener`
+    (non-blocking) with one JSON `snapshot()`."""
+    while True:
+        try:
+            client, _ = listener.accept()
+        except BlockingIOError:
+            return
+        with client:
+            client.settimeout(1.0)
+            try:
+                client.sendall(json.dumps(snapshot()).encode())
+            except OSError:
+                pass

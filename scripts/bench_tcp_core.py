@@ -249,7 +249,7 @@ def bench_keepalive(count):
             conn.recv_consumed(clock[0])
             peer.host.collect(conn, clock[0])
         served += len(peers)
-    runtime.ctl.close()
+    runtime.waiters.ctl.close()
     app_ctl.close()
     os.close(wake_fd)
     link.close()

@@ -109,7 +109,7 @@ def test_armed_waiter_is_woken_once_by_new_readiness(world):
 def test_accepted_socket_is_published_established_before_it_is_queued(world, monkeypatch):
     """Another process may accept the instant the child is queued: the child's
     state must already read as connected then (a FRESH state read as EOF)."""
-    import mtcpshim.runtime as runtime_module
+    import mtcpshim.sockets as sockets_module
 
     states_when_queued = []
 
@@ -121,7 +121,7 @@ def test_accepted_socket_is_published_established_before_it_is_queued(world, mon
             states_when_queued.append(lib.mts_slot_at(geom, child).state)
             return lib.mts_accept_put(geom, listener, pos, child)
 
-    monkeypatch.setattr(runtime_module, "lib", RecordingLib())
+    monkeypatch.setattr(sockets_module, "lib", RecordingLib())
     listening_socket(world)
     peer_connects(world)
     assert states_when_queued == [lib.MTS_ST_CONNECTED]

@@ -70,7 +70,7 @@ class World:
             self.peer.ingest(out, self.now)
             back = self.peer.egress(self.now)
             self.link.inbound.extend(back)
-            if not out and not back and not lib.mts_cmd_pending(self.g, self.runtime._cmd_pos[0]):
+            if not out and not back and not lib.mts_cmd_pending(self.g, self.runtime.sockets.cmd_position):
                 return
 
     # -- the application's side of the ABI ------------------------------
@@ -153,7 +153,7 @@ def hostile_storm(world, rng, writes, connections=3):
                       + rng.randrange(ffi.sizeof("struct mts_slot"))) // 8
         words[offset] = rng.choice(values) if rng.random() < 0.5 else rng.getrandbits(64)
         if rng.random() < 0.2:
-            pos = world.runtime._cmd_pos[0]
+            pos = world.runtime.sockets.cmd_position
             cell = cells + (pos & (g.cmd_capacity - 1))
             cell.op = rng.randrange(12)
             cell.slot = rng.choice((rng.randrange(g.nslots), U32_MAX, listener))

@@ -1,0 +1,490 @@
+"""The stack's side of every socket: what each shared slot is (StackSocket),
+the commands the program queues (bind, listen, connect, data ready, window
+opened, shutdown, close, options), readiness published back, accept
+queues, and containment of what the program writes that cannot be.
+
+Everything read from the region is untrusted: slot ids, queue entries and
+ring indices are checked against the stack's own state; an impossible one
+resets that socket only (`reset_corrupt`), counted in `shm_counters` and
+logged with the program's pid.
+"""
+import collections
+import errno
+import socket
+import time
+import traceback
+
+from mtcpshim._shm import ffi, lib
+from mtcpshim.shmbuf import DETACHED, ShmRecvBuffer, ShmSendBuffer
+from mtcpshim.stacklog import RateLimitedLog, log
+from stack.node import Node
+from stack.tcp import EV_CLOSED, EV_ESTABLISHED, EV_PEER_FIN, EV_RESET, TcpState
+
+_SLOT_STATE = {
+    TcpState.SYN_SENT: lib.MTS_ST_CONNECTING,
+    TcpState.SYN_RECEIVED: lib.MTS_ST_CONNECTING,
+    TcpState.CLOSED: lib.MTS_ST_CLOSED,
+}
+_OPTIONS_OFFSET = ffi.offsetof("struct mts_slot", "opt_nodelay")
+_ST_CONNECTED = lib.MTS_ST_CONNECTED  # every state not listed: past the handshake
+_AFTER_OUR_FIN = (TcpState.FIN_WAIT_2, TcpState.TIME_WAIT, TcpState.CLOSED)
+_CLOSED = TcpState.CLOSED
+_EV_RDHUP = lib.MTS_EV_RDHUP
+_SLOT_USED = lib.MTS_SLOT_USED
+_ADDRESS_ARG_LIMIT = 1 << 48  # ip << 16 | port
+_U64 = (1 << 64) - 1
+_MAX_KEEPALIVE_SECONDS, _MAX_KEEPCNT, _MAX_USER_TIMEOUT_MS = 32767, 127, (1 << 31) - 1
+
+
+class _NotAllocated(Exception):
+    """A command named a slot no process of the program allocated."""
+
+
+class StackSocket:
+    """What the stack knows of one slot."""
+
+    __slots__ = ("slot_id", "slot", "port", "conn", "listener", "parent", "events", "app_closed",
+                 "accept_head", "queued", "queued_on", "quarantined")
+
+    def __init__(self, slot_id, slot):
+        self.slot_id = slot_id
+        self.slot = slot
+        self.port = 0           # a port this socket reserved (bind, ephemeral)
+        self.conn = None
+        self.listener = None
+        self.parent = None      # the listening StackSocket of a connection in its handshake
+        self.events = 0         # MTS_EV_* published so far
+        self.app_closed = False
+        # A listener's accept queue, as the stack knows it: its own head, and
+        # the live connections it queued (accepted since, or not).
+        self.accept_head = 0
+        self.queued = set()
+        self.queued_on = None   # the listener whose `queued` holds this connection
+        self.quarantined = False  # reset for corruption: its rings are never read again
+
+
+class SocketTable:
+    """The stack's sockets by slot id (`slot_id in table`, `table[slot_id]`,
+    `len(table)`, iteration over slot ids)."""
+
+    def __init__(self, geom, node: Node, waiters, shm_counters: collections.Counter):
+        self.geom = geom
+        self.host, self.iface = node.host, node.iface
+        self.waiters = waiters
+        self._sockets: dict[int, StackSocket] = {}
+        self._cmd = ffi.new("struct mts_cmd *")
+        self._cmd_pos = ffi.new("uint64_t *")   # the queue's dequeue position is ours alone
+        self._owned = bytearray(geom.nslots)    # slots the stack knows live, whatever in_use says
+        self._owned_view = ffi.from_buffer(self._owned)
+        self._corrupt: dict[StackSocket, str] = {}
+        self.shm_counters = shm_counters
+        self.commands = 0                       # commands run, for the statistics
+        self.program_pid = None                 # told by the launcher, for log lines
+        self._log_limited = RateLimitedLog()    # a program corrupting in a loop must not flood the log
+
+    def __contains__(self, slot_id) -> bool:
+        return slot_id in self._sockets
+
+    def __getitem__(self, slot_id) -> StackSocket:
+        return self._sockets[slot_id]
+
+    def __iter__(self):
+        return iter(self._sockets)
+
+    def __len__(self) -> int:
+        return len(self._sockets)
+
+    @property
+    def cmd_position(self) -> int:
+        """Where the stack reads the command queue next (for the sleep protocol)."""
+        return self._cmd_pos[0]
+
+    @property
+    def corrupt_pending(self) -> bool:
+        return bool(self._corrupt)
+
+    def close_all(self, now: float) -> None:
+        """The program is gone: close what it left open, as the kernel does at exit."""
+        for sock in list(self._sockets.values()):
+            if not sock.app_closed:
+                self._close(sock.slot_id, 0, now)
+        self.publish()
+
+    # -- commands from the program ------------------------------------------
+
+    def execute_commands(self, now: float) -> bool:
+        """Runs the commands the program queued: at most one queue's worth."""
+        cmd, geom, pos, handlers, pop = self._cmd, self.geom, self._cmd_pos, self._HANDLERS, lib.mts_cmd_pop
+        nslots = geom.nslots
+        popped = 0
+        # At most one queue's worth per loop: a program that keeps refilling
+        # cells cannot starve the network.
+        while popped < geom.cmd_capacity and pop(geom, pos, cmd):
+            popped += 1
+            op, slot_id = cmd.op, cmd.slot
+            handler = handlers.get(op)
+            if handler is None or slot_id >= nslots and op != lib.MTS_OP_WAITER_FREE:
+                self.shm_counters["cmd_bad"] += 1
+                continue
+            try:
+                handler(self, slot_id, cmd.arg, now)
+            except _NotAllocated:
+                self.shm_counters["cmd_bad"] += 1
+            except Exception:  # a bug reached through program-controlled input: contain it
+                self.shm_counters["handler_faults"] += 1
+                log(f"command {op} on slot {slot_id} failed:\n{traceback.format_exc()}")
+                sock = self._sockets.get(slot_id) if op != lib.MTS_OP_WAITER_FREE else None
+                if sock is not None:
+                    self._corrupted(sock, f"command {op} failed")
+        self.commands += popped
+        return popped > 0
+
+    def _socket(self, slot_id: int) -> StackSocket:
+        """The stack's socket for a slot; a slot the stack does not know yet
+        must be one a process of the program allocated."""
+        sock = self._sockets.get(slot_id)
+        if sock is None:
+            slot = lib.mts_slot_at(self.geom, slot_id)
+            if slot.in_use != _SLOT_USED:
+                raise _NotAllocated(slot_id)
+            sock = self._sockets[slot_id] = StackSocket(slot_id, slot)
+            self._owned[slot_id] = 1
+        return sock
+
+    def recover_lost_tx(self, now: float) -> None:
+        """A program that overwrote its own command cells can lose an
+        MTS_OP_TX; its tx_pending flag then stays set and it never sends
+        another.  Serve such flags as if the command had come."""
+        for sock in self._sockets.values():
+            if sock.conn is not None and not sock.quarantined and sock.slot.tx_pending:
+                self._tx(sock.slot_id, 0, now)
+
+    def _buffers(self, sock: StackSocket):
+        """The TCP core's view of the socket's rings."""
+        report = lambda reason: self._corrupted(sock, reason)  # noqa: E731
+        return ShmSendBuffer(self.geom, sock.slot_id, report), ShmRecvBuffer(self.geom, sock.slot_id, report)
+
+    def _bind(self, slot_id, arg, now):
+        sock = self._socket(slot_id)
+        ip, port = arg >> 16, arg & 0xFFFF
+        if arg >= _ADDRESS_ARG_LIMIT:
+            return lib.mts_complete(sock.slot, -errno.EINVAL)
+        if ip not in (0, self.host.ip):
+            return lib.mts_complete(sock.slot, -errno.EADDRNOTAVAIL)
+        if sock.port or sock.conn is not None:
+            return lib.mts_complete(sock.slot, -errno.EINVAL)
+        try:
+            sock.port = self.host.bind(port)
+        except OSError as err:
+            return lib.mts_complete(sock.slot, -err.errno)
+        sock.slot.local_ip, sock.slot.local_port = ip, sock.port
+        lib.mts_publish(sock.slot, lib.MTS_ST_BOUND, 0, 0)
+        lib.mts_complete(sock.slot, 0)
+
+    def _listen(self, slot_id, arg, now):
+        sock = self._socket(slot_id)
+        if not sock.port or sock.conn is not None:
+            return lib.mts_complete(sock.slot, -errno.EINVAL)
+        backlog = min(max(int(arg), 1), self.geom.accept_capacity)
+        # Each half-open connection holds a slot: past a quarter of them, SYNs
+        # get cookies, so a flood cannot take every slot (and every listener).
+        syn_backlog = min(backlog, self.geom.nslots // 4)
+        if sock.listener is None:
+            sock.listener = self.host.listen(sock.port, syn_backlog,
+                                             lambda ip, port: self._accept_slot(sock, ip, port))
+        sock.listener.backlog = syn_backlog
+        sock.slot.backlog = backlog
+        lib.mts_publish(sock.slot, lib.MTS_ST_LISTENING, 0, 0)
+        lib.mts_complete(sock.slot, 0)
+
+    def _accept_slot(self, listening: StackSocket, remote_ip: int, remote_port: int):
+        """A SYN arrived for `listening`: a slot for the new connection."""
+        child_id = lib.mts_slot_alloc(self.geom, self._owned_view)
+        if child_id < 0:
+            return None
+        child = self._socket(child_id)
+        child.parent = listening
+        slot = child.slot
+        slot.local_ip, slot.local_port = self.host.ip, listening.port
+        slot.remote_ip, slot.remote_port = remote_ip, remote_port
+        # Accepted sockets inherit the listener's options, as in the kernel.
+        options_size = ffi.offsetof("struct mts_slot", "pad1") - _OPTIONS_OFFSET
+        ffi.memmove(ffi.cast("char *", slot) + _OPTIONS_OFFSET,
+                    ffi.cast("char *", listening.slot) + _OPTIONS_OFFSET, options_size)
+        return (*self._buffers(child), child)
+
+    def _connect(self, slot_id, arg, now):
+        sock = self._socket(slot_id)
+        if sock.conn is not None:
+            established = sock.events & lib.MTS_EV_CONNECTED
+            return lib.mts_complete(sock.slot, -(errno.EISCONN if established else errno.EALREADY))
+        if sock.listener is not None:
+            return lib.mts_complete(sock.slot, -errno.EISCONN)
+        ip, port = arg >> 16, arg & 0xFFFF
+        if arg >= _ADDRESS_ARG_LIMIT:
+            return lib.mts_complete(sock.slot, -errno.EINVAL)
+        if not self.iface.routes(ip):
+            return lib.mts_complete(sock.slot, -errno.ENETUNREACH)
+        buffers = self._buffers(sock)
+        try:
+            if sock.port:
+                conn = self.host.connect(sock.port, ip, port, *buffers, sock, now)
+            else:
+                conn = self.host.connect_ephemeral(ip, port, *buffers, sock, now)
+                sock.port = conn.local_port
+        except OSError as err:
+            return lib.mts_complete(sock.slot, -err.errno)
+        sock.conn = conn
+        slot = sock.slot
+        slot.local_ip, slot.local_port = self.host.ip, conn.local_port
+        slot.remote_ip, slot.remote_port = ip, port
+        self._apply_options(sock)
+        lib.mts_publish(slot, lib.MTS_ST_CONNECTING, 0, 0)
+        lib.mts_complete(slot, 0)
+
+    def _tx(self, slot_id, arg, now):
+        sock = self._sockets.get(slot_id)
+        if sock is not None and (conn := sock.conn) is not None:
+            lib.mts_tx_clear_pending(sock.slot)  # before the core looks at the ring
+            conn.send_ready(now)
+            self.host.collect(conn, now)
+
+    def _rxwin(self, slot_id, arg, now):
+        sock = self._sockets.get(slot_id)
+        if sock is not None and sock.conn is not None:
+            sock.conn.recv_consumed(now)
+            self.host.collect(sock.conn, now)
+
+    def _shutdown(self, slot_id, arg, now):
+        sock = self._sockets.get(slot_id)
+        if sock is not None and sock.conn is not None and arg in (socket.SHUT_WR, socket.SHUT_RDWR):
+            sock.conn.shutdown_write(now)
+            self.host.collect(sock.conn, now)
+
+    def _close(self, slot_id, arg, now):
+        sock = self._sockets.get(slot_id)
+        if sock is None:  # never reached the stack: nothing but the slot
+            return lib.mts_slot_free(self.geom, slot_id)
+        if sock.app_closed:
+            return
+        sock.app_closed = True
+        if sock.listener is not None:
+            self._stop_listening(sock, now)
+            # What the program did not accept is ours to abort; each entry
+            # must be one we queued, and we stop at our own head.
+            while (child_id := lib.mts_accept_take(self.geom, slot_id, sock.accept_head)) != -1:
+                child = self._sockets.get(child_id)
+                if child_id < 0 or child is None or child not in sock.queued:
+                    self.shm_counters["accept_entry_bad"] += 1
+                    self._abort_unclaimed(sock, now)
+                    break
+                self._abort_unaccepted(child, now)
+        elif sock.conn is not None:
+            if arg:
+                sock.conn.abort(now)
+            else:
+                sock.conn.close(now)
+            self.host.collect(sock.conn, now)
+        self._maybe_release(sock)
+
+    def _stop_listening(self, sock: StackSocket, now):
+        self.host.unlisten(sock.port)
+        sock.listener = None
+        for child in [s for s in self._sockets.values() if s.parent is sock]:
+            self._abort_unaccepted(child, now)
+
+    def _abort_unclaimed(self, listener: StackSocket, now):
+        """The accept queue cannot be believed: what the listener queued and
+        no process of the program holds a descriptor for goes."""
+        for child in [c for c in listener.queued if c.slot is not None and not c.slot.refcnt]:
+            self._abort_unaccepted(child, now)
+
+    def _abort_unaccepted(self, child: StackSocket, now):
+        if child.queued_on is not None:
+            child.queued_on.queued.discard(child)
+            child.queued_on = None
+        child.app_closed = True
+        child.parent = None
+        if child.conn is not None:
+            child.conn.abort(now)
+            self.host.collect(child.conn, now)
+        self._maybe_release(child)
+
+    def _setopt(self, slot_id, arg, now):
+        sock = self._sockets.get(slot_id)
+        if sock is not None and sock.conn is not None:
+            self._apply_options(sock)
+            if arg in (lib.MTS_OPT_NODELAY, lib.MTS_OPT_CORK):
+                sock.conn.send_ready(now)  # uncorking may release a small segment
+            self.host.collect(sock.conn, now)
+
+    def _apply_options(self, sock: StackSocket):
+        slot, conn = sock.slot, sock.conn
+        conn.nodelay = bool(slot.opt_nodelay) and not slot.opt_cork
+        conn.keepalive = bool(slot.opt_keepalive)
+        # The kernel's own bounds (MAX_TCP_KEEPIDLE/KEEPINTVL/KEEPCNT, an int
+        # of milliseconds): the interposer checks them, a program may not.
+        if slot.opt_keepidle:
+            conn.keepidle = float(min(slot.opt_keepidle, _MAX_KEEPALIVE_SECONDS))
+        if slot.opt_keepintvl:
+            conn.keepintvl = float(min(slot.opt_keepintvl, _MAX_KEEPALIVE_SECONDS))
+        if slot.opt_keepcnt:
+            conn.keepcnt = min(slot.opt_keepcnt, _MAX_KEEPCNT)
+        conn.user_timeout = min(slot.opt_user_timeout_ms, _MAX_USER_TIMEOUT_MS) / 1000.0
+        congestion = ffi.string(slot.opt_congestion).decode(errors="replace")
+        if congestion and congestion != conn.congestion:
+            try:
+                conn.congestion = congestion
+            except ValueError:  # the interposer checked the name: a drift between the two lists
+                self.host.count("setopt_unknown_congestion")
+
+    def _waiter_free(self, waiter_id, arg, now):
+        self.waiters.free(waiter_id)
+
+    _HANDLERS = {
+        lib.MTS_OP_BIND: _bind,
+        lib.MTS_OP_LISTEN: _listen,
+        lib.MTS_OP_CONNECT: _connect,
+        lib.MTS_OP_TX: _tx,
+        lib.MTS_OP_RXWIN: _rxwin,
+        lib.MTS_OP_SHUTDOWN: _shutdown,
+        lib.MTS_OP_CLOSE: _close,
+        lib.MTS_OP_SETOPT: _setopt,
+        lib.MTS_OP_WAITER_FREE: _waiter_free,
+    }
+
+    # -- readiness ----------------------------------------------------------
+
+    def publish(self) -> None:
+        """Readiness of every connection touched since the last call, then
+        one wakeup per armed waiter (mTCP's flow-level event aggregation)."""
+        if not self.host.touched:
+            return
+        touched = list(self.host.touched)
+        self.host.touched.clear()  # publishing may touch more: those go next loop
+        for conn in touched:
+            self._publish_connection(conn.owner, conn)
+        self.waiters.wake_armed()
+
+    def _publish_connection(self, sock: StackSocket, conn) -> None:
+        happened = conn.events
+        conn.events = 0
+        if sock.slot is None:
+            return  # released: the application is gone, the connection finishes alone
+        if sock.slot.in_use != _SLOT_USED:
+            # Marked free behind our back: take it back so that nobody else
+            # allocates it, and reset the connection it carried.
+            sock.slot.in_use = _SLOT_USED
+            self._corrupted(sock, "slot marked free while in use")
+        sock.conn = conn  # a passive connection meets its socket here
+        so_error = 0
+        if happened & EV_ESTABLISHED:
+            sock.events |= lib.MTS_EV_CONNECTED
+        if happened & EV_PEER_FIN:
+            sock.events |= lib.MTS_EV_RDHUP
+        if happened & EV_RESET:
+            so_error = conn.error or errno.ECONNRESET
+            sock.events |= lib.MTS_EV_HUP
+        state = conn.state
+        if state == _CLOSED or (sock.events & _EV_RDHUP and state in _AFTER_OUR_FIN):
+            sock.events |= lib.MTS_EV_HUP
+        lib.mts_publish(sock.slot, _SLOT_STATE.get(state, _ST_CONNECTED), sock.events, so_error)
+        if sock.parent is not None:
+            if happened & EV_CLOSED:
+                sock.parent = None  # died during the handshake: nobody will accept it
+                sock.app_closed = True
+            elif happened & EV_ESTABLISHED:
+                # Only now that its state is published may anyone accept it.
+                self._queue_for_accept(sock)
+        if sock.app_closed:
+            self._maybe_release(sock)
+
+    def _queue_for_accept(self, child: StackSocket) -> None:
+        parent = child.parent
+        child.parent = None
+        pushed = parent.listener is not None and self._accept_push(parent, child)
+        if not pushed:
+            self.host.count("tcp_listener_closed" if parent.listener is None else "tcp_accept_queue_full")
+            child.app_closed = True
+            now = time.monotonic()
+            child.conn.abort(now)
+            self.host.collect(child.conn, now)
+            return
+        self._apply_options(child)  # inherited from the listener
+        lib.mts_publish(parent.slot, lib.MTS_ST_LISTENING, 0, 0)
+
+    def _accept_push(self, listener: StackSocket, child: StackSocket) -> bool:
+        """Queues `child` at the stack's own head; False if the queue is full.
+        The program's tail must lie within capacity below that head."""
+        head = listener.accept_head
+        waiting = (head - lib.mts_index_load(ffi.addressof(listener.slot.rx, "tail"))) & _U64
+        if waiting > self.geom.accept_capacity:
+            self._corrupted(listener, "accept queue tail impossible")
+            return False
+        if waiting == self.geom.accept_capacity:
+            return False
+        lib.mts_accept_put(self.geom, listener.slot_id, head, child.slot_id)
+        listener.accept_head = (head + 1) & _U64
+        lib.mts_index_store(ffi.addressof(listener.slot.rx, "head"), listener.accept_head)
+        listener.queued.add(child)
+        child.queued_on = listener
+        return True
+
+    def _maybe_release(self, sock: StackSocket) -> None:
+        """Frees the slot of a socket the application has closed once the
+        connection no longer needs its rings (everything sent was acked)."""
+        if not sock.app_closed or sock.slot is None:
+            return
+        conn = sock.conn
+        if conn is not None and conn.state not in _AFTER_OUR_FIN:
+            return
+        if conn is not None:
+            conn.send_buf = conn.recv_buf = DETACHED
+            sock.conn = None  # no reference cycle: both go as soon as the host forgets the connection
+        if sock.port:
+            self.host.unbind(sock.port)
+        if sock.queued_on is not None:
+            sock.queued_on.queued.discard(sock)
+            sock.queued_on = None
+        self._corrupt.pop(sock, None)
+        del self._sockets[sock.slot_id]
+        self._owned[sock.slot_id] = 0
+        lib.mts_slot_free(self.geom, sock.slot_id)
+        sock.slot = None
+
+    # -- containment ----------------------------------------------------------
+
+    def _corrupted(self, sock: StackSocket, reason: str) -> None:
+        """The program wrote something impossible for `sock`: reset it at the
+        end of this stage (never from inside the TCP core's call)."""
+        if sock.slot is not None and not sock.quarantined:
+            self._corrupt.setdefault(sock, reason)
+
+    def reset_corrupt(self, now: float) -> None:
+        corrupt, self._corrupt = self._corrupt, {}
+        for sock, reason in corrupt.items():
+            if sock.slot is None:
+                continue
+            sock.quarantined = True
+            self.shm_counters["sockets_reset"] += 1
+            slot = sock.slot
+            self._log_limited(now, f"the program{'' if self.program_pid is None else f' (pid {self.program_pid})'} "
+                              f"corrupted socket {sock.slot_id} ({_endpoints(slot)}): {reason}; socket reset")
+            if sock.listener is not None:
+                self._stop_listening(sock, now)
+                self._abort_unclaimed(sock, now)
+            conn = sock.conn
+            if conn is not None:
+                conn.send_buf = conn.recv_buf = DETACHED  # its rings are never read again
+                conn.abort(now)
+                self.host.collect(conn, now)
+            sock.events |= lib.MTS_EV_HUP
+            lib.mts_publish(slot, lib.MTS_ST_CLOSED, sock.events, errno.ECONNRESET)
+            self._maybe_release(sock)
+
+
+def _endpoints(slot) -> str:
+    def address(ip, port):
+        return f"{ip >> 24}.{ip >> 16 & 255}.{ip >> 8 & 255}.{ip & 255}:{port}"
+    local = address(slot.local_ip, slot.local_port)
+    return local if not slot.remote_port else f"{local} <-> {address(slot.remote_ip, slot.remote_port)}"

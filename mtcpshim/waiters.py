@@ -1,0 +1,64 @@
+"""Waiters: how a program's blocked thread gets woken.  A thread about to
+block registers an eventfd once, over the control socket (a datagram with
+the fd as SCM_RIGHTS), for a waiter cell in the region; before each sleep it
+arms its cell, re-checks, and sleeps on the eventfd.  The stack wakes every
+armed waiter once per loop, after publishing readiness.
+
+The control socket is a trust boundary like the region: a message that is
+not a registration for a waiter the geometry has is refused and counted
+(`ctl_bad`)."""
+import os
+import socket
+
+from mtcpshim._shm import ffi, lib
+
+_MESSAGE_SIZE = ffi.sizeof("struct mts_ctl_msg")
+
+
+class Waiters:
+    def __init__(self, geom, ctl_fd: int, shm_counters):
+        self.geom = geom
+        self.ctl = socket.socket(fileno=ctl_fd)
+        self.ctl.setblocking(False)
+        self._fds: dict[int, int] = {}  # waiter id -> its eventfd
+        self._shm_counters = shm_counters
+        self.wakeups = 0
+
+    def __len__(self) -> int:
+        return len(self._fds)
+
+    def receive(self) -> bool:
+        """Takes every registration waiting on the control socket; True if any."""
+        busy = False
+        while True:
+            try:
+                data, fds, _, _ = socket.recv_fds(self.ctl, _MESSAGE_SIZE, 4)
+            except BlockingIOError:
+                return busy
+            busy = True
+            msg = ffi.from_buffer("struct mts_ctl_msg *", data) if len(data) == _MESSAGE_SIZE else None
+            waiter = lib.mts_waiter_at(self.geom, msg.waiter) if msg is not None else ffi.NULL
+            if msg is None or msg.op != lib.MTS_CTL_REGISTER_WAITER or len(fds) != 1 or waiter == ffi.NULL:
+                self._shm_counters["ctl_bad"] += 1
+                for fd in fds:
+                    os.close(fd)
+                continue
+            old = self._fds.pop(msg.waiter, None)
+            if old is not None:
+                os.close(old)
+            self._fds[msg.waiter] = fds[0]
+            waiter.registered = 1
+            lib.mts_futex_wake(ffi.addressof(waiter, "registered"))
+
+    def free(self, waiter_id: int) -> None:
+        """MTS_OP_WAITER_FREE: the thread is gone; its eventfd goes too."""
+        fd = self._fds.pop(waiter_id, None)
+        if fd is not None:
+            os.close(fd)
+            lib.mts_waiter_free(self.geom, waiter_id)
+
+    def wake_armed(self) -> None:
+        for waiter_id, fd in self._fds.items():
+            if lib.mts_waiter_disarm(lib.mts_waiter_at(self.geom, waiter_id)):
+                self.wakeups += 1
+                os.eventfd_write(fd, 1)
