@@ -11,9 +11,12 @@ SACK-permitted (RFC 2018) and timestamps negotiated; PAWS; sliding windows
 that never shrink the right edge; out-of-order reassembly with SACK blocks
 sent back; RFC 6298 retransmission timer with Karn's rule or timestamp RTT
 samples; congestion control from `stack.cc` (CUBIC or NewReno, per
-connection) from a 10-segment initial window (RFC 6928); loss recovery by
-the peer's SACK blocks (RFC 6675: scoreboard, pipe, NextSeg) or, without
-SACK, NewReno (RFC 6582); limited transmit (RFC 3042); delayed ACKs; Nagle
+connection) from a 10-segment initial window (RFC 6928); with SACK, loss
+detection by RACK-TLP (RFC 8985) over a scoreboard of what is in flight
+(`stack.recovery`), adapting its reordering window to D-SACKs (RFC 2883),
+retransmission within Proportional Rate Reduction (RFC 6937), and undo of
+spurious recoveries and timeouts (D-SACK, timestamps as Eifel, RFC 3522);
+without SACK, NewReno (RFC 6582); limited transmit (RFC 3042); delayed ACKs; Nagle
 with Minshall's refinement (as Linux) or TCP_NODELAY; sender and receiver
 silly-window avoidance (RFC 9293 3.8.6.2); zero-window probing; keepalive;
 TCP_USER_TIMEOUT; half-close, simultaneous open and close, TIME_WAIT;
@@ -28,8 +31,7 @@ Receive buffer: `space()`, `write(data) -> int`, and `len(buf)` (unread
 bytes: close() resets the connection when some remain, as Linux).  Both may
 change between calls as the application writes and reads.
 
-Not implemented: urgent data (URG is ignored), ECN, D-SACK, RACK,
-packetization-layer path MTU discovery (RFC 4821).
+Not implemented: urgent data (URG is ignored), ECN, packetization-layer path MTU discovery (RFC 4821).
 
 Pure ACKs are mostly not sent from inside `on_segment`: the connection notes
 that one is owed, and `take_output()` builds at most one, carrying the latest
@@ -42,6 +44,7 @@ import errno
 import random
 
 from stack import cc
+from stack.recovery import Scoreboard
 from stack.seq import seq_add, seq_diff, seq_ge, seq_gt, seq_le, seq_lt
 from stack.storage import Assembler
 from stack.wire.tcp import ACK, FIN, PSH, RST, SYN, MAX_WSCALE, TcpSegment
@@ -192,8 +195,9 @@ class TcpConnection:
         "iss", "snd_una", "snd_nxt", "snd_max", "snd_wnd", "snd_wl1", "snd_wl2",
         "snd_wscale", "_max_snd_wnd", "_send_base", "_fin_seq", "send_mss", "_snd_sml",
         # congestion control and loss recovery
-        "cwnd", "ssthresh", "_cc", "_dupacks", "_in_recovery", "_recover",
-        "_sacked", "_high_rxt", "_rxt_snd_max",
+        "cwnd", "ssthresh", "_cc", "_dupacks", "_in_recovery", "_in_loss", "_recover",
+        "_board", "_rack_at", "_prr_delivered", "_prr_out", "_recover_fs",
+        "_undo_marker", "_undo_retrans", "_undo_cwnd", "_undo_ssthresh", "_retrans_stamp",
         "srtt", "rttvar", "rto", "_rtt_seq", "_rtt_time", "_retries", "_stall_start",
         # receive sequence space
         "irs", "rcv_nxt", "rcv_adv", "rcv_wscale", "_rcv_mss", "_rcv_buf_size", "_sws_threshold",
@@ -249,11 +253,19 @@ class TcpConnection:
         self.ssthresh = 1 << 30
         self._cc = cc.create(config.congestion)
         self._dupacks = 0
-        self._in_recovery = False
+        self._in_recovery = False          # fast recovery (PRR with SACK, else NewReno)
+        self._in_loss = False              # after a timeout, until snd_una passes _recover
         self._recover = iss
-        self._sacked = []                  # SACK scoreboard: disjoint [left, right) above snd_una
-        self._high_rxt = iss               # RFC 6675 HighRxt, as the end of that segment
-        self._rxt_snd_max = iss            # snd_max when HighRxt last moved: see _detect_lost_retransmission
+        self._board = Scoreboard(ts_offset)
+        self._rack_at = None               # RACK reordering timer (RFC 8985 section 6.2 step 5)
+        self._prr_delivered = 0            # RFC 6937, bytes
+        self._prr_out = 0
+        self._recover_fs = 1
+        self._undo_marker = None           # snd_una when the episode began; None: nothing to undo
+        self._undo_retrans = 0             # retransmissions of the episode not yet D-SACKed
+        self._undo_cwnd = 0
+        self._undo_ssthresh = 0
+        self._retrans_stamp = None         # our timestamp on the episode's first retransmission
         self.srtt = None
         self.rttvar = 0.0
         self.rto = config.initial_rto
@@ -510,6 +522,9 @@ class TcpConnection:
         moment = self._delayed_ack_at
         if moment is not None and (earliest is None or moment < earliest):
             earliest = moment
+        moment = self._rack_at
+        if moment is not None and (earliest is None or moment < earliest):
+            earliest = moment
         if self._persist_at is None and self._linger_at is None and not self.keepalive:
             return earliest
         for moment in (self._persist_at, self._linger_at, self._keepalive_at()):
@@ -528,6 +543,12 @@ class TcpConnection:
         if self._linger_at is not None and now >= self._linger_at:
             self._enter_closed()
             return
+        if self._rack_at is not None and now >= self._rack_at:
+            self._rack_at = None
+            self._detect_losses()
+            if self._in_recovery:
+                self._prr(0)
+            self._output()
         if self._retransmit_at is not None and now >= self._retransmit_at:
             if self._retransmit_at == self._probe_at:
                 self._send_tail_probe()
@@ -565,20 +586,28 @@ class TcpConnection:
             return
         # RFC 5681 (4) and RFC 6582 section 4: collapse to one segment, resend
         # from the first unacknowledged byte, and do not fast-retransmit on
-        # the duplicate ACKs this go-back-N will cause.  Only the first
-        # timeout of a series, outside a recovery that already reduced the
-        # window, counts as a new congestion event (as Linux).
+        # the duplicate ACKs this will cause.  Only the first timeout of a
+        # series, outside a recovery that already reduced the window, counts
+        # as a new congestion event (as Linux).
         if self._retries == 1 and not self._in_recovery:
+            self._begin_undo()
             self._cc.on_congestion(self, seq_diff(self.snd_max, self.snd_una), now)
         self.cwnd = self.send_mss
         self._in_recovery = False
+        self._in_loss = True
         self._dupacks = 0
         self._recover = self.snd_max
-        # The receiver may have dropped what it SACKed (RFC 2018 section 8):
-        # resend everything, as after a timeout without SACK.
-        self._sacked = []
-        self.snd_nxt = self.snd_una
+        self._rack_at = None
+        # RFC 8985 section 6.3: the head is lost, and what was sent a RACK
+        # RTT and reordering window ago; SACKed data stays SACKed unless the
+        # peer reneged.  Without SACK nothing tells more: all of it goes again.
+        board = self._board
+        board.mark_lost_on_timeout(now, board.reo_wnd(self.srtt, True, self.send_mss),
+                                   not self.sack_enabled)
+        self._retransmit_from(self.snd_una, seq_diff(self.snd_max, self.snd_una))
         self._output()
+        if self._retransmit_at is None:
+            self._arm_retransmit(now)
         self._clamp_to_user_timeout()
 
     def _user_timed_out(self) -> bool:
@@ -627,6 +656,7 @@ class TcpConnection:
             flags = ACK | PSH if fin_seq is None else ACK | PSH | FIN
         self._segment(snd_nxt, flags, self.send_buf.peek(seq_diff(snd_nxt, self._send_base),
                                                          size))
+        self._record_sent(snd_nxt, seq_add(snd_nxt, size + (flags & FIN)))
         self.snd_nxt = seq_add(snd_nxt, size + (flags & FIN))
         if seq_gt(self.snd_nxt, self.snd_max):
             self.snd_max = self.snd_nxt
@@ -867,11 +897,11 @@ class TcpConnection:
             self._on_new_ack(seg, ack)
         elif acked == 0:
             if snd_una != self.snd_max:
-                if seg.sack_blocks and self.sack_enabled:
-                    # RFC 6675: a duplicate is an ACK that SACKs new data.
-                    if self._record_sacks(seg.sack_blocks):
-                        self._detect_lost_retransmission()
-                        self._on_duplicate_ack()
+                if self.sack_enabled:
+                    if seg.sack_blocks:
+                        board = self._board
+                        board.tsecr = seg.timestamp[1] if seg.timestamp and self.ts_enabled else None
+                        self._on_sack(seg.sack_blocks, 0, board.sacked)
                 elif not seg.payload and not seg.flags & (SYN | FIN) and window == self.snd_wnd:
                     self._on_duplicate_ack()
         elif acked < -self._max_snd_wnd:
@@ -937,28 +967,30 @@ class TcpConnection:
             self.snd_nxt = ack
         self._retries = 0
         self._stall_start = None
-        if self._sacked or (seg.sack_blocks and self.sack_enabled):
-            self._record_sacks(seg.sack_blocks if self.sack_enabled else ())
-            self._detect_lost_retransmission()
+        board = self._board
+        sacked_before = board.sacked
+        if board.records:
+            board.tsecr = timestamp[1] if timestamp is not None and self.ts_enabled else None
+            board.acked(ack, now)
 
         if self._in_recovery:
             if seq_ge(ack, self._recover):
-                # Full acknowledgment (RFC 6582 3.2 step 3): deflate to
-                # ssthresh, as Linux does, rather than to the flight size,
-                # which leaves an application-limited sender at one segment.
-                self.cwnd = self.ssthresh
-                self._in_recovery = False
-                self._dupacks = 0
+                self._end_recovery(timestamp)
             elif not self.sack_enabled:
                 # NewReno partial acknowledgment: the next hole is lost too.
-                # (With SACK, the scoreboard tells _output what to resend.)
+                # (With SACK, RACK tells _output what to resend.)
                 self._retransmit_head()
                 self.cwnd = max(self.cwnd - data_acked + self.send_mss, self.send_mss)
         else:
+            if self._in_loss:
+                self._on_ack_after_timeout(ack, timestamp)
             self._dupacks = 0
             # Grow only while the window is what limits us (RFC 7661 spirit).
             if data_acked and 2 * flight_before >= self.cwnd:
                 self._cc.on_ack(self, data_acked, now)
+        if self.sack_enabled and (seg.sack_blocks or board.sacked or self._in_recovery
+                                  or self._in_loss):
+            self._on_sack(seg.sack_blocks, (ack - snd_una) & _MASK, sacked_before)
 
         if ack == self.snd_max:
             self._retransmit_at = None
@@ -966,121 +998,160 @@ class TcpConnection:
             self._arm_retransmit(now)
 
     def _on_duplicate_ack(self) -> None:
+        """Without SACK: RFC 5681 fast retransmit on the third, NewReno."""
         self._dupacks += 1
         if self._in_recovery:
-            if not self.sack_enabled:
-                self.cwnd += self.send_mss  # NewReno: each dup ACK, a segment has left
+            self.cwnd += self.send_mss      # NewReno: each dup ACK, a segment has left
             return
         # RFC 6582 section 4: not for losses of a window already recovered.
         if seq_lt(self.snd_una, self._recover):
             return
-        if self._dupacks >= _DUPTHRESH or (self._sacked and self._head_lost()):
+        if self._dupacks >= _DUPTHRESH:
             self._enter_recovery()
 
     def _enter_recovery(self) -> None:
-        """Fast retransmit, then recovery: RFC 6675 with SACK, else NewReno."""
-        mss = self.send_mss
+        """Fast recovery: with SACK, RACK has marked what to resend and PRR
+        paces it (RFC 6937 section 3, at the start of recovery); without,
+        NewReno's fast retransmit."""
+        now = self._now
         snd_una = self.snd_una
-        self._cc.on_congestion(self, seq_diff(self.snd_max, snd_una), self._now)
+        flight = seq_diff(self.snd_max, snd_una)
+        self._begin_undo()
+        self._cc.on_congestion(self, flight, now)
         self._recover = self.snd_max
         self._in_recovery = True
         if self.sack_enabled:
-            self.cwnd = self.ssthresh
-            self._high_rxt = seq_add(snd_una, self._retransmit_from(snd_una, seq_diff(
-                self.snd_max, snd_una)))
-            self._rxt_snd_max = self.snd_max
+            self._prr_delivered = 0
+            self._prr_out = 0
+            self._recover_fs = max(flight, 1)
         else:
             self._retransmit_head()
-            self.cwnd = self.ssthresh + 3 * mss
-        self._retransmit_at = self._now + self.rto
+            self.cwnd = self.ssthresh + 3 * self.send_mss
+        self._retransmit_at = now + self.rto
 
-    # RFC 6675 scoreboard.  Everything in it lies in [snd_una, snd_max]; the
-    # helpers work in offsets from snd_una, which cannot wrap.
+    def _end_recovery(self, timestamp) -> None:
+        """The recovery point is acknowledged: cwnd falls to ssthresh (RFC
+        6937, as RFC 6582 3.2 step 3 and Linux, rather than the flight,
+        which leaves an application-limited sender at one segment), unless
+        the recovery proves spurious."""
+        self._in_recovery = False
+        self._dupacks = 0
+        self._board.recovery_ended()
+        if self._spurious(timestamp):
+            self._undo()
+        else:
+            self.cwnd = self.ssthresh
 
-    def _record_sacks(self, blocks) -> bool:
-        """Merge the peer's SACK blocks into the scoreboard, dropping what
-        snd_una passed.  Blocks for data never sent, below snd_una (D-SACK)
-        or malformed are ignored.  True if new bytes were SACKed."""
-        snd_una = self.snd_una
-        limit = seq_diff(self.snd_max, snd_una)
-        ranges = []
-        before = 0
-        for left, right in self._sacked:
-            start, end = seq_diff(left, snd_una), seq_diff(right, snd_una)
-            if end > 0:
-                start = max(start, 0)
-                ranges.append((start, end))
-                before += end - start
-        for left, right in blocks:
-            start, end = seq_diff(left, snd_una), seq_diff(right, snd_una)
-            if start < end and 0 < end <= limit:
-                ranges.append((max(start, 0), end))
-        ranges.sort()
-        merged = []
-        after = 0
-        for start, end in ranges:
-            if merged and start <= merged[-1][1]:
-                if end > merged[-1][1]:
-                    after += end - merged[-1][1]
-                    merged[-1][1] = end
-            else:
-                merged.append([start, end])
-                after += end - start
-        self._sacked = [(seq_add(snd_una, start), seq_add(snd_una, end))
-                        for start, end in merged]
-        return after > before
+    def _on_ack_after_timeout(self, ack: int, timestamp) -> None:
+        """Eifel detection (RFC 3522): an ACK that echoes a timestamp older
+        than the first retransmission was caused by an original, so the
+        timeout was spurious.  Otherwise the loss state ends at the
+        recovery point."""
+        if self._spurious(timestamp):
+            self._undo()
+        elif seq_ge(ack, self._recover):
+            self._in_loss = False
+            self._board.recovery_ended()
 
-    def _detect_lost_retransmission(self) -> None:
-        """In SACK recovery, a retransmission is lost once the peer SACKs
-        DupThresh segments sent after it while what it resent is still
-        unacknowledged (the idea of RACK, RFC 8985, kept to one mark): the
-        holes below HighRxt may then be resent, rather than wait for the RTO."""
-        if not self._in_recovery or not self._sacked:
+    def _on_sack(self, blocks, advanced: int, sacked_before: int) -> None:
+        """One ACK's SACK information (RFC 2018, 2883) into the scoreboard,
+        then RACK loss detection and, in recovery, PRR.  `advanced` is how
+        far snd_una moved, `sacked_before` the SACKed bytes before it did."""
+        board = self._board
+        if blocks:
+            board.sack(blocks, self.snd_una, self.snd_max, self._now)
+            if board.dsack is not None:
+                self._on_dsack(board.dsack, board.dsack_retransmitted)
+        self._detect_losses()
+        if self._in_recovery:
+            # RFC 6937 DeliveredData: what snd_una passed plus the change in
+            # SACKed bytes (SACKed bytes now acknowledged count once).
+            self._prr(advanced + board.sacked - sacked_before)
+
+    def _detect_losses(self) -> None:
+        """RACK (RFC 8985 section 6.2 step 5) marks what is lost and sets
+        the reordering timer for the rest; a first loss starts recovery."""
+        board = self._board
+        now = self._now
+        reo_wnd = board.reo_wnd(self.srtt, self._in_recovery or self._in_loss, self.send_mss)
+        lost, timeout = board.detect_loss(now, reo_wnd)
+        self._rack_at = now + timeout if timeout else None
+        if lost and not self._in_recovery and not self._in_loss:
+            self._enter_recovery()
+
+    def _prr(self, delivered: int) -> None:
+        """Proportional Rate Reduction (RFC 6937 section 3.1, with the
+        slow-start reduction bound, PRR-SSRB, as Linux): spread the
+        reduction to ssthresh over the recovery's ACKs, in proportion to
+        what each delivered, by setting cwnd to pipe + what may go now."""
+        mss = self.send_mss
+        self._prr_delivered += delivered
+        pipe = self._board.pipe(seq_diff(self.snd_nxt, self.snd_una))
+        ssthresh = self.ssthresh
+        if pipe > ssthresh:
+            sndcnt = (-(-self._prr_delivered * ssthresh // self._recover_fs)
+                      - self._prr_out)
+        else:
+            sndcnt = max(self._prr_delivered - self._prr_out, delivered) + mss
+            if sndcnt > ssthresh - pipe:
+                sndcnt = ssthresh - pipe
+        if not self._prr_out and sndcnt < mss:
+            sndcnt = mss                   # the fast retransmit goes at once
+        elif sndcnt < 0:
+            sndcnt = 0
+        self.cwnd = pipe + sndcnt
+
+    def _on_dsack(self, dsack, retransmitted: bool) -> None:
+        """A D-SACK: the reordering window widens (RFC 8985 section 6.2
+        step 4), and once every retransmission of the episode is reported
+        as a duplicate, it was all spurious and is undone (RFC 3708's idea,
+        as Linux's D-SACK undo)."""
+        self._board.on_dsack(self.snd_una, self.snd_max)
+        start, end = dsack
+        if (self._undo_marker is None or self._retrans_stamp is None or not retransmitted
+                or not seq_gt(end, self._undo_marker)):
             return
-        highest = self._sacked[-1][1]
-        if (seq_diff(highest, self._rxt_snd_max) >= _DUPTHRESH * self.send_mss
-                and seq_lt(self.snd_una, self._high_rxt)):
-            self._high_rxt = self.snd_una
-            self._rxt_snd_max = self.snd_max
+        mss = self.send_mss
+        self._undo_retrans -= max(1, (seq_diff(end, start) + mss - 1) // mss)
+        if self._undo_retrans <= 0:
+            self._undo()
 
-    def _holes(self) -> list:
-        """(start, end, lost) offsets of the unSACKed ranges below the
-        highest SACKed byte.  RFC 6675 IsLost: a hole is lost once DupThresh
-        SACKed ranges, or more than (DupThresh - 1) * SMSS SACKed bytes,
-        lie above it."""
-        snd_una = self.snd_una
-        threshold = (_DUPTHRESH - 1) * self.send_mss
-        sacked = self._sacked
-        holes = []
-        sacked_above = 0
-        for index in range(len(sacked) - 1, -1, -1):
-            start = seq_diff(sacked[index][0], snd_una)
-            sacked_above += seq_diff(sacked[index][1], sacked[index][0])
-            hole_start = seq_diff(sacked[index - 1][1], snd_una) if index else 0
-            if hole_start < start:
-                lost = len(sacked) - index >= _DUPTHRESH or sacked_above > threshold
-                holes.append((hole_start, start, lost))
-        holes.reverse()
-        return holes
+    def _begin_undo(self) -> None:
+        """A congestion response starts: remember what to restore should it
+        prove spurious (Linux tcp_init_undo)."""
+        self._undo_marker = self.snd_una
+        self._undo_retrans = 0
+        self._undo_cwnd = self.cwnd
+        self._undo_ssthresh = self.ssthresh
+        self._retrans_stamp = None
 
-    def _head_lost(self) -> bool:
-        holes = self._holes()
-        return bool(holes) and holes[0][0] == 0 and holes[0][2]
+    def _spurious(self, timestamp) -> bool:
+        """Whether the episode's retransmissions were all needless: every
+        one D-SACKed, or this ACK echoes a timestamp from before the first
+        of them, so an original caused it (RFC 3522 section 3.2)."""
+        if self._undo_marker is None or self._retrans_stamp is None:
+            return False
+        if self._undo_retrans <= 0:
+            return True
+        return (timestamp is not None and self.ts_enabled and timestamp[1] != 0
+                and ((timestamp[1] - self._retrans_stamp) & _MASK) >= _HALF)
 
-    def _pipe(self, holes, retransmitted: int) -> int:
-        """RFC 6675 SetPipe: bytes believed in the network.  Sent and
-        neither SACKed nor lost, plus what was retransmitted (below the
-        offset `retransmitted`, HighRxt) and not SACKed since."""
-        snd_una = self.snd_una
-        pipe = seq_diff(self.snd_max, snd_una)
-        for left, right in self._sacked:
-            pipe -= seq_diff(right, left)
-        for start, end, lost in holes:
-            if lost:
-                pipe -= end - start
-            if start < retransmitted:
-                pipe += min(end, retransmitted) - start
-        return pipe
+    def _undo(self) -> None:
+        """Restore the window from before the episode (Linux
+        tcp_undo_cwnd_reduction); after a timeout, what it marked lost was
+        not, and the loss state ends."""
+        if self._undo_cwnd > self.cwnd:
+            self.cwnd = self._undo_cwnd
+        if self._undo_ssthresh > self.ssthresh:
+            self.ssthresh = self._undo_ssthresh
+        self._undo_marker = None
+        if self._in_recovery:
+            self._in_recovery = False
+            self._board.recovery_ended()
+        if self._in_loss:
+            self._in_loss = False
+            self._board.recovery_ended()
+            self._board.unmark_lost()
 
     def _sample_rtt(self, rtt: float) -> None:
         """RFC 6298 section 2."""
@@ -1182,9 +1253,11 @@ class TcpConnection:
         if self._in_recovery:
             self.cwnd = self.ssthresh
             self._in_recovery = False
+        self._in_loss = False
         self._dupacks = 0
         self._recover = self.snd_max
-        self._sacked = []
+        self._board.forget()
+        self._rack_at = None
         self._rtt_seq = None               # Karn: never time a retransmission
         # The short segment Nagle waits on was dropped with the rest: the
         # resent tail may go at once and becomes the one to wait on.
@@ -1198,8 +1271,9 @@ class TcpConnection:
 
     def _output(self) -> None:
         """Send what the peer's window, cwnd, Nagle and the queue allow,
-        then our FIN once all data is out.  In SACK recovery, lost holes go
-        first and the pipe, not the flight, is held to cwnd (RFC 6675)."""
+        then our FIN once all data is out.  Once anything is SACKed, lost or
+        resent, what is deemed lost goes first and the pipe, not the
+        flight, is held to cwnd (RFC 6675 section 5, as Linux)."""
         if not (1 << self.state) & _SENDING:
             return
         send_buf = self.send_buf
@@ -1207,7 +1281,8 @@ class TcpConnection:
         fin_seq = self._fin_seq
         data_end = fin_seq if fin_seq is not None else (send_base + len(send_buf)) & _MASK
         snd_nxt = self.snd_nxt
-        if data_end == snd_nxt and fin_seq is None and not self._in_recovery:
+        board = self._board
+        if data_end == snd_nxt and fin_seq is None and not board.lost:
             return                         # all sent: the common case on receive
         snd_una = self.snd_una
         mss = self.send_mss
@@ -1215,9 +1290,11 @@ class TcpConnection:
         # pieces up to the device's limit; the device cuts it on the wire.
         burst = self.config.gso_max_size
         burst = burst - burst % mss if burst > mss else mss
-        sack_recovery = self._in_recovery and self.sack_enabled
-        if sack_recovery:
-            budget = self._retransmit_lost()
+        if board.lost or self._in_loss or (self.sack_enabled and (
+                board.sacked or board.extra or self._in_recovery)):
+            budget = self.cwnd - board.pipe((snd_nxt - snd_una) & _MASK)
+            if board.lost:
+                budget = self._retransmit_lost(budget)
             peer_edge = (snd_una + self.snd_wnd) & _MASK
             budget_edge = (snd_nxt + max(budget, 0)) & _MASK
             window_end = peer_edge if seq_lt(peer_edge, budget_edge) else budget_edge
@@ -1278,16 +1355,18 @@ class TcpConnection:
             self._segment(snd_nxt, ACK | FIN, b"")
             snd_nxt = (snd_nxt + 1) & _MASK
             sent = True
-        if sack_recovery and not sent:
-            # NextSeg rule 3: no new data could go, so resend a hole not
-            # yet deemed lost.
-            sent = self._retransmit_unlost(budget)
         if not sent:
             if (unsent > 0 and snd_nxt == snd_una and self._retransmit_at is None
                     and self._persist_at is None):
                 self._arm_persist()       # zero or silly window, nothing in flight
             return
         if snd_nxt != first_new:
+            if first_new == self.snd_max:
+                board.sent(first_new, snd_nxt, self._now)
+            else:
+                self._record_sent(first_new, snd_nxt)
+            if self._in_recovery:
+                self._prr_out += (snd_nxt - first_new) & _MASK
             self.snd_nxt = snd_nxt
             if seq_gt(snd_nxt, self.snd_max):
                 self.snd_max = snd_nxt
@@ -1301,7 +1380,7 @@ class TcpConnection:
         flight, in a few round trips instead of a timeout."""
         rto_at = now + self.rto
         self._retransmit_at = rto_at
-        if (self.sack_enabled and not self._in_recovery and self._retries == 0
+        if (self.sack_enabled and not self._in_recovery and not self._in_loss and self._retries == 0
                 and self.srtt is not None and (1 << self.state) & _SENDING):
             pto = 2 * self.srtt
             if pto < _TLP_MIN:
@@ -1324,47 +1403,44 @@ class TcpConnection:
             self._rtt_seq = None               # Karn: never time a retransmission
             self._retransmit_from(seq_add(self.snd_max, -last), last)
 
-    def _retransmit_lost(self) -> int:
-        """NextSeg rule 1 (RFC 6675 section 4): resend the lost holes above
-        HighRxt while cwnd exceeds the pipe by a segment.  Returns what is
-        left of cwnd - pipe."""
+    def _retransmit_lost(self, budget: int) -> int:
+        """Resend what is deemed lost, oldest first, while each segment fits
+        in `budget` (cwnd - pipe; RFC 6675 NextSeg rule 1, with RACK's
+        marks).  Returns what is left of the budget."""
+        board = self._board
+        snd_nxt = self.snd_nxt
         mss = self.send_mss
-        holes = self._holes()
-        retransmitted = seq_diff(self._high_rxt, self.snd_una)
-        if retransmitted < 0:
-            retransmitted = 0
-        budget = self.cwnd - self._pipe(holes, retransmitted)
-        snd_una = self.snd_una
-        for start, end, lost in holes:
-            if not lost or budget < mss:
-                break                      # holes above a kept one are kept too
-            position = start if start > retransmitted else retransmitted
-            while position < end and budget >= mss:
-                used = self._retransmit_from(seq_add(snd_una, position), end - position)
-                if not used:
-                    break
-                position += used
-                budget -= used
-                retransmitted = position
-                self._rxt_snd_max = self.snd_max
-        self._high_rxt = seq_add(snd_una, retransmitted)
+        seq = self.snd_una
+        while budget > 0:
+            lost = board.next_lost(seq)
+            if lost is None:
+                break
+            start, end = lost
+            if not seq_lt(start, snd_nxt):
+                break                      # not yet resent by a go-back: it will be
+            limit = seq_diff(end, start)
+            if (limit if limit < mss else mss) > budget:
+                break
+            used = self._retransmit_from(start, limit)
+            if not used:
+                break
+            budget -= used
+            seq = seq_add(start, used)
         return budget
 
-    def _retransmit_unlost(self, budget: int) -> bool:
-        """NextSeg rule 3: one segment from the first hole above HighRxt,
-        lost or not; True if one was sent."""
-        if budget < self.send_mss:
-            return False
-        snd_una = self.snd_una
-        retransmitted = max(seq_diff(self._high_rxt, snd_una), 0)
-        for start, end, _ in self._holes():
-            position = start if start > retransmitted else retransmitted
-            if position < end:
-                used = self._retransmit_from(seq_add(snd_una, position), end - position)
-                self._high_rxt = seq_add(snd_una, position + used)
-                self._rxt_snd_max = self.snd_max
-                return used > 0
-        return False
+    def _record_sent(self, start: int, end: int) -> None:
+        """Scoreboard the range [start, end) just sent: new data past
+        snd_max, and below it data resent after a go-back (snd_nxt moved
+        back: the copies before are gone)."""
+        board = self._board
+        snd_max = self.snd_max
+        now = self._now
+        if seq_lt(start, snd_max):
+            resent_end = end if seq_lt(end, snd_max) else snd_max
+            board.retransmitted(start, resent_end, now, in_flight=False)
+            start = resent_end
+        if start != end:
+            board.sent(start, end, now)
 
     def _retransmit_head(self) -> None:
         """Resend the first unacknowledged segment (fast retransmit, partial ACK)."""
@@ -1378,15 +1454,26 @@ class TcpConnection:
         fin_seq = self._fin_seq
         data_end = seq_add(self._send_base, len(self.send_buf))
         size = min(self.send_mss, max(seq_diff(data_end, seq), 0), limit)
+        end = seq_add(seq, size)
         flags = ACK
-        if fin_seq is not None and seq_add(seq, size) == fin_seq and limit > size:
+        if fin_seq is not None and end == fin_seq and limit > size:
             flags |= FIN
         elif not size:
             return 0
+        if size and end == data_end:
+            flags |= PSH                   # as the original carried it
         payload = self.send_buf.peek(seq_diff(seq, self._send_base), size) if size else b""
         self._rtt_seq = None               # Karn
         self._segment(seq, flags, payload)
-        return size + (flags & FIN)
+        used = size + (flags & FIN)
+        self._board.retransmitted(seq, seq_add(seq, used), self._now)
+        if self._in_recovery:
+            self._prr_out += used
+        if self._undo_marker is not None and (self._in_recovery or self._in_loss):
+            self._undo_retrans += 1
+            if self._retrans_stamp is None:
+                self._retrans_stamp = self._ts_now()
+        return used
 
     def _segment(self, seq: int, flags: int, payload) -> None:
         """Queue a segment that carries our current ACK, window and options."""
@@ -1452,6 +1539,7 @@ class TcpConnection:
     def _enter_time_wait(self) -> None:
         self.state = TIME_WAIT
         self._retransmit_at = None
+        self._rack_at = None
         self._persist_at = None
         self._delayed_ack_at = None
         self._linger_at = self._now + self.config.time_wait
@@ -1461,6 +1549,7 @@ class TcpConnection:
         self.events |= EV_CLOSED
         self._ack_now = False
         self._retransmit_at = None
+        self._rack_at = None
         self._persist_at = None
         self._delayed_ack_at = None
         self._linger_at = None

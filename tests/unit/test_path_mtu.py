@@ -362,7 +362,7 @@ def test_sack_recovery_forgets_the_scoreboard_and_resends_from_snd_una(make_tcp_
     t.recv()
     assert t.conn._in_recovery
     t.conn.on_path_mtu(1280, t.now)
-    assert t.conn._sacked == [] and not t.conn._in_recovery
+    assert t.conn._board.sacked_ranges() == [] and not t.conn._in_recovery
     assert t.conn.cwnd == t.conn.ssthresh
     assert_resent_from(t, base + MSS)
 

@@ -1,13 +1,16 @@
-"""Loss recovery driven by the peer's SACK blocks (RFC 6675): scoreboard,
-IsLost, pipe and the NextSeg rules.  Segments are named by their index in
-the stream (segment k starts at byte k * MSS); the local ISS sits just
-below 2**32 so every trace crosses the sequence-number wrap."""
+"""Loss recovery driven by the peer's SACK blocks: the scoreboard and pipe
+(RFC 6675), losses marked by RACK (RFC 8985), sent under PRR (RFC 6937).
+Segments are named by their index in the stream (segment k starts at byte
+k * MSS); the local ISS sits just below 2**32 so every trace crosses the
+sequence-number wrap.  The peer's ACKs come an RTT after what they
+acknowledge: RACK reasons in time."""
 import pytest
 
 from stack.tcp import TcpConfig
 from stack.wire.tcp import ACK
 
 MSS = 1460
+RTT = 0.01
 WRAP_ISS = 2**32 - 3 * MSS
 
 
@@ -37,27 +40,28 @@ def test_three_sacked_segments_start_recovery_and_lost_holes_are_resent(sack_tra
     t = sack_trace
     t.write(bytes(30 * MSS))
     assert indices(t, t.recv()) == list(range(10))        # initial window
+    t.now += RTT
     # Segments 1 and 4 are lost.  Segment 0 arrives: slow start sends two more.
     t.send(ack(t, 1))
     assert indices(t, t.recv()) == [10, 11]
-    # SACKs for 2 and 3: duplicate ACKs, limited transmit sends 12 and 13.
+    # SACKs for 2 and 3: each shrinks the pipe by a segment, so a new one
+    # goes (limited transmit); segment 1 may yet be only reordered.
     t.send(ack(t, 1, (2, 3)))
     assert indices(t, t.recv()) == [12]
     t.send(ack(t, 1, (2, 4)))
     assert indices(t, t.recv()) == [13]
-    # The third: segment 1 has three SACKed segments above it, it is lost.
-    # CUBIC takes the window to 0.7 of 11 segments; the pipe (13 sent, 3
-    # SACKed, 1 lost, 1 resent: 10 segments) is above it, so nothing more.
+    # The third SACKed segment: with no reordering seen, RACK's window is
+    # zero (RFC 8985 6.2 step 4), so 1 and 4, sent an RTT ago before 5, are
+    # lost.  CUBIC takes ssthresh to 0.7 of 11 segments; the pipe (13 sent,
+    # 3 SACKed, 2 lost: 8) is above it, and PRR lets one segment go.
     t.send(ack(t, 1, (5, 6), (2, 4)))
     assert indices(t, t.recv()) == [1]
     assert t.conn._in_recovery
-    assert t.conn.cwnd == t.conn.ssthresh == int(11 * MSS * 0.7)
-    # Each SACK shrinks the pipe by a segment, but cwnd is 7.7 segments.
+    assert t.conn.ssthresh == int(11 * MSS * 0.7)
+    # PRR: 7.7/13 of a segment per segment delivered.
     t.send(ack(t, 1, (5, 7), (2, 4)))
     t.send(ack(t, 1, (5, 8), (2, 4)))
     assert t.recv() == []
-    # Now more than 2 * MSS is SACKed above segment 4: lost, and the pipe
-    # (6 segments) leaves room for it.  The head is not sent again.
     t.send(ack(t, 1, (5, 9), (2, 4)))
     assert indices(t, t.recv()) == [4]
     # The resent segment 1 arrives: a partial ACK.  With the lost data all
@@ -71,19 +75,21 @@ def test_three_sacked_segments_start_recovery_and_lost_holes_are_resent(sack_tra
     t.send(ack(t, 14))
     assert not t.conn._in_recovery
     assert t.conn.cwnd == t.conn.ssthresh
-    assert t.conn._sacked == []
+    assert t.conn._board.sacked_ranges() == []
 
 
-def test_without_new_data_rule_three_resends_a_hole_not_yet_lost(sack_trace):
+def test_every_hole_sent_before_a_sacked_segment_is_lost_at_once(sack_trace):
     t = sack_trace
     t.write(bytes(10 * MSS))
     t.recv()
+    t.now += RTT
     t.send(ack(t, 1))                                    # 1, 3 and 5 are lost
     t.send(ack(t, 1, (2, 3)), ack(t, 1, (2, 3), (4, 5)))
     assert t.recv() == []
     t.send(ack(t, 1, (6, 7), (4, 5), (2, 3)))
-    # Segment 1 is lost (three SACKed ranges above it); segment 3 is not
-    # yet, but with nothing new to send NextSeg rule 3 resends it.
+    # All three holes were sent before segment 6 and an RTT ago: lost.
+    # The pipe (3 segments) is below ssthresh, and PRR's slow-start bound
+    # lets one segment more go than the ACK delivered.
     assert indices(t, t.recv()) == [1, 3]
     t.send(ack(t, 1, (6, 8), (4, 5), (2, 3)))
     assert indices(t, t.recv()) == [5]
@@ -98,6 +104,7 @@ def test_sacked_data_is_never_resent_by_recovery(sack_trace):
     t = sack_trace
     t.write(bytes(20 * MSS))
     assert indices(t, t.recv()) == list(range(10))
+    t.now += RTT
     # Only segment 0 is lost; the peer SACKs the rest one by one.
     sent = []
     for top in range(2, 11):
@@ -113,13 +120,9 @@ def test_sack_blocks_for_unsent_or_acknowledged_data_are_ignored(sack_trace):
     t.recv()
     # Beyond snd_max (data never sent), and a D-SACK below the ACK.
     t.send(ack(t, 1, (5, 6)), ack(t, 1, (0, 1)))
-    assert t.conn._sacked == []
-    assert t.conn._dupacks == 0
+    assert t.conn._board.sacked_ranges() == []
     t.send(ack(t, 1, (2, 3)))
-    assert t.conn._sacked == [(seq_of(t, 2), seq_of(t, 3))]
-    # The same block again is no news: not a duplicate ACK (RFC 6675).
-    t.send(ack(t, 1, (2, 3)))
-    assert t.conn._dupacks == 1
+    assert t.conn._board.sacked_ranges() == [(seq_of(t, 2), seq_of(t, 3))]
 
 
 def test_cumulative_ack_prunes_the_scoreboard(sack_trace):
@@ -128,25 +131,32 @@ def test_cumulative_ack_prunes_the_scoreboard(sack_trace):
     t.recv()
     t.send(ack(t, 0, (2, 4), (5, 6)))
     t.send(ack(t, 3, (5, 6)))
-    assert t.conn._sacked == [(seq_of(t, 3), seq_of(t, 4)), (seq_of(t, 5), seq_of(t, 6))]
+    assert t.conn._board.sacked_ranges() == [(seq_of(t, 3), seq_of(t, 4)),
+                                             (seq_of(t, 5), seq_of(t, 6))]
     t.send(ack(t, 6))
-    assert t.conn._sacked == []
+    assert t.conn._board.sacked_ranges() == []
 
 
-def test_timeout_forgets_the_scoreboard_and_goes_back_n(sack_trace):
+def test_timeout_resends_the_head_and_then_what_was_not_sacked(sack_trace):
     t = sack_trace
     t.write(bytes(6 * MSS))
     t.recv()
-    t.send(ack(t, 0, (1, 2)))
+    t.now += RTT
+    t.send(ack(t, 1))
     t.wait_for_timer()
     assert indices(t, t.recv()) == [5]                    # the tail loss probe first
+    t.send(ack(t, 1, (3, 4)))                            # 1, 2 and 4 lost: the RACK timer...
     t.wait_for_timer()
-    # The receiver may have reneged on what it SACKed: start over from the
-    # first unacknowledged byte, one segment (RFC 2018 section 8).
-    assert indices(t, t.recv()) == [0]
-    assert t.conn._sacked == []
-    t.send(ack(t, 1))
-    assert indices(t, t.recv()) == [1, 2]
+    t.recv()
+    t.wait_for_timer()                                   # ... and its retransmissions too
+    # One segment: the head, whatever SACKs said (RFC 2018 section 8).
+    assert indices(t, t.recv()) == [1]
+    assert t.conn.cwnd == MSS
+    # The head arrives; slow start resends the rest deemed lost, not the
+    # SACKed segment 3 (RFC 8985 section 6.3, as Linux).
+    t.now += t.conn.rto
+    t.send(ack(t, 2, (3, 4), (5, 6)))
+    assert indices(t, t.recv()) == [2, 4]
 
 
 def test_peer_without_sack_gets_newreno(make_tcp_trace):
@@ -157,7 +167,7 @@ def test_peer_without_sack_gets_newreno(make_tcp_trace):
     t.recv()
     duplicate = t.rx(ACK, t.R + 1, t.L + 1, sack_blocks=((t.L + 1 + MSS, t.L + 1 + 2 * MSS),))
     t.send(duplicate, duplicate, duplicate)
-    assert t.conn._sacked == []
+    assert t.conn._board.sacked_ranges() == []
     assert t.conn._in_recovery
     assert t.conn.cwnd == t.conn.ssthresh + 3 * MSS      # NewReno inflation
 
@@ -182,6 +192,7 @@ def test_tail_probe_sends_new_data_when_the_window_allows(sack_trace):
     t = sack_trace
     t.write(bytes(12 * MSS))
     assert indices(t, t.recv()) == list(range(10))      # the initial window: 10 segments
+    t.now += RTT
     t.wait_for_timer()
     assert indices(t, t.recv()) == [10]                  # a probe with new data beats a resend
     t.send(ack(t, 0, (10, 11)))                          # the SACK shows the head was lost
@@ -191,23 +202,26 @@ def test_tail_probe_sends_new_data_when_the_window_allows(sack_trace):
 
 
 def test_a_lost_retransmission_is_resent_once_later_data_is_sacked(sack_trace):
-    """The retransmission of segment 1 is lost too.  When the peer SACKs
-    DupThresh segments sent after it (14, 15, 16) while 1 is still missing,
-    segment 1 goes again, without waiting for the retransmission timeout."""
+    """The retransmission of segment 1 is lost too.  As soon as the peer
+    SACKs a segment sent after it (14), an RTT after it was sent, segment 1
+    goes again (RACK, RFC 8985 section 6.2), without waiting for the
+    retransmission timeout."""
     t = sack_trace
     t.write(bytes(40 * MSS))
     assert indices(t, t.recv()) == list(range(10))
+    t.now += RTT
     t.send(ack(t, 1))
     assert indices(t, t.recv()) == [10, 11]
     t.send(ack(t, 1, (2, 3)))
     t.send(ack(t, 1, (2, 4)))
     assert indices(t, t.recv()) == [12, 13]
     t.send(ack(t, 1, (2, 5)))
-    assert indices(t, t.recv()) == [1]                   # fast retransmit; snd_max is segment 14
+    assert indices(t, t.recv()) == [1]                   # fast retransmit, then 14, 15, ...
+    t.now += RTT
     sent_after = []
-    for end in range(6, 17):                             # everything but segment 1 arrives
+    for end in range(6, 15):                             # everything but segment 1 arrives
         t.send(ack(t, 1, (2, end)))
         sent_after += indices(t, t.recv())
     assert 1 not in sent_after and sent_after[:2] == [14, 15]
-    t.send(ack(t, 1, (2, 17)))                           # 14, 15 and 16 SACKed: 1 was lost again
+    t.send(ack(t, 1, (2, 15)))                           # 14 was sent after 1's retransmission
     assert indices(t, t.recv())[0] == 1
