@@ -14,6 +14,14 @@ import os
 from dataclasses import dataclass
 
 from mtcpshim._shm import ffi, lib
+from stack import cc
+from stack.tcp import TcpConfig
+
+# What TCP_CONGESTION may name, for the interposer: stack/cc.py's list,
+# the default first, NUL-terminated within the header's field.
+_CONGESTION_LIST = " ".join(sorted(cc.ALGORITHMS, key=lambda name: name != TcpConfig.congestion)).encode()
+assert (len(_CONGESTION_LIST) < lib.MTS_CONGESTION_LIST_MAX
+        and all(len(name) < lib.MTS_CONGESTION_NAME_MAX for name in cc.ALGORITHMS)), "names outgrew the ABI"
 
 
 @dataclass(frozen=True)
@@ -62,6 +70,7 @@ class Region:
                                 size.rx_size, size.tx_size)
             header = ffi.cast("struct mts_header *", base)
             header.ip, header.prefix_len, header.gateway = ip, prefix_len, gateway
+            ffi.memmove(header.congestion, _CONGESTION_LIST, len(_CONGESTION_LIST))
             del base, header
         os.set_inheritable(fd, True)
         return cls(fd)

@@ -19,7 +19,7 @@
  */
 
 #define MTS_MAGIC 0x314d485350435453
-#define MTS_VERSION 1
+#define MTS_VERSION 2
 
 /* Name of the environment variable that carries the inherited descriptors:
  * "SHM_FD,CTL_FD,WAKE_FD,DEATH_FD" (see mtcpshim/launcher.py). */
@@ -101,6 +101,10 @@ struct mts_header {
 
     /* NUL-terminated reason the stack died, written by the launcher. */
     char fault[256];
+
+    /* The TCP_CONGESTION names the stack offers, space-separated, its
+     * default first: written at creation from stack/cc.py, the one list. */
+    char congestion[64]; /* MTS_CONGESTION_LIST_MAX */
 };
 
 /*
@@ -211,9 +215,10 @@ struct mts_ring {
 #define MTS_OPT_USER_TIMEOUT 6
 #define MTS_OPT_CONGESTION 7
 
-/* TCP_CONGESTION names the stack implements (stack/cc.py); the size of
- * mts_slot.opt_congestion, NUL included. */
+/* The size of a TCP_CONGESTION name (mts_slot.opt_congestion) and of the
+ * list of them in the header, NUL included. */
 #define MTS_CONGESTION_NAME_MAX 16
+#define MTS_CONGESTION_LIST_MAX 64
 
 struct mts_slot {
     /* ownership */

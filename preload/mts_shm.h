@@ -20,7 +20,8 @@
 
 #include "mtcpshim_abi.h"
 
-_Static_assert(sizeof(struct mts_header) == 448, "mts_header layout");
+_Static_assert(sizeof(struct mts_header) == 512, "mts_header layout");
+_Static_assert(sizeof(((struct mts_header *)0)->congestion) == MTS_CONGESTION_LIST_MAX, "congestion list");
 _Static_assert(offsetof(struct mts_header, stack_sleeping) % MTS_CACHELINE == 0, "sleep flag line");
 _Static_assert(sizeof(struct mts_waiter) == 16, "mts_waiter layout");
 _Static_assert(sizeof(struct mts_cmd) == 32, "mts_cmd layout");

@@ -9,6 +9,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <linux/capability.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <sys/eventfd.h>
 #include <sys/syscall.h>
@@ -457,14 +458,29 @@ int getpeername(int fd, struct sockaddr *addr, socklen_t *len)
 
 /* ---- options -------------------------------------------------------------------- */
 
-/* The congestion controls of stack/cc.py; the stack checks the name again. */
-#define CONGESTION_DEFAULT "cubic"
-static const char *const congestion_names[] = {"cubic", "reno"};
-
-static int congestion_known(const char *name)
+/* The i-th TCP_CONGESTION name of the header's list (stack/cc.py's, the
+ * default first) into `name`; 0 past the end.  The list is read through a
+ * copy, ended by us: the program may have written anything there. */
+static int congestion_name(unsigned i, char name[MTS_CONGESTION_NAME_MAX])
 {
-    for (size_t i = 0; i < sizeof(congestion_names) / sizeof(congestion_names[0]); i++)
-        if (strcmp(name, congestion_names[i]) == 0)
+    char list[MTS_CONGESTION_LIST_MAX];
+    memcpy(list, shim.hdr->congestion, sizeof(list));
+    list[sizeof(list) - 1] = '\0';
+    char *saved = NULL;
+    for (char *word = strtok_r(list, " ", &saved); word; word = strtok_r(NULL, " ", &saved)) {
+        if (i-- == 0) {
+            snprintf(name, MTS_CONGESTION_NAME_MAX, "%s", word);
+            return 1;
+        }
+    }
+    return 0;
+}
+
+static int congestion_known(const char *wanted)
+{
+    char name[MTS_CONGESTION_NAME_MAX];
+    for (unsigned i = 0; congestion_name(i, name); i++)
+        if (strcmp(wanted, name) == 0)
             return 1;
     return 0;
 }
@@ -576,7 +592,11 @@ static int stack_getsockopt(uint32_t slot, int level, int name, void *val, sockl
         case TCP_USER_TIMEOUT:
             return put_int(val, len, (int)s->opt_user_timeout_ms);
         case TCP_CONGESTION: {
-            const char *name = s->opt_congestion[0] ? s->opt_congestion : CONGESTION_DEFAULT;
+            char name[MTS_CONGESTION_NAME_MAX] = "";
+            if (s->opt_congestion[0])
+                memcpy(name, s->opt_congestion, sizeof(name) - 1);
+            else
+                congestion_name(0, name);
             return put_value(val, len, name, strlen(name) + 1);
         }
         case TCP_INFO: {

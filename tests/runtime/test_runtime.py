@@ -144,3 +144,10 @@ def test_truncated_frames_are_reported_once(world, capsys):
         world.now += world.runtime.HOUSEKEEPING_INTERVAL
         world.runtime.step(world.now)
     assert capsys.readouterr().err.count("rx_truncated") == 1
+
+
+def test_the_region_lists_the_tcp_core_s_congestion_controls_for_the_interposer(world):
+    from stack import cc
+    from stack.tcp import TcpConfig
+    names = ffi.string(world.region.header.congestion).decode().split()
+    assert names[0] == TcpConfig.congestion and sorted(names) == sorted(cc.ALGORITHMS)
