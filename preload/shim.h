@@ -6,8 +6,10 @@
  * fd-indexed table here says which slot of the shared region it names.
  * Everything not marked in that table goes to the kernel untouched.
  *
- * Files: shim_core.c (attach, real symbols, fd table, commands, waiting,
- * fork), shim_socket.c (socket calls and options), shim_io.c (data path),
+ * Files: shim_core.c (attach, fd table, own descriptors, logging, exit,
+ * fork), shim_real.c (the real functions), shim_cmd.c (liveness, commands,
+ * time), shim_wait.c (waiters, spinning, blocking on a slot),
+ * shim_socket.c (socket calls and options), shim_io.c (data path),
  * shim_fd.c (close, dup, fcntl, ioctl), shim_epoll.c, shim_poll.c.
  */
 #ifndef MTS_SHIM_H
@@ -77,6 +79,9 @@ struct shim_real {
     pid_t (*fork)(void);
 };
 extern struct shim_real shim_real;
+/* Points shim_real at the next definitions (shim_real.c); until then it
+ * holds direct system calls. */
+void shim_resolve_real_functions(void);
 
 struct shim_state {
     int active; /* attached to a valid region; otherwise everything passes through */
@@ -197,6 +202,27 @@ void shim_waiter_arm(struct shim_waiter *sw);
 void shim_waiter_settle(struct shim_waiter *sw);
 /* This thread's waiter for blocking calls and poll/select, or NULL. */
 struct shim_waiter *shim_thread_waiter(void);
+/* At attach: the table of waiters by id and the key that closes a thread's
+ * waiter when it exits.  0, or -1 out of memory. */
+int shim_waiters_init(void);
+/* `fd` is a waiter's eventfd that the program wants: move it elsewhere.
+ * 1 moved, 0 not a waiter's, -1 with errno. */
+int shim_waiter_relocate(int fd);
+/* In a fork child: this thread's waiter is the parent's, forget it. */
+void shim_waiter_forget_in_child(void);
+
+/* Waits on a futex or the death pipe are cut into slices this long so a
+ * stack that stopped without closing its pipe is noticed too. */
+#define SHIM_LIVENESS_SLICE_MS 100
+
+static inline void shim_cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#else
+    __asm__ __volatile__("" ::: "memory");
+#endif
+}
 
 /* Monotonic deadlines in nanoseconds; SHIM_FOREVER = no deadline. */
 #define SHIM_FOREVER INT64_MAX
