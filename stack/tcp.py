@@ -52,6 +52,8 @@ from stack.wire.tcp import ACK, FIN, PSH, RST, SYN, MAX_WSCALE, TcpSegment
 _MASK = 0xFFFFFFFF
 _HALF = 0x80000000
 _TIMESTAMP_OPTION_LEN = 12       # NOP, NOP, kind 8 length 10
+_SACK_OPTION_HEAD = 4            # NOP, NOP, kind 5, length
+_SACK_BLOCK_LEN = 8
 _IPV4_TCP_HEADERS_LEN = 40       # IPv4 and TCP headers without options
 _DEFAULT_PEER_MSS = 536          # RFC 9293 3.7.1: no MSS option received
 _MAX_WINDOW = 0xFFFF
@@ -1484,9 +1486,13 @@ class TcpConnection:
             segment.timestamp = ((int(self._now * 1000) + self._ts_offset) & _MASK,
                                  self.ts_recent)
         if self.sack_enabled and self._assembler:
-            blocks = self._assembler.sack_blocks(3 if self.ts_enabled else 4)
-            segment.sack_blocks = tuple(((rcv_nxt + left) & _MASK, (rcv_nxt + right) & _MASK)
-                                        for left, right in blocks)
+            # Only in the room the MSS leaves: a full-sized segment with SACK
+            # blocks would outgrow the path MTU (pure ACKs carry them anyway).
+            fits = (self.send_mss - len(payload) - _SACK_OPTION_HEAD) // _SACK_BLOCK_LEN
+            if fits > 0:
+                blocks = self._assembler.sack_blocks(min(fits, 3 if self.ts_enabled else 4))
+                segment.sack_blocks = tuple(((rcv_nxt + left) & _MASK, (rcv_nxt + right) & _MASK)
+                                            for left, right in blocks)
         self._ack_now = False
         self._delayed_ack_at = None
         self._rcv_unacked = 0

@@ -202,3 +202,19 @@ def test_transfer_across_sequence_wraparound(make_tcp_trace):
     t.send(t.rx(ACK, t.R + 201, t.L + 1601))
     assert len(t.send_buf) == 0
     assert t.conn.snd_una == (t.L + 1601) % 2**32
+
+
+def test_sack_blocks_ride_only_where_the_mss_leaves_room(make_tcp_trace):
+    """A full-sized segment with SACK blocks would outgrow the path MTU."""
+    t = make_tcp_trace()
+    t.establish(sack_permitted=True)
+    t.send(t.rx(ACK, t.R + 101, t.L + 1, b"o" * 50))          # out of order
+    (dup_ack,) = t.recv()
+    assert dup_ack.sack_blocks == ((t.R + 101, t.R + 151),)
+    t.write(b"x" * 1460)
+    (full,) = t.recv()
+    assert len(full.payload) == 1460 and full.sack_blocks == ()
+    t.send(t.rx(ACK, t.R + 1, t.L + 1461))
+    t.write(b"y" * 100)
+    (small,) = t.recv()
+    assert small.sack_blocks == ((t.R + 101, t.R + 151),)
