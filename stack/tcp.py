@@ -898,14 +898,16 @@ class TcpConnection:
                 return False
             self._on_new_ack(seg, ack)
         elif acked == 0:
-            if snd_una != self.snd_max:
-                if self.sack_enabled:
-                    if seg.sack_blocks:
-                        board = self._board
-                        board.tsecr = seg.timestamp[1] if seg.timestamp and self.ts_enabled else None
-                        self._on_sack(seg.sack_blocks, 0, board.sacked)
-                elif not seg.payload and not seg.flags & (SYN | FIN) and window == self.snd_wnd:
-                    self._on_duplicate_ack()
+            if self.sack_enabled:
+                # Even with nothing outstanding: a D-SACK may follow the
+                # last ACK, and it says a retransmission was needless.
+                if seg.sack_blocks:
+                    board = self._board
+                    board.tsecr = seg.timestamp[1] if seg.timestamp and self.ts_enabled else None
+                    self._on_sack(seg.sack_blocks, 0, board.sacked)
+            elif (snd_una != self.snd_max and not seg.payload and not seg.flags & (SYN | FIN)
+                  and window == self.snd_wnd):
+                self._on_duplicate_ack()
         elif acked < -self._max_snd_wnd:
             self._challenge_ack()          # RFC 5961 5.2: older than any window we saw
             return False
