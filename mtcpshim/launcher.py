@@ -181,11 +181,17 @@ def _run_stack_and_program(options: StackOptions, argv: list[str], program_user:
     return status
 
 
+def attach_env(fds: tuple[int, int, int, int]) -> dict[str, str]:
+    """What tells the interposer where its stack is: the inherited region,
+    control socket, wake eventfd and death pipe, in that order."""
+    return {abi_source.string_constants()["MTS_ENV_FDS"]: ",".join(map(str, fds))}
+
+
 def _start_program(netns: str | None, argv: list[str], user: pwd.struct_passwd | None,
                    fds: tuple[int, ...]) -> subprocess.Popen:
     env = dict(os.environ)
     env["LD_PRELOAD"] = " ".join(filter(None, [PRELOAD_LIBRARY, env.get("LD_PRELOAD")]))
-    env[abi_source.string_constants()["MTS_ENV_FDS"]] = ",".join(map(str, fds))
+    env.update(attach_env(fds))
     # The program lives on the stack's host: its kernel sockets (loopback,
     # UDP) are in the stack's namespace too.  `ip netns exec` needs root, so
     # the switch to `user` comes after it.

@@ -114,20 +114,15 @@ class SocketTable:
 
     def execute_commands(self, now: float) -> bool:
         """Runs the commands the program queued: at most one queue's worth."""
-        cmd, geom, pos, handlers, pop = self._cmd, self.geom, self._cmd_pos, self._HANDLERS, lib.mts_cmd_pop
-        nslots = geom.nslots
+        cmd, geom, pos, pop, execute = self._cmd, self.geom, self._cmd_pos, lib.mts_cmd_pop, self.execute
         popped = 0
         # At most one queue's worth per loop: a program that keeps refilling
         # cells cannot starve the network.
         while popped < geom.cmd_capacity and pop(geom, pos, cmd):
             popped += 1
             op, slot_id = cmd.op, cmd.slot
-            handler = handlers.get(op)
-            if handler is None or slot_id >= nslots and op != lib.MTS_OP_WAITER_FREE:
-                self.shm_counters["cmd_bad"] += 1
-                continue
             try:
-                handler(self, slot_id, cmd.arg, now)
+                execute(op, slot_id, cmd.arg, now)
             except _NotAllocated:
                 self.shm_counters["cmd_bad"] += 1
             except Exception:  # a bug reached through program-controlled input: contain it
@@ -138,6 +133,16 @@ class SocketTable:
                     self._corrupted(sock, f"command {op} failed")
         self.commands += popped
         return popped > 0
+
+    def execute(self, op: int, slot_id: int, arg: int, now: float) -> None:
+        """Runs one command as the program queued it: op and slot are
+        checked here, the rest by its handler.  The one call per command a
+        test can wrap to see what the interposer sent."""
+        handler = self._HANDLERS.get(op)
+        if handler is None or slot_id >= self.geom.nslots and op != lib.MTS_OP_WAITER_FREE:
+            self.shm_counters["cmd_bad"] += 1
+            return
+        handler(self, slot_id, arg, now)
 
     def _socket(self, slot_id: int) -> StackSocket:
         """The stack's socket for a slot; a slot the stack does not know yet

@@ -158,6 +158,17 @@ static struct epoll_entry *find(struct epoll_instance *inst, int fd)
     return &inst->entries[inst->index_of_fd[fd] - 1];
 }
 
+/* EPOLLET at ADD and MOD, as in the kernel: an fd ready now is reported
+ * once (a sequence number unlike any seen), else only after the stack's next
+ * publication.  Always reporting once would report twice data that arrives
+ * later: when it is in the ring, and again when the stack publishes it.  The
+ * sequence number is read first, so a publication in between is not lost. */
+static uint32_t initial_seen_seq(uint32_t slot, uint32_t events)
+{
+    uint32_t seq = __atomic_load_n(&shim_slot(slot)->event_seq, __ATOMIC_ACQUIRE);
+    return shim_slot_ready(slot) & (events | EPOLLERR | EPOLLHUP) ? seq - 1 : seq;
+}
+
 static int append(struct epoll_instance *inst, int fd, uint32_t slot, const struct epoll_event *event)
 {
     if ((unsigned)fd >= inst->index_capacity) {
@@ -185,9 +196,7 @@ static int append(struct epoll_instance *inst, int fd, uint32_t slot, const stru
     e->slot = slot;
     e->events = event->events;
     e->data = event->data;
-    /* Unlike any sequence number seen: an edge-triggered fd that is ready
-     * now is reported once, as the kernel does at ADD and MOD. */
-    e->seen_seq = __atomic_load_n(&shim_slot(slot)->event_seq, __ATOMIC_ACQUIRE) - 1;
+    e->seen_seq = initial_seen_seq(slot, event->events);
     __atomic_store_n(&inst->count, inst->count + 1, __ATOMIC_RELEASE);
     inst->index_of_fd[fd] = inst->count;
     return 0;
@@ -300,7 +309,7 @@ int epoll_ctl(int epfd, int op, int fd, struct epoll_event *event)
         e->events = event->events;
         e->data = event->data;
         e->disabled = 0;
-        e->seen_seq = __atomic_load_n(&shim_slot(slot)->event_seq, __ATOMIC_ACQUIRE) - 1;
+        e->seen_seq = initial_seen_seq(slot, event->events);
         break;
     case EPOLL_CTL_DEL:
         if (e)

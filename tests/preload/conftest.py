@@ -1,5 +1,6 @@
 """Fixtures for the interposer tests: the library and the probe program,
-built once per session, and a loopback stack per test."""
+built once per session, and the real stack, served in this process, per
+test."""
 import os
 import pathlib
 import subprocess
@@ -11,7 +12,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 sys.path.insert(0, str(HERE))
 
-from loopback_stack import PROGRAM_TIMEOUT, STACK_IP, LoopbackStack  # noqa: E402
+from inprocess_stack import PROGRAM_TIMEOUT, STACK_IP, InProcessStack  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -40,13 +41,13 @@ def probe(build_dir):
 
 @pytest.fixture
 def stack():
-    loopback = LoopbackStack(STACK_IP).start()
-    yield loopback
-    loopback.close()
+    served = InProcessStack(STACK_IP).start()
+    yield served
+    served.close()
 
 
 class Probe:
-    """Runs probe scenarios over one loopback stack."""
+    """Runs probe scenarios over one stack."""
 
     def __init__(self, program, library, stack):
         self.program, self.library, self.stack = program, library, stack
