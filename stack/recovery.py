@@ -175,16 +175,30 @@ class Scoreboard:
             index += 1
         if not (self.sacked or self.lost or self.extra or self._high_retrans is not None):
             # Nothing was ever SACKed, lost or resent: send order is
-            # sequence order, and the last record delivered is the newest.
+            # sequence order, and the newest record delivered is the last
+            # one reached, its RTT sample unambiguous (step 2, inlined: this
+            # runs on every ACK).
             self.fack = None               # all delivered lies below the ACK
+            if index < count and records[index][0] != ack:
+                newest = records[index]
+                newest[0] = ack
+                end = ack
+            elif index:
+                newest = records[index - 1]
+                end = newest[1]
+            else:
+                return
             if index:
-                last = records[index - 1]
-                self._advance(last, last[1], now)
                 del records[:index]
-            if index < count and records[0][0] != ack:
-                first = records[0]
-                first[0] = ack
-                self._advance(first, ack, now)
+            xmit_ts = newest[2]
+            rtt = now - xmit_ts
+            if self.min_rtt is None or rtt <= self.min_rtt or now - self._min_rtt_at > _MIN_RTT_WINDOW:
+                self.min_rtt = rtt
+                self._min_rtt_at = now
+            self.rack_rtt = rtt
+            self.rack_xmit_ts = xmit_ts
+            self.rack_order = newest[4]
+            self.rack_end = end
             return
         for record in records[:index]:
             self._forget(record, (record[1] - record[0]) & _MASK)
