@@ -134,6 +134,13 @@ class Runtime:
         self._transmit(now)
         self.sockets.publish()
 
+    def close(self) -> None:
+        """Lets go of the descriptors the runtime made or was handed: the
+        signal pipe, the control socket and the waiters' eventfds."""
+        self.waiters.close()
+        os.close(self._signal_r)
+        os.close(self._signal_w)
+
     def close_all(self, deadline: float) -> None:
         """The program is gone: close what it left open, as the kernel does
         at exit, and serve until those connections finish or `deadline`."""

@@ -57,6 +57,12 @@ class Waiters:
             os.close(fd)
             lib.mts_waiter_free(self.geom, waiter_id)
 
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        self.ctl.close()
+
     def wake_armed(self) -> None:
         for waiter_id, fd in self._fds.items():
             if lib.mts_waiter_disarm(lib.mts_waiter_at(self.geom, waiter_id)):

@@ -157,10 +157,7 @@ class InProcessStack:
 
     def close(self) -> None:
         self._halt()
-        waiters = self.runtime.waiters
-        for waiter_id in range(self.region.geom.nwaiters):  # the stack's copies of the programs' eventfds
-            waiters.free(waiter_id)
-        waiters.ctl.close()
+        self.runtime.close()
         self.ctl_app.close()
         self.link.close()
         for fd in (self.wake_fd, self.death_r, self.death_w):

@@ -7,4 +7,4 @@ from world import World
 def world():
     w = World()
     yield w
-    w.region.close()
+    w.close()

@@ -39,6 +39,9 @@ class MemoryLink:
         self.outbound.extend(bytes(f) for f in frames)
         return len(frames)
 
+    def close(self):
+        os.close(self._fd)
+
 
 class Peer(Node):
     """A node on the other end of the link, from the same stack pieces."""
@@ -59,6 +62,14 @@ class World:
                                self.ctl_stack.detach(), self.wake)
         self.peer = Peer()
         self.now = 1000.0
+
+    def close(self):
+        self.runtime.close()
+        self.ctl_app.close()
+        self.link.close()
+        os.close(self.wake)
+        self.region.close()
+        os.close(self.region.fd)
 
     def settle(self, rounds=50, advance=0.001):
         """Runs both sides until the link is quiet."""
