@@ -216,9 +216,10 @@ class Scoreboard:
 
     def sack(self, blocks, snd_una: int, snd_max: int, now: float) -> int:
         """Mark the peer's SACK blocks; returns the bytes newly SACKed.  A
-        first block below snd_una, inside the second block or on data
-        already SACKed is a D-SACK (RFC 2883 section 4): it lands in
-        `dsack` instead.  Blocks for data never sent are ignored."""
+        first block below snd_una or inside the second block is a D-SACK
+        (RFC 2883 section 4): it lands in `dsack` instead.  (A first block
+        on data already SACKed is not: a window update repeats the SACK
+        blocks of the ACK before.)  Blocks for data never sent are ignored."""
         self.dsack = None
         records = self.records
         newly = 0
@@ -268,10 +269,6 @@ class Scoreboard:
                 self.dsack = (left, right)
                 self.dsack_retransmitted = self._all_flagged(left, right, EVER_RETRANS)
                 return True
-        if self.records and self._all_flagged(left, right, SACKED):
-            self.dsack = (left, right)
-            self.dsack_retransmitted = self._all_flagged(left, right, EVER_RETRANS)
-            return True
         return False
 
     def _all_flagged(self, left: int, right: int, flag: int) -> bool:
