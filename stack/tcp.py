@@ -1568,6 +1568,20 @@ class TcpConnection:
         self.events |= EV_RESET
         self._enter_closed()
 
+    def check_invariants(self) -> None:
+        """AssertionError on a state no input may lead to, as lwIP's
+        LWIP_ASSERTs in tcp_in.c; the segment-level tests call it after
+        every step.  The receive window's right edge never moving left is
+        checked across steps, by the caller."""
+        una, nxt, top = self.snd_una, self.snd_nxt, self.snd_max
+        assert seq_le(una, nxt) and seq_le(nxt, top), f"snd_una {una}, snd_nxt {nxt}, snd_max {top}"
+        data_end = seq_add(self._send_base, len(self.send_buf))
+        fin_end = data_end if self._fin_seq is None else seq_add(self._fin_seq, 1)
+        assert seq_le(top, fin_end), f"snd_max {top} beyond the data queued, {fin_end}"
+        for start, end, *_ in self._board.records:
+            assert seq_le(una, start) and seq_lt(start, end) and seq_le(end, top), (
+                f"scoreboard record [{start}, {end}) outside [snd_una {una}, snd_max {top}]")
+
     def __repr__(self) -> str:
         return (f"<TcpConnection {self.local_port}->{self.remote_port} {self.state.name} "
                 f"una={self.snd_una} nxt={self.snd_nxt} rcv_nxt={self.rcv_nxt} "

@@ -5,7 +5,8 @@ emit and parse on the way, so traces also exercise the wire format."""
 import pytest
 
 from stack.storage import RingBuffer
-from stack.tcp import TcpConfig, TcpConnection
+from stack.seq import seq_ge
+from stack.tcp import TcpConfig, TcpConnection, TcpState
 from stack.wire.tcp import ACK, SYN, TcpSegment
 
 LOCAL_IP = 0xC6120002      # 198.18.0.2, the stack
@@ -26,6 +27,7 @@ class Trace:
         self.window = min(buffer_size, 65535)   # our window while the buffer is empty
         self.now = 0.0
         self.conn = None
+        self._right_edge = None    # of our receive window: it never moves left
 
     # segment builders; sequence numbers may be given unwrapped
     def rx(self, flags, seq, ack=0, payload=b"", window=65535, **options) -> TcpSegment:
@@ -51,15 +53,29 @@ class Trace:
                                          self.L, self.now)
         return self.conn
 
+    def check(self) -> None:
+        """The connection's invariants, after every step of a trace."""
+        conn = self.conn
+        conn.check_invariants()
+        if conn.state in (TcpState.LISTEN, TcpState.SYN_SENT, TcpState.CLOSED):
+            return
+        if self._right_edge is not None:
+            assert seq_ge(conn.rcv_adv, self._right_edge), (
+                f"right edge moved left: {self._right_edge} -> {conn.rcv_adv}")
+        self._right_edge = conn.rcv_adv
+
     def send(self, *segments: TcpSegment) -> None:
         """Deliver segments from the peer, as one receive batch."""
         for segment in segments:
             wire = segment.emit(REMOTE_IP, LOCAL_IP)
             self.conn.on_segment(TcpSegment.parse(wire, REMOTE_IP, LOCAL_IP), self.now)
+            self.check()
 
     def recv(self) -> list:
-        return [TcpSegment.parse(segment.emit(LOCAL_IP, REMOTE_IP), LOCAL_IP, REMOTE_IP)
-                for segment in self.conn.take_output()]
+        segments = [TcpSegment.parse(segment.emit(LOCAL_IP, REMOTE_IP), LOCAL_IP, REMOTE_IP)
+                    for segment in self.conn.take_output()]
+        self.check()
+        return segments
 
     def wait(self, seconds: float) -> None:
         """Let time pass, running every timer that falls due on the way."""
@@ -70,6 +86,7 @@ class Trace:
                 break
             self.now = max(self.now, deadline)
             self.conn.on_timer(self.now)
+            self.check()
         self.now = end
 
     def wait_for_timer(self) -> float:
@@ -79,15 +96,18 @@ class Trace:
         waited = deadline - self.now
         self.now = deadline
         self.conn.on_timer(self.now)
+        self.check()
         return waited
 
     def write(self, data: bytes) -> None:
         assert self.send_buf.write(data) == len(data)
         self.conn.send_ready(self.now)
+        self.check()
 
     def read(self, n: int = 1 << 30) -> bytes:
         data = self.recv_buf.read(n)
         self.conn.recv_consumed(self.now)
+        self.check()
         return data
 
     def events(self) -> int:

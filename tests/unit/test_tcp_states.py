@@ -135,3 +135,15 @@ def test_closing_retransmits_fin_until_acknowledged(wrapped):
     assert t.recv() == [t.tx(ACK | FIN, t.L + 1, t.R + 2, window=999)]
     t.send(t.rx(ACK, t.R + 2, t.L + 2))
     assert t.conn.state == TcpState.TIME_WAIT
+
+
+def test_an_impossible_state_fails_the_invariant_check(tcp_established):
+    """The checks every trace step runs can fail: a negative control."""
+    t = tcp_established
+    t.conn.snd_nxt = (t.conn.snd_max + 10) & 0xFFFFFFFF
+    with pytest.raises(AssertionError, match="snd_nxt"):
+        t.check()
+    t.conn.snd_nxt = t.conn.snd_max
+    t.conn.rcv_adv = (t.conn.rcv_adv - 100) & 0xFFFFFFFF
+    with pytest.raises(AssertionError, match="right edge moved left"):
+        t.check()
