@@ -34,7 +34,7 @@ def _ipv4_address(text):
 
 
 def _impairment(text):
-    from stack.io.impair import ImpairSpec, ImpairSpecError
+    from mtcpshim.stack.io.impair import ImpairSpec, ImpairSpecError
     try:
         ImpairSpec.parse(text)
     except ImpairSpecError as err:

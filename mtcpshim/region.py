@@ -14,8 +14,8 @@ import os
 from dataclasses import dataclass
 
 from mtcpshim._shm import ffi, lib
-from stack import cc
-from stack.tcp import TcpConfig
+from mtcpshim.stack import cc
+from mtcpshim.stack.tcp import TcpConfig
 
 # What TCP_CONGESTION may name, for the interposer: stack/cc.py's list,
 # the default first, NUL-terminated within the header's field.

@@ -27,8 +27,8 @@ from mtcpshim._shm import lib
 from mtcpshim.sockets import SocketTable
 from mtcpshim.stacklog import log
 from mtcpshim.waiters import Waiters
-from stack.node import Node
-from stack.tcp import TcpState
+from mtcpshim.stack.node import Node
+from mtcpshim.stack.tcp import TcpState
 
 RX_BATCH = 64
 

@@ -17,8 +17,8 @@ import traceback
 from mtcpshim._shm import ffi, lib
 from mtcpshim.shmbuf import DETACHED, ShmRecvBuffer, ShmSendBuffer
 from mtcpshim.stacklog import RateLimitedLog, log
-from stack.node import Node
-from stack.tcp import EV_CLOSED, EV_ESTABLISHED, EV_PEER_FIN, EV_RESET, TcpState
+from mtcpshim.stack.node import Node
+from mtcpshim.stack.tcp import EV_CLOSED, EV_ESTABLISHED, EV_PEER_FIN, EV_RESET, TcpState
 
 _SLOT_STATE = {
     TcpState.SYN_SENT: lib.MTS_ST_CONNECTING,

@@ -88,13 +88,13 @@ def _open_packet_io(args):
     with in_netns(args.netns):
         if args.io == "tap":
             return _open_bridged_tap(args.iface)
-        from stack.io.afpacket import AfPacketIO
+        from mtcpshim.stack.io.afpacket import AfPacketIO
         return AfPacketIO(args.iface), lambda: None
 
 
 def _open_bridged_tap(iface: str):
-    from stack.io.base import PacketIOError
-    from stack.io.tap import TapIO
+    from mtcpshim.stack.io.base import PacketIOError
+    from mtcpshim.stack.io.tap import TapIO
 
     try:
         ifindex = socket.if_nametoindex(iface)  # asks the current namespace (sysfs may show another)
@@ -122,15 +122,15 @@ def _open_bridged_tap(iface: str):
 
 def _build_runtime(args, region):
     from mtcpshim.runtime import Runtime
-    from stack.host import TcpHost
-    from stack.iface import Interface
-    from stack.node import Node
-    from stack.io.pcap import PcapWriter
-    from stack.tcp import TcpConfig
+    from mtcpshim.stack.host import TcpHost
+    from mtcpshim.stack.iface import Interface
+    from mtcpshim.stack.node import Node
+    from mtcpshim.stack.io.pcap import PcapWriter
+    from mtcpshim.stack.tcp import TcpConfig
 
     io, cleanup = _open_packet_io(args)
     if args.impair:
-        from stack.io.impair import ImpairedIO, ImpairSpec
+        from mtcpshim.stack.io.impair import ImpairedIO, ImpairSpec
         io = ImpairedIO(io, ImpairSpec.parse(args.impair))
     ip = int(args.ip.ip)
     gateway = int(args.gateway) if args.gateway else None

@@ -35,12 +35,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from mtcpshim._shm import ffi, lib                  # noqa: E402
 from mtcpshim.region import Region, RegionSize      # noqa: E402
 from mtcpshim.runtime import Runtime                # noqa: E402
-from stack.host import TcpHost                      # noqa: E402
-from stack.iface import Interface                   # noqa: E402
-from stack.node import Node                         # noqa: E402
-from stack.storage import RingBuffer                # noqa: E402
-from stack.tcp import TcpConfig, TcpConnection      # noqa: E402
-from stack.wire.tcp import ACK, PSH, SYN, TcpSegment  # noqa: E402
+from mtcpshim.stack.host import TcpHost                      # noqa: E402
+from mtcpshim.stack.iface import Interface                   # noqa: E402
+from mtcpshim.stack.node import Node                         # noqa: E402
+from mtcpshim.stack.storage import RingBuffer                # noqa: E402
+from mtcpshim.stack.tcp import TcpConfig, TcpConnection      # noqa: E402
+from mtcpshim.stack.wire.tcp import ACK, PSH, SYN, TcpSegment  # noqa: E402
 
 LOCAL_IP, REMOTE_IP = 0xC6120002, 0xC6120001
 LOCAL_PORT, REMOTE_PORT = 80, 40000

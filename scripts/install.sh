@@ -22,5 +22,5 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 python3 -m pip install -q --disable-pip-version-check -e '.[test]' 2>&1 | grep -v "Running pip as the 'root' user" || true
-python3 -c "import mtcpshim._shm, stack._netfast" 
+python3 -c "import mtcpshim._shm, mtcpshim.stack._netfast" 
 test -f mtcpshim/libmtcpshim_preload.so

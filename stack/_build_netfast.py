@@ -1,4 +1,4 @@
-"""cffi builder for stack._netfast (out-of-line API mode).
+"""cffi builder for mtcpshim.stack._netfast (out-of-line API mode).
 
 Built by `pip install -e .` (setup.py's cffi_modules).
 """
@@ -12,7 +12,7 @@ _CSRC = Path(__file__).resolve().parent / "csrc"
 ffibuilder = FFI()
 ffibuilder.cdef((_CSRC / "netfast.h").read_text())
 ffibuilder.set_source(
-    "stack._netfast",
+    "mtcpshim.stack._netfast",
     '#include "netfast.h"',
     # setuptools refuses absolute source paths.
     sources=[os.path.relpath(_CSRC / "netfast.c")],

@@ -3,7 +3,7 @@
 `ones_complement_sum(data, initial)` adds `data`'s 16-bit big-endian words to
 the partial sum `initial` and folds the carries; `internet_checksum` returns
 the complement of that, ready to store in a header.  Use `pseudo_header_sum`
-to seed a TCP/UDP checksum.  `stack.native` replaces these with C versions
+to seed a TCP/UDP checksum.  `mtcpshim.stack.native` replaces these with C versions
 of the same signatures when the cffi module is built.
 """
 import sys

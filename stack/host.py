@@ -8,7 +8,7 @@ Buffers come from the caller (the runtime hands out shared-memory rings), so
 the host never decides where bytes live.
 
 Initial sequence numbers follow RFC 6528 and ephemeral ports RFC 6056
-(algorithm 3), both from keyed hashes in `stack.isn`.  A listener holds at
+(algorithm 3), both from keyed hashes in `mtcpshim.stack.isn`.  A listener holds at
 most `backlog` connections in SYN_RECEIVED; SYNs beyond that are answered
 with SYN cookies (as Linux with tcp_syncookies=1), which keep no state at
 all: the connection and its buffers come into being only when an ACK
@@ -24,14 +24,14 @@ import errno
 import heapq
 import random
 
-from stack.isn import COOKIE_MAX_AGE, COOKIE_PERIOD, MSS_TABLE, TcpSecrets, mss_index_for
-from stack.tcp import (EV_CLOSED, EV_ESTABLISHED, TIME_WAIT, ChallengeAckLimiter, TcpConfig,
+from mtcpshim.stack.isn import COOKIE_MAX_AGE, COOKIE_PERIOD, MSS_TABLE, TcpSecrets, mss_index_for
+from mtcpshim.stack.tcp import (EV_CLOSED, EV_ESTABLISHED, TIME_WAIT, ChallengeAckLimiter, TcpConfig,
                        TcpConnection, reset_for)
-from stack.seq import SEQ_MASK, seq_add, seq_gt
-from stack.timewait import REINCARNATE, TimeWaitTable
-from stack.wire.errors import WireError
-from stack.wire.icmp import FragmentationNeeded
-from stack.wire.tcp import SYN, ACK, RST, MAX_WSCALE, TcpSegment
+from mtcpshim.stack.seq import SEQ_MASK, seq_add, seq_gt
+from mtcpshim.stack.timewait import REINCARNATE, TimeWaitTable
+from mtcpshim.stack.wire.errors import WireError
+from mtcpshim.stack.wire.icmp import FragmentationNeeded
+from mtcpshim.stack.wire.tcp import SYN, ACK, RST, MAX_WSCALE, TcpSegment
 
 # RFC 6335 dynamic range, the same as Linux's default ip_local_port_range.
 EPHEMERAL_PORTS = range(32768, 61000)

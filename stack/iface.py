@@ -37,16 +37,16 @@ of the interface's own (`eth_not_for_us`, `eth_unsupported_type`,
 import ipaddress
 from collections import Counter, deque
 
-from stack import native
-from stack.checksum import pseudo_header_sum
-from stack.wire.arp import OP_REPLY, OP_REQUEST, UNKNOWN_MAC, ArpPacket
-from stack.wire.errors import WireError
-from stack.wire.ethernet import (BROADCAST, ETHERTYPE_ARP, ETHERTYPE_IPV4,
+from mtcpshim.stack import native
+from mtcpshim.stack.checksum import pseudo_header_sum
+from mtcpshim.stack.wire.arp import OP_REPLY, OP_REQUEST, UNKNOWN_MAC, ArpPacket
+from mtcpshim.stack.wire.errors import WireError
+from mtcpshim.stack.wire.ethernet import (BROADCAST, ETHERTYPE_ARP, ETHERTYPE_IPV4,
                                  EthernetHeader)
-from stack.wire.icmp import (CODE_FRAGMENTATION_NEEDED, TYPE_DEST_UNREACHABLE,
+from mtcpshim.stack.wire.icmp import (CODE_FRAGMENTATION_NEEDED, TYPE_DEST_UNREACHABLE,
                              TYPE_ECHO_REQUEST, FragmentationNeeded, IcmpEcho)
-from stack.wire.ipv4 import PROTO_ICMP, PROTO_TCP, Ipv4Header
-from stack.wire.vnet import SegmentedFrame
+from mtcpshim.stack.wire.ipv4 import PROTO_ICMP, PROTO_TCP, Ipv4Header
+from mtcpshim.stack.wire.vnet import SegmentedFrame
 
 #: Seconds between ARP requests for a neighbour that has not answered.
 ARP_REQUEST_INTERVAL = 1.0
@@ -105,7 +105,7 @@ class Interface:
         if accelerated is None:
             accelerated = native.ACCELERATED
         elif accelerated and not native.ACCELERATED:
-            raise RuntimeError("stack._netfast is not built")
+            raise RuntimeError("mtcpshim.stack._netfast is not built")
         self.accelerated = accelerated
         self.counters: Counter[str] = Counter()
         self._neighbours: dict[int, _Neighbour] = {}

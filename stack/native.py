@@ -1,18 +1,18 @@
 """C versions of the stack's per-byte work, with pure-Python fallbacks.
 
-`ACCELERATED` says which is active: True when the cffi module `stack._netfast`
+`ACCELERATED` says which is active: True when the cffi module `mtcpshim.stack._netfast`
 is built (pip install -e .), False when this module fell back
-to `stack.checksum`.  `ones_complement_sum` and `internet_checksum` have the
-signatures of their `stack.checksum` counterparts in both cases.
+to `mtcpshim.stack.checksum`.  `ones_complement_sum` and `internet_checksum` have the
+signatures of their `mtcpshim.stack.checksum` counterparts in both cases.
 
 `match_tcp_frame` and `build_tcp_frame` exist only when ACCELERATED; the
 Interface uses them for its per-segment paths and has a Python route for
 everything they do.
 """
-from stack import checksum
+from mtcpshim.stack import checksum
 
 try:
-    from stack._netfast import ffi, lib
+    from mtcpshim.stack._netfast import ffi, lib
 except ImportError:
     ffi = lib = None
 

@@ -13,8 +13,8 @@ and sockets).  Sans-IO: frames and time in, frames out.
 The runtime, the runtime tests' peer and the core benchmark all drive a
 node; a batched C fast path plugs in here.
 """
-from stack.host import TcpHost
-from stack.iface import Interface
+from mtcpshim.stack.host import TcpHost
+from mtcpshim.stack.iface import Interface
 
 
 class Node:

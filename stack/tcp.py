@@ -10,10 +10,10 @@ Implemented: handshakes both ways with MSS, window scale (RFC 7323),
 SACK-permitted (RFC 2018) and timestamps negotiated; PAWS; sliding windows
 that never shrink the right edge; out-of-order reassembly with SACK blocks
 sent back; RFC 6298 retransmission timer with Karn's rule or timestamp RTT
-samples; congestion control from `stack.cc` (CUBIC or NewReno, per
+samples; congestion control from `mtcpshim.stack.cc` (CUBIC or NewReno, per
 connection) from a 10-segment initial window (RFC 6928); with SACK, loss
 detection by RACK-TLP (RFC 8985) over a scoreboard of what is in flight
-(`stack.recovery`), adapting its reordering window to D-SACKs (RFC 2883),
+(`mtcpshim.stack.recovery`), adapting its reordering window to D-SACKs (RFC 2883),
 retransmission within Proportional Rate Reduction (RFC 6937), and undo of
 spurious recoveries and timeouts (D-SACK, timestamps as Eifel, RFC 3522);
 without SACK, NewReno (RFC 6582); limited transmit (RFC 3042); delayed ACKs; Nagle
@@ -43,11 +43,11 @@ import enum
 import errno
 import random
 
-from stack import cc
-from stack.recovery import Scoreboard
-from stack.seq import seq_add, seq_diff, seq_ge, seq_gt, seq_le, seq_lt
-from stack.storage import Assembler
-from stack.wire.tcp import ACK, FIN, PSH, RST, SYN, MAX_WSCALE, TcpSegment
+from mtcpshim.stack import cc
+from mtcpshim.stack.recovery import Scoreboard
+from mtcpshim.stack.seq import seq_add, seq_diff, seq_ge, seq_gt, seq_le, seq_lt
+from mtcpshim.stack.storage import Assembler
+from mtcpshim.stack.wire.tcp import ACK, FIN, PSH, RST, SYN, MAX_WSCALE, TcpSegment
 
 _MASK = 0xFFFFFFFF
 _HALF = 0x80000000
@@ -90,7 +90,7 @@ class TcpConfig:
     keepintvl = 75.0
     keepcnt = 9
     user_timeout = 0.0           # TCP_USER_TIMEOUT in seconds; 0: off
-    congestion = "cubic"         # a name from stack.cc.ALGORITHMS (Linux's default)
+    congestion = "cubic"         # a name from mtcpshim.stack.cc.ALGORITHMS (Linux's default)
     invalid_ack_interval = 0.5   # Linux tcp_invalid_ratelimit: per-connection
                                  # limit on ACKs answering invalid segments
     challenge_ack_limit = 1000   # per second and host (Linux tcp_challenge_ack_limit)

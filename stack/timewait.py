@@ -8,8 +8,8 @@ TcpConnection go.  All records live for the same time, so expiry is a FIFO.
 """
 import collections
 
-from stack.seq import seq_gt
-from stack.wire.tcp import ACK, RST, SYN, TcpSegment
+from mtcpshim.stack.seq import seq_gt
+from mtcpshim.stack.wire.tcp import ACK, RST, SYN, TcpSegment
 
 _MASK = 0xFFFFFFFF
 

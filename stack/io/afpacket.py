@@ -31,9 +31,9 @@ import mmap
 import socket
 import struct
 
-from stack import native
-from stack.io.base import GSO_MAX_SIZE, MAX_FRAME_LEN, PacketIOError
-from stack.wire.vnet import SegmentedFrame
+from mtcpshim.stack import native
+from mtcpshim.stack.io.base import GSO_MAX_SIZE, MAX_FRAME_LEN, PacketIOError
+from mtcpshim.stack.wire.vnet import SegmentedFrame
 
 _SOL_PACKET = 263
 _PACKET_RX_RING = 5
@@ -74,7 +74,7 @@ class AfPacketIO:
     def __init__(self, ifname: str, rx_slots: int = 240, tx_slots: int = 1024):
         if not native.ACCELERATED:
             raise PacketIOError("AfPacketIO walks its rings in C: "
-                                "build stack._netfast (pip install -e .)")
+                                "build mtcpshim.stack._netfast (pip install -e .)")
         self.ifname = ifname
         try:
             socket.if_nametoindex(ifname)

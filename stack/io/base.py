@@ -24,7 +24,7 @@ class PacketIOError(Exception):
 
 class PacketIO(Protocol):
     mac: bytes
-    #: Largest TCP payload of a stack.wire.vnet.SegmentedFrame that
+    #: Largest TCP payload of a mtcpshim.stack.wire.vnet.SegmentedFrame that
     #: send_batch takes, for the device to cut into MSS pieces; 0: none.
     gso_max_size: int
 

@@ -10,7 +10,7 @@ Offloads: the TAP carries a virtio_net_hdr per frame (IFF_VNET_HDR) and
 takes checksum offload and TSO (TUNSETOFFLOAD), so the kernel hands over
 merged frames of up to 64 KB with their checksums left partial, and takes
 SegmentedFrames to cut.  Each received header is checked
-(stack.wire.vnet.received_frame); a bad one drops its frame, counted under
+(mtcpshim.stack.wire.vnet.received_frame); a bad one drops its frame, counted under
 the WireError's reason.
 """
 import errno
@@ -19,9 +19,9 @@ import os
 import secrets
 import struct
 
-from stack.io.base import GSO_MAX_SIZE, PacketIOError
-from stack.wire import vnet
-from stack.wire.errors import WireError
+from mtcpshim.stack.io.base import GSO_MAX_SIZE, PacketIOError
+from mtcpshim.stack.wire import vnet
+from mtcpshim.stack.wire.errors import WireError
 
 _TUNSETIFF = 0x400454CA
 _IFF_TAP = 0x0002

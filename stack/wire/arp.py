@@ -3,8 +3,8 @@ import ipaddress
 import struct
 from dataclasses import dataclass
 
-from stack.wire.errors import WireError
-from stack.wire.ethernet import mac_to_str
+from mtcpshim.stack.wire.errors import WireError
+from mtcpshim.stack.wire.ethernet import mac_to_str
 
 PACKET_LEN = 28
 OP_REQUEST = 1

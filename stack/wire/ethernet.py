@@ -2,7 +2,7 @@
 import struct
 from dataclasses import dataclass
 
-from stack.wire.errors import WireError
+from mtcpshim.stack.wire.errors import WireError
 
 HEADER_LEN = 14
 ETHERTYPE_IPV4 = 0x0800

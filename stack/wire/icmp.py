@@ -3,9 +3,9 @@ answers, and "fragmentation needed" (RFC 1191), the one error it acts on."""
 import struct
 from dataclasses import dataclass
 
-from stack.native import internet_checksum
-from stack.wire.errors import WireError
-from stack.wire.ipv4 import PROTO_TCP
+from mtcpshim.stack.native import internet_checksum
+from mtcpshim.stack.wire.errors import WireError
+from mtcpshim.stack.wire.ipv4 import PROTO_TCP
 
 HEADER_LEN = 8
 TYPE_ECHO_REPLY = 0

@@ -10,8 +10,8 @@ import ipaddress
 import struct
 from dataclasses import dataclass
 
-from stack.native import internet_checksum
-from stack.wire.errors import WireError
+from mtcpshim.stack.native import internet_checksum
+from mtcpshim.stack.wire.errors import WireError
 
 HEADER_LEN = 20
 PROTO_ICMP = 1

@@ -8,8 +8,8 @@ option stays 4-byte aligned without padding at the end.
 """
 import struct
 
-from stack import checksum
-from stack.wire.errors import WireError
+from mtcpshim.stack import checksum
+from mtcpshim.stack.wire.errors import WireError
 
 FIN = 0x01
 SYN = 0x02

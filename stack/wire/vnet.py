@@ -16,8 +16,8 @@ WireError.
 """
 import struct
 
-from stack import native
-from stack.wire.errors import WireError
+from mtcpshim.stack import native
+from mtcpshim.stack.wire.errors import WireError
 
 F_NEEDS_CSUM = 1               # checksum from csum_start, stored at csum_start + csum_offset
 F_DATA_VALID = 2               # the checksum was verified already

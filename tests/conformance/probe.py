@@ -29,12 +29,12 @@ import time
 
 from faultnet import mac_of
 from mtcpshim.netns import enter_netns
-from stack.seq import seq_add
-from stack.wire.arp import OP_REPLY, OP_REQUEST, ArpPacket
-from stack.wire.errors import WireError
-from stack.wire.ethernet import ETHERTYPE_ARP, ETHERTYPE_IPV4, EthernetHeader
-from stack.wire.ipv4 import PROTO_TCP, Ipv4Header
-from stack.wire.tcp import ACK, FIN, PSH, RST, SYN, TcpSegment
+from mtcpshim.stack.seq import seq_add
+from mtcpshim.stack.wire.arp import OP_REPLY, OP_REQUEST, ArpPacket
+from mtcpshim.stack.wire.errors import WireError
+from mtcpshim.stack.wire.ethernet import ETHERTYPE_ARP, ETHERTYPE_IPV4, EthernetHeader
+from mtcpshim.stack.wire.ipv4 import PROTO_TCP, Ipv4Header
+from mtcpshim.stack.wire.tcp import ACK, FIN, PSH, RST, SYN, TcpSegment
 
 __all__ = ["Probe", "ACK", "FIN", "PSH", "RST", "SYN", "PROBE_IP", "seq_add"]
 

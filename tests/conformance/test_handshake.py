@@ -6,7 +6,7 @@ import pytest
 
 from peer_server import BULK_PORT, ECHO_PORT
 from probe import ACK, RST, SYN, seq_add
-from stack.seq import seq_diff
+from mtcpshim.stack.seq import seq_diff
 
 ISN = 1000
 CLOSED_PORT = 7999

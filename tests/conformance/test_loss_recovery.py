@@ -3,7 +3,7 @@ segment of a flight is lost and the duplicate ACKs report what came after
 it, the stack resends the hole, and nothing the peer already holds."""
 from peer_server import BULK_PORT, bulk_pattern
 from probe import ACK, seq_add
-from stack.seq import seq_diff
+from mtcpshim.stack.seq import seq_diff
 
 ISN = 30000
 DUPTHRESH = 3

@@ -8,7 +8,7 @@ import time
 
 from peer_server import ECHO_PORT, SINK_PORT
 from probe import ACK, FIN, PSH, seq_add
-from stack.seq import seq_diff
+from mtcpshim.stack.seq import seq_diff
 
 ISN = 5000
 DATA = bytes(range(256)) * 4          # 1024 bytes, each offset recognisable

@@ -7,7 +7,7 @@ import time
 
 from peer_server import BULK_PORT, bulk_pattern
 from probe import ACK, seq_add
-from stack.seq import seq_diff
+from mtcpshim.stack.seq import seq_diff
 
 ISN = 20000
 INITIAL_FLIGHT = 10 * 1460          # RFC 6928 initial window, at our MSS

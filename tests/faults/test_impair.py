@@ -3,12 +3,12 @@ clock: each test walks frames through one impairment and reads what came
 out the other side, and when."""
 import pytest
 
-from stack.iface import Interface
-from stack.io import impair
-from stack.io.impair import ImpairedIO, ImpairSpec, ImpairSpecError
-from stack.wire.ethernet import ETHERTYPE_IPV4, EthernetHeader
-from stack.wire.ipv4 import PROTO_TCP, Ipv4Header
-from stack.wire.tcp import ACK, TcpSegment
+from mtcpshim.stack.iface import Interface
+from mtcpshim.stack.io import impair
+from mtcpshim.stack.io.impair import ImpairedIO, ImpairSpec, ImpairSpecError
+from mtcpshim.stack.wire.ethernet import ETHERTYPE_IPV4, EthernetHeader
+from mtcpshim.stack.wire.ipv4 import PROTO_TCP, Ipv4Header
+from mtcpshim.stack.wire.tcp import ACK, TcpSegment
 
 STACK_MAC, PEER_MAC = bytes.fromhex("020000000002"), bytes.fromhex("020000000001")
 STACK_IP, PEER_IP = 0xC6120002, 0xC6120001

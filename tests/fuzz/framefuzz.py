@@ -36,8 +36,8 @@ import dataclasses
 import random
 import struct
 
-from stack.checksum import pseudo_header_sum
-from stack.native import internet_checksum
+from mtcpshim.stack.checksum import pseudo_header_sum
+from mtcpshim.stack.native import internet_checksum
 
 ETHERTYPE_IPV4, ETHERTYPE_ARP, ETHERTYPE_IPV6, ETHERTYPE_VLAN = 0x0800, 0x0806, 0x86DD, 0x8100
 PROTO_ICMP, PROTO_IGMP, PROTO_TCP, PROTO_UDP, PROTO_GRE = 1, 2, 6, 17, 47

@@ -5,10 +5,10 @@ import collections
 import random
 
 from framefuzz import FrameFuzzer, Target
-from stack.host import TcpHost
-from stack.iface import Interface
-from stack.wire import vnet
-from stack.wire.errors import WireError
+from mtcpshim.stack.host import TcpHost
+from mtcpshim.stack.iface import Interface
+from mtcpshim.stack.wire import vnet
+from mtcpshim.stack.wire.errors import WireError
 
 STACK_MAC, CLIENT_MAC = bytes.fromhex("020000000002"), bytes.fromhex("020000000001")
 STACK_IP, CLIENT_IP = 0xC6120002, 0xC6120001

@@ -20,11 +20,11 @@ import time
 
 import pytest
 
-from stack import checksum, native
-from stack.iface import Interface
-from stack.io.afpacket import AfPacketIO
-from stack.io.base import PacketIOError
-from stack.io.tap import TapIO
+from mtcpshim.stack import checksum, native
+from mtcpshim.stack.iface import Interface
+from mtcpshim.stack.io.afpacket import AfPacketIO
+from mtcpshim.stack.io.base import PacketIOError
+from mtcpshim.stack.io.tap import TapIO
 
 pytestmark = [
     pytest.mark.integration,
@@ -32,7 +32,7 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("ip") is None, reason="iproute2 is not installed"),
 ]
 needs_c = pytest.mark.skipif(not native.ACCELERATED,
-                             reason="AfPacketIO needs stack._netfast")
+                             reason="AfPacketIO needs mtcpshim.stack._netfast")
 
 KERNEL_IP = "198.18.220.1"
 STACK_IP = "198.18.220.2"
@@ -99,7 +99,7 @@ def link():
 @pytest.fixture
 def stack_side(link):
     if not native.ACCELERATED:
-        pytest.skip("AfPacketIO needs stack._netfast")
+        pytest.skip("AfPacketIO needs mtcpshim.stack._netfast")
     with inside_netns(link.stack_ns):
         io = AfPacketIO("veth0")
     iface = Interface(io.mac, int(ipaddress.IPv4Address(STACK_IP)), 24)
@@ -179,8 +179,8 @@ def test_missing_interface_is_reported(link):
 @needs_c
 @pytest.mark.skipif(shutil.which("capsh") is None, reason="capsh is not installed")
 def test_missing_privilege_is_reported():
-    script = ("from stack.io.afpacket import AfPacketIO\n"
-              "from stack.io.base import PacketIOError\n"
+    script = ("from mtcpshim.stack.io.afpacket import AfPacketIO\n"
+              "from mtcpshim.stack.io.base import PacketIOError\n"
               "try:\n"
               "    AfPacketIO('lo')\n"
               "except PacketIOError as error:\n"

@@ -1,5 +1,5 @@
 """The real stack for the interposer tests, served by a thread of the test
-process: mtcpshim.runtime.Runtime over a real region and a stack.node.Node,
+process: mtcpshim.runtime.Runtime over a real region and a mtcpshim.stack.node.Node,
 whose packet I/O is a wire that leads back to the node itself.  The node's
 ARP request for its own address comes back and is answered by itself; TCP
 to that address then runs end to end through the real TCP core, both ends
@@ -20,9 +20,9 @@ from mtcpshim.launcher import attach_env
 from mtcpshim.region import Region, RegionSize
 from mtcpshim.runtime import Runtime
 from mtcpshim.sockets import SocketTable
-from stack.host import TcpHost
-from stack.iface import Interface
-from stack.node import Node
+from mtcpshim.stack.host import TcpHost
+from mtcpshim.stack.iface import Interface
+from mtcpshim.stack.node import Node
 
 STACK_IP = "198.18.0.2"
 STACK_MAC = bytes.fromhex("020000000002")

@@ -2,7 +2,7 @@
 runs one probe scenario (tests/preload/progs/probe.c) and reads its trace,
 one call per line, "call result [ERRNO]"."""
 from inprocess_stack import PROGRAM_TIMEOUT
-from stack.host import EPHEMERAL_PORTS
+from mtcpshim.stack.host import EPHEMERAL_PORTS
 
 
 def test_without_the_stack_everything_stays_in_the_kernel(run_probe):

@@ -5,7 +5,7 @@ import os
 import socket
 
 from mtcpshim._shm import ffi, lib
-from stack.storage import RingBuffer
+from mtcpshim.stack.storage import RingBuffer
 from world import PEER_IP, RING, STACK_IP, addr, listening_socket, peer_connects
 
 def test_passive_open_data_both_ways_and_close_frees_the_slot(world):
@@ -147,7 +147,7 @@ def test_truncated_frames_are_reported_once(world, capsys):
 
 
 def test_the_region_lists_the_tcp_core_s_congestion_controls_for_the_interposer(world):
-    from stack import cc
-    from stack.tcp import TcpConfig
+    from mtcpshim.stack import cc
+    from mtcpshim.stack.tcp import TcpConfig
     names = ffi.string(world.region.header.congestion).decode().split()
     assert names[0] == TcpConfig.congestion and sorted(names) == sorted(cc.ALGORITHMS)

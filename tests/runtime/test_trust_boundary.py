@@ -8,7 +8,7 @@ import random
 import socket
 
 from mtcpshim._shm import ffi, lib
-from stack.storage import RingBuffer
+from mtcpshim.stack.storage import RingBuffer
 from world import hostile_storm, listening_socket, peer_connects
 
 U32_MAX = (1 << 32) - 1

@@ -8,10 +8,10 @@ import socket
 from mtcpshim._shm import ffi, lib
 from mtcpshim.region import Region, RegionSize
 from mtcpshim.runtime import Runtime
-from stack.host import TcpHost
-from stack.iface import Interface
-from stack.node import Node
-from stack.storage import RingBuffer
+from mtcpshim.stack.host import TcpHost
+from mtcpshim.stack.iface import Interface
+from mtcpshim.stack.node import Node
+from mtcpshim.stack.storage import RingBuffer
 
 STACK_IP, PEER_IP = 0xC6120002, 0xC6120001
 STACK_MAC, PEER_MAC = bytes.fromhex("020000000002"), bytes.fromhex("020000000001")

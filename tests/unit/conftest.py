@@ -4,10 +4,10 @@ tests: build the peer's segments with `rx`, the segments we expect with
 emit and parse on the way, so traces also exercise the wire format."""
 import pytest
 
-from stack.storage import RingBuffer
-from stack.seq import seq_ge
-from stack.tcp import TcpConfig, TcpConnection, TcpState
-from stack.wire.tcp import ACK, SYN, TcpSegment
+from mtcpshim.stack.storage import RingBuffer
+from mtcpshim.stack.seq import seq_ge
+from mtcpshim.stack.tcp import TcpConfig, TcpConnection, TcpState
+from mtcpshim.stack.wire.tcp import ACK, SYN, TcpSegment
 
 LOCAL_IP = 0xC6120002      # 198.18.0.2, the stack
 REMOTE_IP = 0xC6120001     # 198.18.0.1, the scripted peer

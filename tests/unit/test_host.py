@@ -6,11 +6,11 @@ import random
 
 import pytest
 
-from stack.host import COOKIE_WINDOW, COOKIE_WSCALE, EPHEMERAL_PORTS, TcpHost
-from stack.isn import COOKIE_PERIOD, ISN_CLOCK_HZ, MSS_TABLE, TcpSecrets, mss_index_for
-from stack.storage import RingBuffer
-from stack.tcp import TcpConfig, TcpState
-from stack.wire.tcp import ACK, PSH, RST, SYN, TcpSegment
+from mtcpshim.stack.host import COOKIE_WINDOW, COOKIE_WSCALE, EPHEMERAL_PORTS, TcpHost
+from mtcpshim.stack.isn import COOKIE_PERIOD, ISN_CLOCK_HZ, MSS_TABLE, TcpSecrets, mss_index_for
+from mtcpshim.stack.storage import RingBuffer
+from mtcpshim.stack.tcp import TcpConfig, TcpState
+from mtcpshim.stack.wire.tcp import ACK, PSH, RST, SYN, TcpSegment
 
 HOST_IP = 0xC6120002
 PEER_IP = 0xC6120001
@@ -260,9 +260,9 @@ def test_exhausted_receive_buffer_only_closes_the_window():
 
 
 def test_time_wait_keeps_a_compact_record_that_acks_and_reincarnates():
-    from stack.storage import RingBuffer
-    from stack.tcp import TcpState
-    from stack.wire.tcp import ACK, FIN, SYN, TcpSegment
+    from mtcpshim.stack.storage import RingBuffer
+    from mtcpshim.stack.tcp import TcpState
+    from mtcpshim.stack.wire.tcp import ACK, FIN, SYN, TcpSegment
 
     server_ip, client_ip, now = 0xC6120002, 0xC6120001, 100.0
     server = TcpHost(server_ip)
@@ -296,7 +296,7 @@ def test_time_wait_keeps_a_compact_record_that_acks_and_reincarnates():
 
 
 def test_time_wait_records_expire():
-    from stack.timewait import TimeWaitTable
+    from mtcpshim.stack.timewait import TimeWaitTable
 
     class Closed:
         local_port, remote_ip, remote_port = 80, 1, 2

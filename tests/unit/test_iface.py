@@ -7,12 +7,12 @@ import struct
 
 import pytest
 
-from stack import checksum, native
-from stack.iface import ARP_QUEUE_LIMIT, Interface
-from stack.wire.arp import OP_REPLY, OP_REQUEST, ArpPacket
-from stack.wire.ethernet import BROADCAST, ETHERTYPE_ARP, ETHERTYPE_IPV4, EthernetHeader
-from stack.wire.icmp import TYPE_ECHO_REPLY, TYPE_ECHO_REQUEST, IcmpEcho
-from stack.wire.ipv4 import PROTO_ICMP, PROTO_TCP, PROTO_UDP, Ipv4Header
+from mtcpshim.stack import checksum, native
+from mtcpshim.stack.iface import ARP_QUEUE_LIMIT, Interface
+from mtcpshim.stack.wire.arp import OP_REPLY, OP_REQUEST, ArpPacket
+from mtcpshim.stack.wire.ethernet import BROADCAST, ETHERTYPE_ARP, ETHERTYPE_IPV4, EthernetHeader
+from mtcpshim.stack.wire.icmp import TYPE_ECHO_REPLY, TYPE_ECHO_REQUEST, IcmpEcho
+from mtcpshim.stack.wire.ipv4 import PROTO_ICMP, PROTO_TCP, PROTO_UDP, Ipv4Header
 
 
 def ip(text: str) -> int:
@@ -31,7 +31,7 @@ FAR_IP = ip("198.19.5.5")
 @pytest.fixture(params=[True, False], ids=["c", "python"])
 def iface(request):
     if request.param and not native.ACCELERATED:
-        pytest.skip("stack._netfast not built")
+        pytest.skip("mtcpshim.stack._netfast not built")
     return Interface(OUR_MAC, OUR_IP, 24, gateway=GATEWAY_IP, arp_timeout=60.0,
                      accelerated=request.param)
 
@@ -277,7 +277,7 @@ def test_dropped_frames_are_counted_by_reason(iface, reason, frame):
 
 def test_c_and_python_paths_agree_frame_by_frame():
     if not native.ACCELERATED:
-        pytest.skip("stack._netfast not built")
+        pytest.skip("mtcpshim.stack._netfast not built")
     fast = Interface(OUR_MAC, OUR_IP, 24, accelerated=True)
     slow = Interface(OUR_MAC, OUR_IP, 24, accelerated=False)
     frames = [frame for _, frame in DROPS] + [
@@ -301,7 +301,7 @@ def test_announce_queues_a_gratuitous_arp_request_for_our_own_address():
 
 
 def test_neighbour_cache_stays_bounded_under_an_arp_flood():
-    from stack.iface import NEIGHBOUR_LIMIT
+    from mtcpshim.stack.iface import NEIGHBOUR_LIMIT
 
     iface = Interface(bytes.fromhex("020000000002"), 0xC6120002, 16)
     for n in range(NEIGHBOUR_LIMIT + 10):

@@ -7,16 +7,16 @@ import struct
 
 import pytest
 
-from stack import checksum, native
-from stack.host import MIN_PATH_MTU, TcpHost
-from stack.iface import Interface
-from stack.storage import RingBuffer
-from stack.tcp import TcpConfig, TcpState
-from stack.wire.errors import WireError
-from stack.wire.ethernet import ETHERTYPE_IPV4, EthernetHeader
-from stack.wire.icmp import FragmentationNeeded
-from stack.wire.ipv4 import PROTO_ICMP, PROTO_TCP, PROTO_UDP, Ipv4Header
-from stack.wire.tcp import ACK, FIN, PSH, SYN, TcpSegment
+from mtcpshim.stack import checksum, native
+from mtcpshim.stack.host import MIN_PATH_MTU, TcpHost
+from mtcpshim.stack.iface import Interface
+from mtcpshim.stack.storage import RingBuffer
+from mtcpshim.stack.tcp import TcpConfig, TcpState
+from mtcpshim.stack.wire.errors import WireError
+from mtcpshim.stack.wire.ethernet import ETHERTYPE_IPV4, EthernetHeader
+from mtcpshim.stack.wire.icmp import FragmentationNeeded
+from mtcpshim.stack.wire.ipv4 import PROTO_ICMP, PROTO_TCP, PROTO_UDP, Ipv4Header
+from mtcpshim.stack.wire.tcp import ACK, FIN, PSH, SYN, TcpSegment
 
 OUR_MAC = bytes.fromhex("02000000aa01")
 ROUTER_MAC = bytes.fromhex("02000000cc03")
@@ -88,7 +88,7 @@ def test_malformed_fragmentation_needed_is_refused_with_a_reason(reason, message
 @pytest.fixture(params=[True, False], ids=["c", "python"])
 def iface(request):
     if request.param and not native.ACCELERATED:
-        pytest.skip("stack._netfast not built")
+        pytest.skip("mtcpshim.stack._netfast not built")
     return Interface(OUR_MAC, OUR_IP, 24, gateway=ROUTER_IP, accelerated=request.param)
 
 

@@ -6,11 +6,11 @@ import subprocess
 
 import pytest
 
-from stack.io.pcap import PcapWriter
-from stack.wire.arp import OP_REQUEST, ArpPacket
-from stack.wire.ethernet import BROADCAST, ETHERTYPE_ARP, ETHERTYPE_IPV4, EthernetHeader
-from stack.wire.icmp import TYPE_ECHO_REQUEST, IcmpEcho
-from stack.wire.ipv4 import PROTO_ICMP, Ipv4Header
+from mtcpshim.stack.io.pcap import PcapWriter
+from mtcpshim.stack.wire.arp import OP_REQUEST, ArpPacket
+from mtcpshim.stack.wire.ethernet import BROADCAST, ETHERTYPE_ARP, ETHERTYPE_IPV4, EthernetHeader
+from mtcpshim.stack.wire.icmp import TYPE_ECHO_REQUEST, IcmpEcho
+from mtcpshim.stack.wire.ipv4 import PROTO_ICMP, Ipv4Header
 
 MAC = bytes.fromhex("020000000001")
 PEER_MAC = bytes.fromhex("020000000002")

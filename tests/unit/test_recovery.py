@@ -4,7 +4,7 @@ marks, timer and reordering window.  Sequence numbers start just below
 2**32 so every case crosses the wrap."""
 import pytest
 
-from stack.recovery import EVER_RETRANS, LOST, RETRANS, SACKED, Scoreboard
+from mtcpshim.stack.recovery import EVER_RETRANS, LOST, RETRANS, SACKED, Scoreboard
 
 MSS = 1000
 BASE = 2**32 - 2500          # segment k is [seq(k), seq(k + 1))

@@ -1,4 +1,4 @@
-from stack.seq import seq_add, seq_diff, seq_ge, seq_gt, seq_le, seq_lt
+from mtcpshim.stack.seq import seq_add, seq_diff, seq_ge, seq_gt, seq_le, seq_lt
 
 TOP = 0xFFFFFFFF
 

@@ -1,4 +1,4 @@
-from stack.storage import Assembler, RingBuffer
+from mtcpshim.stack.storage import Assembler, RingBuffer
 
 
 def test_ring_write_read_wraps():

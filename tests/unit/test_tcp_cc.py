@@ -4,9 +4,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from stack import cc
-from stack.tcp import TcpConfig
-from stack.wire.tcp import ACK
+from mtcpshim.stack import cc
+from mtcpshim.stack.tcp import TcpConfig
+from mtcpshim.stack.wire.tcp import ACK
 
 MSS = 1000
 

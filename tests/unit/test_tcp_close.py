@@ -3,9 +3,9 @@ import errno
 
 import pytest
 
-from stack.tcp import (EV_CLOSED, EV_PEER_FIN, EV_READABLE, EV_RESET, EV_WRITABLE,
+from mtcpshim.stack.tcp import (EV_CLOSED, EV_PEER_FIN, EV_READABLE, EV_RESET, EV_WRITABLE,
                        TcpConfig, TcpState, reset_for)
-from stack.wire.tcp import ACK, FIN, PSH, RST, SYN, TcpSegment
+from mtcpshim.stack.wire.tcp import ACK, FIN, PSH, RST, SYN, TcpSegment
 
 
 def test_active_close_through_time_wait(tcp_established):

@@ -1,8 +1,8 @@
 """Data transfer: delayed ACKs, windows, Nagle, reassembly, SACK, wraparound."""
 import pytest
 
-from stack.tcp import EV_READABLE, EV_WRITABLE, TcpConfig
-from stack.wire.tcp import ACK, PSH
+from mtcpshim.stack.tcp import EV_READABLE, EV_WRITABLE, TcpConfig
+from mtcpshim.stack.wire.tcp import ACK, PSH
 
 
 def test_in_order_data_acked_after_delayed_ack_timeout(tcp_established):

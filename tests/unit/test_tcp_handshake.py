@@ -3,8 +3,8 @@ import errno
 
 import pytest
 
-from stack.tcp import EV_CLOSED, EV_ESTABLISHED, EV_RESET, TcpConfig, TcpState
-from stack.wire.tcp import ACK, PSH, RST, SYN
+from mtcpshim.stack.tcp import EV_CLOSED, EV_ESTABLISHED, EV_RESET, TcpConfig, TcpState
+from mtcpshim.stack.wire.tcp import ACK, PSH, RST, SYN
 
 
 def test_passive_open_without_options(tcp_trace):

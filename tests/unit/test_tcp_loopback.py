@@ -6,10 +6,10 @@ import random
 
 import pytest
 
-from stack.storage import RingBuffer
-from stack.tcp import TcpConfig, TcpConnection, TcpState
-from stack.wire.errors import WireError
-from stack.wire.tcp import SYN, TcpSegment
+from mtcpshim.stack.storage import RingBuffer
+from mtcpshim.stack.tcp import TcpConfig, TcpConnection, TcpState
+from mtcpshim.stack.wire.errors import WireError
+from mtcpshim.stack.wire.tcp import SYN, TcpSegment
 
 CLIENT_IP, SERVER_IP = 0xC6120001, 0xC6120002
 CLIENT_PORT, SERVER_PORT = 40000, 80

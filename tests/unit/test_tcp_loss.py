@@ -4,8 +4,8 @@ import errno
 
 import pytest
 
-from stack.tcp import EV_CLOSED, EV_RESET, TcpConfig, TcpState
-from stack.wire.tcp import ACK, PSH
+from mtcpshim.stack.tcp import EV_CLOSED, EV_RESET, TcpConfig, TcpState
+from mtcpshim.stack.wire.tcp import ACK, PSH
 
 MSS = 1460
 

@@ -6,8 +6,8 @@ timestamps).  Segment k starts at byte k * MSS; the peer's ACKs come an
 RTT after what they acknowledge."""
 import pytest
 
-from stack.tcp import TcpConfig
-from stack.wire.tcp import ACK
+from mtcpshim.stack.tcp import TcpConfig
+from mtcpshim.stack.wire.tcp import ACK
 
 MSS = 1460
 RTT = 0.010

@@ -7,8 +7,8 @@ import random
 
 import pytest
 
-from stack.tcp import ChallengeAckLimiter, TcpConfig, TcpState
-from stack.wire.tcp import ACK, FIN, PSH, RST, SYN
+from mtcpshim.stack.tcp import ChallengeAckLimiter, TcpConfig, TcpState
+from mtcpshim.stack.wire.tcp import ACK, FIN, PSH, RST, SYN
 
 WRAPS = pytest.mark.parametrize("local_iss, remote_iss",
                                 [(1000, 5000), (2**32 - 1, 2**32 - 1)],

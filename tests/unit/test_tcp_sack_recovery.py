@@ -6,8 +6,8 @@ sequence-number wrap.  The peer's ACKs come an RTT after what they
 acknowledge: RACK reasons in time."""
 import pytest
 
-from stack.tcp import TcpConfig
-from stack.wire.tcp import ACK
+from mtcpshim.stack.tcp import TcpConfig
+from mtcpshim.stack.wire.tcp import ACK
 
 MSS = 1460
 RTT = 0.01

@@ -1,21 +1,21 @@
 """Segmentation offload (TSO/GSO): with `TcpConfig.gso_max_size`, one
 segment carries several MSS of payload for the device to cut.  What goes on
 the wire once cut must be what the stack sends without offload, segment for
-segment, and the frame must say how to cut it (stack.wire.vnet)."""
+segment, and the frame must say how to cut it (mtcpshim.stack.wire.vnet)."""
 import random
 import struct
 
 import pytest
 
-from stack import checksum, native
-from stack.host import TcpHost
-from stack.iface import Interface
-from stack.storage import RingBuffer
-from stack.tcp import TcpConfig
-from stack.wire.ethernet import EthernetHeader
-from stack.wire.ipv4 import PROTO_TCP, Ipv4Header
-from stack.wire.tcp import ACK, FIN, PSH, SYN, TcpSegment
-from stack.wire.vnet import F_NEEDS_CSUM, GSO_TCPV4, HEADER, SegmentedFrame
+from mtcpshim.stack import checksum, native
+from mtcpshim.stack.host import TcpHost
+from mtcpshim.stack.iface import Interface
+from mtcpshim.stack.storage import RingBuffer
+from mtcpshim.stack.tcp import TcpConfig
+from mtcpshim.stack.wire.ethernet import EthernetHeader
+from mtcpshim.stack.wire.ipv4 import PROTO_TCP, Ipv4Header
+from mtcpshim.stack.wire.tcp import ACK, FIN, PSH, SYN, TcpSegment
+from mtcpshim.stack.wire.vnet import F_NEEDS_CSUM, GSO_TCPV4, HEADER, SegmentedFrame
 
 MSS = 1460
 GSO_MAX = 65455
@@ -189,7 +189,7 @@ def device_cuts(frame: SegmentedFrame) -> list:
 @pytest.mark.parametrize("accelerated", [True, False], ids=["c", "python"])
 def test_a_segmented_frame_cuts_into_valid_segments(accelerated):
     if accelerated and not native.ACCELERATED:
-        pytest.skip("stack._netfast not built")
+        pytest.skip("mtcpshim.stack._netfast not built")
     ours = Interface(OUR_MAC, OUR_IP, 24, accelerated=accelerated)
     peer = Interface(PEER_MAC, PEER_IP, 24, accelerated=accelerated)
     ours._learn(PEER_IP, PEER_MAC, 0.0)
@@ -209,7 +209,7 @@ def test_a_segmented_frame_cuts_into_valid_segments(accelerated):
 
 def test_c_and_python_build_the_same_segmented_frame():
     if not native.ACCELERATED:
-        pytest.skip("stack._netfast not built")
+        pytest.skip("mtcpshim.stack._netfast not built")
     frames = []
     for accelerated in (True, False):
         iface = Interface(OUR_MAC, OUR_IP, 24, accelerated=accelerated)

@@ -3,8 +3,8 @@ simultaneous open and close across the sequence wrap, and every path
 through the closing states."""
 import pytest
 
-from stack.tcp import EV_ESTABLISHED, TcpState
-from stack.wire.tcp import ACK, FIN, PSH, SYN
+from mtcpshim.stack.tcp import EV_ESTABLISHED, TcpState
+from mtcpshim.stack.wire.tcp import ACK, FIN, PSH, SYN
 
 WRAP = 2**32 - 2      # ISS whose SYN and first data byte straddle 2**32
 

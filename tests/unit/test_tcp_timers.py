@@ -5,8 +5,8 @@ import errno
 
 import pytest
 
-from stack.tcp import EV_CLOSED, EV_RESET, TcpConfig, TcpState
-from stack.wire.tcp import ACK, PSH, RST, SYN
+from mtcpshim.stack.tcp import EV_CLOSED, EV_RESET, TcpConfig, TcpState
+from mtcpshim.stack.wire.tcp import ACK, PSH, RST, SYN
 
 
 def test_user_timeout_aborts_when_data_stays_unacknowledged(tcp_established):

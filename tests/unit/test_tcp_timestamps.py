@@ -2,8 +2,8 @@
 rule, and timestamp values that wrap."""
 import pytest
 
-from stack.tcp import TcpConfig
-from stack.wire.tcp import ACK, PSH, RST, SYN
+from mtcpshim.stack.tcp import TcpConfig
+from mtcpshim.stack.wire.tcp import ACK, PSH, RST, SYN
 
 DAY = 24 * 3600
 

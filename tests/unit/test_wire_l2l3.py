@@ -5,20 +5,20 @@ import random
 
 import pytest
 
-from stack import checksum, native
-from stack.wire.arp import OP_REPLY, OP_REQUEST, ArpPacket
-from stack.wire.errors import WireError
-from stack.wire.ethernet import (BROADCAST, ETHERTYPE_ARP, ETHERTYPE_IPV4,
+from mtcpshim.stack import checksum, native
+from mtcpshim.stack.wire.arp import OP_REPLY, OP_REQUEST, ArpPacket
+from mtcpshim.stack.wire.errors import WireError
+from mtcpshim.stack.wire.ethernet import (BROADCAST, ETHERTYPE_ARP, ETHERTYPE_IPV4,
                                  EthernetHeader, mac_from_str, mac_to_str)
-from stack.wire.icmp import TYPE_ECHO_REPLY, TYPE_ECHO_REQUEST, IcmpEcho
-from stack.wire.ipv4 import PROTO_ICMP, PROTO_TCP, PROTO_UDP, Ipv4Header
+from mtcpshim.stack.wire.icmp import TYPE_ECHO_REPLY, TYPE_ECHO_REQUEST, IcmpEcho
+from mtcpshim.stack.wire.ipv4 import PROTO_ICMP, PROTO_TCP, PROTO_UDP, Ipv4Header
 
 MAC_A = bytes.fromhex("020000000001")
 MAC_B = bytes.fromhex("020000000002")
 IP_A = int(ipaddress.IPv4Address("198.18.0.1"))
 IP_B = int(ipaddress.IPv4Address("198.18.0.2"))
 
-needs_c = pytest.mark.skipif(not native.ACCELERATED, reason="stack._netfast not built")
+needs_c = pytest.mark.skipif(not native.ACCELERATED, reason="mtcpshim.stack._netfast not built")
 
 
 def expect_wire_error(reason, parse, data):

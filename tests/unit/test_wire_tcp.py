@@ -2,14 +2,14 @@ import struct
 
 import pytest
 
-from stack.wire.errors import WireError
-from stack.wire.tcp import ACK, FIN, PSH, SYN, TcpSegment
+from mtcpshim.stack.wire.errors import WireError
+from mtcpshim.stack.wire.tcp import ACK, FIN, PSH, SYN, TcpSegment
 
 SRC, DST = 0xC6120001, 0xC6120002
 
 
 def reference_checksum(src_ip, dst_ip, segment: bytes) -> int:
-    """A deliberately naive RFC 1071 sum, independent of stack.checksum."""
+    """A deliberately naive RFC 1071 sum, independent of mtcpshim.stack.checksum."""
     data = struct.pack("!IIBBH", src_ip, dst_ip, 0, 6, len(segment)) + segment
     if len(data) % 2:
         data += b"\0"

@@ -6,10 +6,10 @@ import random
 
 import pytest
 
-from stack.iface import Interface
-from stack.wire.errors import WireError
-from stack.wire.tcp import ACK, PSH, TcpSegment
-from stack.wire.vnet import (F_DATA_VALID, F_NEEDS_CSUM, GSO_NONE, GSO_TCPV4, HEADER,
+from mtcpshim.stack.iface import Interface
+from mtcpshim.stack.wire.errors import WireError
+from mtcpshim.stack.wire.tcp import ACK, PSH, TcpSegment
+from mtcpshim.stack.wire.vnet import (F_DATA_VALID, F_NEEDS_CSUM, GSO_NONE, GSO_TCPV4, HEADER,
                              NO_OFFLOAD, received_frame)
 
 MSS = 1448
