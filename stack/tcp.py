@@ -22,7 +22,8 @@ silly-window avoidance (RFC 9293 3.8.6.2); zero-window probing; keepalive;
 TCP_USER_TIMEOUT; half-close, simultaneous open and close, TIME_WAIT;
 RFC 5961 (challenge ACKs for RST and SYN, ACK range checks, rate limits);
 path MTU discovery from ICMP "fragmentation needed" (RFC 1191, through
-`on_path_mtu`).
+`on_path_mtu`); with `TcpConfig.gso_max_size`, segments of many MSS for the
+device to cut (TSO), which congestion control, SACK and RACK see in bytes.
 
 Buffers are the runtime's (shared-memory rings there, `RingBuffer` in
 tests).  Send buffer: `len(buf)` bytes queued and not yet acknowledged,
@@ -31,13 +32,15 @@ Receive buffer: `space()`, `write(data) -> int`, and `len(buf)` (unread
 bytes: close() resets the connection when some remain, as Linux).  Both may
 change between calls as the application writes and reads.
 
-Not implemented: urgent data (URG is ignored), ECN, packetization-layer path MTU discovery (RFC 4821).
+Not implemented: urgent data (URG is ignored), ECN, packetization-layer
+path MTU discovery (RFC 4821).
 
 Pure ACKs are mostly not sent from inside `on_segment`: the connection notes
 that one is owed, and `take_output()` builds at most one, carrying the latest
-state.  A runtime that processes a batch of received segments before draining
-output so sends one ACK per batch, as Linux does with GRO.  The exception is
-out-of-order data, which gets one duplicate ACK per segment (RFC 5681 4.2).
+state.  TcpHost collects output after every segment, so a run of full-sized
+segments is ACKed every second one (RFC 5681 4.2) and a GRO-merged segment
+once.  The exception is out-of-order data, which gets one duplicate ACK per
+segment.
 """
 import enum
 import errno
