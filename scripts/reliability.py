@@ -7,7 +7,7 @@
     sudo python3 scripts/reliability.py flood --syns 100000
     sudo python3 scripts/reliability.py hostile --hostile-ops 1000000
 
-faults  moves a body each way under every fault of tests/faults/faultnet.py
+faults  moves a body each way under every fault of tests/support/net.py
         (256 MiB by default), sha256-checked;
 fuzz    throws mutated frames at the stack while a transfer runs;
 flood   sends spoofed SYNs while a client keeps connecting;
@@ -29,37 +29,39 @@ import tempfile
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT / "tests" / "faults"), str(ROOT / "tests" / "fuzz"), str(ROOT)]
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "fuzz"), str(ROOT)]
 
 import attacks  # noqa: E402
-import faultnet  # noqa: E402
 import hostile  # noqa: E402
+from support.net import FAULTS, HarnessError, needs_frame_exact, private_network, set_link_faults  # noqa: E402
+from support.programs import kernel_http_server  # noqa: E402
+from support.transfers import make_body, stack_drop_counters, stack_receives, stack_sends  # noqa: E402
 
 MIB = 1024 * 1024
 
 
 def run_faults(size_mib: int, timeout: float) -> dict:
-    """Each fault on the network it needs (faultnet.needs_frame_exact), with a
+    """Each fault on the network it needs (needs_frame_exact), with a
     fault-free baseline on each network used."""
     results = {"size_bytes": size_mib * MIB, "runs": []}
     plan = [("none", {}, False), ("none", {}, True)] + [
-        (name, settings, faultnet.needs_frame_exact(settings)) for name, settings in faultnet.FAULTS.items()]
+        (name, settings, needs_frame_exact(settings)) for name, settings in FAULTS.items()]
     with tempfile.TemporaryDirectory(prefix="mtcpshim-faults-") as scratch, contextlib.ExitStack() as networks:
         scratch = pathlib.Path(scratch)
         docroot = scratch / "docroot"
         docroot.mkdir()
-        faultnet.make_body(docroot / "body.bin", size_mib * MIB)
+        make_body(docroot / "body.bin", size_mib * MIB)
         made = {}
         for frame_exact in (False, True):
-            net = networks.enter_context(faultnet.private_network(offloads=not frame_exact))
+            net = networks.enter_context(private_network(offloads=not frame_exact))
             made[frame_exact] = net, networks.enter_context(
-                faultnet.kernel_http_server(net, docroot, scratch / f"http-{net.cli_ns}.log"))
+                kernel_http_server(net, docroot, scratch / f"http-{net.cli_ns}.log"))
         for name, settings, frame_exact in plan:
             net, kernel_url = made[frame_exact]
             settings = dict(settings)
             impair = settings.pop("impair", None)
             offloads = "off" if frame_exact else "on"
-            faultnet.set_link_faults(net, **settings)
+            set_link_faults(net, **settings)
             try:
                 for direction in ("stack sends", "stack receives"):
                     workdir = scratch / "run"
@@ -68,11 +70,11 @@ def run_faults(size_mib: int, timeout: float) -> dict:
                           file=sys.stderr, flush=True)
                     try:
                         if direction == "stack sends":
-                            transfer = faultnet.stack_sends(net, docroot, "body.bin", workdir, impair, timeout)
+                            transfer = stack_sends(net, docroot, "body.bin", workdir, impair, timeout)
                         else:
-                            transfer = faultnet.stack_receives(net, kernel_url, docroot, "body.bin", workdir,
-                                                               impair, timeout)
-                    except faultnet.FaultRunError as err:
+                            transfer = stack_receives(net, kernel_url, docroot, "body.bin", workdir,
+                                                     impair, timeout)
+                    except HarnessError as err:
                         results["runs"].append({"fault": name, "offloads": offloads, "direction": direction,
                                                 "error": str(err)})
                         continue
@@ -81,14 +83,14 @@ def run_faults(size_mib: int, timeout: float) -> dict:
                         "bytes": transfer.size, "seconds": round(transfer.seconds, 2),
                         "mb_per_s": round(transfer.megabytes_per_second, 3), "exact": transfer.exact,
                         "stack_peak_rss_kib": transfer.stack_counters["peak_rss_kib"],
-                        "stack": faultnet.stack_drop_counters(transfer.stack_counters),
+                        "stack": stack_drop_counters(transfer.stack_counters),
                         "kernel": {k: v for k, v in transfer.kernel_counters.items() if v},
                         "link": {k: v for k, v in transfer.link_counters.items() if v},
                     })
                     print(f"    {transfer.size} bytes in {transfer.seconds:.1f} s, exact={transfer.exact}",
                           file=sys.stderr, flush=True)
             finally:
-                faultnet.set_link_faults(net)
+                set_link_faults(net)
     return results
 
 
@@ -115,11 +117,11 @@ def faults_markdown(results: dict) -> str:
 
 
 def run_fuzz(frames: int, rate: float, seed: int) -> dict:
-    with tempfile.TemporaryDirectory(prefix="mtcpshim-fuzz-") as scratch, faultnet.private_network() as net:
+    with tempfile.TemporaryDirectory(prefix="mtcpshim-fuzz-") as scratch, private_network() as net:
         scratch = pathlib.Path(scratch)
         docroot = scratch / "docroot"
         docroot.mkdir()
-        faultnet.make_body(docroot / "body.bin", 16 * MIB)
+        make_body(docroot / "body.bin", 16 * MIB)
         print(f"fuzz: {frames} frames at {rate:.0f}/s ...", file=sys.stderr, flush=True)
         return {"seed": seed, "target_rate": rate,
                 **attacks.fuzz_during_transfers(net, docroot, "body.bin", scratch, frames, rate,
@@ -143,7 +145,7 @@ def fuzz_markdown(run: dict) -> str:
 
 
 def run_flood(syns: int, rate: float, seed: int) -> dict:
-    with tempfile.TemporaryDirectory(prefix="mtcpshim-flood-") as scratch, faultnet.private_network() as net:
+    with tempfile.TemporaryDirectory(prefix="mtcpshim-flood-") as scratch, private_network() as net:
         scratch = pathlib.Path(scratch)
         print(f"flood: {syns} SYNs at {rate:.0f}/s ...", file=sys.stderr, flush=True)
         return {"seed": seed, "target_rate": rate,
@@ -164,14 +166,14 @@ def flood_markdown(run: dict) -> str:
 
 
 def run_hostile(ops: int, rate: float, seed: int) -> dict:
-    with tempfile.TemporaryDirectory(prefix="mtcpshim-hostile-") as scratch, faultnet.private_network() as net:
+    with tempfile.TemporaryDirectory(prefix="mtcpshim-hostile-") as scratch, private_network() as net:
         scratch = pathlib.Path(scratch)
         attacks_seen = []
         for mode in hostile.MODES:
             print(f"hostile: {mode} ...", file=sys.stderr, flush=True)
             try:
                 observed = hostile.run_attack(net, scratch / mode, mode)
-            except faultnet.FaultRunError as err:
+            except HarnessError as err:
                 attacks_seen.append({"mode": mode, "error": str(err)})
                 continue
             attacks_seen.append({

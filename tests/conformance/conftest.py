@@ -3,26 +3,23 @@ peer_server.py under `mtcpshim run` serves the echo, bulk and sink ports,
 and each test drives its own Probe connection against it.  Everything is
 stopped by pid and the network removed at the end."""
 import itertools
-import os
 import pathlib
 import random
 import sys
 
 import pytest
 
+from probe import RST, Probe
+from support.net import private_network
+from support.programs import STACK_START_TIMEOUT, ShimProgram, wait_until
+
 HERE = pathlib.Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "faults"))
-
-import faultnet  # noqa: E402  (found through the path set just above)
-from probe import RST, Probe  # noqa: E402
-
-STACK_START_TIMEOUT = 30.0
 
 
 class ServerUnderTest:
     """peer_server.py under the stack, and its connection log."""
 
-    def __init__(self, program: faultnet.ShimProgram, log_path: pathlib.Path):
+    def __init__(self, program: ShimProgram, log_path: pathlib.Path):
         self.program = program
         self.log_path = log_path
 
@@ -36,19 +33,17 @@ class ServerUnderTest:
         return events
 
     def wait_for_event(self, peer_port: int, event: str, timeout: float = 5.0) -> None:
-        faultnet.wait_until(lambda: event in self.events(peer_port), timeout,
-                            f"the server to log {event!r} for port {peer_port}")
+        wait_until(lambda: event in self.events(peer_port), timeout,
+                   f"the server to log {event!r} for port {peer_port}")
 
     def bytes_read(self, peer_port: int) -> int:
         return sum(int(event.split()[1]) for event in self.events(peer_port) if event.startswith("read "))
 
 
 @pytest.fixture(scope="session")
-def conformance_net():
-    if os.geteuid() != 0:
-        pytest.skip("needs root for network namespaces and AF_PACKET")
+def conformance_net(needs_root):
     # The probe counts the stack's segments one per frame, as on a wire (not 64 KB TSO frames).
-    with faultnet.private_network(offloads=False) as net:
+    with private_network(offloads=False) as net:
         yield net
 
 
@@ -57,11 +52,11 @@ def server(conformance_net, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("conformance")
     log_path = workdir / "server-events.log"
     log_path.touch()
-    program = faultnet.ShimProgram(conformance_net, [sys.executable, str(HERE / "peer_server.py"), str(log_path)],
-                                   workdir / "launcher.log")
+    program = ShimProgram([sys.executable, str(HERE / "peer_server.py"), str(log_path)], workdir / "launcher.log",
+                          conformance_net)
     try:
-        faultnet.wait_until(lambda: program.proc.poll() is not None or "listening" in log_path.read_text(),
-                            STACK_START_TIMEOUT, "peer_server.py to listen under the stack")
+        wait_until(lambda: program.proc.poll() is not None or "listening" in log_path.read_text(),
+                   STACK_START_TIMEOUT, "peer_server.py to listen under the stack")
         if program.proc.poll() is not None:
             pytest.fail(f"peer_server.py under the stack exited: {program.output().strip()[-500:]}")
         yield ServerUnderTest(program, log_path)

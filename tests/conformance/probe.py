@@ -27,7 +27,6 @@ import select
 import socket
 import time
 
-from faultnet import mac_of
 from mtcpshim.netns import enter_netns
 from mtcpshim.stack.seq import seq_add
 from mtcpshim.stack.wire.arp import OP_REPLY, OP_REQUEST, ArpPacket
@@ -35,6 +34,7 @@ from mtcpshim.stack.wire.errors import WireError
 from mtcpshim.stack.wire.ethernet import ETHERTYPE_ARP, ETHERTYPE_IPV4, EthernetHeader
 from mtcpshim.stack.wire.ipv4 import PROTO_TCP, Ipv4Header
 from mtcpshim.stack.wire.tcp import ACK, FIN, PSH, RST, SYN, TcpSegment
+from support.net import mac_of
 
 __all__ = ["Probe", "ACK", "FIN", "PSH", "RST", "SYN", "PROBE_IP", "seq_add"]
 

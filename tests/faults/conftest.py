@@ -3,29 +3,23 @@
 duplication, each made on first use), a body to move, and the client
 kernel's http.server on each.  Everything started here is stopped by pid,
 and the networks are removed at the end."""
-import os
-
 import pytest
 
-from faultnet import BODY_SIZE, kernel_http_server, make_body, private_network
-
-
-def _network(offloads):
-    if os.geteuid() != 0:
-        pytest.skip("needs root for network namespaces")
-    return private_network(offloads=offloads)
+from support.net import private_network
+from support.programs import kernel_http_server
+from support.transfers import BODY_SIZE, make_body
 
 
 @pytest.fixture(scope="session")
-def fault_net():
-    with _network(offloads=True) as net:
+def fault_net(needs_root):
+    with private_network() as net:
         yield net
 
 
 @pytest.fixture(scope="session")
-def frame_exact_net():
+def frame_exact_net(needs_root):
     # nftables loss and duplication must count wire frames: one segment per frame.
-    with _network(offloads=False) as net:
+    with private_network(offloads=False) as net:
         yield net
 
 

@@ -5,7 +5,7 @@ the kernel's http.server.  Each body arrives byte-exact (sha256), and what
 the faults did is visible in the counters on both sides.
 
 Faults that nftables makes run on the frame-exact network, the stack's own
-injector on the network as the kernel ships it (faultnet.needs_frame_exact).
+injector on the network as the kernel ships it (support.net.needs_frame_exact).
 
 The CI variant moves a few MiB per run; MTCPSHIM_LONG=1 moves 256 MiB
 (scripts/reliability.py runs the long variant and writes the figures)."""
@@ -13,8 +13,8 @@ import dataclasses
 
 import pytest
 
-from faultnet import (BODY_SIZE, FAULTS, LONG, needs_frame_exact, set_link_faults, stack_drop_counters,
-                      stack_receives, stack_sends)
+from support.net import FAULTS, needs_frame_exact, set_link_faults
+from support.transfers import BODY_SIZE, LONG, stack_drop_counters, stack_receives, stack_sends
 
 TIMEOUT = 3600 if LONG else 120
 

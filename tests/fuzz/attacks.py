@@ -15,9 +15,11 @@ import time
 
 import psutil
 
-import faultnet
 from framefuzz import (ETHERTYPE_IPV4, PROTO_TCP, FrameFuzzer, Target, ethernet, ipv4,
                        send_frames, tcp)
+from support.net import SERVER_PORT, curl_in_client, mac_of, packet_socket
+from support.programs import shim_lighttpd, wait_until
+from support.transfers import sha256_of, stack_drop_counters
 
 FUZZ_PORT = 8081                      # a second lighttpd listener, for the fuzzer
 TRANSFER_CLIENT_PORTS = range(40000, 41000)
@@ -25,11 +27,11 @@ SYN = 0x02
 
 
 def _target(net) -> Target:
-    return Target(stack_mac=faultnet.mac_of(net.srv_ns, net.srv_if),
-                  client_mac=faultnet.mac_of(net.cli_ns, net.cli_if),
+    return Target(stack_mac=mac_of(net.srv_ns, net.srv_if),
+                  client_mac=mac_of(net.cli_ns, net.cli_if),
                   stack_ip=int(ipaddress.IPv4Address(net.srv_ip)),
                   client_ip=int(ipaddress.IPv4Address(net.cli_ip)),
-                  fuzz_port=FUZZ_PORT, protected_port=faultnet.SERVER_PORT,
+                  fuzz_port=FUZZ_PORT, protected_port=SERVER_PORT,
                   protected_client_ports=TRANSFER_CLIENT_PORTS)
 
 
@@ -49,9 +51,9 @@ class ClientLoop(threading.Thread):
     def run(self):
         while not self._stopping.is_set() and len(self.results) < self.limit:
             started = time.monotonic()
-            done = faultnet.curl_in_client(self.net, self.url, str(self.output), self.timeout, self.extra)
+            done = curl_in_client(self.net, self.url, str(self.output), self.timeout, self.extra)
             seconds = time.monotonic() - started
-            digest = faultnet.sha256_of(self.output) if done.returncode == 0 else None
+            digest = sha256_of(self.output) if done.returncode == 0 else None
             self.results.append((done.returncode, digest, round(seconds, 2)))
 
     def stop(self) -> list:
@@ -86,7 +88,7 @@ class MemoryWatch(threading.Thread):
 
 
 def _drops(snapshot: dict) -> int:
-    return sum(faultnet.stack_drop_counters(snapshot).values())
+    return sum(stack_drop_counters(snapshot).values())
 
 
 # A backlog well below the stack's 1024 socket slots: half-open connections
@@ -98,15 +100,15 @@ LISTEN_BACKLOG = 128
 def fuzz_during_transfers(net, docroot, body_name: str, workdir, frames: int, rate: float,
                           time_limit: float, seed: int = 1) -> dict:
     """Fuzzes the stack while a client downloads docroot/body_name in a loop."""
-    expected = faultnet.sha256_of(docroot / body_name)
-    with faultnet.shim_lighttpd(net, docroot, workdir, extra_ports=(FUZZ_PORT,),
-                                listen_backlog=LISTEN_BACKLOG) as server:
+    expected = sha256_of(docroot / body_name)
+    with shim_lighttpd(docroot, workdir, net, extra_ports=(FUZZ_PORT,),
+                       listen_backlog=LISTEN_BACKLOG) as server:
         stack = server.stack_process()
         before = server.stats()
         rss_before = stack.memory_info().rss
         memory = MemoryWatch(stack)
         memory.start()
-        client = ClientLoop(net, f"http://{net.srv_ip}:{faultnet.SERVER_PORT}/{body_name}", workdir,
+        client = ClientLoop(net, f"http://{net.srv_ip}:{SERVER_PORT}/{body_name}", workdir,
                             timeout=time_limit + 120, local_ports=TRANSFER_CLIENT_PORTS)
         client.start()
         kinds: dict[str, int] = {}
@@ -119,18 +121,18 @@ def fuzz_during_transfers(net, docroot, body_name: str, workdir, frames: int, ra
                 must_drop += dropped
                 yield frame
 
-        with faultnet.packet_socket(net) as sock:
+        with packet_socket(net) as sock:
             sent, seconds = send_frames(sock, tally(FrameFuzzer(_target(net), seed).frames(frames)),
                                         rate, time_limit, time.monotonic, time.sleep)
         # Let the transfer that ran under fire finish, then one more clean one.
         transfers_under_fire = len(client.results) + 1
-        faultnet.wait_until(lambda: len(client.results) >= transfers_under_fire or not client.is_alive(),
-                            time_limit + 120, "the transfer under fire to finish")
+        wait_until(lambda: len(client.results) >= transfers_under_fire or not client.is_alive(),
+                   time_limit + 120, "the transfer under fire to finish")
         results = client.stop()
         stack_alive = server.proc.poll() is None and stack.is_running()
         after = server.stats() if stack_alive else {}
         peak_rss = memory.stop()
-        answers = faultnet.curl_in_client(net, f"http://{net.srv_ip}:{faultnet.SERVER_PORT}/ping.txt").returncode == 0
+        answers = curl_in_client(net, f"http://{net.srv_ip}:{SERVER_PORT}/ping.txt").returncode == 0
     ring_drops = after.get("packet_io", {}).get("rx_kernel_drops", 0) - before["packet_io"].get("rx_kernel_drops", 0)
     return {
         "frames_sent": sent, "seconds": round(seconds, 2), "frames_per_s": round(sent / seconds),
@@ -143,8 +145,8 @@ def fuzz_during_transfers(net, docroot, body_name: str, workdir, frames: int, ra
         "transfer_seconds": [seconds for _, _, seconds in results],
         "bytes_moved": sum((docroot / body_name).stat().st_size for _, digest, _ in results if digest == expected),
         "rss_before": rss_before, "peak_rss": peak_rss,
-        "drop_reasons": {k: v - faultnet.stack_drop_counters(before).get(k, 0)
-                         for k, v in faultnet.stack_drop_counters(after).items()},
+        "drop_reasons": {k: v - stack_drop_counters(before).get(k, 0)
+                         for k, v in stack_drop_counters(after).items()},
     }
 
 
@@ -158,7 +160,7 @@ def spoofed_syns(net, count: int, seed: int = 1):
     for _ in range(count):
         src = subnet | rng.randrange(3, 255)
         options = struct.pack("!BBHBBBBIIBBBB", 2, 4, 1460, 4, 2, 8, 10, rng.getrandbits(32), 0, 1, 3, 3, 7)
-        segment = tcp(src, target.stack_ip, rng.randrange(1024, 65536), faultnet.SERVER_PORT,
+        segment = tcp(src, target.stack_ip, rng.randrange(1024, 65536), SERVER_PORT,
                       rng.getrandbits(32), 0, SYN, window=64240, options=options)
         yield ethernet(target.stack_mac, target.client_mac, ETHERTYPE_IPV4,
                        bytes(ipv4(src, target.stack_ip, PROTO_TCP, segment, ident=rng.getrandbits(16))))
@@ -169,8 +171,8 @@ def syn_flood(net, docroot, workdir, syns: int, rate: float, time_limit: float, 
               attempts_after: int = 20) -> dict:
     """Floods lighttpd's port with spoofed SYNs while a client keeps
     fetching a small file; then checks the client still gets through."""
-    url = f"http://{net.srv_ip}:{faultnet.SERVER_PORT}/ping.txt"
-    with faultnet.shim_lighttpd(net, docroot, workdir, listen_backlog=listen_backlog) as server:
+    url = f"http://{net.srv_ip}:{SERVER_PORT}/ping.txt"
+    with shim_lighttpd(docroot, workdir, net, listen_backlog=listen_backlog) as server:
         stack = server.stack_process()
         before = server.stats()
         rss_before = stack.memory_info().rss
@@ -178,13 +180,13 @@ def syn_flood(net, docroot, workdir, syns: int, rate: float, time_limit: float, 
         memory.start()
         client = ClientLoop(net, url, workdir, timeout=client_timeout)
         client.start()
-        with faultnet.packet_socket(net) as sock:
+        with packet_socket(net) as sock:
             sent, seconds = send_frames(sock, spoofed_syns(net, syns, seed), rate, time_limit,
                                         time.monotonic, time.sleep)
         during = client.stop()
         time.sleep(settle_seconds)
         rss_after_flood = stack.memory_info().rss
-        after_flood = [faultnet.curl_in_client(net, url, timeout=client_timeout).returncode
+        after_flood = [curl_in_client(net, url, timeout=client_timeout).returncode
                        for _ in range(attempts_after)]
         stack_alive = server.proc.poll() is None and stack.is_running()
         after = server.stats() if stack_alive else {}

@@ -21,9 +21,11 @@ import time
 
 import psutil
 
-import faultnet
 from attacks import ClientLoop
 from mtcpshim import stat
+from support.net import HarnessError, curl_in_client
+from support.programs import STACK_START_TIMEOUT, ShimProgram, wait_until
+from support.transfers import sha256_of
 
 HERE = pathlib.Path(__file__).resolve().parent
 HOSTILE = HERE / "hostile_region.py"
@@ -49,11 +51,11 @@ class HostileRun:
         self.net = net
         self.state = workdir / f"state-{mode}"
         self.state.mkdir(parents=True, exist_ok=True)
-        self.program = faultnet.ShimProgram(
-            net, [sys.executable, str(HOSTILE), mode, "--state", str(self.state), *map(str, args)],
-            workdir / f"hostile-{mode}.log")
+        self.program = ShimProgram(
+            [sys.executable, str(HOSTILE), mode, "--state", str(self.state), *map(str, args)],
+            workdir / f"hostile-{mode}.log", net)
         self.stack: psutil.Process | None = None
-        deadline = time.monotonic() + faultnet.STACK_START_TIMEOUT
+        deadline = time.monotonic() + STACK_START_TIMEOUT
         while self.stack is None and time.monotonic() < deadline and self.program.proc.poll() is None:
             self.stack = self.program.stack_process()
             time.sleep(0.05)
@@ -191,9 +193,9 @@ def network_still_served(net, run: HostileRun, workdir: pathlib.Path) -> dict:
     fetched = None
     if check is not None:
         out = workdir / "check.bin"
-        done = faultnet.curl_in_client(net, f"http://{net.srv_ip}:{check['port']}/check", str(out), timeout=20)
+        done = curl_in_client(net, f"http://{net.srv_ip}:{check['port']}/check", str(out), timeout=20)
         fetched = {"curl_status": done.returncode, "stderr": done.stderr.decode(errors="replace").strip(),
-                   "exact": done.returncode == 0 and faultnet.sha256_of(out) == check["sha256"]}
+                   "exact": done.returncode == 0 and sha256_of(out) == check["sha256"]}
         out.unlink(missing_ok=True)
     return {"ping_ok": ping.returncode == 0, "check_server": check is not None,
             "check_failed": json.loads(failed.read_text()) if failed.exists() else None,
@@ -217,7 +219,7 @@ def run_attack(net, workdir: pathlib.Path, mode: str, settle: float = 1.0) -> di
                         "--listen", f"{net.cli_ip}:{PEER_PORT}", total=40)
             started.append(peer)
             if not peer.wait_file(".ready"):
-                raise faultnet.FaultRunError(f"the kernel peer for {mode} did not start")
+                raise HarnessError(f"the kernel peer for {mode} did not start")
             args += ["--peer", f"{net.cli_ip}:{PEER_PORT}"]
         with hostile_program(net, workdir, mode, args) as run:
             observed["stack_pid"] = run.stack_pid
@@ -299,10 +301,10 @@ class HonestLoop(ClientLoop):
     def run(self):
         while not self._stopping.is_set() and len(self.results) < self.limit:
             started = time.monotonic()
-            done = faultnet.curl_in_client(self.net, self.url, str(self.output), self.timeout,
-                                           ("-w", "%{local_port} %{size_download}"))
+            done = curl_in_client(self.net, self.url, str(self.output), self.timeout,
+                                  ("-w", "%{local_port} %{size_download}"))
             seconds = round(time.monotonic() - started, 2)
-            digest = faultnet.sha256_of(self.output) if done.returncode == 0 else None
+            digest = sha256_of(self.output) if done.returncode == 0 else None
             self.results.append((done.returncode, digest, seconds))
             if done.returncode != 0:
                 port, _, size = done.stdout.decode(errors="replace").partition(" ")
@@ -344,7 +346,7 @@ def run_fuzz(net, workdir: pathlib.Path, count: int, rate: float, time_limit: fl
         observed["stack_pid"] = run.stack_pid
         ready = run.event("ready")
         if ready is None:
-            raise faultnet.FaultRunError(f"the hostile program did not start: {run.output()[-1500:]}")
+            raise HarnessError(f"the hostile program did not start: {run.output()[-1500:]}")
         before = run.stats() or {}
         honest = HonestLoop(net, f"http://{net.srv_ip}:{BLOB_PORT}/blob", workdir, timeout=transfer_timeout)
         victims = Peer(net, workdir, "streams", "streams", "--connect", f"{net.srv_ip}:{VICTIM_PORT}",
@@ -356,8 +358,8 @@ def run_fuzz(net, workdir: pathlib.Path, count: int, rate: float, time_limit: fl
             fuzzed = run.event("fuzzed", timeout=time_limit + 60)
             # The honest transfer under fire finishes, then one more, clean.
             under_fire = len(honest.results) + 1
-            faultnet.wait_until(lambda: len(honest.results) >= under_fire or not honest.is_alive(),
-                                transfer_timeout + 30, "the transfer under fire to finish")
+            wait_until(lambda: len(honest.results) >= under_fire or not honest.is_alive(),
+                       transfer_timeout + 30, "the transfer under fire to finish")
         finally:
             honest_results = honest.stop()
             stop_streams.write_text("stop\n")

@@ -8,12 +8,10 @@ One test per row of the issue's table, then the hostile-region fuzzer
 beside honest transfers.  CI: 30k hostile operations in about a minute.
 MTCPSHIM_LONG=1 (or scripts/reliability.py hostile): 10^6.
 """
-import os
-
 import pytest
 
 import hostile
-from faultnet import LONG, private_network
+from support.transfers import LONG
 from hostile_region import DATA_OFF_BYTES, data_off_pattern, tagged
 
 FUZZ_COUNT = 1_000_000 if LONG else 30_000
@@ -37,14 +35,6 @@ TAGS = {"first": b"<first connection>", "second": b"<second connection>"}
 TAG_SIZE = 64 * 1024  # hostile_region.py's default --tag-size
 
 
-@pytest.fixture(scope="module")
-def hostile_net():
-    if os.geteuid() != 0:
-        pytest.skip("needs root for network namespaces and AF_PACKET")
-    with private_network() as net:
-        yield net
-
-
 def _shm(observed) -> dict:
     return (observed.get("stats") or {}).get("shm") or {}
 
@@ -57,8 +47,8 @@ def _assert_alive_and_serving(observed, summary):
 
 
 @pytest.mark.parametrize("mode", hostile.MODES)
-def test_attack_leaves_the_stack_alive_serving_and_counting(hostile_net, tmp_path, mode):
-    observed = hostile.run_attack(hostile_net, tmp_path, mode)
+def test_attack_leaves_the_stack_alive_serving_and_counting(private_net, tmp_path, mode):
+    observed = hostile.run_attack(private_net, tmp_path, mode)
     summary = hostile.summary(observed)
     assert observed["attacked"] is not None, f"the attack did not happen: {observed['output_tail']}"
     _assert_alive_and_serving(observed, summary)
@@ -96,13 +86,13 @@ def test_attack_leaves_the_stack_alive_serving_and_counting(hostile_net, tmp_pat
         assert observed["peer"]["outcome"] != "peer did not finish", summary
 
 
-def test_closing_a_listener_during_a_handshake_leaves_its_freed_slot_alone(hostile_net, tmp_path):
+def test_closing_a_listener_during_a_handshake_leaves_its_freed_slot_alone(private_net, tmp_path):
     """Found by the fuzzer (an honest download reset for "RX ring tail
     impossible"): a connection still in its handshake when its listener
     closes has its slot freed, but its TCP connection lives on with buffers
     in that slot; when the handshake completes, received data lands in the
     freed slot, i.e. in whichever socket gets it next."""
-    observed = hostile.run_attack(hostile_net, tmp_path, "listener-close-handshake")
+    observed = hostile.run_attack(private_net, tmp_path, "listener-close-handshake")
     summary = hostile.summary(observed)
     assert observed["attacked"] is not None, f"{summary}\n{observed['output_tail']}"
     _assert_alive_and_serving(observed, summary)
@@ -110,8 +100,8 @@ def test_closing_a_listener_during_a_handshake_leaves_its_freed_slot_alone(hosti
     assert not attack["freed_slot_written"], f"the stack wrote into slot {attack['slot']} after freeing it: {attack}"
 
 
-def test_hostile_region_fuzzer_beside_honest_transfers(hostile_net, tmp_path):
-    observed = hostile.run_fuzz(hostile_net, tmp_path, FUZZ_COUNT, FUZZ_RATE, FUZZ_TIME_LIMIT, seed=1)
+def test_hostile_region_fuzzer_beside_honest_transfers(private_net, tmp_path):
+    observed = hostile.run_fuzz(private_net, tmp_path, FUZZ_COUNT, FUZZ_RATE, FUZZ_TIME_LIMIT, seed=1)
     summary = hostile.fuzz_summary(observed)
     print(summary)
     assert observed["fuzzed"] is not None, f"{summary}\n{observed['output_tail']}"

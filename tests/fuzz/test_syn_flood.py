@@ -5,28 +5,16 @@ the honest client gets through during and after the flood, and the stack's
 memory stays where it was.
 
 CI: 30k SYNs.  MTCPSHIM_LONG=1 (or scripts/reliability.py flood): 100k."""
-import os
-
-import pytest
-
 from attacks import syn_flood
-from faultnet import LONG, private_network
+from support.transfers import LONG
 
 SYNS = 100_000 if LONG else 30_000
 RATE = 10_000           # SYNs/s
 MEMORY_SLACK = 16 * 1024 * 1024
 
 
-@pytest.fixture(scope="module")
-def flood_net():
-    if os.geteuid() != 0:
-        pytest.skip("needs root for network namespaces and AF_PACKET")
-    with private_network() as net:
-        yield net
-
-
-def test_honest_clients_connect_through_a_syn_flood(flood_net, tmp_path):
-    run = syn_flood(flood_net, tmp_path, tmp_path, SYNS, RATE, time_limit=120)
+def test_honest_clients_connect_through_a_syn_flood(private_net, tmp_path):
+    run = syn_flood(private_net, tmp_path, tmp_path, SYNS, RATE, time_limit=120)
 
     assert run["stack_alive"]
     assert run["syns_sent"] == SYNS
@@ -36,8 +24,8 @@ def test_honest_clients_connect_through_a_syn_flood(flood_net, tmp_path):
     assert run["peak_rss"] - run["rss_before"] < MEMORY_SLACK
 
 
-def test_honest_clients_connect_when_the_backlog_is_as_large_as_the_slot_table(flood_net, tmp_path):
-    run = syn_flood(flood_net, tmp_path, tmp_path, 5000, RATE, time_limit=60, listen_backlog=1024,
+def test_honest_clients_connect_when_the_backlog_is_as_large_as_the_slot_table(private_net, tmp_path):
+    run = syn_flood(private_net, tmp_path, tmp_path, 5000, RATE, time_limit=60, listen_backlog=1024,
                     client_timeout=3, attempts_after=1)
 
     assert run["stack_alive"]

@@ -1,23 +1,22 @@
-"""Fixtures that run real programs over the stack on the test network.
+"""Fixtures that run real programs over the stack on the shared test network.
 
 Everything started here is stopped by pid in teardown, and the test network
 is removed again if these tests created it.
 """
 import dataclasses
 import os
-import subprocess
-import sys
 
 import pytest
 
 from mtcpshim import testnet
-from netharness import HTTP_PORT, LARGE_FILE_SIZE, NET, in_client, shim_lighttpd_running, wait_until
+from support import programs
+from support.net import NET
+
+LARGE_FILE_SIZE = 10 * 1024 * 1024
 
 
 @pytest.fixture(scope="session")
-def test_network():
-    if os.geteuid() != 0:
-        pytest.skip("needs root for network namespaces")
+def test_network(needs_root):
     found = testnet.status()
     testnet.up(loss_percent=None)
     yield NET
@@ -41,22 +40,12 @@ def shim_lighttpd(test_network, docroot, tmp_path_factory):
     """lighttpd under `mtcpshim run` for one module.  Only one stack can own
     the test network's interface: modules that also run other programs under
     the stack do it after this fixture's tests or without it."""
-    with shim_lighttpd_running(docroot, tmp_path_factory.mktemp("lighttpd")) as server:
+    with programs.shim_lighttpd(docroot, tmp_path_factory.mktemp("lighttpd")) as server:
         yield server
 
 
 @pytest.fixture(scope="module")
-def kernel_http_server(test_network, docroot, tmp_path_factory):
-    log = open(tmp_path_factory.mktemp("httpserver") / "server.log", "wb")
-    server = subprocess.Popen(
-        ["ip", "netns", "exec", NET.cli_ns, sys.executable, "-m", "http.server", str(HTTP_PORT),
-         "--bind", NET.cli_ip, "--directory", str(docroot)], stdout=log, stderr=subprocess.STDOUT)
-    try:
-        wait_until(lambda: in_client(["curl", "-sf", "-m", "2", "-o", "/dev/null",
-                                      f"http://{NET.cli_ip}:{HTTP_PORT}/small.txt"]).returncode == 0,
-                   20, "python3 -m http.server")
-        yield f"http://{NET.cli_ip}:{HTTP_PORT}"
-    finally:
-        server.terminate()
-        server.wait(10)
-        log.close()
+def kernel_url(test_network, docroot, tmp_path_factory):
+    """python3 -m http.server in the client namespace, on the kernel stack."""
+    with programs.kernel_http_server(NET, docroot, tmp_path_factory.mktemp("httpserver") / "server.log") as url:
+        yield url

@@ -14,7 +14,8 @@ import pytest
 from mtcpshim import testnet
 from mtcpshim.bench import report, workloads
 from mtcpshim.bench.runner import RunRecord, Settings
-from netharness import NET, mtcpshim_command, wait_until
+from support.net import NET
+from support.programs import mtcpshim_command, wait_until
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 QUICK_TIMEOUT = 120

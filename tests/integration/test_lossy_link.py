@@ -3,7 +3,9 @@
 import pytest
 
 from mtcpshim import testnet
-from netharness import SERVER_URL, download_under_shim, in_client, sha256_of, shim_lighttpd_running
+from support.net import SERVER_URL, in_client
+from support.programs import run_under_shim, shim_lighttpd
+from support.transfers import sha256_of
 
 LOSS_PERCENT = 2
 
@@ -20,13 +22,14 @@ def lossy_link(test_network):
 
 def test_server_side_transfer_survives_loss(lossy_link, docroot, tmp_path):
     out = tmp_path / "large.bin"
-    with shim_lighttpd_running(docroot, tmp_path):
+    with shim_lighttpd(docroot, tmp_path):
         result = in_client(["curl", "-sS", "--fail", "-o", str(out), f"{SERVER_URL}/large.bin"], timeout=300)
     assert result.returncode == 0, result.stderr.decode()
     assert sha256_of(out) == sha256_of(docroot / "large.bin")
 
 
-def test_client_side_transfer_survives_loss(kernel_http_server, lossy_link, docroot, tmp_path):
+def test_client_side_transfer_survives_loss(kernel_url, lossy_link, docroot, tmp_path):
     out = tmp_path / "large.bin"
-    download_under_shim(["curl", "-sS", "--fail", "-o", str(out), f"{kernel_http_server}/large.bin"], timeout=300)
+    result = run_under_shim(["curl", "-sS", "--fail", "-o", str(out), f"{kernel_url}/large.bin"], timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
     assert sha256_of(out) == sha256_of(docroot / "large.bin")

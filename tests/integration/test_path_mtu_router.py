@@ -23,7 +23,9 @@ import subprocess
 import pytest
 
 from mtcpshim import stat, testnet
-from netharness import SERVER_PORT, Launched, lighttpd_config, sha256_of, wait_until
+from support.net import SERVER_PORT
+from support.programs import ShimProgram, lighttpd_config, wait_until
+from support.transfers import sha256_of
 
 pytestmark = pytest.mark.integration
 
@@ -131,10 +133,10 @@ def test_a_download_through_a_smaller_mtu_completes_with_segments_shrunk(routed_
     (docroot / "ping.txt").write_bytes(b"pong\n")
     (docroot / "body.bin").write_bytes(os.urandom(BODY_SIZE))
     url = f"http://{STACK_IP}:{SERVER_PORT}"
-    server = Launched(["lighttpd", "-D", "-f", str(lighttpd_config(tmp_path, docroot))],
-                      tmp_path / "launcher.log",
-                      ["--netns", net.stack_ns, "--iface", net.stack_if, "--ip", f"{STACK_IP}/24",
-                       "--gateway", f"{STACK_NET}.1"])
+    server = ShimProgram(["lighttpd", "-D", "-f", str(lighttpd_config(tmp_path, docroot))],
+                         tmp_path / "launcher.log",
+                         options=["--netns", net.stack_ns, "--iface", net.stack_if, "--ip", f"{STACK_IP}/24",
+                                  "--gateway", f"{STACK_NET}.1"])
     try:
         wait_until(lambda: server.proc.poll() is not None or net.in_client(
             "curl", "-sf", "-m", "2", "-o", "/dev/null", f"{url}/ping.txt", timeout=10).returncode == 0,

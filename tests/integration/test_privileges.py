@@ -4,8 +4,8 @@ per interface whatever the namespace is called, interfaces the stack cannot
 serve are refused, a killed launcher takes its stack with it, and a stack's
 death is reported even when the program exits 0 first.
 
-Each module run gets its own test network under random names (faultnet's
-private_net), so these tests never meet mtcp-cli/mtcp-srv or another run.
+Each module run gets its own test network under random names (the
+private_net fixture), so these tests never meet mtcp-cli/mtcp-srv or another run.
 """
 import os
 import pathlib
@@ -17,75 +17,13 @@ import time
 import psutil
 import pytest
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "faults"))
-from faultnet import kernel_http_server, private_network, wait_until  # noqa: E402
-
-from mtcpshim import launcher, stat  # noqa: E402
+from mtcpshim import launcher, stat
+from support.net import in_client, private_network
+from support.programs import ShimProgram, kernel_http_server, run_under_shim, wait_until
 
 pytestmark = pytest.mark.integration
 
 NOBODY = 65534
-
-
-@pytest.fixture(scope="module")
-def net():
-    if os.geteuid() != 0:
-        pytest.skip("needs root for network namespaces")
-    with private_network() as net:
-        yield net
-
-
-class Launched:
-    """`mtcpshim run ... -- argv` on the private network, in its own session
-    so that whatever it started can be killed with it."""
-
-    def __init__(self, net, argv, log_path, options=(), umask=0o022):
-        self.net = net
-        self.log_path = log_path
-        self.log = open(log_path, "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mtcpshim.cli", "run", "--netns", net.srv_ns, "--iface", net.srv_if,
-             *options, "--", *argv],
-            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True, umask=umask)
-
-    def output(self) -> str:
-        self.log.flush()
-        return pathlib.Path(self.log_path).read_text(errors="replace")
-
-    def stack_pid(self, timeout: float = 30) -> int:
-        """The serving stack's pid, from `mtcpshim stat` once it answers."""
-        snapshot = {}
-
-        def answers():
-            if self.proc.poll() is not None:
-                raise AssertionError(f"the launcher exited: {self.output()}")
-            try:
-                snapshot.update(stat.fetch(self.net.srv_ns, self.net.srv_if))
-            except stat.StatError:
-                return False
-            return True
-        wait_until(answers, timeout, "the stack to answer `mtcpshim stat`")
-        return snapshot["pid"]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                pass
-        # The launcher's session: the stack and the program, whatever became of the launcher.
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait()
-        self.log.close()
-
-
-def run_briefly(net, argv, options=()) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mtcpshim.cli", "run", *options, "--", *argv],
-                          capture_output=True, text=True, timeout=60)
 
 
 def proc_status(pid: int) -> dict[str, str]:
@@ -101,8 +39,8 @@ def has_exited(process: psutil.Process) -> bool:
         return True
 
 
-def test_serving_stack_holds_no_root_and_no_capabilities(net, tmp_path):
-    program = Launched(net, ["sleep", "30"], tmp_path / "launcher.log", umask=0)
+def test_serving_stack_holds_no_root_and_no_capabilities(private_net, tmp_path):
+    program = ShimProgram(["sleep", "30"], tmp_path / "launcher.log", private_net, umask=0)
     try:
         status = proc_status(program.stack_pid())
         assert all(int(uid) != 0 for uid in status["Uid"].split()), status["Uid"]
@@ -111,64 +49,63 @@ def test_serving_stack_holds_no_root_and_no_capabilities(net, tmp_path):
             assert int(status[capabilities], 16) == 0, f"{capabilities} {status[capabilities]}"
         assert status["NoNewPrivs"] == "1"
         # Created under umask 0, yet only root may ask it.
-        stats_path = launcher.runtime_path(net.srv_ns, net.srv_if, "stats")
+        stats_path = launcher.runtime_path(private_net.srv_ns, private_net.srv_if, "stats")
         assert os.stat(stats_path).st_mode & 0o777 == 0o600
         # Still serving the network after the drop.
-        ping = subprocess.run(["ip", "netns", "exec", net.cli_ns, "ping", "-c", "1", "-W", "5", net.srv_ip],
-                              capture_output=True, text=True, timeout=20)
+        ping = in_client(["ping", "-c", "1", "-W", "5", private_net.srv_ip], private_net, timeout=20, text=True)
         assert ping.returncode == 0, ping.stdout + ping.stderr
     finally:
         program.stop()
     assert not os.path.exists(stats_path)
 
 
-def test_program_runs_as_the_given_user_over_the_stack(net, tmp_path):
+def test_program_runs_as_the_given_user_over_the_stack(private_net, tmp_path):
     docroot = tmp_path / "docroot"
     docroot.mkdir()
     (docroot / "hello.txt").write_text("hello from the kernel side\n")
-    with kernel_http_server(net, docroot, tmp_path / "http.log") as url:
+    with kernel_http_server(private_net, docroot, tmp_path / "http.log") as url:
         # The kernel of the stack's namespace has no address: the download
         # works only through the stack, that is, with the interposer loaded.
-        done = run_briefly(net, ["sh", "-c", f"id -u; id -g; curl -sS -m 10 {url}/hello.txt"],
-                           options=("--netns", net.srv_ns, "--iface", net.srv_if, "--user", "nobody"))
+        done = run_under_shim(["sh", "-c", f"id -u; id -g; curl -sS -m 10 {url}/hello.txt"],
+                              options=("--netns", private_net.srv_ns, "--iface", private_net.srv_if, "--user", "nobody"))
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.splitlines() == [str(NOBODY), str(NOBODY), "hello from the kernel side"]
 
 
-def test_a_second_name_of_the_namespace_gets_no_second_stack(net, tmp_path):
-    alias = f"{net.srv_ns}-alias"
+def test_a_second_name_of_the_namespace_gets_no_second_stack(private_net, tmp_path):
+    alias = f"{private_net.srv_ns}-alias"
     alias_path = f"/run/netns/{alias}"
-    program = Launched(net, ["sleep", "30"], tmp_path / "launcher.log")
+    program = ShimProgram(["sleep", "30"], tmp_path / "launcher.log", private_net)
     pathlib.Path(alias_path).touch()
     try:
-        subprocess.run(["mount", "--bind", f"/run/netns/{net.srv_ns}", alias_path], check=True)
+        subprocess.run(["mount", "--bind", f"/run/netns/{private_net.srv_ns}", alias_path], check=True)
         stack_pid = program.stack_pid()
-        second = run_briefly(net, ["true"], options=("--netns", alias, "--iface", net.srv_if))
+        second = run_under_shim(["true"], options=("--netns", alias, "--iface", private_net.srv_if))
         assert second.returncode == 2, second.stdout + second.stderr
         assert second.stderr.count("\n") == 1 and "already serves" in second.stderr, second.stderr
         # `mtcpshim stat` finds the stack under either name.
-        assert stat.fetch(alias, net.srv_if)["pid"] == stack_pid
+        assert stat.fetch(alias, private_net.srv_if)["pid"] == stack_pid
     finally:
         subprocess.run(["umount", alias_path], capture_output=True)
         os.unlink(alias_path)
         program.stop()
 
 
-def test_interfaces_the_stack_cannot_serve_are_refused_in_one_line(net):
+def test_interfaces_the_stack_cannot_serve_are_refused_in_one_line(private_net):
     tun = "mtptun0"
-    subprocess.run(["ip", "-n", net.srv_ns, "tuntap", "add", "dev", tun, "mode", "tun"], check=True)
+    subprocess.run(["ip", "-n", private_net.srv_ns, "tuntap", "add", "dev", tun, "mode", "tun"], check=True)
     try:
         for iface, reason in (("lo", "loopback"), (tun, "not an Ethernet interface"),
                               ("mtpnone0", "no such interface")):
-            done = run_briefly(net, ["true"], options=("--netns", net.srv_ns, "--iface", iface))
+            done = run_under_shim(["true"], options=("--netns", private_net.srv_ns, "--iface", iface))
             assert done.returncode == 2, (iface, done.stderr)
             assert done.stderr.count("\n") == 1 and reason in done.stderr, done.stderr
     finally:
-        subprocess.run(["ip", "-n", net.srv_ns, "link", "del", tun], capture_output=True)
+        subprocess.run(["ip", "-n", private_net.srv_ns, "link", "del", tun], capture_output=True)
 
 
-def test_a_killed_launcher_takes_its_stack_with_it(net, tmp_path):
-    program = Launched(net, ["sleep", "30"], tmp_path / "launcher.log")
+def test_a_killed_launcher_takes_its_stack_with_it(private_net, tmp_path):
+    program = ShimProgram(["sleep", "30"], tmp_path / "launcher.log", private_net)
     try:
         stack = psutil.Process(program.stack_pid())
         os.kill(program.proc.pid, signal.SIGKILL)
@@ -181,7 +118,7 @@ def test_a_killed_launcher_takes_its_stack_with_it(net, tmp_path):
     finally:
         program.stop()
     # Nothing it left behind keeps the next stack from serving.
-    done = run_briefly(net, ["true"], options=("--netns", net.srv_ns, "--iface", net.srv_if))
+    done = run_under_shim(["true"], options=("--netns", private_net.srv_ns, "--iface", private_net.srv_if))
     assert done.returncode == 0, done.stderr
 
 
@@ -200,8 +137,8 @@ except OSError:
 """
 
 
-def test_stack_death_makes_the_launcher_fail_even_if_the_program_exits_0(net, tmp_path):
-    program = Launched(net, [sys.executable, "-c", EXIT_ZERO_ON_STACK_DEATH], tmp_path / "launcher.log")
+def test_stack_death_makes_the_launcher_fail_even_if_the_program_exits_0(private_net, tmp_path):
+    program = ShimProgram([sys.executable, "-c", EXIT_ZERO_ON_STACK_DEATH], tmp_path / "launcher.log", private_net)
     try:
         wait_until(lambda: "listening" in program.output() or program.proc.poll() is not None, 30,
                    "the program to listen")
@@ -218,7 +155,7 @@ def test_a_removed_interface_stops_the_stack_with_its_reason(tmp_path):
     """The packet socket reports the loss forever once the interface is gone:
     the stack must stop and say why, not spin on it."""
     with private_network() as own:
-        program = Launched(own, ["sleep", "30"], tmp_path / "launcher.log")
+        program = ShimProgram(["sleep", "30"], tmp_path / "launcher.log", own)
         try:
             stack = psutil.Process(program.stack_pid())
             subprocess.run(["ip", "-n", own.srv_ns, "link", "del", own.srv_if], check=True)

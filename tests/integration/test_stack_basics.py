@@ -12,33 +12,34 @@ import time
 import psutil
 import pytest
 
-from netharness import (NET, SERVER_URL, Launched, in_client, mtcpshim_command, sha256_of,
-                        shim_lighttpd_running, wait_until)
+from support.net import KERNEL_HTTP_PORT, NET, SERVER_URL, in_client
+from support.programs import ShimProgram, mtcpshim_command, shim_lighttpd, wait_until
+from support.transfers import sha256_of
 
 
 @pytest.mark.skipif(shutil.which("tcpdump") is None, reason="tcpdump is not installed")
-def test_pcap_shows_the_handshake(kernel_http_server, tmp_path):
+def test_pcap_shows_the_handshake(kernel_url, tmp_path):
     capture = tmp_path / "run.pcap"
     result = subprocess.run(mtcpshim_command("run", "--pcap", str(capture), "--", "curl", "-sS", "-o", "/dev/null",
-                                             f"{kernel_http_server}/small.txt"), capture_output=True, timeout=60)
+                                             f"{kernel_url}/small.txt"), capture_output=True, timeout=60)
     assert result.returncode == 0, result.stderr.decode()
     dump = subprocess.run(["tcpdump", "-nn", "-r", str(capture), "tcp"], capture_output=True, timeout=30)
     assert dump.returncode == 0, dump.stderr.decode()
     lines = dump.stdout.decode().splitlines()
-    assert any("Flags [S]," in line and f"> {NET.cli_ip}.8000" in line for line in lines), lines
+    assert any("Flags [S]," in line and f"> {NET.cli_ip}.{KERNEL_HTTP_PORT}" in line for line in lines), lines
     assert any("Flags [S.]," in line for line in lines), lines
 
 
 def test_tap_backend_serves_the_large_file(test_network, docroot, tmp_path):
     out = tmp_path / "large.bin"
-    with shim_lighttpd_running(docroot, tmp_path, ["--io", "tap"]):
+    with shim_lighttpd(docroot, tmp_path, options=["--io", "tap"]):
         result = in_client(["curl", "-sS", "--fail", "-o", str(out), f"{SERVER_URL}/large.bin"])
     assert result.returncode == 0, result.stderr.decode()
     assert sha256_of(out) == sha256_of(docroot / "large.bin")
 
 
 def test_forked_lighttpd_workers_share_the_listening_socket(test_network, tmp_path, docroot):
-    with shim_lighttpd_running(docroot, tmp_path, config="server.max-worker = 2") as server:
+    with shim_lighttpd(docroot, tmp_path, config="server.max-worker = 2") as server:
         workers = psutil.Process(server.proc.pid).children(recursive=True)
         assert sum(p.name() == "lighttpd" for p in workers) == 3  # the master and two workers
         result = in_client(["ab", "-q", "-n", "1000", "-c", "8", f"{SERVER_URL}/small.txt"], timeout=120)
@@ -143,15 +144,14 @@ except OSError as err:
 
 
 def test_stack_death_fails_blocked_call_and_is_reported(test_network, tmp_path):
-    program = Launched([sys.executable, "-c", BLOCKED_ACCEPT], tmp_path / "launcher.log")
+    program = ShimProgram([sys.executable, "-c", BLOCKED_ACCEPT], tmp_path / "launcher.log")
     try:
         wait_until(lambda: "listening" in program.output() or program.proc.poll() is not None, 30,
                    "the program to listen")
         assert "listening" in program.output(), program.output()
-        stacks = [p for p in psutil.Process(program.proc.pid).children(recursive=True)
-                  if "mtcpshim.stackd" in " ".join(p.cmdline())]
-        assert len(stacks) == 1
-        stacks[0].send_signal(signal.SIGKILL)
+        stack = program.stack_process()
+        assert stack is not None
+        stack.send_signal(signal.SIGKILL)
         program.proc.wait(30)  # a hang fails here
         output = program.output()
         assert program.proc.returncode == 3, output
