@@ -37,16 +37,13 @@ static int nonblocking(struct mts_slot *s, int flags)
 
 static int64_t deadline_for(uint32_t timeout_ms) { return timeout_ms ? shim_deadline_ms(timeout_ms) : SHIM_FOREVER; }
 
-/* ---- receiving --------------------------------------------------------------- */
-
-/* Copies RX bytes into iov, skipping the first `skip` bytes of iov (already
- * filled); consumes them unless peeking.  Returns the bytes copied. */
-static size_t copy_from_rx(uint32_t slot, const struct iovec *iov, int iovcnt, size_t skip, int peek)
+/* Moves bytes between a ring and iov minus its first `skip` bytes, one
+ * element at a time, until `move` falls short.  `move` moves up to `want`
+ * bytes at `at`, `done` bytes into the transfer, and returns how many. */
+static size_t walk_iov(uint32_t slot, const struct iovec *iov, int iovcnt, size_t skip,
+                       size_t (*move)(uint32_t slot, uint8_t *at, size_t want, size_t done))
 {
-    struct mts_slot *s = shim_slot(slot);
-    const uint8_t *data = mts_rx_data(&shim.geom, slot);
-    uint32_t cap = shim.geom.rx_size;
-    size_t copied = 0;
+    size_t done = 0;
     for (int i = 0; i < iovcnt; i++) {
         size_t len = iov[i].iov_len;
         if (skip >= len) {
@@ -54,12 +51,28 @@ static size_t copy_from_rx(uint32_t slot, const struct iovec *iov, int iovcnt, s
             continue;
         }
         size_t want = len - skip;
-        size_t got = mts_ring_peek(&s->rx, data, cap, copied, (uint8_t *)iov[i].iov_base + skip, want);
+        size_t moved = move(slot, (uint8_t *)iov[i].iov_base + skip, want, done);
         skip = 0;
-        copied += got;
-        if (got < want)
+        done += moved;
+        if (moved < want)
             break;
     }
+    return done;
+}
+
+/* ---- receiving --------------------------------------------------------------- */
+
+static size_t peek_rx(uint32_t slot, uint8_t *at, size_t want, size_t done)
+{
+    return mts_ring_peek(&shim_slot(slot)->rx, mts_rx_data(&shim.geom, slot), shim.geom.rx_size, done, at, want);
+}
+
+/* Copies RX bytes into iov, skipping the first `skip` bytes of iov (already
+ * filled); consumes them unless peeking.  Returns the bytes copied. */
+static size_t copy_from_rx(uint32_t slot, const struct iovec *iov, int iovcnt, size_t skip, int peek)
+{
+    struct mts_slot *s = shim_slot(slot);
+    size_t copied = walk_iov(slot, iov, iovcnt, skip, peek_rx);
     if (!peek && copied) {
         mts_ring_consume(&s->rx, copied);
         /* The stack asked to hear when the window reopens. */
@@ -155,28 +168,17 @@ static int send_allowed(struct mts_slot *s, int flags)
     return 1;
 }
 
+static size_t write_tx(uint32_t slot, uint8_t *at, size_t want, size_t done)
+{
+    (void)done; /* the ring's head says where */
+    return mts_ring_write(&shim_slot(slot)->tx, mts_tx_data(&shim.geom, slot), shim.geom.tx_size, at, want);
+}
+
 /* Copies iov (minus its first `skip` bytes) into the TX ring as far as it
  * fits.  Returns the bytes taken. */
 static size_t copy_to_tx(uint32_t slot, const struct iovec *iov, int iovcnt, size_t skip)
 {
-    struct mts_slot *s = shim_slot(slot);
-    uint8_t *data = mts_tx_data(&shim.geom, slot);
-    uint32_t cap = shim.geom.tx_size;
-    size_t copied = 0;
-    for (int i = 0; i < iovcnt; i++) {
-        size_t len = iov[i].iov_len;
-        if (skip >= len) {
-            skip -= len;
-            continue;
-        }
-        size_t want = len - skip;
-        size_t put = mts_ring_write(&s->tx, data, cap, (const uint8_t *)iov[i].iov_base + skip, want);
-        skip = 0;
-        copied += put;
-        if (put < want)
-            break;
-    }
-    return copied;
+    return walk_iov(slot, iov, iovcnt, skip, write_tx);
 }
 
 ssize_t shim_stack_send(uint32_t slot, const struct iovec *iov, int iovcnt, int flags)
