@@ -273,12 +273,17 @@ def test_the_flight_is_resent_at_once_in_segments_of_the_new_size(tcp_establishe
     assert t.conn.snd_una == t.conn.snd_max
 
 
+def mtu_drops_under_a_flight(t, flight: int, mtu: int) -> None:
+    """`flight` bytes sent, then the path's MTU drops to `mtu`: the flight goes again."""
+    t.write(bytes(flight))
+    t.recv()
+    t.conn.on_path_mtu(mtu, t.now)
+    t.recv()
+
+
 def test_new_data_after_the_resend_goes_in_segments_of_the_new_size(tcp_established):
     t = tcp_established
-    t.write(bytes(2 * MSS))
-    t.recv()
-    t.conn.on_path_mtu(1000, t.now)
-    t.recv()
+    mtu_drops_under_a_flight(t, 2 * MSS, 1000)
     t.send(t.rx(ACK, t.R + 1, t.L + 1 + 2 * MSS))
     t.write(bytes(3000))
     assert [len(segment.payload) for segment in t.recv()] == [960, 960, 960, 120]
@@ -315,10 +320,7 @@ def test_before_the_peer_syn_the_mss_is_not_yet_ours_to_lower(tcp_trace):
 
 def test_duplicate_acks_for_the_resent_data_do_not_start_fast_retransmit(tcp_established):
     t = tcp_established
-    t.write(bytes(10 * MSS))
-    t.recv()
-    t.conn.on_path_mtu(1280, t.now)
-    t.recv()
+    mtu_drops_under_a_flight(t, 10 * MSS, 1280)
     # The first two old segments had got through after all: the peer
     # answers the resent copies of them with duplicate ACKs.
     for _ in range(4):

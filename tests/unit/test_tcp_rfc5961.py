@@ -91,6 +91,17 @@ def test_exact_reset_closes_every_synchronized_state(established, reach, state, 
     assert t.recv() == []
 
 
+def assert_challenged(t, segment, rcv_nxt) -> None:
+    """`segment` from the peer leaves the state as it was and draws one ACK
+    of rcv_nxt: a challenge ACK."""
+    state = t.conn.state
+    t.recv()
+    t.send(segment)
+    assert t.conn.state == state
+    (challenge,) = t.recv()
+    assert challenge.flags == ACK and challenge.ack == rcv_nxt % 2**32
+
+
 @WRAPS
 @pytest.mark.parametrize("reach, state, error", RESET_OUTCOMES,
                          ids=[state.name for _, state, _ in RESET_OUTCOMES])
@@ -98,11 +109,8 @@ def test_inexact_reset_gets_a_challenge_ack_in_every_synchronized_state(
         established, reach, state, error):
     t = established
     rcv_nxt = reach(t)
-    t.recv()
-    t.send(t.rx(RST | ACK, rcv_nxt + 1000, t.L + 1))
     assert t.conn.state == state
-    (challenge,) = t.recv()
-    assert challenge.flags == ACK and challenge.ack == rcv_nxt % 2**32
+    assert_challenged(t, t.rx(RST | ACK, rcv_nxt + 1000, t.L + 1), rcv_nxt)
 
 
 @WRAPS
@@ -132,12 +140,7 @@ def test_reset_in_syn_received_aborts_the_embryonic_connection(tcp_trace):
 def test_any_syn_in_a_synchronized_state_gets_a_challenge_ack(established, reach, distance):
     t = established
     rcv_nxt = reach(t)
-    state = t.conn.state
-    t.recv()
-    t.send(t.rx(SYN, rcv_nxt + distance, mss=1460))
-    assert t.conn.state == state
-    (challenge,) = t.recv()
-    assert challenge.flags == ACK and challenge.ack == rcv_nxt % 2**32
+    assert_challenged(t, t.rx(SYN, rcv_nxt + distance, mss=1460), rcv_nxt)
 
 
 @WRAPS
