@@ -103,22 +103,24 @@ static struct epoll_instance *track(int epfd, uint32_t kernel_fds)
     return inst;
 }
 
-int epoll_create1(int flags)
+/* A new epoll fd from the kernel: tracked while the shim is active, passed on either way. */
+static int track_created(int epfd)
 {
-    shim_ensure_init();
-    int epfd = shim_real.epoll_create1(flags);
     if (epfd >= 0 && shim.active && !shim_busy && !track(epfd, 0))
         shim_fd_clear(epfd);
     return epfd;
 }
 
+int epoll_create1(int flags)
+{
+    shim_ensure_init();
+    return track_created(shim_real.epoll_create1(flags));
+}
+
 int epoll_create(int size)
 {
     shim_ensure_init();
-    int epfd = shim_real.epoll_create(size);
-    if (epfd >= 0 && shim.active && !shim_busy && !track(epfd, 0))
-        shim_fd_clear(epfd);
-    return epfd;
+    return track_created(shim_real.epoll_create(size));
 }
 
 void shim_epoll_ref(int from_fd, int to_fd)
