@@ -55,36 +55,36 @@ static void die(const char *what)
     exit(2);
 }
 
-static const char *poll_bits(short revents)
+struct bit_name {
+    uint32_t bit;
+    const char *name;
+};
+
+/* The names of the bits set in `bits`, "|"-joined, or "0". */
+static const char *bits_text(uint32_t bits, const struct bit_name *names, size_t count)
 {
     static char texts[2][128]; /* two calls may share one printf */
     static int turn;
     char *text = texts[turn ^= 1];
     text[0] = 0;
-    const struct {
-        short bit;
-        const char *name;
-    } names[] = {{POLLIN, "IN"}, {POLLOUT, "OUT"}, {POLLERR, "ERR"}, {POLLHUP, "HUP"}, {POLLNVAL, "NVAL"}};
-    for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
-        if (revents & names[i].bit)
+    for (size_t i = 0; i < count; i++)
+        if (bits & names[i].bit)
             snprintf(text + strlen(text), sizeof(texts[0]) - strlen(text), "%s%s", text[0] ? "|" : "", names[i].name);
     return text[0] ? text : "0";
 }
 
+static const char *poll_bits(short revents)
+{
+    static const struct bit_name names[] = {
+        {POLLIN, "IN"}, {POLLOUT, "OUT"}, {POLLERR, "ERR"}, {POLLHUP, "HUP"}, {POLLNVAL, "NVAL"}};
+    return bits_text((uint16_t)revents, names, sizeof(names) / sizeof(names[0]));
+}
+
 static const char *epoll_bits(uint32_t events)
 {
-    static char texts[2][128]; /* two calls may share one printf */
-    static int turn;
-    char *text = texts[turn ^= 1];
-    text[0] = 0;
-    const struct {
-        uint32_t bit;
-        const char *name;
-    } names[] = {{EPOLLIN, "IN"}, {EPOLLOUT, "OUT"}, {EPOLLERR, "ERR"}, {EPOLLHUP, "HUP"}, {EPOLLRDHUP, "RDHUP"}};
-    for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
-        if (events & names[i].bit)
-            snprintf(text + strlen(text), sizeof(texts[0]) - strlen(text), "%s%s", text[0] ? "|" : "", names[i].name);
-    return text[0] ? text : "0";
+    static const struct bit_name names[] = {
+        {EPOLLIN, "IN"}, {EPOLLOUT, "OUT"}, {EPOLLERR, "ERR"}, {EPOLLHUP, "HUP"}, {EPOLLRDHUP, "RDHUP"}};
+    return bits_text(events, names, sizeof(names) / sizeof(names[0]));
 }
 
 static struct sockaddr_in stack_addr(uint16_t port)
