@@ -228,14 +228,8 @@ int fcntl(int fd, int cmd, ...)
     return shim_fcntl(fd, cmd, arg);
 }
 
-int fcntl64(int fd, int cmd, ...)
-{
-    va_list ap;
-    va_start(ap, cmd);
-    uintptr_t arg = va_arg(ap, uintptr_t);
-    va_end(ap);
-    return shim_fcntl(fd, cmd, arg);
-}
+/* Large-file builds call fcntl64: the same function on a 64-bit system. */
+int fcntl64(int fd, int cmd, ...) __attribute__((alias("fcntl")));
 
 int ioctl(int fd, unsigned long request, ...)
 {
