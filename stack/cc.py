@@ -108,7 +108,7 @@ class Cubic:
         else:
             # Aim at where the curve will be one RTT from now (section 4.2),
             # never more than 1.5 times the current window.
-            rtt = conn.srtt or 0.0
+            rtt = conn.rtt.srtt or 0.0
             target = _CUBIC_C * (elapsed + rtt - self._k) ** 3 + self._w_max
             if target < window:
                 target = window

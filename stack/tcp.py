@@ -48,6 +48,7 @@ import random
 
 from mtcpshim.stack import cc
 from mtcpshim.stack.recovery import Scoreboard
+from mtcpshim.stack.rtt import RttEstimator
 from mtcpshim.stack.seq import seq_add, seq_diff, seq_ge, seq_gt, seq_le, seq_lt
 from mtcpshim.stack.storage import Assembler
 from mtcpshim.stack.wire.tcp import ACK, FIN, PSH, RST, SYN, MAX_WSCALE, TcpSegment
@@ -60,7 +61,6 @@ _SACK_BLOCK_LEN = 8
 _IPV4_TCP_HEADERS_LEN = 40       # IPv4 and TCP headers without options
 _DEFAULT_PEER_MSS = 536          # RFC 9293 3.7.1: no MSS option received
 _MAX_WINDOW = 0xFFFF
-_CLOCK_GRANULARITY = 0.001       # timestamps tick in milliseconds
 _PAWS_IDLE = 24 * 24 * 3600      # RFC 7323 5.5: TS.Recent is invalid after 24 days idle
 _DUPTHRESH = 3                   # RFC 5681 / 6675 DupThresh
 # Tail loss probe (RFC 8985 section 7): wait 2*SRTT, at least this long, and
@@ -203,7 +203,7 @@ class TcpConnection:
         "cwnd", "ssthresh", "_cc", "_dupacks", "_in_recovery", "_in_loss", "_recover",
         "_board", "_rack_at", "_prr_delivered", "_prr_out", "_recover_fs",
         "_undo_marker", "_undo_retrans", "_undo_cwnd", "_undo_ssthresh", "_retrans_stamp",
-        "srtt", "rttvar", "rto", "_rtt_seq", "_rtt_time", "_retries", "_stall_start",
+        "rtt", "_rtt_seq", "_rtt_time", "_retries", "_stall_start",
         # receive sequence space
         "irs", "rcv_nxt", "rcv_adv", "rcv_wscale", "_rcv_mss", "_rcv_buf_size", "_sws_threshold",
         "_rcv_unacked", "_last_ack_sent", "_assembler", "_rcv_fin_seq",
@@ -271,9 +271,7 @@ class TcpConnection:
         self._undo_cwnd = 0
         self._undo_ssthresh = 0
         self._retrans_stamp = None         # our timestamp on the episode's first retransmission
-        self.srtt = None
-        self.rttvar = 0.0
-        self.rto = config.initial_rto
+        self.rtt = RttEstimator(config.initial_rto, config.min_rto, config.max_rto)
         self._rtt_seq = None               # Karn: sequence number being timed
         self._rtt_time = 0.0
         self._retries = 0
@@ -361,7 +359,7 @@ class TcpConnection:
             conn.rcv_wscale = rcv_wscale
         conn.rcv_adv = seq_add(conn.rcv_nxt, syn_ack_window)
         conn._last_ack_sent = conn.rcv_nxt
-        conn._retransmit_at = now + conn.rto
+        conn._retransmit_at = now + conn.rtt.rto
         return conn
 
     @classmethod
@@ -434,7 +432,7 @@ class TcpConnection:
             self._last_ack_sent = self.rcv_nxt
         self.outbox.append(segment)
         if self._retransmit_at is None:
-            self._retransmit_at = self._now + self.rto
+            self._retransmit_at = self._now + self.rtt.rto
         if self._retries == 0:
             self._rtt_seq = self.iss
             self._rtt_time = self._now
@@ -572,10 +570,10 @@ class TcpConnection:
         self._retransmit_at = None
         now = self._now
         if self._stall_start is None:
-            self._stall_start = now - self.rto     # when the head went out, near enough
+            self._stall_start = now - self.rtt.rto     # when the head went out, near enough
         self._retries += 1
         self._rtt_seq = None               # Karn: never time a retransmission
-        self.rto = min(self.rto * 2, self.config.max_rto)
+        self.rtt.back_off()
         if self._user_timed_out():
             self._fail(errno.ETIMEDOUT)
             return
@@ -607,7 +605,7 @@ class TcpConnection:
         # RTT and reordering window ago; SACKed data stays SACKed unless the
         # peer reneged.  Without SACK nothing tells more: all of it goes again.
         board = self._board
-        board.mark_lost_on_timeout(now, board.reo_wnd(self.srtt, True, self.send_mss),
+        board.mark_lost_on_timeout(now, board.reo_wnd(self.rtt.srtt, True, self.send_mss),
                                    not self.sack_enabled)
         self._retransmit_from(self.snd_una, seq_diff(self.snd_max, self.snd_una))
         self._output()
@@ -667,7 +665,7 @@ class TcpConnection:
             self.snd_max = self.snd_nxt
         self._persist_backoff = 0
         if self._retransmit_at is None:
-            self._retransmit_at = self._now + self.rto
+            self._retransmit_at = self._now + self.rtt.rto
         return True
 
     def _on_keepalive_timeout(self) -> None:
@@ -694,7 +692,7 @@ class TcpConnection:
     def _arm_persist(self) -> None:
         if self._stall_start is None:
             self._stall_start = self._now
-        interval = min(max(self.rto, self.config.min_rto) * (1 << self._persist_backoff),
+        interval = min(max(self.rtt.rto, self.config.min_rto) * (1 << self._persist_backoff),
                        self.config.max_rto)
         self._persist_at = self._now + interval
 
@@ -951,9 +949,9 @@ class TcpConnection:
         if self.ts_enabled and timestamp is not None and timestamp[1]:
             elapsed = (int(now * 1000) + self._ts_offset - timestamp[1]) & _MASK
             if elapsed < _HALF:
-                self._sample_rtt(elapsed / 1000.0)
+                self.rtt.sample(elapsed / 1000.0)
         elif self._rtt_seq is not None and seq_gt(ack, self._rtt_seq):
-            self._sample_rtt(now - self._rtt_time)
+            self.rtt.sample(now - self._rtt_time)
             self._rtt_seq = None
 
         send_buf = self.send_buf
@@ -1034,7 +1032,7 @@ class TcpConnection:
         else:
             self._retransmit_head()
             self.cwnd = self.ssthresh + 3 * self.send_mss
-        self._retransmit_at = now + self.rto
+        self._retransmit_at = now + self.rtt.rto
 
     def _end_recovery(self, timestamp) -> None:
         """The recovery point is acknowledged: cwnd falls to ssthresh (RFC
@@ -1080,7 +1078,7 @@ class TcpConnection:
         the reordering timer for the rest; a first loss starts recovery."""
         board = self._board
         now = self._now
-        reo_wnd = board.reo_wnd(self.srtt, self._in_recovery or self._in_loss, self.send_mss)
+        reo_wnd = board.reo_wnd(self.rtt.srtt, self._in_recovery or self._in_loss, self.send_mss)
         lost, timeout = board.detect_loss(now, reo_wnd)
         self._rack_at = now + timeout if timeout else None
         if lost and not self._in_recovery and not self._in_loss:
@@ -1159,23 +1157,6 @@ class TcpConnection:
             self._in_loss = False
             self._board.recovery_ended()
             self._board.unmark_lost()
-
-    def _sample_rtt(self, rtt: float) -> None:
-        """RFC 6298 section 2."""
-        if self.srtt is None:
-            self.srtt = rtt
-            self.rttvar = rtt / 2
-        else:
-            self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - rtt)
-            self.srtt = 0.875 * self.srtt + 0.125 * rtt
-        variation = 4 * self.rttvar
-        rto = self.srtt + (variation if variation > _CLOCK_GRANULARITY else _CLOCK_GRANULARITY)
-        config = self.config
-        if rto < config.min_rto:
-            rto = config.min_rto
-        elif rto > config.max_rto:
-            rto = config.max_rto
-        self.rto = rto
 
     def _receive_data(self, offset: int, payload, rcv_wnd: int) -> None:
         """Payload starting `offset` bytes after rcv_nxt, already known to
@@ -1385,11 +1366,11 @@ class TcpConnection:
         """The retransmission timer, preceded by a tail loss probe (RFC 8985
         section 7) when one can recover a lost tail, or the lost ACKs of a
         flight, in a few round trips instead of a timeout."""
-        rto_at = now + self.rto
+        rto_at = now + self.rtt.rto
         self._retransmit_at = rto_at
         if (self.sack_enabled and not self._in_recovery and not self._in_loss and self._retries == 0
-                and self.srtt is not None and (1 << self.state) & _SENDING):
-            pto = 2 * self.srtt
+                and self.rtt.srtt is not None and (1 << self.state) & _SENDING):
+            pto = 2 * self.rtt.srtt
             if pto < _TLP_MIN:
                 pto = _TLP_MIN
             if seq_diff(self.snd_max, self.snd_una) <= self.send_mss:
@@ -1401,7 +1382,7 @@ class TcpConnection:
         """New data if the peer's window has room, else the last segment
         again: either way the peer's answer (SACK) shows what was lost."""
         self._probe_at = None
-        self._retransmit_at = self._now + self.rto  # counted from the probe
+        self._retransmit_at = self._now + self.rtt.rto  # counted from the probe
         if self._send_window_filler():
             return
         outstanding = seq_diff(self.snd_max, self.snd_una)

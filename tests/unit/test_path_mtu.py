@@ -268,7 +268,7 @@ def test_the_flight_is_resent_at_once_in_segments_of_the_new_size(tcp_establishe
     # No congestion response: the drops said nothing about a queue.
     assert (t.conn.cwnd, t.conn.ssthresh) == (cwnd, ssthresh)
     # The retransmission timer counts from the resend.
-    assert t.conn.deadline() == pytest.approx(t.now + t.conn.rto)
+    assert t.conn.deadline() == pytest.approx(t.now + t.conn.rtt.rto)
     t.send(t.rx(ACK, t.R + 1, t.L + 1 + len(data)))
     assert t.conn.snd_una == t.conn.snd_max
 

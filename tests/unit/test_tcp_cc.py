@@ -14,7 +14,7 @@ MSS = 1000
 def window(segments, ssthresh_segments=1 << 20, srtt=0.1):
     """The fields of a connection a controller reads and writes."""
     return SimpleNamespace(cwnd=segments * MSS, ssthresh=ssthresh_segments * MSS,
-                           send_mss=MSS, srtt=srtt)
+                           send_mss=MSS, rtt=SimpleNamespace(srtt=srtt))
 
 
 def run_rtts(controller, conn, rtts, start=0.0):
@@ -23,7 +23,7 @@ def run_rtts(controller, conn, rtts, start=0.0):
     for _ in range(rtts):
         for _ in range(conn.cwnd // MSS):
             controller.on_ack(conn, MSS, now)
-        now += conn.srtt
+        now += conn.rtt.srtt
     return now
 
 

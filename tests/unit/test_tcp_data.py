@@ -55,7 +55,7 @@ def test_piggybacked_ack_replaces_the_delayed_one(tcp_established):
     t.read()
     t.write(b"200 OK")
     assert t.recv() == [t.tx(ACK | PSH, t.L + 1, t.R + 6, b"200 OK", window=59995)]
-    assert t.conn.deadline() == pytest.approx(t.now + t.conn.rto)  # only the RTO
+    assert t.conn.deadline() == pytest.approx(t.now + t.conn.rtt.rto)  # only the RTO
 
 
 def test_nagle_holds_a_second_small_segment_until_the_first_is_acked(tcp_established):

@@ -32,7 +32,7 @@ def test_passive_open_negotiates_what_the_syn_offered(make_tcp_trace):
     assert t.conn.state == TcpState.ESTABLISHED
     assert t.conn.snd_wnd == 1000 << 7
     assert t.conn.send_mss == 1400 - 12         # timestamps take 12 option bytes
-    assert t.conn.srtt == pytest.approx(0.1)
+    assert t.conn.rtt.srtt == pytest.approx(0.1)
     t.write(b"hi")
     assert t.recv() == [t.tx(ACK | PSH, t.L + 1, t.R + 1, b"hi", timestamp=(5100, 101))]
 

@@ -13,7 +13,7 @@ MSS = 1460
 def test_retransmission_timeout_backs_off_exponentially(tcp_established):
     t = tcp_established
     # The handshake measured 100 ms: RTO = srtt + 4 * rttvar = 0.3 s.
-    assert t.conn.rto == pytest.approx(0.3)
+    assert t.conn.rtt.rto == pytest.approx(0.3)
     t.write(b"data")
     segment = t.tx(ACK | PSH, t.L + 1, t.R + 1, b"data")
     assert t.recv() == [segment]
@@ -111,10 +111,10 @@ def test_karn_no_rtt_sample_from_a_retransmitted_segment(tcp_established):
     t.recv()
     t.wait_for_timer()
     t.recv()
-    srtt, backed_off = t.conn.srtt, t.conn.rto
+    srtt, backed_off = t.conn.rtt.srtt, t.conn.rtt.rto
     t.now += 0.05
     t.send(t.rx(ACK, t.R + 1, t.L + 5))
-    assert (t.conn.srtt, t.conn.rto) == (srtt, backed_off)
+    assert (t.conn.rtt.srtt, t.conn.rtt.rto) == (srtt, backed_off)
 
 
 def test_limited_transmit_sends_new_data_on_the_first_two_duplicate_acks(tcp_established):

@@ -154,7 +154,7 @@ def test_timeout_resends_the_head_and_then_what_was_not_sacked(sack_trace):
     assert t.conn.cwnd == MSS
     # The head arrives; slow start resends the rest deemed lost, not the
     # SACKed segment 3 (RFC 8985 section 6.3, as Linux).
-    t.now += t.conn.rto
+    t.now += t.conn.rtt.rto
     t.send(ack(t, 2, (3, 4), (5, 6)))
     assert indices(t, t.recv()) == [2, 4]
 
@@ -182,7 +182,7 @@ def test_lost_acks_of_a_tail_are_recovered_by_a_probe_not_a_timeout(sack_trace):
     assert indices(t, t.recv()) == [0, 1, 2, 3]
     waited = t.wait_for_timer()
     assert indices(t, t.recv()) == [3]
-    assert waited == pytest.approx(max(2 * t.conn.srtt, 0.010)) and waited < t.conn.rto
+    assert waited == pytest.approx(max(2 * t.conn.rtt.srtt, 0.010)) and waited < t.conn.rtt.rto
     t.send(ack(t, 4))
     assert t.conn.snd_una == seq_of(t, 4) and t.conn.cwnd >= cwnd
     assert t.conn.deadline() is None or t.conn.deadline() - t.now > 0.1  # nothing outstanding

@@ -86,7 +86,7 @@ def test_keepalive_waits_while_data_is_in_flight(tcp_established):
     t.conn.keepalive, t.conn.keepidle = True, 1.0
     t.write(b"x")
     t.recv()
-    assert t.conn.deadline() == pytest.approx(t.now + t.conn.rto)   # the RTO, not keepalive
+    assert t.conn.deadline() == pytest.approx(t.now + t.conn.rtt.rto)   # the RTO, not keepalive
     t.send(t.rx(ACK, t.R + 1, t.L + 2))
     assert t.conn.deadline() == pytest.approx(t.now + 1.0)
 

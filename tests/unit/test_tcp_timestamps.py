@@ -85,7 +85,7 @@ def test_our_rtt_comes_from_the_echoed_timestamp(make_tcp_trace):
     (segment,) = t.recv()
     t.now += 0.25
     t.send(t.rx(ACK, t.R + 1, t.L + 2, timestamp=(2, segment.timestamp[0])))
-    assert t.conn.srtt == pytest.approx(0.1 * 7 / 8 + 0.25 / 8, abs=0.002)
+    assert t.conn.rtt.srtt == pytest.approx(0.1 * 7 / 8 + 0.25 / 8, abs=0.002)
 
 
 def test_syn_with_old_timestamp_still_gets_a_challenge_ack(ts_trace):
