@@ -8,11 +8,17 @@ the send path reads them without an indirection, and calls the controller:
                                       acknowledged while cwnd limited the
                                       sender and no loss was being repaired:
                                       grow conn.cwnd.
-  on_congestion(conn, flight, now)    a loss was detected (fast retransmit,
-                                      or the first timeout of a series) with
-                                      `flight` bytes outstanding: set
-                                      conn.ssthresh.  The connection then
-                                      sets cwnd as its recovery requires.
+  on_congestion(conn, flight, now)    a loss was detected by fast
+                                      retransmit with `flight` bytes
+                                      outstanding: set conn.ssthresh.  The
+                                      connection then sets cwnd as its
+                                      recovery requires.
+  on_rto(conn, flight, now)           the first timeout of a series: set
+                                      conn.ssthresh; the connection then
+                                      starts again from one segment.
+  on_undo(conn)                       the last reduction was spurious: the
+                                      connection restored cwnd and ssthresh;
+                                      restore the controller's own state.
 
 Both grow the window the same way below ssthresh (slow start, counting
 bytes as Linux does, RFC 3465); they differ in congestion avoidance and in
@@ -66,6 +72,11 @@ class NewReno:
         conn.ssthresh = max(flight // 2, 2 * conn.send_mss)
         self._acked = 0
 
+    on_rto = on_congestion
+
+    def on_undo(self, conn) -> None:
+        pass                               # nothing of its own beyond cwnd
+
 
 class Cubic:
     """RFC 9438.  After a reduction the window follows the cubic
@@ -74,7 +85,7 @@ class Cubic:
     W_est (section 4.3).  Windows here are in segments, as in the RFC."""
 
     name = "cubic"
-    __slots__ = ("_w_max", "_k", "_epoch_start", "_w_est", "_cwnd_prior")
+    __slots__ = ("_w_max", "_k", "_epoch_start", "_w_est", "_cwnd_prior", "_before_reduction")
 
     def __init__(self):
         self._w_max = 0.0                  # window before the last reduction
@@ -82,6 +93,7 @@ class Cubic:
         self._epoch_start = None           # start of the current avoidance epoch
         self._w_est = 0.0                  # Reno-friendly estimate
         self._cwnd_prior = 0.0             # window when ssthresh was last set
+        self._before_reduction = None      # (w_max, k, epoch_start, w_est, cwnd_prior) for undo
 
     def on_ack(self, conn, acked: int, now: float) -> None:
         acked = _slow_start(conn, acked)
@@ -120,6 +132,8 @@ class Cubic:
             conn.cwnd = grown
 
     def on_congestion(self, conn, flight: int, now: float) -> None:
+        self._before_reduction = (self._w_max, self._k, self._epoch_start, self._w_est,
+                                  self._cwnd_prior)
         mss = conn.send_mss
         window = conn.cwnd / mss
         # Fast convergence (section 4.7): a flow whose window keeps falling
@@ -131,6 +145,19 @@ class Cubic:
         self._cwnd_prior = window
         self._epoch_start = None
         conn.ssthresh = max(int(conn.cwnd * _CUBIC_BETA), 2 * mss)
+
+    def on_rto(self, conn, flight: int, now: float) -> None:
+        """RFC 9438 4.8: ssthresh as for a loss; the first avoidance stage
+        after slow start then has K = 0 and W_max = the window it starts at."""
+        self.on_congestion(conn, flight, now)
+        self._w_max = 0.0
+
+    def on_undo(self, conn) -> None:
+        """RFC 9438 4.9: a spurious reduction takes back the curve too."""
+        if self._before_reduction is not None:
+            (self._w_max, self._k, self._epoch_start, self._w_est,
+             self._cwnd_prior) = self._before_reduction
+            self._before_reduction = None
 
 
 ALGORITHMS = {NewReno.name: NewReno, Cubic.name: Cubic}

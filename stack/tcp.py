@@ -594,7 +594,7 @@ class TcpConnection:
         # as a new congestion event (as Linux).
         if self._retries == 1 and not self._in_recovery:
             self._begin_undo()
-            self._cc.on_congestion(self, seq_diff(self.snd_max, self.snd_una), now)
+            self._cc.on_rto(self, seq_diff(self.snd_max, self.snd_una), now)
         self.cwnd = self.send_mss
         self._in_recovery = False
         self._in_loss = True
@@ -1149,6 +1149,7 @@ class TcpConnection:
             self.cwnd = self._undo_cwnd
         if self._undo_ssthresh > self.ssthresh:
             self.ssthresh = self._undo_ssthresh
+        self._cc.on_undo(self)
         self._undo_marker = None
         if self._in_recovery:
             self._in_recovery = False

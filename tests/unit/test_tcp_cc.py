@@ -113,3 +113,26 @@ def test_default_is_cubic_with_an_initial_window_of_ten(tcp_established):
     t = tcp_established
     assert t.conn.congestion == "cubic"
     assert t.conn.cwnd == 10 * 1460
+
+
+def test_cubic_after_a_timeout_starts_its_curve_where_avoidance_begins():
+    """RFC 9438 4.8: K = 0 and W_max = the window avoidance starts at, not
+    the window before the timeout."""
+    controller, conn = cc.Cubic(), window(100)
+    controller.on_rto(conn, 100 * MSS, 0.0)
+    assert conn.ssthresh == 70 * MSS
+    conn.cwnd = conn.ssthresh                            # slow start has ended
+    run_rtts(controller, conn, 1, start=1.0)
+    assert controller._k == 0.0 and controller._w_max == 70
+
+
+def test_cubic_undo_takes_back_the_curve_with_the_window():
+    """RFC 9438 4.9: after a spurious reduction the curve is the old one."""
+    controller, conn = cc.Cubic(), window(60)
+    controller.on_congestion(conn, 60 * MSS, 0.0)        # a first, real loss
+    conn.cwnd = conn.ssthresh
+    now = run_rtts(controller, conn, 3, start=1.0)
+    curve = (controller._w_max, controller._k, controller._epoch_start)
+    controller.on_congestion(conn, conn.cwnd, now)       # then a spurious one
+    controller.on_undo(conn)
+    assert (controller._w_max, controller._k, controller._epoch_start) == curve
