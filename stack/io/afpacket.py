@@ -6,8 +6,10 @@ back.  TPACKET_V2, not V3: V3 delivers a block only when it is full or its
 retire timer (at least 1 ms) fires, which adds a millisecond at low load.
 
 TX: `send_batch` copies the batch into free slots in one C call and flushes
-the whole batch with one send().  PACKET_QDISC_BYPASS (when the kernel has
-it) skips the qdisc layer, as a NIC driver's own ring would.
+the whole batch with one send().  Without segmentation offload,
+PACKET_QDISC_BYPASS (when the kernel has it) skips the qdisc layer, as a
+NIC driver's own ring would; with it, both sockets go through the qdisc, so
+that their frames keep their order.
 
 The socket is opened in the network namespace of the calling thread.  RX
 slots hold a whole IPv4 packet of 64 KB: a local kernel sender's GSO frames
@@ -88,9 +90,11 @@ class AfPacketIO:
                                 "(run as root or grant the capability)") from None
         self._gso_sock = None
         try:
-            self._setup(ifname, rx_slots, tx_slots)
             self._gso_sock = self._open_gso_socket()
+            self._setup(ifname, rx_slots, tx_slots)
         except BaseException:
+            if self._gso_sock is not None:
+                self._gso_sock.close()
             self._sock.close()
             raise
         self.gso_max_size = GSO_MAX_SIZE if self._gso_sock is not None else 0
@@ -118,9 +122,13 @@ class AfPacketIO:
         sock.setsockopt(_SOL_PACKET, _PACKET_VERSION, _TPACKET_V2)
         # Skip malformed TX frames (marked WRONG_FORMAT) instead of stalling the ring.
         sock.setsockopt(_SOL_PACKET, _PACKET_LOSS, 1)
-        for optional in (_PACKET_QDISC_BYPASS, _PACKET_IGNORE_OUTGOING):
+        # Bypass the qdisc only when every frame can: segmented frames take
+        # the qdisc path, and a frame of a flow must never overtake an
+        # earlier one queued there (a NIC's qdisc may hold them).
+        wanted = [_PACKET_IGNORE_OUTGOING] + ([] if self._gso_sock else [_PACKET_QDISC_BYPASS])
+        for option in wanted:
             try:
-                sock.setsockopt(_SOL_PACKET, optional, 1)
+                sock.setsockopt(_SOL_PACKET, option, 1)
             except OSError as error:
                 if error.errno != errno.ENOPROTOOPT:
                     raise
