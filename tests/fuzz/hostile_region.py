@@ -556,7 +556,12 @@ def attack_data_off(region: Region, state: State, args) -> dict:
     region.wake_stack()
     state.say("attacked", slot=slot_id, local_port=local_port, pushed=pushed,
               sha256=hashlib.sha256(pattern).hexdigest())
-    time.sleep(args.settle)
+    return _close_after(conn, args.settle, slot_id)
+
+
+def _close_after(conn, seconds: float, slot_id: int) -> dict:
+    """Let the stack take the attack for `seconds`, then close the victim."""
+    time.sleep(seconds)
     try:
         conn.close()
     except OSError:
@@ -638,12 +643,8 @@ def attack_keepalive_options(region: Region, state: State, args) -> dict:
     pushed = region.push(lib.MTS_OP_SETOPT, slot_id, lib.MTS_OPT_KEEPALIVE)
     region.wake_stack()
     state.say("attacked", slot=slot_id, pushed=pushed)
-    time.sleep(args.settle + 2)  # the stack goes idle: its next deadline is the keep-alive
-    try:
-        conn.close()
-    except OSError:
-        pass
-    return {"slot": slot_id}
+    # The stack goes idle: its next deadline is the keep-alive.
+    return _close_after(conn, args.settle + 2, slot_id)
 
 
 def attack_listener_close_handshake(region: Region, state: State, args) -> dict:
