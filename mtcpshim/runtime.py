@@ -223,6 +223,7 @@ class Runtime:
             "interface": dict(self.iface.counters),
             "packet_io": dict(io_counters),
             "tcp": dict(self.host.counters),
+            "tcp_recovery": dict(self.host.recovery_counts),
             "connections": dict(states),
             "shm": dict(self.shm_counters),
             "slots_in_use": len(self.sockets),

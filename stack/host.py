@@ -20,6 +20,7 @@ and lower a connection's MSS (RFC 1191) once they pass the checks of RFC
 5927: they must name a live connection and a sequence number it has in
 flight, and the MTU they report is held to Linux's floor.
 """
+import collections
 import errno
 import heapq
 import random
@@ -91,6 +92,7 @@ class TcpHost:
         self.time_waits = TimeWaitTable(self.config.time_wait)  # same keys, after TIME_WAIT begins
         self.touched: set[TcpConnection] = set()  # connections with events for the caller
         self.counters: dict[str, int] = {}
+        self.recovery_counts = collections.Counter()  # every connection's loss recovery events
         self._timers: list[tuple[float, int, TcpConnection]] = []
         self._timer_seq = 0
         self._output: list[tuple[int, bytes, int]] = []
@@ -151,6 +153,7 @@ class TcpHost:
             secrets.timestamp_offset(self.ip, local_port, remote_ip, remote_port))
         conn.owner = owner
         conn.challenge_acks = self.challenge_acks
+        conn.recovery_counts = self.recovery_counts
         self.connections[key] = conn
         self.collect(conn, now)
         return conn
@@ -273,6 +276,7 @@ class TcpHost:
         conn.owner = owner
         conn.listener = listener
         conn.challenge_acks = self.challenge_acks
+        conn.recovery_counts = self.recovery_counts
         listener.pending += 1
         self.connections[(conn.local_port, conn.remote_ip, conn.remote_port)] = conn
         self.collect(conn, now)

@@ -42,6 +42,7 @@ segments is ACKed every second one (RFC 5681 4.2) and a GRO-merged segment
 once.  The exception is out-of-order data, which gets one duplicate ACK per
 segment.
 """
+import collections
 import enum
 import errno
 import random
@@ -195,7 +196,7 @@ class TcpConnection:
         "config", "local_ip", "local_port", "remote_ip", "remote_port",
         "send_buf", "recv_buf", "state", "error", "events", "outbox",
         "nodelay", "keepalive", "keepidle", "keepintvl", "keepcnt", "user_timeout",
-        "challenge_acks",
+        "challenge_acks", "recovery_counts",
         # send sequence space
         "iss", "snd_una", "snd_nxt", "snd_max", "snd_wnd", "snd_wl1", "snd_wl2",
         "snd_wscale", "_max_snd_wnd", "_send_base", "_fin_seq", "send_mss", "_snd_sml",
@@ -239,6 +240,7 @@ class TcpConnection:
         self.keepcnt = config.keepcnt
         self.user_timeout = config.user_timeout
         self.challenge_acks = None         # a host-wide ChallengeAckLimiter, if any
+        self.recovery_counts = collections.Counter()  # loss recovery events; the host's, once adopted
 
         self.iss = iss
         self.snd_una = iss
@@ -572,6 +574,7 @@ class TcpConnection:
         if self._stall_start is None:
             self._stall_start = now - self.rtt.rto     # when the head went out, near enough
         self._retries += 1
+        self.recovery_counts["timeouts"] += 1
         self._rtt_seq = None               # Karn: never time a retransmission
         self.rtt.back_off()
         if self._user_timed_out():
@@ -1023,6 +1026,7 @@ class TcpConnection:
         flight = seq_diff(self.snd_max, snd_una)
         self._begin_undo()
         self._cc.on_congestion(self, flight, now)
+        self.recovery_counts["fast_recoveries"] += 1
         self._recover = self.snd_max
         self._in_recovery = True
         if self.sack_enabled:
@@ -1112,6 +1116,7 @@ class TcpConnection:
         as a duplicate, it was all spurious and is undone (RFC 3708's idea,
         as Linux's D-SACK undo)."""
         self._board.on_dsack(self.snd_una, self.snd_max)
+        self.recovery_counts["dsacks_received"] += 1
         start, end = dsack
         if (self._undo_marker is None or self._retrans_stamp is None or not retransmitted
                 or not seq_gt(end, self._undo_marker)):
@@ -1145,6 +1150,7 @@ class TcpConnection:
         """Restore the window from before the episode (Linux
         tcp_undo_cwnd_reduction); after a timeout, what it marked lost was
         not, and the loss state ends."""
+        self.recovery_counts["spurious_undone"] += 1
         if self._undo_cwnd > self.cwnd:
             self.cwnd = self._undo_cwnd
         if self._undo_ssthresh > self.ssthresh:
@@ -1384,6 +1390,7 @@ class TcpConnection:
         again: either way the peer's answer (SACK) shows what was lost."""
         self._probe_at = None
         self._retransmit_at = self._now + self.rtt.rto  # counted from the probe
+        self.recovery_counts["tail_loss_probes"] += 1
         if self._send_window_filler():
             return
         outstanding = seq_diff(self.snd_max, self.snd_una)
@@ -1455,6 +1462,7 @@ class TcpConnection:
         self._rtt_seq = None               # Karn
         self._segment(seq, flags, payload)
         used = size + (flags & FIN)
+        self.recovery_counts["retransmitted_segments"] += 1
         self._board.retransmitted(seq, seq_add(seq, used), self._now)
         if self._in_recovery:
             self._prr_out += used

@@ -151,3 +151,31 @@ def test_the_region_lists_the_tcp_core_s_congestion_controls_for_the_interposer(
     from mtcpshim.stack.tcp import TcpConfig
     names = ffi.string(world.region.header.congestion).decode().split()
     assert names[0] == TcpConfig.congestion and sorted(names) == sorted(cc.ALGORITHMS)
+
+
+def test_a_lost_segment_shows_in_the_loss_recovery_counters(world):
+    listening_socket(world)
+    conn, (_, peer_rx) = peer_connects(world)
+    child = lib.mts_accept_pop(world.g, 0)
+    assert world.runtime.stats()["tcp_recovery"] == {}
+    link_send, lost = world.link.send_batch, []
+
+    def lose_the_first_data_frame(frames):
+        frames = [bytes(f) for f in frames]
+        if not lost:
+            lost.extend(f for f in frames if len(f) > 100)
+            frames = [f for f in frames if len(f) <= 100]
+        return link_send(frames)
+
+    world.link.send_batch = lose_the_first_data_frame
+    data = os.urandom(1000)
+    world.write(child, data)
+    for _ in range(100):                       # until the timer resends it
+        world.settle()
+        if len(peer_rx):
+            break
+        world.now += 0.01
+    assert len(lost) == 1 and peer_rx.read(len(peer_rx)) == data
+    # A lone segment gets no probe (the peer may be delaying its ACK): the
+    # timeout resends it.
+    assert world.runtime.stats()["tcp_recovery"] == {"timeouts": 1, "retransmitted_segments": 1}

@@ -87,6 +87,7 @@ def test_a_lost_retransmission_is_repaired_without_a_timeout(sack_trace):
     t.send(ack(t, after[-1] + 1))
     assert not t.conn._in_recovery and t.conn._retries == 0
     assert t.conn.ssthresh == ssthresh == t.conn.cwnd
+    assert t.conn.recovery_counts == {"fast_recoveries": 1, "retransmitted_segments": 2}
 
 
 def test_a_second_hole_found_inside_recovery_is_repaired_in_the_same_episode(sack_trace):
@@ -244,6 +245,8 @@ def test_a_spurious_recovery_is_undone_when_its_retransmission_is_dsacked(sack_t
     t.now += RTT / 2
     t.send(ack(t, 10, (1, 2)))                           # then the copy: D-SACK
     assert (t.conn.cwnd, t.conn.ssthresh) == (cwnd, ssthresh)
+    assert t.conn.recovery_counts == {"fast_recoveries": 1, "retransmitted_segments": 1,
+                                      "dsacks_received": 1, "spurious_undone": 1}
 
 
 def test_a_spurious_timeout_is_undone_by_timestamps(ts_trace):
@@ -262,3 +265,5 @@ def test_a_spurious_timeout_is_undone_by_timestamps(ts_trace):
     t.send(ack(t, 4, ts=our_ts(sent_at)))
     assert not t.conn._in_loss
     assert (t.conn.cwnd, t.conn.ssthresh) == (cwnd, ssthresh)
+    assert t.conn.recovery_counts == {"tail_loss_probes": 1, "timeouts": 1,
+                                      "retransmitted_segments": 2, "spurious_undone": 1}
