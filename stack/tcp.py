@@ -52,6 +52,7 @@ from mtcpshim.stack.recovery import Scoreboard
 from mtcpshim.stack.rtt import RttEstimator
 from mtcpshim.stack.seq import seq_add, seq_diff, seq_ge, seq_gt, seq_le, seq_lt
 from mtcpshim.stack.storage import Assembler
+from mtcpshim.stack.timers import Timer, Timers
 from mtcpshim.stack.wire.tcp import ACK, FIN, PSH, RST, SYN, MAX_WSCALE, TcpSegment
 
 _MASK = 0xFFFFFFFF
@@ -202,7 +203,7 @@ class TcpConnection:
         "snd_wscale", "_max_snd_wnd", "_send_base", "_fin_seq", "send_mss", "_snd_sml",
         # congestion control and loss recovery
         "cwnd", "ssthresh", "_cc", "_dupacks", "_in_recovery", "_in_loss", "_recover",
-        "_board", "_rack_at", "_prr_delivered", "_prr_out", "_recover_fs",
+        "_board", "_prr_delivered", "_prr_out", "_recover_fs",
         "_undo_marker", "_undo_retrans", "_undo_cwnd", "_undo_ssthresh", "_retrans_stamp",
         "rtt", "_rtt_seq", "_rtt_time", "_retries", "_stall_start",
         # receive sequence space
@@ -212,8 +213,8 @@ class TcpConnection:
         "ts_enabled", "ts_recent", "_ts_recent_at", "_ts_offset", "sack_enabled",
         "_wscale_ok",
         # timers and bookkeeping
-        "_now", "_ack_now", "_invalid_ack_at", "_retransmit_at", "_probe_at", "_delayed_ack_at", "_persist_at",
-        "_persist_backoff", "_probes_unanswered", "_linger_at", "_last_rx",
+        "timers", "_now", "_ack_now", "_invalid_ack_at",
+        "_persist_backoff", "_probes_unanswered", "_last_rx",
         "_keepalive_probes", "_orphaned",
         # the runtime's own per-connection fields, never touched here
         "owner", "listener", "timer_at",
@@ -264,7 +265,6 @@ class TcpConnection:
         self._in_loss = False              # after a timeout, until snd_una passes _recover
         self._recover = iss
         self._board = Scoreboard(ts_offset)
-        self._rack_at = None               # RACK reordering timer (RFC 8985 section 6.2 step 5)
         self._prr_delivered = 0            # RFC 6937, bytes
         self._prr_out = 0
         self._recover_fs = 1
@@ -307,13 +307,9 @@ class TcpConnection:
         self._now = now
         self._ack_now = False
         self._invalid_ack_at = None
-        self._retransmit_at = None
-        self._probe_at = None              # _retransmit_at holds a tail loss probe when equal
-        self._delayed_ack_at = None
-        self._persist_at = None
+        self.timers = Timers()
         self._persist_backoff = 0
         self._probes_unanswered = 0
-        self._linger_at = None             # end of TIME_WAIT or orphaned FIN_WAIT_2
         self._last_rx = now
         self._keepalive_probes = 0
         self._orphaned = False             # the application closed the socket
@@ -361,7 +357,7 @@ class TcpConnection:
             conn.rcv_wscale = rcv_wscale
         conn.rcv_adv = seq_add(conn.rcv_nxt, syn_ack_window)
         conn._last_ack_sent = conn.rcv_nxt
-        conn._retransmit_at = now + conn.rtt.rto
+        conn.timers.arm_retransmit(now + conn.rtt.rto)
         return conn
 
     @classmethod
@@ -433,8 +429,8 @@ class TcpConnection:
             self.rcv_adv = seq_add(self.rcv_nxt, window)
             self._last_ack_sent = self.rcv_nxt
         self.outbox.append(segment)
-        if self._retransmit_at is None:
-            self._retransmit_at = self._now + self.rtt.rto
+        if not self.timers.retransmit_armed():
+            self.timers.arm_retransmit(self._now + self.rtt.rto)
         if self._retries == 0:
             self._rtt_seq = self.iss
             self._rtt_time = self._now
@@ -484,7 +480,7 @@ class TcpConnection:
             return
         self._orphaned = True
         if state == FIN_WAIT_2:
-            self._linger_at = now + self.config.fin_wait2_timeout
+            self.timers.linger = now + self.config.fin_wait2_timeout
         self._queue_fin()
 
     def shutdown_write(self, now: float) -> None:
@@ -521,21 +517,7 @@ class TcpConnection:
 
     def deadline(self):
         """The earliest time on_timer has work to do, or None."""
-        # Called after every segment.  The retransmission and delayed-ACK
-        # timers are the busy ones; the others are rarely set.
-        earliest = self._retransmit_at
-        moment = self._delayed_ack_at
-        if moment is not None and (earliest is None or moment < earliest):
-            earliest = moment
-        moment = self._rack_at
-        if moment is not None and (earliest is None or moment < earliest):
-            earliest = moment
-        if self._persist_at is None and self._linger_at is None and not self.keepalive:
-            return earliest
-        for moment in (self._persist_at, self._linger_at, self._keepalive_at()):
-            if moment is not None and (earliest is None or moment < earliest):
-                earliest = moment
-        return earliest
+        return self.timers.earliest(self._keepalive_at() if self.keepalive else None)
 
     def _keepalive_at(self):
         if (not self.keepalive or not (1 << self.state) & _KEEPALIVE_STATES
@@ -545,31 +527,28 @@ class TcpConnection:
 
     def on_timer(self, now: float) -> None:
         self._now = now
-        if self._linger_at is not None and now >= self._linger_at:
+        timers = self.timers
+        if timers.expired(Timer.LINGER, now):
             self._enter_closed()
             return
-        if self._rack_at is not None and now >= self._rack_at:
-            self._rack_at = None
+        if timers.expired(Timer.RACK, now):
             self._detect_losses()
             if self._in_recovery:
                 self._prr(0)
             self._output()
-        if self._retransmit_at is not None and now >= self._retransmit_at:
-            if self._retransmit_at == self._probe_at:
-                self._send_tail_probe()
-            else:
-                self._on_retransmit_timeout()
-        if self._persist_at is not None and now >= self._persist_at:
+        if timers.expired(Timer.TAIL_PROBE, now):
+            self._send_tail_probe()
+        if timers.expired(Timer.RETRANSMIT, now):
+            self._on_retransmit_timeout()
+        if timers.expired(Timer.PERSIST, now):
             self._on_persist_timeout()
-        if self._delayed_ack_at is not None and now >= self._delayed_ack_at:
-            self._delayed_ack_at = None
+        if timers.expired(Timer.DELAYED_ACK, now):
             self._ack_now = True
         keepalive_at = self._keepalive_at()
         if keepalive_at is not None and now >= keepalive_at:
             self._on_keepalive_timeout()
 
     def _on_retransmit_timeout(self) -> None:
-        self._retransmit_at = None
         now = self._now
         if self._stall_start is None:
             self._stall_start = now - self.rtt.rto     # when the head went out, near enough
@@ -603,7 +582,7 @@ class TcpConnection:
         self._in_loss = True
         self._dupacks = 0
         self._recover = self.snd_max
-        self._rack_at = None
+        self.timers.rack = None
         # RFC 8985 section 6.3: the head is lost, and what was sent a RACK
         # RTT and reordering window ago; SACKed data stays SACKed unless the
         # peer reneged.  Without SACK nothing tells more: all of it goes again.
@@ -612,7 +591,7 @@ class TcpConnection:
                                    not self.sack_enabled)
         self._retransmit_from(self.snd_una, seq_diff(self.snd_max, self.snd_una))
         self._output()
-        if self._retransmit_at is None:
+        if not self.timers.retransmit_armed():
             self._arm_retransmit(now)
         self._clamp_to_user_timeout()
 
@@ -625,13 +604,14 @@ class TcpConnection:
     def _clamp_to_user_timeout(self) -> None:
         """Fire no later than the user timeout, so it is kept to the timer
         granularity rather than to the next backed-off retransmission."""
-        if self.user_timeout > 0 and self._retransmit_at is not None:
+        timers = self.timers
+        armed = timers.retransmit if timers.retransmit is not None else timers.tail_probe
+        if self.user_timeout > 0 and armed is not None:
             give_up = self._stall_start + self.user_timeout
-            if give_up < self._retransmit_at:
-                self._retransmit_at = give_up
+            if give_up < armed:
+                timers.arm_retransmit(give_up)
 
     def _on_persist_timeout(self) -> None:
-        self._persist_at = None
         self._probes_unanswered += 1
         if self._user_timed_out() or self._probes_unanswered > self.config.retries:
             self._fail(errno.ETIMEDOUT)
@@ -667,8 +647,8 @@ class TcpConnection:
         if seq_gt(self.snd_nxt, self.snd_max):
             self.snd_max = self.snd_nxt
         self._persist_backoff = 0
-        if self._retransmit_at is None:
-            self._retransmit_at = self._now + self.rtt.rto
+        if not self.timers.retransmit_armed():
+            self.timers.arm_retransmit(self._now + self.rtt.rto)
         return True
 
     def _on_keepalive_timeout(self) -> None:
@@ -697,7 +677,7 @@ class TcpConnection:
             self._stall_start = self._now
         interval = min(max(self.rtt.rto, self.config.min_rto) * (1 << self._persist_backoff),
                        self.config.max_rto)
-        self._persist_at = self._now + interval
+        self.timers.persist = self._now + interval
 
     # ----------------------------------------------------------- receive
 
@@ -753,7 +733,7 @@ class TcpConnection:
                 return
             self._answer_invalid(seg_len)
             if state == TIME_WAIT and flags & FIN:
-                self._linger_at = now + self.config.time_wait
+                self.timers.linger = now + self.config.time_wait
             return
 
         if flags & (RST | SYN | ACK) != ACK:
@@ -826,7 +806,7 @@ class TcpConnection:
             self._output()
         else:
             self.state = SYN_RECEIVED      # simultaneous open
-            self._retransmit_at = None
+            self.timers.retransmit = None
             self._send_syn()
 
     def _on_syn_again(self, seg: TcpSegment) -> None:
@@ -922,7 +902,7 @@ class TcpConnection:
         if (((wl1 - seq) & _MASK) >= _HALF
                 or (wl1 == seq and ((ack - self.snd_wl2) & _MASK) < _HALF)):
             if window and not self.snd_wnd:
-                self._persist_at = None
+                self.timers.persist = None
                 self._persist_backoff = 0
             self.snd_wnd = window
             self.snd_wl1 = seq
@@ -936,7 +916,7 @@ class TcpConnection:
             if state == FIN_WAIT_1:
                 self.state = FIN_WAIT_2
                 if self._orphaned:
-                    self._linger_at = self._now + self.config.fin_wait2_timeout
+                    self.timers.linger = self._now + self.config.fin_wait2_timeout
             elif state == CLOSING:
                 self._enter_time_wait()
             elif state == LAST_ACK:
@@ -1001,7 +981,7 @@ class TcpConnection:
             self._on_sack(seg.sack_blocks, (ack - snd_una) & _MASK, sacked_before)
 
         if ack == self.snd_max:
-            self._retransmit_at = None
+            self.timers.retransmit = self.timers.tail_probe = None
         else:
             self._arm_retransmit(now)
 
@@ -1036,7 +1016,7 @@ class TcpConnection:
         else:
             self._retransmit_head()
             self.cwnd = self.ssthresh + 3 * self.send_mss
-        self._retransmit_at = now + self.rtt.rto
+        self.timers.arm_retransmit(now + self.rtt.rto)
 
     def _end_recovery(self, timestamp) -> None:
         """The recovery point is acknowledged: cwnd falls to ssthresh (RFC
@@ -1084,7 +1064,7 @@ class TcpConnection:
         now = self._now
         reo_wnd = board.reo_wnd(self.rtt.srtt, self._in_recovery or self._in_loss, self.send_mss)
         lost, timeout = board.detect_loss(now, reo_wnd)
-        self._rack_at = now + timeout if timeout else None
+        self.timers.rack = now + timeout if timeout else None
         if lost and not self._in_recovery and not self._in_loss:
             self._enter_recovery()
 
@@ -1188,8 +1168,8 @@ class TcpConnection:
                 self._rcv_unacked += taken
             if taken < len(payload) or self._rcv_unacked >= 2 * self._rcv_mss:
                 self._ack_now = True
-            elif self._delayed_ack_at is None:
-                self._delayed_ack_at = self._now + self.config.delayed_ack
+            elif self.timers.delayed_ack is None:
+                self.timers.delayed_ack = self._now + self.config.delayed_ack
             return
         assembler.add(offset, payload)
         if offset:
@@ -1252,7 +1232,7 @@ class TcpConnection:
         self._dupacks = 0
         self._recover = self.snd_max
         self._board.forget()
-        self._rack_at = None
+        self.timers.rack = None
         self._rtt_seq = None               # Karn: never time a retransmission
         # The short segment Nagle waits on was dropped with the rest: the
         # resent tail may go at once and becomes the one to wait on.
@@ -1351,8 +1331,8 @@ class TcpConnection:
             snd_nxt = (snd_nxt + 1) & _MASK
             sent = True
         if not sent:
-            if (unsent > 0 and snd_nxt == snd_una and self._retransmit_at is None
-                    and self._persist_at is None):
+            if (unsent > 0 and snd_nxt == snd_una and not self.timers.retransmit_armed()
+                    and self.timers.persist is None):
                 self._arm_persist()       # zero or silly window, nothing in flight
             return
         if snd_nxt != first_new:
@@ -1365,8 +1345,8 @@ class TcpConnection:
             self.snd_nxt = snd_nxt
             if seq_gt(snd_nxt, self.snd_max):
                 self.snd_max = snd_nxt
-        self._persist_at = None
-        if self._retransmit_at is None:
+        self.timers.persist = None
+        if not self.timers.retransmit_armed():
             self._arm_retransmit(self._now)
 
     def _arm_retransmit(self, now: float) -> None:
@@ -1374,7 +1354,6 @@ class TcpConnection:
         section 7) when one can recover a lost tail, or the lost ACKs of a
         flight, in a few round trips instead of a timeout."""
         rto_at = now + self.rtt.rto
-        self._retransmit_at = rto_at
         if (self.sack_enabled and not self._in_recovery and not self._in_loss and self._retries == 0
                 and self.rtt.srtt is not None and (1 << self.state) & _SENDING):
             pto = 2 * self.rtt.srtt
@@ -1383,13 +1362,14 @@ class TcpConnection:
             if seq_diff(self.snd_max, self.snd_una) <= self.send_mss:
                 pto += _TLP_DELAYED_ACK
             if now + pto < rto_at:
-                self._retransmit_at = self._probe_at = now + pto
+                self.timers.arm_tail_probe(now + pto)
+                return
+        self.timers.arm_retransmit(rto_at)
 
     def _send_tail_probe(self) -> None:
         """New data if the peer's window has room, else the last segment
         again: either way the peer's answer (SACK) shows what was lost."""
-        self._probe_at = None
-        self._retransmit_at = self._now + self.rtt.rto  # counted from the probe
+        self.timers.arm_retransmit(self._now + self.rtt.rto)  # counted from the probe
         self.recovery_counts["tail_loss_probes"] += 1
         if self._send_window_filler():
             return
@@ -1489,7 +1469,7 @@ class TcpConnection:
                 segment.sack_blocks = tuple(((rcv_nxt + left) & _MASK, (rcv_nxt + right) & _MASK)
                                             for left, right in blocks)
         self._ack_now = False
-        self._delayed_ack_at = None
+        self.timers.delayed_ack = None
         self._rcv_unacked = 0
         self._last_ack_sent = rcv_nxt
         self.outbox.append(segment)
@@ -1539,21 +1519,15 @@ class TcpConnection:
 
     def _enter_time_wait(self) -> None:
         self.state = TIME_WAIT
-        self._retransmit_at = None
-        self._rack_at = None
-        self._persist_at = None
-        self._delayed_ack_at = None
-        self._linger_at = self._now + self.config.time_wait
+        self.timers.stop_sending()
+        self.timers.linger = self._now + self.config.time_wait
 
     def _enter_closed(self) -> None:
         self.state = CLOSED
         self.events |= EV_CLOSED
         self._ack_now = False
-        self._retransmit_at = None
-        self._rack_at = None
-        self._persist_at = None
-        self._delayed_ack_at = None
-        self._linger_at = None
+        self.timers.stop_sending()
+        self.timers.linger = None
         self._assembler.clear()
 
     def _fail(self, error: int) -> None:

@@ -179,7 +179,7 @@ def test_zero_window_is_probed_with_backoff_until_it_opens(tcp_established):
     assert t.recv() == [probe]
     t.send(t.rx(ACK, t.R + 1, t.L + 101, window=1000))
     assert t.recv() == [t.tx(ACK | PSH, t.L + 101, t.R + 1, b"b" * 100)]
-    assert t.conn._persist_at is None
+    assert t.conn.timers.persist is None
 
 
 def test_transfer_across_sequence_wraparound(make_tcp_trace):

@@ -111,7 +111,7 @@ def test_sender_holds_a_runt_the_window_forces_until_the_persist_timer(tcp_estab
     t.send(t.rx(ACK, t.R + 1, t.L + 1, window=100))
     t.write(b"y" * 1000)
     assert t.recv() == []                                 # 100 < 65535 / 2: silly
-    assert t.conn._persist_at is not None
+    assert t.conn.timers.persist is not None
     t.wait_for_timer()
     # The override: what the window takes, in one segment.
     assert t.recv() == [t.tx(ACK, t.L + 1, t.R + 1, b"y" * 100)]
