@@ -19,6 +19,11 @@ the send path reads them without an indirection, and calls the controller:
   on_undo(conn)                       the last reduction was spurious: the
                                       connection restored cwnd and ssthresh;
                                       restore the controller's own state.
+  on_transmit_start(conn, idle, now)  new data goes out with nothing in
+                                      flight, `idle` seconds after the last
+                                      transmission (Linux CA_EVENT_TX_START);
+                                      the connection restarts cwnd itself
+                                      if the pause was long (RFC 5681 4.1).
 
 Both grow the window the same way below ssthresh (slow start, counting
 bytes as Linux does, RFC 3465); they differ in congestion avoidance and in
@@ -76,6 +81,9 @@ class NewReno:
 
     def on_undo(self, conn) -> None:
         pass                               # nothing of its own beyond cwnd
+
+    def on_transmit_start(self, conn, idle: float, now: float) -> None:
+        pass                               # no clock of its own
 
 
 class Cubic:
@@ -151,6 +159,13 @@ class Cubic:
         after slow start then has K = 0 and W_max = the window it starts at."""
         self.on_congestion(conn, flight, now)
         self._w_max = 0.0
+
+    def on_transmit_start(self, conn, idle: float, now: float) -> None:
+        """Time the application left the connection idle is not time on
+        the curve (RFC 9438 5.8, as Linux's CUBIC): the epoch moves on by
+        it, or W(t) would jump by the whole pause at the next ACK."""
+        if self._epoch_start is not None:
+            self._epoch_start = min(self._epoch_start + idle, now)
 
     def on_undo(self, conn) -> None:
         """RFC 9438 4.9: a spurious reduction takes back the curve too."""

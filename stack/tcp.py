@@ -89,6 +89,7 @@ class TcpConfig:
     syn_retries = 6
     retries = 15                 # data retransmissions before ETIMEDOUT
     initial_window_segments = 10
+    slow_start_after_idle = True  # Linux tcp_slow_start_after_idle: cwnd restarts after an idle RTO
     nodelay = False
     keepalive = False
     keepidle = 7200.0
@@ -205,7 +206,7 @@ class TcpConnection:
         "cwnd", "ssthresh", "_cc", "_dupacks", "_in_recovery", "_in_loss", "_recover",
         "_board", "_prr_delivered", "_prr_out", "_recover_fs",
         "_undo_marker", "_undo_retrans", "_undo_cwnd", "_undo_ssthresh", "_retrans_stamp",
-        "rtt", "_rtt_seq", "_rtt_time", "_retries", "_stall_start",
+        "rtt", "_rtt_seq", "_rtt_time", "_retries", "_stall_start", "_last_tx",
         # receive sequence space
         "irs", "rcv_nxt", "rcv_adv", "rcv_wscale", "_rcv_mss", "_rcv_buf_size", "_sws_threshold",
         "_rcv_unacked", "_last_ack_sent", "_assembler", "_rcv_fin_seq",
@@ -278,6 +279,7 @@ class TcpConnection:
         self._rtt_time = 0.0
         self._retries = 0
         self._stall_start = None           # since when data or probes go unanswered
+        self._last_tx = now                # when data last went out (Linux lsndtime)
 
         space = recv_buf.space()
         self.irs = 0
@@ -1260,6 +1262,8 @@ class TcpConnection:
         if data_end == snd_nxt and fin_seq is None and not board.lost:
             return                         # all sent: the common case on receive
         snd_una = self.snd_una
+        if snd_una == self.snd_max:
+            self._start_after_idle()
         mss = self.send_mss
         # With segmentation offload, one segment carries whole MSS-sized
         # pieces up to the device's limit; the device cuts it on the wire.
@@ -1348,6 +1352,30 @@ class TcpConnection:
         self.timers.persist = None
         if not self.timers.retransmit_armed():
             self._arm_retransmit(self._now)
+
+    def _start_after_idle(self) -> None:
+        """New data is about to go with nothing in flight.  The congestion
+        control hears how long the connection was idle; after more than an
+        RTO the window it earned no longer says what the path holds, so
+        cwnd halves for every RTO of the pause, down to the initial window
+        (RFC 5681 4.1 and RFC 2861, as Linux's tcp_cwnd_restart)."""
+        now = self._now
+        idle = now - self._last_tx
+        self._last_tx = now
+        if idle <= 0:
+            return
+        self._cc.on_transmit_start(self, idle, now)
+        rto = self.rtt.rto
+        if not self.config.slow_start_after_idle or idle <= rto:
+            return
+        cwnd = self.cwnd
+        restart = min(self.config.initial_window_segments * self.send_mss, cwnd)
+        self.ssthresh = max(self.ssthresh, cwnd * 3 // 4)
+        idle -= rto
+        while idle > 0 and cwnd > restart:
+            cwnd >>= 1
+            idle -= rto
+        self.cwnd = max(cwnd, restart)
 
     def _arm_retransmit(self, now: float) -> None:
         """The retransmission timer, preceded by a tail loss probe (RFC 8985
@@ -1454,6 +1482,8 @@ class TcpConnection:
 
     def _segment(self, seq: int, flags: int, payload) -> None:
         """Queue a segment that carries our current ACK, window and options."""
+        if payload:
+            self._last_tx = self._now
         rcv_nxt = self.rcv_nxt
         segment = TcpSegment(self.local_port, self.remote_port, seq, rcv_nxt, flags,
                              self._advertise_window(), payload)

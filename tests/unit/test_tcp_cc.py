@@ -136,3 +136,64 @@ def test_cubic_undo_takes_back_the_curve_with_the_window():
     controller.on_congestion(conn, conn.cwnd, now)       # then a spurious one
     controller.on_undo(conn)
     assert (controller._w_max, controller._k, controller._epoch_start) == curve
+
+
+def test_cubic_does_not_count_an_idle_pause_as_time_on_its_curve():
+    """RFC 9438 5.8 (Linux CA_EVENT_TX_START): the epoch moves on by the pause."""
+    controller, conn = cc.Cubic(), window(100)
+    controller.on_congestion(conn, 100 * MSS, 0.0)
+    conn.cwnd = conn.ssthresh
+    now = run_rtts(controller, conn, 3, start=1.0)
+    epoch, cwnd = controller._epoch_start, conn.cwnd
+    controller.on_transmit_start(conn, 30.0, now + 30.0)
+    assert controller._epoch_start == epoch + 30.0
+    controller.on_ack(conn, MSS, now + 30.0)
+    assert conn.cwnd - cwnd < MSS                        # where it was, not 30 s up the curve
+
+
+def grown_connection(make_tcp_trace, segments, **config):
+    """An established connection whose cwnd grew to `segments` in slow
+    start, everything acknowledged."""
+    t = make_tcp_trace(config=TcpConfig(timestamps=False, **config), send_buffer_size=200 * 1460)
+    t.establish()
+    while t.conn.cwnd < segments * 1460:
+        t.write(bytes(t.conn.cwnd))
+        t.recv()
+        t.now += 0.010
+        t.send(t.rx(ACK, t.R + 1, t.conn.snd_max))
+    t.recv()
+    t.conn.cwnd = segments * 1460
+    return t
+
+
+def test_after_idle_longer_than_rto_cwnd_halves_per_rto_down_to_the_initial_window(make_tcp_trace):
+    t = grown_connection(make_tcp_trace, 80)
+    t.conn.ssthresh = 40 * 1460
+    rto = t.conn.rtt.rto
+    t.now += 2.5 * rto                                   # idle: two halvings
+    t.write(bytes(100 * 1460))
+    assert len(t.recv()) == 20
+    # ssthresh keeps three quarters of what the window was (Linux
+    # tcp_current_ssthresh), so slow start climbs back quickly.
+    assert (t.conn.cwnd, t.conn.ssthresh) == (20 * 1460, 60 * 1460)
+
+
+def test_after_a_long_idle_cwnd_is_the_initial_window(make_tcp_trace):
+    t = grown_connection(make_tcp_trace, 80)
+    t.now += 10 * t.conn.rtt.rto
+    t.write(bytes(100 * 1460))
+    assert len(t.recv()) == 10 and t.conn.cwnd == 10 * 1460
+
+
+def test_a_pause_shorter_than_rto_keeps_the_window(make_tcp_trace):
+    t = grown_connection(make_tcp_trace, 30)
+    t.now += 0.5 * t.conn.rtt.rto
+    t.write(bytes(40 * 1460))
+    assert len(t.recv()) == 30
+
+
+def test_restart_after_idle_can_be_turned_off(make_tcp_trace):
+    t = grown_connection(make_tcp_trace, 30, slow_start_after_idle=False)
+    t.now += 10 * t.conn.rtt.rto
+    t.write(bytes(40 * 1460))
+    assert len(t.recv()) == 30
