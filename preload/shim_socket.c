@@ -6,8 +6,10 @@
 
 #include <arpa/inet.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <stddef.h>
 #include <linux/capability.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -77,10 +79,126 @@ static void ip_text(uint32_t ip, char out[16])
     inet_ntop(AF_INET, &a, out, 16);
 }
 
+static int fail(int err)
+{
+    errno = err;
+    return -1;
+}
+
 static uint32_t timeval_ms(const struct timeval *tv)
 {
     uint64_t ms = (uint64_t)tv->tv_sec * 1000 + (uint64_t)(tv->tv_usec + 999) / 1000;
     return ms > UINT32_MAX ? UINT32_MAX : (uint32_t)ms;
+}
+
+/* ---- integer options ------------------------------------------------------ */
+
+/* How setsockopt checks a value and getsockopt reads it back, as Linux. */
+enum int_option_kind {
+    OPT_FLAG,          /* any value, stored as 0 or 1 */
+    OPT_RANGE,         /* lo..hi, else EINVAL */
+    OPT_MSS,           /* 0 (unset) or lo..hi, else EINVAL; reads back the MSS in use */
+    OPT_DEFER_SECONDS, /* negative is 0; read back as the SYN-ACK schedule covers it */
+};
+
+/* The integer options the slot keeps: each one's check, its field, what
+ * getsockopt shows while the field is 0 (Linux's default) and the MTS_OPT_*
+ * change the stack must hear of.  docs/socket-options.md says which the
+ * stack honours. */
+static const struct int_option {
+    int level, name;
+    enum int_option_kind kind;
+    int lo, hi;
+    size_t field;
+    uint32_t unset;
+    uint32_t change;
+} int_options[] = {
+#define FIELD(name) offsetof(struct mts_slot, name)
+    {SOL_SOCKET, SO_REUSEADDR, OPT_FLAG, 0, 0, FIELD(opt_reuseaddr), 0, 0},
+    {SOL_SOCKET, SO_REUSEPORT, OPT_FLAG, 0, 0, FIELD(opt_reuseport), 0, 0},
+    {SOL_SOCKET, SO_KEEPALIVE, OPT_FLAG, 0, 0, FIELD(opt_keepalive), 0, MTS_OPT_KEEPALIVE},
+    {IPPROTO_TCP, TCP_NODELAY, OPT_FLAG, 0, 0, FIELD(opt_nodelay), 0, MTS_OPT_NODELAY},
+    {IPPROTO_TCP, TCP_CORK, OPT_FLAG, 0, 0, FIELD(opt_cork), 0, MTS_OPT_CORK},
+    {IPPROTO_TCP, TCP_QUICKACK, OPT_FLAG, 0, 0, FIELD(opt_quickack), 0, 0},
+    {IPPROTO_TCP, TCP_KEEPIDLE, OPT_RANGE, 1, 32767, FIELD(opt_keepidle), 7200, MTS_OPT_KEEPALIVE},
+    {IPPROTO_TCP, TCP_KEEPINTVL, OPT_RANGE, 1, 32767, FIELD(opt_keepintvl), 75, MTS_OPT_KEEPALIVE},
+    {IPPROTO_TCP, TCP_KEEPCNT, OPT_RANGE, 1, 127, FIELD(opt_keepcnt), 9, MTS_OPT_KEEPALIVE},
+    {IPPROTO_TCP, TCP_USER_TIMEOUT, OPT_RANGE, 0, INT_MAX, FIELD(opt_user_timeout_ms), 0, MTS_OPT_USER_TIMEOUT},
+    {IPPROTO_TCP, TCP_MAXSEG, OPT_MSS, 88, 32767, FIELD(opt_maxseg), 0, 0},
+    {IPPROTO_TCP, TCP_DEFER_ACCEPT, OPT_DEFER_SECONDS, 0, 0, FIELD(opt_defer_accept), 0, 0},
+#undef FIELD
+};
+
+static const struct int_option *int_option(int level, int name)
+{
+    for (size_t i = 0; i < sizeof(int_options) / sizeof(int_options[0]); i++)
+        if (int_options[i].level == level && int_options[i].name == name)
+            return &int_options[i];
+    return NULL;
+}
+
+static uint32_t *int_option_field(struct mts_slot *s, const struct int_option *o)
+{
+    return (uint32_t *)((char *)s + o->field);
+}
+
+/* Linux keeps TCP_DEFER_ACCEPT as a count of SYN-ACK retransmissions
+ * (1 s, doubling, at most 120 s apart) and reads back the seconds they
+ * cover. */
+static uint32_t defer_seconds_covered(uint32_t seconds)
+{
+    if (seconds == 0)
+        return 0;
+    uint32_t timeout = 1, covered = 1;
+    for (int retransmits = 1; seconds > covered && retransmits < 255; retransmits++) {
+        timeout = timeout * 2 > 120 ? 120 : timeout * 2;
+        covered += timeout;
+    }
+    return covered;
+}
+
+/* setsockopt's value into the slot: 0, or -1 with errno. */
+static int int_option_set(struct mts_slot *s, const struct int_option *o, int value)
+{
+    uint32_t *field = int_option_field(s, o);
+    switch (o->kind) {
+    case OPT_FLAG:
+        *field = value != 0;
+        return 0;
+    case OPT_MSS:
+        if (value == 0) {
+            *field = 0;
+            return 0;
+        }
+        /* fall through */
+    case OPT_RANGE:
+        if (value < o->lo || value > o->hi)
+            return fail(EINVAL);
+        *field = (uint32_t)value;
+        return 0;
+    case OPT_DEFER_SECONDS:
+        *field = value > 0 ? (uint32_t)value : 0;
+        return 0;
+    }
+    return fail(EINVAL);
+}
+
+static int int_option_get(struct mts_slot *s, const struct int_option *o)
+{
+    uint32_t value = *int_option_field(s, o);
+    switch (o->kind) {
+    case OPT_DEFER_SECONDS:
+        return (int)defer_seconds_covered(value);
+    case OPT_MSS: {
+        /* Unconnected, Linux shows the setting or RFC 9293's default MSS. */
+        uint32_t state = __atomic_load_n(&s->state, __ATOMIC_ACQUIRE);
+        if (state != MTS_ST_CONNECTING && state != MTS_ST_CONNECTED)
+            return value ? (int)value : 536;
+        return value && value < DEFAULT_MSS ? (int)value : DEFAULT_MSS;
+    }
+    default:
+        return (int)(value ? value : o->unset);
+    }
 }
 
 /* Options the program set while the socket was still the kernel's. */
@@ -88,23 +206,15 @@ static void copy_kernel_options(int fd, struct mts_slot *s)
 {
     int v;
     socklen_t len;
-#define COPY_INT(level, name, field)                                                               \
-    do {                                                                                           \
-        len = sizeof(v);                                                                           \
-        if (shim_real.getsockopt(fd, level, name, &v, &len) == 0)                                  \
-            s->field = (uint32_t)v;                                                                \
-    } while (0)
-    COPY_INT(SOL_SOCKET, SO_REUSEADDR, opt_reuseaddr);
-    COPY_INT(SOL_SOCKET, SO_REUSEPORT, opt_reuseport);
-    COPY_INT(SOL_SOCKET, SO_KEEPALIVE, opt_keepalive);
-    COPY_INT(IPPROTO_TCP, TCP_NODELAY, opt_nodelay);
-    COPY_INT(IPPROTO_TCP, TCP_CORK, opt_cork);
-    COPY_INT(IPPROTO_TCP, TCP_KEEPIDLE, opt_keepidle);
-    COPY_INT(IPPROTO_TCP, TCP_KEEPINTVL, opt_keepintvl);
-    COPY_INT(IPPROTO_TCP, TCP_KEEPCNT, opt_keepcnt);
-    COPY_INT(IPPROTO_TCP, TCP_DEFER_ACCEPT, opt_defer_accept);
-    COPY_INT(IPPROTO_TCP, TCP_USER_TIMEOUT, opt_user_timeout_ms);
-#undef COPY_INT
+    for (size_t i = 0; i < sizeof(int_options) / sizeof(int_options[0]); i++) {
+        const struct int_option *o = &int_options[i];
+        /* The kernel reads back its current MSS there, not a setting. */
+        if (o->level == IPPROTO_TCP && o->name == TCP_MAXSEG)
+            continue;
+        len = sizeof(v);
+        if (shim_real.getsockopt(fd, o->level, o->name, &v, &len) == 0)
+            int_option_set(s, o, v);
+    }
     struct linger linger;
     len = sizeof(linger);
     if (shim_real.getsockopt(fd, SOL_SOCKET, SO_LINGER, &linger, &len) == 0) {
@@ -172,12 +282,6 @@ static int become_stack_socket(int fd, uint32_t *slot_out)
     *slot_out = (uint32_t)id;
     SHIM_DEBUG("fd %d: stack socket, slot %d%s", fd, id, nonblock ? ", nonblocking" : "");
     return 0;
-}
-
-static int fail(int err)
-{
-    errno = err;
-    return -1;
 }
 
 static int stack_bind(int fd, uint32_t slot, uint32_t ip, uint16_t port)
@@ -430,16 +534,28 @@ int shutdown(int fd, int how)
     return shim_cmd_async(MTS_OP_SHUTDOWN, slot, (uint64_t)how);
 }
 
+/* A stack socket's own address (getsockname) or its peer's (getpeername). */
+static int stack_address(uint32_t slot, struct sockaddr *addr, socklen_t *len, int peer)
+{
+    if (!addr || !len)
+        return fail(EFAULT);
+    struct mts_slot *s = shim_slot(slot);
+    if (!peer) {
+        fill_address(addr, len, s->local_ip, s->local_port);
+        return 0;
+    }
+    if (__atomic_load_n(&s->state, __ATOMIC_ACQUIRE) != MTS_ST_CONNECTED)
+        return fail(ENOTCONN);
+    fill_address(addr, len, s->remote_ip, s->remote_port);
+    return 0;
+}
+
 int getsockname(int fd, struct sockaddr *addr, socklen_t *len)
 {
     uint32_t slot;
     if (!shim_stack_fd(fd, &slot))
         return shim_real.getsockname(fd, addr, len);
-    if (!addr || !len)
-        return fail(EFAULT);
-    struct mts_slot *s = shim_slot(slot);
-    fill_address(addr, len, s->local_ip, s->local_port);
-    return 0;
+    return stack_address(slot, addr, len, 0);
 }
 
 int getpeername(int fd, struct sockaddr *addr, socklen_t *len)
@@ -447,13 +563,7 @@ int getpeername(int fd, struct sockaddr *addr, socklen_t *len)
     uint32_t slot;
     if (!shim_stack_fd(fd, &slot))
         return shim_real.getpeername(fd, addr, len);
-    if (!addr || !len)
-        return fail(EFAULT);
-    struct mts_slot *s = shim_slot(slot);
-    if (__atomic_load_n(&s->state, __ATOMIC_ACQUIRE) != MTS_ST_CONNECTED)
-        return fail(ENOTCONN);
-    fill_address(addr, len, s->remote_ip, s->remote_port);
-    return 0;
+    return stack_address(slot, addr, len, 1);
 }
 
 /* ---- options -------------------------------------------------------------------- */
@@ -529,6 +639,9 @@ static int tcp_state_of(struct mts_slot *s)
 static int stack_getsockopt(uint32_t slot, int level, int name, void *val, socklen_t *len)
 {
     struct mts_slot *s = shim_slot(slot);
+    const struct int_option *option = int_option(level, name);
+    if (option)
+        return put_int(val, len, int_option_get(s, option));
     if (level == SOL_SOCKET) {
         switch (name) {
         case SO_ERROR:
@@ -541,12 +654,6 @@ static int stack_getsockopt(uint32_t slot, int level, int name, void *val, sockl
             return put_int(val, len, IPPROTO_TCP);
         case SO_ACCEPTCONN:
             return put_int(val, len, __atomic_load_n(&s->state, __ATOMIC_ACQUIRE) == MTS_ST_LISTENING);
-        case SO_REUSEADDR:
-            return put_int(val, len, (int)s->opt_reuseaddr);
-        case SO_REUSEPORT:
-            return put_int(val, len, (int)s->opt_reuseport);
-        case SO_KEEPALIVE:
-            return put_int(val, len, (int)s->opt_keepalive);
         case SO_LINGER: {
             struct linger linger = {.l_onoff = (int)s->opt_linger_on, .l_linger = (int)s->opt_linger_sec};
             return put_value(val, len, &linger, sizeof(linger));
@@ -573,24 +680,6 @@ static int stack_getsockopt(uint32_t slot, int level, int name, void *val, sockl
     }
     if (level == IPPROTO_TCP) {
         switch (name) {
-        case TCP_NODELAY:
-            return put_int(val, len, (int)s->opt_nodelay);
-        case TCP_CORK:
-            return put_int(val, len, (int)s->opt_cork);
-        case TCP_KEEPIDLE:
-            return put_int(val, len, s->opt_keepidle ? (int)s->opt_keepidle : 7200);
-        case TCP_KEEPINTVL:
-            return put_int(val, len, s->opt_keepintvl ? (int)s->opt_keepintvl : 75);
-        case TCP_KEEPCNT:
-            return put_int(val, len, s->opt_keepcnt ? (int)s->opt_keepcnt : 9);
-        case TCP_MAXSEG:
-            return put_int(val, len, s->opt_maxseg ? (int)s->opt_maxseg : DEFAULT_MSS);
-        case TCP_DEFER_ACCEPT:
-            return put_int(val, len, (int)s->opt_defer_accept);
-        case TCP_QUICKACK:
-            return put_int(val, len, (int)s->opt_quickack);
-        case TCP_USER_TIMEOUT:
-            return put_int(val, len, (int)s->opt_user_timeout_ms);
         case TCP_CONGESTION: {
             char name[MTS_CONGESTION_NAME_MAX] = "";
             if (s->opt_congestion[0])
@@ -637,21 +726,14 @@ static int stack_setsockopt(int fd, uint32_t slot, int level, int name, const vo
         if (len < (socklen_t)(size))                                                               \
             return fail(EINVAL);                                                                   \
     } while (0)
-    if (level == SOL_SOCKET) {
+    const struct int_option *option = int_option(level, name);
+    if (option) {
+        NEED(sizeof(int));
+        if (int_option_set(s, option, value) < 0)
+            return -1;
+        changed = option->change;
+    } else if (level == SOL_SOCKET) {
         switch (name) {
-        case SO_REUSEADDR:
-            NEED(sizeof(int));
-            s->opt_reuseaddr = value != 0;
-            break;
-        case SO_REUSEPORT:
-            NEED(sizeof(int));
-            s->opt_reuseport = value != 0;
-            break;
-        case SO_KEEPALIVE:
-            NEED(sizeof(int));
-            s->opt_keepalive = value != 0;
-            changed = MTS_OPT_KEEPALIVE;
-            break;
         case SO_LINGER: {
             NEED(sizeof(struct linger));
             struct linger linger;
@@ -663,14 +745,11 @@ static int stack_setsockopt(int fd, uint32_t slot, int level, int name, const vo
         }
         case SO_RCVBUF:
         case SO_RCVBUFFORCE:
-            NEED(sizeof(int));
-            s->opt_rcvbuf = value > 0 ? (uint32_t)value : 0;
-            changed = MTS_OPT_BUFFERS;
-            break;
         case SO_SNDBUF:
         case SO_SNDBUFFORCE:
             NEED(sizeof(int));
-            s->opt_sndbuf = value > 0 ? (uint32_t)value : 0;
+            *(name == SO_RCVBUF || name == SO_RCVBUFFORCE ? &s->opt_rcvbuf : &s->opt_sndbuf) =
+                value > 0 ? (uint32_t)value : 0;
             changed = MTS_OPT_BUFFERS;
             break;
         case SO_RCVTIMEO:
@@ -697,47 +776,6 @@ static int stack_setsockopt(int fd, uint32_t slot, int level, int name, const vo
         }
     } else if (level == IPPROTO_TCP) {
         switch (name) {
-        case TCP_NODELAY:
-            NEED(sizeof(int));
-            s->opt_nodelay = value != 0;
-            changed = MTS_OPT_NODELAY;
-            break;
-        case TCP_CORK:
-            NEED(sizeof(int));
-            s->opt_cork = value != 0;
-            changed = MTS_OPT_CORK;
-            break;
-        case TCP_KEEPIDLE:
-        case TCP_KEEPINTVL:
-        case TCP_KEEPCNT:
-            NEED(sizeof(int));
-            if (value < 1 || value > 32767)
-                return fail(EINVAL);
-            *(name == TCP_KEEPIDLE ? &s->opt_keepidle : name == TCP_KEEPINTVL ? &s->opt_keepintvl
-                                                                              : &s->opt_keepcnt) = (uint32_t)value;
-            changed = MTS_OPT_KEEPALIVE;
-            break;
-        case TCP_MAXSEG:
-            NEED(sizeof(int));
-            if (value != 0 && (value < 88 || value > 65535))
-                return fail(EINVAL);
-            s->opt_maxseg = (uint32_t)value;
-            break;
-        case TCP_DEFER_ACCEPT:
-            NEED(sizeof(int));
-            s->opt_defer_accept = value > 0 ? (uint32_t)value : 0;
-            break;
-        case TCP_QUICKACK:
-            NEED(sizeof(int));
-            s->opt_quickack = value != 0;
-            break;
-        case TCP_USER_TIMEOUT:
-            NEED(sizeof(int));
-            if (value < 0)
-                return fail(EINVAL);
-            s->opt_user_timeout_ms = (uint32_t)value;
-            changed = MTS_OPT_USER_TIMEOUT;
-            break;
         case TCP_CONGESTION: {
             if (!val)
                 return fail(EFAULT);

@@ -241,3 +241,15 @@ def test_ports_below_the_namespaces_unprivileged_start_need_cap_net_bind_service
         "bind_81_as_nobody -1 EACCES",
         "bind_8081_as_nobody 0",
     ]
+
+
+def test_integer_options_read_back_as_the_kernel_s_do(run_probe):
+    """The same setsockopt and getsockopt calls on a kernel socket and on
+    a stack socket: every result, errno and value read back is the same."""
+    trace = run_probe.run("options")
+    assert trace[0] == "kernel_socket 1 0"
+    for line in trace[1:]:
+        what, calls = line.split(": ", 1)
+        for call in calls.split(", "):
+            kernel, stack = call.split(" ", 1)[1].split(" | ")
+            assert kernel == stack, f"{what}: {call}"

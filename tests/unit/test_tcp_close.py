@@ -1,4 +1,5 @@
-"""Closing: FIN in both orders, half-close, TIME_WAIT, resets, challenge ACKs."""
+"""Closing: FIN in both orders (simultaneous close is in test_tcp_states), half-close,
+TIME_WAIT, resets, challenge ACKs."""
 import errno
 
 import pytest
@@ -67,17 +68,6 @@ def test_fin_follows_the_queued_data(tcp_established):
     t.conn.close(t.now)
     assert t.recv() == [t.tx(ACK, t.L + 1461, t.R + 1, b"b" * 1460),
                         t.tx(ACK | PSH | FIN, t.L + 2921, t.R + 1, b"b" * 540)]
-
-
-def test_simultaneous_close(tcp_established):
-    t = tcp_established
-    t.conn.close(t.now)
-    assert t.recv() == [t.tx(ACK | FIN, t.L + 1, t.R + 1)]
-    t.send(t.rx(ACK | FIN, t.R + 1, t.L + 1))         # crossed our FIN
-    assert t.conn.state == TcpState.CLOSING
-    assert t.recv() == [t.tx(ACK, t.L + 2, t.R + 2, window=59999)]
-    t.send(t.rx(ACK, t.R + 2, t.L + 2))
-    assert t.conn.state == TcpState.TIME_WAIT
 
 
 def test_fin_that_acks_our_fin_goes_straight_to_time_wait(tcp_established):

@@ -36,11 +36,18 @@ def indices(t, segments):
     return [((segment.seq - t.L - 1) % 2**32) // MSS for segment in segments]
 
 
+def flight(t, segments):
+    """The application writes `segments` segments; returns the indices of
+    those that went at once, an RTT later, when the peer's ACKs arrive."""
+    t.write(bytes(segments * MSS))
+    sent = indices(t, t.recv())
+    t.now += RTT
+    return sent
+
+
 def test_three_sacked_segments_start_recovery_and_lost_holes_are_resent(sack_trace):
     t = sack_trace
-    t.write(bytes(30 * MSS))
-    assert indices(t, t.recv()) == list(range(10))        # initial window
-    t.now += RTT
+    assert flight(t, 30) == list(range(10))              # the initial window
     # Segments 1 and 4 are lost.  Segment 0 arrives: slow start sends two more.
     t.send(ack(t, 1))
     assert indices(t, t.recv()) == [10, 11]
@@ -80,9 +87,7 @@ def test_three_sacked_segments_start_recovery_and_lost_holes_are_resent(sack_tra
 
 def test_every_hole_sent_before_a_sacked_segment_is_lost_at_once(sack_trace):
     t = sack_trace
-    t.write(bytes(10 * MSS))
-    t.recv()
-    t.now += RTT
+    flight(t, 10)
     t.send(ack(t, 1))                                    # 1, 3 and 5 are lost
     t.send(ack(t, 1, (2, 3)), ack(t, 1, (2, 3), (4, 5)))
     assert t.recv() == []
@@ -102,9 +107,7 @@ def test_every_hole_sent_before_a_sacked_segment_is_lost_at_once(sack_trace):
 
 def test_sacked_data_is_never_resent_by_recovery(sack_trace):
     t = sack_trace
-    t.write(bytes(20 * MSS))
-    assert indices(t, t.recv()) == list(range(10))
-    t.now += RTT
+    assert flight(t, 20) == list(range(10))
     # Only segment 0 is lost; the peer SACKs the rest one by one.
     sent = []
     for top in range(2, 11):
@@ -139,9 +142,7 @@ def test_cumulative_ack_prunes_the_scoreboard(sack_trace):
 
 def test_timeout_resends_the_head_and_then_what_was_not_sacked(sack_trace):
     t = sack_trace
-    t.write(bytes(6 * MSS))
-    t.recv()
-    t.now += RTT
+    flight(t, 6)
     t.send(ack(t, 1))
     t.wait_for_timer()
     assert indices(t, t.recv()) == [5]                    # the tail loss probe first
@@ -190,9 +191,7 @@ def test_lost_acks_of_a_tail_are_recovered_by_a_probe_not_a_timeout(sack_trace):
 
 def test_tail_probe_sends_new_data_when_the_window_allows(sack_trace):
     t = sack_trace
-    t.write(bytes(12 * MSS))
-    assert indices(t, t.recv()) == list(range(10))      # the initial window: 10 segments
-    t.now += RTT
+    assert flight(t, 12) == list(range(10))              # the initial window
     t.wait_for_timer()
     assert indices(t, t.recv()) == [10]                  # a probe with new data beats a resend
     t.send(ack(t, 0, (10, 11)))                          # the SACK shows the head was lost
@@ -207,9 +206,7 @@ def test_a_lost_retransmission_is_resent_once_later_data_is_sacked(sack_trace):
     goes again (RACK, RFC 8985 section 6.2), without waiting for the
     retransmission timeout."""
     t = sack_trace
-    t.write(bytes(40 * MSS))
-    assert indices(t, t.recv()) == list(range(10))
-    t.now += RTT
+    assert flight(t, 40) == list(range(10))
     t.send(ack(t, 1))
     assert indices(t, t.recv()) == [10, 11]
     t.send(ack(t, 1, (2, 3)))

@@ -656,6 +656,82 @@ static void privport(void)
     step("bind_8081_as_nobody", bind(second, (struct sockaddr *)&addr, sizeof(addr)));
 }
 
+/* "R" for a call that returned R, "-1 ENAME" for one that failed. */
+static const char *result_text(long result, char *text, size_t size)
+{
+    if (result < 0)
+        snprintf(text, size, "-1 %s", strerrorname_np(errno));
+    else
+        snprintf(text, size, "%ld", result);
+    return text;
+}
+
+/* getsockopt's int, or its failure. */
+static const char *int_option_text(int fd, int level, int name, char *text, size_t size)
+{
+    int value = 0;
+    socklen_t len = sizeof(value);
+    if (getsockopt(fd, level, name, &value, &len) < 0)
+        return result_text(-1, text, size);
+    snprintf(text, size, "%d", value);
+    return text;
+}
+
+/* The same option calls on a kernel socket (bound to loopback) and a
+ * stack socket (bound to the stack's address), one line per call:
+ * "what value: set KERNEL | STACK, get KERNEL | STACK". */
+static void options(void)
+{
+    int kernel = socket(AF_INET, SOCK_STREAM, 0), stack = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in lo = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    struct sockaddr_in addr = stack_addr(0);
+    if (bind(kernel, (struct sockaddr *)&lo, sizeof(lo)) < 0 || bind(stack, (struct sockaddr *)&addr, sizeof(addr)) < 0)
+        die("bind");
+    out("kernel_socket %d %d", is_kernel_socket(kernel), is_kernel_socket(stack));
+    /* Per option, the values tried in turn; READ_ONLY reads the default. */
+    enum { READ_ONLY = -99999, END = -99998 };
+    static const struct {
+        const char *what;
+        int level, name;
+        int values[5];
+    } cases[] = {
+        {"SO_REUSEADDR", SOL_SOCKET, SO_REUSEADDR, {READ_ONLY, 5, 0, END}},
+        {"SO_REUSEPORT", SOL_SOCKET, SO_REUSEPORT, {1, END}},
+        {"SO_KEEPALIVE", SOL_SOCKET, SO_KEEPALIVE, {READ_ONLY, -3, END}},
+        {"TCP_NODELAY", IPPROTO_TCP, TCP_NODELAY, {READ_ONLY, 7, END}},
+        {"TCP_CORK", IPPROTO_TCP, TCP_CORK, {1, 0, END}},
+        {"TCP_QUICKACK", IPPROTO_TCP, TCP_QUICKACK, {READ_ONLY, 0, 2, END}},
+        {"TCP_KEEPIDLE", IPPROTO_TCP, TCP_KEEPIDLE, {READ_ONLY, 0, 32768, 60, END}},
+        {"TCP_KEEPINTVL", IPPROTO_TCP, TCP_KEEPINTVL, {READ_ONLY, -1, 32767, END}},
+        {"TCP_KEEPCNT", IPPROTO_TCP, TCP_KEEPCNT, {READ_ONLY, 128, 127, END}},
+        {"TCP_USER_TIMEOUT", IPPROTO_TCP, TCP_USER_TIMEOUT, {READ_ONLY, -1, 2500, END}},
+        {"TCP_MAXSEG", IPPROTO_TCP, TCP_MAXSEG, {READ_ONLY, 87, 32768, 1200, END}},
+        {"TCP_DEFER_ACCEPT", IPPROTO_TCP, TCP_DEFER_ACCEPT, {READ_ONLY, 5, 200, -4, END}},
+        {"unknown", IPPROTO_TCP, 9999, {1, END}},
+    };
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++)
+        for (const int *value = cases[i].values; *value != END; value++) {
+            char shown[16] = "read", set_k[32] = "-", set_s[32] = "-", get_k[32], get_s[32];
+            int level = cases[i].level, name = cases[i].name;
+            if (*value != READ_ONLY) {
+                snprintf(shown, sizeof(shown), "%d", *value);
+                result_text(setsockopt(kernel, level, name, value, sizeof(*value)), set_k, sizeof(set_k));
+                result_text(setsockopt(stack, level, name, value, sizeof(*value)), set_s, sizeof(set_s));
+            }
+            out("%s %s: set %s | %s, get %s | %s", cases[i].what, shown, set_k, set_s,
+                int_option_text(kernel, level, name, get_k, sizeof(get_k)),
+                int_option_text(stack, level, name, get_s, sizeof(get_s)));
+        }
+    short one = 1;
+    char k[32], st[32];
+    out("short_optlen: set %s | %s", result_text(setsockopt(kernel, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one)), k, sizeof(k)),
+        result_text(setsockopt(stack, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one)), st, sizeof(st)));
+    out("null_value: set %s | %s", result_text(setsockopt(kernel, IPPROTO_TCP, TCP_NODELAY, NULL, sizeof(int)), k, sizeof(k)),
+        result_text(setsockopt(stack, IPPROTO_TCP, TCP_NODELAY, NULL, sizeof(int)), st, sizeof(st)));
+    close(kernel);
+    close(stack);
+}
+
 int main(int argc, char **argv)
 {
     const struct {
@@ -665,7 +741,7 @@ int main(int argc, char **argv)
         {"handshake", handshake}, {"data", data},         {"eof", eof},         {"sendfile", sendfile_scenario},
         {"epoll", epoll_scenario}, {"pollmix", pollmix},  {"blocking", blocking}, {"passthrough", passthrough},
         {"death", death},         {"refused", refused},   {"forkdup", forkdup}, {"protect", protect},
-        {"privport", privport},
+        {"privport", privport},   {"options", options},
     };
     for (size_t i = 0; argc == 2 && i < sizeof(scenarios) / sizeof(scenarios[0]); i++)
         if (strcmp(argv[1], scenarios[i].name) == 0) {
