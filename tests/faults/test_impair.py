@@ -9,38 +9,10 @@ from mtcpshim.stack.io.impair import ImpairedIO, ImpairSpec, ImpairSpecError
 from mtcpshim.stack.wire.ethernet import ETHERTYPE_IPV4, EthernetHeader
 from mtcpshim.stack.wire.ipv4 import PROTO_TCP, Ipv4Header
 from mtcpshim.stack.wire.tcp import ACK, TcpSegment
+from support.link import MemoryLink
 
 STACK_MAC, PEER_MAC = bytes.fromhex("020000000002"), bytes.fromhex("020000000001")
 STACK_IP, PEER_IP = 0xC6120002, 0xC6120001
-
-
-class FakeLink:
-    """A backend: `arriving` frames are what the wire delivers, `sent` what
-    reached the wire."""
-
-    mac = STACK_MAC
-
-    def __init__(self):
-        self.arriving: list[bytes] = []
-        self.sent: list[bytes] = []
-        self.closed = False
-
-    def fileno(self) -> int:
-        return 99
-
-    def recv_batch(self, max_frames):
-        batch, self.arriving = self.arriving[:max_frames], self.arriving[max_frames:]
-        return batch
-
-    def send_batch(self, frames):
-        self.sent.extend(bytes(frame) for frame in frames)
-        return len(frames)
-
-    def counters(self):
-        return {"rx_kernel_drops": 0}
-
-    def close(self):
-        self.closed = True
 
 
 class Clock:
@@ -61,7 +33,7 @@ def index_of(frame):
 
 
 def impaired(spec_text):
-    link, clock = FakeLink(), Clock()
+    link, clock = MemoryLink(STACK_MAC), Clock()
     return ImpairedIO(link, ImpairSpec.parse(spec_text), clock=clock), link, clock
 
 
@@ -116,22 +88,22 @@ def test_bad_spec_is_one_line_naming_the_problem(text, message):
 
 def test_no_impairment_passes_frames_through_untouched():
     io, link, _ = impaired("seed=3")
-    link.arriving = frames(5)
+    link.inbound = frames(5)
     assert io.recv_batch(64) == frames(5)
     assert io.send_batch(frames(3)) == 3
-    assert link.sent == frames(3)
+    assert link.outbound == frames(3)
     assert io.deadline() is None
-    assert (io.mac, io.fileno()) == (STACK_MAC, 99)
+    assert (io.mac, io.fileno()) == (STACK_MAC, link.fileno())
     io.close()
     assert link.closed
 
 
 def test_direction_tx_leaves_received_frames_alone():
     io, link, _ = impaired("loss=100%,dir=tx")
-    link.arriving = frames(4)
+    link.inbound = frames(4)
     assert io.recv_batch(64) == frames(4)
     io.send_batch(frames(4))
-    assert link.sent == []
+    assert link.outbound == []
     assert io.counters()["impair_tx_lost"] == 4
 
 
@@ -142,7 +114,7 @@ def test_loss_is_reproducible_from_the_seed():
     survivors = []
     for _ in range(2):
         io, link, _ = impaired("loss=30%,seed=11,dir=rx")
-        link.arriving = frames(1000)
+        link.inbound = frames(1000)
         survivors.append([index_of(f) for f in receive_all(io)])
         lost = io.counters()["impair_rx_lost"]
         assert lost + len(survivors[-1]) == 1000 and 0 < lost < 1000
@@ -152,7 +124,7 @@ def test_loss_is_reproducible_from_the_seed():
 
 def test_a_corrupted_frame_differs_by_one_bit_beyond_the_ethernet_header():
     io, link, _ = impaired("corrupt=100%,dir=rx")
-    link.arriving = frames(200)
+    link.inbound = frames(200)
     for original, damaged in zip(frames(200), receive_all(io)):
         assert damaged[:14] == original[:14]
         flipped = [a ^ b for a, b in zip(original, damaged)]
@@ -165,7 +137,7 @@ def test_the_stack_drops_a_corrupted_tcp_frame_by_checksum_and_counts_it():
 
     iface = Interface(STACK_MAC, STACK_IP, 24)
     io, link, _ = impaired("corrupt=100%,seed=5,dir=rx")
-    link.arriving = [tcp_frame()] * 50
+    link.inbound = [tcp_frame()] * 50
     verdicts = [iface.receive(frame, 0.0) for frame in receive_all(io)]
 
     assert verdicts == [None] * 50
@@ -180,7 +152,7 @@ def test_the_stack_drops_a_corrupted_tcp_frame_by_checksum_and_counts_it():
 
 def test_a_duplicate_follows_its_original():
     io, link, _ = impaired("dup=100%,dir=rx")
-    link.arriving = frames(3)
+    link.inbound = frames(3)
     assert [index_of(f) for f in receive_all(io)] == [0, 0, 1, 1, 2, 2]
     assert io.counters()["impair_rx_duplicated"] == 3
 
@@ -190,7 +162,7 @@ def test_a_duplicate_follows_its_original():
 
 def test_reordered_frames_are_overtaken_but_none_is_lost():
     io, link, _ = impaired("reorder=25%,seed=7,dir=rx")
-    link.arriving = frames(1000)
+    link.inbound = frames(1000)
     order = [index_of(f) for f in receive_all(io)]
     held = io.counters()["impair_rx_reordered"]
 
@@ -204,7 +176,7 @@ def test_reordered_frames_are_overtaken_but_none_is_lost():
 
 def test_a_held_frame_without_followers_leaves_after_the_hold_limit():
     io, link, clock = impaired("reorder=100%,dir=rx")
-    link.arriving = frames(1)
+    link.inbound = frames(1)
     assert io.recv_batch(64) == []
     assert io.deadline() == clock.now + impair.REORDER_MAX_HOLD
 
@@ -219,7 +191,7 @@ def test_a_held_frame_without_followers_leaves_after_the_hold_limit():
 def test_delay_holds_a_frame_until_its_release_time():
     io, link, clock = impaired("delay=20ms,dir=rx")
     start = clock.now
-    link.arriving = frames(2)
+    link.inbound = frames(2)
     assert io.recv_batch(64) == []
     assert io.deadline() == pytest.approx(start + 0.020)
 
@@ -236,7 +208,7 @@ def test_jitter_varies_the_delay_but_keeps_the_order():
     departures = {}
     for step in range(100):                 # a frame every millisecond
         clock.now = start + step * 0.001
-        link.arriving = frames(100)[step:step + 1]
+        link.inbound = frames(100)[step:step + 1]
         for frame in io.recv_batch(64):
             departures[index_of(frame)] = clock.now - start
     for step in range(100, 200):
@@ -254,17 +226,17 @@ def test_delayed_transmissions_leave_when_the_loop_next_polls():
     io, link, clock = impaired("delay=5ms,dir=tx")
     start = clock.now
     assert io.send_batch(frames(3)) == 3
-    assert link.sent == []
+    assert link.outbound == []
     assert io.deadline() == pytest.approx(start + 0.005)
 
     clock.now = start + 0.005
     assert io.recv_batch(64) == []          # the loop's next iteration
-    assert link.sent == frames(3)
+    assert link.outbound == frames(3)
 
 
 def test_a_batch_never_exceeds_max_frames():
     io, link, clock = impaired("delay=1ms,dir=rx")
-    link.arriving = frames(100)
+    link.inbound = frames(100)
     assert io.recv_batch(64) + io.recv_batch(64) == []
     clock.now += 0.001
     first, second = io.recv_batch(64), io.recv_batch(64)
@@ -274,6 +246,6 @@ def test_a_batch_never_exceeds_max_frames():
 def test_a_full_lane_drops_and_counts_like_a_full_link_buffer(monkeypatch):
     monkeypatch.setattr(impair, "LANE_LIMIT", 10)
     io, link, _ = impaired("delay=1s,dir=rx")
-    link.arriving = frames(15)
+    link.inbound = frames(15)
     receive_all(io)
     assert io.counters() == {"rx_kernel_drops": 0, "impair_rx_overflow": 5}

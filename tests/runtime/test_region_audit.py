@@ -42,7 +42,7 @@ def run_with_audit(audited_shm, code: str) -> subprocess.CompletedProcess:
     build, env = audited_shm
     prelude = textwrap.dedent(f"""
         import sys
-        sys.path[:0] = [{str(build)!r}, {HERE!r}]
+        sys.path[:0] = [{str(build)!r}, {HERE!r}, {os.path.dirname(HERE)!r}]
         import _shm_audit
         sys.modules["mtcpshim._shm"] = _shm_audit
     """)

@@ -12,35 +12,11 @@ from mtcpshim.stack.host import TcpHost
 from mtcpshim.stack.iface import Interface
 from mtcpshim.stack.node import Node
 from mtcpshim.stack.storage import RingBuffer
+from support.link import MemoryLink
 
 STACK_IP, PEER_IP = 0xC6120002, 0xC6120001
 STACK_MAC, PEER_MAC = bytes.fromhex("020000000002"), bytes.fromhex("020000000001")
 RING = 64 * 1024
-
-
-class MemoryLink:
-    """The stack's packet I/O: frames it sends go to the peer; frames the
-    peer sends wait in `inbound`."""
-
-    mac = STACK_MAC
-
-    def __init__(self):
-        self.inbound, self.outbound = [], []
-        self._fd = os.eventfd(0, os.EFD_NONBLOCK)
-
-    def fileno(self):
-        return self._fd
-
-    def recv_batch(self, max_frames):
-        batch, self.inbound = self.inbound[:max_frames], self.inbound[max_frames:]
-        return batch
-
-    def send_batch(self, frames):
-        self.outbound.extend(bytes(f) for f in frames)
-        return len(frames)
-
-    def close(self):
-        os.close(self._fd)
 
 
 class Peer(Node):
@@ -57,7 +33,7 @@ class World:
         self.g = self.region.geom
         self.ctl_stack, self.ctl_app = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.wake = os.eventfd(0, os.EFD_NONBLOCK)
-        self.link = MemoryLink()
+        self.link = MemoryLink(STACK_MAC)
         self.runtime = Runtime(self.region, self.link, Node(Interface(STACK_MAC, STACK_IP, 24), TcpHost(STACK_IP)),
                                self.ctl_stack.detach(), self.wake)
         self.peer = Peer()

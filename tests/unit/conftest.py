@@ -6,7 +6,7 @@ import pytest
 
 from mtcpshim.stack.storage import RingBuffer
 from mtcpshim.stack.seq import seq_ge
-from mtcpshim.stack.tcp import TcpConfig, TcpConnection, TcpState
+from mtcpshim.stack.tcp import EV_CLOSED, EV_RESET, TcpConfig, TcpConnection, TcpState
 from mtcpshim.stack.wire.tcp import ACK, SYN, TcpSegment
 
 LOCAL_IP = 0xC6120002      # 198.18.0.2, the stack
@@ -114,6 +114,13 @@ class Trace:
         """Events raised since the last call, cleared as the runtime would."""
         events, self.conn.events = self.conn.events, 0
         return events
+
+    def assert_failed(self, error: int) -> None:
+        """The connection gave up: CLOSED, `error` for the application, and
+        the reset and closed events raised."""
+        assert self.conn.state == TcpState.CLOSED
+        assert self.conn.error == error
+        assert self.events() == EV_RESET | EV_CLOSED
 
     def establish(self, **peer_syn_options) -> None:
         """Passive open from a SYN carrying `peer_syn_options` (MSS 1460 by
