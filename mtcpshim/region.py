@@ -36,7 +36,11 @@ class RegionSize:
         return lib.mts_region_size(self.nslots, self.nwaiters, self.cmd_capacity, self.rx_size, self.tx_size)
 
 
-_SIZE_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+# Linux's values, for Pythons whose fcntl lacks the names (PyPy 3.9 runs the stack).
+_F_ADD_SEALS = getattr(fcntl, "F_ADD_SEALS", 1033)
+_F_GET_SEALS = getattr(fcntl, "F_GET_SEALS", 1034)
+_SIZE_SEALS = (getattr(fcntl, "F_SEAL_SHRINK", 0x2) | getattr(fcntl, "F_SEAL_GROW", 0x4)
+               | getattr(fcntl, "F_SEAL_SEAL", 0x1))
 
 
 class Region:
@@ -44,7 +48,7 @@ class Region:
     `geom` the private `struct mts_geom *` every operation takes."""
 
     def __init__(self, fd: int):
-        if fcntl.fcntl(fd, fcntl.F_GET_SEALS) & _SIZE_SEALS != _SIZE_SEALS:
+        if fcntl.fcntl(fd, _F_GET_SEALS) & _SIZE_SEALS != _SIZE_SEALS:
             raise ValueError("shared region is not sealed against resizing")
         self.fd = fd
         size = os.fstat(fd).st_size
@@ -63,7 +67,7 @@ class Region:
             raise ValueError(f"region geometry out of bounds: {size}")
         fd = os.memfd_create("mtcpshim", os.MFD_ALLOW_SEALING)
         os.ftruncate(fd, total)
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SIZE_SEALS)
+        fcntl.fcntl(fd, _F_ADD_SEALS, _SIZE_SEALS)
         with mmap.mmap(fd, total, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) as m:
             base = ffi.from_buffer(m)
             lib.mts_region_init(base, total, size.nslots, size.nwaiters, size.cmd_capacity,

@@ -16,8 +16,11 @@ The region is a trust boundary: what the stack reads there is checked in
 sockets.py and waiters.py, against the stack's private geometry
 (region.geom), before use.
 """
+from __future__ import annotations
+
 import collections
 import os
+import platform
 import select
 import socket
 import time
@@ -218,6 +221,7 @@ class Runtime:
         io_counters = self.io.counters() if hasattr(self.io, "counters") else {}
         return {
             "pid": os.getpid(),
+            "python": _PYTHON,
             "runtime": {**self.counters, "commands": self.sockets.commands,
                         "waiter_wakeups": self.waiters.wakeups},
             "interface": dict(self.iface.counters),
@@ -253,8 +257,11 @@ class Runtime:
             self.stopping = True
 
 
+_PYTHON = f"{platform.python_implementation()} {platform.python_version()}"
+
+
 def _drain_eventfd(fd: int) -> None:
     try:
-        os.eventfd_read(fd)
+        os.read(fd, 8)                     # an eventfd's counter, reset
     except BlockingIOError:
         pass

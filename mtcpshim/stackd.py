@@ -93,11 +93,11 @@ def _open_packet_io(args):
 
 
 def _open_bridged_tap(iface: str):
-    from mtcpshim.stack.io.base import PacketIOError
+    from mtcpshim.stack.io.base import PacketIOError, interface_index
     from mtcpshim.stack.io.tap import TapIO
 
     try:
-        ifindex = socket.if_nametoindex(iface)  # asks the current namespace (sysfs may show another)
+        ifindex = interface_index(iface)  # asks the current namespace (sysfs may show another)
     except OSError:
         raise PacketIOError(f"no such interface: {iface}") from None
     tap_name, bridge_name = tap_names(ifindex)

@@ -1,4 +1,6 @@
 """`mtcpshim stat`: a running stack's counters, like `netstat -s`."""
+from __future__ import annotations
+
 import json
 import socket
 
@@ -37,7 +39,8 @@ def fetch(netns: str | None, iface: str) -> dict:
 def render(snapshot: dict, as_json: bool = False) -> str:
     if as_json:
         return json.dumps(snapshot, indent=2, sort_keys=True)
-    lines = [f"stack pid {snapshot['pid']}: {snapshot['slots_in_use']} sockets, {snapshot['waiters']} waiters"]
+    lines = [f"stack pid {snapshot['pid']} ({snapshot.get('python', 'CPython')}): "
+             f"{snapshot['slots_in_use']} sockets, {snapshot['waiters']} waiters"]
     for key, title in SECTIONS:
         lines.append(f"{title}:")
         counters = snapshot.get(key) or {}

@@ -9,10 +9,12 @@ not a registration for a waiter the geometry has is refused and counted
 (`ctl_bad`)."""
 import os
 import socket
+import sys
 
 from mtcpshim._shm import ffi, lib
 
 _MESSAGE_SIZE = ffi.sizeof("struct mts_ctl_msg")
+_EVENTFD_ONE = (1).to_bytes(8, sys.byteorder)  # what eventfd_write(fd, 1) writes
 
 
 class Waiters:
@@ -67,4 +69,4 @@ class Waiters:
         for waiter_id, fd in self._fds.items():
             if lib.mts_waiter_disarm(lib.mts_waiter_at(self.geom, waiter_id)):
                 self.wakeups += 1
-                os.eventfd_write(fd, 1)
+                os.write(fd, _EVENTFD_ONE)

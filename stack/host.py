@@ -20,6 +20,8 @@ and lower a connection's MSS (RFC 1191) once they pass the checks of RFC
 5927: they must name a live connection and a sequence number it has in
 flight, and the MTU they report is held to Linux's floor.
 """
+from __future__ import annotations
+
 import collections
 import errno
 import heapq

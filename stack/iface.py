@@ -34,6 +34,8 @@ of the interface's own (`eth_not_for_us`, `eth_unsupported_type`,
 (handed up), `arp_request_rx`,
 `arp_reply_rx`, `arp_request_tx`, `arp_reply_tx`.
 """
+from __future__ import annotations
+
 import ipaddress
 from collections import Counter, deque
 

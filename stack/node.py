@@ -13,6 +13,8 @@ and sockets).  Sans-IO: frames and time in, frames out.
 The runtime, the runtime tests' peer and the core benchmark all drive a
 node; a batched C fast path plugs in here.
 """
+from __future__ import annotations
+
 from mtcpshim.stack.host import TcpHost
 from mtcpshim.stack.iface import Interface
 

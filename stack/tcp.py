@@ -42,6 +42,8 @@ segments is ACKed every second one (RFC 5681 4.2) and a GRO-merged segment
 once.  The exception is out-of-order data, which gets one duplicate ACK per
 segment.
 """
+from __future__ import annotations
+
 import collections
 import enum
 import errno

@@ -6,6 +6,8 @@ inet_timewait_sock, the host then keeps only what answering the peer needs,
 as a tuple of ints the garbage collector does not track, and lets the full
 TcpConnection go.  All records live for the same time, so expiry is a FIFO.
 """
+from __future__ import annotations
+
 import collections
 
 from mtcpshim.stack.seq import seq_gt

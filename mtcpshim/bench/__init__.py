@@ -20,6 +20,7 @@ import time
 DEFAULT_DURATION = 10
 DEFAULT_RUNS = 3
 DEFAULT_CONNECTIONS = 64
+DEFAULT_WARMUP = 3
 QUICK_DURATION = 2
 QUICK_RUNS = 1
 INTERRUPTED = 130
@@ -55,6 +56,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"{QUICK_RUNS} with --quick)")
     parser.add_argument("--connections", type=positive, default=DEFAULT_CONNECTIONS, metavar="C",
                         help="wrk connections for keepalive and close (default %(default)s)")
+    parser.add_argument("--warmup", type=int, default=DEFAULT_WARMUP, metavar="S",
+                        help="seconds of unmeasured load before each workload's run, on both stacks: caches, "
+                             "and PyPy's JIT, warm up as in a server that has run a while (default %(default)s)")
+    parser.add_argument("--stack-python", default=os.environ.get("MTCPSHIM_STACK_PYTHON", "cpython"),
+                        metavar="{cpython,pypy,auto}",
+                        help="the interpreter of our stack process, as `mtcpshim run --stack-python` "
+                             "(default %(default)s)")
     parser.add_argument("--quick", action="store_true", help="a smoke run of every workload in under a minute")
     parser.add_argument("--json", metavar="FILE", help="write every run's raw figures and the machine's details")
     parser.add_argument("--plot", metavar="FILE", help="write a PNG bar chart")
@@ -74,6 +82,12 @@ def main(args: argparse.Namespace) -> int:
         print(f"mtcpshim bench: not installed: {', '.join(missing)} (scripts/install.sh installs them)",
               file=sys.stderr)
         return FAILED
+    from mtcpshim import launcher
+    try:
+        launcher.stack_command(args.stack_python)
+    except launcher.LaunchError as err:
+        print(f"mtcpshim bench: {err}", file=sys.stderr)
+        return FAILED
     if (os.cpu_count() or 1) < 2:
         print("mtcpshim bench: needs two CPUs (client on CPU 0, server on CPU 1)", file=sys.stderr)
         return FAILED
@@ -82,7 +96,9 @@ def main(args: argparse.Namespace) -> int:
         workloads=workloads.select(args.workload),
         duration=args.duration or (QUICK_DURATION if args.quick else DEFAULT_DURATION),
         runs=args.runs or (QUICK_RUNS if args.quick else DEFAULT_RUNS),
-        connections=args.connections)
+        connections=args.connections,
+        warmup=0 if args.quick else max(args.warmup, 0),
+        stack_python=args.stack_python)
     started = time.time()
     try:
         records = runner.run_plan(settings, runner.Progress(settings))

@@ -88,9 +88,14 @@ def _present(values) -> list[float]:
 # --- the terminal table (markdown, to paste into the README) ---------------------------
 
 
+_PYTHON_NAMES = {"cpython": "CPython", "pypy": "PyPy", "auto": "PyPy where ready, else CPython"}
+
+
 def markdown_table(summaries: list[WorkloadSummary], records: list[RunRecord], settings: Settings) -> str:
     lines = [
-        f"{settings.runs} run(s) of {settings.duration} s per workload and stack, interleaved kernel/shim; "
+        f"{settings.runs} run(s) of {settings.duration} s per workload and stack, interleaved kernel/shim, "
+        f"each after {settings.warmup} s of unmeasured load; our stack process under "
+        f"{_PYTHON_NAMES.get(settings.stack_python, settings.stack_python)}; "
         f"{settings.connections} connections for keepalive and close. The test network's veth keeps the "
         "kernel's default offloads (checksum, TSO, GSO); rows marked \"offloads off\" run on its frame-exact "
         "variant (offloads off, one segment per frame). Median (min-max); "
@@ -241,7 +246,8 @@ def write_json(path: str, records: list[RunRecord], summaries: list[WorkloadSumm
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
         "machine": machine_info(),
         "settings": {"workloads": [w.name for w in settings.workloads], "duration_s": settings.duration,
-                     "runs": settings.runs, "connections": settings.connections},
+                     "runs": settings.runs, "connections": settings.connections,
+                     "warmup_s": settings.warmup, "stack_python": settings.stack_python},
         "network": "the test network at the kernel's default offloads; measures named *-offloads-off on its "
                    "frame-exact variant (offloads off, one segment per frame)",
         "units": {"throughput": "req/s for keepalive, close, latency; Gbit/s for bulk and iperf",

@@ -33,6 +33,8 @@ class Settings:
     duration: int
     runs: int
     connections: int
+    warmup: int = 0              # seconds of unmeasured load before each measured run
+    stack_python: str = "cpython"
 
 
 @dataclass
@@ -69,9 +71,10 @@ def run_plan(settings: Settings, progress: "Progress") -> list[RunRecord]:
             for stack in servers.STACKS:
                 for offloads, program in starts:
                     testnet.up(net=servers.NET if offloads else testnet.FRAME_EXACT_TESTNET)
-                    with servers.running(stack, program, where) as server:
+                    with servers.running(stack, program, where, settings.stack_python) as server:
                         for workload in _run_order(settings.workloads, program, offloads):
                             progress.step(workload.name, stack, run)
+                            warm_up(workload, settings, str(where.wrk_script))
                             records.append(measure(workload, server, run, settings, str(where.wrk_script)))
     progress.finish()
     return records
@@ -82,6 +85,14 @@ def _run_order(workloads: list[Workload], program: str, offloads: bool) -> list[
     server: it goes last, so that no other workload meets them."""
     return sorted((w for w in workloads if w.server == program and w.offloads == offloads),
                   key=lambda w: w.name == "close")
+
+
+def warm_up(workload: Workload, settings: Settings, wrk_script: str) -> None:
+    """The workload's client for `settings.warmup` seconds, not measured."""
+    if settings.warmup:
+        argv = workload.client_argv(settings.warmup, settings.connections, wrk_script)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            subprocess.run(argv, capture_output=True, timeout=settings.warmup + CLIENT_GRACE_SECONDS)
 
 
 def measure(workload: Workload, server: servers.RunningServer, run: int, settings: Settings,
@@ -171,7 +182,7 @@ class Progress:
     def __init__(self, settings: Settings, stream=sys.stderr):
         self.stream = stream
         self.total = settings.runs * len(servers.STACKS) * len(settings.workloads)
-        self.duration = settings.duration
+        self.duration = settings.duration + settings.warmup
         self.runs = settings.runs
         self.done = 0
         self.started = time.monotonic()

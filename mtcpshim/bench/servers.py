@@ -142,8 +142,8 @@ class RunningServer:
 
 
 @contextlib.contextmanager
-def running(stack: str, program: str, where: Site) -> Iterator[RunningServer]:
-    """`program` serving on `stack` until the block ends."""
+def running(stack: str, program: str, where: Site, stack_python: str = "cpython") -> Iterator[RunningServer]:
+    """`program` serving on `stack` until the block ends; ours under `stack_python`."""
     argv = server_argv(program, where)
     log_path = where.directory / f"{program}-{stack}.log"
     with kernel_address() if stack == KERNEL else contextlib.nullcontext():
@@ -151,7 +151,8 @@ def running(stack: str, program: str, where: Site) -> Iterator[RunningServer]:
             argv = ["ip", "netns", "exec", NET.srv_ns, "taskset", "-c", SERVER_CPU, *argv]
         else:
             # The stack process and the program inherit the launcher's affinity.
-            argv = ["taskset", "-c", SERVER_CPU, sys.executable, "-m", "mtcpshim.cli", "run", "--", *argv]
+            argv = ["taskset", "-c", SERVER_CPU, sys.executable, "-m", "mtcpshim.cli", "run",
+                    "--stack-python", stack_python, "--", *argv]
         server = None
         try:
             server = RunningServer(stack, program, argv, log_path)

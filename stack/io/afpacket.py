@@ -27,6 +27,8 @@ it into MSS-sized segments, and on a veth it crosses whole.  One send() per
 Frames keep their order: queued ring frames are flushed before each one.
 `gso_max_size` is 0 when the kernel has no PACKET_VNET_HDR.
 """
+from __future__ import annotations
+
 import errno
 import fcntl
 import mmap
@@ -34,7 +36,7 @@ import socket
 import struct
 
 from mtcpshim.stack import native
-from mtcpshim.stack.io.base import GSO_MAX_SIZE, MAX_FRAME_LEN, PacketIOError
+from mtcpshim.stack.io.base import GSO_MAX_SIZE, MAX_FRAME_LEN, PacketIOError, interface_index
 from mtcpshim.stack.wire.vnet import SegmentedFrame
 
 _SOL_PACKET = 263
@@ -79,7 +81,7 @@ class AfPacketIO:
                                 "build mtcpshim.stack._netfast (pip install -e .)")
         self.ifname = ifname
         try:
-            socket.if_nametoindex(ifname)
+            interface_index(ifname)
         except OSError:
             raise PacketIOError(f"no such interface: {ifname}") from None
         try:
@@ -157,7 +159,7 @@ class AfPacketIO:
         self._rx_kernel_drops = 0
         ifreq = fcntl.ioctl(sock.fileno(), _SIOCGIFHWADDR, struct.pack("16s16x", ifname.encode()))
         self.mac = ifreq[18:24]
-        self._ifindex = socket.if_nametoindex(ifname)
+        self._ifindex = interface_index(ifname)
         try:
             sock.bind((ifname, _ETH_P_ALL))
         except OSError as error:

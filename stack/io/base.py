@@ -6,6 +6,11 @@ runtime sleeps in poll() on `fileno()` and drains what is there.
 where the device allows it) and returns how many frames it accepted; the
 rest are dropped and counted by the backend, as a NIC drops on a full ring.
 """
+from __future__ import annotations
+
+import fcntl
+import socket
+import struct
 from typing import Protocol
 
 #: The interface MTU the backends size their buffers for (IPv4 packet bytes).
@@ -16,6 +21,20 @@ MAX_FRAME_LEN = 14 + 4 + MTU
 #: Payload bytes of the largest segment a backend hands the device to cut:
 #: what fits in one IPv4 packet behind the largest TCP header.
 GSO_MAX_SIZE = 65535 - 20 - 60
+
+
+_SIOCGIFINDEX = 0x8933
+
+
+def interface_index(name: str) -> int:
+    """The index of the interface `name` in the current network namespace;
+    OSError if there is none.  socket.if_nametoindex where the Python has it
+    (PyPy 3.9, which may run the stack, has not), else the ioctl it wraps."""
+    if hasattr(socket, "if_nametoindex"):
+        return socket.if_nametoindex(name)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        ifreq = fcntl.ioctl(sock.fileno(), _SIOCGIFINDEX, struct.pack("16si20x", name.encode(), 0))
+    return struct.unpack_from("i", ifreq, 16)[0]
 
 
 class PacketIOError(Exception):

@@ -34,6 +34,8 @@ Spec syntax (the `--impair` option of `mtcpshim run`):
 Every key is optional; percentages need `%`, times a unit (us, ms or s);
 dir is rx, tx or both (the default).
 """
+from __future__ import annotations
+
 import random
 import re
 import time

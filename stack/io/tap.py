@@ -13,6 +13,8 @@ SegmentedFrames to cut.  Each received header is checked
 (mtcpshim.stack.wire.vnet.received_frame); a bad one drops its frame, counted under
 the WireError's reason.
 """
+from __future__ import annotations
+
 import errno
 import fcntl
 import os
@@ -91,7 +93,7 @@ class TapIO:
         for sent, frame in enumerate(frames):
             segmented = type(frame) is vnet.SegmentedFrame
             try:
-                os.writev(self._fd, (frame.vnet_header() if segmented else vnet.NO_OFFLOAD, frame))
+                _write_frame(self._fd, (frame.vnet_header() if segmented else vnet.NO_OFFLOAD, frame))
             except BlockingIOError:
                 self._tx_dropped += len(frames) - sent
                 return sent
@@ -114,3 +116,15 @@ class TapIO:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+def _write_frame(fd: int, parts) -> None:
+    """One frame, virtio_net_hdr first, in one write: a TAP device takes a
+    packet per write.  PyPy 3.9, which may run the stack, has no writev."""
+    if _writev is not None:
+        _writev(fd, parts)
+    else:
+        os.write(fd, b"".join(parts))
+
+
+_writev = getattr(os, "writev", None)

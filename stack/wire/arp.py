@@ -3,6 +3,7 @@ import ipaddress
 import struct
 from dataclasses import dataclass
 
+from mtcpshim.stack.wire import SLOTS
 from mtcpshim.stack.wire.errors import WireError
 from mtcpshim.stack.wire.ethernet import mac_to_str
 
@@ -18,7 +19,7 @@ _PROTOCOL_IPV4 = 0x0800
 _PACKET = struct.Struct("!HHBBH6sI6sI")
 
 
-@dataclass(slots=True)
+@dataclass(**SLOTS)
 class ArpPacket:
     operation: int
     sender_mac: bytes

@@ -2,6 +2,7 @@
 import struct
 from dataclasses import dataclass
 
+from mtcpshim.stack.wire import SLOTS
 from mtcpshim.stack.wire.errors import WireError
 
 HEADER_LEN = 14
@@ -23,7 +24,7 @@ def mac_from_str(text: str) -> bytes:
     return mac
 
 
-@dataclass(slots=True)
+@dataclass(**SLOTS)
 class EthernetHeader:
     dst: bytes
     src: bytes

@@ -4,6 +4,7 @@ import struct
 from dataclasses import dataclass
 
 from mtcpshim.stack.native import internet_checksum
+from mtcpshim.stack.wire import SLOTS
 from mtcpshim.stack.wire.errors import WireError
 from mtcpshim.stack.wire.ipv4 import PROTO_TCP
 
@@ -25,7 +26,7 @@ _QUOTED_FRAGMENT_OFFSET = 0x1FFF
 _QUOTED_TCP = struct.Struct("!HHI")
 
 
-@dataclass(slots=True)
+@dataclass(**SLOTS)
 class IcmpEcho:
     type: int
     ident: int
@@ -54,7 +55,7 @@ class IcmpEcho:
         return bytes(message)
 
 
-@dataclass(slots=True)
+@dataclass(**SLOTS)
 class FragmentationNeeded:
     """Destination unreachable, fragmentation needed and DF set (type 3
     code 4): a router dropped one of our datagrams, larger than `mtu`, the

@@ -11,6 +11,7 @@ import struct
 from dataclasses import dataclass
 
 from mtcpshim.stack.native import internet_checksum
+from mtcpshim.stack.wire import SLOTS
 from mtcpshim.stack.wire.errors import WireError
 
 HEADER_LEN = 20
@@ -28,7 +29,7 @@ _HEADER = struct.Struct("!BBHHHBBHII")
 _HEADER_CHECKSUM = struct.Struct("!H")
 
 
-@dataclass(slots=True)
+@dataclass(**SLOTS)
 class Ipv4Header:
     src: int
     dst: int

@@ -73,7 +73,8 @@ def test_bad_address_is_one_line_and_status_2(address, tmp_path):
     assert_one_line_error(run_refused(["--ip", address], tmp_path), address)
 
 
-@pytest.mark.parametrize("flag", [["--bogus"], ["--io", "carrier-pigeon"], ["--gateway", "x"]])
+@pytest.mark.parametrize("flag", [["--bogus"], ["--io", "carrier-pigeon"], ["--gateway", "x"],
+                                  ["--stack-python", "jython"]])
 def test_bad_flag_is_one_line_and_status_2(flag, tmp_path):
     assert_one_line_error(run_refused(flag, tmp_path), flag[-1])
 

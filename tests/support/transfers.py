@@ -84,11 +84,11 @@ class Transfer:
 
 
 def stack_sends(net, docroot: pathlib.Path, name: str, workdir: pathlib.Path,
-                impair: str | None = None, timeout: float = 300) -> Transfer:
-    """lighttpd under the stack serves docroot/name; curl on the client's
-    kernel downloads it."""
+                impair: str | None = None, timeout: float = 300, options=()) -> Transfer:
+    """lighttpd under the stack (`mtcpshim run OPTIONS`) serves
+    docroot/name; curl on the client's kernel downloads it."""
     received = workdir / f"received-{name}"
-    with shim_lighttpd(docroot, workdir, net, impair=impair) as server:
+    with shim_lighttpd(docroot, workdir, net, options=options, impair=impair) as server:
         before = kernel_counters(net)
         result = curl_in_client(net, f"http://{net.srv_ip}:{SERVER_PORT}/{name}", str(received), timeout,
                                 extra=("-w", "%{time_total}"))
