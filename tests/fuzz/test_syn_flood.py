@@ -2,7 +2,9 @@
 lighttpd under the stack, while a kernel client keeps connecting.  Past the
 listen backlog the stack answers with SYN cookies and keeps no state, so
 the honest client gets through during and after the flood, and the stack's
-memory stays where it was.
+memory stays where it was once earlier floods of the same size settled it
+(one for CPython; PyPy's JIT and collector take about four: 120 MiB, then
+146, 165, 181 and 196, then flat).
 
 CI: 30k SYNs.  MTCPSHIM_LONG=1 (or scripts/reliability.py flood): 100k."""
 from attacks import syn_flood
@@ -14,7 +16,8 @@ MEMORY_SLACK = 16 * 1024 * 1024
 
 
 def test_honest_clients_connect_through_a_syn_flood(private_net, tmp_path):
-    run = syn_flood(private_net, tmp_path, tmp_path, SYNS, RATE, time_limit=120)
+    run = syn_flood(private_net, tmp_path, tmp_path, SYNS, RATE, time_limit=120,
+                    settle_memory=MEMORY_SLACK)
 
     assert run["stack_alive"]
     assert run["syns_sent"] == SYNS
