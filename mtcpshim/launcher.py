@@ -177,7 +177,7 @@ def _run_stack_and_program(options: StackOptions, interpreter: list[str], argv: 
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [os.path.dirname(PACKAGE_DIR)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
     # PyPy's young generation sized for a packet loop: with its default (half
-    # the L2 cache) the stack spent 2.3x the CPU per keep-alive request.
+    # the L2 cache) the stack spent 2.2x the CPU per keep-alive request.
     env.setdefault("PYPY_GC_NURSERY", PYPY_GC_NURSERY)
     stack = subprocess.Popen(
         interpreter + ["-m", "mtcpshim.stackd", "--shm-fd", str(region.fd),
