@@ -166,7 +166,7 @@ def spoofed_syns(net, count: int, seed: int = 1):
                        bytes(ipv4(src, target.stack_ip, PROTO_TCP, segment, ident=rng.getrandbits(16))))
 
 
-WARMUP_FLOODS = 6
+WARMUP_FLOODS = 8
 
 
 def syn_flood(net, docroot, workdir, syns: int, rate: float, time_limit: float, seed: int = 1,
@@ -175,19 +175,22 @@ def syn_flood(net, docroot, workdir, syns: int, rate: float, time_limit: float, 
     """Floods lighttpd's port with spoofed SYNs while a client keeps
     fetching a small file; then checks the client still gets through.
     With `settle_memory` (bytes), unmeasured floods of the same size go
-    first until one grows the stack's memory by less than that (at most
-    WARMUP_FLOODS): the flood's paths compiled and the heap grown to what
-    they need (PyPy's collector takes several), memory is measured from there."""
+    first until the peak memory of one lies less than that above where it
+    began (at most WARMUP_FLOODS): the flood's paths compiled and the heap
+    grown to what they need (PyPy's collector takes several), memory is
+    measured from there the same way."""
     url = f"http://{net.srv_ip}:{SERVER_PORT}/ping.txt"
     with shim_lighttpd(docroot, workdir, net, listen_backlog=listen_backlog) as server:
         stack = server.stack_process()
         for warmup in range(WARMUP_FLOODS if settle_memory else 0):
             rss = stack.memory_info().rss
+            memory = MemoryWatch(stack)
+            memory.start()
             with packet_socket(net) as sock:
                 send_frames(sock, spoofed_syns(net, syns, seed + 1 + warmup), rate, time_limit,
                             time.monotonic, time.sleep)
             time.sleep(settle_seconds)
-            if stack.memory_info().rss - rss < settle_memory:
+            if memory.stop() - rss < settle_memory:
                 break
         before = server.stats()
         rss_before = stack.memory_info().rss
