@@ -1,8 +1,10 @@
 """The TCP endpoint table of one host: ports, listeners, connections, demux
 and timers.  Sans-IO like the TCP core beneath it: segments in (already
 stripped of IPv4), segments out through `take_output()`, time passed in.
-Each output is (destination, segment bytes, gso_size): a gso_size above 0
-asks the device to cut the segment into pieces of that much payload.
+Each output is (destination, TCP header, payload, gso_size): the header's
+checksum is left to the framer, the payload is a view where the bytes
+already are (the send ring), and a gso_size above 0 asks the device to cut
+the segment into pieces of that much payload.
 
 Buffers come from the caller (the runtime hands out shared-memory rings), so
 the host never decides where bytes live.
@@ -199,7 +201,7 @@ class TcpHost:
             reply = self.time_waits.receive(key, seg, now)
             if reply is not REINCARNATE:
                 if reply is not None:
-                    self._output.append((src_ip, reply.emit(self.ip, src_ip, fill_checksum=False), 0))
+                    self._output.append((src_ip, reply.header(), b"", 0))
                 return
         listener = self.listeners.get(seg.dst_port)
         if listener is not None:
@@ -214,7 +216,7 @@ class TcpHost:
         self.count("tcp_no_socket")
         reply = reset_for(seg)
         if reply is not None:
-            self._output.append((src_ip, reply.emit(self.ip, src_ip, fill_checksum=False), 0))
+            self._output.append((src_ip, reply.header(), b"", 0))
 
     def receive_icmp_error(self, error: FragmentationNeeded, now: float) -> None:
         """An ICMP "fragmentation needed" quoting a segment from our address."""
@@ -317,7 +319,7 @@ class TcpHost:
             reply.timestamp = (tsval, syn.timestamp[0])
         listener.cookies_sent_at = now
         self.count("tcp_syncookies_sent")
-        self._output.append((src_ip, reply.emit(self.ip, src_ip, fill_checksum=False), 0))
+        self._output.append((src_ip, reply.header(), b"", 0))
 
     def _open_from_cookie(self, listener: Listener, src_ip: int, ack: TcpSegment,
                           now: float) -> bool:
@@ -370,11 +372,11 @@ class TcpHost:
             mss = conn.send_mss
             emit = self._output.append
             for seg in out:
-                # The interface fills the checksum while framing (C, one pass);
-                # a segment longer than the MSS is cut into MSS pieces by the
-                # device (see TcpConfig.gso_max_size).
-                emit((remote, seg.emit(self.ip, remote, fill_checksum=False),
-                      mss if len(seg.payload) > mss else 0))
+                # The interface fills the checksum while framing (C, one
+                # pass); a segment longer than the MSS is cut into MSS
+                # pieces by the device (see TcpConfig.gso_max_size).
+                payload = seg.payload
+                emit((remote, seg.header(), payload, mss if len(payload) > mss else 0))
         if conn.state == TIME_WAIT:
             self._retire(conn, now)
         else:
@@ -458,7 +460,7 @@ class TcpHost:
             conn.on_timer(now)
             self.collect(conn, now)
 
-    def take_output(self) -> list[tuple[int, bytes, int]]:
+    def take_output(self) -> list[tuple[int, bytes, object, int]]:
         out, self._output = self._output, []
         return out
 

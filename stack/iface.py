@@ -13,14 +13,16 @@ like any ICMP message, and waits as a `FragmentationNeeded` in
 `take_icmp_errors()`, which the caller drains after each batch: whether it
 concerns a live connection is for the TCP host to decide.
 
-Transmit.  `frame_tcp(dst_ip, segment, now)` turns the bytes of
-`TcpSegment.emit()` into a frame in one call: a new buffer receives the
-Ethernet and IPv4 headers and the one copy of the segment, and both checksums
-are computed there (the segment's own checksum field is ignored).  It returns
-the frame when the next hop's MAC is known; otherwise it queues the frame,
-starts ARP, returns None, and the frame comes out of `take_frames()` once the
-neighbour answers.  `send_ip` does the same for any protocol, always through
-`take_frames()`.
+Transmit.  `frame_tcp(dst_ip, header, payload, now)` turns a TCP header
+(`TcpSegment.header()`) and its payload into a frame in one call: a new
+buffer receives the Ethernet and IPv4 headers, the TCP header and the one
+copy of the payload, and both checksums are computed there.  A segment the
+device is to cut (`gso_size`) becomes a SegmentedFrame instead, whose
+payload is not copied at all: the packet socket gathers it from where it is.
+`frame_tcp` returns the frame when the next hop's MAC is known; otherwise it
+queues the frame (with its own copy of the payload), starts ARP, returns
+None, and the frame comes out of `take_frames()` once the neighbour answers.
+`send_ip` does the same for any protocol, always through `take_frames()`.
 
 Time.  `deadline()` is when `on_timer(now)` next has ARP work to do (a retry,
 or giving up on a neighbour); None when there is nothing pending.
@@ -206,7 +208,8 @@ class Interface:
 
     # ---- transmit ------------------------------------------------------
 
-    def frame_tcp(self, dst_ip: int, segment, now: float, gso_size: int = 0) -> bytearray | None:
+    def frame_tcp(self, dst_ip: int, header: bytes, payload, now: float,
+                  gso_size: int = 0) -> bytearray | SegmentedFrame | None:
         next_hop = self._next_hop(dst_ip)
         if next_hop is None:
             self.counters["no_route"] += 1
@@ -216,33 +219,34 @@ class Interface:
             if now >= neighbour.refresh_at:
                 self._refresh(next_hop, neighbour, now)
             self.counters["tx_frames"] += 1
-            return self._build_tcp_frame(neighbour.mac, dst_ip, segment, gso_size)
-        self._hold(next_hop, self._build_tcp_frame(UNKNOWN_MAC, dst_ip, segment, gso_size), now)
+            return self._build_tcp_frame(neighbour.mac, dst_ip, header, payload, gso_size)
+        frame = self._build_tcp_frame(UNKNOWN_MAC, dst_ip, header, payload, gso_size)
+        self._hold(next_hop, frame.detached() if gso_size else frame, now)
         return None
 
-    def _build_tcp_frame(self, dst_mac: bytes, dst_ip: int, segment, gso_size: int) -> bytearray:
+    def _build_tcp_frame(self, dst_mac: bytes, dst_ip: int, header: bytes, payload,
+                         gso_size: int) -> bytearray | SegmentedFrame:
         ident = self._next_ident()
         if self.accelerated:
-            if not gso_size:
-                return native.build_tcp_frame(dst_mac, self.mac, self.ip, dst_ip, ident, segment)
-            frame = native.build_tcp_frame(dst_mac, self.mac, self.ip, dst_ip, ident, segment,
-                                             SegmentedFrame, partial_checksum=True)
-            frame.gso_size = gso_size
-            return frame
-        segment = bytearray(segment)
-        pseudo = pseudo_header_sum(self.ip, dst_ip, PROTO_TCP, len(segment))
+            if gso_size:
+                return SegmentedFrame(native.build_tcp_headers(
+                    dst_mac, self.mac, self.ip, dst_ip, ident, header, len(payload)),
+                    payload, gso_size)
+            return native.build_tcp_frame(dst_mac, self.mac, self.ip, dst_ip, ident,
+                                          header, payload)
+        header = bytearray(header)
+        pseudo = pseudo_header_sum(self.ip, dst_ip, PROTO_TCP, len(header) + len(payload))
         if gso_size:
             tcp_checksum = pseudo  # the device completes each piece's checksum
         else:
-            segment[_TCP_CHECKSUM_AT:_TCP_CHECKSUM_AT + 2] = b"\0\0"
-            tcp_checksum = native.internet_checksum(segment, pseudo)
-        segment[_TCP_CHECKSUM_AT:_TCP_CHECKSUM_AT + 2] = tcp_checksum.to_bytes(2, "big")
-        packet = Ipv4Header(self.ip, dst_ip, PROTO_TCP, ident).emit(segment)
-        frame = EthernetHeader(dst_mac, self.mac, ETHERTYPE_IPV4).emit(packet)
-        if not gso_size:
-            return bytearray(frame)
-        frame = SegmentedFrame(frame)
-        frame.gso_size = gso_size
+            header[_TCP_CHECKSUM_AT:_TCP_CHECKSUM_AT + 2] = b"\0\0"
+            tcp_checksum = native.internet_checksum(
+                payload, native.ones_complement_sum(header, pseudo))
+        header[_TCP_CHECKSUM_AT:_TCP_CHECKSUM_AT + 2] = tcp_checksum.to_bytes(2, "big")
+        packet = Ipv4Header(self.ip, dst_ip, PROTO_TCP, ident).emit(bytes(header) + bytes(payload))
+        frame = bytearray(EthernetHeader(dst_mac, self.mac, ETHERTYPE_IPV4).emit(packet))
+        if gso_size:
+            return SegmentedFrame(frame[:native.TCP_FRAME_HEADROOM + len(header)], payload, gso_size)
         return frame
 
     def send_ip(self, dst_ip: int, protocol: int, payload: bytes, now: float) -> None:
@@ -281,7 +285,7 @@ class Interface:
 
     # ---- ARP -----------------------------------------------------------
 
-    def _hold(self, next_hop: int, frame: bytearray, now: float) -> None:
+    def _hold(self, next_hop: int, frame, now: float) -> None:
         """Queue `frame` until `next_hop` resolves; start resolving it."""
         self._neighbours.pop(next_hop, None)
         resolution = self._resolving.get(next_hop)
@@ -326,7 +330,7 @@ class Interface:
         resolution = self._resolving.pop(ip, None)
         if resolution is not None:
             for frame in resolution.frames:
-                frame[0:6] = mac
+                (frame.headers if type(frame) is SegmentedFrame else frame)[0:6] = mac
             self._tx_frames.extend(resolution.frames)
 
     def deadline(self) -> float | None:

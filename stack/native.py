@@ -5,9 +5,10 @@ is built (pip install -e .), False when this module fell back
 to `mtcpshim.stack.checksum`.  `ones_complement_sum` and `internet_checksum` have the
 signatures of their `mtcpshim.stack.checksum` counterparts in both cases.
 
-`match_tcp_frame` and `build_tcp_frame` exist only when ACCELERATED; the
-Interface uses them for its per-segment paths and has a Python route for
-everything they do.
+`match_tcp_frame`, `build_tcp_frame`, `build_tcp_headers` and `send_parts`
+exist only when ACCELERATED; the Interface and the packet socket use them for
+their per-segment paths, and the Interface has a Python route for everything
+the first three do.
 """
 from mtcpshim.stack import checksum
 
@@ -18,14 +19,17 @@ except ImportError:
 
 ACCELERATED = lib is not None
 
-#: Bytes of Ethernet + IPv4 header that build_tcp_frame puts before a segment.
+#: Bytes of Ethernet + IPv4 header the frame builders put before a segment.
 TCP_FRAME_HEADROOM = 34
 
 if ACCELERATED:
     _from_buffer = ffi.from_buffer
     _sum = lib.nf_ones_complement_sum
     _match = lib.nf_match_tcp_frame
-    _build = lib.nf_build_tcp_frame
+    _build_frame = lib.nf_build_tcp_frame
+    _build_headers = lib.nf_build_tcp_headers
+    _send_parts = lib.nf_send_parts
+    _NULL = ffi.NULL
 
     def ones_complement_sum(data, initial: int = 0) -> int:
         # cffi passes bytes without a copy; other buffers need a view first.
@@ -46,20 +50,40 @@ if ACCELERATED:
         return _match(frame, len(frame), our_mac, our_ip)
 
     def build_tcp_frame(dst_mac: bytes, src_mac: bytes, src_ip: int, dst_ip: int,
-                        ident: int, segment, frame_type=bytearray,
-                        partial_checksum: bool = False) -> bytearray:
-        """Ethernet + IPv4 + `segment` in one new `frame_type` buffer, both
-        checksums computed (the segment's own checksum field is ignored).
-        The segment is copied once, into the frame.  `partial_checksum`
-        leaves the TCP checksum for the device to complete."""
-        if not 20 <= len(segment) <= 65515:
-            raise ValueError(f"TCP segment of {len(segment)} bytes")
-        if type(segment) is not bytes:
-            segment = _from_buffer(segment)
-        frame = frame_type(TCP_FRAME_HEADROOM + len(segment))
-        _build(_from_buffer(frame), dst_mac, src_mac, src_ip, dst_ip, ident,
-               segment, len(segment), partial_checksum)
+                        ident: int, header: bytes, payload) -> bytearray:
+        """Ethernet + IPv4 + the TCP `header` + `payload` in one new
+        buffer, both checksums computed (the header's own checksum field is
+        ignored).  The payload is copied once, into the frame."""
+        payload_len = len(payload)
+        _check_segment(len(header), payload_len)
+        if type(payload) is not bytes:
+            payload = _from_buffer(payload)
+        frame = bytearray(TCP_FRAME_HEADROOM + len(header) + payload_len)
+        _build_frame(_from_buffer(frame), dst_mac, src_mac, src_ip, dst_ip, ident,
+                     header, len(header), payload, payload_len)
         return frame
+
+    def build_tcp_headers(dst_mac: bytes, src_mac: bytes, src_ip: int, dst_ip: int,
+                          ident: int, header: bytes, payload_len: int) -> bytearray:
+        """The Ethernet, IPv4 and TCP headers of a frame whose `payload_len`
+        payload bytes follow them in a gather send; the TCP checksum is left
+        partial, for the device to complete."""
+        _check_segment(len(header), payload_len)
+        headers = bytearray(TCP_FRAME_HEADROOM + len(header))
+        _build_headers(_from_buffer(headers), dst_mac, src_mac, src_ip, dst_ip, ident,
+                       header, len(header), _NULL, payload_len, True)
+        return headers
+
+    def send_parts(fd: int, address: bytes, part0, part1, part2) -> int:
+        """sendmsg of one datagram gathered from three buffers, no copy in
+        user space: the bytes sent, or -errno."""
+        return _send_parts(fd, address, len(address),
+                           _from_buffer(part0), len(part0), _from_buffer(part1), len(part1),
+                           _from_buffer(part2), len(part2))
+
+    def _check_segment(header_len: int, payload_len: int) -> None:
+        if not 20 <= header_len <= 60 or header_len + payload_len > 65515:
+            raise ValueError(f"TCP segment of {header_len} + {payload_len} bytes")
 else:
     ones_complement_sum = checksum.ones_complement_sum
     internet_checksum = checksum.internet_checksum

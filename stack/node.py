@@ -46,8 +46,8 @@ class Node:
     def egress(self, now: float) -> list:
         frame_tcp = self.iface.frame_tcp
         frames = []
-        for dst_ip, segment, gso_size in self.host.take_output():
-            frame = frame_tcp(dst_ip, segment, now, gso_size)
+        for dst_ip, header, payload, gso_size in self.host.take_output():
+            frame = frame_tcp(dst_ip, header, payload, now, gso_size)
             if frame is not None:
                 frames.append(frame)
         frames += self.iface.take_frames()

@@ -3,6 +3,9 @@
 #include <stdint.h>
 #include <string.h>
 #include <endian.h>
+#include <errno.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
 #include <linux/if_packet.h>
 
 #include "netfast.h"
@@ -128,12 +131,14 @@ uint64_t nf_match_tcp_frame(const uint8_t *frame, size_t len,
     return (uint64_t)src_ip << 32 | (uint64_t)(ETH_HEADER_LEN + header_len) << 16 | tcp_len;
 }
 
-void nf_build_tcp_frame(uint8_t *frame, const uint8_t *dst_mac, const uint8_t *src_mac,
-                        uint32_t src_ip, uint32_t dst_ip, uint16_t ident,
-                        const uint8_t *segment, size_t segment_len, int partial_checksum)
+void nf_build_tcp_headers(uint8_t *frame, const uint8_t *dst_mac, const uint8_t *src_mac,
+                          uint32_t src_ip, uint32_t dst_ip, uint16_t ident,
+                          const uint8_t *header, size_t header_len,
+                          const uint8_t *payload, size_t payload_len, int partial_checksum)
 {
     uint8_t *ip = frame + ETH_HEADER_LEN;
     uint8_t *tcp = ip + IPV4_MIN_HEADER_LEN;
+    size_t segment_len = header_len + payload_len;
 
     memcpy(frame, dst_mac, 6);
     memcpy(frame + 6, src_mac, 6);
@@ -151,15 +156,52 @@ void nf_build_tcp_frame(uint8_t *frame, const uint8_t *dst_mac, const uint8_t *s
     store_be32(ip + 16, dst_ip);
     store_be16(ip + 10, (uint16_t)~nf_ones_complement_sum(ip, IPV4_MIN_HEADER_LEN, 0));
 
-    memcpy(tcp, segment, segment_len);
+    memcpy(tcp, header, header_len);
     uint64_t pseudo = pseudo_header_sum(src_ip, dst_ip, IPPROTO_TCP_, segment_len);
     if (partial_checksum) {
         store_be16(tcp + TCP_CHECKSUM_AT, (uint16_t)fold16(pseudo));
         return;
     }
     store_be16(tcp + TCP_CHECKSUM_AT, 0);
+    /* The TCP header is a whole number of 32-bit words, so the payload's
+     * 16-bit words stay aligned when summed on their own. */
+    uint64_t sum = nf_ones_complement_sum(tcp, header_len, pseudo);
     store_be16(tcp + TCP_CHECKSUM_AT,
-               (uint16_t)~nf_ones_complement_sum(tcp, segment_len, pseudo));
+               (uint16_t)~nf_ones_complement_sum(payload, payload_len, sum));
+}
+
+void nf_build_tcp_frame(uint8_t *frame, const uint8_t *dst_mac, const uint8_t *src_mac,
+                        uint32_t src_ip, uint32_t dst_ip, uint16_t ident,
+                        const uint8_t *header, size_t header_len,
+                        const uint8_t *payload, size_t payload_len)
+{
+    nf_build_tcp_headers(frame, dst_mac, src_mac, src_ip, dst_ip, ident,
+                         header, header_len, payload, payload_len, 0);
+    memcpy(frame + NF_TCP_FRAME_HEADROOM + header_len, payload, payload_len);
+}
+
+long nf_send_parts(int fd, const uint8_t *address, uint32_t address_len,
+                   const uint8_t *part0, size_t len0, const uint8_t *part1, size_t len1,
+                   const uint8_t *part2, size_t len2)
+{
+    const uint8_t *parts[3] = {part0, part1, part2};
+    size_t lengths[3] = {len0, len1, len2};
+    struct iovec iov[3];
+    int count = 0;
+
+    for (int i = 0; i < 3; i++) {
+        if (lengths[i]) {
+            iov[count].iov_base = (void *)parts[i];
+            iov[count].iov_len = lengths[i];
+            count++;
+        }
+    }
+    struct msghdr message = {
+        .msg_name = (void *)address, .msg_namelen = address_len,
+        .msg_iov = iov, .msg_iovlen = count,
+    };
+    ssize_t sent = sendmsg(fd, &message, MSG_DONTWAIT);
+    return sent < 0 ? -errno : (long)sent;
 }
 
 /* The sender left the TCP/UDP checksum to offload (CHECKSUM_PARTIAL): the

@@ -22,19 +22,38 @@ uint16_t nf_ones_complement_sum(const uint8_t *data, size_t len, uint64_t initia
 uint64_t nf_match_tcp_frame(const uint8_t *frame, size_t len,
                             const uint8_t *our_mac, uint32_t our_ip);
 
-/* Size of the Ethernet + IPv4 headers nf_build_tcp_frame puts in front. */
+/* Size of the Ethernet + IPv4 headers the frame builders put in front. */
 #define NF_TCP_FRAME_HEADROOM 34
 
-/* Writes Ethernet and IPv4 headers (TTL 64, DF, no options) into `frame`,
- * copies `segment` (a whole TCP segment) after them and stores both the IPv4
- * header checksum and the TCP checksum; the segment's own checksum field is
- * ignored.  With `partial_checksum`, the TCP checksum field gets only the
- * folded pseudo-header sum, for the device to complete (CHECKSUM_PARTIAL).
- * `frame` holds NF_TCP_FRAME_HEADROOM + segment_len bytes;
- * 20 <= segment_len <= 65515. */
+/* Writes the headers of a TCP frame into `frame`: Ethernet and IPv4 (TTL 64,
+ * DF, no options, total length counting `payload_len` payload bytes after
+ * the TCP header), then the TCP header `header` (header_len bytes, its own
+ * checksum field ignored), with the IPv4 header checksum and the TCP
+ * checksum over header and `payload` stored.  With `partial_checksum`, the
+ * TCP checksum field gets only the folded pseudo-header sum, for the device
+ * to complete (CHECKSUM_PARTIAL), and the payload is not read.  `frame`
+ * holds NF_TCP_FRAME_HEADROOM + header_len bytes; the payload is not copied:
+ * a gather send puts it after them.
+ * 20 <= header_len <= 60, header_len + payload_len <= 65515. */
+void nf_build_tcp_headers(uint8_t *frame, const uint8_t *dst_mac, const uint8_t *src_mac,
+                          uint32_t src_ip, uint32_t dst_ip, uint16_t ident,
+                          const uint8_t *header, size_t header_len,
+                          const uint8_t *payload, size_t payload_len, int partial_checksum);
+
+/* nf_build_tcp_headers with the full checksum, then the payload copied
+ * after the headers: one whole frame of NF_TCP_FRAME_HEADROOM + header_len
+ * + payload_len bytes. */
 void nf_build_tcp_frame(uint8_t *frame, const uint8_t *dst_mac, const uint8_t *src_mac,
                         uint32_t src_ip, uint32_t dst_ip, uint16_t ident,
-                        const uint8_t *segment, size_t segment_len, int partial_checksum);
+                        const uint8_t *header, size_t header_len,
+                        const uint8_t *payload, size_t payload_len);
+
+/* One datagram from up to three parts, gathered by the kernel (sendmsg with
+ * MSG_DONTWAIT) to the socket address `address`: no part is copied in user
+ * space.  A part of length 0 is skipped.  Returns the bytes sent, or -errno. */
+long nf_send_parts(int fd, const uint8_t *address, uint32_t address_len,
+                   const uint8_t *part0, size_t len0, const uint8_t *part1, size_t len1,
+                   const uint8_t *part2, size_t len2);
 
 /* A TPACKET_V2 ring inside a PACKET_MMAP mapping: frame_count frames of
  * frame_size bytes, frames_per_block of them at the start of each

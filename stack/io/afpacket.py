@@ -1,9 +1,11 @@
 """AF_PACKET backend: TPACKET_V2 RX and TX rings in one shared mapping.
 
 RX: the kernel fills ring slots; `recv_batch` walks the ready ones in C
-(netfast.c), copies each frame once into a bytes object and hands the slots
-back.  TPACKET_V2, not V3: V3 delivers a block only when it is full or its
-retire timer (at least 1 ms) fires, which adds a millisecond at low load.
+(netfast.c) and returns views of the frames in their slots, which it hands
+back to the kernel at the next call: the only copy of a payload is the one
+into the application's receive ring.  TPACKET_V2, not V3: V3 delivers a
+block only when it is full or its retire timer (at least 1 ms) fires, which
+adds a millisecond at low load.
 
 TX: `send_batch` copies the batch into free slots in one C call and flushes
 the whole batch with one send().  Without segmentation offload,
@@ -22,8 +24,11 @@ software (`rx_csum_fixed`).
 Segmentation offload: a SegmentedFrame (a TCP segment of up to 64 KB, see
 stack/wire/vnet.py) goes out through a second packet socket without rings
 that carries a virtio_net_hdr (PACKET_VNET_HDR): the NIC or the kernel cuts
-it into MSS-sized segments, and on a veth it crosses whole.  One send() per
-64 KB beats a ring slot of that size (about 5 vs 13 us on a veth here).
+it into MSS-sized segments, and on a veth it crosses whole.  One sendmsg()
+per 64 KB beats a ring slot of that size (about 5 vs 13 us on a veth here),
+and it gathers the frame from its parts in C (netfast.c): the vnet header,
+the headers, and the payload straight from the application's send ring, so
+no byte of it is copied in user space.
 Frames keep their order: queued ring frames are flushed before each one.
 `gso_max_size` is 0 when the kernel has no PACKET_VNET_HDR.
 """
@@ -32,6 +37,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import mmap
+import os
 import socket
 import struct
 
@@ -67,6 +73,8 @@ _ETH_P_IP = 0x0800
 
 _TPACKET_REQ = struct.Struct("IIII")       # block size, blocks, frame size, frames
 _TPACKET_STATS = struct.Struct("II")       # packets, drops (reading resets them)
+# struct sockaddr_ll: family, protocol (network order), ifindex, hatype, pkttype, halen, addr
+_SOCKADDR_LL = struct.Struct("=H2siHBB8s")
 
 
 class AfPacketIO:
@@ -115,7 +123,8 @@ class AfPacketIO:
             if error.errno == errno.ENOPROTOOPT:
                 return None
             raise
-        self._gso_address = (self.ifname, _ETH_P_IP)
+        self._gso_address = _SOCKADDR_LL.pack(socket.AF_PACKET, _ETH_P_IP.to_bytes(2, "big"),
+                                              interface_index(self.ifname), 0, 0, 0, b"")
         return sock
 
     def _setup(self, ifname: str, rx_slots: int, tx_slots: int) -> None:
@@ -148,6 +157,9 @@ class AfPacketIO:
                               mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self._map_view = ffi.from_buffer(self._map)
         base = ffi.cast("uint8_t *", self._map_view)
+        # Received frames are slices of this view of the RX ring (a cffi
+        # buffer: slices of it do not pin the mapping at close).
+        self._rx_view = memoryview(ffi.buffer(base, rx_bytes))
         self._rx = ffi.new("struct nf_ring *", {"base": base, "frame_size": RX_SLOT_SIZE, "frame_count": rx_slots,
                                                 "frames_per_block": rx_per_block, "block_size": _RX_BLOCK_SIZE})
         self._tx = ffi.new("struct nf_ring *", {"base": base + rx_bytes, "frame_size": TX_SLOT_SIZE,
@@ -184,16 +196,15 @@ class AfPacketIO:
             return f"interface {self.ifname} was removed"
         return None
 
-    def recv_batch(self, max_frames: int) -> list[bytes]:
+    def recv_batch(self, max_frames: int) -> list[memoryview]:
+        self._release(self._rx)           # the slots of the previous batch
         count = self._collect(self._rx, min(max_frames, self._rx_slots), self._rx_spans,
                               self._stats)
         if not count:
             return []
-        ring = self._map
+        ring = self._rx_view
         bounds = iter(self._unpack(self._rx_spans, 2 * count))
-        frames = [ring[start:end] for start, end in zip(bounds, bounds)]
-        self._release(self._rx)
-        return frames
+        return [ring[start:end] for start, end in zip(bounds, bounds)]
 
     def send_batch(self, frames: list) -> int:
         if not frames:
@@ -209,19 +220,18 @@ class AfPacketIO:
         return sent + self._send_ring(frames[start:])
 
     def _send_segmented(self, frame: SegmentedFrame) -> int:
-        try:
-            self._gso_sock.sendmsg([frame.vnet_header(), frame], (), socket.MSG_DONTWAIT,
-                                   self._gso_address)
-        except (BlockingIOError, InterruptedError):
+        sent = native.send_parts(self._gso_sock.fileno(), self._gso_address,
+                                 frame.vnet_header(), frame.headers, frame.payload)
+        if sent >= 0:
+            self._tx_segmented += 1
+            return 1
+        if -sent in (errno.EAGAIN, errno.EINTR):
             self._stats.tx_ring_full += 1
-            return 0
-        except OSError as error:
-            if error.errno not in (errno.ENOBUFS, errno.EMSGSIZE, errno.EINVAL):
-                raise
+        elif -sent in (errno.ENOBUFS, errno.EMSGSIZE, errno.EINVAL):
             self._stats.tx_rejected += 1
-            return 0
-        self._tx_segmented += 1
-        return 1
+        else:
+            raise OSError(-sent, f"sendmsg on {self.ifname}: {os.strerror(-sent)}")
+        return 0
 
     def _send_ring(self, frames: list) -> int:
         if not frames:

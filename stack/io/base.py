@@ -1,7 +1,9 @@
 """The interface every packet I/O backend implements.
 
 A backend moves whole Ethernet frames.  `recv_batch` never blocks: the
-runtime sleeps in poll() on `fileno()` and drains what is there.
+runtime sleeps in poll() on `fileno()` and drains what is there.  The
+frames it returns may be views of the device's ring, valid until the next
+`recv_batch`: whatever keeps a frame longer copies it.
 `send_batch` hands a batch to the device with one flush (one system call
 where the device allows it) and returns how many frames it accepted; the
 rest are dropped and counted by the backend, as a NIC drops on a full ring.

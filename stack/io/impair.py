@@ -250,7 +250,8 @@ class ImpairedIO:
             self._flush_tx(now)
         if self._rx is None:
             return self.inner.recv_batch(max_frames)
-        self._rx.admit(self.inner.recv_batch(max_frames), now)
+        # Held frames outlive the batch; the inner backend's may be views of its ring.
+        self._rx.admit([bytes(frame) for frame in self.inner.recv_batch(max_frames)], now)
         return self._rx.release(now, max_frames)
 
     def send_batch(self, frames: list) -> int:

@@ -19,6 +19,8 @@ class PcapWriter:
 
     def write(self, frame, timestamp: float) -> None:
         """Record `frame` captured at `timestamp` (seconds since the epoch)."""
+        if not isinstance(frame, (bytes, bytearray, memoryview)):
+            frame = bytes(frame)  # a frame in parts (stack/wire/vnet.py's SegmentedFrame)
         microseconds = round(timestamp * 1_000_000)
         captured = min(len(frame), _SNAPLEN)
         self._file.write(_RECORD_HEADER.pack(microseconds // 1_000_000,

@@ -92,8 +92,10 @@ class TapIO:
     def send_batch(self, frames: list) -> int:
         for sent, frame in enumerate(frames):
             segmented = type(frame) is vnet.SegmentedFrame
+            parts = ((frame.vnet_header(), frame.headers, frame.payload) if segmented
+                     else (vnet.NO_OFFLOAD, frame))
             try:
-                _write_frame(self._fd, (frame.vnet_header() if segmented else vnet.NO_OFFLOAD, frame))
+                _write_frame(self._fd, parts)
             except BlockingIOError:
                 self._tx_dropped += len(frames) - sent
                 return sent

@@ -183,38 +183,36 @@ class TcpSegment:
             raise ValueError(f"TCP options need {len(options)} bytes, at most 40 fit")
         return bytes(options)
 
-    def emit(self, src_ip: int, dst_ip: int, fill_checksum: bool = True) -> bytes:
-        """Header, options and payload.  `fill_checksum=False` leaves the
-        checksum zero for a caller that computes it with the IP header."""
-        payload = self.payload
-        timestamp = self.timestamp
+    def header(self) -> bytes:
+        """Header and options, the checksum field zero: what a framer that
+        computes the checksum (or leaves it to the device) sends in front of
+        the payload, which stays where it is."""
         if (self.mss is None and self.wscale is None and not self.sack_permitted
                 and not self.sack_blocks):
             # Nearly every segment: no options, or only timestamps.
+            timestamp = self.timestamp
             if timestamp is not None:
-                header = _HEADER_NOP_NOP_TS.pack(
+                return _HEADER_NOP_NOP_TS.pack(
                     self.src_port, self.dst_port, self.seq, self.ack, _HEADER_NOP_NOP_TS_OFFSET,
                     self.flags, self.window, 0, self.urgent,
                     OPT_NOP, OPT_NOP, OPT_TIMESTAMP, 10, timestamp[0], timestamp[1])
-            else:
-                header = _HEADER.pack(self.src_port, self.dst_port, self.seq, self.ack,
-                                      _HEADER_OFFSET, self.flags, self.window, 0, self.urgent)
-            if not fill_checksum:
-                return header + payload
-            header = bytearray(header)
-        else:
-            options = self.options_bytes()
-            header = bytearray(HEADER_LEN + len(options))
-            _HEADER.pack_into(header, 0, self.src_port, self.dst_port, self.seq, self.ack,
-                              len(header) << 2, self.flags, self.window, 0, self.urgent)
-            header[HEADER_LEN:] = options
-            if not fill_checksum:
-                return bytes(header) + payload
-        header_len = len(header)
+            return _HEADER.pack(self.src_port, self.dst_port, self.seq, self.ack,
+                                _HEADER_OFFSET, self.flags, self.window, 0, self.urgent)
+        options = self.options_bytes()
+        header = bytearray(HEADER_LEN + len(options))
+        _HEADER.pack_into(header, 0, self.src_port, self.dst_port, self.seq, self.ack,
+                          len(header) << 2, self.flags, self.window, 0, self.urgent)
+        header[HEADER_LEN:] = options
+        return bytes(header)
+
+    def emit(self, src_ip: int, dst_ip: int) -> bytes:
+        """The whole segment, checksum filled, as it goes on the wire."""
+        header = bytearray(self.header())
+        payload = self.payload
         # Sum the header and the payload separately: the header length is a
         # multiple of 4, so the payload's words stay aligned and need no copy.
         partial = checksum.ones_complement_sum(header, checksum.pseudo_header_sum(
-            src_ip, dst_ip, IPPROTO_TCP, header_len + len(payload)))
+            src_ip, dst_ip, IPPROTO_TCP, len(header) + len(payload)))
         _CHECKSUM.pack_into(header, 16, checksum.internet_checksum(payload, partial))
         return bytes(header) + payload
 

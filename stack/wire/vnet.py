@@ -31,21 +31,47 @@ _ETH_IPV4_HEADER_LEN = 34      # where the TCP header starts in the stack's fram
 _ETH_HEADER_LEN = 14
 _GSO_ECN = 0x80                # a flag on gso_type: the segments carry ECN bits
 _TCP_CHECKSUM_AT = 16
-_TCP_DATA_OFFSET_AT = _ETH_IPV4_HEADER_LEN + 12
 
 
-class SegmentedFrame(bytearray):
+class SegmentedFrame:
     """An Ethernet + IPv4 (no options) + TCP frame whose payload is cut into
-    `gso_size`-byte segments on the way out.  Its TCP checksum field holds
-    only the pseudo-header sum (CHECKSUM_PARTIAL): each cut segment's
-    checksum is completed by whoever cuts it."""
+    `gso_size`-byte segments on the way out, kept in two parts for a gather
+    send: `headers` (all three, built for it) and `payload` (a view of the
+    bytes where they already are, the send ring).  The TCP checksum field
+    holds only the pseudo-header sum (CHECKSUM_PARTIAL): each cut segment's
+    checksum is completed by whoever cuts it.
 
-    __slots__ = ("gso_size",)
+    The payload view stays valid for as long as the loop that built the
+    frame runs: the application refills ring bytes only once the peer has
+    acknowledged them.  Whatever keeps a frame longer takes `detached()`."""
+
+    __slots__ = ("headers", "payload", "gso_size")
+
+    def __init__(self, headers: bytearray, payload, gso_size: int):
+        self.headers = headers
+        self.payload = payload
+        self.gso_size = gso_size
 
     def vnet_header(self) -> bytes:
-        headers = _ETH_IPV4_HEADER_LEN + (self[_TCP_DATA_OFFSET_AT] >> 4) * 4
-        return HEADER.pack(F_NEEDS_CSUM, GSO_TCPV4, headers, self.gso_size,
+        return HEADER.pack(F_NEEDS_CSUM, GSO_TCPV4, len(self.headers), self.gso_size,
                            _ETH_IPV4_HEADER_LEN, _TCP_CHECKSUM_AT)
+
+    def detached(self) -> "SegmentedFrame":
+        """The same frame with its own copy of the payload."""
+        return SegmentedFrame(bytearray(self.headers), bytes(self.payload), self.gso_size)
+
+    def __len__(self) -> int:
+        return len(self.headers) + len(self.payload)
+
+    def __bytes__(self) -> bytes:
+        return bytes(self.headers) + bytes(self.payload)
+
+    def __eq__(self, other):
+        if not isinstance(other, SegmentedFrame):
+            return NotImplemented
+        return self.gso_size == other.gso_size and bytes(self) == bytes(other)
+
+    __hash__ = None
 
 
 def received_frame(data):

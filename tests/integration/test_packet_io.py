@@ -153,7 +153,7 @@ def test_kernel_syn_arrives_whole_and_our_rst_is_accepted(link, stack_side):
         syns.append((src_port, dst_port))
         rst_ack = struct.pack("!HHIIBBHHH", dst_port, src_port, 0, (seq + 1) & 0xFFFFFFFF,
                               5 << 4, 0x14, 0, 0, 0)
-        frame = iface.frame_tcp(src_ip, rst_ack, now)
+        frame = iface.frame_tcp(src_ip, rst_ack, b"", now)
         assert frame is not None            # the kernel's ARP request taught us its MAC
         io.send_batch([frame])
 

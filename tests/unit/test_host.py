@@ -39,8 +39,8 @@ class Peer:
         self.host.receive(src_ip, HOST_IP, segment.emit(src_ip, HOST_IP), self.now)
 
     def recv(self):
-        return [TcpSegment.parse(wire, HOST_IP, dst, verify_checksum=False)
-                for dst, wire, _ in self.host.take_output()]
+        return [TcpSegment.parse(header + bytes(payload), HOST_IP, dst, verify_checksum=False)
+                for dst, header, payload, _ in self.host.take_output()]
 
 
 def syn(port, seq=1000, **options):
@@ -66,7 +66,7 @@ def test_host_connections_start_at_the_rfc6528_isn():
     host = TcpHost(HOST_IP, rng=random.Random(3))
     conn = host.connect(45000, PEER_IP, 80, RingBuffer(1000), RingBuffer(1000), None, 5.0)
     assert conn.iss == host.secrets.isn(HOST_IP, 45000, PEER_IP, 80, 5.0)
-    (wire,) = [w for _, w, _ in host.take_output()]
+    (wire,) = [header for _, header, _, _ in host.take_output()]   # a SYN: no payload
     assert TcpSegment.parse(wire, HOST_IP, PEER_IP, verify_checksum=False).seq == conn.iss
 
 
@@ -90,7 +90,7 @@ def test_ephemeral_ports_follow_rfc6056_algorithm_3():
 def test_timestamps_start_at_a_per_connection_offset():
     host = TcpHost(HOST_IP, rng=random.Random(5))
     conn = host.connect(45000, PEER_IP, 80, RingBuffer(1000), RingBuffer(1000), None, 2.0)
-    (wire,) = [w for _, w, _ in host.take_output()]
+    (wire,) = [header for _, header, _, _ in host.take_output()]   # a SYN: no payload
     tsval = TcpSegment.parse(wire, HOST_IP, PEER_IP, verify_checksum=False).timestamp[0]
     offset = host.secrets.timestamp_offset(HOST_IP, 45000, PEER_IP, 80)
     assert tsval == (2000 + offset) % 2**32
@@ -254,8 +254,8 @@ def test_exhausted_receive_buffer_only_closes_the_window():
         host.receive(PEER_IP, HOST_IP, TcpSegment(
             40000, PORT, seq, conn.iss + 1, ACK | PSH, 100, b"xy").emit(PEER_IP, HOST_IP), 0.1)
     assert conn.recv_buf.read(5) == b"x"
-    acks = [TcpSegment.parse(w, HOST_IP, PEER_IP, verify_checksum=False)
-            for _, w, _ in host.take_output()]
+    acks = [TcpSegment.parse(header, HOST_IP, PEER_IP, verify_checksum=False)
+            for _, header, _, _ in host.take_output()]
     assert acks[-1].ack == 1002 and acks[-1].window == 0
 
 
@@ -271,8 +271,8 @@ def test_time_wait_keeps_a_compact_record_that_acks_and_reincarnates():
     def client_sends(seq, ack, flags):
         segment = TcpSegment(40000, 80, seq, ack, flags, 65535, mss=1460 if flags & SYN else None)
         server.receive(client_ip, server_ip, segment.emit(client_ip, server_ip), now)
-        return [TcpSegment.parse(out, server_ip, client_ip, verify_checksum=False)
-                for _, out, _ in server.take_output()]
+        return [TcpSegment.parse(header, server_ip, client_ip, verify_checksum=False)
+                for _, header, _, _ in server.take_output()]   # no data in a handshake
 
     (syn_ack,) = client_sends(1000, 0, SYN)
     iss = syn_ack.seq

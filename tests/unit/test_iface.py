@@ -180,7 +180,7 @@ def test_off_link_traffic_goes_through_the_gateway(iface):
 def test_without_gateway_off_link_is_unreachable():
     iface = Interface(OUR_MAC, OUR_IP, 24)
     iface.send_ip(FAR_IP, PROTO_UDP, b"far", now=0.0)
-    assert iface.frame_tcp(FAR_IP, tcp_segment(dst=FAR_IP), now=0.0) is None
+    assert iface.frame_tcp(FAR_IP, tcp_segment(dst=FAR_IP), b"", now=0.0) is None
     assert iface.take_frames() == []
     assert iface.counters["no_route"] == 2
 
@@ -213,9 +213,9 @@ def test_tcp_to_us_is_handed_up_checksum_verified(iface):
 
 def test_frame_tcp_to_a_known_neighbour_is_returned_ready_to_send(iface):
     peer_says_hello(iface)
-    segment = bytearray(tcp_segment(dst=PEER_IP, src=OUR_IP, payload=b"x" * 1000))
-    segment[16:18] = b"\xde\xad"                            # ignored: recomputed
-    frame = iface.frame_tcp(PEER_IP, bytes(segment), now=1.0)
+    header = bytearray(tcp_segment(dst=PEER_IP, src=OUR_IP))
+    header[16:18] = b"\xde\xad"                             # ignored: recomputed
+    frame = iface.frame_tcp(PEER_IP, bytes(header), memoryview(b"x" * 1000), now=1.0)
     ethernet, header, payload = parse_ip_frame(frame)
     assert ethernet == EthernetHeader(PEER_MAC, OUR_MAC, ETHERTYPE_IPV4)
     assert (header.src, header.dst, header.protocol) == (OUR_IP, PEER_IP, PROTO_TCP)
@@ -228,7 +228,7 @@ def test_frame_tcp_to_a_known_neighbour_is_returned_ready_to_send(iface):
 
 def test_frame_tcp_to_an_unknown_neighbour_waits_for_arp(iface):
     segment = tcp_segment(src=OUR_IP, dst=PEER_IP)
-    assert iface.frame_tcp(PEER_IP, segment, now=0.0) is None
+    assert iface.frame_tcp(PEER_IP, segment, b"", now=0.0) is None
     [request] = iface.take_frames()
     assert request[12:14] == b"\x08\x06"
     iface.receive(arp_frame(OP_REPLY, PEER_MAC, PEER_IP, OUR_MAC, OUR_IP), 0.1)
@@ -240,7 +240,7 @@ def test_frame_tcp_to_an_unknown_neighbour_waits_for_arp(iface):
 
 def test_ip_idents_increment(iface):
     peer_says_hello(iface)
-    frames = [iface.frame_tcp(PEER_IP, tcp_segment(OUR_IP, PEER_IP), now=1.0) for _ in range(3)]
+    frames = [iface.frame_tcp(PEER_IP, tcp_segment(OUR_IP, PEER_IP), b"", now=1.0) for _ in range(3)]
     idents = [parse_ip_frame(frame)[1].ident for frame in frames]
     assert idents == [idents[0], idents[0] + 1, idents[0] + 2]
 

@@ -165,8 +165,8 @@ class Host:
         self.host.receive(PEER_IP, OUR_IP, segment.emit(PEER_IP, OUR_IP), self.now)
 
     def sent(self) -> list:
-        return [TcpSegment.parse(wire, OUR_IP, PEER_IP, verify_checksum=False)
-                for _, wire, _ in self.host.take_output()]
+        return [TcpSegment.parse(header + bytes(payload), OUR_IP, PEER_IP, verify_checksum=False)
+                for _, header, payload, _ in self.host.take_output()]
 
     def icmp(self, mtu, seq, local_port=OUR_PORT, remote_ip=PEER_IP, remote_port=PEER_PORT):
         self.host.receive_icmp_error(

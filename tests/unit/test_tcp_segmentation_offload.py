@@ -136,17 +136,17 @@ def test_the_host_marks_longer_than_mss_segments_for_cutting():
     host.listen(80, 4, lambda ip, port: (RingBuffer(100000), RingBuffer(100000), None))
     host.receive(peer_ip, host_ip, TcpSegment(40000, 80, 1000, 0, SYN, 65535, mss=MSS)
                  .emit(peer_ip, host_ip), 0.0)
-    ((_, syn_ack, gso),) = host.take_output()
+    ((_, syn_ack, payload, gso),) = host.take_output()
     iss = TcpSegment.parse(syn_ack, host_ip, peer_ip, verify_checksum=False).seq
-    assert gso == 0
+    assert gso == 0 and payload == b""
     host.receive(peer_ip, host_ip, TcpSegment(40000, 80, 1001, iss + 1, ACK, 65535)
                  .emit(peer_ip, host_ip), 0.1)
     conn = host.connections[(80, peer_ip, 40000)]
     conn.send_buf.write(b"q" * (5 * MSS))
     conn.send_ready(0.1)
     host.collect(conn, 0.1)
-    ((_, segment, gso),) = host.take_output()
-    assert gso == MSS and len(segment) == 20 + 5 * MSS
+    ((_, header, payload, gso),) = host.take_output()
+    assert gso == MSS and len(header) == 20 and bytes(payload) == b"q" * (5 * MSS)
 
 
 # ---- the frame -----------------------------------------------------------------
@@ -195,8 +195,9 @@ def test_a_segmented_frame_cuts_into_valid_segments(accelerated):
     ours._learn(PEER_IP, PEER_MAC, 0.0)
     payload = random.Random(7).randbytes(3 * MSS + 11)
     segment = TcpSegment(80, 40000, 1000, 2000, ACK | PSH, 512, payload, timestamp=(5, 6))
-    frame = ours.frame_tcp(PEER_IP, segment.emit(OUR_IP, PEER_IP, fill_checksum=False), 0.0, MSS)
+    frame = ours.frame_tcp(PEER_IP, segment.header(), memoryview(payload), 0.0, MSS)
     assert type(frame) is SegmentedFrame and frame.gso_size == MSS
+    assert frame.payload.obj is payload                  # gathered from where it is, not copied
     received = []
     for piece in device_cuts(frame):
         src, dst, tcp = peer.receive(piece, 0.0)
@@ -215,5 +216,19 @@ def test_c_and_python_build_the_same_segmented_frame():
         iface = Interface(OUR_MAC, OUR_IP, 24, accelerated=accelerated)
         iface._learn(PEER_IP, PEER_MAC, 0.0)
         segment = TcpSegment(80, 40000, 1, 2, ACK, 512, bytes(range(256)) * 20)
-        frames.append(iface.frame_tcp(PEER_IP, segment.emit(OUR_IP, PEER_IP, False), 0.0, MSS))
+        frames.append(iface.frame_tcp(PEER_IP, segment.header(), segment.payload, 0.0, MSS))
     assert frames[0] == frames[1] and frames[0].vnet_header() == frames[1].vnet_header()
+
+
+def test_a_segmented_frame_waiting_for_arp_keeps_its_own_copy_of_the_payload():
+    """The payload is a view of the send ring, valid for one loop pass; a
+    frame held for ARP outlives it, so it holds a copy."""
+    iface = Interface(OUR_MAC, OUR_IP, 24)
+    ring = bytearray(b"a" * (2 * MSS))
+    segment = TcpSegment(80, 40000, 1, 2, ACK, 512)
+    assert iface.frame_tcp(PEER_IP, segment.header(), memoryview(ring), 0.0, MSS) is None
+    ring[:] = b"b" * (2 * MSS)                          # the application refills the ring
+    iface._learn(PEER_IP, PEER_MAC, 0.1)
+    [_arp_request, frame] = iface.take_frames()
+    assert type(frame) is SegmentedFrame and bytes(frame.payload) == b"a" * (2 * MSS)
+    assert bytes(frame)[:6] == PEER_MAC

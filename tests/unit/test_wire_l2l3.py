@@ -183,12 +183,22 @@ def python_tcp_frame(dst_mac, src_mac, src_ip, dst_ip, ident, segment):
 @needs_c
 def test_c_tcp_frame_equals_python_framing():
     rng = random.Random(793)
-    for length in (20, 21, 32, 1480):
-        segment = rng.randbytes(length)   # checksum field is random: it is ignored
-        frame = native.build_tcp_frame(MAC_B, MAC_A, IP_A, IP_B, 0xBEEF, segment)
-        assert bytes(frame) == python_tcp_frame(MAC_B, MAC_A, IP_A, IP_B, 0xBEEF, segment)
-    with pytest.raises(ValueError):
-        native.build_tcp_frame(MAC_B, MAC_A, IP_A, IP_B, 1, bytes(19))
+    for header_len, payload_len in ((20, 0), (20, 1), (32, 3), (40, 1440), (60, 1401)):
+        header = rng.randbytes(header_len)   # checksum field is random: it is ignored
+        payload = rng.randbytes(payload_len)
+        frame = native.build_tcp_frame(MAC_B, MAC_A, IP_A, IP_B, 0xBEEF, header, memoryview(payload))
+        expected = python_tcp_frame(MAC_B, MAC_A, IP_A, IP_B, 0xBEEF, header + payload)
+        assert bytes(frame) == expected
+        # The headers of the same frame for a gather send: the payload is
+        # not read, the TCP checksum holds the pseudo-header sum alone.
+        headers = native.build_tcp_headers(MAC_B, MAC_A, IP_A, IP_B, 0xBEEF, header, payload_len)
+        pseudo = checksum.ones_complement_sum(b"", checksum.pseudo_header_sum(
+            IP_A, IP_B, PROTO_TCP, header_len + payload_len))
+        assert bytes(headers) == (expected[:50] + pseudo.to_bytes(2, "big")
+                                  + expected[52:34 + header_len])
+    for header, payload in ((bytes(19), b""), (bytes(64), b""), (bytes(20), bytes(65496))):
+        with pytest.raises(ValueError):
+            native.build_tcp_frame(MAC_B, MAC_A, IP_A, IP_B, 1, header, payload)
 
 
 @needs_c

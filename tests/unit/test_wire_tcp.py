@@ -55,9 +55,12 @@ def test_parse_of_a_memoryview_gives_a_zero_copy_payload():
     assert bytes(parsed.payload) == b"abz"
 
 
-def test_emit_without_checksum_leaves_it_zero():
-    wire = TcpSegment(1, 2, 3, 4, ACK, 5, b"abc").emit(SRC, DST, fill_checksum=False)
-    assert wire[16:18] == b"\0\0"
+def test_header_is_the_emitted_segment_before_its_payload_with_the_checksum_zero():
+    segment = TcpSegment(1, 2, 3, 4, ACK, 5, b"abc", timestamp=(6, 7))
+    header, wire = segment.header(), segment.emit(SRC, DST)
+    assert len(header) == 32 and wire[32:] == b"abc"
+    assert header[16:18] == b"\0\0" and wire[16:18] != b"\0\0"
+    assert header[:16] + header[18:] == wire[:16] + wire[18:32]
 
 
 def test_seg_len_counts_syn_and_fin():
