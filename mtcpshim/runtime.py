@@ -119,6 +119,7 @@ class Runtime:
         if self.stats_listener is not None:
             stat.serve(self.stats_listener, self.stats)
         self._hear_launcher()
+        self.waiters.look()            # a registration sent without being counted
         self.sockets.recover_lost_tx(now)
         if not self._truncation_reported:
             self._report_truncation()
@@ -169,6 +170,8 @@ class Runtime:
                 self._device_trouble()
             elif fd == self.wake_fd:
                 _drain_eventfd(fd)
+            elif fd == self.waiters.fileno():
+                self.waiters.look()
             elif fd == self._signal_r:
                 os.read(fd, 64)
             elif self.stats_listener is not None and fd == self.stats_listener.fileno():

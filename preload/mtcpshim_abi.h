@@ -19,7 +19,7 @@
  */
 
 #define MTS_MAGIC 0x314d485350435453
-#define MTS_VERSION 2
+#define MTS_VERSION 3
 
 /* Name of the environment variable that carries the inherited descriptors:
  * "SHM_FD,CTL_FD,WAKE_FD,DEATH_FD" (see mtcpshim/launcher.py). */
@@ -93,7 +93,10 @@ struct mts_header {
     uint32_t stack_state;
     int32_t stack_pid;
     uint32_t slot_hint; /* where the next slot search starts */
-    uint8_t pad1[24];
+    /* Messages the interposers have sent on the control socket: the stack
+     * reads the socket when this moves (or poll() says so), not every loop. */
+    uint32_t ctl_posted;
+    uint8_t pad1[20];
 
     /* Its own cache line: written by the stack every time it sleeps. */
     uint32_t stack_sleeping;

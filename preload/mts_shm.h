@@ -74,6 +74,8 @@ void mts_tx_clear_pending(struct mts_slot *s);
 int mts_rx_take_notify(struct mts_slot *s);
 int mts_stack_try_sleep(const struct mts_geom *g, uint64_t pos);
 void mts_stack_awake(const struct mts_geom *g);
+void mts_ctl_post(const struct mts_geom *g);
+uint32_t mts_ctl_posted(const struct mts_geom *g);
 uint32_t mts_slot_poll(const struct mts_geom *g, uint32_t id);
 void mts_futex_wake(uint32_t *word);
 int mts_futex_wait(uint32_t *word, uint32_t expected, int timeout_ms);
@@ -544,6 +546,18 @@ static inline int mts_rx_take_notify(struct mts_slot *s)
 static inline void mts_tx_clear_pending(struct mts_slot *s)
 {
     __atomic_exchange_n(&s->tx_pending, 0u, __ATOMIC_SEQ_CST);
+}
+
+/* An interposer has sent a message on the control socket (after the send,
+ * so that a stack which sees the count move finds the message queued). */
+static inline void mts_ctl_post(const struct mts_geom *g)
+{
+    __atomic_add_fetch(&mts_hdr(g)->ctl_posted, 1u, __ATOMIC_RELEASE);
+}
+
+static inline uint32_t mts_ctl_posted(const struct mts_geom *g)
+{
+    return MTS_LOAD(&mts_hdr(g)->ctl_posted);
 }
 
 /* The stack announces it is about to sleep.  Returns 1 if it may (no command

@@ -63,7 +63,10 @@ static int send_waiter_fd(int32_t id, int efd)
     do
         sent = shim_real.sendmsg(shim.ctl_fd, &mh, MSG_NOSIGNAL);
     while (sent < 0 && errno == EINTR);
-    return sent == (ssize_t)sizeof(msg) ? 0 : -1;
+    if (sent != (ssize_t)sizeof(msg))
+        return -1;
+    mts_ctl_post(&shim.geom);
+    return 0;
 }
 
 int shim_waiter_open(struct shim_waiter *sw)
