@@ -81,11 +81,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--stack-user", default="nobody", metavar="USER",
                      help="the unprivileged user the stack serves as once its packet I/O is open "
                           "(default %(default)s)")
-    run.add_argument("--stack-python", default=os.environ.get("MTCPSHIM_STACK_PYTHON", "cpython"),
+    run.add_argument("--stack-python", default=os.environ.get("MTCPSHIM_STACK_PYTHON"),
                      metavar="{cpython,pypy,auto}",
                      help="the stack process's interpreter: pypy (its JIT, if pypy3 is installed and the "
                           "modules were built for it), cpython, or auto (pypy where ready); the default is "
-                          "$MTCPSHIM_STACK_PYTHON, else cpython (now %(default)s)")
+                          "$MTCPSHIM_STACK_PYTHON, else auto")
     run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- PROGRAM [ARGS...]")
 
     stat = commands.add_parser("stat", help="counters of a running stack (drops by reason, TCP, packet I/O)")
@@ -156,7 +156,7 @@ def _run(args) -> int:
     options = launcher.StackOptions(netns=args.netns, iface=args.iface, ip=args.ip, gateway=args.gateway,
                                     io=args.io, pcap=args.pcap, profile=args.profile, spin_us=args.spin_us,
                                     impair=args.impair, stack_user=args.stack_user,
-                                    stack_python=args.stack_python)
+                                    stack_python=args.stack_python or launcher.DEFAULT_STACK_PYTHON)
     return launcher.run(options, argv, user=args.user)
 
 

@@ -58,13 +58,15 @@ class StackOptions:
     spin_us: float = 0.0
     impair: str | None = None   # an ImpairSpec (stack/io/impair.py), already validated
     stack_user: str = "nobody"  # whom the stack serves as once its packet I/O is open
-    stack_python: str = "cpython"  # the stack's interpreter: STACK_PYTHONS
+    stack_python: str = "auto"  # the stack's interpreter: STACK_PYTHONS
 
 
 # The interpreters the stack process runs under.  PyPy's JIT runs the TCP
 # core several times faster (issue 11); it needs the two cffi modules built
-# for it, which setup.py does when pypy3 and its cffi are installed.
+# for it, which setup.py does when pypy3 and its cffi are installed.  The
+# default takes PyPy where it is ready and CPython elsewhere.
 STACK_PYTHONS = ("cpython", "pypy", "auto")
+DEFAULT_STACK_PYTHON = "auto"
 PYPY_GC_NURSERY = "32MB"
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -79,21 +81,23 @@ def pypy_ready() -> str | None:
     return pypy if pypy and built else None
 
 
-def stack_command(choice: str) -> list[str]:
-    """The interpreter command line the stack process starts with."""
+def resolve_stack_python(choice: str) -> str:
+    """"cpython" or "pypy": the interpreter `choice` means on this machine."""
     if choice not in STACK_PYTHONS:
         raise LaunchError(f"unknown stack interpreter {choice!r} (known: {', '.join(STACK_PYTHONS)})")
-    if choice == "cpython":
-        return [sys.executable]
-    pypy = pypy_ready()
-    if pypy:
-        return [pypy]
-    if choice == "auto":
-        return [sys.executable]
+    if choice == "cpython" or choice == "auto" and not pypy_ready():
+        return "cpython"
+    if pypy_ready():
+        return "pypy"
     if not shutil.which("pypy3"):
         raise LaunchError("--stack-python pypy: pypy3 is not installed (apt-get install pypy3 pypy3-dev)")
     raise LaunchError(f"--stack-python pypy: the stack's modules are not built for PyPy in {PACKAGE_DIR} "
                       "(install pypy3-dev, then pip install . again)")
+
+
+def stack_command(choice: str) -> list[str]:
+    """The interpreter command line the stack process starts with."""
+    return [pypy_ready()] if resolve_stack_python(choice) == "pypy" else [sys.executable]
 
 
 def run(options: StackOptions, argv: list[str], user: str | None = None) -> int:

@@ -59,10 +59,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=DEFAULT_WARMUP, metavar="S",
                         help="seconds of unmeasured load before each workload's run, on both stacks: caches, "
                              "and PyPy's JIT, warm up as in a server that has run a while (default %(default)s)")
-    parser.add_argument("--stack-python", default=os.environ.get("MTCPSHIM_STACK_PYTHON", "cpython"),
+    parser.add_argument("--stack-python", default=os.environ.get("MTCPSHIM_STACK_PYTHON"),
                         metavar="{cpython,pypy,auto}",
                         help="the interpreter of our stack process, as `mtcpshim run --stack-python` "
-                             "(default %(default)s)")
+                             "(default $MTCPSHIM_STACK_PYTHON, else auto: PyPy where ready)")
     parser.add_argument("--quick", action="store_true", help="a smoke run of every workload in under a minute")
     parser.add_argument("--json", metavar="FILE", help="write every run's raw figures and the machine's details")
     parser.add_argument("--plot", metavar="FILE", help="write a PNG bar chart")
@@ -84,7 +84,7 @@ def main(args: argparse.Namespace) -> int:
         return FAILED
     from mtcpshim import launcher
     try:
-        launcher.stack_command(args.stack_python)
+        stack_python = launcher.resolve_stack_python(args.stack_python or launcher.DEFAULT_STACK_PYTHON)
     except launcher.LaunchError as err:
         print(f"mtcpshim bench: {err}", file=sys.stderr)
         return FAILED
@@ -98,7 +98,7 @@ def main(args: argparse.Namespace) -> int:
         runs=args.runs or (QUICK_RUNS if args.quick else DEFAULT_RUNS),
         connections=args.connections,
         warmup=0 if args.quick else max(args.warmup, 0),
-        stack_python=args.stack_python)
+        stack_python=stack_python)
     started = time.time()
     try:
         records = runner.run_plan(settings, runner.Progress(settings))

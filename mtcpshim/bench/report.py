@@ -88,7 +88,7 @@ def _present(values) -> list[float]:
 # --- the terminal table (markdown, to paste into the README) ---------------------------
 
 
-_PYTHON_NAMES = {"cpython": "CPython", "pypy": "PyPy", "auto": "PyPy where ready, else CPython"}
+_PYTHON_NAMES = {"cpython": "CPython", "pypy": "PyPy"}
 
 
 def markdown_table(summaries: list[WorkloadSummary], records: list[RunRecord], settings: Settings) -> str:

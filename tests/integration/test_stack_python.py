@@ -11,9 +11,11 @@ pypy = pytest.mark.skipif(launcher.pypy_ready() is None,
                           reason="pypy3, or the stack's modules built for it, not installed")
 
 
-def test_cpython_is_this_interpreter_and_auto_prefers_pypy_where_ready():
+def test_cpython_is_this_interpreter_and_auto_the_default_prefers_pypy_where_ready():
     assert launcher.stack_command("cpython") == [launcher.sys.executable]
     assert launcher.stack_command("auto") == [launcher.pypy_ready() or launcher.sys.executable]
+    assert launcher.DEFAULT_STACK_PYTHON == launcher.StackOptions(None, None, None).stack_python == "auto"
+    assert launcher.resolve_stack_python("auto") == ("pypy" if launcher.pypy_ready() else "cpython")
 
 
 def test_an_unknown_interpreter_is_refused():
