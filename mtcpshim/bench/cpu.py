@@ -11,6 +11,12 @@ Two views, because neither alone is honest here:
 - the whole machine, from /proc/stat.  Its busy columns are tick samples
   that undercount short bursts, so busy time is taken as elapsed x CPUs
   minus the idle and iowait deltas instead.
+
+And what disturbs a run: CPU that user-space processes outside the bench's
+own tree used over the interval (kernel threads are left out: ksoftirqd
+and the workers do the network's work, ours included), and CPU the
+hypervisor stole from this VM.  A run where either is above a few percent
+of a CPU is not a measurement of the stacks.
 """
 from __future__ import annotations
 
@@ -75,6 +81,7 @@ def _role(process: psutil.Process) -> str:
 class MachineSample:
     monotonic: float
     idle_ticks: int  # idle + iowait, summed over CPUs
+    steal_ticks: int  # time the hypervisor ran something else on our CPUs
     cpus: int
 
 
@@ -84,13 +91,56 @@ def machine_sample() -> MachineSample:
     # cpu  user nice system idle iowait irq softirq steal ...
     total = lines[0].split()
     cpus = sum(1 for line in lines if line.startswith("cpu") and line[3].isdigit())
-    return MachineSample(time.monotonic(), int(total[4]) + int(total[5]), cpus)
+    return MachineSample(time.monotonic(), int(total[4]) + int(total[5]), int(total[8]), cpus)
 
 
 def machine_busy_seconds(before: MachineSample, after: MachineSample) -> float:
     elapsed = after.monotonic - before.monotonic
     idle = (after.idle_ticks - before.idle_ticks) / CLOCK_TICKS
     return max(0.0, elapsed * after.cpus - idle)
+
+
+def stolen_seconds(before: MachineSample, after: MachineSample) -> float:
+    return (after.steal_ticks - before.steal_ticks) / CLOCK_TICKS
+
+
+_KTHREADD = 2
+
+
+def userspace_sample() -> dict[int, tuple[str, float]]:
+    """(name, CPU seconds so far) of every user-space process, by pid."""
+    sample = {}
+    for process in psutil.process_iter(["ppid", "name", "cpu_times"]):
+        info = process.info
+        times = info["cpu_times"]
+        if process.pid == _KTHREADD or info["ppid"] == _KTHREADD or times is None:
+            continue
+        sample[process.pid] = (info["name"], times.user + times.system)
+    return sample
+
+
+def foreign_seconds(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]],
+                    ours: set[int]) -> dict[str, float]:
+    """CPU seconds between two samples of the processes not in `ours`, by
+    name (a process born in between counts from zero; one that died in
+    between is not seen)."""
+    used: dict[str, float] = {}
+    for pid, (name, seconds) in after.items():
+        if pid in ours:
+            continue
+        delta = seconds - before.get(pid, (name, 0.0))[1]
+        if delta > 0:
+            used[name] = used.get(name, 0.0) + delta
+    return used
+
+
+def tree_pids(root: int) -> set[int]:
+    """`root` and every living descendant."""
+    try:
+        process = psutil.Process(root)
+        return {root, *(child.pid for child in process.children(recursive=True))}
+    except psutil.NoSuchProcess:
+        return set()
 
 
 def reaped_children_seconds() -> float:

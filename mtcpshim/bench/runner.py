@@ -10,6 +10,7 @@ switched in place, between servers.
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 import sys
 import time
@@ -23,6 +24,9 @@ from mtcpshim.bench.workloads import ClientOutputError, Workload
 # Time a client may overrun its duration (start-up, iperf3's result
 # exchange, wrk's 5 s request timeout) before it counts as hung.
 CLIENT_GRACE_SECONDS = 10
+# A run is invalid when processes outside the bench, or the hypervisor, took
+# more than this share of one CPU during it.
+DISTURBANCE_LIMIT = 0.05
 # Server start and stop per workload, until the first step has measured it.
 FIRST_GUESS_OVERHEAD = 1.5
 
@@ -58,6 +62,8 @@ class RunRecord:
     server_cpu_s_by_process: dict[str, float] = field(default_factory=dict)
     machine_cpu_s: float = 0.0
     client_cpu_s: float = 0.0
+    foreign_cpu_s: float = 0.0           # processes outside the bench's own tree
+    stolen_cpu_s: float = 0.0            # taken by the hypervisor
     server_cpu_per_unit: float | None = None   # µs per request, or s per GB
     machine_cpu_per_unit: float | None = None
 
@@ -99,6 +105,7 @@ def measure(workload: Workload, server: servers.RunningServer, run: int, setting
             wrk_script: str) -> RunRecord:
     """One client run against `server`, with CPU accounted over the load interval only."""
     argv = workload.client_argv(settings.duration, settings.connections, wrk_script)
+    others_before = cpu.userspace_sample()
     client_before = cpu.reaped_children_seconds()
     server_before = server.cpu.sample()
     machine_before = cpu.machine_sample()
@@ -110,13 +117,17 @@ def measure(workload: Workload, server: servers.RunningServer, run: int, setting
     machine_after = cpu.machine_sample()
     server_after = server.cpu.sample()
     client_after = cpu.reaped_children_seconds()
+    foreign = cpu.foreign_seconds(others_before, cpu.userspace_sample(), cpu.tree_pids(os.getpid()))
 
     server_roles = server.cpu.used_by_role(server_before, server_after)
     record = RunRecord(workload.name, server.stack, run, valid=False, problems=[],
                        wall_seconds=machine_after.monotonic - machine_before.monotonic,
                        server_cpu_s=sum(server_roles.values()), server_cpu_s_by_process=server_roles,
                        machine_cpu_s=cpu.machine_busy_seconds(machine_before, machine_after),
-                       client_cpu_s=client_after - client_before)
+                       client_cpu_s=client_after - client_before,
+                       foreign_cpu_s=sum(foreign.values()),
+                       stolen_cpu_s=cpu.stolen_seconds(machine_before, machine_after))
+    record.problems += disturbances(record, foreign)
     if done is None:
         record.problems.append(f"client did not finish within {settings.duration + CLIENT_GRACE_SECONDS} s")
     else:
@@ -130,6 +141,20 @@ def measure(workload: Workload, server: servers.RunningServer, run: int, setting
         record.problems.append(f"the server exited: {server.log_tail()}")
     record.valid = not record.problems
     return record
+
+
+def disturbances(record: RunRecord, foreign: dict[str, float]) -> list[str]:
+    """Why the run measured more than the two stacks, if it did."""
+    problems = []
+    limit = DISTURBANCE_LIMIT * record.wall_seconds
+    if record.foreign_cpu_s > limit:
+        top = sorted(foreign.items(), key=lambda item: -item[1])[:3]
+        named = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in top)
+        problems.append(f"other processes used {record.foreign_cpu_s / record.wall_seconds:.0%} of a CPU "
+                        f"({named})")
+    if record.stolen_cpu_s > limit:
+        problems.append(f"the hypervisor took {record.stolen_cpu_s / record.wall_seconds:.0%} of a CPU (steal)")
+    return problems
 
 
 def _fill(record: RunRecord, workload: Workload, result) -> None:

@@ -4,6 +4,7 @@ interrupted.  No test asserts a speed."""
 import json
 import os
 import signal
+import sys
 import uuid
 import subprocess
 import time
@@ -100,6 +101,30 @@ def test_ctrl_c_mid_run_stops_everything_and_removes_the_kernel_address(test_net
     assert "interrupted" in stderr
     assert kernel_addresses_on_stack_side() == []
     assert processes_marked(mark) == []
+
+
+def test_a_run_another_process_disturbs_is_reported_invalid(test_network, tmp_path):
+    """A CPU hog that is none of the bench's own processes: every run it
+    overlaps is left out of the medians and says who took the CPU."""
+    mark = uuid.uuid4().hex
+    json_path = tmp_path / "bench.json"
+    hog = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 90\n"
+                            "while time.time() < end:\n    pass"])
+    try:
+        done = subprocess.run(**bench_command("--workload", "latency", "--quick", "--json", str(json_path),
+                                              mark=mark), capture_output=True, text=True, timeout=QUICK_TIMEOUT)
+    finally:
+        hog.kill()
+        hog.wait()
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    runs = json.loads(json_path.read_text())["runs"]
+    assert {run["stack"] for run in runs} == {"kernel", "shim"}
+    for run in runs:
+        assert not run["valid"] and run["foreign_cpu_s"] > 0.5 * run["wall_seconds"], run
+        assert any(problem.startswith("other processes used") and "python3" in problem
+                   for problem in run["problems"]), run
+    assert "Invalid runs (left out of the medians):" in done.stdout
 
 
 # --- the arithmetic of the report, on made-up runs ---------------------------------------
