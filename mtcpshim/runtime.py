@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import os
 import platform
+import resource
 import select
 import socket
 import time
@@ -227,6 +228,7 @@ class Runtime:
             "python": _PYTHON,
             "runtime": {**self.counters, "commands": self.sockets.commands,
                         "waiter_wakeups": self.waiters.wakeups},
+            "cost": self._cost(),
             "interface": dict(self.iface.counters),
             "packet_io": dict(io_counters),
             "tcp": dict(self.host.counters),
@@ -236,6 +238,22 @@ class Runtime:
             "slots_in_use": len(self.sockets),
             "waiters": len(self.waiters),
         }
+
+    def _cost(self) -> dict:
+        """The stack process's CPU since it started, per unit of work: what
+        every lever of issue 11 is meant to move."""
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        cpu_us = (usage.ru_utime + usage.ru_stime) * 1e6
+        packets = self.iface.counters["rx_frames"] + self.iface.counters["tx_frames"]
+        cost = {"cpu_ms": round(cpu_us / 1000)}
+        for unit, count in (("packet", packets), ("command", self.sockets.commands),
+                            ("loop", self.counters["loops"])):
+            if count:
+                cost[f"cpu_ns_per_{unit}"] = round(cpu_us * 1000 / count)
+        if packets:
+            cost["wakeups_per_1000_packets"] = round(self.waiters.wakeups * 1000 / packets)
+            cost["sleeps_per_1000_packets"] = round(self.counters["sleeps"] * 1000 / packets)
+        return cost
 
     # -- the launcher ---------------------------------------------------------
 

@@ -6,7 +6,7 @@ import socket
 
 from mtcpshim.launcher import LaunchError, runtime_path
 
-SECTIONS = (("runtime", "Stack loop"), ("packet_io", "Packet I/O"), ("interface", "Ethernet, ARP, IPv4, ICMP"),
+SECTIONS = (("runtime", "Stack loop"), ("cost", "Stack CPU since start, per unit of work"), ("packet_io", "Packet I/O"), ("interface", "Ethernet, ARP, IPv4, ICMP"),
             ("tcp", "TCP drops and errors"), ("tcp_recovery", "TCP loss recovery"),
             ("connections", "TCP connections by state"),
             ("shm", "Shared region: what the program wrote that was refused or reset"))

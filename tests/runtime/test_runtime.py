@@ -198,3 +198,15 @@ def test_a_lost_segment_shows_in_the_loss_recovery_counters(world):
     # A lone segment gets no probe (the peer may be delaying its ACK): the
     # timeout resends it.
     assert world.runtime.stats()["tcp_recovery"] == {"timeouts": 1, "retransmitted_segments": 1}
+
+
+def test_stat_reports_the_stack_s_cpu_per_packet_per_command_and_per_loop(world):
+    listening_socket(world)
+    peer_connects(world)
+    world.write(lib.mts_accept_pop(world.g, 0), b"x" * 100)
+    world.settle()
+    cost = world.runtime.stats()["cost"]
+    assert cost["cpu_ms"] >= 0
+    assert {"cpu_ns_per_packet", "cpu_ns_per_command", "cpu_ns_per_loop"} <= cost.keys()
+    assert all(cost[name] > 0 for name in ("cpu_ns_per_packet", "cpu_ns_per_command", "cpu_ns_per_loop"))
+    assert {"wakeups_per_1000_packets", "sleeps_per_1000_packets"} <= cost.keys()
