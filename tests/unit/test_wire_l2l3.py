@@ -160,6 +160,8 @@ def test_c_checksum_equals_python_on_random_data():
     rng = random.Random(1071)
     buffers = [b"", b"\x00", b"\xff", b"\xff\xff", bytes(64), b"\xff" * 1461]
     buffers += [rng.randbytes(rng.randrange(0, 2000)) for _ in range(500)]
+    # Merged-frame sizes and all four tails.
+    buffers += [b"\xff" * 65535] + [rng.randbytes(n) for n in (65535, 65534, 65533, 65532, 4097)]
     for data in buffers:
         for initial in (0, 1, 0xFFFF, 0x1FFFE, rng.randrange(1 << 32)):
             expected = checksum.ones_complement_sum(data, initial)
@@ -168,6 +170,10 @@ def test_c_checksum_equals_python_on_random_data():
             assert native.ones_complement_sum(memoryview(data)[0:], initial) == expected
             assert native.internet_checksum(data, initial) == checksum.internet_checksum(
                 data, initial)
+    frame = rng.randbytes(9000)
+    for shift in (1, 2, 3):                # the vector loop at any alignment
+        assert native.ones_complement_sum(memoryview(frame)[shift:]) == checksum.ones_complement_sum(
+            frame[shift:])
 
 
 def python_tcp_frame(dst_mac, src_mac, src_ip, dst_ip, ident, segment):
