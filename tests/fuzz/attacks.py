@@ -174,23 +174,30 @@ def syn_flood(net, docroot, workdir, syns: int, rate: float, time_limit: float, 
               attempts_after: int = 20, settle_memory: int | None = None) -> dict:
     """Floods lighttpd's port with spoofed SYNs while a client keeps
     fetching a small file; then checks the client still gets through.
-    With `settle_memory` (bytes), unmeasured floods of the same size go
-    first until the peak memory of one lies less than that above where it
-    began (at most WARMUP_FLOODS): the flood's paths compiled and the heap
-    grown to what they need (PyPy's collector takes several), memory is
-    measured from there the same way."""
+    With `settle_memory` (bytes), the same flood runs unmeasured first until
+    its peak memory lies less than that above the previous flood's peak (at
+    most WARMUP_FLOODS): the flood's paths compiled and the collector's heap
+    grown to what they need (PyPy's takes several).  `previous_peak_rss` is
+    then the last of those peaks: state kept per SYN would raise each
+    flood's peak above the one before, the collector's sawtooth does not."""
     url = f"http://{net.srv_ip}:{SERVER_PORT}/ping.txt"
     with shim_lighttpd(docroot, workdir, net, listen_backlog=listen_backlog) as server:
         stack = server.stack_process()
+        previous_peak = None
         for warmup in range(WARMUP_FLOODS if settle_memory else 0):
-            rss = stack.memory_info().rss
             memory = MemoryWatch(stack)
             memory.start()
+            client = ClientLoop(net, url, workdir, timeout=client_timeout)
+            client.start()
             with packet_socket(net) as sock:
                 send_frames(sock, spoofed_syns(net, syns, seed + 1 + warmup), rate, time_limit,
                             time.monotonic, time.sleep)
+            client.stop()
             time.sleep(settle_seconds)
-            if memory.stop() - rss < settle_memory:
+            peak = memory.stop()
+            settled = previous_peak is not None and peak - previous_peak < settle_memory
+            previous_peak = peak
+            if settled:
                 break
         before = server.stats()
         rss_before = stack.memory_info().rss
@@ -218,6 +225,7 @@ def syn_flood(net, docroot, workdir, syns: int, rate: float, time_limit: float, 
         "tcp_counters": {k: v - tcp_before.get(k, 0) for k, v in tcp_after.items() if v != tcp_before.get(k, 0)},
         "connections_after": after.get("connections", {}),
         "rss_before": rss_before, "peak_rss": peak_rss, "rss_after": rss_after_flood,
+        "previous_peak_rss": previous_peak,
         "ring_drops": after.get("packet_io", {}).get("rx_kernel_drops", 0)
         - before["packet_io"].get("rx_kernel_drops", 0),
     }
