@@ -131,7 +131,11 @@ def markdown_table(summaries: list[WorkloadSummary], records: list[RunRecord], s
         for r in invalid:
             measured = metric(r, by_name[r.workload], "throughput")
             figure = f"{_rate(measured, by_name[r.workload])}; " if measured else ""
-            lines.append(f"- {r.workload}, {r.stack}, run {r.run}: {figure}{'; '.join(r.problems)}")
+            attempts = f" (measured {r.attempts} times)" if r.attempts > 1 else ""
+            lines.append(f"- {r.workload}, {r.stack}, run {r.run}{attempts}: {figure}{'; '.join(r.problems)}")
+    retried = sum(1 for r in records if r.valid and r.attempts > 1)
+    if retried:
+        lines += ["", f"{retried} run(s) were measured again after a disturbed attempt."]
     return "\n".join(lines)
 
 

@@ -1,7 +1,7 @@
 """What makes a bench run invalid besides its own failures: CPU taken by
 processes outside the bench's tree, or by the hypervisor."""
 from mtcpshim.bench import cpu
-from mtcpshim.bench.runner import RunRecord, disturbances
+from mtcpshim.bench.runner import DISTURBED_RETRIES, RunRecord, disturbances, measure_undisturbed
 
 
 def record(foreign=0.0, stolen=0.0, wall=10.0) -> RunRecord:
@@ -27,3 +27,27 @@ def test_another_process_using_a_tenth_of_a_cpu_invalidates_the_run_and_is_named
 def test_steal_by_the_hypervisor_invalidates_the_run():
     (problem,) = disturbances(record(stolen=2.0), {})
     assert problem == "the hypervisor took 20% of a CPU (steal)"
+
+
+def test_a_disturbed_run_is_measured_again_until_it_is_quiet():
+    outcomes = iter([True, False, True])
+
+    def measure_once(*_):
+        disturbed = next(outcomes)
+        return RunRecord("keepalive", "kernel", 1, valid=not disturbed,
+                         problems=["the hypervisor took 20% of a CPU (steal)"] if disturbed else [],
+                         disturbed=disturbed)
+
+    record = measure_undisturbed(None, None, 1, None, "", measure_once=measure_once)
+    assert record.valid and record.attempts == 2
+
+
+def test_a_run_disturbed_every_time_stays_invalid_after_the_last_retry():
+    calls = []
+
+    def measure_once(*_):
+        calls.append(1)
+        return RunRecord("keepalive", "kernel", 1, valid=False, problems=["steal"], disturbed=True)
+
+    record = measure_undisturbed(None, None, 1, None, "", measure_once=measure_once)
+    assert not record.valid and record.attempts == len(calls) == DISTURBED_RETRIES + 1
