@@ -1,6 +1,7 @@
 """`mtcpshim bench`: both stacks measured for every workload, the JSON and
 the PNG written, and the network restored even when the bench is
 interrupted.  No test asserts a speed."""
+import contextlib
 import json
 import os
 import signal
@@ -30,15 +31,35 @@ def bench_command(*args, mark: str) -> dict:
     return {"args": mtcpshim_command("bench", *args), "env": env}
 
 
-def processes_marked(mark: str) -> list[str]:
+def marked(mark: str) -> list[psutil.Process]:
     found = []
     for process in psutil.process_iter(["cmdline"]):
         try:
             if process.environ().get(MARK) == mark:
-                found.append(" ".join(process.info["cmdline"] or []))
+                found.append(process)
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             pass
     return found
+
+
+def processes_marked(mark: str) -> list[str]:
+    return [" ".join(process.info["cmdline"] or []) for process in marked(mark)]
+
+
+def stop(bench: subprocess.Popen, mark: str) -> None:
+    """Whatever happened in the test: the bench interrupted as a user
+    would (it tears down its servers and the network), killed if it will
+    not go, and nothing it started left running."""
+    if bench.poll() is None:
+        bench.send_signal(signal.SIGINT)
+        try:
+            bench.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            bench.kill()
+            bench.wait()
+    for process in marked(mark):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
 
 
 def kernel_addresses_on_stack_side() -> list[str]:
@@ -96,9 +117,7 @@ def test_ctrl_c_mid_run_stops_everything_and_removes_the_kernel_address(test_net
         bench.send_signal(signal.SIGINT)
         _, stderr = bench.communicate(timeout=60)
     finally:
-        if bench.poll() is None:
-            bench.kill()
-            bench.wait()
+        stop(bench, mark)
 
     assert bench.returncode == 130, stderr
     assert "interrupted" in stderr
