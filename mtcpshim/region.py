@@ -17,10 +17,7 @@ from mtcpshim._shm import ffi, lib
 from mtcpshim.stack import cc
 from mtcpshim.stack.tcp import TcpConfig
 
-# What TCP_CONGESTION may name, for the interposer: stack/cc.py's list,
-# the default first, NUL-terminated within the header's field.
-_CONGESTION_LIST = " ".join(sorted(cc.ALGORITHMS, key=lambda name: name != TcpConfig.congestion)).encode()
-assert (len(_CONGESTION_LIST) < lib.MTS_CONGESTION_LIST_MAX
+assert (len(" ".join(cc.ALGORITHMS)) < lib.MTS_CONGESTION_LIST_MAX
         and all(len(name) < lib.MTS_CONGESTION_NAME_MAX for name in cc.ALGORITHMS)), "names outgrew the ABI"
 
 
@@ -74,10 +71,18 @@ class Region:
                                 size.rx_size, size.tx_size)
             header = ffi.cast("struct mts_header *", base)
             header.ip, header.prefix_len, header.gateway = ip, prefix_len, gateway
-            ffi.memmove(header.congestion, _CONGESTION_LIST, len(_CONGESTION_LIST))
             del base, header
         os.set_inheritable(fd, True)
-        return cls(fd)
+        region = cls(fd)
+        region.publish_congestion(TcpConfig.congestion)
+        return region
+
+    def publish_congestion(self, default: str) -> None:
+        """What TCP_CONGESTION may name, for the interposer: stack/cc.py's
+        list, `default` (the stack's, which it sets before the program
+        starts) first, NUL-terminated within the header's field."""
+        names = " ".join(sorted(cc.ALGORITHMS, key=lambda name: name != default)).encode()
+        ffi.memmove(self.header.congestion, names + b"\0", len(names) + 1)
 
     def slot(self, slot_id: int):
         return lib.mts_slot_at(self.geom, slot_id)

@@ -126,6 +126,7 @@ def _build_runtime(args, region):
     from mtcpshim.stack.iface import Interface
     from mtcpshim.stack.node import Node
     from mtcpshim.stack.io.pcap import PcapWriter
+    from mtcpshim.stack import cc
     from mtcpshim.stack.tcp import TcpConfig
 
     io, cleanup = _open_packet_io(args)
@@ -137,7 +138,14 @@ def _build_runtime(args, region):
     iface = Interface(io.mac, ip, args.ip.network.prefixlen, gateway)
     pcap = PcapWriter(args.pcap) if args.pcap else None
     stats = _listen_for_stats(args.stats_socket) if args.stats_socket else None
-    node = Node(iface, TcpHost(ip, TcpConfig(gso_max_size=io.gso_max_size)))
+    # Congestion control as the kernel's in this namespace, so that a
+    # program sees the algorithm it would get from Linux here.
+    congestion, not_offered = cc.host_default()
+    if not_offered:
+        print(f"mtcpshim: the kernel's default congestion control {not_offered} is not offered by "
+              f"the stack; using {congestion}", file=sys.stderr)
+    region.publish_congestion(congestion)
+    node = Node(iface, TcpHost(ip, TcpConfig(gso_max_size=io.gso_max_size, congestion=congestion)))
     runtime = Runtime(region, io, node, args.ctl_fd, args.wake_fd,
                       pcap=pcap, spin_seconds=args.spin_us / 1e6, stats_listener=stats,
                       launcher_fd=args.launcher_fd)

@@ -1,4 +1,5 @@
-"""Congestion control: NewReno (RFC 5681, 6582) and CUBIC (RFC 9438).
+"""Congestion control: NewReno (RFC 5681, 6582), CUBIC (RFC 9438), and BBR
+(stack/bbr.py).
 
 A controller decides how the congestion window grows and how far it falls.
 The connection keeps `cwnd` and `ssthresh` (bytes) in its own fields, where
@@ -25,11 +26,22 @@ the send path reads them without an indirection, and calls the controller:
                                       the connection restarts cwnd itself
                                       if the pause was long (RFC 5681 4.1).
 
+A model-based controller (BBR) sets `owns_window`: the connection then
+leaves cwnd alone through recovery and after idle, and calls
+
+  on_delivery(conn, sample, now)      after every ACK that delivered or
+                                      lost data, with its delivery rate
+                                      sample (stack/rate.py): set conn.cwnd.
+
 Both grow the window the same way below ssthresh (slow start, counting
 bytes as Linux does, RFC 3465); they differ in congestion avoidance and in
 the reduction.  `create(name)` builds one by its Linux name, which is what
 TCP_CONGESTION carries.
 """
+from __future__ import annotations
+
+
+from mtcpshim.stack.bbr import Bbr
 
 # RFC 9438 section 4.1 constants: window in segments, time in seconds.
 _CUBIC_C = 0.4
@@ -58,6 +70,7 @@ class NewReno:
     lives in the connection, which owns retransmission."""
 
     name = "reno"
+    owns_window = False
     __slots__ = ("_acked",)
 
     def __init__(self):
@@ -93,6 +106,7 @@ class Cubic:
     W_est (section 4.3).  Windows here are in segments, as in the RFC."""
 
     name = "cubic"
+    owns_window = False
     __slots__ = ("_w_max", "_k", "_epoch_start", "_w_est", "_cwnd_prior", "_before_reduction")
 
     def __init__(self):
@@ -175,11 +189,30 @@ class Cubic:
             self._before_reduction = None
 
 
-ALGORITHMS = {NewReno.name: NewReno, Cubic.name: Cubic}
+ALGORITHMS = {NewReno.name: NewReno, Cubic.name: Cubic, Bbr.name: Bbr}
+
+
+# Linux's build default, for hosts whose default the stack does not offer.
+DEFAULT = Cubic.name
+_HOST_DEFAULT = "/proc/sys/net/ipv4/tcp_congestion_control"
+
+
+def host_default(path: str = _HOST_DEFAULT) -> tuple[str, str | None]:
+    """The kernel's default in this network namespace, which is what a
+    program expects to get, and the name the kernel had when the stack does
+    not offer it (then DEFAULT), or None."""
+    try:
+        with open(path) as sysctl:
+            name = sysctl.read().strip()
+    except OSError:
+        return DEFAULT, None
+    if name in ALGORITHMS:
+        return name, None
+    return DEFAULT, name
 
 
 def create(name: str):
-    """A fresh controller by its Linux name ("reno", "cubic"); ValueError
+    """A fresh controller by its Linux name ("reno", "cubic", "bbr"); ValueError
     for others (the runtime answers TCP_CONGESTION with ENOENT, as Linux)."""
     try:
         return ALGORITHMS[name]()

@@ -6,13 +6,15 @@ O(ranges in flight): a burst sent at one instant is one record, whatever
 its number of segments, and records are split only where a SACK block or a
 retransmission cuts them.  A record is a list
 
-    [start, end, xmit_ts, flags, order]
+    [start, end, xmit_ts, flags, order, snapshot]
 
 (start and end are 32-bit sequence numbers, xmit_ts the time of the last
 transmission, flags a set of the bits below, order a count of
 transmissions that says which went first: a whole batch of them may share
 one xmit_ts, and a retransmission must count as sent after the new data
-that went before it).  Byte counters kept alongside
+that went before it; snapshot the delivery state when it went, for the
+delivery rate estimator in `rate`, which hears of every byte delivered or
+deemed lost).  Byte counters kept alongside
 give the pipe (RFC 6675 SetPipe, as Linux's packets in flight) without a
 walk:
 
@@ -37,6 +39,8 @@ LOST = 2                   # deemed lost: to be retransmitted
 RETRANS = 4                # a retransmission is in flight
 EVER_RETRANS = 8           # retransmitted once at least: RTT samples are ambiguous
 
+from mtcpshim.stack.rate import DeliveryRate
+
 _DUPTHRESH = 3
 # RFC 8985 section 6.2 step 4: the multiplier falls back to 1 after this
 # many recoveries without a D-SACK.
@@ -47,7 +51,7 @@ _MIN_RTT_WINDOW = 300.0
 
 class Scoreboard:
     __slots__ = (
-        "records", "sacked", "lost", "extra", "tsecr", "ts_offset", "dsack",
+        "records", "rate", "sacked", "lost", "extra", "tsecr", "ts_offset", "dsack",
         "dsack_retransmitted", "_high_retrans", "_order",
         # RACK (RFC 8985 section 6.1); rack_order stands for RACK.xmit_ts in comparisons
         "rack_xmit_ts", "rack_order", "rack_end", "rack_rtt", "min_rtt", "_min_rtt_at", "fack",
@@ -56,6 +60,7 @@ class Scoreboard:
 
     def __init__(self, ts_offset: int = 0):
         self.records = []
+        self.rate = DeliveryRate()
         self.sacked = 0            # bytes SACKed
         self.lost = 0              # bytes deemed lost, not yet retransmitted
         self.extra = 0             # bytes retransmitted though not deemed lost
@@ -85,7 +90,7 @@ class Scoreboard:
     def sacked_ranges(self) -> list:
         """The SACKed ranges, adjacent records merged: [(start, end), ...]."""
         ranges = []
-        for start, end, _, flags, _ in self.records:
+        for start, end, _, flags, *_ in self.records:
             if flags & SACKED:
                 if ranges and ranges[-1][1] == start:
                     ranges[-1] = (ranges[-1][0], end)
@@ -127,13 +132,15 @@ class Scoreboard:
         everything already recorded."""
         records = self.records
         order = self._order
+        snapshot = self.rate.on_send(now, not records)
         if records:
             last = records[-1]
-            if last[4] == order and last[2] == now and not last[3] and last[1] == start:
+            if (last[4] == order and last[2] == now and not last[3] and last[1] == start
+                    and last[5] is snapshot):
                 last[1] = end              # same burst: one record
                 return
         self._order = order + 1
-        records.append([start, end, now, 0, order + 1])
+        records.append([start, end, now, 0, order + 1, snapshot])
 
     def retransmitted(self, start: int, end: int, now: float, in_flight: bool = True) -> None:
         """[start, end) went out again at `now`.  `in_flight` False: the
@@ -146,6 +153,7 @@ class Scoreboard:
         last = self._cut(end)
         self._order += 1
         order = self._order
+        snapshot = self.rate.on_send(now, False)
         for index in range(first, last):
             record = records[index]
             flags = record[3]
@@ -159,6 +167,7 @@ class Scoreboard:
             record[3] = flags | EVER_RETRANS
             record[2] = now
             record[4] = order
+            record[5] = snapshot
         high = self._high_retrans
         if high is None or ((end - high) & _MASK) < _HALF:
             self._high_retrans = end
@@ -179,6 +188,9 @@ class Scoreboard:
             # one reached, its RTT sample unambiguous (step 2, inlined: this
             # runs on every ACK).
             self.fack = None               # all delivered lies below the ACK
+            if not count:
+                return
+            delivered = (ack - records[0][0]) & _MASK
             if index < count and records[index][0] != ack:
                 newest = records[index]
                 newest[0] = ack
@@ -191,6 +203,7 @@ class Scoreboard:
             if index:
                 del records[:index]
             xmit_ts = newest[2]
+            self.rate.on_delivered(newest[5], xmit_ts, delivered, now, False)
             rtt = now - xmit_ts
             if self.min_rtt is None or rtt <= self.min_rtt or now - self._min_rtt_at > _MIN_RTT_WINDOW:
                 self.min_rtt = rtt
@@ -201,16 +214,18 @@ class Scoreboard:
             self.rack_end = end
             return
         for record in records[:index]:
-            self._forget(record, (record[1] - record[0]) & _MASK)
+            size = (record[1] - record[0]) & _MASK
+            self._forget(record, size)
             if not record[3] & SACKED:
-                self._delivered(record, record[1], now)
+                self._delivered(record, record[1], size, now, False)
         del records[:index]
         if index < count and records[0][0] != ack:
             first = records[0]
-            self._forget(first, (ack - first[0]) & _MASK)
+            size = (ack - first[0]) & _MASK
+            self._forget(first, size)
             first[0] = ack
             if not first[3] & SACKED:
-                self._delivered(first, ack, now)
+                self._delivered(first, ack, size, now, False)
         if not records:
             self._high_retrans = None
 
@@ -252,7 +267,7 @@ class Scoreboard:
                         self.extra -= size
                     self.sacked += size
                     newly += size
-                    self._delivered(record, record[1], now)
+                    self._delivered(record, record[1], size, now, True)
                     record[3] = (flags & EVER_RETRANS) | SACKED
                 index += 1
         return newly
@@ -299,18 +314,23 @@ class Scoreboard:
 
     # ---------------------------------------------------------------- RACK
 
-    def _advance(self, record, end: int, now: float) -> None:
+    def _advance(self, record, end: int, now: float, sacked: bool) -> None:
         """RFC 8985 section 6.2 steps 1 and 2 for one delivered record, of
-        which `end` is the last byte delivered."""
+        which `end` is the last byte delivered; `sacked`: by a SACK block."""
         xmit_ts = record[2]
         rtt = now - xmit_ts
         if record[3] & EVER_RETRANS:
             # An ACK that may be for the original: no sample (step 2).
             if self.min_rtt is not None and rtt < self.min_rtt:
                 return
+            # The echoed timestamp tells only for data the ACK acknowledges
+            # cumulatively: a receiver echoes the newest in-order segment's
+            # (RFC 7323 section 4.3), so a SACKed retransmission's ACK
+            # always echoes an older one, and RACK would never learn that a
+            # later retransmission arrived where an earlier one did not.
             tsecr = self.tsecr
-            if (tsecr is not None and ((tsecr - ((int(xmit_ts * 1000) + self.ts_offset) & _MASK))
-                                       & _MASK) >= _HALF):
+            if (not sacked and tsecr is not None
+                    and ((tsecr - ((int(xmit_ts * 1000) + self.ts_offset) & _MASK)) & _MASK) >= _HALF):
                 return
         elif self.min_rtt is None or rtt <= self.min_rtt or now - self._min_rtt_at > _MIN_RTT_WINDOW:
             self.min_rtt = rtt
@@ -324,11 +344,12 @@ class Scoreboard:
             self.rack_order = order
             self.rack_end = end
 
-    def _delivered(self, record, end: int, now: float) -> None:
-        """A record newly delivered (acknowledged or SACKed): RACK's state,
-        and step 3, reordering: delivered below RACK.fack without having
-        been resent, so it was overtaken."""
-        self._advance(record, end, now)
+    def _delivered(self, record, end: int, size: int, now: float, sacked: bool) -> None:
+        """`size` bytes of a record newly delivered (acknowledged or SACKed):
+        the delivery rate, RACK's state, and step 3, reordering: delivered
+        below RACK.fack without having been resent, so it was overtaken."""
+        self.rate.on_delivered(record[5], record[2], size, now, record[3] & EVER_RETRANS)
+        self._advance(record, end, now, sacked)
         fack = self.fack
         if fack is None or 0 < ((end - fack) & _MASK) < _HALF:
             self.fack = end
@@ -398,6 +419,8 @@ class Scoreboard:
                 self.extra -= size
             self.lost += size
             record[3] = (flags | LOST) & ~RETRANS
+        if newly:
+            self.rate.on_lost(newly)
         return newly, timeout
 
     def mark_lost_on_timeout(self, now: float, reo_wnd: float, everything: bool) -> None:
@@ -421,6 +444,7 @@ class Scoreboard:
             if flags & RETRANS and not flags & LOST:
                 self.extra -= size
             self.lost += size
+            self.rate.on_lost(size)
             record[3] = (flags | LOST) & ~RETRANS
 
     def unmark_lost(self) -> None:
@@ -468,7 +492,7 @@ class Scoreboard:
         if index < len(records):
             record = records[index]
             if record[0] != seq and ((seq - record[0]) & _MASK) < _HALF:
-                records.insert(index + 1, [seq, record[1], record[2], record[3], record[4]])
+                records.insert(index + 1, [seq, record[1], record[2], record[3], record[4], record[5]])
                 record[1] = seq
                 index += 1
         return index

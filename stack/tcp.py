@@ -98,7 +98,7 @@ class TcpConfig:
     keepintvl = 75.0
     keepcnt = 9
     user_timeout = 0.0           # TCP_USER_TIMEOUT in seconds; 0: off
-    congestion = "cubic"         # a name from mtcpshim.stack.cc.ALGORITHMS (Linux's default)
+    congestion = "cubic"         # a name from stack/cc.py; the stack takes the kernel's (cc.host_default)
     invalid_ack_interval = 0.5   # Linux tcp_invalid_ratelimit: per-connection
                                  # limit on ACKs answering invalid segments
     challenge_ack_limit = 1000   # per second and host (Linux tcp_challenge_ack_limit)
@@ -389,6 +389,27 @@ class TcpConnection:
         if name != self._cc.name:
             self._cc = cc.create(name)
 
+    # What a congestion controller reads of the connection (stack/cc.py).
+    @property
+    def in_flight(self) -> int:
+        """Bytes in the network by the scoreboard's count (RFC 6675 pipe)."""
+        return self._board.pipe(seq_diff(self.snd_nxt, self.snd_una))
+
+    @property
+    def in_recovery(self) -> bool:
+        return self._in_recovery
+
+    @property
+    def in_loss(self) -> bool:
+        return self._in_loss
+
+    @property
+    def app_limited(self) -> bool:
+        return self._board.rate.app_limited_until != 0
+
+    def mark_app_limited(self) -> None:
+        self._board.rate.mark_app_limited(self.in_flight)
+
     def _learn_peer_syn(self, syn: TcpSegment) -> None:
         """Sequence numbers and options from the peer's SYN or SYN-ACK."""
         config = self.config
@@ -537,7 +558,7 @@ class TcpConnection:
             return
         if timers.expired(Timer.RACK, now):
             self._detect_losses()
-            if self._in_recovery:
+            if self._in_recovery and not self._cc.owns_window:
                 self._prr(0)
             self._output()
         if timers.expired(Timer.TAIL_PROBE, now):
@@ -899,6 +920,11 @@ class TcpConnection:
         elif acked < -self._max_snd_wnd:
             self._challenge_ack()          # RFC 5961 5.2: older than any window we saw
             return False
+        rate = self._board.rate
+        if rate.pending:
+            sample = rate.sample(self._now, self._board.min_rtt)
+            if self._cc.owns_window:
+                self._cc.on_delivery(self, sample, self._now)
 
         # RFC 9293 3.10.7.4: take the window from the newest segment only.
         seq = seg.seq
@@ -972,7 +998,8 @@ class TcpConnection:
                 # NewReno partial acknowledgment: the next hole is lost too.
                 # (With SACK, RACK tells _output what to resend.)
                 self._retransmit_head()
-                self.cwnd = max(self.cwnd - data_acked + self.send_mss, self.send_mss)
+                if not self._cc.owns_window:
+                    self.cwnd = max(self.cwnd - data_acked + self.send_mss, self.send_mss)
         else:
             if self._in_loss:
                 self._on_ack_after_timeout(ack, timestamp)
@@ -993,7 +1020,8 @@ class TcpConnection:
         """Without SACK: RFC 5681 fast retransmit on the third, NewReno."""
         self._dupacks += 1
         if self._in_recovery:
-            self.cwnd += self.send_mss      # NewReno: each dup ACK, a segment has left
+            if not self._cc.owns_window:
+                self.cwnd += self.send_mss  # NewReno: each dup ACK, a segment has left
             return
         # RFC 6582 section 4: not for losses of a window already recovered.
         if seq_lt(self.snd_una, self._recover):
@@ -1019,7 +1047,8 @@ class TcpConnection:
             self._recover_fs = max(flight, 1)
         else:
             self._retransmit_head()
-            self.cwnd = self.ssthresh + 3 * self.send_mss
+            if not self._cc.owns_window:
+                self.cwnd = self.ssthresh + 3 * self.send_mss
         self.timers.arm_retransmit(now + self.rtt.rto)
 
     def _end_recovery(self, timestamp) -> None:
@@ -1032,7 +1061,7 @@ class TcpConnection:
         self._board.recovery_ended()
         if self._spurious(timestamp):
             self._undo()
-        else:
+        elif not self._cc.owns_window:
             self.cwnd = self.ssthresh
 
     def _on_ack_after_timeout(self, ack: int, timestamp) -> None:
@@ -1056,7 +1085,7 @@ class TcpConnection:
             if board.dsack is not None:
                 self._on_dsack(board.dsack, board.dsack_retransmitted)
         self._detect_losses()
-        if self._in_recovery:
+        if self._in_recovery and not self._cc.owns_window:
             # RFC 6937 DeliveredData: what snd_una passed plus the change in
             # SACKed bytes (SACKed bytes now acknowledged count once).
             self._prr(advanced + board.sacked - sacked_before)
@@ -1135,7 +1164,7 @@ class TcpConnection:
         tcp_undo_cwnd_reduction); after a timeout, what it marked lost was
         not, and the loss state ends."""
         self.recovery_counts["spurious_undone"] += 1
-        if self._undo_cwnd > self.cwnd:
+        if self._undo_cwnd > self.cwnd and not self._cc.owns_window:
             self.cwnd = self._undo_cwnd
         if self._undo_ssthresh > self.ssthresh:
             self.ssthresh = self._undo_ssthresh
@@ -1230,7 +1259,8 @@ class TcpConnection:
         # after a timeout, duplicate ACKs for what is resent must not start
         # a fast retransmit, and SACKed data goes again.
         if self._in_recovery:
-            self.cwnd = self.ssthresh
+            if not self._cc.owns_window:
+                self.cwnd = self.ssthresh
             self._in_recovery = False
         self._in_loss = False
         self._dupacks = 0
@@ -1351,6 +1381,12 @@ class TcpConnection:
             self.snd_nxt = snd_nxt
             if seq_gt(snd_nxt, self.snd_max):
                 self.snd_max = snd_nxt
+        if unsent <= 0 and not board.lost:
+            # The queue ran dry before the window did: what is delivered
+            # next says how fast the application wrote, not the path.
+            in_flight = board.pipe((snd_nxt - snd_una) & _MASK)
+            if in_flight < self.cwnd:
+                board.rate.mark_app_limited(in_flight)
         self.timers.persist = None
         if not self.timers.retransmit_armed():
             self._arm_retransmit(self._now)
@@ -1368,7 +1404,7 @@ class TcpConnection:
             return
         self._cc.on_transmit_start(self, idle, now)
         rto = self.rtt.rto
-        if not self.config.slow_start_after_idle or idle <= rto:
+        if not self.config.slow_start_after_idle or idle <= rto or self._cc.owns_window:
             return
         cwnd = self.cwnd
         restart = min(self.config.initial_window_segments * self.send_mss, cwnd)

@@ -29,7 +29,7 @@ def board_with(*bursts):
 def flags_by_segment(board, count):
     result = []
     for k in range(count):
-        for start, end, _, flags, _ in board.records:
+        for start, end, _, flags, *_ in board.records:
             if (seq(k) - start) % 2**32 < (end - start) % 2**32:
                 result.append(flags & (SACKED | LOST | RETRANS))
     return result
@@ -107,6 +107,23 @@ def test_a_lost_retransmission_is_marked_again_by_what_was_sent_after_it():
     board.sent(seq(4), seq(5), 1.1)                        # after it, in the same instant
     board.sack([block(4, 5), block(1, 4)], seq(0), seq(5), 1.15)
     assert board.detect_loss(1.15, 0.0) == (MSS, 0.0)
+    assert flags_by_segment(board, 1) == [LOST]
+
+
+def test_a_sacked_retransmission_advances_rack_whatever_timestamp_the_ack_echoes():
+    """Holes 0 and 2 resent at 1.2 (0 first); the SACK for 2's copy echoes
+    the timestamp of the last in-order segment, sent at 1.0, as a Linux
+    receiver does: still the copy of 2 arrived, so 0's copy, sent before
+    it, is lost once RACK's RTT has passed."""
+    board = board_with((0, 4, 1.0))
+    board.sack([block(1, 2), block(3, 4)], seq(0), seq(4), 1.1)
+    board.detect_loss(1.1, 0.0)
+    board.retransmitted(seq(0), seq(1), 1.2)
+    board.retransmitted(seq(2), seq(3), 1.2)
+    board.tsecr = int(1.0 * 1000)
+    board.sack([block(1, 4)], seq(0), seq(4), 1.3)
+    assert board.rack_xmit_ts == 1.2
+    assert board.detect_loss(1.4, 0.0) == (MSS, 0.0)
     assert flags_by_segment(board, 1) == [LOST]
 
 

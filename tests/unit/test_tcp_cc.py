@@ -99,7 +99,7 @@ def test_connection_uses_the_configured_algorithm_and_can_switch(make_tcp_trace)
     t.conn.congestion = "cubic"                          # setsockopt(TCP_CONGESTION)
     assert t.conn.congestion == "cubic"
     with pytest.raises(ValueError):
-        t.conn.congestion = "bbr"
+        t.conn.congestion = "vegas"
     assert t.conn.congestion == "cubic"
     # A fast retransmit now reduces by CUBIC's beta: 0.7 of 10 segments.
     t.write(bytes(10 * 1460))

@@ -184,7 +184,7 @@ static void handshake(void)
     out("tcpi_state_established %d", info.tcpi_state == TCP_ESTABLISHED);
     step("setsockopt_nodelay", setsockopt(c, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one)));
     step("setsockopt_congestion", setsockopt(c, IPPROTO_TCP, TCP_CONGESTION, "reno", 4));
-    step("setsockopt_congestion_missing", setsockopt(c, IPPROTO_TCP, TCP_CONGESTION, "bbr", 3));
+    step("setsockopt_congestion_missing", setsockopt(c, IPPROTO_TCP, TCP_CONGESTION, "vegas", 5));
     char congestion[16] = "";
     len = sizeof(congestion);
     step("getsockopt_congestion", getsockopt(c, IPPROTO_TCP, TCP_CONGESTION, congestion, &len));
