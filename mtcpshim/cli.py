@@ -5,6 +5,7 @@ import os
 import sys
 
 from mtcpshim import testnet
+from mtcpshim.stack import cc as congestion_control
 
 USAGE_ERROR = 2
 
@@ -86,6 +87,12 @@ def _parser() -> argparse.ArgumentParser:
                      help="the stack process's interpreter: pypy (its JIT, if pypy3 is installed and the "
                           "modules were built for it), cpython, or auto (pypy where ready); the default is "
                           "$MTCPSHIM_STACK_PYTHON, else auto")
+    run.add_argument("--congestion", default=os.environ.get("MTCPSHIM_CONGESTION"),
+                     choices=sorted(congestion_control.ALGORITHMS), metavar="NAME",
+                     help="the stack's default congestion control (%(choices)s); a program may still "
+                          "choose with TCP_CONGESTION.  The default is $MTCPSHIM_CONGESTION, else the "
+                          "kernel's net.ipv4.tcp_congestion_control in the stack's namespace, as a "
+                          "program on the kernel would get")
     run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- PROGRAM [ARGS...]")
 
     stat = commands.add_parser("stat", help="counters of a running stack (drops by reason, TCP, packet I/O)")
@@ -156,7 +163,8 @@ def _run(args) -> int:
     options = launcher.StackOptions(netns=args.netns, iface=args.iface, ip=args.ip, gateway=args.gateway,
                                     io=args.io, pcap=args.pcap, profile=args.profile, spin_us=args.spin_us,
                                     impair=args.impair, stack_user=args.stack_user,
-                                    stack_python=args.stack_python or launcher.DEFAULT_STACK_PYTHON)
+                                    stack_python=args.stack_python or launcher.DEFAULT_STACK_PYTHON,
+                                    congestion=args.congestion)
     return launcher.run(options, argv, user=args.user)
 
 

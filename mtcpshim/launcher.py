@@ -59,6 +59,7 @@ class StackOptions:
     impair: str | None = None   # an ImpairSpec (stack/io/impair.py), already validated
     stack_user: str = "nobody"  # whom the stack serves as once its packet I/O is open
     stack_python: str = "auto"  # the stack's interpreter: STACK_PYTHONS
+    congestion: str | None = None  # default congestion control; None: the kernel's in the namespace
 
 
 # The interpreters the stack process runs under.  PyPy's JIT runs the TCP
@@ -193,7 +194,8 @@ def _run_stack_and_program(options: StackOptions, interpreter: list[str], argv: 
         + (["--gateway", str(options.gateway)] if options.gateway else [])
         + (["--pcap", options.pcap] if options.pcap else [])
         + (["--profile", options.profile] if options.profile else [])
-        + (["--impair", options.impair] if options.impair else []),
+        + (["--impair", options.impair] if options.impair else [])
+        + (["--congestion", options.congestion] if options.congestion else []),
         pass_fds=(region.fd, ctl_stack.fileno(), wake_fd, ready_w, death_w, launcher_r), env=env)
     ctl_stack.close()
     for fd in (ready_w, death_w, launcher_r):

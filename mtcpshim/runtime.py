@@ -233,11 +233,32 @@ class Runtime:
             "packet_io": dict(io_counters),
             "tcp": dict(self.host.counters),
             "tcp_recovery": dict(self.host.recovery_counts),
+            "congestion": self._congestion(),
             "connections": dict(states),
             "shm": dict(self.shm_counters),
             "slots_in_use": len(self.sockets),
             "waiters": len(self.waiters),
         }
+
+    def _congestion(self) -> dict:
+        """Open connections by algorithm, and the medians of BBR's model
+        over them, as `ss -i` shows per socket."""
+        figures = collections.Counter()
+        bandwidths, min_rtts, windows = [], [], []
+        for conn in self.host.connections.values():
+            model = conn.congestion_model
+            figures[f"connections_{model.name}"] += 1
+            figures[f"{model.name}_mode_{getattr(model, 'mode', 'window')}"] += 1
+            windows.append(conn.cwnd // max(conn.send_mss, 1))
+            if model.name == "bbr" and model.min_rtt is not None:
+                bandwidths.append(model.bandwidth)
+                min_rtts.append(model.min_rtt)
+        if windows:
+            figures["cwnd_segments_median"] = sorted(windows)[len(windows) // 2]
+        if bandwidths:
+            figures["bbr_bandwidth_mbit_median"] = int(sorted(bandwidths)[len(bandwidths) // 2] * 8 / 1e6)
+            figures["bbr_min_rtt_us_median"] = int(sorted(min_rtts)[len(min_rtts) // 2] * 1e6)
+        return dict(figures)
 
     def _cost(self) -> dict:
         """The stack process's CPU since it started, per unit of work: what

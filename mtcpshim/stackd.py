@@ -73,6 +73,7 @@ def _parse(argv):
     parser.add_argument("--profile", help="write a cProfile of the loop here when it stops")
     parser.add_argument("--spin-us", type=float, default=0.0)
     parser.add_argument("--impair", help="an ImpairSpec: faults applied to the packet I/O")
+    parser.add_argument("--congestion", help="default congestion control (else the kernel's here)")
     parser.add_argument("--stats-socket", help="Unix socket path answering `mtcpshim stat`")
     parser.add_argument("--launcher-fd", type=int,
                         help="read end of a pipe only the launcher writes: its end-of-file stops the stack")
@@ -140,7 +141,10 @@ def _build_runtime(args, region):
     stats = _listen_for_stats(args.stats_socket) if args.stats_socket else None
     # Congestion control as the kernel's in this namespace, so that a
     # program sees the algorithm it would get from Linux here.
-    congestion, not_offered = cc.host_default()
+    if args.congestion and args.congestion not in cc.ALGORITHMS:
+        raise ValueError(f"unknown congestion control {args.congestion!r} "
+                         f"(offered: {', '.join(sorted(cc.ALGORITHMS))})")
+    congestion, not_offered = (args.congestion, None) if args.congestion else cc.host_default()
     if not_offered:
         print(f"mtcpshim: the kernel's default congestion control {not_offered} is not offered by "
               f"the stack; using {congestion}", file=sys.stderr)

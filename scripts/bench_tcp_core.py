@@ -2,7 +2,7 @@
 """Micro-benchmark of the TCP core's hot path: established connections,
 in-order data and pure ACKs.  Prints segments per second for each case.
 
-    python3 scripts/bench_tcp_core.py [--segments N] [--repeat R]
+    python3 scripts/bench_tcp_core.py [--segments N] [--repeat R] [--congestion NAME] [--case NAME]
 
 Cases:
   receive   in-order full-size data segments into TcpConnection.on_segment,
@@ -51,9 +51,12 @@ BUFFER = 4 << 20
 LOCAL_ISS, REMOTE_ISS = 2**32 - 100_000, 2**32 - 200_000
 
 
+CONFIG = TcpConfig()
+
+
 def established(now=0.0):
     """A passively opened connection with timestamps, SACK and scaling."""
-    config = TcpConfig()
+    config = CONFIG
     syn = TcpSegment(REMOTE_PORT, LOCAL_PORT, REMOTE_ISS, 0, SYN, 65535, mss=1460,
                      wscale=7, sack_permitted=True, timestamp=(1, 0))
     conn = TcpConnection.accept(config, LOCAL_IP, LOCAL_PORT, REMOTE_IP, REMOTE_PORT, syn,
@@ -260,9 +263,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--segments", type=int, default=100_000)
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--congestion", default=TcpConfig.congestion, help="congestion control of the cases")
+    parser.add_argument("--case", action="append", help="run only these cases")
     args = parser.parse_args()
+    CONFIG.congestion = args.congestion
     for name, case in (("receive", bench_receive), ("send", bench_send),
                        ("host-rx", bench_host_receive), ("keepalive", bench_keepalive)):
+        if args.case and name not in args.case:
+            continue
         best = max(case(args.segments) for _ in range(args.repeat))
         unit = "requests" if name == "keepalive" else "segments"
         print(f"{name:9} {best / 1000:8.1f} k {unit}/s")

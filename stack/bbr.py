@@ -22,9 +22,8 @@ The connection calls `on_delivery` after each ACK that delivered or lost
 something, once loss detection has run; `owns_window` tells it to leave
 cwnd to the model through recovery (no PRR, no fall to ssthresh).  What
 this version leaves out: pacing (the stack has no pacing timer; the window
-alone bounds each flight, so the pacing gains only steer the cycle), the
-long-term bandwidth estimate Linux uses against token-bucket policers, and
-the ACK aggregation allowance.
+alone bounds each flight, so the pacing gains only steer the cycle) and the
+long-term bandwidth estimate Linux uses against token-bucket policers.
 """
 import collections
 
@@ -39,6 +38,12 @@ _MIN_CWND_SEGMENTS = 4
 _FULL_BW_GROWTH = 1.25
 _FULL_BW_ROUNDS = 3
 _INITIAL_WINDOW_SEGMENTS = 10
+# ACK aggregation (Linux's extra_acked): the most data acknowledged beyond
+# what the bandwidth estimate explains, as a windowed maximum of two halves
+# of ten rounds, kept in the window on top of the BDP, at most 100 ms of it.
+_AGGREGATION_HALF_ROUNDS = 5
+_AGGREGATION_MAX_TIME = 0.1
+_AGGREGATION_EPOCH_RESET = 1 << 20
 
 STARTUP, DRAIN, PROBE_BW, PROBE_RTT = "startup", "drain", "probe_bw", "probe_rtt"
 # The connection's loss state, as Linux's ca_state (Open and Disorder are one here).
@@ -77,7 +82,8 @@ class Bbr:
         "mode", "_bw", "_min_rtt", "_min_rtt_at", "_rounds", "_next_round_delivered", "_round_start",
         "_pacing_gain", "_cwnd_gain", "_full_bw", "_full_bw_rounds", "full_bw_reached", "_cycle",
         "_cycle_at", "_prior_cwnd", "_prev_state", "_conservation", "_probe_rtt_done_at",
-        "_probe_rtt_round_done", "_idle_restart",
+        "_probe_rtt_round_done", "_idle_restart", "_extra_acked", "_extra_acked_half",
+        "_extra_acked_rounds", "_epoch_at", "_epoch_acked",
     )
 
     def __init__(self):
@@ -100,6 +106,11 @@ class Bbr:
         self._probe_rtt_done_at = None
         self._probe_rtt_round_done = False
         self._idle_restart = False
+        self._extra_acked = [0, 0]         # bytes, per half of the window
+        self._extra_acked_half = 0
+        self._extra_acked_rounds = 0
+        self._epoch_at = None              # start of the current aggregation epoch
+        self._epoch_acked = 0              # bytes acknowledged since
 
     @property
     def bandwidth(self) -> float:
@@ -143,6 +154,7 @@ class Bbr:
         """One ACK's delivery sample: update the model, then the window."""
         in_flight = conn.in_flight
         self._update_bandwidth(sample)
+        self._update_ack_aggregation(conn, sample, now)
         self._update_cycle_phase(conn, sample, in_flight, now)
         self._check_full_bandwidth(sample)
         self._check_drain(conn, in_flight, now)
@@ -163,6 +175,34 @@ class Bbr:
             self._conservation = False
         if not sample.app_limited or sample.rate >= self._bw.value:
             self._bw.update(self._rounds, sample.rate)
+
+    def _update_ack_aggregation(self, conn, sample, now: float) -> None:
+        """How far ACKs ran ahead of the bandwidth estimate: receivers that
+        ACK in bursts (GRO, delayed and compressed ACKs, a busy peer) would
+        otherwise leave a window of one BDP idle between bursts."""
+        acked = sample.newly_delivered
+        if not acked or sample.rate is None:
+            return
+        if self._round_start:
+            self._extra_acked_rounds += 1
+            if self._extra_acked_rounds >= _AGGREGATION_HALF_ROUNDS:
+                self._extra_acked_rounds = 0
+                self._extra_acked_half ^= 1
+                self._extra_acked[self._extra_acked_half] = 0
+        expected = 0 if self._epoch_at is None else self._bw.value * (now - self._epoch_at)
+        if self._epoch_acked <= expected or self._epoch_acked + acked >= _AGGREGATION_EPOCH_RESET:
+            self._epoch_acked = 0
+            self._epoch_at = now
+            expected = 0
+        self._epoch_acked += acked
+        extra = min(self._epoch_acked - int(expected), conn.cwnd)
+        if extra > self._extra_acked[self._extra_acked_half]:
+            self._extra_acked[self._extra_acked_half] = extra
+
+    def _aggregation_allowance(self) -> int:
+        if not self.full_bw_reached:
+            return 0
+        return int(min(max(self._extra_acked), self._bw.value * _AGGREGATION_MAX_TIME))
 
     def _update_cycle_phase(self, conn, sample, in_flight: int, now: float) -> None:
         if self.mode != PROBE_BW:
@@ -198,6 +238,7 @@ class Bbr:
     def _check_drain(self, conn, in_flight: int, now: float) -> None:
         if self.mode == STARTUP and self.full_bw_reached:
             self.mode = DRAIN
+            conn.recovery_counts["bbr_startup_done"] += 1
         if self.mode == DRAIN and in_flight <= self._inflight(conn, 1.0):
             self._enter_probe_bw(conn, now)
 
@@ -209,13 +250,14 @@ class Bbr:
         self._cycle_at = now
 
     def _update_min_rtt(self, conn, sample, in_flight: int, now: float) -> None:
-        expired = now - self._min_rtt_at > _MIN_RTT_WINDOW
+        expired = self._min_rtt is not None and now - self._min_rtt_at > _MIN_RTT_WINDOW
         rtt = sample.rtt
         if rtt is not None and (self._min_rtt is None or rtt < self._min_rtt or expired):
             self._min_rtt = rtt
             self._min_rtt_at = now
-        if expired and not self._idle_restart and self.mode != PROBE_RTT and self._min_rtt is not None:
+        if expired and not self._idle_restart and self.mode != PROBE_RTT:
             self.mode = PROBE_RTT
+            conn.recovery_counts["bbr_probe_rtt"] += 1
             self._save_cwnd(conn)
             self._probe_rtt_done_at = None
         if self.mode == PROBE_RTT:
@@ -272,14 +314,14 @@ class Bbr:
             return _INITIAL_WINDOW_SEGMENTS * conn.send_mss
         return int(self._bw.value * self._min_rtt * gain) + 1
 
-    def _inflight(self, conn, gain: float) -> int:
-        """What the model says may be in flight at `gain`, with room for the
-        bursts segmentation offload sends (Linux's quantization budget: three
-        bursts of about a millisecond at the pacing rate)."""
+    def _inflight(self, conn, gain: float, extra: int = 0) -> int:
+        """What the model says may be in flight at `gain`, plus `extra`, with
+        room for the bursts segmentation offload sends (Linux's quantization
+        budget: three bursts of about a millisecond at the pacing rate)."""
         mss = conn.send_mss
         burst = self._bw.value * self._pacing_gain / 1000
         burst = min(max(burst, 2 * mss), max(conn.config.gso_max_size, mss))
-        window = self._bdp(conn, gain) + 3 * int(burst)
+        window = self._bdp(conn, gain) + extra + 3 * int(burst)
         segments = -(-window // mss)
         segments += segments & 1           # an even count of segments
         if self.mode == PROBE_BW and self._cycle == 0:
@@ -307,7 +349,7 @@ class Bbr:
             if self._conservation:
                 cwnd = max(cwnd, in_flight + acked)
             else:
-                target = self._inflight(conn, self._cwnd_gain)
+                target = self._inflight(conn, self._cwnd_gain, self._aggregation_allowance())
                 if self.full_bw_reached:
                     cwnd = min(cwnd + acked, target)
                 elif cwnd < target or sample.total_delivered < _INITIAL_WINDOW_SEGMENTS * mss:

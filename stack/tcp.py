@@ -389,6 +389,11 @@ class TcpConnection:
         if name != self._cc.name:
             self._cc = cc.create(name)
 
+    @property
+    def congestion_model(self):
+        """The controller itself, for statistics (BBR's bandwidth, min RTT, mode)."""
+        return self._cc
+
     # What a congestion controller reads of the connection (stack/cc.py).
     @property
     def in_flight(self) -> int:

@@ -12,8 +12,9 @@ import time
 import psutil
 import pytest
 
+from mtcpshim.stack import cc
 from support.net import KERNEL_HTTP_PORT, NET, SERVER_URL, in_client
-from support.programs import ShimProgram, mtcpshim_command, shim_lighttpd, wait_until
+from support.programs import ShimProgram, mtcpshim_command, run_under_shim, shim_lighttpd, wait_until
 from support.transfers import sha256_of
 
 
@@ -160,3 +161,26 @@ def test_stack_death_fails_blocked_call_and_is_reported(test_network, tmp_path):
         assert "the stack died" in output and "signal 9" in output, output
     finally:
         program.stop()
+
+
+_CONGESTION_OF_A_STACK_SOCKET = (
+    "import socket; s = socket.socket(); s.bind(({ip!r}, 0)); "
+    "print(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16).rstrip(b'\\0').decode())")
+
+
+def test_congestion_control_defaults_to_the_kernels_and_run_can_choose(test_network):
+    """A stack socket starts with the algorithm the kernel's sockets get in
+    the stack's namespace; `--congestion` picks another; an unknown name is
+    one line and status 2 before the program starts."""
+    probe = [sys.executable, "-c", _CONGESTION_OF_A_STACK_SOCKET.format(ip=NET.srv_ip)]
+    kernel_default = subprocess.run(["ip", "netns", "exec", NET.srv_ns, "sysctl", "-n",
+                                     "net.ipv4.tcp_congestion_control"], capture_output=True, text=True).stdout.strip()
+    done = run_under_shim(probe)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == (kernel_default if kernel_default in cc.ALGORITHMS else cc.DEFAULT)
+    done = run_under_shim(probe, options=("--congestion", "reno"))
+    assert done.returncode == 0 and done.stdout.strip() == "reno", done.stderr
+    done = subprocess.run(mtcpshim_command("run", "--", *probe), capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, MTCPSHIM_CONGESTION="vegas"))
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.strip().splitlines() == ["mtcpshim: unknown congestion control 'vegas' (offered: bbr, cubic, reno)"]

@@ -176,13 +176,32 @@ def test_bbr_finds_the_bottleneck_and_keeps_about_two_bdp_in_flight(make_tcp_tra
     t = connection(make_tcp_trace, "bbr")
     path = Path(t, RATE, RTT)
     path.run(1.0, bulk(t))
-    model = t.conn._cc
+    model = t.conn.congestion_model
     assert model.mode == bbr.PROBE_BW
     assert model.bandwidth == pytest.approx(RATE, rel=0.1)
     assert model.min_rtt == pytest.approx(RTT, rel=0.2)
     moved = path.run(2.0, bulk(t))
     assert moved >= 0.95 * RATE * 2.0
     assert t.conn.cwnd <= 2 * BDP + 3 * 2 * MSS + 4 * MSS
+
+
+def test_the_min_rtt_is_probed_again_after_ten_seconds_counted_from_the_first_sample(make_tcp_trace):
+    """On a clock far from zero (the runtime's is monotonic), PROBE_RTT comes
+    ten seconds into the connection, not at its first ACK; for 200 ms and a
+    round four segments are in flight, then the window comes back."""
+    t = make_tcp_trace(config=TcpConfig(timestamps=False, congestion="bbr"), buffer_size=1 << 20)
+    t.now = 5000.0
+    t.establish(sack_permitted=True)
+    path = Path(t, RATE, RTT)
+    path.run(9.0, bulk(t))
+    assert t.conn.recovery_counts["bbr_probe_rtt"] == 0
+    window = t.conn.cwnd
+    path.run(1.15, bulk(t))
+    assert t.conn.congestion_model.mode == bbr.PROBE_RTT
+    assert t.conn.cwnd == 4 * MSS
+    path.run(0.5, bulk(t))
+    assert t.conn.recovery_counts["bbr_probe_rtt"] == 1
+    assert t.conn.congestion_model.mode == bbr.PROBE_BW and t.conn.cwnd >= window - 4 * MSS
 
 
 @pytest.mark.parametrize("congestion, share", [("bbr", 0.85), ("cubic", 0.5)])
