@@ -118,7 +118,7 @@ def bench_send(count):
 
 
 def bench_host_receive(count):
-    host = TcpHost(LOCAL_IP)
+    host = TcpHost(LOCAL_IP, CONFIG)
     host.listen(LOCAL_PORT, 8, lambda ip, port: (RingBuffer(BUFFER), RingBuffer(BUFFER), None))
     syn = TcpSegment(REMOTE_PORT, LOCAL_PORT, REMOTE_ISS, 0, SYN, 65535, mss=1460, wscale=7,
                      sack_permitted=True, timestamp=(1, 0))
@@ -186,7 +186,7 @@ def bench_keepalive(count):
     stack_ctl, app_ctl = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     link = _MemoryLink()
     wake_fd = os.eventfd(0, os.EFD_NONBLOCK)
-    runtime = Runtime(region, link, Node(Interface(LOCAL_MAC, LOCAL_IP, 24), TcpHost(LOCAL_IP)),
+    runtime = Runtime(region, link, Node(Interface(LOCAL_MAC, LOCAL_IP, 24), TcpHost(LOCAL_IP, CONFIG)),
                       stack_ctl.detach(), wake_fd)
     peer = Node(Interface(REMOTE_MAC, REMOTE_IP, 24), TcpHost(REMOTE_IP))
     clock = [1000.0]
