@@ -71,9 +71,6 @@ class WindowedMax:
         while samples[0][0] <= round_count - self._window:
             samples.popleft()
 
-    def reset(self) -> None:
-        self._samples.clear()
-
 
 class Bbr:
     name = "bbr"
