@@ -120,11 +120,16 @@ void shim_log(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
 enum shim_fd_kind {
     SHIM_FD_KERNEL = 0,    /* not ours: pass through */
-    SHIM_FD_CANDIDATE = 1, /* AF_INET stream socket still in the kernel, undecided */
+    SHIM_FD_CANDIDATE = 1, /* AF_INET stream socket still in the kernel, undecided; payload: SHIM_CANDIDATE_* */
     SHIM_FD_STACK = 2,     /* placeholder of a stack socket; payload = slot id */
     SHIM_FD_EPOLL = 3,     /* epoll instance (shim_epoll.c keeps its state by fd) */
     SHIM_FD_INTERNAL = 4,  /* the interposer's own descriptor: close() pretends success */
 };
+
+/* A candidate's payload: the program chose a TCP_CONGESTION on the kernel's
+ * socket, which the stack socket must keep (the kernel reads back its own
+ * default otherwise, not necessarily the stack's). */
+#define SHIM_CANDIDATE_CONGESTION 1u
 
 /* One 64-bit word per fd: kind in the high half, payload in the low half, so
  * a lookup is a single atomic load. */

@@ -201,8 +201,10 @@ static int int_option_get(struct mts_slot *s, const struct int_option *o)
     }
 }
 
+static int congestion_known(const char *wanted);
+
 /* Options the program set while the socket was still the kernel's. */
-static void copy_kernel_options(int fd, struct mts_slot *s)
+static void copy_kernel_options(int fd, uint32_t candidate, struct mts_slot *s)
 {
     int v;
     socklen_t len;
@@ -228,6 +230,12 @@ static void copy_kernel_options(int fd, struct mts_slot *s)
     len = sizeof(tv);
     if (shim_real.getsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, &len) == 0)
         s->opt_sndtimeo_ms = timeval_ms(&tv);
+    if (candidate & SHIM_CANDIDATE_CONGESTION) {
+        char name[MTS_CONGESTION_NAME_MAX] = "";
+        len = sizeof(name) - 1;
+        if (shim_real.getsockopt(fd, IPPROTO_TCP, TCP_CONGESTION, name, &len) == 0 && congestion_known(name))
+            memcpy(s->opt_congestion, name, sizeof(name));
+    }
 }
 
 /* Moves a candidate to the stack: a slot, and an eventfd placeholder under
@@ -262,7 +270,7 @@ static int become_stack_socket(int fd, uint32_t *slot_out)
     }
     struct mts_slot *s = shim_slot((uint32_t)id);
     __atomic_store_n(&s->refcnt, 1, __ATOMIC_RELEASE);
-    copy_kernel_options(fd, s);
+    copy_kernel_options(fd, shim_fd_payload(shim_fd_word(fd)), s);
     int status = shim_real.fcntl(fd, F_GETFL);
     int fd_flags = shim_real.fcntl(fd, F_GETFD);
     int nonblock = status >= 0 && (status & O_NONBLOCK);
@@ -813,7 +821,11 @@ int getsockopt(int fd, int level, int name, void *val, socklen_t *len)
 int setsockopt(int fd, int level, int name, const void *val, socklen_t len)
 {
     uint32_t slot;
-    if (!shim_stack_fd(fd, &slot))
-        return shim_real.setsockopt(fd, level, name, val, len);
-    return stack_setsockopt(fd, slot, level, name, val, len);
+    if (shim_stack_fd(fd, &slot))
+        return stack_setsockopt(fd, slot, level, name, val, len);
+    int result = shim_real.setsockopt(fd, level, name, val, len);
+    uint64_t word = shim_busy ? 0 : shim_fd_word(fd);
+    if (result == 0 && level == IPPROTO_TCP && name == TCP_CONGESTION && shim_fd_kind_of(word) == SHIM_FD_CANDIDATE)
+        shim_fd_set(fd, SHIM_FD_CANDIDATE, shim_fd_payload(word) | SHIM_CANDIDATE_CONGESTION);
+    return result;
 }

@@ -164,7 +164,9 @@ def test_stack_death_fails_blocked_call_and_is_reported(test_network, tmp_path):
 
 
 _CONGESTION_OF_A_STACK_SOCKET = (
-    "import socket; s = socket.socket(); s.bind(({ip!r}, 0)); "
+    "import socket, sys; s = socket.socket(); "
+    "sys.argv[1:] and s.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, sys.argv[1].encode()); "
+    "s.bind(({ip!r}, 0)); "
     "print(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16).rstrip(b'\\0').decode())")
 
 
@@ -179,6 +181,10 @@ def test_congestion_control_defaults_to_the_kernels_and_run_can_choose(test_netw
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == (kernel_default if kernel_default in cc.ALGORITHMS else cc.DEFAULT)
     done = run_under_shim(probe, options=("--congestion", "reno"))
+    assert done.returncode == 0 and done.stdout.strip() == "reno", done.stderr
+    # Chosen while the socket was still the kernel's (before bind, as
+    # iperf3 -C does before connect): the stack socket keeps the choice.
+    done = run_under_shim(probe + ["reno"], options=("--congestion", "cubic"))
     assert done.returncode == 0 and done.stdout.strip() == "reno", done.stderr
     done = subprocess.run(mtcpshim_command("run", "--", *probe), capture_output=True, text=True, timeout=60,
                           env=dict(os.environ, MTCPSHIM_CONGESTION="vegas"))
