@@ -346,7 +346,11 @@ class Bbr:
             if self._conservation:
                 cwnd = max(cwnd, in_flight + acked)
             else:
-                target = self._inflight(conn, self._cwnd_gain, self._aggregation_allowance())
+                # DRAIN drains by the window (see _update_gains), so it gets
+                # no room for ACK aggregation: with it the flight never fell
+                # to the BDP and the mode never ended.
+                extra = 0 if self.mode == DRAIN else self._aggregation_allowance()
+                target = self._inflight(conn, self._cwnd_gain, extra)
                 if self.full_bw_reached:
                     cwnd = min(cwnd + acked, target)
                 elif cwnd < target or sample.total_delivered < _INITIAL_WINDOW_SEGMENTS * mss:

@@ -4,6 +4,7 @@ connections over a simulated path, a bottleneck of fixed rate behind a
 fixed propagation delay, with a receiver that acknowledges every segment
 (cumulative ACK plus SACK blocks)."""
 import heapq
+import math
 
 import pytest
 
@@ -71,10 +72,13 @@ def test_samples_after_the_application_ran_dry_are_app_limited_until_the_flight_
 
 class Path:
     """A bottleneck of `rate` bytes/s and a propagation RTT; `drop(index)`
-    says whether the index-th data segment sent is lost on the way."""
+    says whether the index-th data segment sent is lost on the way.  With an
+    `ack_period`, ACKs arrive in bursts, only at its multiples (as from a
+    receiver or link that aggregates them: GRO, Wi-Fi, a busy peer)."""
 
-    def __init__(self, t, rate, rtt, drop=lambda index: False):
+    def __init__(self, t, rate, rtt, drop=lambda index: False, ack_period=None):
         self.t, self.rate, self.rtt, self.drop = t, rate, rtt, drop
+        self.ack_period = ack_period
         self.events = []           # (time, order, "data" or "ack", what)
         self.order = 0
         self.link_free = 0.0       # when the bottleneck finishes its current frame
@@ -109,6 +113,11 @@ class Path:
         self.order += 1
         heapq.heappush(self.events, (when, self.order, kind, item))
 
+    def _ack_arrival(self, when):
+        if self.ack_period is None:
+            return when
+        return math.ceil(when / self.ack_period) * self.ack_period
+
     def _transmit(self):
         t = self.t
         for segment in t.recv():
@@ -137,7 +146,7 @@ class Path:
                 t.now = max(t.now, when)
                 if kind == "data":
                     self._receive(*item)
-                    self._push(when + self.rtt / 2, "ack", self._ack(item))
+                    self._push(self._ack_arrival(when + self.rtt / 2), "ack", self._ack(item))
                 else:
                     t.send(item)
             elif deadline is not None:
@@ -183,6 +192,20 @@ def test_bbr_finds_the_bottleneck_and_keeps_about_two_bdp_in_flight(make_tcp_tra
     moved = path.run(2.0, bulk(t))
     assert moved >= 0.95 * RATE * 2.0
     assert t.conn.cwnd <= 2 * BDP + 3 * 2 * MSS + 4 * MSS
+
+
+def test_bbr_drains_the_startup_queue_when_acks_come_in_bursts(make_tcp_trace):
+    """The window keeps room for ACK aggregation on top of the BDP, but not
+    in DRAIN: without pacing the window is what drains, so with that room
+    the flight never fell to one BDP and the connection stayed in DRAIN,
+    never probing for bandwidth again."""
+    t = connection(make_tcp_trace, "bbr")
+    path = Path(t, RATE, RTT, ack_period=RTT / 2)
+    path.run(1.0, bulk(t))
+    assert t.conn.recovery_counts["bbr_startup_done"] == 1
+    assert t.conn.congestion_model.mode == bbr.PROBE_BW
+    moved = path.run(2.0, bulk(t))
+    assert moved >= 0.95 * RATE * 2.0
 
 
 def test_the_min_rtt_is_probed_again_after_ten_seconds_counted_from_the_first_sample(make_tcp_trace):
