@@ -29,20 +29,18 @@ nftables netdev table `mtcpshim_loss`:
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
-import fcntl
 import json
 import os
 import shlex
 import shutil
 import socket
-import struct
 import subprocess
 import time
 from collections.abc import Sequence
 
 from mtcpshim.netns import enter_netns, netns_exists, run_in_ns
+from mtcpshim.stack.io.base import ETHTOOL_GTSO, ethtool_value
 
 
 class TestNetError(Exception):
@@ -81,12 +79,11 @@ LOSS_SCALE = 10000
 LINK_GONE_TIMEOUT = 3.0  # seconds a deleted link may take to disappear
 REBUILD_ATTEMPTS, REBUILD_SETTLE = 3, 0.3  # after recreating a namespace (see up)
 
-# Legacy ethtool ioctls (linux/ethtool.h), the interface the ethtool tool
-# uses; ethtool itself is not installed. Feature name -> (get, set) command.
-SIOCETHTOOL = 0x8946
+# Legacy ethtool ioctls (stack/io/base.py), as the ethtool tool uses; ethtool
+# itself is not installed.  Feature name -> (get, set) command.
 OFFLOADS = {
     "tx-checksum": (0x16, 0x17),
-    "tso": (0x1E, 0x1F),
+    "tso": (ETHTOOL_GTSO, 0x1F),
     "gso": (0x23, 0x24),
     "gro": (0x2B, 0x2C),
 }
@@ -311,14 +308,10 @@ def _disable_ipv6(ns: str, ifname: str) -> None:
 
 
 def _ethtool(sock: socket.socket, ifname: str, command: int, data: int = 0) -> int:
-    value = (ctypes.c_uint32 * 2)(command, data)  # struct ethtool_value {cmd; data}
-    # struct ifreq: name, then ifr_data pointing at the ethtool_value.
-    ifreq = struct.pack("16sP", ifname.encode(), ctypes.addressof(value)).ljust(40, b"\0")
     try:
-        fcntl.ioctl(sock, SIOCETHTOOL, ifreq)
+        return ethtool_value(sock, ifname, command, data)
     except OSError as error:
         raise TestNetError(f"ethtool ioctl {command:#x} on {ifname} failed: {error.strerror}") from None
-    return value[1]
 
 
 def _read_offloads(ns: str, ifname: str) -> dict[str, bool]:

@@ -42,7 +42,8 @@ import socket
 import struct
 
 from mtcpshim.stack import native
-from mtcpshim.stack.io.base import GSO_MAX_SIZE, MAX_FRAME_LEN, PacketIOError, interface_index
+from mtcpshim.stack.io.base import (GSO_MAX_SIZE, MAX_FRAME_LEN, PacketIOError, device_segments,
+                                     interface_index)
 from mtcpshim.stack.wire.vnet import SegmentedFrame
 
 _SOL_PACKET = 263
@@ -108,6 +109,7 @@ class AfPacketIO:
             self._sock.close()
             raise
         self.gso_max_size = GSO_MAX_SIZE if self._gso_sock is not None else 0
+        self.device_segments = self.gso_max_size > 0 and device_segments(ifname)
         self._tx_segmented = 0
 
     def _open_gso_socket(self) -> socket.socket | None:

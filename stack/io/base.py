@@ -10,6 +10,7 @@ rest are dropped and counted by the backend, as a NIC drops on a full ring.
 """
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import socket
 import struct
@@ -39,6 +40,34 @@ def interface_index(name: str) -> int:
     return struct.unpack_from("i", ifreq, 16)[0]
 
 
+# Legacy ethtool ioctls (linux/ethtool.h), the interface the ethtool tool
+# uses; reading a feature needs no privilege.
+SIOCETHTOOL = 0x8946
+ETHTOOL_GTSO = 0x1E
+
+
+def ethtool_value(sock: socket.socket, ifname: str, command: int, data: int = 0) -> int:
+    """One ETHTOOL_G*/S* command with a struct ethtool_value on `ifname`
+    in the namespace `sock` was opened in; OSError if the device refuses."""
+    value = (ctypes.c_uint32 * 2)(command, data)  # struct ethtool_value {cmd; data}
+    # struct ifreq: name, then ifr_data pointing at the ethtool_value.
+    ifreq = struct.pack("16sP", ifname.encode(), ctypes.addressof(value)).ljust(40, b"\0")
+    fcntl.ioctl(sock, SIOCETHTOOL, ifreq)
+    return value[1]
+
+
+def device_segments(ifname: str) -> bool:
+    """Whether `ifname` (in the current network namespace) takes TCP
+    segmentation offload frames as they are: TSO on, so they leave whole
+    (a veth carries them across, a NIC cuts them in hardware).  With TSO off
+    the kernel cuts each one in software before the wire sees it."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            return bool(ethtool_value(sock, ifname, ETHTOOL_GTSO))
+        except OSError:
+            return False
+
+
 class PacketIOError(Exception):
     """A backend cannot be opened (missing device, missing privilege, ...)."""
 
@@ -48,6 +77,8 @@ class PacketIO(Protocol):
     #: Largest TCP payload of a mtcpshim.stack.wire.vnet.SegmentedFrame that
     #: send_batch takes, for the device to cut into MSS pieces; 0: none.
     gso_max_size: int
+    #: Whether such a frame leaves the device whole (base.device_segments).
+    device_segments: bool
 
     def fileno(self) -> int:
         ...

@@ -17,6 +17,16 @@ puts on the wire.  For each frame, in this order:
              the one before it, as on a real link; reordering is `reorder`'s
              job, so each fault can be exercised alone.
 
+On transmit the faults act on the frames the stack hands the device, as
+netem in the device's queue acts on the kernel's: where the device takes
+segmentation offload frames whole (TSO on: a veth carries them across, a
+NIC cuts them), a 64 KB frame is lost, copied, held or delayed whole, as a
+GSO packet would be, and to corrupt one the lane first cuts it into wire
+segments and flips a bit in one of them, as netem does (a bit flipped in a
+frame whose checksums the device completes would reach the peer as valid
+data).  Where the device would cut each frame in software anyway (TSO
+off), the stack cuts its segments itself and the faults act on them.
+
 Held frames leave at a time: `deadline()` says when the next one is due, and
 the stack's loop wakes for it.  Due TX frames go out on the next
 `send_batch` or `recv_batch`, whichever the loop calls first (it calls
@@ -41,6 +51,8 @@ import re
 import time
 from collections import Counter, deque
 from dataclasses import dataclass
+
+from mtcpshim.stack.wire.vnet import SegmentedFrame
 
 #: A held-back frame goes out after this many later frames at most ...
 REORDER_MAX_OVERTAKES = 3
@@ -158,8 +170,15 @@ class _Lane:
                 count[prefix + "lost"] += 1
                 continue
             if spec.corrupt and rng.random() < spec.corrupt:
-                frame = self._flip_a_bit(frame)
                 count[prefix + "corrupted"] += 1
+                if type(frame) is SegmentedFrame:
+                    pieces = frame.cut()
+                    damaged = rng.randrange(len(pieces))
+                    pieces[damaged] = self._flip_a_bit(pieces[damaged])
+                    for piece in pieces:
+                        self._enqueue(piece, now)
+                    continue
+                frame = self._flip_a_bit(frame)
             self._enqueue(frame, now)
             if spec.dup and rng.random() < spec.dup:
                 count[prefix + "duplicated"] += 1
@@ -181,9 +200,9 @@ class _Lane:
         if spec.reorder and rng.random() < spec.reorder:
             self._counters[self._prefix + "reordered"] += 1
             self._held.append(_HeldFrame(rng.randint(1, REORDER_MAX_OVERTAKES),
-                                         now + REORDER_MAX_HOLD, release_at, bytes(frame)))
+                                         now + REORDER_MAX_HOLD, release_at, _own(frame)))
             return
-        self._append(release_at, frame)
+        self._append(release_at, frame if release_at <= now else _own(frame))
         if self._held:
             self._overtake()
 
@@ -221,6 +240,12 @@ class _Lane:
         return min(times) if times else None
 
 
+def _own(frame):
+    """A frame that outlives the loop pass that made it: a segmentation
+    offload frame's payload is a view of the send ring, valid for one pass."""
+    return frame.detached() if type(frame) is SegmentedFrame else bytes(frame)
+
+
 class ImpairedIO:
     """`inner` with `spec`'s faults applied; see the module docstring."""
 
@@ -238,8 +263,13 @@ class ImpairedIO:
 
     @property
     def gso_max_size(self) -> int:
-        # Transmit faults act on wire segments, so the stack cuts them itself.
-        return 0 if self._tx is not None else self.inner.gso_max_size
+        # Where the device would cut offload frames, transmit faults act on
+        # the segments, so the stack cuts them itself (see above).
+        return self.inner.gso_max_size if self._tx is None or self.inner.device_segments else 0
+
+    @property
+    def device_segments(self) -> bool:
+        return self.inner.device_segments
 
     def fileno(self) -> int:
         return self.inner.fileno()

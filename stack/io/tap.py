@@ -46,6 +46,9 @@ def random_local_mac() -> bytes:
 
 class TapIO:
     gso_max_size = GSO_MAX_SIZE
+    # Frames go on through the kernel's bridge, which may cut them: count
+    # them as cut (base.device_segments).
+    device_segments = False
 
     def __init__(self, name: str, mac: bytes | None = None):
         if len(name.encode()) >= _IFNAMSIZ:

@@ -18,6 +18,7 @@ import struct
 
 from mtcpshim.stack import native
 from mtcpshim.stack.wire.errors import WireError
+from mtcpshim.stack.wire.tcp import CWR, FIN, PSH
 
 F_NEEDS_CSUM = 1               # checksum from csum_start, stored at csum_start + csum_offset
 F_DATA_VALID = 2               # the checksum was verified already
@@ -31,6 +32,10 @@ _ETH_IPV4_HEADER_LEN = 34      # where the TCP header starts in the stack's fram
 _ETH_HEADER_LEN = 14
 _GSO_ECN = 0x80                # a flag on gso_type: the segments carry ECN bits
 _TCP_CHECKSUM_AT = 16
+_TCP_FLAGS_AT = 13
+_IDENT = struct.Struct("!H")
+_ADDRESSES = struct.Struct("!II")
+_SEQ = struct.Struct("!I")
 
 
 class SegmentedFrame:
@@ -59,6 +64,28 @@ class SegmentedFrame:
     def detached(self) -> "SegmentedFrame":
         """The same frame with its own copy of the payload."""
         return SegmentedFrame(bytearray(self.headers), bytes(self.payload), self.gso_size)
+
+    def cut(self) -> list:
+        """The wire frames a device cuts this one into, each complete
+        (IPv4 identification counting up from this frame's, as Linux's GSO
+        does; PSH and FIN on the last piece only, CWR on the first only):
+        what to hand a path that cannot take the frame whole."""
+        headers = self.headers
+        dst_mac, src_mac = bytes(headers[0:6]), bytes(headers[6:12])
+        (ident,) = _IDENT.unpack_from(headers, _ETH_HEADER_LEN + 4)
+        src_ip, dst_ip = _ADDRESSES.unpack_from(headers, _ETH_HEADER_LEN + 12)
+        tcp = bytearray(headers[_ETH_IPV4_HEADER_LEN:])
+        (seq,) = _SEQ.unpack_from(tcp, 4)
+        flags = tcp[_TCP_FLAGS_AT]
+        payload, size = self.payload, self.gso_size
+        pieces = []
+        for index, offset in enumerate(range(0, len(payload), size)):
+            _SEQ.pack_into(tcp, 4, (seq + offset) & 0xFFFFFFFF)
+            piece_flags = flags if offset + size >= len(payload) else flags & ~(FIN | PSH)
+            tcp[_TCP_FLAGS_AT] = piece_flags & ~CWR if index else piece_flags
+            pieces.append(native.build_tcp_frame(dst_mac, src_mac, src_ip, dst_ip, (ident + index) & 0xFFFF,
+                                                 bytes(tcp), payload[offset:offset + size]))
+        return pieces
 
     def __len__(self) -> int:
         return len(self.headers) + len(self.payload)

@@ -1,18 +1,23 @@
 """The fault injector (stack/io/impair.py) on a fake backend and a hand-wound
 clock: each test walks frames through one impairment and reads what came
 out the other side, and when."""
+import random
+
 import pytest
 
 from mtcpshim.stack.iface import Interface
 from mtcpshim.stack.io import impair
+from mtcpshim.stack.io.base import GSO_MAX_SIZE
 from mtcpshim.stack.io.impair import ImpairedIO, ImpairSpec, ImpairSpecError
 from mtcpshim.stack.wire.ethernet import ETHERTYPE_IPV4, EthernetHeader
 from mtcpshim.stack.wire.ipv4 import PROTO_TCP, Ipv4Header
 from mtcpshim.stack.wire.tcp import ACK, TcpSegment
+from mtcpshim.stack.wire.vnet import SegmentedFrame
 from support.link import MemoryLink
 
 STACK_MAC, PEER_MAC = bytes.fromhex("020000000002"), bytes.fromhex("020000000001")
 STACK_IP, PEER_IP = 0xC6120002, 0xC6120001
+MSS = 1448
 
 
 class Clock:
@@ -148,6 +153,61 @@ def test_the_stack_drops_a_corrupted_tcp_frame_by_checksum_and_counts_it():
                           "ipv4_bad_header_len", "ipv4_bad_version", "ipv4_truncated", "not_for_us"}
     assert sum(drops.values()) == 50
     assert drops["ipv4_bad_checksum"] > 0 and drops["tcp_bad_checksum"] > 0
+
+
+# --- segmentation offload frames on transmit --------------------------------
+
+
+def offload_frames(count, ring):
+    """`count` frames of three MSS each, their payloads views of `ring`,
+    as the stack's send ring."""
+    iface = Interface(STACK_MAC, STACK_IP, 24)
+    iface._learn(PEER_IP, PEER_MAC, 0.0)
+    made = []
+    for index in range(count):
+        segment = TcpSegment(80, 49152, 1000 + index * 3 * MSS, 2000, ACK, 512)
+        view = memoryview(ring)[index * 3 * MSS:(index + 1) * 3 * MSS]
+        made.append(iface.frame_tcp(PEER_IP, segment.header(), view, 0.0, MSS))
+    return made
+
+
+def offload_impaired(spec_text, device_segments=True):
+    link, clock = MemoryLink(STACK_MAC, GSO_MAX_SIZE, device_segments), Clock()
+    return ImpairedIO(link, ImpairSpec.parse(spec_text), clock=clock), link, clock
+
+
+def test_where_the_device_takes_offload_frames_whole_the_stack_may_send_them():
+    assert offload_impaired("reorder=25%")[0].gso_max_size == GSO_MAX_SIZE
+    assert offload_impaired("reorder=25%,dir=rx", device_segments=False)[0].gso_max_size == GSO_MAX_SIZE
+    # The device would cut them before the wire: the faults take segments.
+    assert offload_impaired("reorder=25%", device_segments=False)[0].gso_max_size == 0
+
+
+def test_a_held_offload_frame_leaves_whole_with_the_bytes_it_was_sent_with():
+    io, link, clock = offload_impaired("reorder=100%,dir=tx")
+    ring = bytearray(b"a" * 3 * MSS)
+    (frame,) = offload_frames(1, ring)
+    io.send_batch([frame])
+    ring[:] = b"b" * len(ring)              # the application refills the acknowledged ring
+    clock.now += impair.REORDER_MAX_HOLD
+    io.recv_batch(64)
+    (sent,) = link.outbound
+    assert type(sent) is SegmentedFrame and bytes(sent.payload) == b"a" * 3 * MSS
+
+
+def test_a_corrupted_offload_frame_is_cut_and_one_piece_fails_its_checksum():
+    io, link, _ = offload_impaired("corrupt=100%,seed=3,dir=tx")
+    ring = random.Random(3).randbytes(30 * MSS)
+    made = offload_frames(10, ring)
+    io.send_batch(made)
+    assert len(link.outbound) == 30 and io.counters()["impair_tx_corrupted"] == 10
+    peer = Interface(PEER_MAC, PEER_IP, 24)
+    verdicts = [peer.receive(piece, 0.0) is not None for piece in link.outbound]
+    for index, frame in enumerate(made):
+        intact = [bytes(piece) for piece in frame.cut()]
+        out = [bytes(piece) for piece in link.outbound[3 * index:3 * index + 3]]
+        assert sum(a != b for a, b in zip(intact, out)) == 1
+    assert verdicts.count(False) == 10
 
 
 def test_a_duplicate_follows_its_original():

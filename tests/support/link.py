@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import os
 
+from mtcpshim.stack.wire.vnet import SegmentedFrame
+
 
 class MemoryLink:
-    gso_max_size = 0                       # whole frames only
+    """`gso_max_size` and `device_segments` as base.PacketIO: by default a
+    device that takes whole frames only."""
 
-    def __init__(self, mac: bytes):
+    def __init__(self, mac: bytes, gso_max_size: int = 0, device_segments: bool = False):
         self.mac = mac
+        self.gso_max_size = gso_max_size
+        self.device_segments = device_segments
         self.inbound: list[bytes] = []
         self.outbound: list[bytes] = []
         self.closed = False
@@ -24,7 +29,8 @@ class MemoryLink:
         return batch
 
     def send_batch(self, frames) -> int:
-        self.outbound.extend(bytes(frame) for frame in frames)
+        self.outbound.extend(frame.detached() if type(frame) is SegmentedFrame else bytes(frame)
+                             for frame in frames)
         return len(frames)
 
     def device_error(self) -> str | None:

@@ -208,6 +208,27 @@ def test_a_segmented_frame_cuts_into_valid_segments(accelerated):
     assert all(s.timestamp == (5, 6) for s in received)
 
 
+@pytest.mark.parametrize("accelerated", [True, False], ids=["c", "python"])
+def test_cut_by_the_stack_the_frame_gives_the_devices_segments(accelerated):
+    """What the fault injector does to corrupt one piece of the frame, as
+    netem does with a GSO packet: the same segments as the device's cut,
+    FIN only on the last, the IPv4 identification counting up."""
+    if accelerated and not native.ACCELERATED:
+        pytest.skip("mtcpshim.stack._netfast not built")
+    ours = Interface(OUR_MAC, OUR_IP, 24, accelerated=accelerated)
+    peer = Interface(PEER_MAC, PEER_IP, 24, accelerated=accelerated)
+    ours._learn(PEER_IP, PEER_MAC, 0.0)
+    payload = random.Random(8).randbytes(2 * MSS + 3)
+    segment = TcpSegment(80, 40000, 1000, 2000, ACK | PSH | FIN, 512, payload, timestamp=(5, 6))
+    frame = ours.frame_tcp(PEER_IP, segment.header(), memoryview(payload), 0.0, MSS)
+    cut = frame.cut()
+    assert [bytes(piece)[34:] for piece in cut] == [bytes(piece)[34:] for piece in device_cuts(frame)]
+    received = [TcpSegment.parse(tcp, src, dst) for src, dst, tcp in (peer.receive(piece, 0.0) for piece in cut)]
+    assert [s.flags for s in received] == [ACK, ACK, ACK | PSH | FIN]
+    idents = [Ipv4Header.parse(EthernetHeader.parse(bytes(piece))[1])[0].ident for piece in cut]
+    assert idents == [idents[0], idents[0] + 1, idents[0] + 2]
+
+
 def test_c_and_python_build_the_same_segmented_frame():
     if not native.ACCELERATED:
         pytest.skip("mtcpshim.stack._netfast not built")
