@@ -44,6 +44,14 @@ def _impairment(text):
     return text  # the stack process parses it again
 
 
+def _buffer_size(text):
+    from mtcpshim.region import parse_buffer_size
+    try:
+        return parse_buffer_size(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err))
+
+
 def _parser() -> argparse.ArgumentParser:
     net = testnet.TESTNET
     parser = _Parser(prog="mtcpshim", description="Run unmodified programs over a user-level TCP stack.")
@@ -93,6 +101,11 @@ def _parser() -> argparse.ArgumentParser:
                           "choose with TCP_CONGESTION.  The default is $MTCPSHIM_CONGESTION, else the "
                           "kernel's net.ipv4.tcp_congestion_control in the stack's namespace, as a "
                           "program on the kernel would get")
+    run.add_argument("--buffer-size", type=_buffer_size, metavar="SIZE",
+                     default=os.environ.get("MTCPSHIM_BUFFER_SIZE", "1M"),
+                     help="each socket's receive and send buffer, a power of two from 64K to 64M: what "
+                          "one connection may have in flight (a path's bandwidth times its round trip, "
+                          "and more under loss).  The default is $MTCPSHIM_BUFFER_SIZE, else %(default)s")
     run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- PROGRAM [ARGS...]")
 
     stat = commands.add_parser("stat", help="counters of a running stack (drops by reason, TCP, packet I/O)")
@@ -164,7 +177,7 @@ def _run(args) -> int:
                                     io=args.io, pcap=args.pcap, profile=args.profile, spin_us=args.spin_us,
                                     impair=args.impair, stack_user=args.stack_user,
                                     stack_python=args.stack_python or launcher.DEFAULT_STACK_PYTHON,
-                                    congestion=args.congestion)
+                                    congestion=args.congestion, buffer_size=args.buffer_size)
     return launcher.run(options, argv, user=args.user)
 
 

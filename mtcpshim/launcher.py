@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from mtcpshim import abi_source
 from mtcpshim.netns import in_netns, netns_inode
-from mtcpshim.region import Region, RegionSize
+from mtcpshim.region import DEFAULT_BUFFER_SIZE, Region, RegionSize
 from mtcpshim.stackd import tap_names
 
 LOCK_DIR = "/run/mtcpshim"
@@ -60,6 +60,7 @@ class StackOptions:
     stack_user: str = "nobody"  # whom the stack serves as once its packet I/O is open
     stack_python: str = "auto"  # the stack's interpreter: STACK_PYTHONS
     congestion: str | None = None  # default congestion control; None: the kernel's in the namespace
+    buffer_size: int = DEFAULT_BUFFER_SIZE  # bytes of each socket's receive and of its send ring
 
 
 # The interpreters the stack process runs under.  PyPy's JIT runs the TCP
@@ -168,7 +169,8 @@ def _interface(netns: str | None, iface: str) -> tuple[int, int]:
 
 def _run_stack_and_program(options: StackOptions, interpreter: list[str], argv: list[str],
                            program_user: pwd.struct_passwd | None, stats_path: str) -> int:
-    region = Region.create(RegionSize(), int(options.ip.ip), options.ip.network.prefixlen,
+    region = Region.create(RegionSize(rx_size=options.buffer_size, tx_size=options.buffer_size),
+                           int(options.ip.ip), options.ip.network.prefixlen,
                            int(options.gateway) if options.gateway else 0)
     ctl_stack, ctl_app = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     wake_fd = os.eventfd(0, os.EFD_NONBLOCK)

@@ -11,6 +11,7 @@ header's geometry again.
 import fcntl
 import mmap
 import os
+import re
 from dataclasses import dataclass
 
 from mtcpshim._shm import ffi, lib
@@ -21,13 +22,37 @@ assert (len(" ".join(cc.ALGORITHMS)) < lib.MTS_CONGESTION_LIST_MAX
         and all(len(name) < lib.MTS_CONGESTION_NAME_MAX for name in cc.ALGORITHMS)), "names outgrew the ABI"
 
 
+# Each socket's receive and send buffer is a ring of this many bytes in the
+# region (`mtcpshim run --buffer-size`).  A megabyte each way keeps a path of
+# a few milliseconds busy through a loss (the peer waits for the hole while
+# the rest of the window is in flight, the ring full); Linux autotunes up to
+# 6 and 4 MiB.  Memory is spent only where data passed: the region is a
+# sparse memfd, and a ring's pages exist once written.
+DEFAULT_BUFFER_SIZE = 1 << 20
+MIN_BUFFER_SIZE, MAX_BUFFER_SIZE = 64 << 10, 64 << 20
+_SIZE_SUFFIXES = {"": 1, "k": 1 << 10, "m": 1 << 20}
+
+
+def parse_buffer_size(text: str) -> int:
+    """A buffer size such as 4M, 256K or 1048576; ValueError with one line
+    for the user unless a power of two between the limits."""
+    match = re.fullmatch(r"(\d+)([kKmM]?)(?:i?[bB])?", text.strip())
+    if match is None:
+        raise ValueError(f"buffer size {text!r}: want bytes, or a number with K or M, such as 4M")
+    size = int(match.group(1)) * _SIZE_SUFFIXES[match.group(2).lower()]
+    if size & (size - 1) or not MIN_BUFFER_SIZE <= size <= MAX_BUFFER_SIZE:
+        raise ValueError(f"buffer size {text}: want a power of two from {MIN_BUFFER_SIZE >> 10}K "
+                         f"to {MAX_BUFFER_SIZE >> 20}M (the rings wrap with a mask)")
+    return size
+
+
 @dataclass(frozen=True)
 class RegionSize:
     nslots: int = 1024
     nwaiters: int = 256
     cmd_capacity: int = 8192
-    rx_size: int = 256 * 1024
-    tx_size: int = 256 * 1024
+    rx_size: int = DEFAULT_BUFFER_SIZE
+    tx_size: int = DEFAULT_BUFFER_SIZE
 
     def bytes(self) -> int:
         return lib.mts_region_size(self.nslots, self.nwaiters, self.cmd_capacity, self.rx_size, self.tx_size)
@@ -86,6 +111,14 @@ class Region:
 
     def slot(self, slot_id: int):
         return lib.mts_slot_at(self.geom, slot_id)
+
+    def release_rings(self, slot_id: int) -> None:
+        """Gives the pages of a freed slot's rings back to the kernel
+        (MADV_REMOVE punches them out of the memfd): the slot costs no
+        memory until it carries data again, when they come back zeroed."""
+        geom = self.geom
+        ring_bytes = geom.rx_size + geom.tx_size
+        self._map.madvise(mmap.MADV_REMOVE, geom.data_off + slot_id * ring_bytes, ring_bytes)
 
     def set_fault(self, reason: str) -> None:
         """Records why the stack died, for the interposer and the launcher."""

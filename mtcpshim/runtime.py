@@ -56,7 +56,7 @@ class Runtime:
         self.wake_fd = wake_fd
         self.shm_counters = collections.Counter()  # what the program wrote that was refused
         self.waiters = Waiters(self.geom, ctl_fd, self.shm_counters)
-        self.sockets = SocketTable(self.geom, node, self.waiters, self.shm_counters)
+        self.sockets = SocketTable(self.geom, node, self.waiters, self.shm_counters, region.release_rings)
         self.stopping = False
         self.counters = {"loops": 0, "sleeps": 0}
         self.stats_listener = stats_listener
@@ -227,7 +227,7 @@ class Runtime:
             "pid": os.getpid(),
             "python": _PYTHON,
             "runtime": {**self.counters, "commands": self.sockets.commands,
-                        "waiter_wakeups": self.waiters.wakeups},
+                        "waiter_wakeups": self.waiters.wakeups, "rings_released": self.sockets.rings_released},
             "cost": self._cost(),
             "interface": dict(self.iface.counters),
             "packet_io": dict(io_counters),

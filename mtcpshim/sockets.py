@@ -32,6 +32,7 @@ _CLOSED = TcpState.CLOSED
 _EV_RDHUP = lib.MTS_EV_RDHUP
 _SLOT_USED = lib.MTS_SLOT_USED
 _ADDRESS_ARG_LIMIT = 1 << 48  # ip << 16 | port
+RELEASE_RINGS_AFTER = 64 << 10  # bytes through a slot's busier ring that make its pages worth a syscall
 _U64 = (1 << 64) - 1
 _MAX_KEEPALIVE_SECONDS, _MAX_KEEPCNT, _MAX_USER_TIMEOUT_MS = 32767, 127, (1 << 31) - 1
 
@@ -67,8 +68,9 @@ class SocketTable:
     """The stack's sockets by slot id (`slot_id in table`, `table[slot_id]`,
     `len(table)`, iteration over slot ids)."""
 
-    def __init__(self, geom, node: Node, waiters, shm_counters: collections.Counter):
+    def __init__(self, geom, node: Node, waiters, shm_counters: collections.Counter, release_rings=None):
         self.geom = geom
+        self._release_rings = release_rings     # Region.release_rings, for slots that carried data
         self.host, self.iface = node.host, node.iface
         self.waiters = waiters
         self._sockets: dict[int, StackSocket] = {}
@@ -79,6 +81,7 @@ class SocketTable:
         self._corrupt: dict[StackSocket, str] = {}
         self.shm_counters = shm_counters
         self.commands = 0                       # commands run, for the statistics
+        self.rings_released = 0                 # freed slots whose ring pages went back to the kernel
         self.program_pid = None                 # told by the launcher, for log lines
         self._log_limited = RateLimitedLog()    # a program corrupting in a loop must not flood the log
 
@@ -454,6 +457,15 @@ class SocketTable:
         self._corrupt.pop(sock, None)
         del self._sockets[sock.slot_id]
         self._owned[sock.slot_id] = 0
+        # Ring positions count from zero in each new slot: what moved says
+        # which pages were written.  A short exchange keeps its few pages for
+        # the next socket; a transfer gives its buffers back, as Linux's
+        # memory for a closed socket goes back.  (The positions are the
+        # program's to write: a wrong one costs a syscall, nothing more.)
+        moved = max(sock.slot.rx.head, sock.slot.tx.head)
+        if self._release_rings is not None and moved >= RELEASE_RINGS_AFTER:
+            self._release_rings(sock.slot_id)
+            self.rings_released += 1
         lib.mts_slot_free(self.geom, sock.slot_id)
         sock.slot = None
 

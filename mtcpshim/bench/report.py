@@ -91,11 +91,18 @@ def _present(values) -> list[float]:
 _PYTHON_NAMES = {"cpython": "CPython", "pypy": "PyPy"}
 
 
+def stack_environment() -> dict[str, str]:
+    """The $MTCPSHIM_* defaults `mtcpshim run` takes (buffer size,
+    congestion control...): an A/B run differs only in these."""
+    return {name: value for name, value in sorted(os.environ.items()) if name.startswith("MTCPSHIM_")}
+
+
 def markdown_table(summaries: list[WorkloadSummary], records: list[RunRecord], settings: Settings) -> str:
     lines = [
         f"{settings.runs} run(s) of {settings.duration} s per workload and stack, interleaved kernel/shim, "
         f"each after {settings.warmup} s of unmeasured load; our stack process under "
-        f"{_PYTHON_NAMES.get(settings.stack_python, settings.stack_python)}; "
+        f"{_PYTHON_NAMES.get(settings.stack_python, settings.stack_python)}"
+        f"{''.join(f', {name}={value}' for name, value in stack_environment().items())}; "
         f"{settings.connections} connections for keepalive and close. The test network's veth keeps the "
         "kernel's default offloads (checksum, TSO, GSO); rows marked \"offloads off\" run on its frame-exact "
         "variant (offloads off, one segment per frame). Median (min-max); "
@@ -251,7 +258,8 @@ def write_json(path: str, records: list[RunRecord], summaries: list[WorkloadSumm
         "machine": machine_info(),
         "settings": {"workloads": [w.name for w in settings.workloads], "duration_s": settings.duration,
                      "runs": settings.runs, "connections": settings.connections,
-                     "warmup_s": settings.warmup, "stack_python": settings.stack_python},
+                     "warmup_s": settings.warmup, "stack_python": settings.stack_python,
+                     "stack_environment": stack_environment()},
         "network": "the test network at the kernel's default offloads; measures named *-offloads-off on its "
                    "frame-exact variant (offloads off, one segment per frame)",
         "units": {"throughput": "req/s for keepalive, close, latency; Gbit/s for bulk and iperf",

@@ -190,3 +190,25 @@ def test_congestion_control_defaults_to_the_kernels_and_run_can_choose(test_netw
                           env=dict(os.environ, MTCPSHIM_CONGESTION="vegas"))
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.strip().splitlines() == ["mtcpshim: unknown congestion control 'vegas' (offered: bbr, cubic, reno)"]
+
+
+_BUFFERS_OF_A_STACK_SOCKET = (
+    "import socket; s = socket.socket(); s.bind(({ip!r}, 0)); "
+    "print(s.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF), s.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF))")
+
+
+def test_socket_buffers_are_a_megabyte_each_way_and_run_can_choose(test_network):
+    """What one connection may have in flight each way: 1 MiB unless
+    `--buffer-size` (or $MTCPSHIM_BUFFER_SIZE) says otherwise; a size the
+    rings cannot take is one line and status 2 before the program starts."""
+    probe = [sys.executable, "-c", _BUFFERS_OF_A_STACK_SOCKET.format(ip=NET.srv_ip)]
+    done = run_under_shim(probe)
+    assert done.returncode == 0 and done.stdout.split() == [str(1 << 20)] * 2, done.stderr
+    done = run_under_shim(probe, options=("--buffer-size", "4M"))
+    assert done.returncode == 0 and done.stdout.split() == [str(4 << 20)] * 2, done.stderr
+    done = subprocess.run(mtcpshim_command("run", "--", *probe), capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, MTCPSHIM_BUFFER_SIZE="3M"))
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.strip().splitlines() == [
+        "mtcpshim run: argument --buffer-size: buffer size 3M: want a power of two from 64K to 64M "
+        "(the rings wrap with a mask)"]

@@ -49,6 +49,10 @@ def test_passive_open_data_both_ways_and_close_frees_the_slot(world):
     world.peer.host.collect(conn, world.now)
     world.settle()
     assert lib.mts_slot_at(world.g, child).in_use == lib.MTS_SLOT_FREE
+    # The slot carried a transfer: its ring pages went back to the kernel.
+    assert world.runtime.stats()["runtime"]["rings_released"] == 1
+    assert not any(bytes(ffi.buffer(lib.mts_tx_data(world.g, child), world.g.tx_size)))
+    assert not any(bytes(ffi.buffer(lib.mts_rx_data(world.g, child), world.g.rx_size)))
 
 
 def test_active_open_refused_publishes_econnrefused(world):
