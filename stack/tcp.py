@@ -1562,21 +1562,27 @@ class TcpConnection:
     def _advertise_window(self) -> int:
         """The raw window field, updating rcv_adv.  The right edge never moves
         left, and moves right only by min(buffer/2, MSS) or more (receiver
-        SWS avoidance, RFC 1122 4.2.3.3)."""
+        SWS avoidance, RFC 1122 4.2.3.3).  A scaled window that cannot say
+        the edge exactly is rounded up, unless the buffer lacks the room: then
+        down, the edge shrinking by less than a unit of the scale (RFC 7323
+        2.4) while rcv_adv keeps the old one, whose data the buffer takes.
+        Rounding up regardless let the edge creep a unit ahead of the room
+        with every ACK, and a full buffer never showed a zero window."""
         rcv_nxt = self.rcv_nxt
         shift = self.rcv_wscale
         current = ((self.rcv_adv - rcv_nxt + _HALF) & _MASK) - _HALF
         if current < 0:
             current = 0
-        window = self.recv_buf.space()
+        room = window = self.recv_buf.space()
         if window - current < self._sws_threshold:
             window = current
         raw = window >> shift
         if raw > _MAX_WINDOW:
             raw = _MAX_WINDOW
-        elif (raw << shift) < current:
+        elif (raw << shift) < current and (raw + 1) << shift <= room:
             raw += 1                       # round up rather than shrink
-        self.rcv_adv = (rcv_nxt + (raw << shift)) & _MASK
+        if (raw << shift) > current:
+            self.rcv_adv = (rcv_nxt + (raw << shift)) & _MASK
         return raw
 
     def _set_rcv_mss(self, mss: int) -> None:
