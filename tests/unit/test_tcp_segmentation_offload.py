@@ -186,16 +186,22 @@ def device_cuts(frame: SegmentedFrame) -> list:
     return frames
 
 
-@pytest.mark.parametrize("accelerated", [True, False], ids=["c", "python"])
-def test_a_segmented_frame_cuts_into_valid_segments(accelerated):
+def offloaded_frame(accelerated: bool, payload: bytes, flags: int):
+    """Our interface's frame of one segment carrying `payload`, and the
+    peer's interface to receive its pieces."""
     if accelerated and not native.ACCELERATED:
         pytest.skip("mtcpshim.stack._netfast not built")
     ours = Interface(OUR_MAC, OUR_IP, 24, accelerated=accelerated)
     peer = Interface(PEER_MAC, PEER_IP, 24, accelerated=accelerated)
     ours._learn(PEER_IP, PEER_MAC, 0.0)
+    segment = TcpSegment(80, 40000, 1000, 2000, flags, 512, payload, timestamp=(5, 6))
+    return ours.frame_tcp(PEER_IP, segment.header(), memoryview(payload), 0.0, MSS), peer
+
+
+@pytest.mark.parametrize("accelerated", [True, False], ids=["c", "python"])
+def test_a_segmented_frame_cuts_into_valid_segments(accelerated):
     payload = random.Random(7).randbytes(3 * MSS + 11)
-    segment = TcpSegment(80, 40000, 1000, 2000, ACK | PSH, 512, payload, timestamp=(5, 6))
-    frame = ours.frame_tcp(PEER_IP, segment.header(), memoryview(payload), 0.0, MSS)
+    frame, peer = offloaded_frame(accelerated, payload, ACK | PSH)
     assert type(frame) is SegmentedFrame and frame.gso_size == MSS
     assert frame.payload.obj is payload                  # gathered from where it is, not copied
     received = []
@@ -213,14 +219,7 @@ def test_cut_by_the_stack_the_frame_gives_the_devices_segments(accelerated):
     """What the fault injector does to corrupt one piece of the frame, as
     netem does with a GSO packet: the same segments as the device's cut,
     FIN only on the last, the IPv4 identification counting up."""
-    if accelerated and not native.ACCELERATED:
-        pytest.skip("mtcpshim.stack._netfast not built")
-    ours = Interface(OUR_MAC, OUR_IP, 24, accelerated=accelerated)
-    peer = Interface(PEER_MAC, PEER_IP, 24, accelerated=accelerated)
-    ours._learn(PEER_IP, PEER_MAC, 0.0)
-    payload = random.Random(8).randbytes(2 * MSS + 3)
-    segment = TcpSegment(80, 40000, 1000, 2000, ACK | PSH | FIN, 512, payload, timestamp=(5, 6))
-    frame = ours.frame_tcp(PEER_IP, segment.header(), memoryview(payload), 0.0, MSS)
+    frame, peer = offloaded_frame(accelerated, random.Random(8).randbytes(2 * MSS + 3), ACK | PSH | FIN)
     cut = frame.cut()
     assert [bytes(piece)[34:] for piece in cut] == [bytes(piece)[34:] for piece in device_cuts(frame)]
     received = [TcpSegment.parse(tcp, src, dst) for src, dst, tcp in (peer.receive(piece, 0.0) for piece in cut)]
