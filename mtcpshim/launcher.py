@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import ipaddress
+import json
 import os
 import pwd
 import select
@@ -119,6 +120,7 @@ def run(options: StackOptions, argv: list[str], user: str | None = None) -> int:
     if user and shutil.which("setpriv") is None:
         raise LaunchError("--user needs setpriv (util-linux)")
     ifindex = _check_serveable(options.netns, options.iface)
+    _check_address_free(options.netns, options.ip)
 
     with interface_claim(options.netns, options.iface) as stats_path:
         try:
@@ -148,6 +150,24 @@ def _check_serveable(netns: str | None, iface: str) -> int:
     if hardware_type != ARPHRD_ETHER:
         raise LaunchError(f"cannot serve {iface}: it is not an Ethernet interface (hardware type {hardware_type})")
     return index
+
+
+def _check_address_free(netns: str | None, ip: ipaddress.IPv4Interface) -> None:
+    """The stack's address must not also be the kernel's in that namespace:
+    the kernel would answer ARP for it and reset every connection to it
+    (the program's connections refused, with nothing said why)."""
+    ns = ["-n", netns] if netns else []
+    shown = subprocess.run(["ip", *ns, "-j", "-4", "addr", "show"], capture_output=True, text=True)
+    if shown.returncode != 0:
+        return                             # the checks before found the namespace; nothing to add
+    for link in json.loads(shown.stdout or "[]"):
+        for address in link.get("addr_info", []):
+            if address.get("local") == str(ip.ip):
+                where = f" in {netns}" if netns else ""
+                raise LaunchError(
+                    f"{ip.ip} is also the kernel's address on {link['ifname']}{where}: the kernel would "
+                    f"reset the stack's connections; remove it (ip {' '.join(ns + [''])}addr del "
+                    f"{ip.ip}/{address['prefixlen']} dev {link['ifname']})")
 
 
 def _interface(netns: str | None, iface: str) -> tuple[int, int]:

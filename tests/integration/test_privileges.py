@@ -104,6 +104,27 @@ def test_interfaces_the_stack_cannot_serve_are_refused_in_one_line(private_net):
         subprocess.run(["ip", "-n", private_net.srv_ns, "link", "del", tun], capture_output=True)
 
 
+def test_an_address_the_kernel_also_holds_is_refused_in_one_line(private_net):
+    """With the kernel holding the stack's address, it would answer ARP for
+    it and reset every connection: say so before the program starts."""
+    where = ["ip", "-n", private_net.srv_ns]
+    address = f"{private_net.srv_ip}/{private_net.prefix}"
+    subprocess.run(where + ["addr", "add", address, "dev", private_net.srv_if], check=True)
+    try:
+        done = run_under_shim(["true"], options=("--netns", private_net.srv_ns, "--iface", private_net.srv_if,
+                                                 "--ip", address))
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.splitlines() == [
+            f"mtcpshim: {private_net.srv_ip} is also the kernel's address on {private_net.srv_if} in "
+            f"{private_net.srv_ns}: the kernel would reset the stack's connections; remove it "
+            f"(ip -n {private_net.srv_ns} addr del {address} dev {private_net.srv_if})"]
+    finally:
+        subprocess.run(where + ["addr", "del", address, "dev", private_net.srv_if], capture_output=True)
+    done = run_under_shim(["true"], options=("--netns", private_net.srv_ns, "--iface", private_net.srv_if,
+                                             "--ip", address))
+    assert done.returncode == 0, done.stderr
+
+
 def test_a_killed_launcher_takes_its_stack_with_it(private_net, tmp_path):
     program = ShimProgram(["sleep", "30"], tmp_path / "launcher.log", private_net)
     try:
