@@ -52,15 +52,15 @@ class Probe:
     def __init__(self, program, library, stack):
         self.program, self.library, self.stack = program, library, stack
 
-    def env(self, attached=True):
-        env = dict(os.environ, LD_PRELOAD=str(self.library), PROBE_IP=STACK_IP)
+    def env(self, attached=True, extra_env=None):
+        env = dict(os.environ, LD_PRELOAD=str(self.library), PROBE_IP=STACK_IP, **(extra_env or {}))
         env.pop("MTCPSHIM_FDS", None)
         if attached:
             env.update(self.stack.env)
         return env
 
-    def start(self, scenario, attached=True):
-        return subprocess.Popen([str(self.program), scenario], env=self.env(attached),
+    def start(self, scenario, attached=True, extra_env=None):
+        return subprocess.Popen([str(self.program), scenario], env=self.env(attached, extra_env),
                                 pass_fds=self.stack.fds if attached else (),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

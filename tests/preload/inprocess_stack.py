@@ -103,6 +103,7 @@ class InProcessStack:
         # Swapped in before the loop first runs: nothing holds the first table yet.
         self.sockets = self.runtime.sockets = LoggedSocketTable(
             self.region.geom, node, self.runtime.waiters, self.runtime.shm_counters)
+        self.region.header.stack_pid = os.getpid()
         self.region.header.stack_state = lib.MTS_STACK_RUNNING  # as stackd, once it serves
         self.failure: Exception | None = None
         self._thread: threading.Thread | None = None

@@ -1,6 +1,8 @@
 """The interposer against the real stack (inprocess_stack.py): each test
 runs one probe scenario (tests/preload/progs/probe.c) and reads its trace,
 one call per line, "call result [ERRNO]"."""
+import os
+
 from inprocess_stack import PROGRAM_TIMEOUT
 from mtcpshim.stack.host import EPHEMERAL_PORTS
 
@@ -9,6 +11,29 @@ def test_without_the_stack_everything_stays_in_the_kernel(run_probe):
     trace = run_probe.run("passthrough", attached=False)
     assert "tcp_kernel 1 1 1" in trace
     assert "stack_listener_kernel 1" in trace
+
+
+def _spin_logged(run_probe, cpus):
+    """The spin a probe confined to `cpus` chose, with the stack (this
+    process) confined there too."""
+    saved = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        process = run_probe.start("passthrough", extra_env={"MTCPSHIM_DEBUG": "1"})
+        _, err = process.communicate(timeout=PROGRAM_TIMEOUT)
+    finally:
+        os.sched_setaffinity(0, saved)
+    (line,) = [line for line in err.splitlines() if "attached:" in line]
+    return line.rsplit("spin ", 1)[1]
+
+
+def test_waiting_spins_only_where_the_stack_can_run_meanwhile(run_probe):
+    """Pinned to the stack's one CPU, spinning would only keep the stack from
+    answering."""
+    cpus = sorted(os.sched_getaffinity(0))
+    assert _spin_logged(run_probe, {cpus[0]}) == "0 us"
+    if len(cpus) > 1:
+        assert _spin_logged(run_probe, set(cpus[:2])) == "20 us"
 
 
 def test_nonblocking_handshake(run_probe):
