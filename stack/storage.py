@@ -6,6 +6,8 @@ a segment, `consume(n)` when an ACK covers bytes; the application appends with
 `write`.  As a receive buffer: `space()`, `write(data)` for in-order data; the
 application takes bytes with `read(n)`.
 """
+from __future__ import annotations
+
 import bisect
 
 
@@ -138,6 +140,20 @@ class Assembler:
         chunks[first:last + 1] = [merged]
         self._latest = merged_start
         return True
+
+    def overlap(self, offset: int, end: int) -> tuple | None:
+        """The first stretch of [offset, end) already held, as offsets; None
+        if none of it is."""
+        starts = self._starts
+        start, stop = self._origin + offset, self._origin + end
+        index = bisect.bisect_right(starts, start) - 1
+        if index < 0 or starts[index] + len(self._chunks[index]) <= start:
+            index += 1
+        if index == len(starts) or starts[index] >= stop:
+            return None
+        left = max(start, starts[index])
+        right = min(stop, starts[index] + len(self._chunks[index]))
+        return left - self._origin, right - self._origin
 
     def pop_contiguous(self, limit: int = -1) -> bytes:
         """Remove and return the bytes at offset 0 onwards (at most `limit`

@@ -211,7 +211,7 @@ class TcpConnection:
         "rtt", "_rtt_seq", "_rtt_time", "_retries", "_stall_start", "_last_tx",
         # receive sequence space
         "irs", "rcv_nxt", "rcv_adv", "rcv_wscale", "_rcv_mss", "_rcv_buf_size", "_sws_threshold",
-        "_rcv_unacked", "_last_ack_sent", "_assembler", "_rcv_fin_seq",
+        "_rcv_unacked", "_last_ack_sent", "_assembler", "_rcv_fin_seq", "_dsack",
         # negotiated options
         "ts_enabled", "ts_recent", "_ts_recent_at", "_ts_offset", "sack_enabled",
         "_wscale_ok",
@@ -300,6 +300,7 @@ class TcpConnection:
         self._last_ack_sent = 0
         self._assembler = Assembler(config.max_ooo_ranges)
         self._rcv_fin_seq = None           # peer's FIN, seen before the data ahead of it
+        self._dsack = None                 # (start, end) of data received twice, to report
 
         self.ts_enabled = False
         self.ts_recent = 0
@@ -758,6 +759,8 @@ class TcpConnection:
         if not acceptable:
             if flags & RST:
                 return                     # RFC 5961 3.2: silently dropped
+            if payload_len and offset < 0:
+                self._report_duplicate(seq, seq_add(seq, payload_len))
             if flags & SYN:
                 self._challenge_ack()      # RFC 5961 4.2, whatever the sequence number
                 return
@@ -1191,12 +1194,18 @@ class TcpConnection:
             payload = payload[:rcv_wnd - offset] if rcv_wnd > offset else b""
             self._ack_now = True
         if offset < 0:
+            self._report_duplicate(seq_add(self.rcv_nxt, offset), self.rcv_nxt)
             payload = payload[-offset:]
             offset = 0
         if not payload:
             self._ack_now = True           # a duplicate: tell the sender at once
             return
         assembler = self._assembler
+        if assembler:
+            held = assembler.overlap(offset, offset + len(payload))
+            if held is not None:
+                self._report_duplicate(seq_add(self.rcv_nxt, held[0]),
+                                       seq_add(self.rcv_nxt, held[1]))
         recv_buf = self.recv_buf
         if offset == 0 and not assembler:
             taken = recv_buf.write(payload)
@@ -1224,6 +1233,15 @@ class TcpConnection:
             self.events |= EV_READABLE
         if taken < len(data):              # the buffer shrank: forget the rest
             assembler.clear()
+
+    def _report_duplicate(self, start: int, end: int) -> None:
+        """Data from `start` to `end` arrived twice: the next ACK, sent at
+        once, reports it in a D-SACK block (RFC 2883), so a sender that
+        retransmitted a segment that was only reordered, or whose ACK was
+        lost, learns it and undoes its window reduction (Linux tcp_dsack_set)."""
+        if self.sack_enabled:
+            self._dsack = (start, end)
+        self._ack_now = True
 
     def _receive_fin(self) -> None:
         self.rcv_nxt = seq_add(self.rcv_nxt, 1)
@@ -1533,14 +1551,19 @@ class TcpConnection:
         if self.ts_enabled:
             segment.timestamp = ((int(self._now * 1000) + self._ts_offset) & _MASK,
                                  self.ts_recent)
-        if self.sack_enabled and self._assembler:
+        if self.sack_enabled and (self._assembler or self._dsack):
             # Only in the room the MSS leaves: a full-sized segment with SACK
             # blocks would outgrow the path MTU (pure ACKs carry them anyway).
-            fits = (self.send_mss - len(payload) - _SACK_OPTION_HEAD) // _SACK_BLOCK_LEN
+            fits = min((self.send_mss - len(payload) - _SACK_OPTION_HEAD) // _SACK_BLOCK_LEN,
+                       3 if self.ts_enabled else 4)
             if fits > 0:
-                blocks = self._assembler.sack_blocks(min(fits, 3 if self.ts_enabled else 4))
-                segment.sack_blocks = tuple(((rcv_nxt + left) & _MASK, (rcv_nxt + right) & _MASK)
-                                            for left, right in blocks)
+                dsack = self._dsack
+                if dsack is not None:
+                    self._dsack = None     # reported once, first (RFC 2883 section 4)
+                    fits -= 1
+                blocks = tuple(((rcv_nxt + left) & _MASK, (rcv_nxt + right) & _MASK)
+                               for left, right in self._assembler.sack_blocks(fits))
+                segment.sack_blocks = blocks if dsack is None else (dsack,) + blocks
         self._ack_now = False
         self.timers.delayed_ack = None
         self._rcv_unacked = 0

@@ -43,6 +43,19 @@ def test_assembler_overlaps_keep_existing_bytes():
     assert asm.pop_contiguous() == b"abCDefGHij"
 
 
+def test_assembler_overlap_names_the_first_stretch_already_held():
+    asm = Assembler()
+    asm.add(100, b"x" * 50)
+    asm.add(200, b"y" * 50)
+    assert asm.overlap(0, 100) is None
+    assert asm.overlap(150, 200) is None
+    assert asm.overlap(120, 220) == (120, 150)
+    assert asm.overlap(0, 1000) == (100, 150)
+    assert asm.overlap(210, 220) == (210, 220)
+    asm.advance(120)
+    assert asm.overlap(0, 10) == (0, 10)
+
+
 def test_assembler_advance_trims_and_offsets_follow_reader():
     asm = Assembler()
     asm.add(10, b"0123456789")

@@ -153,6 +153,49 @@ def test_out_of_order_data_is_reassembled_and_sacked(make_tcp_trace):
     assert t.read() == b"1" * 100 + b"2" * 100 + b"3" * 100
 
 
+def test_data_received_twice_is_reported_once_in_a_dsack_block(make_tcp_trace):
+    """RFC 2883: a retransmission of what we already hold is answered at
+    once, its range first among the SACK blocks, and only in that ACK."""
+    t = make_tcp_trace()
+    t.establish(sack_permitted=True)
+    one = t.rx(ACK, t.R + 1, t.L + 1, b"1" * 100)
+    t.send(one, t.rx(ACK, t.R + 101, t.L + 1, b"2" * 100))
+    t.wait_for_timer()
+    assert t.recv() == [t.tx(ACK, t.L + 1, t.R + 201, window=59800)]
+    t.send(one)                                  # already acknowledged
+    assert t.recv() == [t.tx(ACK, t.L + 1, t.R + 201, window=59800,
+                             sack_blocks=((t.R + 1, t.R + 101),))]
+    # Half old, half new: the old half is the duplicate.
+    t.send(t.rx(ACK, t.R + 151, t.L + 1, b"2" * 50 + b"3" * 50))
+    assert t.recv() == [t.tx(ACK, t.L + 1, t.R + 251, window=59750,
+                             sack_blocks=((t.R + 151, t.R + 201),))]
+    t.send(t.rx(ACK, t.R + 251, t.L + 1, b"4" * 50))
+    t.wait_for_timer()
+    assert t.recv() == [t.tx(ACK, t.L + 1, t.R + 301, window=59700)]
+    assert t.read() == b"1" * 100 + b"2" * 100 + b"3" * 50 + b"4" * 50
+
+
+def test_out_of_order_data_received_twice_is_dsacked_before_its_block(make_tcp_trace):
+    """RFC 2883 section 4: the D-SACK block, then the SACK block holding it."""
+    t = make_tcp_trace()
+    t.establish(sack_permitted=True)
+    t.send(t.rx(ACK, t.R + 201, t.L + 1, b"3" * 100))
+    t.send(t.rx(ACK, t.R + 401, t.L + 1, b"5" * 100))
+    t.recv()
+    t.send(t.rx(ACK, t.R + 151, t.L + 1, b"2" * 50 + b"3" * 100))
+    assert t.recv() == [t.tx(ACK, t.L + 1, t.R + 1,
+                             sack_blocks=((t.R + 201, t.R + 301), (t.R + 151, t.R + 301),
+                                          (t.R + 401, t.R + 501)))]
+
+
+def test_no_dsack_without_sack_permitted(tcp_established):
+    t = tcp_established
+    segment = t.rx(ACK, t.R + 1, t.L + 1, b"x" * 100)
+    t.send(segment)
+    t.send(segment)
+    assert t.recv() == [t.tx(ACK, t.L + 1, t.R + 101, window=59900)]
+
+
 def test_out_of_order_without_sack_gives_plain_duplicate_acks(tcp_established):
     t = tcp_established
     t.send(t.rx(ACK, t.R + 101, t.L + 1, b"x" * 100))
