@@ -204,7 +204,7 @@ class Runtime:
             stamp = time.time()
             for frame in frames:
                 self.pcap.write(frame, stamp)
-        self.node.ingest(frames, now)
+        self.node.ingest(frames, now, self.io.rx_vouched)
         return True
 
     def _transmit(self, now: float) -> None:

@@ -169,6 +169,8 @@ class _MemoryLink:
     def close(self):
         os.close(self._fd)
 
+    rx_vouched = None
+
     def recv_batch(self, max_frames):
         batch, self.inbound = self.inbound[:max_frames], self.inbound[max_frames:]
         return batch

@@ -5,8 +5,8 @@ is built (pip install -e .), False when this module fell back
 to `mtcpshim.stack.checksum`.  `ones_complement_sum` and `internet_checksum` have the
 signatures of their `mtcpshim.stack.checksum` counterparts in both cases.
 
-`match_tcp_frame`, `build_tcp_frame`, `build_tcp_headers` and `send_parts`
-exist only when ACCELERATED; the Interface and the packet socket use them for
+`match_tcp_frame`, `complete_checksum`, `build_tcp_frame`, `build_tcp_headers`
+and `send_parts` exist only when ACCELERATED; the Interface and the packet socket use them for
 their per-segment paths, and the Interface has a Python route for everything
 the first three do.
 """
@@ -42,12 +42,17 @@ if ACCELERATED:
             data = _from_buffer(data)
         return ~_sum(data, len(data), initial) & 0xFFFF
 
-    def match_tcp_frame(frame, our_mac: bytes, our_ip: int) -> int:
+    def match_tcp_frame(frame, our_mac: bytes, our_ip: int, checksum_vouched: bool = False) -> int:
         """`src_ip << 32 | tcp_offset << 16 | tcp_len` for a valid TCP frame
-        to us (checksums included), else 0.  See netfast.h."""
+        to us (checksums included, the TCP one unless the device vouched
+        for it), else 0.  See netfast.h."""
         if type(frame) is not bytes:
             frame = _from_buffer(frame)
-        return _match(frame, len(frame), our_mac, our_ip)
+        return _match(frame, len(frame), our_mac, our_ip, checksum_vouched)
+
+    def complete_checksum(frame: bytearray) -> bool:
+        """Fill in the TCP/UDP checksum a sender left to offload, in place."""
+        return bool(lib.nf_complete_checksum(_from_buffer(frame), len(frame)))
 
     def build_tcp_frame(dst_mac: bytes, src_mac: bytes, src_ip: int, dst_ip: int,
                         ident: int, header: bytes, payload) -> bytearray:

@@ -28,10 +28,11 @@ class Node:
         self.iface = iface
         self.host = host
 
-    def ingest(self, frames, now: float) -> None:
+    def ingest(self, frames, now: float, vouched: bytes | None = None) -> None:
+        """A batch of received frames; `vouched` as the backend's rx_vouched."""
         iface_receive, host_receive = self.iface.receive, self.host.receive
-        for frame in frames:
-            tcp = iface_receive(frame, now)
+        for frame, checksum_vouched in zip(frames, vouched or bytes(len(frames))):
+            tcp = iface_receive(frame, now, checksum_vouched)
             if tcp is not None:
                 host_receive(tcp[0], tcp[1], tcp[2], now)
         for error in self.iface.take_icmp_errors():

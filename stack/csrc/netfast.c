@@ -106,7 +106,7 @@ static uint64_t pseudo_header_sum(uint32_t src_ip, uint32_t dst_ip, uint8_t prot
 }
 
 uint64_t nf_match_tcp_frame(const uint8_t *frame, size_t len,
-                            const uint8_t *our_mac, uint32_t our_ip)
+                            const uint8_t *our_mac, uint32_t our_ip, int tcp_checksum_vouched)
 {
     if (len < ETH_HEADER_LEN + IPV4_MIN_HEADER_LEN)
         return 0;
@@ -127,7 +127,7 @@ uint64_t nf_match_tcp_frame(const uint8_t *frame, size_t len,
     uint32_t src_ip = load_be32(ip + 12);
     size_t tcp_len = total_len - header_len;
     uint64_t pseudo = pseudo_header_sum(src_ip, our_ip, IPPROTO_TCP_, tcp_len);
-    if (nf_ones_complement_sum(ip + header_len, tcp_len, pseudo) != 0xffff)
+    if (!tcp_checksum_vouched && nf_ones_complement_sum(ip + header_len, tcp_len, pseudo) != 0xffff)
         return 0;
     return (uint64_t)src_ip << 32 | (uint64_t)(ETH_HEADER_LEN + header_len) << 16 | tcp_len;
 }
@@ -205,9 +205,7 @@ long nf_send_parts(int fd, const uint8_t *address, uint32_t address_len,
     return sent < 0 ? -errno : (long)sent;
 }
 
-/* The sender left the TCP/UDP checksum to offload (CHECKSUM_PARTIAL): the
- * field holds only the pseudo-header sum.  Compute the real one. */
-static int complete_checksum(uint8_t *frame, size_t len)
+int nf_complete_checksum(uint8_t *frame, size_t len)
 {
     if (len < ETH_HEADER_LEN + IPV4_MIN_HEADER_LEN || load_be16(frame + 12) != ETHERTYPE_IPV4)
         return 0;
@@ -242,7 +240,7 @@ static inline struct tpacket2_hdr *ring_slot(const struct nf_ring *ring, uint32_
 }
 
 unsigned nf_rx_collect(struct nf_ring *ring, unsigned max_frames, uint32_t *spans,
-                       struct nf_ring_stats *stats)
+                       uint8_t *vouched, struct nf_ring_stats *stats)
 {
     unsigned frames = 0;
     uint32_t index = ring->cursor;
@@ -266,8 +264,8 @@ unsigned nf_rx_collect(struct nf_ring *ring, unsigned max_frames, uint32_t *span
         uint8_t *frame = (uint8_t *)slot + slot->tp_mac;
         if (slot->tp_snaplen > MTU_FRAME_LEN)
             stats->rx_merged++;
-        if ((status & TP_STATUS_CSUMNOTREADY) && complete_checksum(frame, slot->tp_snaplen))
-            stats->rx_csum_fixed++;
+        vouched[frames] = (status & (TP_STATUS_CSUMNOTREADY | TP_STATUS_CSUM_VALID)) != 0;
+        stats->rx_csum_vouched += vouched[frames];
         spans[2 * frames] = (uint32_t)(frame - ring->base);
         spans[2 * frames + 1] = spans[2 * frames] + slot->tp_snaplen;
         frames++;

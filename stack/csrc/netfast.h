@@ -14,13 +14,20 @@ uint16_t nf_ones_complement_sum(const uint8_t *data, size_t len, uint64_t initia
 
 /* Fast receive path.  If `frame` is Ethernet to `our_mac`, IPv4 with a valid
  * header (version, IHL, lengths, header checksum), not a fragment, TCP, to
- * `our_ip`, with a correct TCP checksum, returns
+ * `our_ip`, with a correct TCP checksum (not summed when
+ * `tcp_checksum_vouched`: see nf_rx_collect), returns
  *     src_ip << 32 | tcp_offset << 16 | tcp_len
  * (tcp_offset is where the TCP header starts in the frame; tcp_len excludes
  * Ethernet padding).  Returns 0 for anything else: the caller then takes its
  * slow path, which finds out what the frame is and why it is dropped. */
 uint64_t nf_match_tcp_frame(const uint8_t *frame, size_t len,
-                            const uint8_t *our_mac, uint32_t our_ip);
+                            const uint8_t *our_mac, uint32_t our_ip, int tcp_checksum_vouched);
+
+/* A frame whose TCP/UDP checksum its sender left to offload
+ * (CHECKSUM_PARTIAL: the field holds only the pseudo-header sum) gets the
+ * real checksum, as a NIC would compute it.  Returns 1 if it did, 0 if the
+ * frame is not IPv4 TCP/UDP in one piece. */
+int nf_complete_checksum(uint8_t *frame, size_t len);
 
 /* Size of the Ethernet + IPv4 headers the frame builders put in front. */
 #define NF_TCP_FRAME_HEADROOM 34
@@ -73,7 +80,7 @@ struct nf_ring {
 struct nf_ring_stats {
     uint64_t rx_truncated;    /* frame bigger than a ring slot */
     uint64_t rx_merged;       /* frame bigger than an MTU: GRO or a local sender's GSO */
-    uint64_t rx_csum_fixed;   /* checksum left to offload, completed in software */
+    uint64_t rx_csum_vouched; /* checksum left to offload or checked by the NIC: not summed */
     uint64_t tx_ring_full;    /* no free TX slot: frame dropped */
     uint64_t tx_oversize;     /* frame bigger than a TX slot: dropped */
     uint64_t tx_rejected;     /* the kernel refused a frame (TP_STATUS_WRONG_FORMAT) */
@@ -83,12 +90,14 @@ struct nf_ring_stats {
  * space, up to `max_frames` deliverable frames.  Frame i lies at
  * [spans[2i], spans[2i+1]) from ring->base and stays valid until
  * nf_rx_release.  Frames this host sent (PACKET_OUTGOING) and truncated
- * frames are skipped.  A frame whose TCP/UDP checksum the sender left to
- * offload (TP_STATUS_CSUMNOTREADY: veth, local senders) gets it completed in
- * place, so every frame returned looks as it would on a wire.  Returns the
- * number of frames; when that is 0, the walked slots are already released. */
+ * frames are skipped.  vouched[i] is 1 when the kernel vouches for frame i's
+ * TCP/UDP checksum, as it does itself (skb_csum_unnecessary): a local
+ * sender left it to offload (TP_STATUS_CSUMNOTREADY: veth; the field holds
+ * only the pseudo-header sum, and nothing on the way can have damaged the
+ * bytes), or the NIC verified it (TP_STATUS_CSUM_VALID).  Returns the number
+ * of frames; when that is 0, the walked slots are already released. */
 unsigned nf_rx_collect(struct nf_ring *ring, unsigned max_frames, uint32_t *spans,
-                       struct nf_ring_stats *stats);
+                       uint8_t *vouched, struct nf_ring_stats *stats);
 
 /* Hands the slots the last walk held back to the kernel. */
 void nf_rx_release(struct nf_ring *ring);

@@ -3,7 +3,8 @@
 A backend moves whole Ethernet frames.  `recv_batch` never blocks: the
 runtime sleeps in poll() on `fileno()` and drains what is there.  The
 frames it returns may be views of the device's ring, valid until the next
-`recv_batch`: whatever keeps a frame longer copies it.
+`recv_batch`: whatever keeps a frame longer copies it.  `rx_vouched` then
+says which of them the device vouches for (see PacketIO).
 `send_batch` hands a batch to the device with one flush (one system call
 where the device allows it) and returns how many frames it accepted; the
 rest are dropped and counted by the backend, as a NIC drops on a full ring.
@@ -79,6 +80,11 @@ class PacketIO(Protocol):
     gso_max_size: int
     #: Whether such a frame leaves the device whole (base.device_segments).
     device_segments: bool
+    #: For the last recv_batch: one flag per frame, set where the device
+    #: vouches for the TCP checksum (a local sender's offload frame, or one
+    #: the NIC verified), so it is not summed again, as the kernel does not;
+    #: that field may then hold only the pseudo-header sum.  None: no frame.
+    rx_vouched: bytes | None
 
     def fileno(self) -> int:
         ...

@@ -52,6 +52,7 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass
 
+from mtcpshim.stack import native
 from mtcpshim.stack.wire.vnet import SegmentedFrame
 
 #: A held-back frame goes out after this many later frames at most ...
@@ -240,6 +241,12 @@ class _Lane:
         return min(times) if times else None
 
 
+def _wire_checksummed(frame) -> bytearray:
+    frame = bytearray(frame)
+    native.complete_checksum(frame)
+    return frame
+
+
 def _own(frame):
     """A frame that outlives the loop pass that made it: a segmentation
     offload frame's payload is a view of the send ring, valid for one pass."""
@@ -271,6 +278,10 @@ class ImpairedIO:
     def device_segments(self) -> bool:
         return self.inner.device_segments
 
+    @property
+    def rx_vouched(self) -> bytes | None:
+        return self.inner.rx_vouched if self._rx is None else None
+
     def fileno(self) -> int:
         return self.inner.fileno()
 
@@ -280,8 +291,15 @@ class ImpairedIO:
             self._flush_tx(now)
         if self._rx is None:
             return self.inner.recv_batch(max_frames)
-        # Held frames outlive the batch; the inner backend's may be views of its ring.
-        self._rx.admit([bytes(frame) for frame in self.inner.recv_batch(max_frames)], now)
+        # Held frames outlive the batch; the inner backend's may be views of
+        # its ring.  A damaged frame must fail its checksum, so none is
+        # vouched for past this point: each gets the checksum a wire carries.
+        frames = self.inner.recv_batch(max_frames)
+        vouched = self.inner.rx_vouched
+        if vouched is not None:
+            frames = [_wire_checksummed(frame) if flag else frame
+                      for frame, flag in zip(frames, vouched)]
+        self._rx.admit([bytes(frame) for frame in frames], now)
         return self._rx.release(now, max_frames)
 
     def send_batch(self, frames: list) -> int:

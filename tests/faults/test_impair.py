@@ -5,6 +5,7 @@ import random
 
 import pytest
 
+from mtcpshim.stack import checksum, native
 from mtcpshim.stack.iface import Interface
 from mtcpshim.stack.io import impair
 from mtcpshim.stack.io.base import GSO_MAX_SIZE
@@ -153,6 +154,24 @@ def test_the_stack_drops_a_corrupted_tcp_frame_by_checksum_and_counts_it():
                           "ipv4_bad_header_len", "ipv4_bad_version", "ipv4_truncated", "not_for_us"}
     assert sum(drops.values()) == 50
     assert drops["ipv4_bad_checksum"] > 0 and drops["tcp_bad_checksum"] > 0
+
+
+@pytest.mark.skipif(not native.ACCELERATED, reason="only the C ring walk vouches")
+def test_frames_the_device_vouched_for_get_wire_checksums_before_the_faults():
+    """A bit flipped in a frame whose checksum nobody sums would reach TCP as
+    data: past the receive faults nothing is vouched for, and the frames
+    carry the checksums a wire would."""
+    wire = tcp_frame(b"x" * 500)
+    partial = bytearray(wire)
+    tcp_at = 14 + 20
+    segment_len = len(wire) - tcp_at
+    partial[tcp_at + 16:tcp_at + 18] = checksum.ones_complement_sum(
+        b"", checksum.pseudo_header_sum(PEER_IP, STACK_IP, PROTO_TCP, segment_len)).to_bytes(2, "big")
+    io, link, _ = impaired("dup=100%,seed=1,dir=rx")
+    link.inbound = [bytes(partial)]
+    link.rx_vouched = b"\x01"
+    assert receive_all(io) == [wire, wire]
+    assert io.rx_vouched is None
 
 
 # --- segmentation offload frames on transmit --------------------------------

@@ -48,6 +48,8 @@ class ReflectingLink:
         os.eventfd_write(self._fd, 1)
         return len(frames)
 
+    rx_vouched = None
+
     def recv_batch(self, max_frames: int) -> list:
         frames = self._frames
         batch = [frames.popleft() for _ in range(min(max_frames, len(frames)))]

@@ -24,6 +24,8 @@ class MemoryLink:
     def fileno(self) -> int:
         return self._fd
 
+    rx_vouched = None
+
     def recv_batch(self, max_frames: int) -> list[bytes]:
         batch, self.inbound = self.inbound[:max_frames], self.inbound[max_frames:]
         return batch

@@ -211,6 +211,39 @@ def test_tcp_to_us_is_handed_up_checksum_verified(iface):
     assert iface.counters["rx_frames"] == 1
 
 
+def offload_segment(payload=b"data"):
+    """As a local sender's TCP leaves it to checksum offload
+    (CHECKSUM_PARTIAL): the field holds the folded pseudo-header sum."""
+    segment = bytearray(tcp_segment(payload=payload))
+    partial = checksum.ones_complement_sum(b"", checksum.pseudo_header_sum(
+        PEER_IP, OUR_IP, PROTO_TCP, len(segment)))
+    segment[16:18] = partial.to_bytes(2, "big")
+    return bytes(segment)
+
+
+def test_tcp_checksum_the_device_vouches_for_is_not_summed(iface):
+    """As the kernel (skb_csum_unnecessary): a local sender's offload frame,
+    or one the NIC verified, is taken as it is; unvouched, the same bytes
+    are a bad checksum."""
+    frame = ip_frame(PROTO_TCP, offload_segment())
+    assert iface.receive(frame, 0.0) is None
+    assert iface.counters["tcp_bad_checksum"] == 1
+    _, _, tcp_bytes = iface.receive(frame, 0.0, checksum_vouched=True)
+    assert bytes(tcp_bytes) == offload_segment()
+    # The IPv4 header is still checked: no device offloads that here.
+    damaged = bytearray(frame)
+    damaged[14 + 8] ^= 1                          # TTL
+    assert iface.receive(bytes(damaged), 0.0, checksum_vouched=True) is None
+    assert iface.counters["ipv4_bad_checksum"] == 1
+
+
+@pytest.mark.skipif(not native.ACCELERATED, reason="mtcpshim.stack._netfast not built")
+def test_completing_an_offload_checksum_gives_the_wire_checksum():
+    frame = bytearray(ip_frame(PROTO_TCP, offload_segment(b"x" * 301)))
+    assert native.complete_checksum(frame)
+    assert bytes(frame) == ip_frame(PROTO_TCP, tcp_segment(payload=b"x" * 301))
+
+
 def test_frame_tcp_to_a_known_neighbour_is_returned_ready_to_send(iface):
     peer_says_hello(iface)
     header = bytearray(tcp_segment(dst=PEER_IP, src=OUR_IP))
