@@ -65,7 +65,11 @@ class ShmSendBuffer:
 
 
 class ShmRecvBuffer:
-    __slots__ = ("_slot", "_ring", "_tail_word", "_head", "_data", "_cap", "_low_water", "_on_corrupt")
+    """`space()` is the room within the window's limit: the ring, or less
+    where the program set SO_RCVBUF (`limit`)."""
+
+    __slots__ = ("_slot", "_ring", "_tail_word", "_head", "_data", "_cap", "_limit", "_low_water",
+                 "_on_corrupt")
 
     def __init__(self, geom, slot_id: int, on_corrupt):
         self._slot = lib.mts_slot_at(geom, slot_id)
@@ -74,10 +78,15 @@ class ShmRecvBuffer:
         self._head = lib.mts_index_load(ffi.addressof(self._slot.rx, "head"))
         self._data = lib.mts_rx_data(geom, slot_id)
         self._cap = geom.rx_size
+        self._on_corrupt = on_corrupt
+        self.limit(lib.mts_buffer_limit(geom.rx_size, self._slot.opt_rcvbuf))
+
+    def limit(self, size: int) -> None:
+        """Hold at most `size` bytes (no more than the ring)."""
+        self._limit = size
         # Below this much room the window is worth reopening: ask the
         # application to report its reads (mts_rx_arm_notify).
-        self._low_water = geom.rx_size // 2
-        self._on_corrupt = on_corrupt
+        self._low_water = size // 2
 
     def __len__(self) -> int:
         """Bytes received and not yet read by the application."""
@@ -88,11 +97,11 @@ class ShmRecvBuffer:
         return used
 
     def space(self) -> int:
-        room = self._cap - len(self)
+        room = self._limit - len(self)
         if room < self._low_water:
             lib.mts_rx_arm_notify(self._slot)
-            room = self._cap - len(self)
-        return room
+            room = self._limit - len(self)
+        return max(room, 0)
 
     def write(self, data) -> int:
         n = lib.mts_ring_produce(self._ring, self._data, self._cap, self._head, ffi.from_buffer(data), len(data))
@@ -121,6 +130,9 @@ class DetachedBuffer:
 
     def space(self) -> int:
         return 0
+
+    def limit(self, size: int) -> None:
+        pass
 
     def write(self, data) -> int:
         return 0

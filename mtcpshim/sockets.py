@@ -339,6 +339,7 @@ class SocketTable:
         if slot.opt_keepcnt:
             conn.keepcnt = min(slot.opt_keepcnt, _MAX_KEEPCNT)
         conn.user_timeout = min(slot.opt_user_timeout_ms, _MAX_USER_TIMEOUT_MS) / 1000.0
+        conn.recv_buf.limit(lib.mts_buffer_limit(self.geom.rx_size, slot.opt_rcvbuf))
         congestion = ffi.string(slot.opt_congestion).decode(errors="replace")
         if congestion and congestion != conn.congestion:
             try:

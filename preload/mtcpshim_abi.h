@@ -264,8 +264,8 @@ struct mts_slot {
     uint32_t opt_linger_sec;
     uint32_t opt_reuseaddr;
     uint32_t opt_reuseport;
-    uint32_t opt_rcvbuf;
-    uint32_t opt_sndbuf;
+    uint32_t opt_rcvbuf;    /* SO_RCVBUF as Linux reports it (twice the request, clamped); 0: unset */
+    uint32_t opt_sndbuf;    /* SO_SNDBUF likewise; see mts_buffer_limit */
     uint32_t opt_maxseg;
     uint32_t opt_rcvtimeo_ms;
     uint32_t opt_sndtimeo_ms;

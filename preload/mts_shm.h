@@ -52,6 +52,7 @@ int mts_cmd_push(const struct mts_geom *g, uint32_t op, uint32_t slot, uint64_t 
 int mts_cmd_pop(const struct mts_geom *g, uint64_t *pos, struct mts_cmd *out);
 int mts_cmd_pending(const struct mts_geom *g, uint64_t pos);
 uint64_t mts_ring_used(const struct mts_ring *r);
+uint32_t mts_buffer_limit(uint32_t ring_size, uint32_t opt);
 uint64_t mts_ring_write(struct mts_ring *r, uint8_t *data, uint32_t cap, const void *src, uint64_t n);
 uint64_t mts_ring_read(struct mts_ring *r, const uint8_t *data, uint32_t cap, void *dst, uint64_t n);
 uint64_t mts_ring_peek(const struct mts_ring *r, const uint8_t *data, uint32_t cap,
@@ -398,6 +399,17 @@ static inline uint64_t mts_ring_used_bounded(const struct mts_ring *r, uint32_t 
     return used > cap ? cap : used;
 }
 
+/* The bytes a socket may hold one way: its ring's size, or what the program
+ * asked for if less.  `opt` is the slot's opt_rcvbuf or opt_sndbuf, which
+ * holds what Linux reports, twice the request; the request is the data
+ * allowance (socket(7): the kernel doubles it for bookkeeping).  Any value
+ * the program wrote gives a limit within the ring. */
+static inline uint32_t mts_buffer_limit(uint32_t ring_size, uint32_t opt)
+{
+    uint32_t asked = opt / 2;
+    return asked && asked < ring_size ? asked : ring_size;
+}
+
 /* Producer side: copies as much of src as fits, returns the bytes taken. */
 static inline uint64_t mts_ring_write(struct mts_ring *r, uint8_t *data, uint32_t cap, const void *src, uint64_t n)
 {
@@ -607,8 +619,11 @@ static inline uint32_t mts_slot_poll(const struct mts_geom *g, uint32_t id)
         mask |= EPOLLRDHUP;
     if (events & MTS_EV_HUP)
         mask |= EPOLLHUP | EPOLLOUT | EPOLLWRNORM;
-    else if (state == MTS_ST_CONNECTED && g->tx_size - mts_ring_used_bounded(&s->tx, g->tx_size) >= g->tx_size / 4)
-        mask |= EPOLLOUT | EPOLLWRNORM;
+    else if (state == MTS_ST_CONNECTED) {
+        uint32_t limit = mts_buffer_limit(g->tx_size, s->opt_sndbuf);
+        if (mts_ring_used_bounded(&s->tx, g->tx_size) + limit / 4 <= limit)
+            mask |= EPOLLOUT | EPOLLWRNORM;
+    }
     return mask;
 }
 

@@ -168,10 +168,21 @@ static int send_allowed(struct mts_slot *s, int flags)
     return 1;
 }
 
+/* What the program may still queue: its SO_SNDBUF, at most the ring. */
+static uint64_t tx_room(const struct mts_slot *s)
+{
+    uint64_t limit = mts_buffer_limit(shim.geom.tx_size, s->opt_sndbuf);
+    uint64_t used = mts_ring_used(&s->tx);
+    return used < limit ? limit - used : 0;
+}
+
 static size_t write_tx(uint32_t slot, uint8_t *at, size_t want, size_t done)
 {
     (void)done; /* the ring's head says where */
-    return mts_ring_write(&shim_slot(slot)->tx, mts_tx_data(&shim.geom, slot), shim.geom.tx_size, at, want);
+    struct mts_slot *s = shim_slot(slot);
+    uint64_t room = tx_room(s);
+    return mts_ring_write(&s->tx, mts_tx_data(&shim.geom, slot), shim.geom.tx_size, at,
+                          want < room ? want : room);
 }
 
 /* Copies iov (minus its first `skip` bytes) into the TX ring as far as it
@@ -224,7 +235,7 @@ static ssize_t file_to_tx(uint32_t slot, int in_fd, off_t *pos, size_t count)
     uint8_t *data = mts_tx_data(&shim.geom, slot);
     uint32_t cap = shim.geom.tx_size;
     uint64_t head = s->tx.head;
-    uint64_t room = cap - (head - __atomic_load_n(&s->tx.tail, __ATOMIC_ACQUIRE));
+    uint64_t room = tx_room(s);
     if (count > room)
         count = room;
     size_t total = 0;
@@ -259,7 +270,7 @@ static ssize_t stack_sendfile(uint32_t slot, int in_fd, off_t *offset, size_t co
         int allowed = send_allowed(s, 0);
         if (allowed < 0)
             return done ? (ssize_t)done : -1;
-        if (allowed && mts_ring_used(&s->tx) < shim.geom.tx_size) {
+        if (allowed && tx_room(s)) {
             ssize_t got = file_to_tx(slot, in_fd, offset, count - done);
             if (got < 0)
                 return done ? (ssize_t)done : -1;

@@ -667,9 +667,9 @@ static int stack_getsockopt(uint32_t slot, int level, int name, void *val, sockl
             return put_value(val, len, &linger, sizeof(linger));
         }
         case SO_RCVBUF:
-            return put_int(val, len, (int)shim.geom.rx_size);
+            return put_int(val, len, (int)(s->opt_rcvbuf ? s->opt_rcvbuf : shim.geom.rx_size));
         case SO_SNDBUF:
-            return put_int(val, len, (int)shim.geom.tx_size);
+            return put_int(val, len, (int)(s->opt_sndbuf ? s->opt_sndbuf : shim.geom.tx_size));
         case SO_RCVTIMEO:
             return put_timeval(val, len, s->opt_rcvtimeo_ms);
         case SO_SNDTIMEO:
@@ -720,6 +720,35 @@ static int stack_getsockopt(uint32_t slot, int level, int name, void *val, sockl
     return fail(ENOPROTOOPT);
 }
 
+/* Linux's smallest socket buffers (SOCK_MIN_RCVBUF, SOCK_MIN_SNDBUF: one
+ * and two minimal skbs' truesize on x86-64). */
+#define SOCK_MIN_RCVBUF 2304
+#define SOCK_MIN_SNDBUF 4608
+
+/* What Linux makes of SO_RCVBUF/SO_SNDBUF `value` (sock_setsockopt): at most
+ * net.core.<sysctl_max> (none for the *FORCE variants), doubled, at least
+ * `floor`.  This is what getsockopt then reports. */
+static uint32_t linux_buffer_size(int value, const char *sysctl_max, uint32_t floor)
+{
+    uint64_t asked = value < 0 ? (sysctl_max ? UINT32_MAX : 0) : (uint64_t)value;
+    if (sysctl_max) {
+        char path[64];
+        unsigned long max = 212992; /* the kernel's default where /proc cannot say */
+        snprintf(path, sizeof(path), "/proc/sys/net/core/%s", sysctl_max);
+        FILE *file = fopen(path, "re");
+        if (file) {
+            if (fscanf(file, "%lu", &max) != 1)
+                max = 212992;
+            fclose(file);
+        }
+        if (asked > max)
+            asked = max;
+    }
+    if (asked > INT_MAX / 2)
+        asked = INT_MAX / 2;
+    return asked * 2 > floor ? (uint32_t)(asked * 2) : floor;
+}
+
 static int stack_setsockopt(int fd, uint32_t slot, int level, int name, const void *val, socklen_t len)
 {
     struct mts_slot *s = shim_slot(slot);
@@ -756,8 +785,10 @@ static int stack_setsockopt(int fd, uint32_t slot, int level, int name, const vo
         case SO_SNDBUF:
         case SO_SNDBUFFORCE:
             NEED(sizeof(int));
-            *(name == SO_RCVBUF || name == SO_RCVBUFFORCE ? &s->opt_rcvbuf : &s->opt_sndbuf) =
-                value > 0 ? (uint32_t)value : 0;
+            if (name == SO_RCVBUF || name == SO_RCVBUFFORCE)
+                s->opt_rcvbuf = linux_buffer_size(value, name == SO_RCVBUF ? "rmem_max" : NULL, SOCK_MIN_RCVBUF);
+            else
+                s->opt_sndbuf = linux_buffer_size(value, name == SO_SNDBUF ? "wmem_max" : NULL, SOCK_MIN_SNDBUF);
             changed = MTS_OPT_BUFFERS;
             break;
         case SO_RCVTIMEO:

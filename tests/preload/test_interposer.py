@@ -98,6 +98,15 @@ def test_read_write_and_their_variants(run_probe):
     ]
 
 
+def test_so_sndbuf_bounds_what_a_send_queues(run_probe):
+    assert run_probe.run("sndbuf") == [
+        "setsockopt_sndbuf 0",
+        "send_dontwait 8192",
+        "write_rest 291808",
+        "read 300000 pattern_ok 1",
+    ]
+
+
 def test_end_of_stream_and_shutdown(run_probe):
     assert run_probe.run("eof") == [
         "shutdown_wr 0",

@@ -161,6 +161,28 @@ def test_socket_options_reach_the_connection(world):
     assert (conn.nodelay, conn.user_timeout, conn.congestion) == (True, 2.5, "reno")
 
 
+def test_so_rcvbuf_set_before_listen_bounds_what_an_accepted_connection_takes(world):
+    """As on Linux: the listener's SO_RCVBUF (the slot holds twice the
+    request) passes to the connections it accepts; their window scale and
+    window follow it, and the ring holds no more than the request."""
+    listener = world.new_socket()
+    lib.mts_slot_at(world.g, listener).opt_rcvbuf = 2 * 16384
+    assert world.sync(lib.MTS_OP_BIND, listener, addr(0, 8080)) == 0
+    assert world.sync(lib.MTS_OP_LISTEN, listener, 16) == 0
+    conn, (peer_tx, _) = peer_connects(world)
+    assert (conn.state.name, conn.snd_wscale, conn.snd_wnd) == ("ESTABLISHED", 0, 16384)
+    child = lib.mts_accept_pop(world.g, listener)
+
+    peer_tx.write(bytes(100_000))
+    conn.send_ready(world.now)
+    world.peer.host.collect(conn, world.now)
+    world.settle(rounds=200)
+    # Full segments only fit, so up to one MSS short of the request.
+    assert 16384 - conn.send_mss < len(world.read(child)) <= 16384
+    world.settle(rounds=200)
+    assert 16384 - conn.send_mss < len(world.read(child)) <= 16384   # the read reopened it
+
+
 def test_truncated_frames_are_reported_once(world, capsys):
     world.link.counters = lambda: {"rx_truncated": 3}
     for _ in range(3):

@@ -259,6 +259,29 @@ static void data(void)
     close(a);
 }
 
+/* SO_SNDBUF bounds what a send queues, as Linux's; a transfer of many times
+ * that still goes through. */
+static void sndbuf(void)
+{
+    int c, a, size = 8192;
+    connected_pair(&c, &a, 0);
+    step("setsockopt_sndbuf", setsockopt(c, SOL_SOCKET, SO_SNDBUF, &size, sizeof(size)));
+    enum { BIG = 300000 };
+    char *big = malloc(BIG);
+    for (size_t i = 0; i < BIG; i++)
+        big[i] = (char)(i % 251);
+    step("send_dontwait", send(c, big, BIG, MSG_DONTWAIT));
+    struct reader r = {.fd = a, .want = BIG};
+    pthread_t thread;
+    pthread_create(&thread, NULL, read_all, &r);
+    step("write_rest", write(c, big + 8192, BIG - 8192));
+    pthread_join(thread, NULL);
+    out("read %zu pattern_ok %d", r.got, r.pattern_ok);
+    free(big);
+    close(c);
+    close(a);
+}
+
 static volatile sig_atomic_t sigpipes;
 static void count_sigpipe(int sig) { (void)sig, sigpipes++; }
 
@@ -707,6 +730,9 @@ static void options(void)
         {"TCP_USER_TIMEOUT", IPPROTO_TCP, TCP_USER_TIMEOUT, {READ_ONLY, -1, 2500, END}},
         {"TCP_MAXSEG", IPPROTO_TCP, TCP_MAXSEG, {READ_ONLY, 87, 32768, 1200, END}},
         {"TCP_DEFER_ACCEPT", IPPROTO_TCP, TCP_DEFER_ACCEPT, {READ_ONLY, 5, 200, -4, END}},
+        /* Not the defaults: a stack socket reports its ring, Linux tcp_rmem/wmem. */
+        {"SO_RCVBUF", SOL_SOCKET, SO_RCVBUF, {1, 4096, 1 << 30, -1, END}},
+        {"SO_SNDBUF", SOL_SOCKET, SO_SNDBUF, {1000, 65536, 1 << 30, -1, END}},
         {"unknown", IPPROTO_TCP, 9999, {1, END}},
     };
     for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++)
@@ -738,7 +764,7 @@ int main(int argc, char **argv)
         const char *name;
         void (*run)(void);
     } scenarios[] = {
-        {"handshake", handshake}, {"data", data},         {"eof", eof},         {"sendfile", sendfile_scenario},
+        {"handshake", handshake}, {"data", data}, {"sndbuf", sndbuf},         {"eof", eof},         {"sendfile", sendfile_scenario},
         {"epoll", epoll_scenario}, {"pollmix", pollmix},  {"blocking", blocking}, {"passthrough", passthrough},
         {"death", death},         {"refused", refused},   {"forkdup", forkdup}, {"protect", protect},
         {"privport", privport},   {"options", options},
