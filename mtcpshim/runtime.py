@@ -64,10 +64,10 @@ class Runtime:
         self._signal_r, signal_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._signal_w = signal_w
         self._poller = select.poll()
-        self._io_fd = packet_io.fileno()
+        self._io_fds = packet_io.filenos()
         self.fault = None  # why the stack stopped on its own, if it did
         self._truncation_reported = False
-        for fd in (packet_io.fileno(), wake_fd, ctl_fd, self._signal_r):
+        for fd in (*self._io_fds, wake_fd, ctl_fd, self._signal_r):
             self._poller.register(fd, select.POLLIN)
         self.launcher_fd = launcher_fd
         if launcher_fd is not None:
@@ -167,7 +167,7 @@ class Runtime:
             timeout = max_ms
         self.counters["sleeps"] += 1
         for fd, events in self._poller.poll(timeout):
-            if fd == self._io_fd and events & _POLL_TROUBLE:
+            if fd in self._io_fds and events & _POLL_TROUBLE:
                 self._device_trouble()
             elif fd == self.wake_fd:
                 _drain_eventfd(fd)

@@ -163,8 +163,8 @@ class _MemoryLink:
         self.inbound, self.outbound = [], []
         self._fd = os.eventfd(0, os.EFD_NONBLOCK)
 
-    def fileno(self):
-        return self._fd
+    def filenos(self):
+        return (self._fd,)
 
     def close(self):
         os.close(self._fd)

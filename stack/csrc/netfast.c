@@ -239,39 +239,61 @@ static inline struct tpacket2_hdr *ring_slot(const struct nf_ring *ring, uint32_
                                    (size_t)(index % ring->frames_per_block) * ring->frame_size);
 }
 
-unsigned nf_rx_collect(struct nf_ring *ring, unsigned max_frames, uint32_t *spans,
-                       uint8_t *vouched, struct nf_ring_stats *stats)
+/* The next slot of `ring` the kernel has handed over that the stack is to
+ * see, or NULL.  Slots it is not to see (its own outgoing frames, truncated
+ * ones) are stepped over and held; the one returned is not held yet. */
+static struct tpacket2_hdr *next_frame(struct nf_ring *ring, struct nf_ring_stats *stats)
 {
-    unsigned frames = 0;
-    uint32_t index = ring->cursor;
-
-    while (frames < max_frames && ring->held < ring->frame_count) {
-        struct tpacket2_hdr *slot = ring_slot(ring, index);
-        uint32_t status = __atomic_load_n(&slot->tp_status, __ATOMIC_ACQUIRE);
-        if (!(status & TP_STATUS_USER))
-            break;
-        ring->held++;
-        index = index + 1 == ring->frame_count ? 0 : index + 1;
-
+    while (ring->held < ring->frame_count) {
+        uint32_t index = ring->cursor + ring->held;
+        struct tpacket2_hdr *slot = ring_slot(ring, index < ring->frame_count ? index : index - ring->frame_count);
+        if (!(__atomic_load_n(&slot->tp_status, __ATOMIC_ACQUIRE) & TP_STATUS_USER))
+            return NULL;
         const struct sockaddr_ll *link =
             (const struct sockaddr_ll *)((uint8_t *)slot + TPACKET2_HEADER_ALIGNED);
-        if (link->sll_pkttype == PACKET_OUTGOING)
-            continue;
-        if (slot->tp_snaplen < slot->tp_len) {
+        if (link->sll_pkttype != PACKET_OUTGOING) {
+            if (slot->tp_snaplen >= slot->tp_len)
+                return slot;
             stats->rx_truncated++;
-            continue;
         }
+        ring->held++;
+    }
+    return NULL;
+}
+
+static int stamped_before(const struct tpacket2_hdr *a, const struct tpacket2_hdr *b)
+{
+    return a->tp_sec < b->tp_sec || (a->tp_sec == b->tp_sec && a->tp_nsec < b->tp_nsec);
+}
+
+unsigned nf_rx_collect(struct nf_ring *small, struct nf_ring *large, unsigned max_frames,
+                       uint32_t *spans, uint8_t *ring_of, uint8_t *vouched,
+                       struct nf_ring_stats *stats)
+{
+    struct nf_ring *rings[2] = {small, large};
+    struct tpacket2_hdr *next[2] = {next_frame(small, stats), next_frame(large, stats)};
+    unsigned frames = 0;
+
+    while (frames < max_frames && (next[0] || next[1])) {
+        int which = !next[0] || (next[1] && stamped_before(next[1], next[0]));
+        struct tpacket2_hdr *slot = next[which];
+        struct nf_ring *ring = rings[which];
+        ring->held++;
         uint8_t *frame = (uint8_t *)slot + slot->tp_mac;
         if (slot->tp_snaplen > MTU_FRAME_LEN)
             stats->rx_merged++;
-        vouched[frames] = (status & (TP_STATUS_CSUMNOTREADY | TP_STATUS_CSUM_VALID)) != 0;
+        ring_of[frames] = (uint8_t)which;
+        vouched[frames] = (slot->tp_status & (TP_STATUS_CSUMNOTREADY | TP_STATUS_CSUM_VALID)) != 0;
         stats->rx_csum_vouched += vouched[frames];
         spans[2 * frames] = (uint32_t)(frame - ring->base);
         spans[2 * frames + 1] = spans[2 * frames] + slot->tp_snaplen;
         frames++;
+        next[which] = next_frame(ring, stats);
     }
-    if (!frames)
-        nf_rx_release(ring);
+    if (!frames) {
+        nf_rx_release(small);
+        nf_rx_release(large);
+    }
     return frames;
 }
 

@@ -86,18 +86,22 @@ struct nf_ring_stats {
     uint64_t tx_rejected;     /* the kernel refused a frame (TP_STATUS_WRONG_FORMAT) */
 };
 
-/* Walks the RX ring from the cursor over slots the kernel has handed to user
- * space, up to `max_frames` deliverable frames.  Frame i lies at
- * [spans[2i], spans[2i+1]) from ring->base and stays valid until
- * nf_rx_release.  Frames this host sent (PACKET_OUTGOING) and truncated
- * frames are skipped.  vouched[i] is 1 when the kernel vouches for frame i's
+/* Walks two RX rings from their cursors over slots the kernel has handed to
+ * user space, up to `max_frames` deliverable frames, in the order the kernel
+ * stamped them: `small` takes frames up to an MTU, `large` the rest (GRO and
+ * GSO frames; each socket's filter sorts them), so that many small frames
+ * need not each take a slot sized for 64 KB.  Frame i is in ring
+ * ring_of[i] (0: small, 1: large), at [spans[2i], spans[2i+1]) from that
+ * ring's base, valid until nf_rx_release of it.  Frames this host sent
+ * (PACKET_OUTGOING) and truncated frames are skipped.  vouched[i] is 1 when the kernel vouches for frame i's
  * TCP/UDP checksum, as it does itself (skb_csum_unnecessary): a local
  * sender left it to offload (TP_STATUS_CSUMNOTREADY: veth; the field holds
  * only the pseudo-header sum, and nothing on the way can have damaged the
  * bytes), or the NIC verified it (TP_STATUS_CSUM_VALID).  Returns the number
  * of frames; when that is 0, the walked slots are already released. */
-unsigned nf_rx_collect(struct nf_ring *ring, unsigned max_frames, uint32_t *spans,
-                       uint8_t *vouched, struct nf_ring_stats *stats);
+unsigned nf_rx_collect(struct nf_ring *small, struct nf_ring *large, unsigned max_frames,
+                       uint32_t *spans, uint8_t *ring_of, uint8_t *vouched,
+                       struct nf_ring_stats *stats);
 
 /* Hands the slots the last walk held back to the kernel. */
 void nf_rx_release(struct nf_ring *ring);

@@ -3,7 +3,12 @@
 RX: the kernel fills ring slots; `recv_batch` walks the ready ones in C
 (netfast.c) and returns views of the frames in their slots, which it hands
 back to the kernel at the next call: the only copy of a payload is the one
-into the application's receive ring.  TPACKET_V2, not V3: V3 delivers a
+into the application's receive ring.  Two sockets receive, each with its
+ring and a classic BPF filter that sorts frames by length: frames up to an
+MTU take 2 KB slots, larger ones 64 KB slots, and the walk merges both in
+the order the kernel stamped them.  One ring of 64 KB slots held 240 frames
+in 16 MB: a frame-exact sender's burst of a 1 MiB window (720 segments)
+overflowed it, and a ring that could hold that many would pin 47 MB.  TPACKET_V2, not V3: V3 delivers a
 block only when it is full or its retire timer (at least 1 ms) fires, which
 adds a millisecond at low load.
 
@@ -35,6 +40,7 @@ Frames keep their order: queued ring frames are flushed before each one.
 """
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import mmap
@@ -62,18 +68,25 @@ _SIOCGIFHWADDR = 0x8927
 _SIOCGIFNAME = 0x8910
 
 # On RX the frame starts after the tpacket2 header, the sockaddr_ll and
-# alignment padding: at most 80 bytes in.  An RX slot holds the largest IPv4
-# packet (TPACKET_ALIGNMENT: 16); 1 MiB blocks of 15 such slots waste 6%
+# alignment padding: at most 80 bytes in.  A large RX slot holds the largest
+# IPv4 packet (TPACKET_ALIGNMENT: 16); 1 MiB blocks of 15 such slots waste 6%
 # where one slot per block would cost a 128 KiB kernel allocation each.
 _RX_HEADROOM = 80
-RX_SLOT_SIZE = (_RX_HEADROOM + 14 + 4 + 65535 + 15) & ~15
-_RX_BLOCK_SIZE = 1 << 20
-# TX slots are a power of two so that they tile a page.
-TX_SLOT_SIZE = 1 << (_RX_HEADROOM + MAX_FRAME_LEN - 1).bit_length()
-_TX_BLOCK_SIZE = max(mmap.PAGESIZE, TX_SLOT_SIZE)
+LARGE_SLOT_SIZE = (_RX_HEADROOM + 14 + 4 + 65535 + 15) & ~15
+_LARGE_BLOCK_SIZE = 1 << 20
+# Small RX slots and TX slots hold a frame of an MTU; a power of two, so that
+# they tile a page.
+SMALL_SLOT_SIZE = TX_SLOT_SIZE = 1 << (_RX_HEADROOM + MAX_FRAME_LEN - 1).bit_length()
+_SMALL_BLOCK_SIZE = _TX_BLOCK_SIZE = max(mmap.PAGESIZE, TX_SLOT_SIZE)
 _ETH_P_IP = 0x0800
 
 _TPACKET_REQ = struct.Struct("IIII")       # block size, blocks, frame size, frames
+_SO_ATTACH_FILTER = 26
+# Classic BPF on a packet socket: A = frame length; if A > MAX_FRAME_LEN,
+# return the first verdict, else the second (a verdict is the bytes kept).
+_BPF_LD_LEN, _BPF_JGT_K, _BPF_RET_K = 0x80, 0x25, 0x06
+_SOCK_FILTER = struct.Struct("HBBI")
+_KEEP_ALL, _DROP = 0x40000, 0
 _TPACKET_STATS = struct.Struct("II")       # packets, drops (reading resets them)
 # struct sockaddr_ll: family, protocol (network order), ifindex, hatype, pkttype, halen, addr
 _SOCKADDR_LL = struct.Struct("=H2siHBB8s")
@@ -82,10 +95,12 @@ _SOCKADDR_LL = struct.Struct("=H2siHBB8s")
 class AfPacketIO:
     """Packet I/O on interface `ifname` through AF_PACKET mmap rings.
 
-    `rx_slots`/`tx_slots` are the ring sizes in frames.  `counters()` reports
-    the rings' drops plus the kernel's (`rx_kernel_drops`: ring full)."""
+    `small_slots`/`large_slots`/`tx_slots` are the ring sizes in frames
+    (8, 16 and 2 MiB).  `counters()` reports the rings' drops plus the
+    kernel's (`rx_kernel_drops`: a ring full)."""
 
-    def __init__(self, ifname: str, rx_slots: int = 240, tx_slots: int = 1024):
+    def __init__(self, ifname: str, small_slots: int = 4096, large_slots: int = 240,
+                 tx_slots: int = 1024):
         if not native.ACCELERATED:
             raise PacketIOError("AfPacketIO walks its rings in C: "
                                 "build mtcpshim.stack._netfast (pip install -e .)")
@@ -100,14 +115,15 @@ class AfPacketIO:
         except PermissionError:
             raise PacketIOError(f"AF_PACKET on {ifname} needs CAP_NET_RAW "
                                 "(run as root or grant the capability)") from None
-        self._gso_sock = None
+        self._large_sock = self._gso_sock = None
         try:
+            self._large_sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
             self._gso_sock = self._open_gso_socket()
-            self._setup(ifname, rx_slots, tx_slots)
+            self._setup(ifname, small_slots, large_slots, tx_slots)
         except BaseException:
-            if self._gso_sock is not None:
-                self._gso_sock.close()
-            self._sock.close()
+            for sock in (self._gso_sock, self._large_sock, self._sock):
+                if sock is not None:
+                    sock.close()
             raise
         self.gso_max_size = GSO_MAX_SIZE if self._gso_sock is not None else 0
         self.device_segments = self.gso_max_size > 0 and device_segments(ifname)
@@ -130,55 +146,60 @@ class AfPacketIO:
                                               interface_index(self.ifname), 0, 0, 0, b"")
         return sock
 
-    def _setup(self, ifname: str, rx_slots: int, tx_slots: int) -> None:
+    def _setup(self, ifname: str, small_slots: int, large_slots: int, tx_slots: int) -> None:
         ffi, lib = native.ffi, native.lib
-        sock = self._sock
-        sock.setsockopt(_SOL_PACKET, _PACKET_VERSION, _TPACKET_V2)
-        # Skip malformed TX frames (marked WRONG_FORMAT) instead of stalling the ring.
-        sock.setsockopt(_SOL_PACKET, _PACKET_LOSS, 1)
-        # Bypass the qdisc only when every frame can: segmented frames take
-        # the qdisc path, and a frame of a flow must never overtake an
-        # earlier one queued there (a NIC's qdisc may hold them).
-        wanted = [_PACKET_IGNORE_OUTGOING] + ([] if self._gso_sock else [_PACKET_QDISC_BYPASS])
-        for option in wanted:
+        for sock in (self._sock, self._large_sock):
+            sock.setsockopt(_SOL_PACKET, _PACKET_VERSION, _TPACKET_V2)
             try:
-                sock.setsockopt(_SOL_PACKET, option, 1)
+                sock.setsockopt(_SOL_PACKET, _PACKET_IGNORE_OUTGOING, 1)
             except OSError as error:
                 if error.errno != errno.ENOPROTOOPT:
                     raise
-        rx_per_block, tx_per_block = _RX_BLOCK_SIZE // RX_SLOT_SIZE, _TX_BLOCK_SIZE // TX_SLOT_SIZE
-        rx_blocks = -(-rx_slots // rx_per_block)
-        tx_blocks = -(-tx_slots // tx_per_block)
-        rx_slots, tx_slots = rx_blocks * rx_per_block, tx_blocks * tx_per_block
-        sock.setsockopt(_SOL_PACKET, _PACKET_RX_RING,
-                        _TPACKET_REQ.pack(_RX_BLOCK_SIZE, rx_blocks, RX_SLOT_SIZE, rx_slots))
-        sock.setsockopt(_SOL_PACKET, _PACKET_TX_RING,
-                        _TPACKET_REQ.pack(_TX_BLOCK_SIZE, tx_blocks, TX_SLOT_SIZE, tx_slots))
-        # One mapping: the RX ring, then the TX ring.
-        rx_bytes = rx_blocks * _RX_BLOCK_SIZE
-        self._map = mmap.mmap(sock.fileno(), rx_bytes + tx_blocks * _TX_BLOCK_SIZE,
-                              mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        self._map_view = ffi.from_buffer(self._map)
-        base = ffi.cast("uint8_t *", self._map_view)
-        # Received frames are slices of this view of the RX ring (a cffi
-        # buffer: slices of it do not pin the mapping at close).
-        self._rx_view = memoryview(ffi.buffer(base, rx_bytes))
-        self._rx = ffi.new("struct nf_ring *", {"base": base, "frame_size": RX_SLOT_SIZE, "frame_count": rx_slots,
-                                                "frames_per_block": rx_per_block, "block_size": _RX_BLOCK_SIZE})
-        self._tx = ffi.new("struct nf_ring *", {"base": base + rx_bytes, "frame_size": TX_SLOT_SIZE,
-                                                "frame_count": tx_slots, "frames_per_block": tx_per_block,
-                                                "block_size": _TX_BLOCK_SIZE})
-        self._rx_slots = rx_slots
-        self._rx_spans = ffi.new("uint32_t[]", 2 * rx_slots)
-        self._rx_vouched = ffi.new("uint8_t[]", rx_slots)
+        # Skip malformed TX frames (marked WRONG_FORMAT) instead of stalling the ring.
+        self._sock.setsockopt(_SOL_PACKET, _PACKET_LOSS, 1)
+        # Bypass the qdisc only when every frame can: segmented frames take
+        # the qdisc path, and a frame of a flow must never overtake an
+        # earlier one queued there (a NIC's qdisc may hold them).
+        if not self._gso_sock:
+            try:
+                self._sock.setsockopt(_SOL_PACKET, _PACKET_QDISC_BYPASS, 1)
+            except OSError as error:
+                if error.errno != errno.ENOPROTOOPT:
+                    raise
+        _sort_by_length(self._sock, longer=_DROP, shorter=_KEEP_ALL)
+        _sort_by_length(self._large_sock, longer=_KEEP_ALL, shorter=_DROP)
+        small, small_bytes = _request_ring(self._sock, _PACKET_RX_RING, _SMALL_BLOCK_SIZE,
+                                           SMALL_SLOT_SIZE, small_slots)
+        tx, tx_bytes = _request_ring(self._sock, _PACKET_TX_RING, _TX_BLOCK_SIZE,
+                                     TX_SLOT_SIZE, tx_slots)
+        large, large_bytes = _request_ring(self._large_sock, _PACKET_RX_RING, _LARGE_BLOCK_SIZE,
+                                           LARGE_SLOT_SIZE, large_slots)
+        # The small socket's mapping holds its RX ring, then the TX ring.
+        self._maps = [mmap.mmap(sock.fileno(), size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+                      for sock, size in ((self._sock, small_bytes + tx_bytes),
+                                         (self._large_sock, large_bytes))]
+        self._map_views = [ffi.from_buffer(mapping) for mapping in self._maps]
+        small_base, large_base = (ffi.cast("uint8_t *", view) for view in self._map_views)
+        # Received frames are slices of these views of the RX rings (cffi
+        # buffers: slices of them do not pin the mappings at close).
+        self._rx_views = (memoryview(ffi.buffer(small_base, small_bytes)),
+                          memoryview(ffi.buffer(large_base, large_bytes)))
+        self._rx_small = ffi.new("struct nf_ring *", dict(small, base=small_base))
+        self._rx_large = ffi.new("struct nf_ring *", dict(large, base=large_base))
+        self._tx = ffi.new("struct nf_ring *", dict(tx, base=small_base + small_bytes))
+        self._rx_capacity = small["frame_count"] + large["frame_count"]
+        self._rx_spans = ffi.new("uint32_t[]", 2 * self._rx_capacity)
+        self._rx_ring_of = ffi.new("uint8_t[]", self._rx_capacity)
+        self._rx_vouched = ffi.new("uint8_t[]", self._rx_capacity)
         self.rx_vouched = None
         self._stats = ffi.new("struct nf_ring_stats *")
         self._rx_kernel_drops = 0
-        ifreq = fcntl.ioctl(sock.fileno(), _SIOCGIFHWADDR, struct.pack("16s16x", ifname.encode()))
+        ifreq = fcntl.ioctl(self._sock.fileno(), _SIOCGIFHWADDR, struct.pack("16s16x", ifname.encode()))
         self.mac = ifreq[18:24]
         self._ifindex = interface_index(ifname)
         try:
-            sock.bind((ifname, _ETH_P_ALL))
+            for sock in (self._sock, self._large_sock):
+                sock.bind((ifname, _ETH_P_ALL))
         except OSError as error:
             if error.errno == errno.ENODEV:
                 raise PacketIOError(f"no such interface: {ifname}") from None
@@ -189,13 +210,14 @@ class AfPacketIO:
         self._buffer = ffi.buffer
         self._new_lengths = ffi.new
 
-    def fileno(self) -> int:
-        return self._sock.fileno()
+    def filenos(self) -> tuple[int, int]:
+        return self._sock.fileno(), self._large_sock.fileno()
 
     def device_error(self) -> str | None:
         # The interface went down or away (ENETDOWN): until the error is read,
         # poll() reports it at once, forever.  Down may come up again; away not.
-        self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        for sock in (self._sock, self._large_sock):
+            sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         try:  # asked through our socket: the namespace we serve, wherever this thread is
             fcntl.ioctl(self._sock.fileno(), _SIOCGIFNAME, struct.pack("16si12x", b"", self._ifindex))
         except OSError:
@@ -203,16 +225,18 @@ class AfPacketIO:
         return None
 
     def recv_batch(self, max_frames: int) -> list[memoryview]:
-        self._release(self._rx)           # the slots of the previous batch
-        count = self._collect(self._rx, min(max_frames, self._rx_slots), self._rx_spans,
-                              self._rx_vouched, self._stats)
+        self._release(self._rx_small)     # the slots of the previous batch
+        self._release(self._rx_large)
+        count = self._collect(self._rx_small, self._rx_large, min(max_frames, self._rx_capacity),
+                              self._rx_spans, self._rx_ring_of, self._rx_vouched, self._stats)
         if not count:
             self.rx_vouched = None
             return []
         self.rx_vouched = self._buffer(self._rx_vouched, count)[:]
-        ring = self._rx_view
+        rings = self._rx_views
         bounds = iter(self._unpack(self._rx_spans, 2 * count))
-        return [ring[start:end] for start, end in zip(bounds, bounds)]
+        return [rings[which][start:end]
+                for which, start, end in zip(self._buffer(self._rx_ring_of, count)[:], bounds, bounds)]
 
     def send_batch(self, frames: list) -> int:
         if not frames:
@@ -258,9 +282,10 @@ class AfPacketIO:
         return queued
 
     def counters(self) -> dict[str, int]:
-        _, drops = _TPACKET_STATS.unpack(
-            self._sock.getsockopt(_SOL_PACKET, _PACKET_STATISTICS, _TPACKET_STATS.size))
-        self._rx_kernel_drops += drops
+        for sock in (self._sock, self._large_sock):
+            _, drops = _TPACKET_STATS.unpack(
+                sock.getsockopt(_SOL_PACKET, _PACKET_STATISTICS, _TPACKET_STATS.size))
+            self._rx_kernel_drops += drops
         stats = self._stats
         return {"rx_kernel_drops": self._rx_kernel_drops,
                 "rx_truncated": stats.rx_truncated, "rx_merged": stats.rx_merged,
@@ -271,14 +296,42 @@ class AfPacketIO:
     def close(self) -> None:
         if self._sock.fileno() < 0:
             return
-        native.ffi.release(self._map_view)
-        self._map.close()
-        self._sock.close()
-        if self._gso_sock is not None:
-            self._gso_sock.close()
+        for view in self._map_views:
+            native.ffi.release(view)
+        for mapping in self._maps:
+            mapping.close()
+        for sock in (self._sock, self._large_sock, self._gso_sock):
+            if sock is not None:
+                sock.close()
 
     def __enter__(self) -> "AfPacketIO":
         return self
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+def _request_ring(sock: socket.socket, option: int, block_size: int, slot_size: int,
+                  slots: int) -> tuple[dict, int]:
+    """Asks for a TPACKET_V2 ring of at least `slots` slots; returns its
+    nf_ring geometry (without the base) and its size in bytes."""
+    per_block = block_size // slot_size
+    blocks = -(-slots // per_block)
+    slots = blocks * per_block
+    sock.setsockopt(_SOL_PACKET, option, _TPACKET_REQ.pack(block_size, blocks, slot_size, slots))
+    return ({"frame_size": slot_size, "frame_count": slots, "frames_per_block": per_block,
+             "block_size": block_size}, blocks * block_size)
+
+
+def _sort_by_length(sock: socket.socket, longer: int, shorter: int) -> None:
+    """A filter on `sock`: frames longer than an MTU's get verdict `longer`,
+    the others `shorter` (_KEEP_ALL or _DROP)."""
+    program = b"".join(_SOCK_FILTER.pack(*instruction) for instruction in (
+        (_BPF_LD_LEN, 0, 0, 0),
+        (_BPF_JGT_K, 0, 1, MAX_FRAME_LEN),
+        (_BPF_RET_K, 0, 0, longer),
+        (_BPF_RET_K, 0, 0, shorter)))
+    instructions = ctypes.create_string_buffer(program, len(program))
+    # struct sock_fprog: the instruction count, then a pointer to them.
+    sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER,
+                    struct.pack("HxxxxxxP", len(program) // _SOCK_FILTER.size, ctypes.addressof(instructions)))

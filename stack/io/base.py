@@ -1,7 +1,7 @@
 """The interface every packet I/O backend implements.
 
 A backend moves whole Ethernet frames.  `recv_batch` never blocks: the
-runtime sleeps in poll() on `fileno()` and drains what is there.  The
+runtime sleeps in poll() on `filenos()` and drains what is there.  The
 frames it returns may be views of the device's ring, valid until the next
 `recv_batch`: whatever keeps a frame longer copies it.  `rx_vouched` then
 says which of them the device vouches for (see PacketIO).
@@ -86,7 +86,9 @@ class PacketIO(Protocol):
     #: that field may then hold only the pseudo-header sum.  None: no frame.
     rx_vouched: bytes | None
 
-    def fileno(self) -> int:
+    def filenos(self) -> tuple[int, ...]:
+        """What the loop polls: readable when frames wait, POLLERR when the
+        device is in trouble (then device_error)."""
         ...
 
     def recv_batch(self, max_frames: int) -> list[bytes]:
@@ -96,7 +98,7 @@ class PacketIO(Protocol):
         ...
 
     def device_error(self) -> str | None:
-        """poll() reported an error on fileno(): clear it, and say why the
+        """poll() reported an error on one of filenos(): clear it, and say why the
         device is gone for good, or None if it is still there."""
         ...
 

@@ -1,6 +1,6 @@
 """A seeded fault injector in front of any packet I/O backend.
 
-`ImpairedIO(inner, spec)` has the backend interface (fileno, recv_batch,
+`ImpairedIO(inner, spec)` has the backend interface (filenos, recv_batch,
 send_batch, close, mac) and impairs the frames that pass through it, per
 direction: `rx` is what the wire delivers to the stack, `tx` what the stack
 puts on the wire.  For each frame, in this order:
@@ -282,8 +282,8 @@ class ImpairedIO:
     def rx_vouched(self) -> bytes | None:
         return self.inner.rx_vouched if self._rx is None else None
 
-    def fileno(self) -> int:
-        return self.inner.fileno()
+    def filenos(self) -> tuple[int, ...]:
+        return self.inner.filenos()
 
     def recv_batch(self, max_frames: int) -> list:
         now = self._clock()

@@ -76,8 +76,8 @@ class TapIO:
         self._tx_segmented = 0
         self._rx_dropped: dict[str, int] = {}
 
-    def fileno(self) -> int:
-        return self._fd
+    def filenos(self) -> tuple[int]:
+        return (self._fd,)
 
     #: vnet.received_frame completes every partial checksum.
     rx_vouched = None

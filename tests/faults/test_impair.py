@@ -99,7 +99,7 @@ def test_no_impairment_passes_frames_through_untouched():
     assert io.send_batch(frames(3)) == 3
     assert link.outbound == frames(3)
     assert io.deadline() is None
-    assert (io.mac, io.fileno()) == (STACK_MAC, link.fileno())
+    assert (io.mac, io.filenos()) == (STACK_MAC, link.filenos())
     io.close()
     assert link.closed
 

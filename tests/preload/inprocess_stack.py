@@ -40,8 +40,8 @@ class ReflectingLink:
         self._frames = collections.deque()
         self._fd = os.eventfd(0, os.EFD_NONBLOCK)
 
-    def fileno(self) -> int:
-        return self._fd
+    def filenos(self) -> tuple[int]:
+        return (self._fd,)
 
     def send_batch(self, frames) -> int:
         self._frames.extend(bytes(frame) for frame in frames)  # the wire's copy

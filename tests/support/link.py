@@ -21,8 +21,8 @@ class MemoryLink:
         self.closed = False
         self._fd = os.eventfd(0, os.EFD_NONBLOCK)   # something to poll
 
-    def fileno(self) -> int:
-        return self._fd
+    def filenos(self) -> tuple[int]:
+        return (self._fd,)
 
     rx_vouched = None
 
