@@ -1,4 +1,4 @@
-"""AF_PACKET backend: TPACKET_V2 RX and TX rings in one shared mapping.
+"""AF_PACKET backend: TPACKET_V2 rings in shared mappings.
 
 RX: the kernel fills ring slots; `recv_batch` walks the ready ones in C
 (netfast.c) and returns views of the frames in their slots, which it hands
@@ -8,9 +8,9 @@ ring and a classic BPF filter that sorts frames by length: frames up to an
 MTU take 2 KB slots, larger ones 64 KB slots, and the walk merges both in
 the order the kernel stamped them.  One ring of 64 KB slots held 240 frames
 in 16 MB: a frame-exact sender's burst of a 1 MiB window (720 segments)
-overflowed it, and a ring that could hold that many would pin 47 MB.  TPACKET_V2, not V3: V3 delivers a
-block only when it is full or its retire timer (at least 1 ms) fires, which
-adds a millisecond at low load.
+overflowed it, and a ring that could hold that many would pin 47 MB.
+TPACKET_V2, not V3: V3 delivers a block only when it is full or its retire
+timer (at least 1 ms) fires, which adds a millisecond at low load.
 
 TX: `send_batch` copies the batch into free slots in one C call and flushes
 the whole batch with one send().  Without segmentation offload,
@@ -18,14 +18,15 @@ PACKET_QDISC_BYPASS (when the kernel has it) skips the qdisc layer, as a
 NIC driver's own ring would; with it, both sockets go through the qdisc, so
 that their frames keep their order.
 
-The socket is opened in the network namespace of the calling thread.  RX
-slots hold a whole IPv4 packet of 64 KB: a local kernel sender's GSO frames
-and a NIC's GRO-merged frames (offloads at their defaults) arrive whole, and
-the TCP core takes one super-segment where it would have taken 45.  Anything
-larger still is dropped and counted as `rx_truncated`.  TX slots are sized
-for base.MTU.  Checksums a local sender left to offload, or the NIC checked,
-are vouched for (`rx_vouched`, counted as `rx_csum_vouched`) and never summed:
-on a 64 KB frame that was two passes over the payload.
+The sockets are opened in the network namespace of the calling thread.
+Large RX slots hold a whole IPv4 packet of 64 KB: a local kernel sender's
+GSO frames and a NIC's GRO-merged frames (offloads at their defaults) arrive
+whole, and the TCP core takes one super-segment where it would have taken
+45.  Anything larger still is dropped and counted as `rx_truncated`.  Small
+RX slots and TX slots are sized for base.MTU.  Checksums a local sender left
+to offload, or the NIC checked, are vouched for (`rx_vouched`, counted as
+`rx_csum_vouched`) and never summed: on a 64 KB frame that was two passes
+over the payload.
 
 Segmentation offload: a SegmentedFrame (a TCP segment of up to 64 KB, see
 stack/wire/vnet.py) goes out through a second packet socket without rings
