@@ -1320,10 +1320,7 @@ class TcpConnection:
         if snd_una == self.snd_max:
             self._start_after_idle()
         mss = self.send_mss
-        # With segmentation offload, one segment carries whole MSS-sized
-        # pieces up to the device's limit; the device cuts it on the wire.
-        burst = self.config.gso_max_size
-        burst = burst - burst % mss if burst > mss else mss
+        burst = self._segment_limit()
         if board.lost or self._in_loss or (self.sack_enabled and (
                 board.sacked or board.extra or self._in_recovery)):
             budget = self.cwnd - board.pipe((snd_nxt - snd_una) & _MASK)
@@ -1468,13 +1465,24 @@ class TcpConnection:
             self._rtt_seq = None               # Karn: never time a retransmission
             self._retransmit_from(seq_add(self.snd_max, -last), last)
 
+    def _segment_limit(self) -> int:
+        """Payload one segment may carry: with segmentation offload, whole
+        MSS-sized pieces up to the device's limit (it cuts them on the
+        wire); else one MSS."""
+        mss = self.send_mss
+        burst = self.config.gso_max_size
+        return burst - burst % mss if burst > mss else mss
+
     def _retransmit_lost(self, budget: int) -> int:
         """Resend what is deemed lost, oldest first, while each segment fits
         in `budget` (cwnd - pipe; RFC 6675 NextSeg rule 1, with RACK's
-        marks).  Returns what is left of the budget."""
+        marks).  A lost run leaves in segments of as many whole MSS as the
+        budget and the device allow, as Linux resends a lost TSO skb whole.
+        Returns what is left of the budget."""
         board = self._board
         snd_nxt = self.snd_nxt
         mss = self.send_mss
+        burst = self._segment_limit()
         seq = self.snd_una
         while budget > 0:
             lost = board.next_lost(seq)
@@ -1486,7 +1494,7 @@ class TcpConnection:
             limit = seq_diff(end, start)
             if (limit if limit < mss else mss) > budget:
                 break
-            used = self._retransmit_from(start, limit)
+            used = self._retransmit_from(start, limit, min(burst, max(budget - budget % mss, mss)))
             if not used:
                 break
             budget -= used
@@ -1513,12 +1521,13 @@ class TcpConnection:
         if outstanding > 0:
             self._retransmit_from(self.snd_una, outstanding)
 
-    def _retransmit_from(self, seq: int, limit: int) -> int:
-        """Resend up to one segment from `seq`, no more than `limit`
-        sequence numbers; returns how many it covered (0: nothing to send)."""
+    def _retransmit_from(self, seq: int, limit: int, most: int = 0) -> int:
+        """Resend one segment from `seq` of at most `most` payload bytes (one
+        MSS if 0) and no more than `limit` sequence numbers; returns how
+        many it covered (0: nothing to send)."""
         fin_seq = self._fin_seq
         data_end = seq_add(self._send_base, len(self.send_buf))
-        size = min(self.send_mss, max(seq_diff(data_end, seq), 0), limit)
+        size = min(most or self.send_mss, max(seq_diff(data_end, seq), 0), limit)
         end = seq_add(seq, size)
         flags = ACK
         if fin_seq is not None and end == fin_seq and limit > size:
@@ -1531,12 +1540,13 @@ class TcpConnection:
         self._rtt_seq = None               # Karn
         self._segment(seq, flags, payload)
         used = size + (flags & FIN)
-        self.recovery_counts["retransmitted_segments"] += 1
+        pieces = max(1, -(-size // self.send_mss))
+        self.recovery_counts["retransmitted_segments"] += pieces
         self._board.retransmitted(seq, seq_add(seq, used), self._now)
         if self._in_recovery:
             self._prr_out += used
         if self._undo_marker is not None and (self._in_recovery or self._in_loss):
-            self._undo_retrans += 1
+            self._undo_retrans += pieces
             if self._retrans_stamp is None:
                 self._retrans_stamp = self._ts_now()
         return used

@@ -252,3 +252,26 @@ def test_a_segmented_frame_waiting_for_arp_keeps_its_own_copy_of_the_payload():
     [_arp_request, frame] = iface.take_frames()
     assert type(frame) is SegmentedFrame and bytes(frame.payload) == b"a" * (2 * MSS)
     assert bytes(frame)[:6] == PEER_MAC
+
+
+def test_a_lost_run_is_resent_as_one_segment_of_whole_mss_pieces(make_tcp_trace):
+    """As Linux resends a lost TSO skb whole: the run RACK marks lost leaves
+    in as few segments as the recovery's budget allows, each counted per
+    MSS piece."""
+    t = make_tcp_trace(TcpConfig(timestamps=False, gso_max_size=GSO_MAX), buffer_size=200000)
+    t.establish(sack_permitted=True)
+    data = random.Random(2).randbytes(10 * MSS)
+    t.write(data)
+    (flight,) = t.recv()
+    assert len(flight.payload) == 10 * MSS
+    # The last four pieces arrived, the first six did not.
+    sack = ((t.L + 1 + 6 * MSS, t.L + 1 + 10 * MSS),)
+    t.send(t.rx(ACK, t.R + 1, t.L + 1, sack_blocks=sack))
+    # PRR lets five go at once (what the SACK delivered, plus one), in one segment.
+    assert t.recv() == [t.tx(ACK, t.L + 1, t.R + 1, data[:5 * MSS], window=65535)]
+    assert t.conn.recovery_counts == {"fast_recoveries": 1, "retransmitted_segments": 5}
+    t.send(t.rx(ACK, t.R + 1, t.L + 1 + 5 * MSS, sack_blocks=sack))
+    assert t.recv() == [t.tx(ACK, t.L + 1 + 5 * MSS, t.R + 1, data[5 * MSS:6 * MSS], window=65535)]
+    assert t.conn.recovery_counts["retransmitted_segments"] == 6
+    t.send(t.rx(ACK, t.R + 1, t.L + 1 + 10 * MSS))
+    assert t.conn.snd_una == (t.L + 1 + 10 * MSS) % 2**32
