@@ -2,14 +2,18 @@
 numbers (RFC 6528), ephemeral port offsets (RFC 6056 algorithm 3),
 timestamp offsets (RFC 7323 section 5.4) and SYN cookies.
 
-Every value is a BLAKE2s keyed hash of the addresses under a secret drawn
-once per host, so an off-path attacker can predict none of them, while the
-same 4-tuple always maps to the same offset: a new incarnation of a
-connection starts above the old one's sequence space because the clock
-part has moved on.
+Every value is a SipHash-2-4 of the addresses, as in Linux, under a key of
+its own derived from a secret drawn once per host, so an off-path attacker
+can predict none of them, while the same 4-tuple always maps to the same
+offset: a new incarnation of a connection starts above the old one's
+sequence space because the clock part has moved on.  SipHash, in C, costs a
+tenth of a microsecond; the BLAKE2s it replaced cost 1.4 us per value under
+PyPy, two of them on every connection.
 """
 import hashlib
 import struct
+
+from mtcpshim.stack.native import siphash24
 
 _MASK = 0xFFFFFFFF
 _FOUR_TUPLE = struct.Struct("!IHIH")
@@ -30,11 +34,12 @@ class TcpSecrets:
     def __init__(self, secret: bytes):
         if len(secret) < 16:
             raise ValueError("the secret needs at least 128 bits")
-        self._key = secret[:32]
+        # One 128-bit key per use, so that no value reveals another.
+        self._keys = {purpose: hashlib.blake2s(purpose, digest_size=16, key=secret[:32]).digest()
+                      for purpose in (b"isn", b"tsoff", b"port", b"cookie1", b"cookie2")}
 
     def _hash(self, purpose: bytes, data: bytes) -> int:
-        digest = hashlib.blake2s(data, digest_size=4, key=self._key, person=purpose).digest()
-        return int.from_bytes(digest, "big")
+        return siphash24(self._keys[purpose], data) & _MASK
 
     def isn(self, local_ip: int, local_port: int, remote_ip: int, remote_port: int,
             now: float) -> int:

@@ -2,15 +2,16 @@
 
 `ACCELERATED` says which is active: True when the cffi module `mtcpshim.stack._netfast`
 is built (pip install -e .), False when this module fell back
-to `mtcpshim.stack.checksum`.  `ones_complement_sum` and `internet_checksum` have the
-signatures of their `mtcpshim.stack.checksum` counterparts in both cases.
+to `mtcpshim.stack.checksum` and `mtcpshim.stack.siphash`.  `ones_complement_sum`,
+`internet_checksum` and `siphash24` have the signatures of their counterparts
+there in both cases.
 
 `match_tcp_frame`, `complete_checksum`, `build_tcp_frame`, `build_tcp_headers`
 and `send_parts` exist only when ACCELERATED; the Interface and the packet socket use them for
 their per-segment paths, and the Interface has a Python route for everything
 the first three do.
 """
-from mtcpshim.stack import checksum
+from mtcpshim.stack import checksum, siphash
 
 try:
     from mtcpshim.stack._netfast import ffi, lib
@@ -29,6 +30,7 @@ if ACCELERATED:
     _build_frame = lib.nf_build_tcp_frame
     _build_headers = lib.nf_build_tcp_headers
     _send_parts = lib.nf_send_parts
+    _siphash = lib.nf_siphash24
     _NULL = ffi.NULL
 
     def ones_complement_sum(data, initial: int = 0) -> int:
@@ -41,6 +43,11 @@ if ACCELERATED:
         if type(data) is not bytes:
             data = _from_buffer(data)
         return ~_sum(data, len(data), initial) & 0xFFFF
+
+    def siphash24(key: bytes, data: bytes) -> int:
+        if len(key) != 16:
+            raise ValueError("SipHash takes a 128-bit key")
+        return _siphash(key, data, len(data))
 
     def match_tcp_frame(frame, our_mac: bytes, our_ip: int, checksum_vouched: bool = False) -> int:
         """`src_ip << 32 | tcp_offset << 16 | tcp_len` for a valid TCP frame
@@ -92,3 +99,4 @@ if ACCELERATED:
 else:
     ones_complement_sum = checksum.ones_complement_sum
     internet_checksum = checksum.internet_checksum
+    siphash24 = siphash.siphash24

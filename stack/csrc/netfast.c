@@ -28,6 +28,48 @@
  * PACKET_TX_HAS_OFF), and where its struct sockaddr_ll sits on RX. */
 #define TPACKET2_HEADER_ALIGNED TPACKET_ALIGN(sizeof(struct tpacket2_hdr))
 
+static inline uint64_t rotl64(uint64_t x, int bits) { return x << bits | x >> (64 - bits); }
+
+#define SIP_ROUND(v0, v1, v2, v3) do {                                    \
+        v0 += v1; v1 = rotl64(v1, 13) ^ v0; v0 = rotl64(v0, 32);          \
+        v2 += v3; v3 = rotl64(v3, 16) ^ v2;                                \
+        v0 += v3; v3 = rotl64(v3, 21) ^ v0;                                \
+        v2 += v1; v1 = rotl64(v1, 17) ^ v2; v2 = rotl64(v2, 32);          \
+    } while (0)
+
+uint64_t nf_siphash24(const uint8_t *key, const uint8_t *data, size_t len)
+{
+    uint64_t k0, k1;
+    memcpy(&k0, key, 8);
+    memcpy(&k1, key + 8, 8);
+    k0 = le64toh(k0);
+    k1 = le64toh(k1);
+    uint64_t v0 = k0 ^ 0x736f6d6570736575ULL, v1 = k1 ^ 0x646f72616e646f6dULL;
+    uint64_t v2 = k0 ^ 0x6c7967656e657261ULL, v3 = k1 ^ 0x7465646279746573ULL;
+    const size_t whole = len & ~(size_t)7;
+    uint64_t word;
+    for (size_t at = 0; at < whole; at += 8) {
+        memcpy(&word, data + at, 8);
+        word = le64toh(word);
+        v3 ^= word;
+        SIP_ROUND(v0, v1, v2, v3);
+        SIP_ROUND(v0, v1, v2, v3);
+        v0 ^= word;
+    }
+    /* The last word: the leftover bytes, the length's low byte on top. */
+    word = (uint64_t)(len & 0xff) << 56;
+    for (size_t i = 0; i < len - whole; i++)
+        word |= (uint64_t)data[whole + i] << (8 * i);
+    v3 ^= word;
+    SIP_ROUND(v0, v1, v2, v3);
+    SIP_ROUND(v0, v1, v2, v3);
+    v0 ^= word;
+    v2 ^= 0xff;
+    for (int i = 0; i < 4; i++)
+        SIP_ROUND(v0, v1, v2, v3);
+    return v0 ^ v1 ^ v2 ^ v3;
+}
+
 static inline uint16_t load_be16(const uint8_t *p) { return (uint16_t)(p[0] << 8 | p[1]); }
 
 static inline uint32_t load_be32(const uint8_t *p)

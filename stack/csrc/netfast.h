@@ -12,6 +12,10 @@
  * 16 bits.  Same result as stack.checksum.ones_complement_sum. */
 uint16_t nf_ones_complement_sum(const uint8_t *data, size_t len, uint64_t initial);
 
+/* SipHash-2-4 of `data` under the 16-byte `key`: the same 64-bit value as
+ * stack.siphash.siphash24. */
+uint64_t nf_siphash24(const uint8_t *key, const uint8_t *data, size_t len);
+
 /* Fast receive path.  If `frame` is Ethernet to `our_mac`, IPv4 with a valid
  * header (version, IHL, lengths, header checksum), not a fragment, TCP, to
  * `our_ip`, with a correct TCP checksum (not summed when

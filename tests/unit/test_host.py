@@ -6,6 +6,7 @@ import random
 
 import pytest
 
+from mtcpshim.stack import native, siphash
 from mtcpshim.stack.host import COOKIE_WINDOW, COOKIE_WSCALE, EPHEMERAL_PORTS, TcpHost
 from mtcpshim.stack.isn import COOKIE_PERIOD, ISN_CLOCK_HZ, MSS_TABLE, TcpSecrets, mss_index_for
 from mtcpshim.stack.storage import RingBuffer
@@ -48,6 +49,23 @@ def syn(port, seq=1000, **options):
 
 
 # -- initial sequence numbers and ports -------------------------------------
+
+def test_siphash_gives_the_papers_test_vector():
+    # Aumasson and Bernstein, "SipHash: a fast short-input PRF", appendix A.
+    key, message = bytes(range(16)), bytes(range(15))
+    assert siphash.siphash24(key, message) == 0xA129CA6149BE45E5
+    assert native.siphash24(key, message) == 0xA129CA6149BE45E5
+
+
+@pytest.mark.skipif(not native.ACCELERATED, reason="mtcpshim.stack._netfast not built")
+def test_c_siphash_equals_python_at_every_tail_length():
+    rng = random.Random(6528)
+    for length in list(range(33)) + [rng.randrange(2000) for _ in range(200)]:
+        key, data = rng.randbytes(16), rng.randbytes(length)
+        assert native.siphash24(key, data) == siphash.siphash24(key, data)
+    with pytest.raises(ValueError):
+        native.siphash24(bytes(15), b"")
+
 
 def test_isn_is_a_keyed_hash_of_the_four_tuple_plus_a_4us_clock():
     secrets = TcpSecrets(bytes(range(32)))
