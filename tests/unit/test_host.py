@@ -329,3 +329,30 @@ def test_time_wait_records_expire():
     assert len(table) == 1
     table.expire(60.0)
     assert len(table) == 0 and table.next_deadline() is None
+
+
+# -- timers -------------------------------------------------------------------
+
+def test_short_connections_leave_no_timer_entries_behind():
+    # Each connection's SYN-ACK arms a 1 s timeout that outlives it.
+    peer = Peer(backlog=8)
+    for port in range(40000, 43000):
+        peer.send(syn(port))
+        (syn_ack,) = peer.recv()
+        peer.send(TcpSegment(port, PORT, 1001, syn_ack.seq + 1, ACK, 502))
+        peer.send(TcpSegment(port, PORT, 1001, 0, RST, 0))
+        peer.now += 0.0001
+    assert len(peer.host.connections) == 0
+    assert len(peer.host._timers) <= 64
+    # A connection still waiting on its timer is not dropped with them.
+    peer.send(syn(50000))
+    (syn_ack,) = peer.recv()
+    for port in range(43000, 43200):
+        peer.send(syn(port))
+        peer.recv()
+        peer.send(TcpSegment(port, PORT, 1001, 0, RST, 0))
+    assert peer.host.next_deadline() == pytest.approx(peer.now + 1.0)
+    peer.now += 1.0
+    peer.host.on_timers(peer.now)
+    (again,) = peer.recv()
+    assert again.flags == SYN | ACK and again.seq == syn_ack.seq
