@@ -1,4 +1,5 @@
 /* netfast: see netfast.h for the contract of every function. */
+#define _GNU_SOURCE /* sendmmsg */
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
@@ -22,6 +23,9 @@
 #define IPV4_FLAG_DF 0x4000
 #define IPV4_MF_AND_OFFSET 0x3fff
 #define DEFAULT_TTL 64
+/* struct virtio_net_hdr: 10 bytes, hdr_len (little-endian) at offset 2. */
+#define VNET_HEADER_LEN 10
+#define VNET_HDR_LEN_AT 2
 #define MTU_FRAME_LEN (ETH_HEADER_LEN + 4 + 1500)  /* with one VLAN tag */
 
 /* Where a TPACKET_V2 slot's packet data starts on TX (without
@@ -76,6 +80,8 @@ static inline uint32_t load_be32(const uint8_t *p)
 {
     return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
 }
+
+static inline void store_le16(uint8_t *p, uint16_t v) { p[0] = v & 0xff; p[1] = v >> 8; }
 
 static inline void store_be16(uint8_t *p, uint16_t v) { p[0] = v >> 8; p[1] = v & 0xff; }
 
@@ -349,32 +355,52 @@ void nf_rx_release(struct nf_ring *ring)
     ring->cursor = index;
 }
 
-unsigned nf_tx_queue(struct nf_ring *ring, const uint8_t *frames,
-                     const uint32_t *lengths, unsigned count,
-                     struct nf_ring_stats *stats)
-{
-    const size_t capacity = ring->frame_size - TPACKET2_HEADER_ALIGNED;
-    unsigned queued = 0;
+#define SEND_BATCH 64
 
-    for (unsigned i = 0; i < count; frames += lengths[i], i++) {
-        if (lengths[i] > capacity) {
-            stats->tx_oversize++;
+long nf_send_frames(int fd, const uint8_t *address, uint32_t address_len, int vnet,
+                    const uint8_t *frames, const uint32_t *lengths, unsigned count,
+                    struct nf_ring_stats *stats)
+{
+    struct mmsghdr messages[SEND_BATCH];
+    struct iovec iov[SEND_BATCH][2];
+    uint8_t headers[SEND_BATCH][VNET_HEADER_LEN];
+    const uint8_t *starts[SEND_BATCH];
+    unsigned sent = 0, next = 0;
+
+    while (next < count) {
+        unsigned batch = count - next < SEND_BATCH ? count - next : SEND_BATCH;
+        for (unsigned i = 0; i < batch; i++) {
+            uint32_t len = lengths[next + i];
+            int parts = 0;
+            if (vnet) {
+                memset(headers[i], 0, VNET_HEADER_LEN);
+                store_le16(headers[i] + VNET_HDR_LEN_AT, (uint16_t)len);
+                iov[i][parts++] = (struct iovec){headers[i], VNET_HEADER_LEN};
+            }
+            starts[i] = frames;
+            iov[i][parts++] = (struct iovec){(void *)frames, len};
+            frames += len;
+            messages[i] = (struct mmsghdr){.msg_hdr = {
+                .msg_name = (void *)address, .msg_namelen = address_len,
+                .msg_iov = iov[i], .msg_iovlen = parts}};
+        }
+        int done = sendmmsg(fd, messages, batch, MSG_DONTWAIT);
+        if (done > 0) {
+            /* A short count: the next call meets the failing frame first. */
+            sent += (unsigned)done;
+            next += (unsigned)done;
+            frames = (unsigned)done < batch ? starts[done] : frames;
             continue;
         }
-        struct tpacket2_hdr *slot = ring_slot(ring, ring->cursor);
-        uint32_t status = __atomic_load_n(&slot->tp_status, __ATOMIC_ACQUIRE);
-        if (status == TP_STATUS_WRONG_FORMAT) {
-            stats->tx_rejected++;
-        } else if (status != TP_STATUS_AVAILABLE) {
-            /* Still queued or in flight: the slots after it are too. */
-            stats->tx_ring_full += count - i;
+        int error = done < 0 ? errno : EAGAIN;
+        if (error == EAGAIN || error == ENOBUFS || error == EINTR) {
+            stats->tx_busy += count - next;
             break;
         }
-        memcpy((uint8_t *)slot + TPACKET2_HEADER_ALIGNED, frames, lengths[i]);
-        slot->tp_len = lengths[i];
-        __atomic_store_n(&slot->tp_status, TP_STATUS_SEND_REQUEST, __ATOMIC_RELEASE);
-        ring->cursor = ring->cursor + 1 == ring->frame_count ? 0 : ring->cursor + 1;
-        queued++;
+        if (error != EMSGSIZE && error != EINVAL)
+            return -error;
+        stats->tx_rejected++;
+        frames = starts[0] + lengths[next++];
     }
-    return queued;
+    return sent;
 }

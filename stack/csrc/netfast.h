@@ -85,9 +85,8 @@ struct nf_ring_stats {
     uint64_t rx_truncated;    /* frame bigger than a ring slot */
     uint64_t rx_merged;       /* frame bigger than an MTU: GRO or a local sender's GSO */
     uint64_t rx_csum_vouched; /* checksum left to offload or checked by the NIC: not summed */
-    uint64_t tx_ring_full;    /* no free TX slot: frame dropped */
-    uint64_t tx_oversize;     /* frame bigger than a TX slot: dropped */
-    uint64_t tx_rejected;     /* the kernel refused a frame (TP_STATUS_WRONG_FORMAT) */
+    uint64_t tx_busy;         /* the device queue was full (EAGAIN, ENOBUFS): frame dropped */
+    uint64_t tx_rejected;     /* the kernel refused a frame (EMSGSIZE, EINVAL) */
 };
 
 /* Walks two RX rings from their cursors over slots the kernel has handed to
@@ -110,10 +109,18 @@ unsigned nf_rx_collect(struct nf_ring *small, struct nf_ring *large, unsigned ma
 /* Hands the slots the last walk held back to the kernel. */
 void nf_rx_release(struct nf_ring *ring);
 
-/* Copies `count` frames, laid end to end in `frames` with their lengths in
- * `lengths`, into free TX slots and marks them for sending; the caller then
- * flushes with one send().  Frames that do not fit are dropped and counted.
- * Returns the number queued. */
-unsigned nf_tx_queue(struct nf_ring *ring, const uint8_t *frames,
-                     const uint32_t *lengths, unsigned count,
-                     struct nf_ring_stats *stats);
+/* Sends `count` frames, laid end to end in `frames` with their lengths in
+ * `lengths`, each as one datagram to the socket address `address`, a batch
+ * of them per sendmmsg (MSG_DONTWAIT).  With `vnet` (a PACKET_VNET_HDR
+ * socket), each goes after a virtio_net_hdr that asks for no offload and
+ * declares the whole frame its header, so the kernel copies it into the
+ * skb's linear part: a frame that takes a page of its own (as a TX ring
+ * slot's does) costs a page allocation, and one more copy where a veth hands
+ * it to another namespace.  Frames the device queue has no room for are
+ * counted in tx_busy, frames the kernel refuses in tx_rejected; both are
+ * dropped, as a NIC drops what its full ring cannot take, and TCP resends.
+ * Returns the frames sent, or -errno for any other error (the device went
+ * down or away). */
+long nf_send_frames(int fd, const uint8_t *address, uint32_t address_len, int vnet,
+                    const uint8_t *frames, const uint32_t *lengths, unsigned count,
+                    struct nf_ring_stats *stats);

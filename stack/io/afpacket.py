@@ -1,4 +1,5 @@
-"""AF_PACKET backend: TPACKET_V2 rings in shared mappings.
+"""AF_PACKET backend: TPACKET_V2 receive rings in shared mappings, and
+batched sends.
 
 RX: the kernel fills ring slots; `recv_batch` walks the ready ones in C
 (netfast.c) and returns views of the frames in their slots, which it hands
@@ -12,32 +13,34 @@ overflowed it, and a ring that could hold that many would pin 47 MB.
 TPACKET_V2, not V3: V3 delivers a block only when it is full or its retire
 timer (at least 1 ms) fires, which adds a millisecond at low load.
 
-TX: `send_batch` copies the batch into free slots in one C call and flushes
-the whole batch with one send().  Without segmentation offload,
-PACKET_QDISC_BYPASS (when the kernel has it) skips the qdisc layer, as a
-NIC driver's own ring would; with it, both sockets go through the qdisc, so
-that their frames keep their order.
+TX: `send_batch` hands a batch of frames to the kernel with one sendmmsg()
+(C, netfast.c), each frame behind a virtio_net_hdr that makes it all linear
+skb data.  A TX ring was tried first: its slots become page fragments of the
+skb, so every small frame cost a page allocation, and a veth copied it again
+to cross into the peer's namespace (skb_copy_ubufs); keep-alive requests
+took 5% more stack CPU that way.
 
 The sockets are opened in the network namespace of the calling thread.
 Large RX slots hold a whole IPv4 packet of 64 KB: a local kernel sender's
 GSO frames and a NIC's GRO-merged frames (offloads at their defaults) arrive
 whole, and the TCP core takes one super-segment where it would have taken
 45.  Anything larger still is dropped and counted as `rx_truncated`.  Small
-RX slots and TX slots are sized for base.MTU.  Checksums a local sender left
+RX slots are sized for base.MTU.  Checksums a local sender left
 to offload, or the NIC checked, are vouched for (`rx_vouched`, counted as
 `rx_csum_vouched`) and never summed: on a 64 KB frame that was two passes
 over the payload.
 
-Segmentation offload: a SegmentedFrame (a TCP segment of up to 64 KB, see
-stack/wire/vnet.py) goes out through a second packet socket without rings
-that carries a virtio_net_hdr (PACKET_VNET_HDR): the NIC or the kernel cuts
-it into MSS-sized segments, and on a veth it crosses whole.  One sendmsg()
-per 64 KB beats a ring slot of that size (about 5 vs 13 us on a veth here),
-and it gathers the frame from its parts in C (netfast.c): the vnet header,
-the headers, and the payload straight from the application's send ring, so
-no byte of it is copied in user space.
-Frames keep their order: queued ring frames are flushed before each one.
-`gso_max_size` is 0 when the kernel has no PACKET_VNET_HDR.
+Every frame goes out through a send-only packet socket that carries a
+virtio_net_hdr (PACKET_VNET_HDR).  A SegmentedFrame (a TCP segment of up to
+64 KB, see stack/wire/vnet.py) asks for segmentation offload: the NIC or the
+kernel cuts it into MSS-sized segments, and on a veth it crosses whole.  It
+goes with a sendmsg() of its own that gathers it from its parts in C: the
+vnet header, the headers, and the payload straight from the application's
+send ring, so no byte of it is copied in user space.  Frames keep their
+order: the plain frames before one are sent first.
+Where the kernel has no PACKET_VNET_HDR, plain frames go through the
+receiving socket without a header, bypassing the qdisc as a NIC driver's
+own ring would, and `gso_max_size` is 0.
 """
 from __future__ import annotations
 
@@ -58,8 +61,6 @@ _SOL_PACKET = 263
 _PACKET_RX_RING = 5
 _PACKET_STATISTICS = 6
 _PACKET_VERSION = 10
-_PACKET_TX_RING = 13
-_PACKET_LOSS = 14
 _PACKET_VNET_HDR = 15
 _PACKET_QDISC_BYPASS = 20
 _PACKET_IGNORE_OUTGOING = 23
@@ -75,10 +76,10 @@ _SIOCGIFNAME = 0x8910
 _RX_HEADROOM = 80
 LARGE_SLOT_SIZE = (_RX_HEADROOM + 14 + 4 + 65535 + 15) & ~15
 _LARGE_BLOCK_SIZE = 1 << 20
-# Small RX slots and TX slots hold a frame of an MTU; a power of two, so that
-# they tile a page.
-SMALL_SLOT_SIZE = TX_SLOT_SIZE = 1 << (_RX_HEADROOM + MAX_FRAME_LEN - 1).bit_length()
-_SMALL_BLOCK_SIZE = _TX_BLOCK_SIZE = max(mmap.PAGESIZE, TX_SLOT_SIZE)
+# Small RX slots hold a frame of an MTU; a power of two, so that they tile a
+# page.
+SMALL_SLOT_SIZE = 1 << (_RX_HEADROOM + MAX_FRAME_LEN - 1).bit_length()
+_SMALL_BLOCK_SIZE = max(mmap.PAGESIZE, SMALL_SLOT_SIZE)
 _ETH_P_IP = 0x0800
 
 _TPACKET_REQ = struct.Struct("IIII")       # block size, blocks, frame size, frames
@@ -96,12 +97,11 @@ _SOCKADDR_LL = struct.Struct("=H2siHBB8s")
 class AfPacketIO:
     """Packet I/O on interface `ifname` through AF_PACKET mmap rings.
 
-    `small_slots`/`large_slots`/`tx_slots` are the ring sizes in frames
-    (8, 16 and 2 MiB).  `counters()` reports the rings' drops plus the
+    `small_slots`/`large_slots` are the receive rings' sizes in frames
+    (8 and 16 MiB).  `counters()` reports the rings' drops plus the
     kernel's (`rx_kernel_drops`: a ring full)."""
 
-    def __init__(self, ifname: str, small_slots: int = 4096, large_slots: int = 240,
-                 tx_slots: int = 1024):
+    def __init__(self, ifname: str, small_slots: int = 4096, large_slots: int = 240):
         if not native.ACCELERATED:
             raise PacketIOError("AfPacketIO walks its rings in C: "
                                 "build mtcpshim.stack._netfast (pip install -e .)")
@@ -120,7 +120,7 @@ class AfPacketIO:
         try:
             self._large_sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
             self._gso_sock = self._open_gso_socket()
-            self._setup(ifname, small_slots, large_slots, tx_slots)
+            self._setup(ifname, small_slots, large_slots)
         except BaseException:
             for sock in (self._gso_sock, self._large_sock, self._sock):
                 if sock is not None:
@@ -131,7 +131,7 @@ class AfPacketIO:
         self._tx_segmented = 0
 
     def _open_gso_socket(self) -> socket.socket | None:
-        """A send-only packet socket whose frames carry a virtio_net_hdr;
+        """The send-only packet socket whose frames carry a virtio_net_hdr;
         None if the kernel cannot.  Protocol 0: it receives nothing."""
         # No PACKET_QDISC_BYPASS here: the direct path drops a frame that a
         # device without TSO needs cut in software.
@@ -147,7 +147,7 @@ class AfPacketIO:
                                               interface_index(self.ifname), 0, 0, 0, b"")
         return sock
 
-    def _setup(self, ifname: str, small_slots: int, large_slots: int, tx_slots: int) -> None:
+    def _setup(self, ifname: str, small_slots: int, large_slots: int) -> None:
         ffi, lib = native.ffi, native.lib
         for sock in (self._sock, self._large_sock):
             sock.setsockopt(_SOL_PACKET, _PACKET_VERSION, _TPACKET_V2)
@@ -156,11 +156,9 @@ class AfPacketIO:
             except OSError as error:
                 if error.errno != errno.ENOPROTOOPT:
                     raise
-        # Skip malformed TX frames (marked WRONG_FORMAT) instead of stalling the ring.
-        self._sock.setsockopt(_SOL_PACKET, _PACKET_LOSS, 1)
-        # Bypass the qdisc only when every frame can: segmented frames take
-        # the qdisc path, and a frame of a flow must never overtake an
-        # earlier one queued there (a NIC's qdisc may hold them).
+        # Without vnet headers the receiving socket sends too, and may bypass
+        # the qdisc: no segmented frame takes the qdisc path beside it, where
+        # a NIC's qdisc could hold one while a later frame of its flow overtakes.
         if not self._gso_sock:
             try:
                 self._sock.setsockopt(_SOL_PACKET, _PACKET_QDISC_BYPASS, 1)
@@ -171,13 +169,10 @@ class AfPacketIO:
         _sort_by_length(self._large_sock, longer=_KEEP_ALL, shorter=_DROP)
         small, small_bytes = _request_ring(self._sock, _PACKET_RX_RING, _SMALL_BLOCK_SIZE,
                                            SMALL_SLOT_SIZE, small_slots)
-        tx, tx_bytes = _request_ring(self._sock, _PACKET_TX_RING, _TX_BLOCK_SIZE,
-                                     TX_SLOT_SIZE, tx_slots)
         large, large_bytes = _request_ring(self._large_sock, _PACKET_RX_RING, _LARGE_BLOCK_SIZE,
                                            LARGE_SLOT_SIZE, large_slots)
-        # The small socket's mapping holds its RX ring, then the TX ring.
         self._maps = [mmap.mmap(sock.fileno(), size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-                      for sock, size in ((self._sock, small_bytes + tx_bytes),
+                      for sock, size in ((self._sock, small_bytes),
                                          (self._large_sock, large_bytes))]
         self._map_views = [ffi.from_buffer(mapping) for mapping in self._maps]
         small_base, large_base = (ffi.cast("uint8_t *", view) for view in self._map_views)
@@ -187,7 +182,6 @@ class AfPacketIO:
                           memoryview(ffi.buffer(large_base, large_bytes)))
         self._rx_small = ffi.new("struct nf_ring *", dict(small, base=small_base))
         self._rx_large = ffi.new("struct nf_ring *", dict(large, base=large_base))
-        self._tx = ffi.new("struct nf_ring *", dict(tx, base=small_base + small_bytes))
         self._rx_capacity = small["frame_count"] + large["frame_count"]
         self._rx_spans = ffi.new("uint32_t[]", 2 * self._rx_capacity)
         self._rx_ring_of = ffi.new("uint8_t[]", self._rx_capacity)
@@ -206,7 +200,14 @@ class AfPacketIO:
                 raise PacketIOError(f"no such interface: {ifname}") from None
             raise
         self._collect, self._release = lib.nf_rx_collect, lib.nf_rx_release
-        self._queue = lib.nf_tx_queue
+        self._send_frames = lib.nf_send_frames
+        # Plain frames go where segmented ones do, behind a vnet header, or
+        # through the receiving socket where the kernel has no vnet headers.
+        if self._gso_sock is not None:
+            self._plain_fd, self._plain_address = self._gso_sock.fileno(), self._gso_address
+        else:
+            self._plain_fd, self._plain_address = self._sock.fileno(), _SOCKADDR_LL.pack(
+                socket.AF_PACKET, _ETH_P_IP.to_bytes(2, "big"), self._ifindex, 0, 0, 0, b"")
         self._unpack = ffi.unpack
         self._buffer = ffi.buffer
         self._new_lengths = ffi.new
@@ -243,14 +244,14 @@ class AfPacketIO:
         if not frames:
             return 0
         if self._gso_sock is None:
-            return self._send_ring(frames)
+            return self._send_plain(frames)
         sent = 0
         start = 0
         for index, frame in enumerate(frames):
             if type(frame) is SegmentedFrame:
-                sent += self._send_ring(frames[start:index]) + self._send_segmented(frame)
+                sent += self._send_plain(frames[start:index]) + self._send_segmented(frame)
                 start = index + 1
-        return sent + self._send_ring(frames[start:])
+        return sent + self._send_plain(frames[start:])
 
     def _send_segmented(self, frame: SegmentedFrame) -> int:
         sent = native.send_parts(self._gso_sock.fileno(), self._gso_address,
@@ -258,29 +259,25 @@ class AfPacketIO:
         if sent >= 0:
             self._tx_segmented += 1
             return 1
-        if -sent in (errno.EAGAIN, errno.EINTR):
-            self._stats.tx_ring_full += 1
-        elif -sent in (errno.ENOBUFS, errno.EMSGSIZE, errno.EINVAL):
+        if -sent in (errno.EAGAIN, errno.EINTR, errno.ENOBUFS):
+            self._stats.tx_busy += 1
+        elif -sent in (errno.EMSGSIZE, errno.EINVAL):
             self._stats.tx_rejected += 1
         else:
             raise OSError(-sent, f"sendmsg on {self.ifname}: {os.strerror(-sent)}")
         return 0
 
-    def _send_ring(self, frames: list) -> int:
+    def _send_plain(self, frames: list) -> int:
         if not frames:
             return 0
         # One C call for the batch: the frames laid end to end plus their lengths.
         lengths = self._new_lengths("uint32_t[]", [len(frame) for frame in frames])
-        queued = self._queue(self._tx, b"".join(frames), lengths, len(frames), self._stats)
-        if queued:
-            try:
-                self._sock.send(b"", socket.MSG_DONTWAIT)
-            except (BlockingIOError, InterruptedError):
-                pass  # the slots stay marked; the next flush sends them
-            except OSError as error:
-                if error.errno != errno.ENOBUFS:
-                    raise
-        return queued
+        sent = self._send_frames(self._plain_fd, self._plain_address, len(self._plain_address),
+                                 self._gso_sock is not None, b"".join(frames), lengths, len(frames),
+                                 self._stats)
+        if sent < 0:
+            raise OSError(-sent, f"sendmmsg on {self.ifname}: {os.strerror(-sent)}")
+        return sent
 
     def counters(self) -> dict[str, int]:
         for sock in (self._sock, self._large_sock):
@@ -291,8 +288,8 @@ class AfPacketIO:
         return {"rx_kernel_drops": self._rx_kernel_drops,
                 "rx_truncated": stats.rx_truncated, "rx_merged": stats.rx_merged,
                 "rx_csum_vouched": stats.rx_csum_vouched,
-                "tx_ring_full": stats.tx_ring_full, "tx_oversize": stats.tx_oversize,
-                "tx_rejected": stats.tx_rejected, "tx_segmented": self._tx_segmented}
+                "tx_busy": stats.tx_busy, "tx_rejected": stats.tx_rejected,
+                "tx_segmented": self._tx_segmented}
 
     def close(self) -> None:
         if self._sock.fileno() < 0:

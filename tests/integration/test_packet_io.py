@@ -13,6 +13,7 @@ import os
 import secrets
 import select
 import shutil
+import socket
 import struct
 import subprocess
 import sys
@@ -35,6 +36,7 @@ needs_c = pytest.mark.skipif(not native.ACCELERATED,
                              reason="AfPacketIO needs mtcpshim.stack._netfast")
 
 KERNEL_IP = "198.18.220.1"
+_LOCAL_ETHERTYPE = 0x88B5                    # IEEE 802 local experimental: the kernel ignores it
 STACK_IP = "198.18.220.2"
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -180,6 +182,31 @@ def test_kernel_syn_arrives_whole_and_our_rst_is_accepted(link, stack_side):
     assert output.strip() == "refused"
     assert [dst_port for _, dst_port in syns] == [80]
     assert io.counters()["rx_csum_vouched"] >= 1
+
+
+def test_a_batch_goes_out_in_order_and_a_refused_frame_is_counted(link, stack_side):
+    """Plain frames leave a batch per sendmmsg; one longer than the MTU (and
+    not segmented) is refused by the kernel, counted, and the rest still go,
+    in order."""
+    io, _ = stack_side
+    with inside_netns(link.kernel_ns):
+        tap = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(_LOCAL_ETHERTYPE))
+    try:
+        tap.bind(("veth0", _LOCAL_ETHERTYPE))
+        tap.settimeout(5)
+
+        def frame(tag: int, length: int = 100) -> bytes:
+            header = b"\xff" * 6 + io.mac + _LOCAL_ETHERTYPE.to_bytes(2, "big")
+            return header + tag.to_bytes(2, "big") + bytes(length - len(header) - 2)
+
+        batch = [frame(tag) for tag in range(100)]
+        batch[50] = frame(50, 3000)
+        assert io.send_batch(batch) == 99
+        assert io.counters()["tx_rejected"] == 1
+        tags = [int.from_bytes(tap.recv(4096)[14:16], "big") for _ in range(99)]
+        assert tags == [tag for tag in range(100) if tag != 50]
+    finally:
+        tap.close()
 
 
 @needs_c
