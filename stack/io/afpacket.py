@@ -203,7 +203,8 @@ class AfPacketIO:
         self._send_frames = lib.nf_send_frames
         # Plain frames go where segmented ones do, behind a vnet header, or
         # through the receiving socket where the kernel has no vnet headers.
-        if self._gso_sock is not None:
+        self._plain_vnet = self._gso_sock is not None
+        if self._plain_vnet:
             self._plain_fd, self._plain_address = self._gso_sock.fileno(), self._gso_address
         else:
             self._plain_fd, self._plain_address = self._sock.fileno(), _SOCKADDR_LL.pack(
@@ -273,7 +274,7 @@ class AfPacketIO:
         # One C call for the batch: the frames laid end to end plus their lengths.
         lengths = self._new_lengths("uint32_t[]", [len(frame) for frame in frames])
         sent = self._send_frames(self._plain_fd, self._plain_address, len(self._plain_address),
-                                 self._gso_sock is not None, b"".join(frames), lengths, len(frames),
+                                 self._plain_vnet, b"".join(frames), lengths, len(frames),
                                  self._stats)
         if sent < 0:
             raise OSError(-sent, f"sendmmsg on {self.ifname}: {os.strerror(-sent)}")
