@@ -12,18 +12,100 @@ the stack's private geometry, and reads the program's index as untrusted:
 an impossible one (more bytes in use than the ring holds, a TX head that
 moved backwards) is reported through `on_corrupt` and read as an empty ring,
 so the core never sees it.  The runtime then resets the socket.
+
+Sendfile spans (struct mts_span in the ABI header) put stretches of a file
+in the TX stream where ring bytes would be: `peek` hands out a view of the
+stack's read-only mapping of the file only for a segment the kernel will
+gather (longer than `gather_min`, the MSS: a SegmentedFrame), so no byte of
+the mapping is read in user space, where a file truncated under it would
+raise SIGBUS; the kernel's copy fails with EFAULT instead, a counted drop.
+Smaller pieces come by pread, whose short read says the same.  Either way
+the socket is reset: the bytes the program promised are gone.
 """
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import stat
+import time
+
 from mtcpshim._shm import ffi, lib
+from mtcpshim.stack import native
+from mtcpshim.stack.wire.vnet import PayloadParts
 
 _U64 = (1 << 64) - 1
+_U32 = (1 << 32) - 1
+_SPAN_SLOTS = lib.MTS_TX_SPANS
+FILES_KEPT = 4            # file numbers a socket keeps registered (its program may send from them again)
+# How long a file's size is believed: a view of bytes a truncation took
+# fails in the kernel (a dropped frame); the retransmission looks again.
+_SIZE_BELIEVED_SECONDS = 0.01
+_GATHER_PARTS = native.MAX_PARTS - 2 if native.ACCELERATED else 0  # after the vnet header and the headers
+
+
+class SpanFile:
+    """A file a program sends from with sendfile, as the stack holds it: its
+    own descriptor (passed with SCM_RIGHTS) and a read-only shared mapping
+    that only the kernel reads."""
+
+    __slots__ = ("fd", "size", "_map", "_size_until")
+
+    def __init__(self, fd: int):
+        """Takes ownership of `fd`; OSError (and fd closed) if it is not a
+        regular, readable, non-empty file."""
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode) or info.st_size == 0:
+                raise OSError(errno.EBADF, "not a regular non-empty file")
+            self._map = mmap.mmap(fd, info.st_size, mmap.MAP_SHARED, mmap.PROT_READ)
+        except (OSError, ValueError) as err:
+            os.close(fd)
+            raise OSError(getattr(err, "errno", None) or errno.EBADF, str(err)) from None
+        self.fd = fd
+        self.size = info.st_size
+        self._size_until = time.monotonic() + _SIZE_BELIEVED_SECONDS
+
+    def _holds(self, end: int) -> bool:
+        """Whether the file still reaches `end`, looking again now and then
+        (it may have been truncated) and whenever `end` is past what we saw
+        (it may have grown: the mapping grows with it)."""
+        now = time.monotonic()
+        if end <= self.size and now < self._size_until:
+            return True
+        self._size_until = now + _SIZE_BELIEVED_SECONDS
+        size = os.fstat(self.fd).st_size
+        if size > len(self._map):
+            self._map = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+        self.size = size
+        return end <= size
+
+    def view(self, offset: int, n: int):
+        """The file's bytes [offset, offset + n) in the mapping, for the
+        kernel to read; None if the file no longer holds them."""
+        if not self._holds(offset + n):
+            return None
+        return memoryview(self._map)[offset:offset + n]
+
+    def read(self, offset: int, n: int) -> bytes | None:
+        data = os.pread(self.fd, n, offset)
+        return data if len(data) == n else None
+
+    def close(self) -> None:
+        try:
+            self._map.close()
+        except BufferError:   # a frame of this loop still holds a view: the collector unmaps it
+            pass
+        os.close(self.fd)
 
 
 class ShmSendBuffer:
     __slots__ = ("_head_word", "_tail_word", "_head", "_tail", "_data", "_view", "_cap", "_mask",
-                 "_on_corrupt")
+                 "_on_corrupt", "_slot", "_spans_read", "_spans", "_files", "gather_min")
 
     def __init__(self, geom, slot_id: int, on_corrupt):
-        ring = lib.mts_slot_at(geom, slot_id).tx
+        self._slot = lib.mts_slot_at(geom, slot_id)
+        ring = self._slot.tx
         self._head_word = ffi.addressof(ring, "head")
         self._tail_word = ffi.addressof(ring, "tail")
         self._tail = lib.mts_index_load(self._tail_word)
@@ -33,6 +115,10 @@ class ShmSendBuffer:
         self._mask = geom.tx_size - 1
         self._view = memoryview(ffi.buffer(self._data, self._cap))
         self._on_corrupt = on_corrupt
+        self._spans_read = self._slot.tx_span_head
+        self._spans = []          # [pos, end, file number, file offset], validated, in stream order
+        self._files = {}          # file number -> SpanFile, oldest first
+        self.gather_min = _U64    # no view of a file for segments this long or shorter
 
     def __len__(self) -> int:
         head = lib.mts_index_load(self._head_word)
@@ -40,8 +126,64 @@ class ShmSendBuffer:
         if used > self._cap or ((head - self._head) & _U64) > self._cap:
             self._on_corrupt("TX ring head impossible (beyond capacity or moved backwards)")
             return 0
-        self._head = head
+        seen, self._head = self._head, head
+        # The program counts a span before it moves the head past it: loaded
+        # in this order, a head that covers a span comes with its record.
+        if self._files and self._slot.tx_span_head != self._spans_read and not self._read_spans(seen, head):
+            self._on_corrupt("TX span record impossible (position, length or file)")
+            return 0
         return used
+
+    def add_file(self, number: int, source: SpanFile, gather_min: int) -> None:
+        """The program registered `source` under `number` (MTS_OP_FILE)."""
+        old = self._files.pop(number, None)
+        if old is not None and not any(span[2] == number for span in self._spans):
+            old.close()
+        self._files[number] = source
+        self.gather_min = gather_min
+        self._forget_files()
+
+    def _forget_files(self) -> None:
+        """Closes files past the FILES_KEPT newest that no span needs."""
+        if len(self._files) <= FILES_KEPT:
+            return
+        needed = {span[2] for span in self._spans}
+        for number in list(self._files)[:-FILES_KEPT]:
+            if number not in needed:
+                self._files.pop(number).close()
+
+    def _read_spans(self, seen: int, head: int) -> bool:
+        """Takes the span records the program wrote for bytes below `head`;
+        False if one is impossible: more records than slots, a span that is
+        empty, longer than the ring, over bytes already taken from the ring
+        (below `seen`) or another span, or from a file never registered."""
+        slot, spans, files = self._slot, self._spans, self._files
+        written = slot.tx_span_head
+        if (written - self._spans_read) & _U32 > _SPAN_SLOTS:
+            return False
+        while self._spans_read != written:
+            record = slot.tx_spans[self._spans_read % _SPAN_SLOTS]
+            pos, length, number, offset = record.pos, record.len, record.file, record.offset
+            floor = spans[-1][1] if spans else seen
+            if pos < floor or not 0 < length <= self._cap or number not in files:
+                return False
+            end = pos + length
+            if end > head:
+                break                 # counted, head not moved yet
+            last = spans[-1] if spans else None
+            if last is not None and last[1] == pos and last[2] == number and last[3] + pos - last[0] == offset:
+                last[1] = end         # the file read on where the last span ended: one span, so no
+            else:                     # segment is pieced together at the seam
+                spans.append([pos, end, number, offset])
+            self._spans_read = (self._spans_read + 1) & _U32
+        return True
+
+    def release(self) -> None:
+        """The connection is done with its stream: files go back."""
+        for source in self._files.values():
+            source.close()
+        self._files.clear()
+        self._spans.clear()
 
     def peek(self, offset: int, n: int):
         """Up to n bytes at offset past the oldest unacknowledged byte, within
@@ -52,6 +194,8 @@ class ShmSendBuffer:
             return b""
         if n > used - offset:
             n = used - offset
+        if self._spans and self._tail + offset + n > self._spans[0][0]:
+            return self._peek_spans(self._tail + offset, n)
         start = (self._tail + offset) & self._mask
         if start + n <= self._cap:
             return self._view[start:start + n]
@@ -59,9 +203,61 @@ class ShmSendBuffer:
         lib.mts_copy_out(self._data, self._cap, self._tail + offset, out, n)
         return ffi.buffer(out, n)
 
+    def _peek_spans(self, pos: int, n: int):
+        """Stream bytes [pos, pos + n) where spans lie.  For a segment the
+        kernel gathers (longer than gather_min): views of the ring and of
+        the file, in PayloadParts where there are several, no byte read.
+        Otherwise bytes, the file's by pread.  b"" (and the socket reset)
+        if the file no longer holds them."""
+        gather = n > self.gather_min
+        end = pos + n
+        parts = []
+        for span_pos, span_end, number, offset in self._spans:
+            if span_end <= pos:
+                continue
+            if span_pos >= end:
+                break
+            if span_pos > pos:
+                parts += self._ring_views(pos, span_pos - pos)
+                pos = span_pos
+            take = min(end, span_end) - pos
+            source, at = self._files[number], offset + pos - span_pos
+            part = source.view(at, take) if gather else source.read(at, take)
+            if part is None:
+                self._on_corrupt("a file sent with sendfile shrank under the stack")
+                return b""
+            parts.append(part)
+            pos += take
+        if pos < end:
+            parts += self._ring_views(pos, end - pos)
+        if len(parts) == 1:
+            return parts[0]
+        if not gather:
+            return b"".join(parts)
+        parts = PayloadParts(tuple(parts))
+        if len(parts.parts) <= _GATHER_PARTS:
+            return parts
+        joined = parts.joined()     # more pieces than one send gathers: a program's odd pattern
+        if joined is None:
+            self._on_corrupt("a file sent with sendfile shrank under the stack")
+            return b""
+        return joined
+
+    def _ring_views(self, pos: int, n: int) -> list:
+        start = pos & self._mask
+        if start + n <= self._cap:
+            return [self._view[start:start + n]]
+        first = self._cap - start
+        return [self._view[start:], self._view[:n - first]]
+
     def consume(self, n: int) -> None:
-        self._tail = (self._tail + n) & _U64
-        lib.mts_index_store(self._tail_word, self._tail)
+        self._tail = tail = (self._tail + n) & _U64
+        lib.mts_index_store(self._tail_word, tail)
+        spans = self._spans
+        if spans and spans[0][1] <= tail:
+            while spans and spans[0][1] <= tail:
+                del spans[0]
+            self._forget_files()
 
 
 class ShmRecvBuffer:
@@ -136,6 +332,9 @@ class DetachedBuffer:
 
     def write(self, data) -> int:
         return 0
+
+    def release(self) -> None:
+        pass
 
 
 DETACHED = DetachedBuffer()

@@ -1,6 +1,6 @@
 """The stack's side of every socket: what each shared slot is (StackSocket),
 the commands the program queues (bind, listen, connect, data ready, window
-opened, shutdown, close, options), readiness published back, accept
+opened, shutdown, close, options, files to send from), readiness published back, accept
 queues, and containment of what the program writes that cannot be.
 
 Everything read from the region is untrusted: slot ids, queue entries and
@@ -10,12 +10,13 @@ logged with the program's pid.
 """
 import collections
 import errno
+import os
 import socket
 import time
 import traceback
 
 from mtcpshim._shm import ffi, lib
-from mtcpshim.shmbuf import DETACHED, ShmRecvBuffer, ShmSendBuffer
+from mtcpshim.shmbuf import DETACHED, ShmRecvBuffer, ShmSendBuffer, SpanFile
 from mtcpshim.stacklog import RateLimitedLog, log
 from mtcpshim.stack.node import Node
 from mtcpshim.stack.tcp import EV_CLOSED, EV_ESTABLISHED, EV_PEER_FIN, EV_RESET, TcpState
@@ -29,6 +30,7 @@ _OPTIONS_OFFSET = ffi.offsetof("struct mts_slot", "opt_nodelay")
 _ST_CONNECTED = lib.MTS_ST_CONNECTED  # every state not listed: past the handshake
 _AFTER_OUR_FIN = (TcpState.FIN_WAIT_2, TcpState.TIME_WAIT, TcpState.CLOSED)
 _CLOSED = TcpState.CLOSED
+_SENDING_DATA = (TcpState.ESTABLISHED, TcpState.CLOSE_WAIT)
 _EV_RDHUP = lib.MTS_EV_RDHUP
 _SLOT_USED = lib.MTS_SLOT_USED
 _ADDRESS_ARG_LIMIT = 1 << 48  # ip << 16 | port
@@ -68,8 +70,12 @@ class SocketTable:
     """The stack's sockets by slot id (`slot_id in table`, `table[slot_id]`,
     `len(table)`, iteration over slot ids)."""
 
-    def __init__(self, geom, node: Node, waiters, shm_counters: collections.Counter, release_rings=None):
+    def __init__(self, geom, node: Node, waiters, shm_counters: collections.Counter, release_rings=None,
+                 spans: bool = False):
         self.geom = geom
+        # Whether sendfile spans may be taken: only where no byte of a frame
+        # the kernel gathers is read in user space (shmbuf.SpanFile).
+        self.spans = spans
         self._release_rings = release_rings     # Region.release_rings, for slots that carried data
         self.host, self.iface = node.host, node.iface
         self.waiters = waiters
@@ -350,6 +356,33 @@ class SocketTable:
     def _waiter_free(self, waiter_id, arg, now):
         self.waiters.free(waiter_id)
 
+    def _file(self, slot_id, number, now):
+        """MTS_OP_FILE: the program will send spans of the file it passed
+        ahead on the control socket under `number`."""
+        sock = self._socket(slot_id)
+        fd = self.waiters.take_file(slot_id, number)
+        if fd is None:
+            return lib.mts_complete(sock.slot, -errno.EBADF)
+        conn = sock.conn
+        result = 0
+        if not self.spans:
+            result = -errno.EOPNOTSUPP
+        elif conn is None or sock.quarantined or not isinstance(conn.send_buf, ShmSendBuffer) \
+                or conn.state not in _SENDING_DATA:
+            result = -errno.EAGAIN
+        if result:
+            os.close(fd)
+            return lib.mts_complete(sock.slot, result)
+        try:
+            source = SpanFile(fd)
+        except OSError as err:
+            return lib.mts_complete(sock.slot, -(err.errno or errno.EBADF))
+        # The MSS only shrinks from here: a longer segment is always a
+        # SegmentedFrame, which the kernel gathers.
+        conn.send_buf.add_file(number, source, conn.send_mss)
+        self.shm_counters["sendfile_files"] += 1
+        lib.mts_complete(sock.slot, 0)
+
     _HANDLERS = {
         lib.MTS_OP_BIND: _bind,
         lib.MTS_OP_LISTEN: _listen,
@@ -360,6 +393,7 @@ class SocketTable:
         lib.MTS_OP_CLOSE: _close,
         lib.MTS_OP_SETOPT: _setopt,
         lib.MTS_OP_WAITER_FREE: _waiter_free,
+        lib.MTS_OP_FILE: _file,
     }
 
     # -- readiness ----------------------------------------------------------
@@ -448,6 +482,7 @@ class SocketTable:
         if conn is not None and conn.state not in _AFTER_OUR_FIN:
             return
         if conn is not None:
+            conn.send_buf.release()
             conn.send_buf = conn.recv_buf = DETACHED
             sock.conn = None  # no reference cycle: both go as soon as the host forgets the connection
         if sock.port:
@@ -493,6 +528,7 @@ class SocketTable:
                 self._abort_unclaimed(sock, now)
             conn = sock.conn
             if conn is not None:
+                conn.send_buf.release()
                 conn.send_buf = conn.recv_buf = DETACHED  # its rings are never read again
                 conn.abort(now)
                 self.host.collect(conn, now)

@@ -10,9 +10,16 @@ moved: a recvmsg() per loop pass cost about 14 us.  A message sent without
 being counted (a hostile program, or one that died in between) is read
 anyway when poll() finds the socket readable or at housekeeping.
 
+The same socket carries the files a program sends from with sendfile
+(MTS_CTL_SEND_FILE): each is held here until the MTS_OP_FILE command that
+names it takes it (`take_file`).
+
 The control socket is a trust boundary like the region: a message that is
-not a registration for a waiter the geometry has is refused and counted
-(`ctl_bad`)."""
+not a registration for a waiter the geometry has, or a file for a slot it
+has, is refused and counted (`ctl_bad`), and so is a file no command came
+for while _FILES_HELD others arrived."""
+from __future__ import annotations
+
 import os
 import socket
 import sys
@@ -21,6 +28,7 @@ from mtcpshim._shm import ffi, lib
 
 _MESSAGE_SIZE = ffi.sizeof("struct mts_ctl_msg")
 _EVENTFD_ONE = (1).to_bytes(8, sys.byteorder)  # what eventfd_write(fd, 1) writes
+_FILES_HELD = 64
 
 
 class Waiters:
@@ -29,6 +37,7 @@ class Waiters:
         self.ctl = socket.socket(fileno=ctl_fd)
         self.ctl.setblocking(False)
         self._fds: dict[int, int] = {}  # waiter id -> its eventfd
+        self._files: dict[tuple, int] = {}  # (slot id, file number) -> a file sent ahead of MTS_OP_FILE
         self._shm_counters = shm_counters
         self.wakeups = 0
         self._posted_seen = lib.mts_ctl_posted(geom)
@@ -59,18 +68,37 @@ class Waiters:
                 return busy
             busy = True
             msg = ffi.from_buffer("struct mts_ctl_msg *", data) if len(data) == _MESSAGE_SIZE else None
-            waiter = lib.mts_waiter_at(self.geom, msg.waiter) if msg is not None else ffi.NULL
+            if msg is not None and len(fds) == 1 and msg.op == lib.MTS_CTL_SEND_FILE and msg.id < self.geom.nslots:
+                self._hold_file((msg.id, msg.arg), fds[0])
+                continue
+            waiter = lib.mts_waiter_at(self.geom, msg.id) if msg is not None else ffi.NULL
             if msg is None or msg.op != lib.MTS_CTL_REGISTER_WAITER or len(fds) != 1 or waiter == ffi.NULL:
                 self._shm_counters["ctl_bad"] += 1
                 for fd in fds:
                     os.close(fd)
                 continue
-            old = self._fds.pop(msg.waiter, None)
+            old = self._fds.pop(msg.id, None)
             if old is not None:
                 os.close(old)
-            self._fds[msg.waiter] = fds[0]
+            self._fds[msg.id] = fds[0]
             waiter.registered = 1
             lib.mts_futex_wake(ffi.addressof(waiter, "registered"))
+
+    def _hold_file(self, key: tuple, fd: int) -> None:
+        old = self._files.pop(key, None)
+        if old is None and len(self._files) >= _FILES_HELD:
+            old = self._files.pop(next(iter(self._files)))
+        if old is not None:
+            self._shm_counters["ctl_bad"] += 1
+            os.close(old)
+        self._files[key] = fd
+
+    def take_file(self, slot_id: int, number: int) -> int | None:
+        """The file sent for MTS_OP_FILE `number` on `slot_id`, now the
+        caller's to close; None if none came."""
+        self._look = True       # it was sent before the command: read what is there
+        self.receive()
+        return self._files.pop((slot_id, number), None)
 
     def free(self, waiter_id: int) -> None:
         """MTS_OP_WAITER_FREE: the thread is gone; its eventfd goes too."""
@@ -80,9 +108,10 @@ class Waiters:
             lib.mts_waiter_free(self.geom, waiter_id)
 
     def close(self) -> None:
-        for fd in self._fds.values():
+        for fd in (*self._fds.values(), *self._files.values()):
             os.close(fd)
         self._fds.clear()
+        self._files.clear()
         self.ctl.close()
 
     def wake_armed(self) -> None:

@@ -19,7 +19,7 @@
  */
 
 #define MTS_MAGIC 0x314d485350435453
-#define MTS_VERSION 3
+#define MTS_VERSION 4
 
 /* Name of the environment variable that carries the inherited descriptors:
  * "SHM_FD,CTL_FD,WAKE_FD,DEATH_FD" (see mtcpshim/launcher.py). */
@@ -125,13 +125,15 @@ struct mts_waiter {
     int32_t owner_pid;
 };
 
-/* Control datagrams on the inherited SOCK_DGRAM Unix socket (CTL_FD),
- * carrying the eventfd with SCM_RIGHTS. */
-#define MTS_CTL_REGISTER_WAITER 1
+/* Control datagrams on the inherited SOCK_DGRAM Unix socket (CTL_FD), each
+ * carrying one descriptor with SCM_RIGHTS. */
+#define MTS_CTL_REGISTER_WAITER 1 /* id: the waiter; the fd: its eventfd */
+#define MTS_CTL_SEND_FILE 2       /* id: a slot, arg: a file number (MTS_OP_FILE); the fd: the file */
 
 struct mts_ctl_msg {
     uint32_t op;
-    uint32_t waiter;
+    uint32_t id;
+    uint64_t arg;
 };
 
 /*
@@ -150,6 +152,7 @@ struct mts_ctl_msg {
 #define MTS_OP_CLOSE 7    /* async: the last application reference is gone; arg = 1 to abort (RST) */
 #define MTS_OP_SETOPT 8   /* async; arg = MTS_OPT_* that changed */
 #define MTS_OP_WAITER_FREE 9 /* async; slot field holds the waiter id */
+#define MTS_OP_FILE 10    /* sync; arg = a file number whose fd went ahead on CTL_FD (sendfile spans) */
 
 struct mts_cmd {
     uint64_t seq;
@@ -179,6 +182,29 @@ struct mts_cmdq {
  * established connections, consumed by compare-and-swap on tail (several
  * processes may accept from one listener).
  */
+/*
+ * Sendfile spans: bytes of the TX stream that stay in a file instead of the
+ * ring.  The application registers the file with the stack once per socket
+ * (its fd over CTL_FD with MTS_CTL_SEND_FILE, then the sync MTS_OP_FILE
+ * under a file number it took from tx_file_next), writes a span record for
+ * stream bytes [pos, pos + len) at tx_spans[tx_span_head % MTS_TX_SPANS],
+ * bumps tx_span_head, then advances tx.head past the span without writing
+ * its ring bytes.  A record is free again once tx.tail has passed its end.
+ * The stack reads the head before the span count, and takes bytes from the
+ * file only through the kernel (a gather send) or pread, never from a
+ * mapping in user space, so a file truncated under it is a reset, not a
+ * fault.  Spans are worth their syscalls only for large sends.
+ */
+#define MTS_TX_SPANS 8
+#define MTS_SPAN_MIN 16384
+
+struct mts_span {
+    uint64_t pos;
+    uint64_t offset; /* in the file */
+    uint32_t len;
+    uint32_t file;   /* a file number registered for this socket */
+};
+
 struct mts_ring {
     uint64_t head;
     uint8_t pad0[56];
@@ -253,6 +279,11 @@ struct mts_slot {
     uint16_t remote_port;
     uint32_t backlog;
 
+    /* sendfile spans, written by the application (see struct mts_span) */
+    uint32_t tx_file_next; /* file numbers taken, by atomic increment */
+    uint32_t tx_span_head; /* span records written */
+    struct mts_span tx_spans[MTS_TX_SPANS];
+
     /* socket options: the application stores them, then sends MTS_OP_SETOPT */
     uint32_t opt_nodelay;
     uint32_t opt_cork;
@@ -274,7 +305,7 @@ struct mts_slot {
     uint32_t opt_quickack;
     char opt_congestion[16]; /* MTS_CONGESTION_NAME_MAX; empty: the default */
 
-    uint8_t pad1[96];
+    uint8_t pad1[24];
 
     struct mts_ring rx; /* stack produces, application consumes */
     struct mts_ring tx; /* application produces, stack consumes on ACK */

@@ -185,6 +185,9 @@ void shim_wake_stack(void);
 int shim_cmd_async(uint32_t op, uint32_t slot, uint64_t arg);
 /* Runs a synchronous command; returns its result, 0 or -errno. */
 int shim_cmd_sync(uint32_t op, uint32_t slot, uint64_t arg);
+/* Sends one descriptor to the stack over CTL_FD (a struct mts_ctl_msg with
+ * SCM_RIGHTS) and counts it in the header.  0, or -1 with errno. */
+int shim_ctl_send_fd(uint32_t op, uint32_t id, uint64_t arg, int fd);
 
 /* The application drops one reference; the last one closes the socket. */
 void shim_slot_unref(uint32_t slot);

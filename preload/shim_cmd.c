@@ -102,6 +102,32 @@ static int await_completion(struct mts_slot *s)
     return s->op_result;
 }
 
+int shim_ctl_send_fd(uint32_t op, uint32_t id, uint64_t arg, int fd)
+{
+    struct mts_ctl_msg msg = {.op = op, .id = id, .arg = arg};
+    struct iovec iov = {.iov_base = &msg, .iov_len = sizeof(msg)};
+    union {
+        struct cmsghdr align;
+        char buf[CMSG_SPACE(sizeof(int))];
+    } control;
+    memset(&control, 0, sizeof(control));
+    struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.buf,
+                        .msg_controllen = sizeof(control.buf)};
+    struct cmsghdr *cm = CMSG_FIRSTHDR(&mh);
+    cm->cmsg_level = SOL_SOCKET;
+    cm->cmsg_type = SCM_RIGHTS;
+    cm->cmsg_len = CMSG_LEN(sizeof(int));
+    memcpy(CMSG_DATA(cm), &fd, sizeof(int));
+    ssize_t sent;
+    do
+        sent = shim_real.sendmsg(shim.ctl_fd, &mh, MSG_NOSIGNAL);
+    while (sent < 0 && errno == EINTR);
+    if (sent != (ssize_t)sizeof(msg))
+        return -1;
+    mts_ctl_post(&shim.geom);
+    return 0;
+}
+
 int shim_cmd_sync(uint32_t op, uint32_t slot, uint64_t arg)
 {
     struct mts_slot *s = shim_slot(slot);

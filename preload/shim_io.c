@@ -6,7 +6,10 @@
 #include "shim.h"
 
 #include <fcntl.h>
+#include <stdlib.h>
 #include <sys/sendfile.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 extern void __chk_fail(void) __attribute__((noreturn));
 
@@ -259,6 +262,91 @@ static ssize_t file_to_tx(uint32_t slot, int in_fd, off_t *pos, size_t count)
     return (ssize_t)total;
 }
 
+/* This process's registration of a file with the stack, for one socket's
+ * sendfile spans (see struct mts_span). */
+struct span_file {
+    uint32_t generation; /* the slot's at registration: a reused slot starts over */
+    uint32_t file;       /* its file number; SPAN_FILE_REFUSED: the stack will not map it */
+    dev_t dev;
+    ino_t ino;
+};
+#define SPAN_FILE_REFUSED UINT32_MAX
+
+static struct span_file *span_files; /* by slot id, allocated at first use */
+static int spans_unsupported;        /* the stack takes no spans (capture, impairment, TAP) */
+
+/* The number under which the stack holds in_fd's file for this socket,
+ * registering it at first use; 0 when the bytes must be copied instead. */
+static uint32_t span_file_for(uint32_t slot, int in_fd, const struct stat *st)
+{
+    if (__atomic_load_n(&spans_unsupported, __ATOMIC_RELAXED))
+        return 0;
+    struct span_file *table = __atomic_load_n(&span_files, __ATOMIC_ACQUIRE);
+    if (!table) {
+        struct span_file *fresh = calloc(shim.geom.nslots, sizeof(*fresh));
+        if (!fresh)
+            return 0;
+        if (__atomic_compare_exchange_n(&span_files, &table, fresh, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+            table = fresh;
+        else
+            free(fresh);
+    }
+    struct mts_slot *s = shim_slot(slot);
+    struct span_file *known = &table[slot];
+    uint32_t generation = __atomic_load_n(&s->generation, __ATOMIC_RELAXED);
+    if (known->generation == generation && known->dev == st->st_dev && known->ino == st->st_ino && known->file)
+        return known->file == SPAN_FILE_REFUSED ? 0 : known->file;
+    uint32_t file;
+    do
+        file = __atomic_add_fetch(&s->tx_file_next, 1, __ATOMIC_RELAXED);
+    while (file == 0 || file == SPAN_FILE_REFUSED);
+    int result = shim_ctl_send_fd(MTS_CTL_SEND_FILE, slot, file, in_fd) < 0 ? -errno
+                                                                           : shim_cmd_sync(MTS_OP_FILE, slot, file);
+    SHIM_DEBUG("slot %u: file %u for sendfile spans: %s", slot, file, result ? strerror(-result) : "taken");
+    if (result == -EOPNOTSUPP)
+        __atomic_store_n(&spans_unsupported, 1, __ATOMIC_RELAXED);
+    if (result == 0 || result == -EBADF)  /* other refusals (EAGAIN: not established) are for now only */
+        *known = (struct span_file){.generation = generation, .file = result ? SPAN_FILE_REFUSED : file,
+                                    .dev = st->st_dev, .ino = st->st_ino};
+    return result ? 0 : file;
+}
+
+/* Queues up to `count` bytes of in_fd's file from *pos (or its offset) as a
+ * span: the ring's room is taken, its bytes are not written.  Returns the
+ * bytes queued; 0 when a span does not pay or cannot be had (too short, not
+ * a regular file, no free record, refused): the caller copies instead. */
+static size_t file_span_to_tx(uint32_t slot, int in_fd, off_t *pos, size_t count)
+{
+    struct mts_slot *s = shim_slot(slot);
+    uint64_t len = tx_room(s);
+    if (count < MTS_SPAN_MIN || len < MTS_SPAN_MIN)
+        return 0;
+    uint32_t spans = s->tx_span_head;
+    struct mts_span *record = &s->tx_spans[spans % MTS_TX_SPANS];
+    if (record->pos + record->len > __atomic_load_n(&s->tx.tail, __ATOMIC_ACQUIRE))
+        return 0; /* every record still describes unacknowledged bytes */
+    struct stat st;
+    off_t at = pos ? *pos : lseek(in_fd, 0, SEEK_CUR);
+    if (at < 0 || fstat(in_fd, &st) < 0 || !S_ISREG(st.st_mode) || st.st_size <= at)
+        return 0;
+    if (len > count)
+        len = count;
+    if (len > (uint64_t)(st.st_size - at))
+        len = (uint64_t)(st.st_size - at);
+    if (len < MTS_SPAN_MIN)
+        return 0;
+    uint32_t file = span_file_for(slot, in_fd, &st);
+    if (!file || (!pos && lseek(in_fd, at + (off_t)len, SEEK_SET) < 0))
+        return 0;
+    uint64_t head = s->tx.head;
+    *record = (struct mts_span){.pos = head, .offset = (uint64_t)at, .len = (uint32_t)len, .file = file};
+    __atomic_store_n(&s->tx_span_head, spans + 1, __ATOMIC_RELEASE);
+    __atomic_store_n(&s->tx.head, head + len, __ATOMIC_RELEASE);
+    if (pos)
+        *pos += (off_t)len;
+    return len;
+}
+
 static ssize_t stack_sendfile(uint32_t slot, int in_fd, off_t *offset, size_t count)
 {
     struct mts_slot *s = shim_slot(slot);
@@ -271,7 +359,9 @@ static ssize_t stack_sendfile(uint32_t slot, int in_fd, off_t *offset, size_t co
         if (allowed < 0)
             return done ? (ssize_t)done : -1;
         if (allowed && tx_room(s)) {
-            ssize_t got = file_to_tx(slot, in_fd, offset, count - done);
+            ssize_t got = (ssize_t)file_span_to_tx(slot, in_fd, offset, count - done);
+            if (!got)
+                got = file_to_tx(slot, in_fd, offset, count - done);
             if (got < 0)
                 return done ? (ssize_t)done : -1;
             if (got == 0)

@@ -43,32 +43,6 @@ int shim_waiter_relocate(int fd)
     return 0;
 }
 
-static int send_waiter_fd(int32_t id, int efd)
-{
-    struct mts_ctl_msg msg = {.op = MTS_CTL_REGISTER_WAITER, .waiter = (uint32_t)id};
-    struct iovec iov = {.iov_base = &msg, .iov_len = sizeof(msg)};
-    union {
-        struct cmsghdr align;
-        char buf[CMSG_SPACE(sizeof(int))];
-    } control;
-    memset(&control, 0, sizeof(control));
-    struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.buf,
-                        .msg_controllen = sizeof(control.buf)};
-    struct cmsghdr *cm = CMSG_FIRSTHDR(&mh);
-    cm->cmsg_level = SOL_SOCKET;
-    cm->cmsg_type = SCM_RIGHTS;
-    cm->cmsg_len = CMSG_LEN(sizeof(int));
-    memcpy(CMSG_DATA(cm), &efd, sizeof(int));
-    ssize_t sent;
-    do
-        sent = shim_real.sendmsg(shim.ctl_fd, &mh, MSG_NOSIGNAL);
-    while (sent < 0 && errno == EINTR);
-    if (sent != (ssize_t)sizeof(msg))
-        return -1;
-    mts_ctl_post(&shim.geom);
-    return 0;
-}
-
 int shim_waiter_open(struct shim_waiter *sw)
 {
     sw->id = -1;
@@ -83,7 +57,7 @@ int shim_waiter_open(struct shim_waiter *sw)
     }
     struct mts_waiter *w = mts_waiter_at(&shim.geom, (uint32_t)id);
     int efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    if (efd < 0 || send_waiter_fd(id, efd) < 0) {
+    if (efd < 0 || shim_ctl_send_fd(MTS_CTL_REGISTER_WAITER, (uint32_t)id, 0, efd) < 0) {
         SHIM_DEBUG("waiter %d not registered: %s", id, strerror(errno));
         if (efd >= 0)
             shim_real.close(efd);

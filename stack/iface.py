@@ -31,7 +31,8 @@ Counters.  `counters[reason]` counts every drop by the WireError reason or one
 of the interface's own (`eth_not_for_us`, `eth_unsupported_type`,
 `ipv4_fragment`, `not_for_us`, `tcp_not_unicast`, `ipv4_unsupported_protocol`,
 `icmp_unexpected_echo_reply`, `icmp_error_not_ours`, `no_route`,
-`arp_queue_overflow`, `arp_unresolved`), and the totals
+`arp_queue_overflow`, `arp_unresolved`, `tx_payload_gone`: a frame to hold for ARP
+whose sendfile file was truncated), and the totals
 `rx_frames`, `tx_frames`, `icmp_echo` (requests answered), `icmp_frag_needed`
 (handed up), `arp_request_rx`,
 `arp_reply_rx`, `arp_request_tx`, `arp_reply_tx`.
@@ -223,7 +224,10 @@ class Interface:
             self.counters["tx_frames"] += 1
             return self._build_tcp_frame(neighbour.mac, dst_ip, header, payload, gso_size)
         frame = self._build_tcp_frame(UNKNOWN_MAC, dst_ip, header, payload, gso_size)
-        self._hold(next_hop, frame.detached() if gso_size else frame, now)
+        if gso_size and (frame := frame.detached()) is None:
+            self.counters["tx_payload_gone"] += 1   # the connection's buffer resets it
+            return None
+        self._hold(next_hop, frame, now)
         return None
 
     def _build_tcp_frame(self, dst_mac: bytes, dst_ip: int, header: bytes, payload,

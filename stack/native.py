@@ -6,11 +6,14 @@ to `mtcpshim.stack.checksum` and `mtcpshim.stack.siphash`.  `ones_complement_sum
 `internet_checksum` and `siphash24` have the signatures of their counterparts
 there in both cases.
 
+`copy_guarded` copies in both cases (only C survives a truncated file).
 `match_tcp_frame`, `complete_checksum`, `build_tcp_frame`, `build_tcp_headers`
 and `send_parts` exist only when ACCELERATED; the Interface and the packet socket use them for
 their per-segment paths, and the Interface has a Python route for everything
 the first three do.
 """
+from __future__ import annotations
+
 from mtcpshim.stack import checksum, siphash
 
 try:
@@ -86,17 +89,29 @@ if ACCELERATED:
                        header, len(header), _NULL, payload_len, True)
         return headers
 
-    def send_parts(fd: int, address: bytes, part0, part1, part2) -> int:
-        """sendmsg of one datagram gathered from three buffers, no copy in
-        user space: the bytes sent, or -errno."""
-        return _send_parts(fd, address, len(address),
-                           _from_buffer(part0), len(part0), _from_buffer(part1), len(part1),
-                           _from_buffer(part2), len(part2))
+    MAX_PARTS = lib.NF_MAX_PARTS
+
+    def send_parts(fd: int, address: bytes, parts) -> int:
+        """sendmsg of one datagram gathered from the buffers `parts` (at most
+        MAX_PARTS), no copy in user space: the bytes sent, or -errno."""
+        return _send_parts(fd, address, len(address), [_from_buffer("uint8_t[]", part) for part in parts],
+                           [len(part) for part in parts], len(parts))
+
+    def copy_guarded(data) -> bytes | None:
+        """bytes(data), or None if `data` lies in a file mapping whose file
+        was truncated under it (a read that would raise SIGBUS)."""
+        out = bytearray(len(data))
+        if lib.nf_copy_guarded(_from_buffer(out), _from_buffer(data), len(data)):
+            return None
+        return bytes(out)
 
     def _check_segment(header_len: int, payload_len: int) -> None:
         if not 20 <= header_len <= 60 or header_len + payload_len > 65515:
             raise ValueError(f"TCP segment of {header_len} + {payload_len} bytes")
 else:
+    def copy_guarded(data) -> bytes | None:
+        return bytes(data)   # no file mappings without the C module (no gather sends)
+
     ones_complement_sum = checksum.ones_complement_sum
     internet_checksum = checksum.internet_checksum
     siphash24 = siphash.siphash24

@@ -59,12 +59,19 @@ void nf_build_tcp_frame(uint8_t *frame, const uint8_t *dst_mac, const uint8_t *s
                         const uint8_t *header, size_t header_len,
                         const uint8_t *payload, size_t payload_len);
 
-/* One datagram from up to three parts, gathered by the kernel (sendmsg with
- * MSG_DONTWAIT) to the socket address `address`: no part is copied in user
- * space.  A part of length 0 is skipped.  Returns the bytes sent, or -errno. */
+/* One datagram from `count` parts (at most NF_MAX_PARTS), gathered by the
+ * kernel (sendmsg with MSG_DONTWAIT) to the socket address `address`: no
+ * part is copied in user space.  Returns the bytes sent, or -errno. */
+#define NF_MAX_PARTS 16
 long nf_send_parts(int fd, const uint8_t *address, uint32_t address_len,
-                   const uint8_t *part0, size_t len0, const uint8_t *part1, size_t len1,
-                   const uint8_t *part2, size_t len2);
+                   uint8_t *const *parts, const size_t *lengths, int count);
+
+/* memcpy that survives a source in a file mapping whose file was truncated
+ * under it: the SIGBUS such a read raises ends the copy instead of the
+ * process (the first call installs the handler; a SIGBUS outside a guarded
+ * copy goes to the handler that was there before).  0, or -1 if the source
+ * faulted. */
+int nf_copy_guarded(uint8_t *dst, const uint8_t *src, size_t n);
 
 /* A TPACKET_V2 ring inside a PACKET_MMAP mapping: frame_count frames of
  * frame_size bytes, frames_per_block of them at the start of each

@@ -36,7 +36,11 @@ virtio_net_hdr (PACKET_VNET_HDR).  A SegmentedFrame (a TCP segment of up to
 kernel cuts it into MSS-sized segments, and on a veth it crosses whole.  It
 goes with a sendmsg() of its own that gathers it from its parts in C: the
 vnet header, the headers, and the payload straight from the application's
-send ring, so no byte of it is copied in user space.  Frames keep their
+send ring or from a mapping of the file it passed to sendfile()
+(PayloadParts where it lies in several), so no byte of it is copied or
+read in user space (`gathers_payload`).  A file truncated under its mapping
+fails that copy with EFAULT: the frame is dropped (`tx_payload_gone`) and
+the send buffer resets the connection.  Frames keep their
 order: the plain frames before one are sent first.
 Where the kernel has no PACKET_VNET_HDR, plain frames go through the
 receiving socket without a header, bypassing the qdisc as a NIC driver's
@@ -55,7 +59,7 @@ import struct
 from mtcpshim.stack import native
 from mtcpshim.stack.io.base import (GSO_MAX_SIZE, MAX_FRAME_LEN, PacketIOError, device_segments,
                                      interface_index)
-from mtcpshim.stack.wire.vnet import SegmentedFrame
+from mtcpshim.stack.wire.vnet import PayloadParts, SegmentedFrame
 
 _SOL_PACKET = 263
 _PACKET_RX_RING = 5
@@ -128,7 +132,9 @@ class AfPacketIO:
             raise
         self.gso_max_size = GSO_MAX_SIZE if self._gso_sock is not None else 0
         self.device_segments = self.gso_max_size > 0 and device_segments(ifname)
+        self.gathers_payload = self._gso_sock is not None
         self._tx_segmented = 0
+        self._tx_payload_gone = 0
 
     def _open_gso_socket(self) -> socket.socket | None:
         """The send-only packet socket whose frames carry a virtio_net_hdr;
@@ -255,8 +261,10 @@ class AfPacketIO:
         return sent + self._send_plain(frames[start:])
 
     def _send_segmented(self, frame: SegmentedFrame) -> int:
-        sent = native.send_parts(self._gso_sock.fileno(), self._gso_address,
-                                 frame.vnet_header(), frame.headers, frame.payload)
+        payload = frame.payload
+        parts = ((frame.vnet_header(), frame.headers, *payload.parts) if type(payload) is PayloadParts
+                 else (frame.vnet_header(), frame.headers, payload))
+        sent = native.send_parts(self._gso_sock.fileno(), self._gso_address, parts)
         if sent >= 0:
             self._tx_segmented += 1
             return 1
@@ -264,6 +272,8 @@ class AfPacketIO:
             self._stats.tx_busy += 1
         elif -sent in (errno.EMSGSIZE, errno.EINVAL):
             self._stats.tx_rejected += 1
+        elif -sent == errno.EFAULT:     # a sendfile span's file was truncated: its socket is reset
+            self._tx_payload_gone += 1
         else:
             raise OSError(-sent, f"sendmsg on {self.ifname}: {os.strerror(-sent)}")
         return 0
@@ -290,7 +300,7 @@ class AfPacketIO:
                 "rx_truncated": stats.rx_truncated, "rx_merged": stats.rx_merged,
                 "rx_csum_vouched": stats.rx_csum_vouched,
                 "tx_busy": stats.tx_busy, "tx_rejected": stats.tx_rejected,
-                "tx_segmented": self._tx_segmented}
+                "tx_segmented": self._tx_segmented, "tx_payload_gone": self._tx_payload_gone}
 
     def close(self) -> None:
         if self._sock.fileno() < 0:

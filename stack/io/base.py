@@ -80,6 +80,10 @@ class PacketIO(Protocol):
     gso_max_size: int
     #: Whether such a frame leaves the device whole (base.device_segments).
     device_segments: bool
+    #: Whether send_batch hands a SegmentedFrame's payload to the kernel by a
+    #: gather send without reading it: then it may be a view of a program's
+    #: file (sendfile spans, mtcpshim/shmbuf.py), which only the kernel may read.
+    gathers_payload: bool
     #: For the last recv_batch: one flag per frame, set where the device
     #: vouches for the TCP checksum (a local sender's offload frame, or one
     #: the NIC verified), so it is not summed again, as the kernel does not;

@@ -278,6 +278,8 @@ class ImpairedIO:
     def device_segments(self) -> bool:
         return self.inner.device_segments
 
+    gathers_payload = False  # held and cut frames are copied
+
     @property
     def rx_vouched(self) -> bytes | None:
         return self.inner.rx_vouched if self._rx is None else None

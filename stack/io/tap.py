@@ -49,6 +49,7 @@ class TapIO:
     # Frames go on through the kernel's bridge, which may cut them: count
     # them as cut (base.device_segments).
     device_segments = False
+    gathers_payload = False
 
     def __init__(self, name: str, mac: bytes | None = None):
         if len(name.encode()) >= _IFNAMSIZ:

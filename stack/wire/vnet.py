@@ -14,6 +14,8 @@ returns the frame as it would look on a wire.  The header is input like any
 packet: offsets outside the frame, unknown flags or GSO kinds raise
 WireError.
 """
+from __future__ import annotations
+
 import struct
 
 from mtcpshim.stack import native
@@ -38,11 +40,32 @@ _ADDRESSES = struct.Struct("!II")
 _SEQ = struct.Struct("!I")
 
 
+class PayloadParts:
+    """A payload in the pieces where its bytes lie (the send ring, a
+    program's file: mtcpshim/shmbuf.py), for a gather send; `len` is the
+    whole.  Only `joined` reads the pieces in user space, guarded."""
+
+    __slots__ = ("parts", "_length")
+
+    def __init__(self, parts: tuple):
+        self.parts = parts
+        self._length = sum(map(len, parts))
+
+    def __len__(self) -> int:
+        return self._length
+
+    def joined(self) -> bytes | None:
+        """The bytes in one piece; None if a piece lies in a file that was
+        truncated under it."""
+        copies = [native.copy_guarded(part) for part in self.parts]
+        return None if None in copies else b"".join(copies)
+
+
 class SegmentedFrame:
     """An Ethernet + IPv4 (no options) + TCP frame whose payload is cut into
     `gso_size`-byte segments on the way out, kept in two parts for a gather
     send: `headers` (all three, built for it) and `payload` (a view of the
-    bytes where they already are, the send ring).  The TCP checksum field
+    bytes where they already are, the send ring, or PayloadParts).  The TCP checksum field
     holds only the pseudo-header sum (CHECKSUM_PARTIAL): each cut segment's
     checksum is completed by whoever cuts it.
 
@@ -61,9 +84,13 @@ class SegmentedFrame:
         return HEADER.pack(F_NEEDS_CSUM, GSO_TCPV4, len(self.headers), self.gso_size,
                            _ETH_IPV4_HEADER_LEN, _TCP_CHECKSUM_AT)
 
-    def detached(self) -> "SegmentedFrame":
-        """The same frame with its own copy of the payload."""
-        return SegmentedFrame(bytearray(self.headers), bytes(self.payload), self.gso_size)
+    def detached(self) -> "SegmentedFrame | None":
+        """The same frame with its own copy of the payload; None if the
+        payload is a view of a file that was truncated under it (a sendfile
+        span, mtcpshim/shmbuf.py)."""
+        payload = self.payload
+        payload = payload.joined() if type(payload) is PayloadParts else native.copy_guarded(payload)
+        return None if payload is None else SegmentedFrame(bytearray(self.headers), payload, self.gso_size)
 
     def cut(self) -> list:
         """The wire frames a device cuts this one into, each complete
@@ -77,7 +104,7 @@ class SegmentedFrame:
         tcp = bytearray(headers[_ETH_IPV4_HEADER_LEN:])
         (seq,) = _SEQ.unpack_from(tcp, 4)
         flags = tcp[_TCP_FLAGS_AT]
-        payload, size = self.payload, self.gso_size
+        payload, size = self._payload_bytes(), self.gso_size
         pieces = []
         for index, offset in enumerate(range(0, len(payload), size)):
             _SEQ.pack_into(tcp, 4, (seq + offset) & 0xFFFFFFFF)
@@ -91,7 +118,11 @@ class SegmentedFrame:
         return len(self.headers) + len(self.payload)
 
     def __bytes__(self) -> bytes:
-        return bytes(self.headers) + bytes(self.payload)
+        return bytes(self.headers) + self._payload_bytes()
+
+    def _payload_bytes(self):
+        payload = self.payload
+        return b"".join(map(bytes, payload.parts)) if type(payload) is PayloadParts else bytes(payload)
 
     def __eq__(self, other):
         if not isinstance(other, SegmentedFrame):

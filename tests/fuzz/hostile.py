@@ -40,7 +40,8 @@ PEER_PORT = 7100
 EVENT_TIMEOUT = 45.0     # the longest wait for one step of the hostile program
 PEER_TIMEOUT = 15.0      # a kernel peer's longest silence: longer is a hang
 MODES = ("nslots", "cmdq", "accept-indices", "waiters", "data-off", "fake-accept", "rx-tail", "slot-free",
-         "keepalive-options")  # the last one found by the fuzzer
+         "keepalive-options",  # found by the fuzzer
+         "sendfile-spans")
 HONEST_MODES = ("listener-close-handshake",)  # found by the fuzzer, no attack needed
 
 
@@ -214,7 +215,7 @@ def run_attack(net, workdir: pathlib.Path, mode: str, settle: float = 1.0) -> di
             "--max-seconds", 120]
     observed: dict = {"mode": mode}
     with peers() as started:
-        if mode in ("data-off", "rx-tail", "keepalive-options"):
+        if mode in ("data-off", "rx-tail", "keepalive-options", "sendfile-spans"):
             peer = Peer(net, workdir, mode, "source" if mode == "rx-tail" else "sink",
                         "--listen", f"{net.cli_ip}:{PEER_PORT}", total=40)
             started.append(peer)
@@ -252,7 +253,7 @@ def run_attack(net, workdir: pathlib.Path, mode: str, settle: float = 1.0) -> di
                 started.append(second)
                 observed["sent"] = run.event("sent")
                 observed["first"], observed["second"] = first.result(), second.result()
-            elif mode in ("data-off", "rx-tail", "keepalive-options"):
+            elif mode in ("data-off", "rx-tail", "keepalive-options", "sendfile-spans"):
                 observed["peer"] = started[0].result()
             elif mode == "fake-accept":
                 observed["peer"] = first.result()

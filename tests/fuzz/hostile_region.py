@@ -21,6 +21,8 @@ Modes, one per row of issue 8's table, plus the fuzzer:
   fake-accept     a made-up slot id in a listener's accept queue, then close
   rx-tail         a live connection's (to --peer) RX tail 10 MB past its head, keep receiving, close
   slot-free       an accepted connection's slot marked free, then a second connection accepted
+  sendfile-spans  a file sent with sendfile (the stack takes spans of it), then a span
+                  record from a file never registered, over bytes already sent, past the ring
   keepalive-options  keep-alive idle/interval/count and user timeout 0xFFFFFFFF on a live
                   connection (to --peer), then MTS_OP_SETOPT
   listener-close-handshake   (honest) the listener closed during a client's handshake: the
@@ -52,6 +54,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -237,8 +240,8 @@ class Region:
         ctl = socket.socket(fileno=self.ctl_fd)
         efd = os.eventfd(0, os.EFD_NONBLOCK)
         try:
-            message = struct.pack("=II", lib.MTS_CTL_REGISTER_WAITER, waiter_id & 0xFFFFFFFF)
-            assert len(message) == CTL_MSG
+            message = ffi.buffer(ffi.new("struct mts_ctl_msg *", {"op": lib.MTS_CTL_REGISTER_WAITER,
+                                                                    "id": waiter_id & 0xFFFFFFFF}))[:]
             socket.send_fds(ctl, [message], [efd])
         except OSError:
             pass
@@ -627,6 +630,32 @@ def attack_rx_tail(region: Region, state: State, args) -> dict:
         pass
     time.sleep(args.settle)
     return {"slot": slot_id, "received_before": before, "received_after": after, "outcome": outcome}
+
+
+def attack_sendfile_spans(region: Region, state: State, args) -> dict:
+    """sendfile() through our own interposer registers a file with the stack
+    and queues spans of it; then a span record the interposer never writes:
+    from a file number never registered, over bytes the stack already took
+    from the ring, longer than the ring, and the head moved past it."""
+    with tempfile.TemporaryFile() as served:
+        served.write(os.urandom(1 << 20))
+        served.flush()
+        conn = socket.create_connection(parse_peer(args.peer), timeout=10)
+        slot_id = region.find_slot(conn.getsockname()[1])
+        sent = os.sendfile(conn.fileno(), served.fileno(), 0, 256 * 1024)
+        time.sleep(args.settle)
+    head, spans = region.slot(slot_id, "tx.head"), region.slot(slot_id, "tx_span_head")
+    record = ffi.new("struct mts_span *", {"pos": head - 100, "offset": 1 << 62, "len": region.tx_size + 1,
+                                           "file": 0xFFFF})
+    at = region.slot_off(slot_id) + SLOT_FIELDS["tx_spans"][0] + spans % lib.MTS_TX_SPANS * ffi.sizeof(record[0])
+    region.write_bytes(at, ffi.buffer(record)[:])
+    region.set_slot(slot_id, "tx_span_head", spans + 1)
+    region.set_slot(slot_id, "tx.head", head + 4096)
+    region.set_slot(slot_id, "tx_pending", 1)
+    pushed = region.push(lib.MTS_OP_TX, slot_id, 0)
+    region.wake_stack()
+    state.say("attacked", slot=slot_id, sent=sent, pushed=pushed)
+    return _close_after(conn, args.settle, slot_id)
 
 
 def attack_keepalive_options(region: Region, state: State, args) -> dict:
@@ -1153,6 +1182,7 @@ ATTACKS = {
     "slot-free": attack_slot_free,
     "listener-close-handshake": attack_listener_close_handshake,
     "keepalive-options": attack_keepalive_options,
+    "sendfile-spans": attack_sendfile_spans,
 }
 
 

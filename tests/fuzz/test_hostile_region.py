@@ -30,6 +30,7 @@ COUNTED = {
     "rx-tail": ("sockets_reset",),             # tail ahead of head
     "slot-free": ("sockets_reset",),           # a live slot marked free
     "keepalive-options": (),                   # out of setsockopt's range, not impossible: clamped or refused
+    "sendfile-spans": ("sockets_reset",),      # a span record no interposer writes
 }
 TAGS = {"first": b"<first connection>", "second": b"<second connection>"}
 TAG_SIZE = 64 * 1024  # hostile_region.py's default --tag-size
@@ -81,6 +82,9 @@ def test_attack_leaves_the_stack_alive_serving_and_counting(private_net, tmp_pat
             assert tagged(TAGS[name], TAG_SIZE).startswith(peer["data"]), \
                 f"{summary}: {name} received foreign bytes: {peer['data'][:64]!r}"
             assert peer["outcome"] == "reset" or len(peer["data"]) == TAG_SIZE, summary
+    elif mode == "sendfile-spans":
+        assert _shm(observed).get("sendfile_files", 0) >= 1, f"{summary}: the file never reached the stack"
+        assert observed["peer"]["outcome"] == "reset", summary
     elif mode == "accept-indices":
         # The client's connection ended one way or another within its bound.
         assert observed["peer"]["outcome"] != "peer did not finish", summary

@@ -49,6 +49,7 @@ class ReflectingLink:
         return len(frames)
 
     rx_vouched = None
+    gathers_payload = False  # it copies what it is sent
 
     def recv_batch(self, max_frames: int) -> list:
         frames = self._frames

@@ -4,6 +4,7 @@ one call per line, "call result [ERRNO]"."""
 import os
 
 from inprocess_stack import PROGRAM_TIMEOUT
+from mtcpshim.shmbuf import ShmSendBuffer
 from mtcpshim.stack.host import EPHEMERAL_PORTS
 
 
@@ -124,14 +125,35 @@ def test_end_of_stream_and_shutdown(run_probe):
     ]
 
 
+SENDFILE_TRACE = [
+    "sendfile 150000",
+    "offset 150000",
+    "sendfile_position 149847",
+    "file_position 150000",
+    "received 299847 pattern_ok 1",
+]
+
+
 def test_sendfile_moves_a_file_through_the_tx_ring(run_probe):
-    assert run_probe.run("sendfile") == [
-        "sendfile 150000",
-        "offset 150000",
-        "received 150000 pattern_ok 1",
-        "sendfile_position 1000",
-        "file_position 1000",
-    ]
+    assert run_probe.run("sendfile") == SENDFILE_TRACE
+
+
+def test_sendfile_leaves_the_bytes_in_the_file_where_the_stack_takes_spans(run_probe, stack, monkeypatch):
+    records = []
+    read_spans = ShmSendBuffer._read_spans
+
+    def counting(buffer, seen, head):
+        before = buffer._spans_read
+        result = read_spans(buffer, seen, head)
+        records.append((buffer._spans_read - before) & 0xFFFFFFFF)
+        return result
+
+    monkeypatch.setattr(ShmSendBuffer, "_read_spans", counting)
+    monkeypatch.setattr(stack.sockets, "spans", True)   # as over a packet socket that gathers
+    files_before = stack.runtime.shm_counters["sendfile_files"]
+    assert run_probe.run("sendfile") == SENDFILE_TRACE
+    assert stack.runtime.shm_counters["sendfile_files"] == files_before + 1   # one file, one socket
+    assert sum(records) >= 4, records    # each call left spans, more than the 64 KiB ring holds at once
 
 
 def test_epoll_level_edge_oneshot_and_kernel_fds(run_probe):

@@ -98,7 +98,7 @@ def test_armed_waiter_is_woken_once_by_new_readiness(world):
     listener = listening_socket(world)
     waiter_id = lib.mts_waiter_alloc(world.g, os.getpid())
     waiter_fd = os.eventfd(0, os.EFD_NONBLOCK)
-    msg = ffi.new("struct mts_ctl_msg *", {"op": lib.MTS_CTL_REGISTER_WAITER, "waiter": waiter_id})
+    msg = ffi.new("struct mts_ctl_msg *", {"op": lib.MTS_CTL_REGISTER_WAITER, "id": waiter_id})
     socket.send_fds(world.ctl_app, [ffi.buffer(msg)[:]], [waiter_fd])
     lib.mts_ctl_post(world.g)                      # as the interposer does
     world.settle()
@@ -118,7 +118,7 @@ def test_a_registration_the_interposer_did_not_count_is_taken_at_housekeeping(wo
     world.settle()
     waiter_id = lib.mts_waiter_alloc(world.g, os.getpid())
     waiter_fd = os.eventfd(0, os.EFD_NONBLOCK)
-    msg = ffi.new("struct mts_ctl_msg *", {"op": lib.MTS_CTL_REGISTER_WAITER, "waiter": waiter_id})
+    msg = ffi.new("struct mts_ctl_msg *", {"op": lib.MTS_CTL_REGISTER_WAITER, "id": waiter_id})
     socket.send_fds(world.ctl_app, [ffi.buffer(msg)[:]], [waiter_fd])
     waiter = lib.mts_waiter_at(world.g, waiter_id)
     world.runtime.step(world.now)

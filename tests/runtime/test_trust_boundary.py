@@ -81,7 +81,7 @@ def test_a_waiter_id_past_the_real_waiters_is_refused_whatever_nwaiters_says(wor
     ffi.cast("uint32_t *", header_field(world, "nwaiters"))[0] = U32_MAX
     ffi.cast("uint64_t *", header_field(world, "waiters_off"))[0] = 1 << 40
     efd = os.eventfd(0)
-    msg = ffi.new("struct mts_ctl_msg *", {"op": lib.MTS_CTL_REGISTER_WAITER, "waiter": 0x10000000})
+    msg = ffi.new("struct mts_ctl_msg *", {"op": lib.MTS_CTL_REGISTER_WAITER, "id": 0x10000000})
     socket.send_fds(world.ctl_app, [ffi.buffer(msg)[:]], [efd])
     lib.mts_ctl_post(world.g)                      # as the interposer does
     os.close(efd)

@@ -12,6 +12,8 @@ from mtcpshim.stack.host import TcpHost
 from mtcpshim.stack.iface import Interface
 from mtcpshim.stack.node import Node
 from mtcpshim.stack.storage import RingBuffer
+from mtcpshim.stack.tcp import TcpConfig
+from mtcpshim.stack.wire.vnet import SegmentedFrame
 from support.link import MemoryLink
 
 STACK_IP, PEER_IP = 0xC6120002, 0xC6120001
@@ -27,14 +29,18 @@ class Peer(Node):
 
 
 class World:
-    def __init__(self):
+    """`gso_max_size`: the link takes segments of that much payload whole
+    (as a veth does), and the stack sends them."""
+
+    def __init__(self, gso_max_size=0):
         self.region = Region.create(RegionSize(nslots=16, nwaiters=4, cmd_capacity=64, rx_size=RING,
                                                tx_size=RING), STACK_IP, 24)
         self.g = self.region.geom
         self.ctl_stack, self.ctl_app = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.wake = os.eventfd(0, os.EFD_NONBLOCK)
-        self.link = MemoryLink(STACK_MAC)
-        self.runtime = Runtime(self.region, self.link, Node(Interface(STACK_MAC, STACK_IP, 24), TcpHost(STACK_IP)),
+        self.link = MemoryLink(STACK_MAC, gso_max_size, device_segments=gso_max_size > 0)
+        host = TcpHost(STACK_IP, TcpConfig(gso_max_size=gso_max_size))
+        self.runtime = Runtime(self.region, self.link, Node(Interface(STACK_MAC, STACK_IP, 24), host),
                                self.ctl_stack.detach(), self.wake)
         self.peer = Peer()
         self.now = 1000.0
@@ -53,12 +59,17 @@ class World:
             self.now += advance
             self.runtime.step(self.now)
             self.peer.on_timers(self.now)
-            out, self.link.outbound = self.link.outbound, []
+            out = self.take_wire_frames()
             self.peer.ingest(out, self.now)
             back = self.peer.egress(self.now)
             self.link.inbound.extend(back)
             if not out and not back and not lib.mts_cmd_pending(self.g, self.runtime.sockets.cmd_position):
                 return
+
+    def take_wire_frames(self):
+        """What the stack sent, as the wire carries it: segmented frames cut."""
+        out, self.link.outbound = self.link.outbound, []
+        return [piece for frame in out for piece in (frame.cut() if type(frame) is SegmentedFrame else (frame,))]
 
     # -- the application's side of the ABI ------------------------------
 
@@ -156,7 +167,6 @@ def hostile_storm(world, rng, writes, connections=3):
         world.now += 0.001
         world.runtime.step(world.now)
         world.peer.on_timers(world.now)
-        out, world.link.outbound = world.link.outbound, []
-        world.peer.ingest(out, world.now)
+        world.peer.ingest(world.take_wire_frames(), world.now)
         world.link.inbound.extend(world.peer.egress(world.now))
     return world.runtime.stats()["shm"]
