@@ -57,7 +57,7 @@ class Runtime:
         self.shm_counters = collections.Counter()  # what the program wrote that was refused
         self.waiters = Waiters(self.geom, ctl_fd, self.shm_counters)
         self.sockets = SocketTable(self.geom, node, self.waiters, self.shm_counters, region.release_rings,
-                                   spans=packet_io.gathers_payload and pcap is None)
+                                   gathers=packet_io.gathers_payload and pcap is None)
         self.stopping = False
         self.counters = {"loops": 0, "sleeps": 0}
         self.stats_listener = stats_listener

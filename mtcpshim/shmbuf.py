@@ -118,7 +118,10 @@ class ShmSendBuffer:
         self._spans_read = self._slot.tx_span_head
         self._spans = []          # [pos, end, file number, file offset], validated, in stream order
         self._files = {}          # file number -> SpanFile, oldest first
-        self.gather_min = _U64    # no view of a file for segments this long or shorter
+        # Segments longer than this are gathered by the kernel (the runtime
+        # sets the MSS where that holds): they may take views of the ring
+        # where it wraps and of span files, never read in user space.
+        self.gather_min = _U64
 
     def __len__(self) -> int:
         head = lib.mts_index_load(self._head_word)
@@ -134,13 +137,12 @@ class ShmSendBuffer:
             return 0
         return used
 
-    def add_file(self, number: int, source: SpanFile, gather_min: int) -> None:
+    def add_file(self, number: int, source: SpanFile) -> None:
         """The program registered `source` under `number` (MTS_OP_FILE)."""
         old = self._files.pop(number, None)
         if old is not None and not any(span[2] == number for span in self._spans):
             old.close()
         self._files[number] = source
-        self.gather_min = gather_min
         self._forget_files()
 
     def _forget_files(self) -> None:
@@ -199,6 +201,8 @@ class ShmSendBuffer:
         start = (self._tail + offset) & self._mask
         if start + n <= self._cap:
             return self._view[start:start + n]
+        if n > self.gather_min:
+            return PayloadParts((self._view[start:], self._view[:start + n - self._cap]))
         out = ffi.new("uint8_t[]", n)
         lib.mts_copy_out(self._data, self._cap, self._tail + offset, out, n)
         return ffi.buffer(out, n)

@@ -71,11 +71,13 @@ class SocketTable:
     `len(table)`, iteration over slot ids)."""
 
     def __init__(self, geom, node: Node, waiters, shm_counters: collections.Counter, release_rings=None,
-                 spans: bool = False):
+                 gathers: bool = False):
         self.geom = geom
-        # Whether sendfile spans may be taken: only where no byte of a frame
-        # the kernel gathers is read in user space (shmbuf.SpanFile).
-        self.spans = spans
+        # Whether segments longer than the MSS reach the kernel by a gather
+        # send, unread in user space: then their payload may be views, of a
+        # ring where it wraps and of a file mapping (sendfile spans, which
+        # are taken only then: shmbuf.SpanFile).
+        self.gathers = gathers
         self._release_rings = release_rings     # Region.release_rings, for slots that carried data
         self.host, self.iface = node.host, node.iface
         self.waiters = waiters
@@ -365,7 +367,7 @@ class SocketTable:
             return lib.mts_complete(sock.slot, -errno.EBADF)
         conn = sock.conn
         result = 0
-        if not self.spans:
+        if not self.gathers:
             result = -errno.EOPNOTSUPP
         elif conn is None or sock.quarantined or not isinstance(conn.send_buf, ShmSendBuffer) \
                 or conn.state not in _SENDING_DATA:
@@ -377,9 +379,7 @@ class SocketTable:
             source = SpanFile(fd)
         except OSError as err:
             return lib.mts_complete(sock.slot, -(err.errno or errno.EBADF))
-        # The MSS only shrinks from here: a longer segment is always a
-        # SegmentedFrame, which the kernel gathers.
-        conn.send_buf.add_file(number, source, conn.send_mss)
+        conn.send_buf.add_file(number, source)
         self.shm_counters["sendfile_files"] += 1
         lib.mts_complete(sock.slot, 0)
 
@@ -423,6 +423,10 @@ class SocketTable:
         so_error = 0
         if happened & EV_ESTABLISHED:
             sock.events |= lib.MTS_EV_CONNECTED
+            if self.gathers:
+                # The MSS only shrinks from here: a longer segment is always
+                # a SegmentedFrame, which the kernel gathers.
+                conn.send_buf.gather_min = conn.send_mss
         if happened & EV_PEER_FIN:
             sock.events |= lib.MTS_EV_RDHUP
         if happened & EV_RESET:

@@ -149,7 +149,7 @@ def test_sendfile_leaves_the_bytes_in_the_file_where_the_stack_takes_spans(run_p
         return result
 
     monkeypatch.setattr(ShmSendBuffer, "_read_spans", counting)
-    monkeypatch.setattr(stack.sockets, "spans", True)   # as over a packet socket that gathers
+    monkeypatch.setattr(stack.sockets, "gathers", True)   # as over a packet socket with vnet headers
     files_before = stack.runtime.shm_counters["sendfile_files"]
     assert run_probe.run("sendfile") == SENDFILE_TRACE
     assert stack.runtime.shm_counters["sendfile_files"] == files_before + 1   # one file, one socket

@@ -31,7 +31,7 @@ def world(request):
     """Spans through both paths: pieces read with pread (segments of an MSS),
     and views of the mapping the kernel would gather (longer segments)."""
     w = World(gso_max_size=request.param)
-    w.runtime.sockets.spans = True      # as over a packet socket that gathers
+    w.runtime.sockets.gathers = True    # as over a packet socket with vnet headers
     yield w
     w.close()
 
@@ -206,3 +206,12 @@ def test_a_guarded_copy_of_a_mapping_whose_file_was_truncated_fails_instead_of_f
     assert native.copy_guarded(view) is None          # a plain bytes(view) would raise SIGBUS
     view.release()
     mapping.close()
+
+
+def test_ring_bytes_where_the_ring_wraps_reach_the_peer_whole(world):
+    """Where the ring wraps, a long segment goes as two views of it."""
+    slot, _, peer_rx = connection(world)
+    first, second = os.urandom(50_000), os.urandom(50_000)
+    for data in (first, second):         # the second wraps the 64 KiB ring
+        world.write(slot, data)
+        assert receive_all(world, peer_rx, len(data)) == data
