@@ -52,6 +52,14 @@ def _buffer_size(text):
         raise argparse.ArgumentTypeError(str(err))
 
 
+def _sockets(text):
+    from mtcpshim.region import parse_sockets
+    try:
+        return parse_sockets(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err))
+
+
 def _parser() -> argparse.ArgumentParser:
     net = testnet.TESTNET
     parser = _Parser(prog="mtcpshim", description="Run unmodified programs over a user-level TCP stack.")
@@ -106,6 +114,11 @@ def _parser() -> argparse.ArgumentParser:
                      help="each socket's receive and send buffer, a power of two from 64K to 64M: what "
                           "one connection may have in flight (a path's bandwidth times its round trip, "
                           "and more under loss).  The default is $MTCPSHIM_BUFFER_SIZE, else %(default)s")
+    run.add_argument("--sockets", type=_sockets, metavar="N", default=os.environ.get("MTCPSHIM_SOCKETS", "1024"),
+                     help="stack sockets the program may hold at once, connections waiting to be accepted "
+                          "included; while none is free, new clients' SYNs go unanswered (they retry), as "
+                          "on Linux with a full accept queue.  The default is $MTCPSHIM_SOCKETS, else "
+                          "%(default)s")
     run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- PROGRAM [ARGS...]")
 
     stat = commands.add_parser("stat", help="counters of a running stack (drops by reason, TCP, packet I/O)")
@@ -177,7 +190,8 @@ def _run(args) -> int:
                                     io=args.io, pcap=args.pcap, profile=args.profile, spin_us=args.spin_us,
                                     impair=args.impair, stack_user=args.stack_user,
                                     stack_python=args.stack_python or launcher.DEFAULT_STACK_PYTHON,
-                                    congestion=args.congestion, buffer_size=args.buffer_size)
+                                    congestion=args.congestion, buffer_size=args.buffer_size,
+                                    sockets=args.sockets)
     return launcher.run(options, argv, user=args.user)
 
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 from mtcpshim import abi_source
 from mtcpshim.netns import in_netns, netns_inode
-from mtcpshim.region import DEFAULT_BUFFER_SIZE, Region, RegionSize
+from mtcpshim.region import DEFAULT_BUFFER_SIZE, DEFAULT_SOCKETS, Region, RegionSize
 from mtcpshim.stackd import tap_names
 
 LOCK_DIR = "/run/mtcpshim"
@@ -62,6 +62,7 @@ class StackOptions:
     stack_python: str = "auto"  # the stack's interpreter: STACK_PYTHONS
     congestion: str | None = None  # default congestion control; None: the kernel's in the namespace
     buffer_size: int = DEFAULT_BUFFER_SIZE  # bytes of each socket's receive and of its send ring
+    sockets: int = DEFAULT_SOCKETS  # slots in the region
 
 
 # The interpreters the stack process runs under.  PyPy's JIT runs the TCP
@@ -189,7 +190,8 @@ def _interface(netns: str | None, iface: str) -> tuple[int, int]:
 
 def _run_stack_and_program(options: StackOptions, interpreter: list[str], argv: list[str],
                            program_user: pwd.struct_passwd | None, stats_path: str) -> int:
-    region = Region.create(RegionSize(rx_size=options.buffer_size, tx_size=options.buffer_size),
+    region = Region.create(RegionSize(nslots=options.sockets, rx_size=options.buffer_size,
+                                      tx_size=options.buffer_size),
                            int(options.ip.ip), options.ip.network.prefixlen,
                            int(options.gateway) if options.gateway else 0)
     ctl_stack, ctl_app = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)

@@ -46,9 +46,24 @@ def parse_buffer_size(text: str) -> int:
     return size
 
 
+# Sockets a region holds (`mtcpshim run --sockets`): every process's stack
+# sockets and the connections waiting to be accepted.  Each costs a slot's
+# rings of address space (sparse: memory only where data passed).
+DEFAULT_SOCKETS = 1024
+MIN_SOCKETS, MAX_SOCKETS = 16, 65536
+
+
+def parse_sockets(text: str) -> int:
+    """A socket count; ValueError with one line for the user unless a whole
+    number between the limits."""
+    if not text.strip().isdigit() or not MIN_SOCKETS <= int(text) <= MAX_SOCKETS:
+        raise ValueError(f"sockets {text!r}: want a whole number from {MIN_SOCKETS} to {MAX_SOCKETS}")
+    return int(text)
+
+
 @dataclass(frozen=True)
 class RegionSize:
-    nslots: int = 1024
+    nslots: int = DEFAULT_SOCKETS
     nwaiters: int = 256
     cmd_capacity: int = 8192
     rx_size: int = DEFAULT_BUFFER_SIZE

@@ -8,6 +8,8 @@ ring indices are checked against the stack's own state; an impossible one
 resets that socket only (`reset_corrupt`), counted in `shm_counters` and
 logged with the program's pid.
 """
+from __future__ import annotations
+
 import collections
 import errno
 import os
@@ -47,7 +49,7 @@ class StackSocket:
     """What the stack knows of one slot."""
 
     __slots__ = ("slot_id", "slot", "port", "conn", "listener", "parent", "events", "app_closed",
-                 "accept_head", "queued", "queued_on", "quarantined")
+                 "accept_head", "accept_backlog", "queued", "queued_on", "quarantined")
 
     def __init__(self, slot_id, slot):
         self.slot_id = slot_id
@@ -61,6 +63,7 @@ class StackSocket:
         # A listener's accept queue, as the stack knows it: its own head, and
         # the live connections it queued (accepted since, or not).
         self.accept_head = 0
+        self.accept_backlog = 0  # listen()'s backlog: connections its accept queue may hold
         self.queued = set()
         self.queued_on = None   # the listener whose `queued` holds this connection
         self.quarantined = False  # reset for corruption: its rings are never read again
@@ -92,6 +95,7 @@ class SocketTable:
         self.rings_released = 0                 # freed slots whose ring pages went back to the kernel
         self.program_pid = None                 # told by the launcher, for log lines
         self._log_limited = RateLimitedLog()    # a program corrupting in a loop must not flood the log
+        self._no_room = None                    # why SYNs go unanswered now, if they do (logged once)
 
     def __contains__(self, slot_id) -> bool:
         return slot_id in self._sockets
@@ -207,11 +211,32 @@ class SocketTable:
         syn_backlog = min(backlog, self.geom.nslots // 4)
         if sock.listener is None:
             sock.listener = self.host.listen(sock.port, syn_backlog,
-                                             lambda ip, port: self._accept_slot(sock, ip, port))
+                                             lambda ip, port: self._accept_slot(sock, ip, port),
+                                             lambda wanted: self._has_room(sock, wanted))
         sock.listener.backlog = syn_backlog
+        sock.accept_backlog = backlog
         sock.slot.backlog = backlog
         lib.mts_publish(sock.slot, lib.MTS_ST_LISTENING, 0, 0)
         lib.mts_complete(sock.slot, 0)
+
+    def _has_room(self, listening: StackSocket, wanted: int) -> bool:
+        """Whether `wanted` connections to `listening` completed now could
+        be served: slots are free for them and its accept queue has room
+        below the backlog.  A change either way is logged once."""
+        waiting = self._accept_waiting(listening)
+        if waiting is None:
+            return False
+        if waiting + wanted > listening.accept_backlog:
+            full = f"the accept queue of port {listening.port} is full ({listening.accept_backlog})"
+        elif not lib.mts_slots_available(self.geom, self._owned_view, min(wanted, self.geom.nslots + 1)):
+            full = f"no socket free for a new connection (of {self.geom.nslots})"
+        else:
+            full = None
+        if full != self._no_room:
+            self._no_room = full
+            log(f"{full}: SYNs go unanswered until there is room (clients retry), "
+                "as Linux leaves them when its accept queue is full" if full else "room for new connections again")
+        return full is None
 
     def _accept_slot(self, listening: StackSocket, remote_ip: int, remote_port: int):
         """A SYN arrived for `listening`: a slot for the new connection."""
@@ -460,15 +485,22 @@ class SocketTable:
         self._apply_options(child)  # inherited from the listener
         lib.mts_publish(parent.slot, lib.MTS_ST_LISTENING, 0, 0)
 
+    def _accept_waiting(self, listener: StackSocket) -> int | None:
+        """Connections queued and not yet accepted; None (and the listener
+        reset) if the program's tail lies beyond the queue's capacity below
+        the stack's own head."""
+        waiting = (listener.accept_head - lib.mts_index_load(ffi.addressof(listener.slot.rx, "tail"))) & _U64
+        if waiting > self.geom.accept_capacity:
+            self._corrupted(listener, "accept queue tail impossible")
+            return None
+        return waiting
+
     def _accept_push(self, listener: StackSocket, child: StackSocket) -> bool:
         """Queues `child` at the stack's own head; False if the queue is full.
         The program's tail must lie within capacity below that head."""
         head = listener.accept_head
-        waiting = (head - lib.mts_index_load(ffi.addressof(listener.slot.rx, "tail"))) & _U64
-        if waiting > self.geom.accept_capacity:
-            self._corrupted(listener, "accept queue tail impossible")
-            return False
-        if waiting == self.geom.accept_capacity:
+        waiting = self._accept_waiting(listener)
+        if waiting is None or waiting == self.geom.accept_capacity:
             return False
         lib.mts_accept_put(self.geom, listener.slot_id, head, child.slot_id)
         listener.accept_head = (head + 1) & _U64

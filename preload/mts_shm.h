@@ -46,6 +46,7 @@ uint8_t *mts_rx_data(const struct mts_geom *g, uint32_t id);
 uint8_t *mts_tx_data(const struct mts_geom *g, uint32_t id);
 struct mts_waiter *mts_waiter_at(const struct mts_geom *g, uint32_t id);
 int32_t mts_slot_alloc(const struct mts_geom *g, const uint8_t *skip);
+int mts_slots_available(const struct mts_geom *g, const uint8_t *skip, uint32_t wanted);
 void mts_slot_free(const struct mts_geom *g, uint32_t id);
 int32_t mts_waiter_alloc(const struct mts_geom *g, int32_t pid);
 void mts_waiter_free(const struct mts_geom *g, uint32_t id);
@@ -249,6 +250,19 @@ static inline int32_t mts_slot_alloc(const struct mts_geom *g, const uint8_t *sk
         return (int32_t)id;
     }
     return -1;
+}
+
+/* Whether mts_slot_alloc would find `wanted` slots now (same rules,
+ * nothing taken): the search stops at the wanted-th free one. */
+static inline int mts_slots_available(const struct mts_geom *g, const uint8_t *skip, uint32_t wanted)
+{
+    uint32_t start = MTS_LOAD(&mts_hdr(g)->slot_hint) % g->nslots;
+    for (uint32_t i = 0; i < g->nslots && wanted; i++) {
+        uint32_t id = (start + i) % g->nslots;
+        if (!(skip && skip[id]) && MTS_LOAD(&mts_slot_at(g, id)->in_use) == MTS_SLOT_FREE)
+            wanted--;
+    }
+    return wanted == 0;
 }
 
 static inline void mts_slot_free(const struct mts_geom *g, uint32_t id)

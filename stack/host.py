@@ -59,6 +59,14 @@ _TS_SACK = 0x10
 # Stale timer entries tolerated beyond two per connection before the heap
 # is rebuilt without them (see _schedule).
 _STALE_TIMERS_KEPT = 64
+# A cookie answered this recently is a connection that may complete any
+# moment: room is kept for it, so that a burst of clients larger than the
+# room left does not complete handshakes nobody would serve.  Longer than a
+# handshake's round trip on the links a stack like this serves (a LAN's is
+# well under a millisecond; a slower client's ACK may find no room and wait
+# for its retransmission, as on Linux), short enough that a SYN flood's
+# cookies, which never complete, hold little room: 10k SYNs a second, 100.
+COOKIE_RESERVE_SECONDS = 0.01
 
 
 class Listener:
@@ -66,14 +74,23 @@ class Listener:
     (send_buf, recv_buf, owner) for a new connection or None to refuse it;
     `owner` is the caller's handle, kept on the connection as `conn.owner`.
     It is called when a SYN is taken into the backlog, or, for a SYN that
-    was answered with a cookie, when the ACK carrying the cookie arrives."""
+    was answered with a cookie, when the ACK carrying the cookie arrives.
+    `has_room(n)` says whether n more connections completed now could be
+    served (their owner has sockets and accept queue entries for them);
+    while it says no, SYNs go unanswered, cookies included, as Linux leaves
+    them when its accept queue is full: the client retries, and no handshake
+    completes that nobody would serve.  Cookies answered in the last
+    COOKIE_RESERVE_SECONDS count as connections about to complete."""
 
-    __slots__ = ("port", "backlog", "accept_buffers", "pending", "cookies_sent_at")
+    __slots__ = ("port", "backlog", "accept_buffers", "has_room", "pending", "cookies_sent_at",
+                 "recent_cookies")
 
-    def __init__(self, port, backlog, accept_buffers):
+    def __init__(self, port, backlog, accept_buffers, has_room=lambda wanted: True):
         self.port = port
         self.backlog = backlog
         self.accept_buffers = accept_buffers
+        self.has_room = has_room
+        self.recent_cookies = collections.deque()  # when each recent cookie went out
         self.pending = 0  # connections in SYN_RECEIVED
         self.cookies_sent_at = None  # last time the backlog overflowed into cookies
 
@@ -136,8 +153,8 @@ class TcpHost:
 
     # -- opening ---------------------------------------------------------
 
-    def listen(self, port: int, backlog: int, accept_buffers) -> Listener:
-        listener = Listener(port, max(1, backlog), accept_buffers)
+    def listen(self, port: int, backlog: int, accept_buffers, has_room=lambda wanted: True) -> Listener:
+        listener = Listener(port, max(1, backlog), accept_buffers, has_room)
         self.listeners[port] = listener
         return listener
 
@@ -252,6 +269,12 @@ class TcpHost:
                 and seq_gt(seg.seq, conn.rcv_nxt))
 
     def _passive_open(self, listener: Listener, src_ip: int, syn: TcpSegment, now: float) -> None:
+        recent = listener.recent_cookies
+        while recent and recent[0] < now - COOKIE_RESERVE_SECONDS:
+            recent.popleft()
+        if not listener.has_room(1 + len(recent)):
+            self.count("tcp_syn_dropped_no_room")
+            return
         if listener.pending >= listener.backlog:
             if self.config.syn_cookies:
                 self._send_cookie(listener, src_ip, syn, now)
@@ -263,12 +286,7 @@ class TcpHost:
             return
         accepted = listener.accept_buffers(src_ip, syn.src_port)
         if accepted is None:
-            # No buffers for another half-open connection: a cookie keeps
-            # nothing, and by the handshake's end buffers may be free.
-            if self.config.syn_cookies:
-                self._send_cookie(listener, src_ip, syn, now)
-            else:
-                self.count("tcp_accept_refused")
+            self.count("tcp_syn_dropped_no_room")
             return
         send_buf, recv_buf, owner = accepted
         secrets = self.secrets
@@ -321,6 +339,7 @@ class TcpHost:
                 tsval = (tsval - (1 << _TS_OPTION_BITS)) & 0xFFFFFFFF
             reply.timestamp = (tsval, syn.timestamp[0])
         listener.cookies_sent_at = now
+        listener.recent_cookies.append(now)
         self.count("tcp_syncookies_sent")
         self._output.append((src_ip, reply.header(), b"", 0))
 
@@ -359,6 +378,8 @@ class TcpHost:
             self._cookie_wscale(), COOKIE_WINDOW, send_buf, recv_buf, iss, now,
             self.secrets.timestamp_offset(self.ip, local_port, src_ip, remote_port))
         self.count("tcp_syncookies_accepted")
+        if listener.recent_cookies:
+            listener.recent_cookies.popleft()      # one of them completed
         self._adopt(conn, listener, owner, now)
         conn.on_segment(ack, now)
         self.collect(conn, now)

@@ -7,7 +7,7 @@ import random
 import pytest
 
 from mtcpshim.stack import native, siphash
-from mtcpshim.stack.host import COOKIE_WINDOW, COOKIE_WSCALE, EPHEMERAL_PORTS, TcpHost
+from mtcpshim.stack.host import COOKIE_RESERVE_SECONDS, COOKIE_WINDOW, COOKIE_WSCALE, EPHEMERAL_PORTS, TcpHost
 from mtcpshim.stack.isn import COOKIE_PERIOD, ISN_CLOCK_HZ, MSS_TABLE, TcpSecrets, mss_index_for
 from mtcpshim.stack.storage import RingBuffer
 from mtcpshim.stack.tcp import TcpConfig, TcpState
@@ -25,7 +25,8 @@ class Peer:
         self.host = TcpHost(HOST_IP, config or TcpConfig(), random.Random(1), **host_options)
         self.accepted = []                                # (remote_port, owner) per accept_buffers
         self.refuse = refuse
-        self.listener = self.host.listen(PORT, backlog, self.accept_buffers)
+        self.room = 1 << 30                               # connections the listener's owner has room for
+        self.listener = self.host.listen(PORT, backlog, self.accept_buffers, lambda wanted: wanted <= self.room)
         self.listener.backlog = backlog                   # 0: every SYN gets a cookie
         self.now = 0.0
 
@@ -232,13 +233,35 @@ def test_without_cookies_a_full_backlog_drops_syns():
 
 # -- limits -----------------------------------------------------------------
 
-def test_refused_buffers_answer_with_a_cookie_and_the_ack_waits_for_buffers():
+def test_without_room_for_one_more_connection_syns_go_unanswered_cookies_or_not():
+    """As Linux with its accept queue full: the client retries its SYN, and
+    no handshake completes that nobody would serve."""
+    for backlog in (8, 0):                 # a SYN for the backlog, and one for a cookie
+        peer = Peer(backlog=backlog)
+        peer.room = 0
+        peer.send(syn(40001))
+        assert peer.recv() == [] and peer.host.connections == {}
+        assert peer.host.counters["tcp_syn_dropped_no_room"] == 1
+        peer.room = 1
+        peer.send(syn(40001))              # the client's retry
+        (syn_ack,) = peer.recv()
+        assert syn_ack.flags == SYN | ACK
+
+
+def test_refused_buffers_drop_a_syn_unanswered():
     peer = Peer(backlog=8, refuse=True)
     peer.send(syn(40001))
-    # No buffers for a half-open connection: a cookie SYN-ACK keeps nothing.
-    (syn_ack,) = peer.recv()
+    assert peer.recv() == [] and peer.host.connections == {}
+    assert peer.host.counters["tcp_syn_dropped_no_room"] == 1
+
+
+def test_a_cookie_ack_without_buffers_waits_for_them():
+    peer = Peer(backlog=0)
+    peer.send(syn(40001))
+    (syn_ack,) = peer.recv()                 # a cookie SYN-ACK keeps nothing
     assert syn_ack.flags == SYN | ACK and peer.host.connections == {}
     assert peer.host.counters["tcp_syncookies_sent"] == 1
+    peer.refuse = True                      # by the handshake's end no buffers are left
     peer.send(TcpSegment(40001, PORT, 1001, syn_ack.seq + 1, ACK, 100))
     # Still no buffers: nothing is created and nothing is reset; the peer's
     # retransmission may find buffers later, the cookie stays valid.
@@ -356,3 +379,21 @@ def test_short_connections_leave_no_timer_entries_behind():
     peer.host.on_timers(peer.now)
     (again,) = peer.recv()
     assert again.flags == SYN | ACK and again.seq == syn_ack.seq
+
+
+def test_cookies_in_flight_keep_room_for_their_connections():
+    """A burst of SYNs answered with cookies: as many as there is room for,
+    since each may complete any moment; the rest wait for their retry."""
+    peer = Peer(backlog=2)
+    peer.room = 5                            # connections beyond the half-open ones
+    for port in range(40000, 40010):
+        peer.send(syn(port))
+    answered = peer.recv()
+    # Two half-open connections (their buffers taken already), then five
+    # cookies, one per connection there is room for; five SYNs unanswered.
+    assert len(peer.host.connections) == 2 and len(answered) == 7
+    assert peer.host.counters["tcp_syncookies_sent"] == 5
+    assert peer.host.counters["tcp_syn_dropped_no_room"] == 3
+    peer.now += 2 * COOKIE_RESERVE_SECONDS   # those handshakes had their time
+    peer.send(syn(40009))
+    assert len(peer.recv()) == 1
