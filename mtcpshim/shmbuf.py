@@ -37,7 +37,7 @@ from mtcpshim.stack.wire.vnet import PayloadParts
 _U64 = (1 << 64) - 1
 _U32 = (1 << 32) - 1
 _SPAN_SLOTS = lib.MTS_TX_SPANS
-FILES_KEPT = 4            # file numbers a socket keeps registered (its program may send from them again)
+FILES_KEPT = lib.MTS_TX_FILES  # file numbers a socket keeps registered (its program may send from them again)
 # How long a file's size is believed: a view of bytes a truncation took
 # fails in the kernel (a dropped frame); the retransmission looks again.
 _SIZE_BELIEVED_SECONDS = 0.01
@@ -138,9 +138,11 @@ class ShmSendBuffer:
         return used
 
     def add_file(self, number: int, source: SpanFile) -> None:
-        """The program registered `source` under `number` (MTS_OP_FILE)."""
+        """The program registered `source` under `number` (MTS_OP_FILE).  An
+        interposer never registers a number twice; a program that does sends
+        its spans of that number from the new file."""
         old = self._files.pop(number, None)
-        if old is not None and not any(span[2] == number for span in self._spans):
+        if old is not None:
             old.close()
         self._files[number] = source
         self._forget_files()

@@ -193,10 +193,12 @@ struct mts_cmdq {
  * The stack reads the head before the span count, and takes bytes from the
  * file only through the kernel (a gather send) or pread, never from a
  * mapping in user space, so a file truncated under it is a reset, not a
- * fault.  Spans are worth their syscalls only for large sends.
+ * fault.  The stack keeps a socket's newest MTS_TX_FILES files (and any
+ * a span still needs); an interposer remembers as many, replaced oldest
+ * first, so that it never names one the stack let go.
  */
 #define MTS_TX_SPANS 8
-#define MTS_SPAN_MIN 16384
+#define MTS_TX_FILES 4
 
 struct mts_span {
     uint64_t pos;

@@ -262,28 +262,42 @@ static ssize_t file_to_tx(uint32_t slot, int in_fd, off_t *pos, size_t count)
     return (ssize_t)total;
 }
 
-/* This process's registration of a file with the stack, for one socket's
- * sendfile spans (see struct mts_span). */
+/* Spans pay for their system calls (an fstat per call, a registration per
+ * file and socket: a descriptor over the control socket and a command the
+ * stack answers) only where they save copying many bytes: a span takes at
+ * least SPAN_MIN bytes, and a file is registered for a send of at least
+ * SPAN_REGISTER_MIN. */
+#define SPAN_MIN (16 << 10)
+#define SPAN_REGISTER_MIN (256 << 10)
+
+/* This process's registrations of files with the stack for one socket's
+ * sendfile spans (see struct mts_span): the last MTS_TX_FILES, replaced
+ * oldest first, as the stack forgets them. */
 struct span_file {
     uint32_t generation; /* the slot's at registration: a reused slot starts over */
     uint32_t file;       /* its file number; SPAN_FILE_REFUSED: the stack will not map it */
     dev_t dev;
     ino_t ino;
 };
+struct socket_span_files {
+    struct span_file known[MTS_TX_FILES];
+    uint32_t registered; /* registrations kept so far: the next replaces known[registered % MTS_TX_FILES] */
+};
 #define SPAN_FILE_REFUSED UINT32_MAX
 
-static struct span_file *span_files; /* by slot id, allocated at first use */
-static int spans_unsupported;        /* the stack takes no spans (capture, impairment, TAP) */
+static struct socket_span_files *span_files; /* by slot id, allocated at first use */
+static int spans_unsupported;                /* the stack takes no spans (capture, impairment, TAP) */
 
 /* The number under which the stack holds in_fd's file for this socket,
- * registering it at first use; 0 when the bytes must be copied instead. */
-static uint32_t span_file_for(uint32_t slot, int in_fd, const struct stat *st)
+ * registering it for a send of `total` bytes or more; 0 when the bytes must
+ * be copied instead. */
+static uint32_t span_file_for(uint32_t slot, int in_fd, const struct stat *st, uint64_t total)
 {
     if (__atomic_load_n(&spans_unsupported, __ATOMIC_RELAXED))
         return 0;
-    struct span_file *table = __atomic_load_n(&span_files, __ATOMIC_ACQUIRE);
+    struct socket_span_files *table = __atomic_load_n(&span_files, __ATOMIC_ACQUIRE);
     if (!table) {
-        struct span_file *fresh = calloc(shim.geom.nslots, sizeof(*fresh));
+        struct socket_span_files *fresh = calloc(shim.geom.nslots, sizeof(*fresh));
         if (!fresh)
             return 0;
         if (__atomic_compare_exchange_n(&span_files, &table, fresh, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
@@ -292,10 +306,15 @@ static uint32_t span_file_for(uint32_t slot, int in_fd, const struct stat *st)
             free(fresh);
     }
     struct mts_slot *s = shim_slot(slot);
-    struct span_file *known = &table[slot];
+    struct socket_span_files *mine = &table[slot];
     uint32_t generation = __atomic_load_n(&s->generation, __ATOMIC_RELAXED);
-    if (known->generation == generation && known->dev == st->st_dev && known->ino == st->st_ino && known->file)
-        return known->file == SPAN_FILE_REFUSED ? 0 : known->file;
+    for (int i = 0; i < MTS_TX_FILES; i++) {
+        struct span_file *known = &mine->known[i];
+        if (known->generation == generation && known->dev == st->st_dev && known->ino == st->st_ino && known->file)
+            return known->file == SPAN_FILE_REFUSED ? 0 : known->file;
+    }
+    if (total < SPAN_REGISTER_MIN)
+        return 0;
     uint32_t file;
     do
         file = __atomic_add_fetch(&s->tx_file_next, 1, __ATOMIC_RELAXED);
@@ -306,8 +325,8 @@ static uint32_t span_file_for(uint32_t slot, int in_fd, const struct stat *st)
     if (result == -EOPNOTSUPP)
         __atomic_store_n(&spans_unsupported, 1, __ATOMIC_RELAXED);
     if (result == 0 || result == -EBADF)  /* other refusals (EAGAIN: not established) are for now only */
-        *known = (struct span_file){.generation = generation, .file = result ? SPAN_FILE_REFUSED : file,
-                                    .dev = st->st_dev, .ino = st->st_ino};
+        mine->known[mine->registered++ % MTS_TX_FILES] = (struct span_file){
+            .generation = generation, .file = result ? SPAN_FILE_REFUSED : file, .dev = st->st_dev, .ino = st->st_ino};
     return result ? 0 : file;
 }
 
@@ -319,7 +338,7 @@ static size_t file_span_to_tx(uint32_t slot, int in_fd, off_t *pos, size_t count
 {
     struct mts_slot *s = shim_slot(slot);
     uint64_t len = tx_room(s);
-    if (count < MTS_SPAN_MIN || len < MTS_SPAN_MIN)
+    if (count < SPAN_MIN || len < SPAN_MIN)
         return 0;
     uint32_t spans = s->tx_span_head;
     struct mts_span *record = &s->tx_spans[spans % MTS_TX_SPANS];
@@ -329,13 +348,12 @@ static size_t file_span_to_tx(uint32_t slot, int in_fd, off_t *pos, size_t count
     off_t at = pos ? *pos : lseek(in_fd, 0, SEEK_CUR);
     if (at < 0 || fstat(in_fd, &st) < 0 || !S_ISREG(st.st_mode) || st.st_size <= at)
         return 0;
-    if (len > count)
-        len = count;
-    if (len > (uint64_t)(st.st_size - at))
-        len = (uint64_t)(st.st_size - at);
-    if (len < MTS_SPAN_MIN)
+    uint64_t total = count < (uint64_t)(st.st_size - at) ? count : (uint64_t)(st.st_size - at);
+    if (len > total)
+        len = total;
+    if (len < SPAN_MIN)
         return 0;
-    uint32_t file = span_file_for(slot, in_fd, &st);
+    uint32_t file = span_file_for(slot, in_fd, &st, total);
     if (!file || (!pos && lseek(in_fd, at + (off_t)len, SEEK_SET) < 0))
         return 0;
     uint64_t head = s->tx.head;

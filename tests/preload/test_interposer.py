@@ -125,12 +125,12 @@ def test_end_of_stream_and_shutdown(run_probe):
     ]
 
 
-SENDFILE_TRACE = [
-    "sendfile 150000",
-    "offset 150000",
-    "sendfile_position 149847",
-    "file_position 150000",
-    "received 299847 pattern_ok 1",
+SENDFILE_TRACE = [     # large enough for the file to be registered (SPAN_REGISTER_MIN)
+    "sendfile 300000",
+    "offset 300000",
+    "sendfile_position 299945",
+    "file_position 300000",
+    "received 599945 pattern_ok 1",
 ]
 
 
@@ -154,6 +154,13 @@ def test_sendfile_leaves_the_bytes_in_the_file_where_the_stack_takes_spans(run_p
     assert run_probe.run("sendfile") == SENDFILE_TRACE
     assert stack.runtime.shm_counters["sendfile_files"] == files_before + 1   # one file, one socket
     assert sum(records) >= 4, records    # each call left spans, more than the 64 KiB ring holds at once
+
+
+def test_sendfile_registers_each_file_of_a_connection_once(run_probe, stack, monkeypatch):
+    monkeypatch.setattr(stack.sockets, "gathers", True)
+    files_before = stack.runtime.shm_counters["sendfile_files"]
+    assert run_probe.run("sendfile_files") == ["sendfile 301200"] * 3 + ["received 903600 pattern_ok 1"]
+    assert stack.runtime.shm_counters["sendfile_files"] == files_before + 2    # A, B, then A again from memory
 
 
 def test_epoll_level_edge_oneshot_and_kernel_fds(run_probe):

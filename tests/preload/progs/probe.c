@@ -318,7 +318,7 @@ static void eof(void)
  * pattern repeats). */
 static void sendfile_scenario(void)
 {
-    enum { SIZE = 150000, SECOND_FROM = SIZE % 251 };
+    enum { SIZE = 300000, SECOND_FROM = SIZE % 251 };
     char path[] = "/tmp/probe-sendfile-XXXXXX";
     int file = mkstemp(path);
     unlink(path);
@@ -345,6 +345,41 @@ static void sendfile_scenario(void)
     pthread_join(thread, NULL);
     out("received %zu pattern_ok %d", r.got, r.pattern_ok);
     close(file);
+    close(c);
+    close(a);
+}
+
+/* Two files, each sent whole in turn, A B A, on one connection: the
+ * interposer registers each once (their size is a multiple of the
+ * pattern's, so the reader sees one pattern). */
+static void sendfile_files_scenario(void)
+{
+    enum { SIZE = 251 * 1200 };
+    int files[2];
+    char *content = malloc(SIZE);
+    for (size_t i = 0; i < SIZE; i++)
+        content[i] = (char)(i % 251);
+    for (int f = 0; f < 2; f++) {
+        char path[] = "/tmp/probe-sendfile-XXXXXX";
+        files[f] = mkstemp(path);
+        unlink(path);
+        if (write(files[f], content, SIZE) != SIZE)
+            die("write file");
+    }
+    free(content);
+    int c, a;
+    connected_pair(&c, &a, 0);
+    struct reader r = {.fd = a, .want = 3 * SIZE};
+    pthread_t thread;
+    pthread_create(&thread, NULL, read_all, &r);
+    for (int turn = 0; turn < 3; turn++) {
+        off_t offset = 0;
+        step("sendfile", sendfile(c, files[turn % 2], &offset, SIZE));
+    }
+    pthread_join(thread, NULL);
+    out("received %zu pattern_ok %d", r.got, r.pattern_ok);
+    close(files[0]);
+    close(files[1]);
     close(c);
     close(a);
 }
@@ -771,6 +806,7 @@ int main(int argc, char **argv)
         void (*run)(void);
     } scenarios[] = {
         {"handshake", handshake}, {"data", data}, {"sndbuf", sndbuf},         {"eof", eof},         {"sendfile", sendfile_scenario},
+        {"sendfile_files", sendfile_files_scenario},
         {"epoll", epoll_scenario}, {"pollmix", pollmix},  {"blocking", blocking}, {"passthrough", passthrough},
         {"death", death},         {"refused", refused},   {"forkdup", forkdup}, {"protect", protect},
         {"privport", privport},   {"options", options},
