@@ -9,6 +9,7 @@ import os
 import pathlib
 import random
 import sys
+import time
 
 from .net import SERVER_PORT, HarnessError, curl_in_client, kernel_counters, link_fault_counters
 from .programs import ShimProgram, shim_lighttpd
@@ -16,6 +17,9 @@ from .programs import ShimProgram, shim_lighttpd
 # MTCPSHIM_LONG=1 selects the long variants: 256 MiB each way per fault.
 LONG = os.environ.get("MTCPSHIM_LONG") == "1"
 BODY_SIZE = (256 if LONG else 4) * 1024 * 1024
+# Longer than the injector holds a frame (delay and jitter of the fault
+# runs, reordering): what it counted on the way in has reached the stack.
+IMPAIR_SETTLE = 0.2
 
 # Client-side kernel counters worth reporting after a run (/proc/net/snmp, netstat).
 KERNEL_COUNTERS = ("Tcp.InSegs", "Tcp.OutSegs", "Tcp.RetransSegs", "Tcp.InCsumErrors",
@@ -95,6 +99,8 @@ def stack_sends(net, docroot: pathlib.Path, name: str, workdir: pathlib.Path,
         if result.returncode != 0:
             raise HarnessError(f"download from the stack failed: {result.stderr.decode().strip()}")
         seconds = float(result.stdout)
+        if impair:
+            time.sleep(IMPAIR_SETTLE)    # what the injector still holds reaches the stack first
         stack_counters = server.stats()
         kernel = counter_deltas(before, kernel_counters(net))
     return _finish("stack sends", docroot / name, received, seconds, stack_counters, kernel, net)
@@ -111,8 +117,9 @@ def stack_receives(net, kernel_url: str, docroot: pathlib.Path, name: str, workd
     snapshot = (f"import json, sys; sys.path.insert(0, {tests_dir!r}); "
                 f"from support.programs import stack_snapshot; "
                 f"print(json.dumps(stack_snapshot({net.srv_ns!r}, {net.srv_if!r})))")
+    settle = f"sleep {IMPAIR_SETTLE}; " if impair else ""    # see stack_sends
     script = (f"curl -sS --fail -m {timeout:.0f} -w '%{{time_total}}' -o {received} {kernel_url}/{name}"
-              f" > {time_file} || exit 1; exec {sys.executable} -c \"{snapshot}\" > {stat_file}")
+              f" > {time_file} || exit 1; {settle}exec {sys.executable} -c \"{snapshot}\" > {stat_file}")
     before = kernel_counters(net)
     client = ShimProgram(["sh", "-c", script], workdir / "curl-launcher.log", net, impair=impair)
     status = client.wait(timeout + 30)
