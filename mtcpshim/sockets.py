@@ -39,6 +39,7 @@ _ADDRESS_ARG_LIMIT = 1 << 48  # ip << 16 | port
 RELEASE_RINGS_AFTER = 64 << 10  # bytes through a slot's busier ring that make its pages worth a syscall
 _U64 = (1 << 64) - 1
 _MAX_KEEPALIVE_SECONDS, _MAX_KEEPCNT, _MAX_USER_TIMEOUT_MS = 32767, 127, (1 << 31) - 1
+_NO_ROOM_EPISODE_GAP = 10.0  # seconds with room between two logged episodes of unanswered SYNs
 
 
 class _NotAllocated(Exception):
@@ -95,7 +96,7 @@ class SocketTable:
         self.rings_released = 0                 # freed slots whose ring pages went back to the kernel
         self.program_pid = None                 # told by the launcher, for log lines
         self._log_limited = RateLimitedLog()    # a program corrupting in a loop must not flood the log
-        self._no_room = None                    # why SYNs go unanswered now, if they do (logged once)
+        self._no_room_at = float("-inf")        # when a SYN last went unanswered for want of room
 
     def __contains__(self, slot_id) -> bool:
         return slot_id in self._sockets
@@ -222,7 +223,8 @@ class SocketTable:
     def _has_room(self, listening: StackSocket, wanted: int) -> bool:
         """Whether `wanted` connections to `listening` completed now could
         be served: slots are free for them and its accept queue has room
-        below the backlog.  A change either way is logged once."""
+        below the backlog.  The first "no" of an episode is logged: room
+        comes and goes by the connection under load, the log line once."""
         waiting = self._accept_waiting(listening)
         if waiting is None:
             return False
@@ -231,12 +233,13 @@ class SocketTable:
         elif not lib.mts_slots_available(self.geom, self._owned_view, min(wanted, self.geom.nslots + 1)):
             full = f"no socket free for a new connection (of {self.geom.nslots})"
         else:
-            full = None
-        if full != self._no_room:
-            self._no_room = full
+            return True
+        now = time.monotonic()
+        if now - self._no_room_at > _NO_ROOM_EPISODE_GAP:
             log(f"{full}: SYNs go unanswered until there is room (clients retry), "
-                "as Linux leaves them when its accept queue is full" if full else "room for new connections again")
-        return full is None
+                "as Linux leaves them when its accept queue is full")
+        self._no_room_at = now
+        return False
 
     def _accept_slot(self, listening: StackSocket, remote_ip: int, remote_port: int):
         """A SYN arrived for `listening`: a slot for the new connection."""
