@@ -61,7 +61,7 @@ print(json.dumps({"first": first, "late_answered": sum(answered.values()), "late
 """
 
 
-def test_more_clients_than_sockets_are_served_in_turn_never_left_hanging(tmp_path):
+def test_more_clients_than_sockets_are_served_in_turn_never_left_hanging(test_network, tmp_path):
     docroot = tmp_path / "docroot"
     docroot.mkdir()
     with shim_lighttpd(docroot, tmp_path, options=("--sockets", str(SOCKETS))) as server:
