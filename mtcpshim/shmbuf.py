@@ -36,6 +36,7 @@ from mtcpshim.stack.wire.vnet import PayloadParts
 
 _U64 = (1 << 64) - 1
 _U32 = (1 << 32) - 1
+_OFF_T_MAX = (1 << 63) - 1
 _SPAN_SLOTS = lib.MTS_TX_SPANS
 FILES_KEPT = lib.MTS_TX_FILES  # file numbers a socket keeps registered (its program may send from them again)
 # How long a file's size is believed: a view of bytes a truncation took
@@ -160,7 +161,8 @@ class ShmSendBuffer:
         """Takes the span records the program wrote for bytes below `head`;
         False if one is impossible: more records than slots, a span that is
         empty, longer than the ring, over bytes already taken from the ring
-        (below `seen`) or another span, or from a file never registered."""
+        (below `seen`) or another span, from a file never registered, or
+        past the largest file offset."""
         slot, spans, files = self._slot, self._spans, self._files
         written = slot.tx_span_head
         if (written - self._spans_read) & _U32 > _SPAN_SLOTS:
@@ -169,7 +171,7 @@ class ShmSendBuffer:
             record = slot.tx_spans[self._spans_read % _SPAN_SLOTS]
             pos, length, number, offset = record.pos, record.len, record.file, record.offset
             floor = spans[-1][1] if spans else seen
-            if pos < floor or not 0 < length <= self._cap or number not in files:
+            if pos < floor or not 0 < length <= self._cap or number not in files or offset + length > _OFF_T_MAX:
                 return False
             end = pos + length
             if end > head:

@@ -451,7 +451,7 @@ class SocketTable:
         so_error = 0
         if happened & EV_ESTABLISHED:
             sock.events |= lib.MTS_EV_CONNECTED
-            if self.gathers:
+            if self.gathers and type(conn.send_buf) is ShmSendBuffer:   # not reset for corruption meanwhile
                 # The MSS only shrinks from here: a longer segment is always
                 # a SegmentedFrame, which the kernel gathers.
                 conn.send_buf.gather_min = conn.send_mss

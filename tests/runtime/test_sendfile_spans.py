@@ -157,7 +157,8 @@ def test_files_are_refused_where_the_link_reads_what_it_sends(content):
     dict(number=1, offset=0, length=0),                     # empty
     dict(number=1, offset=0, length=RING + 1),              # longer than the ring
     dict(number=1, offset=0, length=1000, pos_back=5),      # over bytes already taken from the ring
-], ids=["unregistered", "empty", "beyond-ring", "over-ring-bytes"])
+    dict(number=1, offset=(1 << 64) - 500, length=1000),    # past any file offset
+], ids=["unregistered", "empty", "beyond-ring", "over-ring-bytes", "beyond-off_t"])
 def test_an_impossible_span_record_resets_that_socket_only(world, content, record):
     slot, _, _ = connection(world)
     assert register(world, slot, content, 1) == 0

@@ -9,7 +9,7 @@ import socket
 
 from mtcpshim._shm import ffi, lib
 from mtcpshim.stack.storage import RingBuffer
-from world import hostile_storm, listening_socket, peer_connects
+from world import RING, STACK_IP, hostile_storm, listening_socket, peer_connects
 
 U32_MAX = (1 << 32) - 1
 
@@ -246,3 +246,29 @@ def test_the_log_names_the_program_and_the_launcher_s_end_stops_the_stack(world,
     world.now += world.runtime.HOUSEKEEPING_INTERVAL
     world.runtime.step(world.now)
     assert world.runtime.stopping and "the launcher is gone" in capsys.readouterr().err
+
+
+def test_a_connection_reset_for_corruption_as_its_handshake_completes_is_published_closed(world):
+    """Found by the fuzzer: the ACK that completes a handshake and a TX head
+    the program made impossible meet in one loop pass; the connection is
+    established and reset in the same pass, its rings already let go."""
+    world.runtime.sockets.gathers = True          # the establishment then touches the send buffer
+    listening_socket(world)
+    conn = world.peer.host.connect_ephemeral(STACK_IP, 8080, RingBuffer(RING), RingBuffer(RING), None,
+                                             world.now)
+    child = None
+    while child is None:                   # ARP, then the SYN: the stack answers it from a new slot
+        world.link.inbound.extend(world.peer.egress(world.now))
+        world.runtime.step(world.now)
+        child = next((i for i in world.runtime.sockets if i != 0), None)
+        world.peer.ingest(world.take_wire_frames(), world.now)            # ...its SYN-ACK included
+    lib.mts_slot_at(world.g, child).tx.head = 1 << 40                      # impossible
+    world.link.inbound.extend(world.peer.egress(world.now))               # the ACK
+    world.now += 0.001
+    world.runtime.step(world.now)
+    slot = lib.mts_slot_at(world.g, child)
+    assert counted(world, "sockets_reset") == 1
+    assert (slot.state, slot.so_error) == (lib.MTS_ST_CLOSED, errno.ECONNRESET)
+    world.settle()
+    assert conn.state.name == "CLOSED"     # our RST reached the peer
+    still_serves(world, 9091)
