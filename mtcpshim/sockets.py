@@ -21,7 +21,7 @@ from mtcpshim._shm import ffi, lib
 from mtcpshim.shmbuf import DETACHED, ShmRecvBuffer, ShmSendBuffer, SpanFile
 from mtcpshim.stacklog import RateLimitedLog, log
 from mtcpshim.stack.node import Node
-from mtcpshim.stack.tcp import EV_CLOSED, EV_ESTABLISHED, EV_PEER_FIN, EV_RESET, TcpState
+from mtcpshim.stack.tcp import EV_CLOSED, EV_ESTABLISHED, EV_PEER_FIN, EV_RESET, TcpConnection, TcpState
 
 _SLOT_STATE = {
     TcpState.SYN_SENT: lib.MTS_ST_CONNECTING,
@@ -97,6 +97,10 @@ class SocketTable:
         self.program_pid = None                 # told by the launcher, for log lines
         self._log_limited = RateLimitedLog()    # a program corrupting in a loop must not flood the log
         self._no_room_at = float("-inf")        # when a SYN last went unanswered for want of room
+        # Connections the program wrote to during this batch of commands:
+        # they send once the batch is done, so that a write followed by
+        # shutdown or close leaves as one segment carrying data and FIN.
+        self._writes_pending: dict[TcpConnection, None] = {}
 
     def __contains__(self, slot_id) -> bool:
         return slot_id in self._sockets
@@ -148,7 +152,16 @@ class SocketTable:
                 if sock is not None:
                     self._corrupted(sock, f"command {op} failed")
         self.commands += popped
+        self.send_written(now)
         return popped > 0
+
+    def send_written(self, now: float) -> None:
+        """Sends what the program wrote in the commands just run, one
+        output pass per connection (mTCP's batching of writes)."""
+        pending, self._writes_pending = self._writes_pending, {}
+        for conn in pending:
+            conn.send_ready(now)
+            self.host.collect(conn, now)
 
     def execute(self, op: int, slot_id: int, arg: int, now: float) -> None:
         """Runs one command as the program queued it: op and slot are
@@ -179,6 +192,7 @@ class SocketTable:
         for sock in self._sockets.values():
             if sock.conn is not None and not sock.quarantined and sock.slot.tx_pending:
                 self._tx(sock.slot_id, 0, now)
+        self.send_written(now)
 
     def _buffers(self, sock: StackSocket):
         """The TCP core's view of the socket's rings."""
@@ -290,8 +304,7 @@ class SocketTable:
         sock = self._sockets.get(slot_id)
         if sock is not None and (conn := sock.conn) is not None:
             lib.mts_tx_clear_pending(sock.slot)  # before the core looks at the ring
-            conn.send_ready(now)
-            self.host.collect(conn, now)
+            self._writes_pending[conn] = None
 
     def _rxwin(self, slot_id, arg, now):
         sock = self._sockets.get(slot_id)

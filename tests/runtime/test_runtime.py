@@ -7,6 +7,9 @@ import socket
 from mtcpshim._shm import ffi, lib
 from mtcpshim.runtime import Runtime
 from mtcpshim.stack.storage import RingBuffer
+from mtcpshim.stack.wire.ethernet import EthernetHeader
+from mtcpshim.stack.wire.ipv4 import Ipv4Header
+from mtcpshim.stack.wire.tcp import ACK, FIN, PSH, TcpSegment
 from world import PEER_IP, RING, STACK_IP, addr, listening_socket, peer_connects
 
 def test_passive_open_data_both_ways_and_close_frees_the_slot(world):
@@ -53,6 +56,33 @@ def test_passive_open_data_both_ways_and_close_frees_the_slot(world):
     assert world.runtime.stats()["runtime"]["rings_released"] == 1
     assert not any(bytes(ffi.buffer(lib.mts_tx_data(world.g, child), world.g.tx_size)))
     assert not any(bytes(ffi.buffer(lib.mts_rx_data(world.g, child), world.g.rx_size)))
+
+
+def _tcp_segments(frames):
+    segments = []
+    for frame in frames:
+        _, packet = EthernetHeader.parse(bytes(frame))
+        ip, payload = Ipv4Header.parse(packet)
+        segments.append(TcpSegment.parse(payload, ip.src, ip.dst))
+    return segments
+
+
+def test_a_write_then_shutdown_in_one_batch_leaves_as_one_segment_with_data_and_fin(world):
+    listener = listening_socket(world)
+    conn, (peer_tx, peer_rx) = peer_connects(world)
+    child = lib.mts_accept_pop(world.g, listener)
+    response = b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + b"x" * 64
+
+    # What lighttpd does with `Connection: close`: write, shutdown, close,
+    # all before the stack's next pass.
+    world.write(child, response)
+    world.command(lib.MTS_OP_SHUTDOWN, child, socket.SHUT_WR)
+    world.now += 0.001
+    world.runtime.step(world.now)
+
+    [segment] = _tcp_segments(world.take_wire_frames())
+    assert segment.flags == ACK | PSH | FIN
+    assert bytes(segment.payload) == response
 
 
 def test_active_open_refused_publishes_econnrefused(world):
