@@ -16,7 +16,9 @@ Cases:
             whole stack runtime (shared-memory region, Interface, TcpHost),
             as a keep-alive benchmark drives it: a request frame in, the
             application answers, a response frame out.  Only the runtime's
-            own steps are timed, not the peer or the application's side.
+            own steps are timed, not the peer or the application's side;
+  close     `Connection: close` through the whole runtime the same way:
+            handshake, request, response with FIN, the client's FIN.
 
 Segments are built before the clock starts, so only the core is measured
 (keepalive: requests per second instead of segments).
@@ -152,6 +154,7 @@ def bench_host_receive(count):
 LOCAL_MAC, REMOTE_MAC = bytes.fromhex("020000000002"), bytes.fromhex("020000000001")
 HTTP_PORT = 8080
 KEEPALIVE_CONNECTIONS = 64
+PEER_BUFFER = 64 * 1024
 REQUEST = b"GET /small.txt HTTP/1.1\r\nHost: 198.18.0.2:8080\r\n\r\n"
 RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 64\r\n\r\n" + b"x" * 63 + b"\n"
 
@@ -161,15 +164,17 @@ class _MemoryLink:
 
     def __init__(self):
         self.inbound, self.outbound = [], []
-        self._fd = os.eventfd(0, os.EFD_NONBLOCK)
+        self._fds = os.pipe()             # never readable: a fd for poll() (PyPy 3.9 has no os.eventfd)
 
     def filenos(self):
-        return (self._fd,)
+        return self._fds[:1]
 
     def close(self):
-        os.close(self._fd)
+        for fd in self._fds:
+            os.close(fd)
 
     rx_vouched = None
+    gathers_payload = False
 
     def recv_batch(self, max_frames):
         batch, self.inbound = self.inbound[:max_frames], self.inbound[max_frames:]
@@ -180,85 +185,157 @@ class _MemoryLink:
         return len(frames)
 
 
-def bench_keepalive(count):
-    region = Region.create(RegionSize(nslots=2 * KEEPALIVE_CONNECTIONS, nwaiters=4,
-                                      cmd_capacity=1024, rx_size=64 * 1024, tx_size=64 * 1024),
-                           LOCAL_IP, 24)
-    geom = region.geom
-    stack_ctl, app_ctl = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-    link = _MemoryLink()
-    wake_fd = os.eventfd(0, os.EFD_NONBLOCK)
-    runtime = Runtime(region, link, Node(Interface(LOCAL_MAC, LOCAL_IP, 24), TcpHost(LOCAL_IP, CONFIG)),
-                      stack_ctl.detach(), wake_fd)
-    peer = Node(Interface(REMOTE_MAC, REMOTE_IP, 24), TcpHost(REMOTE_IP))
-    clock = [1000.0]
-    timed = [0.0]
+class _RuntimeRig:
+    """The whole stack runtime (shared region, Interface, TcpHost) against
+    a peer node over lists of frames, the application's side played with
+    the interposer's ring operations.  Only the runtime's steps are timed."""
 
-    def stack_step():
-        clock[0] += 0.0001
+    def __init__(self, slots):
+        self.region = Region.create(RegionSize(nslots=slots, nwaiters=4, cmd_capacity=1024,
+                                               rx_size=64 * 1024, tx_size=64 * 1024), LOCAL_IP, 24)
+        self.geom = self.region.geom
+        stack_ctl, self.app_ctl = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.link = _MemoryLink()
+        self.wake_fds = os.pipe()
+        self.runtime = Runtime(self.region, self.link,
+                               Node(Interface(LOCAL_MAC, LOCAL_IP, 24), TcpHost(LOCAL_IP, CONFIG)),
+                               stack_ctl.detach(), self.wake_fds[0])
+        self.peer = Node(Interface(REMOTE_MAC, REMOTE_IP, 24), TcpHost(REMOTE_IP))
+        self.now = 1000.0
+        self.timed = 0.0
+        self.scratch = ffi.new("uint8_t[]", 4096)
+
+    def stack_step(self):
+        self.now += 0.0001
         start = time.process_time()
-        runtime.step(clock[0])
-        timed[0] += time.process_time() - start
+        self.runtime.step(self.now)
+        self.timed += time.process_time() - start
 
-    def peer_exchange():
-        now = clock[0]
-        frames, link.outbound = link.outbound, []
-        peer.ingest(frames, now)
-        link.inbound.extend(bytes(frame) for frame in peer.egress(now))
+    def peer_exchange(self):
+        frames, self.link.outbound = self.link.outbound, []
+        self.peer.ingest(frames, self.now)
+        self.link.inbound.extend(bytes(frame) for frame in self.peer.egress(self.now))
 
-    def command(op, slot, arg=0):
-        assert lib.mts_cmd_push(geom, op, slot, arg) == 0
+    def command(self, op, slot, arg=0):
+        assert lib.mts_cmd_push(self.geom, op, slot, arg) == 0
 
-    listener = lib.mts_slot_alloc(geom, ffi.NULL)
-    lib.mts_slot_at(geom, listener).refcnt = 1
-    command(lib.MTS_OP_BIND, listener, HTTP_PORT)
-    command(lib.MTS_OP_LISTEN, listener, KEEPALIVE_CONNECTIONS)
+    def listen(self, backlog):
+        listener = lib.mts_slot_alloc(self.geom, ffi.NULL)
+        lib.mts_slot_at(self.geom, listener).refcnt = 1
+        self.command(lib.MTS_OP_BIND, listener, HTTP_PORT)
+        self.command(lib.MTS_OP_LISTEN, listener, backlog)
+        return listener
+
+    def connect(self):
+        return self.peer.host.connect_ephemeral(LOCAL_IP, HTTP_PORT, RingBuffer(PEER_BUFFER),
+                                                RingBuffer(PEER_BUFFER), None, self.now)
+
+    def serve(self, child):
+        """The application reads the request and queues the response."""
+        geom, slot = self.geom, lib.mts_slot_at(self.geom, child)
+        got = lib.mts_ring_read(ffi.addressof(slot.rx), lib.mts_rx_data(geom, child), geom.rx_size,
+                                self.scratch, 4096)
+        assert got == len(REQUEST), "a request went missing"
+        if lib.mts_rx_take_notify(slot):
+            self.command(lib.MTS_OP_RXWIN, child)
+        lib.mts_ring_write(ffi.addressof(slot.tx), lib.mts_tx_data(geom, child), geom.tx_size,
+                           RESPONSE, len(RESPONSE))
+        slot.tx_pending = 1
+        self.command(lib.MTS_OP_TX, child)
+
+    def close(self):
+        self.runtime.waiters.ctl.close()
+        self.app_ctl.close()
+        for fd in self.wake_fds:
+            os.close(fd)
+        self.link.close()
+
+
+def bench_keepalive(count):
+    rig = _RuntimeRig(2 * KEEPALIVE_CONNECTIONS)
+    listener = rig.listen(KEEPALIVE_CONNECTIONS)
     peers = []
     for _ in range(KEEPALIVE_CONNECTIONS):
         # One at a time: the first waits for ARP, whose queue is short.
-        peers.append(peer.host.connect_ephemeral(LOCAL_IP, HTTP_PORT, RingBuffer(BUFFER),
-                                                 RingBuffer(BUFFER), None, clock[0]))
+        peers.append(rig.connect())
         for _ in range(3):
-            peer_exchange()
-            stack_step()
+            rig.peer_exchange()
+            rig.stack_step()
     children = []
-    while (child := lib.mts_accept_pop(geom, listener)) >= 0:
+    while (child := lib.mts_accept_pop(rig.geom, listener)) >= 0:
         children.append(child)
     assert len(children) == KEEPALIVE_CONNECTIONS, "the handshakes did not complete"
-    rings = [(ffi.addressof(lib.mts_slot_at(geom, child).rx), lib.mts_rx_data(geom, child),
-              ffi.addressof(lib.mts_slot_at(geom, child).tx), lib.mts_tx_data(geom, child),
-              lib.mts_slot_at(geom, child), child) for child in children]
-    scratch = ffi.new("uint8_t[]", 4096)
 
-    timed[0] = 0.0
+    rig.timed = 0.0
     served = 0
     while served < count:
         for conn in peers:
             conn.send_buf.write(REQUEST)
-            conn.send_ready(clock[0])
-            peer.host.collect(conn, clock[0])
-        peer_exchange()
-        stack_step()
-        for rx, rx_data, tx, tx_data, slot, child in rings:
-            got = lib.mts_ring_read(rx, rx_data, geom.rx_size, scratch, 4096)
-            assert got == len(REQUEST), "a request went missing"
-            if lib.mts_rx_take_notify(slot):
-                command(lib.MTS_OP_RXWIN, child)
-            lib.mts_ring_write(tx, tx_data, geom.tx_size, RESPONSE, len(RESPONSE))
-            slot.tx_pending = 1
-            command(lib.MTS_OP_TX, child)
-        stack_step()
-        peer_exchange()
+            conn.send_ready(rig.now)
+            rig.peer.host.collect(conn, rig.now)
+        rig.peer_exchange()
+        rig.stack_step()
+        for child in children:
+            rig.serve(child)
+        rig.stack_step()
+        rig.peer_exchange()
         for conn in peers:
             conn.recv_buf.read(len(conn.recv_buf))
-            conn.recv_consumed(clock[0])
-            peer.host.collect(conn, clock[0])
+            conn.recv_consumed(rig.now)
+            rig.peer.host.collect(conn, rig.now)
         served += len(peers)
-    runtime.waiters.ctl.close()
-    app_ctl.close()
-    os.close(wake_fd)
-    link.close()
-    return served / timed[0]
+    rig.close()
+    return served / rig.timed
+
+
+def bench_close(count):
+    """`Connection: close` rounds of 64 clients: handshake, request,
+    response with FIN, the client's FIN, TIME_WAIT (which the stack keeps)."""
+    rig = _RuntimeRig(4 * KEEPALIVE_CONNECTIONS)
+    listener = rig.listen(KEEPALIVE_CONNECTIONS)
+    rig.stack_step()
+    rig.connect()                         # ARP resolved once, outside the clock
+    for _ in range(8):
+        rig.peer_exchange()
+        rig.stack_step()
+    while lib.mts_accept_pop(rig.geom, listener) >= 0:
+        pass
+    rig.timed = 0.0
+    served = 0
+    while served < count:
+        peers = [rig.connect() for _ in range(KEEPALIVE_CONNECTIONS)]
+        rig.peer_exchange()                # SYNs
+        rig.stack_step()                   # SYN-ACKs
+        for conn in peers:
+            conn.send_buf.write(REQUEST)
+        rig.peer_exchange()                # ACKs, then the requests
+        for conn in peers:
+            conn.send_ready(rig.now)
+            rig.peer.host.collect(conn, rig.now)
+        rig.stack_step()
+        rig.peer_exchange()
+        rig.stack_step()
+        children = []
+        while (child := lib.mts_accept_pop(rig.geom, listener)) >= 0:
+            children.append(child)
+        assert len(children) == len(peers), "a handshake did not complete"
+        for child in children:
+            rig.serve(child)
+            rig.command(lib.MTS_OP_SHUTDOWN, child, socket.SHUT_WR)
+            lib.mts_slot_at(rig.geom, child).refcnt = 0
+            rig.command(lib.MTS_OP_CLOSE, child)
+        rig.stack_step()                   # data and FIN
+        rig.peer_exchange()
+        for conn in peers:
+            conn.recv_buf.read(len(conn.recv_buf))
+            conn.close(rig.now)
+            rig.peer.host.collect(conn, rig.now)
+        rig.peer_exchange()                # the clients' FINs
+        rig.stack_step()                   # TIME_WAIT, the last ACKs
+        rig.peer_exchange()
+        served += len(peers)
+    rig.close()
+    return served / rig.timed
 
 
 def main():
@@ -270,11 +347,12 @@ def main():
     args = parser.parse_args()
     CONFIG.congestion = args.congestion
     for name, case in (("receive", bench_receive), ("send", bench_send),
-                       ("host-rx", bench_host_receive), ("keepalive", bench_keepalive)):
+                       ("host-rx", bench_host_receive), ("keepalive", bench_keepalive),
+                       ("close", bench_close)):
         if args.case and name not in args.case:
             continue
         best = max(case(args.segments) for _ in range(args.repeat))
-        unit = "requests" if name == "keepalive" else "segments"
+        unit = "requests" if name in ("keepalive", "close") else "segments"
         print(f"{name:9} {best / 1000:8.1f} k {unit}/s")
 
 
