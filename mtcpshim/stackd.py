@@ -127,7 +127,7 @@ def _build_runtime(args, region):
     from mtcpshim.stack.iface import Interface
     from mtcpshim.stack.node import Node
     from mtcpshim.stack.io.pcap import PcapWriter
-    from mtcpshim.stack import cc
+    from mtcpshim.stack import cc, timewait
     from mtcpshim.stack.tcp import TcpConfig
 
     io, cleanup = _open_packet_io(args)
@@ -149,7 +149,8 @@ def _build_runtime(args, region):
         print(f"mtcpshim: the kernel's default congestion control {not_offered} is not offered by "
               f"the stack; using {congestion}", file=sys.stderr)
     region.publish_congestion(congestion)
-    node = Node(iface, TcpHost(ip, TcpConfig(gso_max_size=io.gso_max_size, congestion=congestion)))
+    node = Node(iface, TcpHost(ip, TcpConfig(gso_max_size=io.gso_max_size, congestion=congestion,
+                                             max_time_wait=timewait.host_limit(TcpConfig.max_time_wait))))
     runtime = Runtime(region, io, node, args.ctl_fd, args.wake_fd,
                       pcap=pcap, spin_seconds=args.spin_us / 1e6, stats_listener=stats,
                       launcher_fd=args.launcher_fd)

@@ -113,7 +113,7 @@ class TcpHost:
         self.listeners: dict[int, Listener] = {}
         self.bound_ports: set[int] = set()
         self.connections: dict[tuple[int, int, int], TcpConnection] = {}  # (local_port, remote_ip, remote_port)
-        self.time_waits = TimeWaitTable(self.config.time_wait)  # same keys, after TIME_WAIT begins
+        self.time_waits = TimeWaitTable(self.config.time_wait, self.config.max_time_wait)  # same keys
         self.touched: set[TcpConnection] = set()  # connections with events for the caller
         self.counters: dict[str, int] = {}
         self.recovery_counts = collections.Counter()  # every connection's loss recovery events
@@ -420,10 +420,13 @@ class TcpHost:
 
     def _retire(self, conn: TcpConnection, now: float) -> None:
         """A connection entering TIME_WAIT leaves the table for a compact
-        record; its owner may still hold the object until it closes."""
+        record; its owner may still hold the object until it closes.  With
+        the records at their limit it leaves without one, as Linux's does
+        past tcp_max_tw_buckets: a late segment of it is answered by a RST."""
         key = (conn.local_port, conn.remote_ip, conn.remote_port)
         if self.connections.get(key) is conn:
-            self.time_waits.add(conn, now)
+            if not self.time_waits.add(conn, now):
+                self.count("tcp_time_wait_overflow")
             self._forget(conn)
 
     def _forget(self, conn: TcpConnection) -> None:

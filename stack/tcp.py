@@ -83,6 +83,8 @@ class TcpConfig:
     timestamps = True
     sack = True
     time_wait = 60.0             # seconds in TIME_WAIT (2 MSL, as Linux)
+    max_time_wait = 131072       # TIME_WAIT records a host keeps; past it a connection
+                                 # closes at once (Linux tcp_max_tw_buckets)
     fin_wait2_timeout = 60.0     # FIN_WAIT_2 after close() (Linux tcp_fin_timeout)
     delayed_ack = 0.040
     initial_rto = 1.0

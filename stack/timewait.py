@@ -18,12 +18,26 @@ _MASK = 0xFFFFFFFF
 # TimeWaitTable.receive's answer when a new SYN may reuse the 4-tuple.
 REINCARNATE = object()
 
+_HOST_LIMIT = "/proc/sys/net/ipv4/tcp_max_tw_buckets"
+
+
+def host_limit(default: int, path: str = _HOST_LIMIT) -> int:
+    """The kernel's limit on TIME_WAIT sockets in this network namespace,
+    which a server's operator tunes for the kernel's stack; `default` if
+    it cannot be read."""
+    try:
+        with open(path) as sysctl:
+            return max(int(sysctl.read()), 0)
+    except (OSError, ValueError):
+        return default
+
 
 class TimeWaitTable:
     """Records keyed by (local_port, remote_ip, remote_port)."""
 
-    def __init__(self, duration: float):
+    def __init__(self, duration: float, limit: int):
         self.duration = duration
+        self.limit = limit
         self._records: dict[tuple[int, int, int], tuple] = {}
         self._expiry: collections.deque = collections.deque()  # (expires, key), oldest first
 
@@ -33,13 +47,17 @@ class TimeWaitTable:
     def __contains__(self, key) -> bool:
         return key in self._records
 
-    def add(self, conn, now: float) -> None:
-        """Takes over `conn`, which has just entered TIME_WAIT."""
+    def add(self, conn, now: float) -> bool:
+        """Takes over `conn`, which has just entered TIME_WAIT; False if the
+        table is full (the caller lets the connection close at once)."""
+        if len(self._records) >= self.limit:
+            return False
         key = (conn.local_port, conn.remote_ip, conn.remote_port)
         snd_nxt, rcv_nxt, window, ts_recent, ts_offset = conn.time_wait_fields()
         expires = now + self.duration
         self._records[key] = (expires, snd_nxt, rcv_nxt, window, ts_recent, ts_offset)
         self._expiry.append((expires, key))
+        return True
 
     def receive(self, key, seg: TcpSegment, now: float):
         """A segment for a TIME_WAIT 4-tuple.  Returns None to drop it, the

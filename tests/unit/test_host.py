@@ -345,13 +345,51 @@ def test_time_wait_records_expire():
         def time_wait_fields(self):
             return (10, 20, 100, None, 0)
 
-    table = TimeWaitTable(60.0)
+    table = TimeWaitTable(60.0, limit=10)
     table.add(Closed(), now=0.0)
     assert table.next_deadline() == 60.0
     table.expire(59.9)
     assert len(table) == 1
     table.expire(60.0)
     assert len(table) == 0 and table.next_deadline() is None
+
+
+def test_past_the_time_wait_limit_a_connection_closes_without_a_record():
+    from mtcpshim.stack.storage import RingBuffer
+    from mtcpshim.stack.tcp import TcpConfig, TcpState
+    from mtcpshim.stack.wire.tcp import ACK, FIN, RST, SYN, TcpSegment
+
+    server_ip, client_ip, now = 0xC6120002, 0xC6120001, 100.0
+    server = TcpHost(server_ip, TcpConfig(max_time_wait=2))
+    server.listen(80, 4, lambda ip, port: (RingBuffer(4096), RingBuffer(4096), None))
+
+    def client_sends(port, seq, ack, flags):
+        segment = TcpSegment(port, 80, seq, ack, flags, 65535, mss=1460 if flags & SYN else None)
+        server.receive(client_ip, server_ip, segment.emit(client_ip, server_ip), now)
+        return [TcpSegment.parse(header, server_ip, client_ip, verify_checksum=False)
+                for _, header, _, _ in server.take_output()]
+
+    def server_closes_first(port):
+        (syn_ack,) = client_sends(port, 1000, 0, SYN)
+        iss = syn_ack.seq
+        client_sends(port, 1001, iss + 1, ACK)
+        conn = server.connections[(80, client_ip, port)]
+        conn.close(now)                               # FIN
+        server.collect(conn, now)
+        server.take_output()
+        (last_ack,) = client_sends(port, 1001, iss + 2, FIN | ACK)
+        assert last_ack.flags == ACK and conn.state == TcpState.TIME_WAIT
+        assert (80, client_ip, port) not in server.connections
+        return iss
+
+    for port in (40000, 40001):
+        server_closes_first(port)
+    assert len(server.time_waits) == 2
+    iss = server_closes_first(40002)                  # one over the limit: no record, counted
+    assert len(server.time_waits) == 2
+    assert server.counters["tcp_time_wait_overflow"] == 1
+    (reply,) = client_sends(40002, 1001, iss + 2, FIN | ACK)  # its retransmitted FIN: nobody home
+    assert reply.flags & RST
 
 
 # -- timers -------------------------------------------------------------------
