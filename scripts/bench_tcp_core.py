@@ -215,6 +215,7 @@ class _RuntimeRig:
         frames, self.link.outbound = self.link.outbound, []
         self.peer.ingest(frames, self.now)
         self.link.inbound.extend(bytes(frame) for frame in self.peer.egress(self.now))
+        self.peer.host.touched.clear()     # the peer's events have no reader here
 
     def command(self, op, slot, arg=0):
         assert lib.mts_cmd_push(self.geom, op, slot, arg) == 0
