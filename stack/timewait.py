@@ -19,6 +19,7 @@ _MASK = 0xFFFFFFFF
 REINCARNATE = object()
 
 _HOST_LIMIT = "/proc/sys/net/ipv4/tcp_max_tw_buckets"
+_STALE_SLACK = 1024  # stale expiry entries tolerated beyond the records' count
 
 
 def host_limit(default: int, path: str = _HOST_LIMIT) -> int:
@@ -38,8 +39,10 @@ class TimeWaitTable:
     def __init__(self, duration: float, limit: int):
         self.duration = duration
         self.limit = limit
+        # Insertion order is expiry order: every record lives `duration`.
         self._records: dict[tuple[int, int, int], tuple] = {}
         self._expiry: collections.deque = collections.deque()  # (expires, key), oldest first
+        self._stale = 0  # entries of _expiry whose record went early (a reincarnated 4-tuple)
 
     def __len__(self) -> int:
         return len(self._records)
@@ -55,6 +58,8 @@ class TimeWaitTable:
         key = (conn.local_port, conn.remote_ip, conn.remote_port)
         snd_nxt, rcv_nxt, window, ts_recent, ts_offset = conn.time_wait_fields()
         expires = now + self.duration
+        if key in self._records:           # keep insertion order = expiry order
+            self._drop(key)
         self._records[key] = (expires, snd_nxt, rcv_nxt, window, ts_recent, ts_offset)
         self._expiry.append((expires, key))
         return True
@@ -68,7 +73,7 @@ class TimeWaitTable:
         if flags & RST:
             return None                    # RFC 1337: no assassination
         if flags & (SYN | ACK) == SYN and seq_gt(seg.seq, rcv_nxt):
-            del self._records[key]         # RFC 9293 3.6.1, as Linux does
+            self._drop(key)                # RFC 9293 3.6.1, as Linux does
             return REINCARNATE
         # Anything else, the peer's retransmitted FIN above all, gets the
         # final ACK again.
@@ -85,5 +90,19 @@ class TimeWaitTable:
         while expiry and expiry[0][0] <= now:
             expires, key = expiry.popleft()
             record = records.get(key)
-            if record is not None and record[0] == expires:  # not reincarnated meanwhile
+            if record is not None and record[0] == expires:
                 del records[key]
+            else:
+                self._stale -= 1
+
+    def _drop(self, key) -> None:
+        """Forgets a record before its time.  Its expiry entry stays behind;
+        a client that reuses its ports at once (wrk: every second or so)
+        would leave a minute of such entries, hundreds of MB at 20,000
+        connections a second, so once they outnumber the records the queue
+        is rebuilt from the records, which are in expiry order."""
+        del self._records[key]
+        self._stale += 1
+        if self._stale > len(self._records) + _STALE_SLACK:
+            self._expiry = collections.deque((record[0], key) for key, record in self._records.items())
+            self._stale = 0

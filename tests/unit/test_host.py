@@ -392,6 +392,37 @@ def test_past_the_time_wait_limit_a_connection_closes_without_a_record():
     assert reply.flags & RST
 
 
+def test_reincarnated_time_wait_records_leave_no_backlog_of_expiries():
+    # A client that reuses its ports at once (wrk) takes over each 4-tuple
+    # long before its record would expire: what the table holds follows
+    # the records alive, not every record of the last minute.
+    from mtcpshim.stack.timewait import REINCARNATE, TimeWaitTable
+    from mtcpshim.stack.wire.tcp import SYN, TcpSegment
+
+    class Closed:
+        local_port, remote_ip = 80, 1
+
+        def __init__(self, remote_port):
+            self.remote_port = remote_port
+
+        def time_wait_fields(self):
+            return (10, 20, 100, None, 0)
+
+    table = TimeWaitTable(60.0, limit=100_000)
+    now = 0.0
+    for n in range(50_000):
+        port = 40000 + n % 100
+        key = (80, 1, port)
+        if key in table:
+            assert table.receive(key, TcpSegment(port, 80, 1000, 0, SYN, 65535), now) is REINCARNATE
+        table.add(Closed(port), now)
+        now += 0.0001
+    assert len(table) == 100
+    assert len(table._expiry) <= 2 * len(table) + 1024
+    table.expire(now + 60.0)                  # and the records still expire, all of them
+    assert len(table) == 0 and table.next_deadline() is None
+
+
 # -- timers -------------------------------------------------------------------
 
 def test_short_connections_leave_no_timer_entries_behind():
