@@ -420,6 +420,7 @@ long nf_send_frames(int fd, const uint8_t *address, uint32_t address_len, int vn
                 .msg_iov = iov[i], .msg_iovlen = parts}};
         }
         int done = sendmmsg(fd, messages, batch, MSG_DONTWAIT);
+        stats->tx_syscalls++;
         if (done > 0) {
             /* A short count: the next call meets the failing frame first. */
             sent += (unsigned)done;

@@ -94,6 +94,7 @@ struct nf_ring_stats {
     uint64_t rx_csum_vouched; /* checksum left to offload or checked by the NIC: not summed */
     uint64_t tx_busy;         /* the device queue was full (EAGAIN, ENOBUFS): frame dropped */
     uint64_t tx_rejected;     /* the kernel refused a frame (EMSGSIZE, EINVAL) */
+    uint64_t tx_syscalls;     /* sendmmsg calls made */
 };
 
 /* Walks two RX rings from their cursors over slots the kernel has handed to

@@ -265,6 +265,7 @@ class AfPacketIO:
         parts = ((frame.vnet_header(), frame.headers, *payload.parts) if type(payload) is PayloadParts
                  else (frame.vnet_header(), frame.headers, payload))
         sent = native.send_parts(self._gso_sock.fileno(), self._gso_address, parts)
+        self._stats.tx_syscalls += 1
         if sent >= 0:
             self._tx_segmented += 1
             return 1
@@ -299,7 +300,7 @@ class AfPacketIO:
         return {"rx_kernel_drops": self._rx_kernel_drops,
                 "rx_truncated": stats.rx_truncated, "rx_merged": stats.rx_merged,
                 "rx_csum_vouched": stats.rx_csum_vouched,
-                "tx_busy": stats.tx_busy, "tx_rejected": stats.tx_rejected,
+                "tx_busy": stats.tx_busy, "tx_rejected": stats.tx_rejected, "tx_syscalls": stats.tx_syscalls,
                 "tx_segmented": self._tx_segmented, "tx_payload_gone": self._tx_payload_gone}
 
     def close(self) -> None:

@@ -265,4 +265,4 @@ def test_stat_reports_the_stack_s_cpu_per_packet_per_command_and_per_loop(world)
     assert cost["cpu_ms"] >= 0
     assert {"cpu_ns_per_packet", "cpu_ns_per_command", "cpu_ns_per_loop"} <= cost.keys()
     assert all(cost[name] > 0 for name in ("cpu_ns_per_packet", "cpu_ns_per_command", "cpu_ns_per_loop"))
-    assert {"wakeups_per_1000_packets", "sleeps_per_1000_packets"} <= cost.keys()
+    assert {"wakeups_per_1000_packets", "sleeps_per_1000_packets", "syscalls_per_1000_packets"} <= cost.keys()
