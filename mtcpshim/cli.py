@@ -5,6 +5,7 @@ import os
 import sys
 
 from mtcpshim import testnet
+from mtcpshim.launcher import DEFAULT_SPIN_US
 from mtcpshim.stack import cc as congestion_control
 
 USAGE_ERROR = 2
@@ -89,8 +90,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--pcap", metavar="FILE", help="write every frame the stack sends and receives")
     run.add_argument("--profile", metavar="FILE",
                      help="profile the stack's loop, written to FILE when it stops (python3 -m pstats FILE)")
-    run.add_argument("--spin-us", type=float, default=0.0,
-                     help="microseconds the idle stack polls before it sleeps (default 0)")
+    run.add_argument("--spin-us", type=float, default=DEFAULT_SPIN_US,
+                     help="microseconds the idle stack polls before it sleeps (default %(default)g)")
     run.add_argument("--impair", type=_impairment, metavar="SPEC",
                      help="seeded faults on the stack's frames, e.g. loss=1%%,dup=1%%,reorder=25%%,"
                           "corrupt=0.1%%,delay=20ms,jitter=10ms,seed=7,dir=rx|tx|both")
