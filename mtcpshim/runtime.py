@@ -239,6 +239,7 @@ class Runtime:
             "connections": dict(states),
             "shm": dict(self.shm_counters),
             "slots_in_use": len(self.sockets),
+            "sockets": self.sockets.census(),
             "waiters": len(self.waiters),
         }
 

@@ -114,6 +114,23 @@ class SocketTable:
     def __len__(self) -> int:
         return len(self._sockets)
 
+    def census(self) -> dict[str, int]:
+        """Sockets by who holds them and their connection's state: a slot
+        still in use after its program is done shows here as held by the
+        program (it never closed) or by the stack (its connection has not
+        finished)."""
+        counts: collections.Counter = collections.Counter()
+        for sock in self._sockets.values():
+            holder = "stack" if sock.app_closed else "program"
+            if sock.listener is not None:
+                what = "LISTEN"
+            elif sock.conn is None:
+                what = "no connection"
+            else:
+                what = sock.conn.state.name
+            counts[f"{holder}: {what}"] += 1
+        return dict(counts)
+
     @property
     def cmd_position(self) -> int:
         """Where the stack reads the command queue next (for the sleep protocol)."""

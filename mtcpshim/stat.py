@@ -10,6 +10,7 @@ SECTIONS = (("runtime", "Stack loop"), ("cost", "Stack CPU since start, per unit
             ("tcp", "TCP drops and errors"), ("tcp_recovery", "TCP loss recovery"),
             ("congestion", "TCP congestion control, open connections"),
             ("connections", "TCP connections by state"),
+            ("sockets", "Stack sockets, by holder (the program, or the stack after close) and state"),
             ("shm", "Shared region: what the program wrote that was refused or reset"))
 
 

@@ -158,6 +158,7 @@ EV_WRITABLE = 0x04      # an ACK freed send-buffer space
 EV_PEER_FIN = 0x08      # the peer closed its side: EOF after the buffered data
 EV_RESET = 0x10         # reset, refused or timed out; `error` holds the errno
 EV_CLOSED = 0x20        # finished: the runtime can forget the connection
+EV_FIN_ACKED = 0x40     # our FIN was acknowledged: nothing of ours is left to send
 
 
 class ChallengeAckLimiter:
@@ -952,13 +953,17 @@ class TcpConnection:
 
         fin_seq = self._fin_seq
         if fin_seq is not None and self.snd_una == (fin_seq + 1) & _MASK:
+            # The owner frees what sending needed (a closed socket's rings)
+            # on an event, and an ACK of the FIN alone frees no data.
             state = self.state
             if state == FIN_WAIT_1:
                 self.state = FIN_WAIT_2
+                self.events |= EV_FIN_ACKED
                 if self._orphaned:
                     self.timers.linger = self._now + self.config.fin_wait2_timeout
             elif state == CLOSING:
                 self._enter_time_wait()
+                self.events |= EV_FIN_ACKED
             elif state == LAST_ACK:
                 self._enter_closed()
         return True

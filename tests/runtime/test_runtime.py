@@ -85,6 +85,46 @@ def test_a_write_then_shutdown_in_one_batch_leaves_as_one_segment_with_data_and_
     assert bytes(segment.payload) == response
 
 
+def test_stat_counts_sockets_by_holder_and_state(world):
+    listener = listening_socket(world)
+    peer_connects(world)
+    child = lib.mts_accept_pop(world.g, listener)
+    assert world.runtime.stats()["sockets"] == {"program: LISTEN": 1, "program: ESTABLISHED": 1}
+
+    lib.mts_slot_at(world.g, child).refcnt = 0
+    world.command(lib.MTS_OP_CLOSE, child)
+    world.now += 0.001
+    world.runtime.step(world.now)                 # our FIN is out, not yet acknowledged
+    assert world.runtime.stats()["sockets"] == {"program: LISTEN": 1, "stack: FIN_WAIT_1": 1}
+    world.settle()                                # acknowledged: the slot is free
+    assert world.runtime.stats()["sockets"] == {"program: LISTEN": 1}
+
+
+def test_a_closed_socket_is_freed_when_the_fins_cross(world):
+    # wrk ends a run by closing connections whose answer (data and FIN) is
+    # on its way: both FINs cross, we go CLOSING, then TIME_WAIT when ours
+    # is acknowledged.  That step frees the slot, though it frees no data.
+    listener = listening_socket(world)
+    conn, _ = peer_connects(world)
+    child = lib.mts_accept_pop(world.g, listener)
+    lib.mts_slot_at(world.g, child).refcnt = 0
+    world.command(lib.MTS_OP_CLOSE, child)
+    world.now += 0.001
+    world.runtime.step(world.now)
+    our_fin = world.take_wire_frames()                # on its way, not there yet
+    conn.close(world.now)                             # the peer closes meanwhile
+    world.peer.host.collect(conn, world.now)
+    world.link.inbound.extend(world.peer.egress(world.now))
+    world.now += 0.001
+    world.runtime.step(world.now)                     # their FIN: CLOSING
+    assert world.runtime.stats()["sockets"] == {"program: LISTEN": 1, "stack: CLOSING": 1}
+    world.peer.ingest(our_fin, world.now)             # ours arrives; they acknowledge it
+    world.settle()
+    assert world.runtime.stats()["connections"] == {"TIME_WAIT": 1}
+    assert world.runtime.stats()["sockets"] == {"program: LISTEN": 1}
+    assert lib.mts_slot_at(world.g, child).in_use == lib.MTS_SLOT_FREE
+
+
 def test_active_open_refused_publishes_econnrefused(world):
     slot = world.new_socket()
     assert world.sync(lib.MTS_OP_CONNECT, slot, addr(PEER_IP, 9)) == 0

@@ -4,7 +4,7 @@ import errno
 
 import pytest
 
-from mtcpshim.stack.tcp import (EV_CLOSED, EV_PEER_FIN, EV_READABLE, EV_WRITABLE,
+from mtcpshim.stack.tcp import (EV_CLOSED, EV_FIN_ACKED, EV_PEER_FIN, EV_READABLE, EV_WRITABLE,
                        TcpConfig, TcpState, reset_for)
 from mtcpshim.stack.wire.tcp import ACK, FIN, PSH, RST, SYN, TcpSegment
 
@@ -16,6 +16,7 @@ def test_active_close_through_time_wait(tcp_established):
     assert t.recv() == [t.tx(ACK | FIN, t.L + 1, t.R + 1)]
     t.send(t.rx(ACK, t.R + 1, t.L + 2))
     assert t.conn.state == TcpState.FIN_WAIT_2
+    assert t.events() == EV_FIN_ACKED             # the owner may free the send side now
     t.send(t.rx(ACK | FIN, t.R + 1, t.L + 2))
     assert t.conn.state == TcpState.TIME_WAIT
     assert t.events() == EV_PEER_FIN
@@ -84,7 +85,7 @@ def test_half_close_keeps_receiving(tcp_established):
     assert t.recv() == [t.tx(ACK | FIN, t.L + 1, t.R + 1)]
     t.send(t.rx(ACK, t.R + 1, t.L + 2))
     assert t.conn.state == TcpState.FIN_WAIT_2
-    assert t.events() == 0                        # acknowledging a FIN frees no space
+    assert t.events() == EV_FIN_ACKED             # no space freed, nothing left to send
     t.send(t.rx(ACK | PSH, t.R + 1, t.L + 2, b"late data"))
     assert t.events() == EV_READABLE
     assert t.read() == b"late data"

@@ -3,7 +3,7 @@ simultaneous open and close across the sequence wrap, and every path
 through the closing states."""
 import pytest
 
-from mtcpshim.stack.tcp import EV_ESTABLISHED, TcpState
+from mtcpshim.stack.tcp import EV_ESTABLISHED, EV_FIN_ACKED, EV_PEER_FIN, TcpState
 from mtcpshim.stack.wire.tcp import ACK, FIN, PSH, SYN
 
 WRAP = 2**32 - 2      # ISS whose SYN and first data byte straddle 2**32
@@ -94,11 +94,13 @@ def test_simultaneous_close_across_the_wrap(wrapped):
     assert t.recv() == [t.tx(ACK | FIN, t.L + 1, t.R + 1)]
     t.send(t.rx(ACK | FIN, t.R + 1, t.L + 1))            # crossed our FIN
     assert t.conn.state == TcpState.CLOSING
+    assert t.events() == EV_PEER_FIN
     assert t.recv() == [t.tx(ACK, t.L + 2, t.R + 2, window=999)]
     t.wait_for_timer()                                   # no ACK of our FIN yet: it goes again
     assert t.recv() == [t.tx(ACK | FIN, t.L + 1, t.R + 2, window=999)]
     t.send(t.rx(ACK, t.R + 2, t.L + 2))
     assert t.conn.state == TcpState.TIME_WAIT
+    assert t.events() == EV_FIN_ACKED                    # the owner of a closed socket frees it now
     t.wait(61)
     assert t.conn.state == TcpState.CLOSED
 
