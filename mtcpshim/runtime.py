@@ -67,6 +67,7 @@ class Runtime:
         self._poller = select.poll()
         self._io_fds = packet_io.filenos()
         self.fault = None  # why the stack stopped on its own, if it did
+        self._device_down = False  # reported down, still there: looked at again until frames return
         self._truncation_reported = False
         for fd in (*self._io_fds, wake_fd, ctl_fd, self._signal_r):
             self._poller.register(fd, select.POLLIN)
@@ -121,6 +122,8 @@ class Runtime:
         if self.stats_listener is not None:
             stat.serve(self.stats_listener, self.stats)
         self._hear_launcher()
+        if self._device_down:
+            self._device_trouble()     # gone by now, or still only down
         self.waiters.look()            # a registration sent without being counted
         self.sockets.recover_lost_tx(now)
         if not self._truncation_reported:
@@ -195,6 +198,12 @@ class Runtime:
             log(f"{reason}: stopping")
             self.fault = reason
             self.stopping = True
+        else:
+            # Removing an interface takes it down first; the packet socket
+            # reports that once, and maybe before the interface is gone.
+            if not self._device_down:
+                log("the interface went down: serving again once it is back up")
+            self._device_down = True
 
     # -- packets ------------------------------------------------------------
 
@@ -202,6 +211,7 @@ class Runtime:
         frames = self.io.recv_batch(RX_BATCH)
         if not frames:
             return False
+        self._device_down = False          # up again
         if self.pcap is not None:
             stamp = time.time()
             for frame in frames:
