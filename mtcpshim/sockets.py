@@ -163,11 +163,8 @@ class SocketTable:
             except _NotAllocated:
                 self.shm_counters["cmd_bad"] += 1
             except Exception:  # a bug reached through program-controlled input: contain it
-                self.shm_counters["handler_faults"] += 1
-                log(f"command {op} on slot {slot_id} failed:\n{traceback.format_exc()}")
                 sock = self._sockets.get(slot_id) if op != lib.MTS_OP_WAITER_FREE else None
-                if sock is not None:
-                    self._corrupted(sock, f"command {op} failed")
+                self._contain(sock, f"command {op} on slot {slot_id}")
         self.commands += popped
         self.send_written(now)
         return popped > 0
@@ -177,8 +174,19 @@ class SocketTable:
         output pass per connection (mTCP's batching of writes)."""
         pending, self._writes_pending = self._writes_pending, {}
         for conn in pending:
-            conn.send_ready(now)
-            self.host.collect(conn, now)
+            try:
+                conn.send_ready(now)
+                self.host.collect(conn, now)
+            except Exception:  # the send ring is the program's to write: contain it too
+                self._contain(conn.owner, f"sending on {conn}")
+
+    def _contain(self, sock: StackSocket | None, what: str) -> None:
+        """A bug reached through program-controlled input: counted, logged,
+        and that socket reset; the stack serves on."""
+        self.shm_counters["handler_faults"] += 1
+        log(f"{what} failed:\n{traceback.format_exc()}")
+        if sock is not None:
+            self._corrupted(sock, f"{what} failed")
 
     def execute(self, op: int, slot_id: int, arg: int, now: float) -> None:
         """Runs one command as the program queued it: op and slot are

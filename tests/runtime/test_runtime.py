@@ -6,6 +6,7 @@ import socket
 
 from mtcpshim._shm import ffi, lib
 from mtcpshim.runtime import Runtime
+from mtcpshim.stack.tcp import TcpConnection
 from mtcpshim.stack.storage import RingBuffer
 from mtcpshim.stack.wire.ethernet import EthernetHeader
 from mtcpshim.stack.wire.ipv4 import Ipv4Header
@@ -123,6 +124,26 @@ def test_a_closed_socket_is_freed_when_the_fins_cross(world):
     assert world.runtime.stats()["connections"] == {"TIME_WAIT": 1}
     assert world.runtime.stats()["sockets"] == {"program: LISTEN": 1}
     assert lib.mts_slot_at(world.g, child).in_use == lib.MTS_SLOT_FREE
+
+
+def test_a_fault_while_sending_what_was_written_resets_that_socket_only(world, monkeypatch):
+    listener = listening_socket(world)
+    peer_connects(world)
+    child = lib.mts_accept_pop(world.g, listener)
+    conn = world.runtime.sockets[child].conn
+
+    send_ready = TcpConnection.send_ready
+
+    def broken_for_this_one(self, now):
+        if self is conn:
+            raise AssertionError("a bug reached through the send ring")
+        send_ready(self, now)
+    monkeypatch.setattr(TcpConnection, "send_ready", broken_for_this_one)
+    world.write(child, b"x" * 100)
+    world.settle()
+    assert world.runtime.stats()["shm"]["handler_faults"] == 1
+    assert lib.mts_slot_at(world.g, child).state == lib.MTS_ST_CLOSED   # reset, not the stack
+    assert lib.mts_slot_at(world.g, listener).state == lib.MTS_ST_LISTENING
 
 
 def test_active_open_refused_publishes_econnrefused(world):
