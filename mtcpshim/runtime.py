@@ -290,7 +290,8 @@ class Runtime:
             # The loop's own syscalls: packet sends, poll() to sleep, the
             # eventfd writes that wake the program and the reads of ours.
             # Received frames cost none (the packet ring is mapped).
-            syscalls = io_counters.get("tx_syscalls", 0) + self.counters["sleeps"] + self.waiters.wakeups + self.counters["wake_reads"]
+            syscalls = (io_counters.get("tx_syscalls", 0) + self.counters["sleeps"]
+                        + self.waiters.wakeups + self.counters["wake_reads"])
             cost["syscalls_per_1000_packets"] = round(syscalls * 1000 / packets)
         return cost
 

@@ -423,6 +423,17 @@ def test_reincarnated_time_wait_records_leave_no_backlog_of_expiries():
     assert len(table) == 0 and table.next_deadline() is None
 
 
+def test_the_time_wait_limit_follows_the_kernel_s_setting(tmp_path):
+    from mtcpshim.stack.timewait import host_limit
+
+    sysctl = tmp_path / "tcp_max_tw_buckets"
+    sysctl.write_text("4096\n")
+    assert host_limit(131072, str(sysctl)) == 4096
+    assert host_limit(131072, str(tmp_path / "missing")) == 131072   # no /proc: Linux's default
+    sysctl.write_text("garbage")
+    assert host_limit(131072, str(sysctl)) == 131072
+
+
 # -- timers -------------------------------------------------------------------
 
 def test_short_connections_leave_no_timer_entries_behind():
