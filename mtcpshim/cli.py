@@ -115,11 +115,12 @@ def _parser() -> argparse.ArgumentParser:
                      help="each socket's receive and send buffer, a power of two from 64K to 64M: what "
                           "one connection may have in flight (a path's bandwidth times its round trip, "
                           "and more under loss).  The default is $MTCPSHIM_BUFFER_SIZE, else %(default)s")
-    run.add_argument("--sockets", type=_sockets, metavar="N", default=os.environ.get("MTCPSHIM_SOCKETS", "1024"),
+    run.add_argument("--sockets", type=_sockets, metavar="N", default=os.environ.get("MTCPSHIM_SOCKETS"),
                      help="stack sockets the program may hold at once, connections waiting to be accepted "
                           "included; while none is free, new clients' SYNs go unanswered (they retry), as "
-                          "on Linux with a full accept queue.  The default is $MTCPSHIM_SOCKETS, else "
-                          "%(default)s")
+                          "on Linux with a full accept queue.  The default is $MTCPSHIM_SOCKETS, else the "
+                          "program's open-file limit, at least 65536 (each costs address space; memory "
+                          "only where data passed)")
     run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- PROGRAM [ARGS...]")
 
     stat = commands.add_parser("stat", help="counters of a running stack (drops by reason, TCP, packet I/O)")
@@ -177,6 +178,7 @@ def _testnet(args) -> int:
 
 def _run(args) -> int:
     from mtcpshim import launcher
+    from mtcpshim.region import default_sockets
     from mtcpshim.netns import netns_exists
 
     argv = _strip_dashes(args.argv)
@@ -192,7 +194,7 @@ def _run(args) -> int:
                                     impair=args.impair, stack_user=args.stack_user,
                                     stack_python=args.stack_python or launcher.DEFAULT_STACK_PYTHON,
                                     congestion=args.congestion, buffer_size=args.buffer_size,
-                                    sockets=args.sockets)
+                                    sockets=args.sockets or default_sockets())
     return launcher.run(options, argv, user=args.user)
 
 

@@ -27,11 +27,11 @@ import socket
 import struct
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mtcpshim import abi_source
 from mtcpshim.netns import in_netns, netns_inode
-from mtcpshim.region import DEFAULT_BUFFER_SIZE, DEFAULT_SOCKETS, Region, RegionSize
+from mtcpshim.region import DEFAULT_BUFFER_SIZE, Region, RegionSize, default_sockets
 from mtcpshim.stackd import tap_names
 
 LOCK_DIR = "/run/mtcpshim"
@@ -71,7 +71,7 @@ class StackOptions:
     stack_python: str = "auto"  # the stack's interpreter: STACK_PYTHONS
     congestion: str | None = None  # default congestion control; None: the kernel's in the namespace
     buffer_size: int = DEFAULT_BUFFER_SIZE  # bytes of each socket's receive and of its send ring
-    sockets: int = DEFAULT_SOCKETS  # slots in the region
+    sockets: int = field(default_factory=default_sockets)  # slots in the region
 
 
 # The interpreters the stack process runs under.  PyPy's JIT runs the TCP
@@ -199,10 +199,13 @@ def _interface(netns: str | None, iface: str) -> tuple[int, int]:
 
 def _run_stack_and_program(options: StackOptions, interpreter: list[str], argv: list[str],
                            program_user: pwd.struct_passwd | None, stats_path: str) -> int:
-    region = Region.create(RegionSize(nslots=options.sockets, rx_size=options.buffer_size,
-                                      tx_size=options.buffer_size),
-                           int(options.ip.ip), options.ip.network.prefixlen,
-                           int(options.gateway) if options.gateway else 0)
+    size = RegionSize(nslots=options.sockets, rx_size=options.buffer_size, tx_size=options.buffer_size)
+    try:
+        region = Region.create(size, int(options.ip.ip), options.ip.network.prefixlen,
+                               int(options.gateway) if options.gateway else 0)
+    except OSError as err:  # address space (or RLIMIT_AS) short of sockets x rings
+        raise LaunchError(f"cannot map {size.bytes() >> 30} GiB of address space for {options.sockets} "
+                          f"sockets' rings ({err.strerror}): lower --sockets or --buffer-size") from None
     ctl_stack, ctl_app = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     wake_fd = os.eventfd(0, os.EFD_NONBLOCK)
     death_r, death_w = os.pipe()

@@ -12,6 +12,7 @@ import fcntl
 import mmap
 import os
 import re
+import resource
 from dataclasses import dataclass
 
 from mtcpshim._shm import ffi, lib
@@ -48,9 +49,19 @@ def parse_buffer_size(text: str) -> int:
 
 # Sockets a region holds (`mtcpshim run --sockets`): every process's stack
 # sockets and the connections waiting to be accepted.  Each costs a slot's
-# rings of address space (sparse: memory only where data passed).
-DEFAULT_SOCKETS = 1024
-MIN_SOCKETS, MAX_SOCKETS = 16, 65536
+# rings of address space (sparse: memory only where data passed), so the
+# default is generous, as the kernel's limits are: at least 65536, more if
+# the program may open more files than that.
+MIN_SOCKETS, MAX_SOCKETS = 16, 1 << 20
+_DEFAULT_SOCKETS_FLOOR = 65536
+
+
+def default_sockets() -> int:
+    """The program's RLIMIT_NOFILE (it inherits ours), at least 65536."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return MAX_SOCKETS
+    return min(max(soft, _DEFAULT_SOCKETS_FLOOR), MAX_SOCKETS)
 
 
 def parse_sockets(text: str) -> int:
@@ -63,7 +74,7 @@ def parse_sockets(text: str) -> int:
 
 @dataclass(frozen=True)
 class RegionSize:
-    nslots: int = DEFAULT_SOCKETS
+    nslots: int
     nwaiters: int = 256
     cmd_capacity: int = 8192
     rx_size: int = DEFAULT_BUFFER_SIZE

@@ -84,4 +84,14 @@ def test_a_socket_count_out_of_range_is_one_line_before_the_program_starts():
                           text=True, timeout=60)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.strip().splitlines() == [
-        "mtcpshim run: argument --sockets: sockets '8': want a whole number from 16 to 65536"]
+        "mtcpshim run: argument --sockets: sockets '8': want a whole number from 16 to 1048576"]
+
+
+def test_sockets_past_the_address_space_are_one_line_before_the_program_starts(test_network):
+    # 2^20 sockets of two 64 MiB rings: 128 TiB, more than a process can map.
+    done = subprocess.run(mtcpshim_command("run", "--sockets", "1048576", "--buffer-size", "64M",
+                                           "--", "true"), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and done.stdout == ""
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("mtcpshim: cannot map 131072 GiB of address space for 1048576 sockets' rings")
+    assert line.endswith("lower --sockets or --buffer-size")
