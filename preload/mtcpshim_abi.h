@@ -19,7 +19,7 @@
  */
 
 #define MTS_MAGIC 0x314d485350435453
-#define MTS_VERSION 4
+#define MTS_VERSION 5
 
 /* Name of the environment variable that carries the inherited descriptors:
  * "SHM_FD,CTL_FD,WAKE_FD,DEATH_FD" (see mtcpshim/launcher.py). */
@@ -209,10 +209,22 @@ struct mts_span {
 
 struct mts_ring {
     uint64_t head;
-    uint8_t pad0[56];
+    /* The producer's page bookkeeping (mts_ring_release_idle), in its own
+     * cache line: the program's for TX.  The stack keeps RX's privately. */
+    uint64_t released;  /* head when pages were last given back */
+    uint64_t held_most; /* the most bytes the ring held after a write, since */
+    uint8_t pad0[40];
     uint64_t tail;
     uint8_t pad1[56];
 };
+
+/* A ring's pages are given back once it is empty, has taken this many bytes
+ * since they last were, and never held more than MTS_RING_SMALL_FLOW since:
+ * a connection that moves small messages walks its ring round and would
+ * otherwise keep every page it has written until it closes, while a bulk
+ * flow's pages would only be faulted straight back. */
+#define MTS_RING_RELEASE_AFTER 32768
+#define MTS_RING_SMALL_FLOW 16384
 
 /* mts_slot.in_use */
 #define MTS_SLOT_FREE 0

@@ -15,6 +15,7 @@
 #include <time.h>
 #include <unistd.h>
 #include <sys/epoll.h>
+#include <sys/mman.h>
 #include <sys/syscall.h>
 #include <linux/futex.h>
 
@@ -67,6 +68,8 @@ void mts_copy_in(uint8_t *data, uint32_t cap, uint64_t pos, const void *src, uin
 int64_t mts_ring_produce(struct mts_ring *r, uint8_t *data, uint32_t cap, uint64_t head,
                          const void *src, uint64_t n);
 void mts_copy_out(const uint8_t *data, uint32_t cap, uint64_t pos, void *dst, uint64_t n);
+int mts_ring_release(uint8_t *data, uint32_t cap, uint64_t from, uint64_t to);
+void mts_ring_release_idle(struct mts_ring *r, uint8_t *data, uint32_t cap);
 void mts_accept_put(const struct mts_geom *g, uint32_t listener, uint64_t pos, uint32_t child);
 int64_t mts_accept_take(const struct mts_geom *g, uint32_t listener, uint64_t head);
 int32_t mts_accept_pop(const struct mts_geom *g, uint32_t listener);
@@ -265,11 +268,20 @@ static inline int mts_slots_available(const struct mts_geom *g, const uint8_t *s
     return wanted == 0;
 }
 
+/* Frees a slot, and points the next allocation's search at it if it is
+ * lower than where that search would start: slots are reused from the
+ * bottom, and with them the ring pages a short exchange left in its slot
+ * (which keeps them: SocketTable._maybe_release), instead of new pages in every slot
+ * of a large region in turn. */
 static inline void mts_slot_free(const struct mts_geom *g, uint32_t id)
 {
     struct mts_slot *s = mts_slot_at(g, id);
-    if (s)
-        MTS_STORE(&s->in_use, (uint32_t)MTS_SLOT_FREE);
+    if (!s)
+        return;
+    MTS_STORE(&s->in_use, (uint32_t)MTS_SLOT_FREE);
+    struct mts_header *h = mts_hdr(g);
+    if (id < MTS_LOAD(&h->slot_hint) % g->nslots)
+        MTS_STORE(&h->slot_hint, id);
 }
 
 static inline int32_t mts_waiter_alloc(const struct mts_geom *g, int32_t pid)
@@ -405,6 +417,35 @@ static inline int64_t mts_ring_produce(struct mts_ring *r, uint8_t *data, uint32
     mts_copy_in(data, cap, head, src, n);
     MTS_STORE(&r->head, head + n);
     return (int64_t)n;
+}
+
+/* Gives back the pages that ring positions [from, to) touched: MADV_REMOVE
+ * punches them out of the memfd, for every process, and the next write
+ * there finds a zeroed page.  Only the ring's producer may call it, with
+ * the ring empty at `to`: its consumer reads nothing outside [tail, head),
+ * and nobody else writes.  Ring data is page-aligned (mts_layout). */
+static inline int mts_ring_release(uint8_t *data, uint32_t cap, uint64_t from, uint64_t to)
+{
+    const uint64_t page = 4096;
+    uint64_t start = from & ~(page - 1), end = mts_align(to, page);
+    if (end - start >= cap)
+        return madvise(data, cap, MADV_REMOVE);
+    uint64_t off = start & (cap - 1), len = end - start;
+    if (off + len <= cap)
+        return madvise(data + off, len, MADV_REMOVE);
+    return madvise(data + off, cap - off, MADV_REMOVE) | madvise(data, off + len - cap, MADV_REMOVE);
+}
+
+/* The program's side of the rule above, before it writes to its TX ring. */
+static inline void mts_ring_release_idle(struct mts_ring *r, uint8_t *data, uint32_t cap)
+{
+    uint64_t head = r->head;
+    if (head - r->released < MTS_RING_RELEASE_AFTER || MTS_LOAD(&r->tail) != head)
+        return;
+    if (r->held_most <= MTS_RING_SMALL_FLOW)
+        mts_ring_release(data, cap, r->released, head);
+    r->released = head;
+    r->held_most = 0;
 }
 
 /* The application's side of a byte ring.  An impossible used count (written

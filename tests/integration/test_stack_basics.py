@@ -122,8 +122,8 @@ print("a socket again after closing", flush=True)
 
 
 def test_running_out_of_stack_sockets_is_enobufs_and_closing_frees_them(test_network):
-    result = subprocess.run(mtcpshim_command("run", "--", sys.executable, "-c", SOCKET_EXHAUSTION),
-                            capture_output=True, timeout=120)
+    result = subprocess.run(mtcpshim_command("run", "--sockets", "1024", "--", sys.executable, "-c",
+                                             SOCKET_EXHAUSTION), capture_output=True, timeout=120)
     output = result.stdout.decode()
     assert result.returncode == 0, output + result.stderr.decode()
     assert "opened 1024 failure ENOBUFS" in output  # the region's 1024 socket slots
