@@ -41,7 +41,10 @@ done = function(summary, latency, requests)
 end
 """ % WRK_MARK
 
-WORKLOAD_NAMES = ("keepalive", "close", "bulk", "latency", "iperf")
+# Many open connections at once (issue 12): each one idles between its
+# requests, as a real server's clients do, and the server holds them all.
+CONCURRENCY = (1000, 10000)
+WORKLOAD_NAMES = ("keepalive", "close", "bulk", "latency", "iperf", "concurrency")
 
 
 class ClientOutputError(Exception):
@@ -69,11 +72,12 @@ class Workload:
     label: str           # row label in the table
     per_request: bool    # CPU reported per request (else per GB) and rate in req/s (else Gbit/s)
     offloads: bool = True  # the test network's variant: the kernel's defaults, or frame-exact
+    connections: int = 0   # keep-alive connections; 0: the run's --connections
 
     @property
     def client(self) -> str:
         """The client command, the same on either network."""
-        return self.name.removesuffix(OFFLOADS_OFF)
+        return "keepalive" if self.connections else self.name.removesuffix(OFFLOADS_OFF)
 
     def client_argv(self, duration: int, connections: int, script_path: str) -> list[str]:
         prefix = ["ip", "netns", "exec", NET.cli_ns, "taskset", "-c", CLIENT_CPU]
@@ -83,7 +87,7 @@ class Workload:
         wrk = ["wrk", "-t1", f"-d{duration}s", "--timeout", WRK_TIMEOUT, "-s", script_path]
         base_url = f"http://{NET.srv_ip}:{HTTP_PORT}"
         if self.client == "keepalive":
-            return prefix + wrk + [f"-c{connections}", f"{base_url}/{SMALL_FILE}"]
+            return prefix + wrk + [f"-c{self.connections or connections}", f"{base_url}/{SMALL_FILE}"]
         if self.client == "close":
             return prefix + wrk + [f"-c{connections}", "-H", "Connection: close", f"{base_url}/{SMALL_FILE}"]
         if self.client == "bulk":
@@ -107,6 +111,8 @@ WORKLOADS = (
              offloads=False),
     Workload("iperf-send" + OFFLOADS_OFF, "iperf", "iperf3", "iperf3 -R, server sends, offloads off", False,
              offloads=False),
+    *(Workload(f"keepalive-{n}", "concurrency", "lighttpd", f"keepalive, {n:,} conns, 64 B", True, connections=n)
+      for n in CONCURRENCY),
 )
 
 
