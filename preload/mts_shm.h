@@ -271,8 +271,8 @@ static inline int mts_slots_available(const struct mts_geom *g, const uint8_t *s
 /* Frees a slot, and points the next allocation's search at it if it is
  * lower than where that search would start: slots are reused from the
  * bottom, and with them the ring pages a short exchange left in its slot
- * (which keeps them: SocketTable._maybe_release), instead of new pages in every slot
- * of a large region in turn. */
+ * (which keeps them: SocketTable._maybe_release), instead of new pages in
+ * every slot of a large region in turn. */
 static inline void mts_slot_free(const struct mts_geom *g, uint32_t id)
 {
     struct mts_slot *s = mts_slot_at(g, id);
