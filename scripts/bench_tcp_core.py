@@ -3,6 +3,7 @@
 in-order data and pure ACKs.  Prints segments per second for each case.
 
     python3 scripts/bench_tcp_core.py [--segments N] [--repeat R] [--congestion NAME] [--case NAME]
+                                      [--connections C]
 
 Cases:
   receive   in-order full-size data segments into TcpConnection.on_segment,
@@ -12,7 +13,7 @@ Cases:
             releasing two new ones from a send buffer kept full;
   host-rx   the receive case through TcpHost.receive: parse, demux, timers
             and emitting the ACKs included;
-  keepalive HTTP-like request/response over 64 connections through the
+  keepalive HTTP-like request/response over C connections (64) through the
             whole stack runtime (shared-memory region, Interface, TcpHost),
             as a keep-alive benchmark drives it: a request frame in, the
             application answers, a response frame out.  Only the runtime's
@@ -26,6 +27,7 @@ The clock is the process's CPU time, so other load on the machine skews
 less; every case runs R times and the best run is reported.
 """
 import argparse
+import functools
 import os
 import socket
 import sys
@@ -153,7 +155,7 @@ def bench_host_receive(count):
 
 LOCAL_MAC, REMOTE_MAC = bytes.fromhex("020000000002"), bytes.fromhex("020000000001")
 HTTP_PORT = 8080
-KEEPALIVE_CONNECTIONS = 64
+CONNECTIONS = 64
 PEER_BUFFER = 64 * 1024
 REQUEST = b"GET /small.txt HTTP/1.1\r\nHost: 198.18.0.2:8080\r\n\r\n"
 RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 64\r\n\r\n" + b"x" * 63 + b"\n"
@@ -206,9 +208,14 @@ class _RuntimeRig:
         self.scratch = ffi.new("uint8_t[]", 4096)
 
     def stack_step(self):
-        self.now += 0.0001
+        """A loop pass of the runtime, and more while frames wait: a pass
+        takes at most a receive batch of them."""
         start = time.process_time()
-        self.runtime.step(self.now)
+        while True:
+            self.now += 0.0001
+            self.runtime.step(self.now)
+            if not self.link.inbound:
+                break
         self.timed += time.process_time() - start
 
     def peer_exchange(self):
@@ -252,11 +259,11 @@ class _RuntimeRig:
         self.link.close()
 
 
-def bench_keepalive(count):
-    rig = _RuntimeRig(2 * KEEPALIVE_CONNECTIONS)
-    listener = rig.listen(KEEPALIVE_CONNECTIONS)
+def bench_keepalive(count, connections=CONNECTIONS):
+    rig = _RuntimeRig(2 * connections)
+    listener = rig.listen(connections)
     peers = []
-    for _ in range(KEEPALIVE_CONNECTIONS):
+    for _ in range(connections):
         # One at a time: the first waits for ARP, whose queue is short.
         peers.append(rig.connect())
         for _ in range(3):
@@ -265,7 +272,7 @@ def bench_keepalive(count):
     children = []
     while (child := lib.mts_accept_pop(rig.geom, listener)) >= 0:
         children.append(child)
-    assert len(children) == KEEPALIVE_CONNECTIONS, "the handshakes did not complete"
+    assert len(children) == connections, "the handshakes did not complete"
 
     rig.timed = 0.0
     served = 0
@@ -289,11 +296,11 @@ def bench_keepalive(count):
     return served / rig.timed
 
 
-def bench_close(count):
-    """`Connection: close` rounds of 64 clients: handshake, request,
+def bench_close(count, connections=CONNECTIONS):
+    """`Connection: close` rounds of `connections` clients: handshake, request,
     response with FIN, the client's FIN, TIME_WAIT (which the stack keeps)."""
-    rig = _RuntimeRig(4 * KEEPALIVE_CONNECTIONS)
-    listener = rig.listen(KEEPALIVE_CONNECTIONS)
+    rig = _RuntimeRig(4 * connections)
+    listener = rig.listen(connections)
     rig.stack_step()
     rig.connect()                         # ARP resolved once, outside the clock
     for _ in range(8):
@@ -304,7 +311,7 @@ def bench_close(count):
     rig.timed = 0.0
     served = 0
     while served < count:
-        peers = [rig.connect() for _ in range(KEEPALIVE_CONNECTIONS)]
+        peers = [rig.connect() for _ in range(connections)]
         rig.peer_exchange()                # SYNs
         rig.stack_step()                   # SYN-ACKs
         for conn in peers:
@@ -345,11 +352,15 @@ def main():
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--congestion", default=TcpConfig.congestion, help="congestion control of the cases")
     parser.add_argument("--case", action="append", help="run only these cases")
+    parser.add_argument("--connections", type=int, default=CONNECTIONS,
+                        help="connections of the keepalive and close cases")
     args = parser.parse_args()
     CONFIG.congestion = args.congestion
+    runtime_cases = {"connections": args.connections}
     for name, case in (("receive", bench_receive), ("send", bench_send),
-                       ("host-rx", bench_host_receive), ("keepalive", bench_keepalive),
-                       ("close", bench_close)):
+                       ("host-rx", bench_host_receive),
+                       ("keepalive", functools.partial(bench_keepalive, **runtime_cases)),
+                       ("close", functools.partial(bench_close, **runtime_cases))):
         if args.case and name not in args.case:
             continue
         best = max(case(args.segments) for _ in range(args.repeat))
