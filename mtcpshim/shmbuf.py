@@ -38,8 +38,6 @@ _U64 = (1 << 64) - 1
 _U32 = (1 << 32) - 1
 _OFF_T_MAX = (1 << 63) - 1
 _SPAN_SLOTS = lib.MTS_TX_SPANS
-_RELEASE_AFTER = lib.MTS_RING_RELEASE_AFTER
-_SMALL_FLOW = lib.MTS_RING_SMALL_FLOW
 FILES_KEPT = lib.MTS_TX_FILES  # file numbers a socket keeps registered (its program may send from them again)
 # How long a file's size is believed: a view of bytes a truncation took
 # fails in the kernel (a dropped frame); the retransmission looks again.
@@ -275,16 +273,15 @@ class ShmRecvBuffer:
     where the program set SO_RCVBUF (`limit`)."""
 
     __slots__ = ("_slot", "_ring", "_tail_word", "_head", "_data", "_cap", "_limit", "_low_water",
-                 "_on_corrupt", "_released", "_held_most")
+                 "_on_corrupt", "_pages")
 
     def __init__(self, geom, slot_id: int, on_corrupt):
         self._slot = lib.mts_slot_at(geom, slot_id)
         self._ring = ffi.addressof(self._slot.rx)
         self._tail_word = ffi.addressof(self._slot.rx, "tail")
         self._head = lib.mts_index_load(ffi.addressof(self._slot.rx, "head"))
-        # The rule of mts_ring_release_idle, on our own copies.
-        self._released = self._head
-        self._held_most = 0
+        # Our own page bookkeeping (mts_ring_pages_before_write), never the region's.
+        self._pages = ffi.new("struct mts_ring_pages *", {"released": self._head})
         self._data = lib.mts_rx_data(geom, slot_id)
         self._cap = geom.rx_size
         self._on_corrupt = on_corrupt
@@ -313,20 +310,12 @@ class ShmRecvBuffer:
         return max(room, 0)
 
     def write(self, data) -> int:
-        head = self._head
-        held = (head - lib.mts_index_load(self._tail_word)) & _U64
-        if held == 0 and (head - self._released) & _U64 >= _RELEASE_AFTER:
-            if self._held_most <= _SMALL_FLOW:
-                lib.mts_ring_release(self._data, self._cap, self._released, head)
-            self._released = head
-            self._held_most = 0
-        n = lib.mts_ring_produce(self._ring, self._data, self._cap, head, ffi.from_buffer(data), len(data))
+        n = lib.mts_ring_produce(self._ring, self._pages, self._data, self._cap, self._head,
+                                 ffi.from_buffer(data), len(data))
         if n < 0:
             self._on_corrupt("RX ring tail impossible (ahead of head or beyond capacity)")
             return 0
-        self._head = (head + n) & _U64
-        if held + n > self._held_most:
-            self._held_most = held + n
+        self._head = (self._head + n) & _U64
         return n
 
 

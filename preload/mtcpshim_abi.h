@@ -207,12 +207,17 @@ struct mts_span {
     uint32_t file;   /* a file number registered for this socket */
 };
 
-struct mts_ring {
-    uint64_t head;
-    /* The producer's page bookkeeping (mts_ring_release_idle), in its own
-     * cache line: the program's for TX.  The stack keeps RX's privately. */
+/* A ring producer's page bookkeeping (mts_ring_pages_before_write). */
+struct mts_ring_pages {
     uint64_t released;  /* head when pages were last given back */
     uint64_t held_most; /* the most bytes the ring held after a write, since */
+};
+
+struct mts_ring {
+    uint64_t head;
+    /* In the producer's cache line: the program's, for TX.  The stack keeps
+     * RX's in its own memory, never reading this one. */
+    struct mts_ring_pages pages;
     uint8_t pad0[40];
     uint64_t tail;
     uint8_t pad1[56];

@@ -65,11 +65,13 @@ void mts_ring_consume(struct mts_ring *r, uint64_t n);
 uint64_t mts_index_load(const uint64_t *index);
 void mts_index_store(uint64_t *index, uint64_t value);
 void mts_copy_in(uint8_t *data, uint32_t cap, uint64_t pos, const void *src, uint64_t n);
-int64_t mts_ring_produce(struct mts_ring *r, uint8_t *data, uint32_t cap, uint64_t head,
-                         const void *src, uint64_t n);
+int64_t mts_ring_produce(struct mts_ring *r, struct mts_ring_pages *pages, uint8_t *data, uint32_t cap,
+                         uint64_t head, const void *src, uint64_t n);
 void mts_copy_out(const uint8_t *data, uint32_t cap, uint64_t pos, void *dst, uint64_t n);
 int mts_ring_release(uint8_t *data, uint32_t cap, uint64_t from, uint64_t to);
-void mts_ring_release_idle(struct mts_ring *r, uint8_t *data, uint32_t cap);
+void mts_ring_pages_before_write(struct mts_ring_pages *p, uint8_t *data, uint32_t cap, uint64_t head,
+                                 uint64_t held);
+void mts_ring_pages_wrote(struct mts_ring_pages *p, uint64_t held);
 void mts_accept_put(const struct mts_geom *g, uint32_t listener, uint64_t pos, uint32_t child);
 int64_t mts_accept_take(const struct mts_geom *g, uint32_t listener, uint64_t head);
 int32_t mts_accept_pop(const struct mts_geom *g, uint32_t listener);
@@ -402,23 +404,6 @@ static inline void mts_copy_out(const uint8_t *data, uint32_t cap, uint64_t pos,
     memcpy((uint8_t *)dst + first, data, n - first);
 }
 
-/* The stack's producer side of an RX ring: it passes its own head and reads
- * the application's tail as untrusted.  Copies as much of src as fits and
- * publishes the new head; returns the bytes taken, or -1 if the tail is
- * impossible (more in use than the ring holds). */
-static inline int64_t mts_ring_produce(struct mts_ring *r, uint8_t *data, uint32_t cap, uint64_t head,
-                                       const void *src, uint64_t n)
-{
-    uint64_t used = head - MTS_LOAD(&r->tail);
-    if (used > cap)
-        return -1;
-    if (n > cap - used)
-        n = cap - used;
-    mts_copy_in(data, cap, head, src, n);
-    MTS_STORE(&r->head, head + n);
-    return (int64_t)n;
-}
-
 /* Gives back the pages that ring positions [from, to) touched: MADV_REMOVE
  * punches them out of the memfd, for every process, and the next write
  * there finds a zeroed page.  Only the ring's producer may call it, with
@@ -436,16 +421,42 @@ static inline int mts_ring_release(uint8_t *data, uint32_t cap, uint64_t from, u
     return madvise(data + off, cap - off, MADV_REMOVE) | madvise(data, off + len - cap, MADV_REMOVE);
 }
 
-/* The program's side of the rule above, before it writes to its TX ring. */
-static inline void mts_ring_release_idle(struct mts_ring *r, uint8_t *data, uint32_t cap)
+/* The producer's rule, before it writes at `head` with `held` bytes in the
+ * ring (MTS_RING_RELEASE_AFTER says when), and after: what it holds now. */
+static inline void mts_ring_pages_before_write(struct mts_ring_pages *p, uint8_t *data, uint32_t cap,
+                                               uint64_t head, uint64_t held)
 {
-    uint64_t head = r->head;
-    if (head - r->released < MTS_RING_RELEASE_AFTER || MTS_LOAD(&r->tail) != head)
+    if (held || head - p->released < MTS_RING_RELEASE_AFTER)
         return;
-    if (r->held_most <= MTS_RING_SMALL_FLOW)
-        mts_ring_release(data, cap, r->released, head);
-    r->released = head;
-    r->held_most = 0;
+    if (p->held_most <= MTS_RING_SMALL_FLOW)
+        mts_ring_release(data, cap, p->released, head);
+    p->released = head;
+    p->held_most = 0;
+}
+
+static inline void mts_ring_pages_wrote(struct mts_ring_pages *p, uint64_t held)
+{
+    if (held > p->held_most)
+        p->held_most = held;
+}
+
+/* The stack's producer side of an RX ring: it passes its own head and page
+ * bookkeeping, and reads the application's tail as untrusted.  Copies as
+ * much of src as fits and publishes the new head; returns the bytes taken,
+ * or -1 if the tail is impossible (more in use than the ring holds). */
+static inline int64_t mts_ring_produce(struct mts_ring *r, struct mts_ring_pages *pages, uint8_t *data,
+                                       uint32_t cap, uint64_t head, const void *src, uint64_t n)
+{
+    uint64_t used = head - MTS_LOAD(&r->tail);
+    if (used > cap)
+        return -1;
+    mts_ring_pages_before_write(pages, data, cap, head, used);
+    if (n > cap - used)
+        n = cap - used;
+    mts_copy_in(data, cap, head, src, n);
+    MTS_STORE(&r->head, head + n);
+    mts_ring_pages_wrote(pages, used + n);
+    return (int64_t)n;
 }
 
 /* The application's side of a byte ring.  An impossible used count (written

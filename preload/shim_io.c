@@ -188,19 +188,17 @@ static size_t write_tx(uint32_t slot, uint8_t *at, size_t want, size_t done)
                           want < room ? want : room);
 }
 
-/* Around each write to the TX ring: first its pages go back if it has sat
- * empty between small writes (mts_ring_release_idle), then the write is
- * counted for that rule. */
-static void tx_before_write(uint32_t slot)
+/* Around each write to the TX ring, the producer's page rule
+ * (mts_ring_pages_before_write), its bookkeeping in the slot. */
+static void tx_before_write(struct mts_slot *s, uint32_t slot)
 {
-    mts_ring_release_idle(&shim_slot(slot)->tx, mts_tx_data(&shim.geom, slot), shim.geom.tx_size);
+    mts_ring_pages_before_write(&s->tx.pages, mts_tx_data(&shim.geom, slot), shim.geom.tx_size, s->tx.head,
+                                mts_ring_used_bounded(&s->tx, shim.geom.tx_size));
 }
 
 static void tx_wrote(struct mts_slot *s)
 {
-    uint64_t held = mts_ring_used_bounded(&s->tx, shim.geom.tx_size);
-    if (held > s->tx.held_most)
-        s->tx.held_most = held;
+    mts_ring_pages_wrote(&s->tx.pages, mts_ring_used_bounded(&s->tx, shim.geom.tx_size));
 }
 
 /* Copies iov (minus its first `skip` bytes) into the TX ring as far as it
@@ -225,7 +223,7 @@ ssize_t shim_stack_send(uint32_t slot, const struct iovec *iov, int iovcnt, int 
         if (allowed) {
             if (want == 0)
                 return 0;
-            tx_before_write(slot);
+            tx_before_write(s, slot);
             size_t put = copy_to_tx(slot, iov, iovcnt, done);
             if (put) {
                 tx_wrote(s);
@@ -394,7 +392,7 @@ static ssize_t stack_sendfile(uint32_t slot, int in_fd, off_t *offset, size_t co
         if (allowed < 0)
             return done ? (ssize_t)done : -1;
         if (allowed && tx_room(s)) {
-            tx_before_write(slot);
+            tx_before_write(s, slot);
             ssize_t got = (ssize_t)file_span_to_tx(slot, in_fd, offset, count - done);
             if (!got)
                 got = file_to_tx(slot, in_fd, offset, count - done);

@@ -44,9 +44,11 @@ def exchange(world, message_size, rounds):
         world.settle()
         assert world.read(child) == message
         # The program's side, as the interposer writes.
-        lib.mts_ring_release_idle(ffi.addressof(slot.tx), lib.mts_tx_data(world.g, child), world.g.tx_size)
+        tx, pages = ffi.addressof(slot.tx), ffi.addressof(slot.tx, "pages")
+        lib.mts_ring_pages_before_write(pages, lib.mts_tx_data(world.g, child), world.g.tx_size, slot.tx.head,
+                                        lib.mts_ring_used(tx))
         assert world.write(child, message) == message_size
-        slot.tx.held_most = max(slot.tx.held_most, lib.mts_ring_used(ffi.addressof(slot.tx)))
+        lib.mts_ring_pages_wrote(pages, lib.mts_ring_used(tx))
         world.settle()
         assert peer_rx.read(len(peer_rx)) == message
         conn.recv_consumed(world.now)
