@@ -77,11 +77,15 @@ class RegionSize:
     nslots: int
     nwaiters: int = 256
     cmd_capacity: int = 8192
+    # Slots the change log remembers: an epoll that falls further behind
+    # than this looks at every fd it holds once (256 KiB of region).
+    changes_capacity: int = 65536
     rx_size: int = DEFAULT_BUFFER_SIZE
     tx_size: int = DEFAULT_BUFFER_SIZE
 
     def bytes(self) -> int:
-        return lib.mts_region_size(self.nslots, self.nwaiters, self.cmd_capacity, self.rx_size, self.tx_size)
+        return lib.mts_region_size(self.nslots, self.nwaiters, self.cmd_capacity, self.changes_capacity,
+                                   self.rx_size, self.tx_size)
 
 
 # Linux's values, for Pythons whose fcntl lacks the names (PyPy 3.9 runs the stack).
@@ -119,7 +123,7 @@ class Region:
         with mmap.mmap(fd, total, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) as m:
             base = ffi.from_buffer(m)
             lib.mts_region_init(base, total, size.nslots, size.nwaiters, size.cmd_capacity,
-                                size.rx_size, size.tx_size)
+                                size.changes_capacity, size.rx_size, size.tx_size)
             header = ffi.cast("struct mts_header *", base)
             header.ip, header.prefix_len, header.gateway = ip, prefix_len, gateway
             del base, header

@@ -88,6 +88,7 @@ class SocketTable:
         self._sockets: dict[int, StackSocket] = {}
         self._cmd = ffi.new("struct mts_cmd *")
         self._cmd_pos = ffi.new("uint64_t *")   # the queue's dequeue position is ours alone
+        self._changes_logged = ffi.new("uint64_t *")  # the change log's head, ours alone (never read back)
         self._owned = bytearray(geom.nslots)    # slots the stack knows live, whatever in_use says
         self._owned_view = ffi.from_buffer(self._owned)
         self._corrupt: dict[StackSocket, str] = {}
@@ -238,7 +239,7 @@ class SocketTable:
         except OSError as err:
             return lib.mts_complete(sock.slot, -err.errno)
         sock.slot.local_ip, sock.slot.local_port = ip, sock.port
-        lib.mts_publish(sock.slot, lib.MTS_ST_BOUND, 0, 0)
+        self._publish(sock, lib.MTS_ST_BOUND, 0)
         lib.mts_complete(sock.slot, 0)
 
     def _listen(self, slot_id, arg, now):
@@ -256,7 +257,7 @@ class SocketTable:
         sock.listener.backlog = syn_backlog
         sock.accept_backlog = backlog
         sock.slot.backlog = backlog
-        lib.mts_publish(sock.slot, lib.MTS_ST_LISTENING, 0, 0)
+        self._publish(sock, lib.MTS_ST_LISTENING, 0)
         lib.mts_complete(sock.slot, 0)
 
     def _has_room(self, listening: StackSocket, wanted: int) -> bool:
@@ -322,7 +323,7 @@ class SocketTable:
         slot.local_ip, slot.local_port = self.host.ip, conn.local_port
         slot.remote_ip, slot.remote_port = ip, port
         self._apply_options(sock)
-        lib.mts_publish(slot, lib.MTS_ST_CONNECTING, 0, 0)
+        self._publish(sock, lib.MTS_ST_CONNECTING, 0)
         lib.mts_complete(slot, 0)
 
     def _tx(self, slot_id, arg, now):
@@ -339,9 +340,13 @@ class SocketTable:
 
     def _shutdown(self, slot_id, arg, now):
         sock = self._sockets.get(slot_id)
-        if sock is not None and sock.conn is not None and arg in (socket.SHUT_WR, socket.SHUT_RDWR):
+        if sock is None or sock.conn is None:
+            return
+        if arg in (socket.SHUT_WR, socket.SHUT_RDWR):
             sock.conn.shutdown_write(now)
             self.host.collect(sock.conn, now)
+        if arg in (socket.SHUT_RD, socket.SHUT_RDWR):
+            self.host.touched.add(sock.conn)  # readable now (EOF): epoll hears of it by the change log
 
     def _close(self, slot_id, arg, now):
         sock = self._sockets.get(slot_id)
@@ -398,6 +403,8 @@ class SocketTable:
             self._apply_options(sock)
             if arg in (lib.MTS_OPT_NODELAY, lib.MTS_OPT_CORK):
                 sock.conn.send_ready(now)  # uncorking may release a small segment
+            elif arg == lib.MTS_OPT_BUFFERS:
+                self.host.touched.add(sock.conn)  # a larger SO_SNDBUF may make it writable
             self.host.collect(sock.conn, now)
 
     def _apply_options(self, sock: StackSocket):
@@ -501,7 +508,7 @@ class SocketTable:
         state = conn.state
         if state == _CLOSED or (sock.events & _EV_RDHUP and state in _AFTER_OUR_FIN):
             sock.events |= lib.MTS_EV_HUP
-        lib.mts_publish(sock.slot, _SLOT_STATE.get(state, _ST_CONNECTED), sock.events, so_error)
+        self._publish(sock, _SLOT_STATE.get(state, _ST_CONNECTED), sock.events, so_error)
         if sock.parent is not None:
             if happened & EV_CLOSED:
                 sock.parent = None  # died during the handshake: nobody will accept it
@@ -511,6 +518,11 @@ class SocketTable:
                 self._queue_for_accept(sock)
         if sock.app_closed:
             self._maybe_release(sock)
+
+    def _publish(self, sock: StackSocket, state: int, events: int, so_error: int = 0) -> None:
+        """A socket's new state for the program, and its id in the change log
+        for every epoll that holds it."""
+        lib.mts_publish(self.geom, self._changes_logged, sock.slot_id, state, events, so_error)
 
     def _queue_for_accept(self, child: StackSocket) -> None:
         parent = child.parent
@@ -524,7 +536,7 @@ class SocketTable:
             self.host.collect(child.conn, now)
             return
         self._apply_options(child)  # inherited from the listener
-        lib.mts_publish(parent.slot, lib.MTS_ST_LISTENING, 0, 0)
+        self._publish(parent, lib.MTS_ST_LISTENING, 0)
 
     def _accept_waiting(self, listener: StackSocket) -> int | None:
         """Connections queued and not yet accepted; None (and the listener
@@ -610,7 +622,7 @@ class SocketTable:
                 conn.abort(now)
                 self.host.collect(conn, now)
             sock.events |= lib.MTS_EV_HUP
-            lib.mts_publish(slot, lib.MTS_ST_CLOSED, sock.events, errno.ECONNRESET)
+            self._publish(sock, lib.MTS_ST_CLOSED, sock.events, errno.ECONNRESET)
             self._maybe_release(sock)
 
 

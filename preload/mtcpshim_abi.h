@@ -13,13 +13,14 @@
  * at its own address, so structures hold offsets, never pointers:
  *
  *   [mts_header][mts_waiter x nwaiters][mts_cmdq + mts_cmd x cmd_capacity]
+ *   [mts_changes + uint32 slot id x changes_capacity]
  *   [mts_slot x nslots][per slot: RX ring data (rx_size), TX ring data (tx_size)]
  *
  * All integers are host byte order, addresses included.
  */
 
 #define MTS_MAGIC 0x314d485350435453
-#define MTS_VERSION 5
+#define MTS_VERSION 6
 
 /* Name of the environment variable that carries the inherited descriptors:
  * "SHM_FD,CTL_FD,WAKE_FD,DEATH_FD" (see mtcpshim/launcher.py). */
@@ -34,6 +35,8 @@
 #define MTS_MAX_SLOTS 1048576
 #define MTS_MAX_WAITERS 65536
 #define MTS_MAX_CMD_CAPACITY 1048576
+#define MTS_MIN_CHANGES 16
+#define MTS_MAX_CHANGES 4194304
 #define MTS_MIN_RING 4096
 #define MTS_MAX_RING 1073741824
 
@@ -53,8 +56,10 @@ struct mts_geom {
     uint32_t rx_size;
     uint32_t tx_size;
     uint32_t accept_capacity; /* slot ids a listener's RX area holds */
+    uint32_t changes_capacity;
     uint64_t waiters_off;
     uint64_t cmdq_off;
+    uint64_t changes_off;
     uint64_t slots_off;
     uint64_t data_off;
 };
@@ -77,10 +82,11 @@ struct mts_header {
     uint32_t cmd_capacity; /* power of two */
     uint32_t rx_size;      /* power of two, bytes of each slot's RX ring */
     uint32_t tx_size;      /* power of two, bytes of each slot's TX ring */
-    uint32_t pad0;
+    uint32_t changes_capacity; /* power of two, entries of the change log */
 
     uint64_t waiters_off;
     uint64_t cmdq_off;
+    uint64_t changes_off;
     uint64_t slots_off;
     uint64_t data_off;
 
@@ -96,7 +102,7 @@ struct mts_header {
     /* Messages the interposers have sent on the control socket: the stack
      * reads the socket when this moves (or poll() says so), not every loop. */
     uint32_t ctl_posted;
-    uint8_t pad1[20];
+    uint8_t pad1[12];
 
     /* Its own cache line: written by the stack every time it sleeps. */
     uint32_t stack_sleeping;
@@ -167,6 +173,23 @@ struct mts_cmdq {
     uint8_t pad0[56];
     uint8_t pad1[64];    /* the dequeue position is the stack's own, never shared */
     /* followed by cmd_capacity struct mts_cmd */
+};
+
+/*
+ * The change log: how readiness reaches epoll in O(ready).  Every time the
+ * stack publishes a slot (mts_publish) it appends the slot's id here, then
+ * moves head (entries ever written; entry i sits at i % changes_capacity).
+ * An epoll instance keeps its own position in the log and looks only at the
+ * slots logged since, so a wait costs what changed, not what is registered.
+ * One that fell more than changes_capacity behind has lost entries and looks
+ * at every fd it holds instead.  The stack keeps its own count of entries
+ * and never reads the log: a program that scribbles on it misleads only
+ * its own epoll.
+ */
+struct mts_changes {
+    uint64_t head;
+    uint8_t pad[56];
+    /* followed by changes_capacity uint32_t slot ids */
 };
 
 /*

@@ -27,6 +27,7 @@ _Static_assert(offsetof(struct mts_header, stack_sleeping) % MTS_CACHELINE == 0,
 _Static_assert(sizeof(struct mts_waiter) == 16, "mts_waiter layout");
 _Static_assert(sizeof(struct mts_cmd) == 32, "mts_cmd layout");
 _Static_assert(sizeof(struct mts_cmdq) == 128, "mts_cmdq layout");
+_Static_assert(sizeof(struct mts_changes) == MTS_CACHELINE, "mts_changes layout");
 _Static_assert(MTS_MAX_RING <= UINT32_MAX / 2 + 1, "ring sizes fit uint32_t");
 _Static_assert(sizeof(struct mts_ring) == 128, "mts_ring layout");
 _Static_assert(offsetof(struct mts_slot, rx) == 384, "mts_slot rings aligned");
@@ -38,9 +39,9 @@ _Static_assert(sizeof(struct mts_ctl_msg) == 16, "mts_ctl_msg layout");
  * lines between the markers to cffi.  C compilers skip them. */
 #ifdef MTS_CFFI_PROTOTYPES /* cdef-begin */
 uint64_t mts_region_size(uint32_t nslots, uint32_t nwaiters, uint32_t cmd_capacity,
-                         uint32_t rx_size, uint32_t tx_size);
+                         uint32_t changes_capacity, uint32_t rx_size, uint32_t tx_size);
 int mts_region_init(void *base, uint64_t mapped_size, uint32_t nslots, uint32_t nwaiters,
-                    uint32_t cmd_capacity, uint32_t rx_size, uint32_t tx_size);
+                    uint32_t cmd_capacity, uint32_t changes_capacity, uint32_t rx_size, uint32_t tx_size);
 int mts_geom_attach(struct mts_geom *g, void *base, uint64_t mapped_size);
 struct mts_slot *mts_slot_at(const struct mts_geom *g, uint32_t id);
 uint8_t *mts_rx_data(const struct mts_geom *g, uint32_t id);
@@ -76,7 +77,8 @@ void mts_accept_put(const struct mts_geom *g, uint32_t listener, uint64_t pos, u
 int64_t mts_accept_take(const struct mts_geom *g, uint32_t listener, uint64_t head);
 int32_t mts_accept_pop(const struct mts_geom *g, uint32_t listener);
 uint32_t mts_accept_pending(const struct mts_geom *g, uint32_t listener);
-void mts_publish(struct mts_slot *s, uint32_t state, uint32_t events, int32_t so_error);
+void mts_publish(const struct mts_geom *g, uint64_t *logged, uint32_t id, uint32_t state, uint32_t events,
+                 int32_t so_error);
 void mts_complete(struct mts_slot *s, int32_t result);
 void mts_rx_arm_notify(struct mts_slot *s);
 void mts_tx_clear_pending(struct mts_slot *s);
@@ -123,7 +125,8 @@ static inline int mts_layout(struct mts_geom *g)
 {
     if (!g->nslots || g->nslots > MTS_MAX_SLOTS || !g->nwaiters || g->nwaiters > MTS_MAX_WAITERS ||
         !mts_pow2(g->cmd_capacity) || g->cmd_capacity > MTS_MAX_CMD_CAPACITY ||
-        !mts_pow2(g->rx_size) || g->rx_size < MTS_MIN_RING || g->rx_size > MTS_MAX_RING ||
+        !mts_pow2(g->changes_capacity) || g->changes_capacity < MTS_MIN_CHANGES ||
+        g->changes_capacity > MTS_MAX_CHANGES || !mts_pow2(g->rx_size) || g->rx_size < MTS_MIN_RING || g->rx_size > MTS_MAX_RING ||
         !mts_pow2(g->tx_size) || g->tx_size < MTS_MIN_RING || g->tx_size > MTS_MAX_RING)
         return -1;
     uint64_t off = mts_align(sizeof(struct mts_header), 4096);
@@ -131,6 +134,8 @@ static inline int mts_layout(struct mts_geom *g)
     off = mts_align(off + (uint64_t)g->nwaiters * sizeof(struct mts_waiter), MTS_CACHELINE);
     g->cmdq_off = off;
     off = mts_align(off + sizeof(struct mts_cmdq) + (uint64_t)g->cmd_capacity * sizeof(struct mts_cmd), 4096);
+    g->changes_off = off;
+    off = mts_align(off + sizeof(struct mts_changes) + (uint64_t)g->changes_capacity * sizeof(uint32_t), 4096);
     g->slots_off = off;
     off = mts_align(off + (uint64_t)g->nslots * sizeof(struct mts_slot), 4096);
     g->data_off = off;
@@ -140,25 +145,27 @@ static inline int mts_layout(struct mts_geom *g)
 }
 
 static inline uint64_t mts_region_size(uint32_t nslots, uint32_t nwaiters, uint32_t cmd_capacity,
-                                       uint32_t rx_size, uint32_t tx_size)
+                                       uint32_t changes_capacity, uint32_t rx_size, uint32_t tx_size)
 {
     struct mts_geom g = {.nslots = nslots, .nwaiters = nwaiters, .cmd_capacity = cmd_capacity,
-                         .rx_size = rx_size, .tx_size = tx_size};
+                         .changes_capacity = changes_capacity, .rx_size = rx_size, .tx_size = tx_size};
     return mts_layout(&g) ? 0 : g.size;
 }
 
 /* Lays out a zero-filled region (a fresh memfd is).  Returns 0, or -1 if the
  * geometry is out of bounds or does not fit mapped_size. */
 static inline int mts_region_init(void *base, uint64_t mapped_size, uint32_t nslots, uint32_t nwaiters,
-                                  uint32_t cmd_capacity, uint32_t rx_size, uint32_t tx_size)
+                                  uint32_t cmd_capacity, uint32_t changes_capacity, uint32_t rx_size,
+                                  uint32_t tx_size)
 {
     struct mts_geom g = {.nslots = nslots, .nwaiters = nwaiters, .cmd_capacity = cmd_capacity,
-                         .rx_size = rx_size, .tx_size = tx_size};
+                         .changes_capacity = changes_capacity, .rx_size = rx_size, .tx_size = tx_size};
     if (mts_layout(&g) || g.size > mapped_size)
         return -1;
     struct mts_header *h = base;
     h->waiters_off = g.waiters_off;
     h->cmdq_off = g.cmdq_off;
+    h->changes_off = g.changes_off;
     h->slots_off = g.slots_off;
     h->data_off = g.data_off;
     h->region_size = g.size;
@@ -166,6 +173,7 @@ static inline int mts_region_init(void *base, uint64_t mapped_size, uint32_t nsl
     h->nslots = nslots;
     h->nwaiters = nwaiters;
     h->cmd_capacity = cmd_capacity;
+    h->changes_capacity = changes_capacity;
     h->rx_size = rx_size;
     h->tx_size = tx_size;
     struct mts_cmd *cells = (struct mts_cmd *)((char *)base + g.cmdq_off + sizeof(struct mts_cmdq));
@@ -189,10 +197,11 @@ static inline int mts_geom_attach(struct mts_geom *g, void *base, uint64_t mappe
     g->nslots = h->nslots;
     g->nwaiters = h->nwaiters;
     g->cmd_capacity = h->cmd_capacity;
+    g->changes_capacity = h->changes_capacity;
     g->rx_size = h->rx_size;
     g->tx_size = h->tx_size;
     if (mts_layout(g) || g->size > mapped_size || g->size != h->region_size ||
-        g->waiters_off != h->waiters_off || g->cmdq_off != h->cmdq_off ||
+        g->waiters_off != h->waiters_off || g->cmdq_off != h->cmdq_off || g->changes_off != h->changes_off ||
         g->slots_off != h->slots_off || g->data_off != h->data_off)
         return -1;
     g->base = base;
@@ -568,15 +577,35 @@ static inline uint32_t mts_accept_pending(const struct mts_geom *g, uint32_t lis
     return used > g->accept_capacity ? 0 : (uint32_t)used;
 }
 
-/* The stack publishes a slot's new state, then bumps event_seq, so a reader
- * that sees the new sequence number also sees the state behind it. */
-static inline void mts_publish(struct mts_slot *s, uint32_t state, uint32_t events, int32_t so_error)
+static inline struct mts_changes *mts_changes_at(const struct mts_geom *g)
 {
+    struct mts_changes *c = (struct mts_changes *)(g->base + g->changes_off);
+    MTS_IN_REGION(g, c, sizeof(*c) + (uint64_t)g->changes_capacity * sizeof(uint32_t));
+    return c;
+}
+
+static inline uint32_t *mts_change_entry(const struct mts_geom *g, uint64_t pos)
+{
+    return (uint32_t *)(mts_changes_at(g) + 1) + (pos & (g->changes_capacity - 1));
+}
+
+/* The stack publishes a slot's new state, then bumps event_seq, so a reader
+ * that sees the new sequence number also sees the state behind it; then it
+ * logs the slot (*logged: the stack's own count of entries), so an epoll
+ * that reads the entry sees the state too. */
+static inline void mts_publish(const struct mts_geom *g, uint64_t *logged, uint32_t id, uint32_t state,
+                               uint32_t events, int32_t so_error)
+{
+    struct mts_slot *s = mts_slot_at(g, id);
+    if (!s)
+        return;
     if (so_error)
         MTS_STORE(&s->so_error, so_error);
     MTS_STORE(&s->events, events);
     MTS_STORE(&s->state, state);
     __atomic_add_fetch(&s->event_seq, 1, __ATOMIC_ACQ_REL);
+    __atomic_store_n(mts_change_entry(g, *logged), id, __ATOMIC_RELAXED);
+    MTS_STORE(&mts_changes_at(g)->head, ++*logged);
 }
 
 static inline void mts_futex_wake(uint32_t *word)

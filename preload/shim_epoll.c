@@ -2,10 +2,14 @@
  * epoll over stack sockets and kernel fds together.
  *
  * The program's epoll fd stays a real kernel epoll: kernel fds live in it as
- * usual.  Stack fds live in a list here; epoll_wait scans them (no system
- * call when some are ready) and otherwise sleeps in the real epoll_pwait, in
- * whose set the instance keeps its waiter's eventfd and the death pipe, so
- * timeouts, signal masks and EINTR stay the kernel's.
+ * usual.  Stack fds live in a list here, and a wait looks only at its ready
+ * list, as the kernel's does: the entries added or modified since, those
+ * whose slots the stack logged in the region's change log since (struct
+ * mts_changes), and the level-triggered ones still ready at the last look.
+ * A wait costs O(ready), not O(registered); one that fell behind the log
+ * looks at every entry once.  When nothing is ready it sleeps in the real
+ * epoll_pwait, in whose set the instance keeps its waiter's eventfd and the
+ * death pipe, so timeouts, signal masks and EINTR stay the kernel's.
  */
 #include "shim.h"
 
@@ -17,6 +21,8 @@
 #define WAKE_TAG 0x6d7473686d2d776bULL  /* "mtshm-wk" */
 #define DEATH_TAG 0x6d7473686d2d6464ULL /* "mtshm-dd" */
 #define EP_MAX_EVENTS ((int)(INT_MAX / sizeof(struct epoll_event)))
+/* A ready list position whose entry left it (compacted at the next look). */
+#define LEFT UINT32_MAX
 
 struct epoll_entry {
     int fd;
@@ -24,6 +30,8 @@ struct epoll_entry {
     uint32_t events;    /* what the program asked for, flags included */
     uint32_t seen_seq;  /* EPOLLET: slot event_seq at the last report */
     epoll_data_t data;
+    uint32_t next_of_slot; /* index + 1 of the next entry on the same slot (dup'd fds); 0: none */
+    uint32_t ready_pos;    /* position + 1 in the ready list; 0: not in it */
     uint8_t disabled;   /* EPOLLONESHOT fired; EPOLL_CTL_MOD re-enables */
     uint8_t death_told; /* EPOLLET: the dead stack was reported once */
 };
@@ -40,7 +48,15 @@ struct epoll_instance {
     uint32_t count, capacity;
     uint32_t *index_of_fd; /* entry index + 1, 0 = absent */
     uint32_t index_capacity;
-    uint32_t scan_start; /* round robin, so no stack fd starves */
+    uint32_t *first_of_slot; /* by slot id: entry index + 1, 0 = none */
+    uint32_t slot_capacity;
+    /* Entry indexes that may be ready, in the order they are looked at; as
+     * long as the entries array (capacity), each entry at most once. */
+    uint32_t *ready;
+    uint32_t ready_count;
+    uint32_t ready_start; /* round robin, so no stack fd starves */
+    uint64_t log_pos;     /* the change log is read up to here */
+    uint8_t death_seen;   /* every entry was queued once the stack died */
 };
 
 /* Registry, changed under the fd table lock. */
@@ -148,6 +164,8 @@ void shim_epoll_unref(int fd)
     shim_waiter_close(&inst->waiter);
     free(inst->entries);
     free(inst->index_of_fd);
+    free(inst->first_of_slot);
+    free(inst->ready);
     free(inst);
 }
 
@@ -171,48 +189,139 @@ static uint32_t initial_seen_seq(uint32_t slot, uint32_t events)
     return shim_slot_ready(slot) & (events | EPOLLERR | EPOLLHUP) ? seq - 1 : seq;
 }
 
+/* The ready list.  Entries leave it by a mark (LEFT), so positions stay put
+ * while a look walks it; compaction closes the gaps, keeping the order and
+ * the round-robin start (`next`: the position to look at first next time). */
+static void compact_ready(struct epoll_instance *inst, uint32_t next)
+{
+    uint32_t kept = 0, start = 0;
+    for (uint32_t pos = 0; pos < inst->ready_count; pos++) {
+        uint32_t index = inst->ready[pos];
+        if (index == LEFT)
+            continue;
+        if (pos < next)
+            start = kept + 1;
+        inst->ready[kept] = index;
+        inst->entries[index].ready_pos = ++kept;
+    }
+    inst->ready_count = kept;
+    inst->ready_start = start < kept ? start : 0;
+}
+
+static void enqueue(struct epoll_instance *inst, uint32_t index)
+{
+    struct epoll_entry *e = &inst->entries[index];
+    if (e->ready_pos)
+        return;
+    if (inst->ready_count == inst->capacity) /* some left: the list is as long as the entries */
+        compact_ready(inst, inst->ready_start);
+    inst->ready[inst->ready_count] = index;
+    e->ready_pos = ++inst->ready_count;
+}
+
+static void leave_ready(struct epoll_instance *inst, struct epoll_entry *e)
+{
+    if (e->ready_pos)
+        inst->ready[e->ready_pos - 1] = LEFT;
+    e->ready_pos = 0;
+}
+
+static void enqueue_all(struct epoll_instance *inst)
+{
+    for (uint32_t index = 0; index < inst->count; index++)
+        enqueue(inst, index);
+}
+
+/* The link (in first_of_slot or an entry) that holds index + 1. */
+static uint32_t *slot_link(struct epoll_instance *inst, uint32_t index)
+{
+    uint32_t *link = &inst->first_of_slot[inst->entries[index].slot];
+    while (*link != index + 1)
+        link = &inst->entries[*link - 1].next_of_slot;
+    return link;
+}
+
+static int grow(void **array, uint32_t *capacity, uint32_t wanted, size_t item, int zero)
+{
+    if (wanted <= *capacity)
+        return 0;
+    uint32_t grown = *capacity ? *capacity : 16;
+    while (grown < wanted)
+        grown *= 2;
+    void *larger = realloc(*array, (size_t)grown * item);
+    if (!larger)
+        return fail(ENOMEM);
+    if (zero)
+        memset((char *)larger + (size_t)*capacity * item, 0, (size_t)(grown - *capacity) * item);
+    *array = larger;
+    *capacity = grown;
+    return 0;
+}
+
 static int append(struct epoll_instance *inst, int fd, uint32_t slot, const struct epoll_event *event)
 {
-    if ((unsigned)fd >= inst->index_capacity) {
-        uint32_t capacity = inst->index_capacity ? inst->index_capacity : 64;
-        while (capacity <= (unsigned)fd)
-            capacity *= 2;
-        uint32_t *index = realloc(inst->index_of_fd, capacity * sizeof(*index));
-        if (!index)
-            return fail(ENOMEM);
-        memset(index + inst->index_capacity, 0, (capacity - inst->index_capacity) * sizeof(*index));
-        inst->index_of_fd = index;
-        inst->index_capacity = capacity;
-    }
-    if (inst->count == inst->capacity) {
-        uint32_t capacity = inst->capacity ? inst->capacity * 2 : 16;
-        struct epoll_entry *entries = realloc(inst->entries, capacity * sizeof(*entries));
-        if (!entries)
-            return fail(ENOMEM);
-        inst->entries = entries;
-        inst->capacity = capacity;
-    }
-    struct epoll_entry *e = &inst->entries[inst->count];
+    uint32_t ready_capacity = inst->capacity; /* the ready list grows first, to the entries' new length */
+    if (grow((void **)&inst->index_of_fd, &inst->index_capacity, (uint32_t)fd + 1, sizeof(uint32_t), 1) ||
+        grow((void **)&inst->first_of_slot, &inst->slot_capacity, slot + 1, sizeof(uint32_t), 1) ||
+        grow((void **)&inst->ready, &ready_capacity, inst->count + 1, sizeof(uint32_t), 0) ||
+        grow((void **)&inst->entries, &inst->capacity, inst->count + 1, sizeof(struct epoll_entry), 0))
+        return -1;
+    uint32_t index = inst->count;
+    struct epoll_entry *e = &inst->entries[index];
     memset(e, 0, sizeof(*e));
     e->fd = fd;
     e->slot = slot;
     e->events = event->events;
     e->data = event->data;
     e->seen_seq = initial_seen_seq(slot, event->events);
-    __atomic_store_n(&inst->count, inst->count + 1, __ATOMIC_RELEASE);
-    inst->index_of_fd[fd] = inst->count;
+    e->next_of_slot = inst->first_of_slot[slot];
+    inst->first_of_slot[slot] = index + 1;
+    __atomic_store_n(&inst->count, index + 1, __ATOMIC_RELEASE);
+    inst->index_of_fd[fd] = index + 1;
+    enqueue(inst, index);
     return 0;
 }
 
 static void remove_entry(struct epoll_instance *inst, struct epoll_entry *e)
 {
     uint32_t index = (uint32_t)(e - inst->entries), last = inst->count - 1;
+    leave_ready(inst, e);
+    *slot_link(inst, index) = e->next_of_slot;
     inst->index_of_fd[e->fd] = 0;
-    if (index != last) {
+    if (index != last) { /* the last entry moves into the hole */
+        *slot_link(inst, last) = index + 1;
         *e = inst->entries[last];
         inst->index_of_fd[e->fd] = index + 1;
+        if (e->ready_pos)
+            inst->ready[e->ready_pos - 1] = index;
     }
     __atomic_store_n(&inst->count, last, __ATOMIC_RELEASE);
+}
+
+/* Queues the entries of every slot the stack logged since the last look.
+ * Entries are read before the head is checked again: if the stack lapped
+ * us meanwhile, some were overwritten, and every entry is queued instead. */
+static void read_changes(struct epoll_instance *inst)
+{
+    const struct mts_geom *g = &shim.geom;
+    struct mts_changes *log = mts_changes_at(g);
+    uint64_t head = MTS_LOAD(&log->head), from = inst->log_pos;
+    if (head == from)
+        return;
+    inst->log_pos = head;
+    if (head - from <= g->changes_capacity) {
+        for (uint64_t pos = from; pos != head; pos++) {
+            uint32_t slot = __atomic_load_n(mts_change_entry(g, pos), __ATOMIC_RELAXED);
+            if (slot < inst->slot_capacity)
+                for (uint32_t i = inst->first_of_slot[slot]; i; i = inst->entries[i - 1].next_of_slot)
+                    enqueue(inst, i - 1);
+        }
+        if (MTS_LOAD(&log->head) - from <= g->changes_capacity)
+            return;
+    }
+    SHIM_DEBUG("epoll: %llu slots logged since the last look, more than the log holds: looking at all %u",
+               (unsigned long long)(head - from), inst->count);
+    enqueue_all(inst);
 }
 
 void shim_epoll_forget_fd(int fd)
@@ -312,6 +421,7 @@ int epoll_ctl(int epfd, int op, int fd, struct epoll_event *event)
         e->data = event->data;
         e->disabled = 0;
         e->seen_seq = initial_seen_seq(slot, event->events);
+        enqueue(inst, (uint32_t)(e - inst->entries));
         break;
     case EPOLL_CTL_DEL:
         if (e)
@@ -331,38 +441,48 @@ int epoll_ctl(int epfd, int op, int fd, struct epoll_event *event)
 
 /* ---- waiting ----------------------------------------------------------------- */
 
-/* Reports the ready stack fds, at most max. */
+/* Reports the ready stack fds, at most max: looks at the ready list only.
+ * An entry leaves it when it is not ready, when it was reported and is
+ * edge-triggered or one-shot, or when it is disabled; level-triggered ones
+ * stay while ready, as in the kernel. */
 static int scan(struct epoll_instance *inst, struct epoll_event *out, int max)
 {
     if (!__atomic_load_n(&inst->count, __ATOMIC_ACQUIRE) || max <= 0)
         return 0;
     instance_lock(inst);
-    uint32_t count = inst->count, index = inst->scan_start < count ? inst->scan_start : 0;
     int dead = __atomic_load_n(&shim.stack_dead, __ATOMIC_ACQUIRE), found = 0;
-    for (uint32_t i = 0; i < count && found < max; i++, index = index + 1 == count ? 0 : index + 1) {
-        struct epoll_entry *e = &inst->entries[index];
-        if (e->disabled)
+    if (dead && !inst->death_seen) {
+        inst->death_seen = 1;
+        enqueue_all(inst);
+    }
+    read_changes(inst);
+    uint32_t count = inst->ready_count, start = inst->ready_start < count ? inst->ready_start : 0, looked;
+    for (looked = 0; looked < count && found < max; looked++) {
+        uint32_t pos = start + looked < count ? start + looked : start + looked - count;
+        if (inst->ready[pos] == LEFT)
             continue;
+        struct epoll_entry *e = &inst->entries[inst->ready[pos]];
         int edge = (e->events & EPOLLET) != 0;
         uint32_t seq = __atomic_load_n(&shim_slot(e->slot)->event_seq, __ATOMIC_ACQUIRE);
-        if (edge && !dead && seq == e->seen_seq)
+        uint32_t ready = e->disabled || (edge && !dead && seq == e->seen_seq)
+                             ? 0 : shim_slot_ready(e->slot) & (e->events | EPOLLERR | EPOLLHUP);
+        if (!ready || (edge && dead && e->death_told)) {
+            leave_ready(inst, e);
             continue;
-        uint32_t ready = shim_slot_ready(e->slot) & (e->events | EPOLLERR | EPOLLHUP);
-        if (!ready)
-            continue;
+        }
         if (edge) {
-            if (dead && e->death_told)
-                continue;
             e->death_told = (uint8_t)dead;
             e->seen_seq = seq;
         }
         if (e->events & EPOLLONESHOT)
             e->disabled = 1;
+        if (edge || e->disabled)
+            leave_ready(inst, e);
         out[found].events = ready;
         out[found].data = e->data;
         found++;
-        inst->scan_start = index + 1;
     }
+    compact_ready(inst, count ? (start + looked) % count : 0);
     instance_unlock(inst);
     return found;
 }

@@ -159,8 +159,8 @@ class Region:
         """Puts back every header field we may have written, as it was at start
         (the stack's own fields excepted)."""
         for name in ("magic", "version", "header_size", "region_size", "nslots", "nwaiters", "cmd_capacity",
-                     "rx_size", "tx_size", "waiters_off", "cmdq_off", "slots_off", "data_off", "ip",
-                     "prefix_len", "gateway", "pad0"):
+                     "changes_capacity", "rx_size", "tx_size", "waiters_off", "cmdq_off", "changes_off",
+                     "slots_off", "data_off", "ip", "prefix_len", "gateway"):
             self.set_header(name, self.start[name])
         self.set_header("slot_hint", 0)
 

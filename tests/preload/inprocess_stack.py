@@ -94,7 +94,10 @@ class InProcessStack:
 
     def __init__(self, ip: str = STACK_IP, prefix_len: int = 24):
         address = int.from_bytes(socket.inet_aton(ip), "big")
-        size = RegionSize(nslots=64, nwaiters=32, cmd_capacity=256, rx_size=1 << 16, tx_size=1 << 16)
+        # A change log of the smallest size: scenarios that change many
+        # sockets between two epoll waits overrun it (test_interposer).
+        size = RegionSize(nslots=64, nwaiters=32, cmd_capacity=256, changes_capacity=lib.MTS_MIN_CHANGES,
+                          rx_size=1 << 16, tx_size=1 << 16)
         self.region = Region.create(size, address, prefix_len)
         ctl_stack, self.ctl_app = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK)

@@ -191,6 +191,28 @@ def test_epoll_level_edge_oneshot_and_kernel_fds(run_probe):
     ]
 
 
+def test_epoll_looks_at_what_changed_among_many_sockets(run_probe):
+    """The in-process stack's change log holds 16 slots: the last step
+    changes 19 sockets before the wait, which must then look at all."""
+    process = run_probe.start("epoll_many", extra_env={"MTCPSHIM_DEBUG": "1"})
+    out, err = process.communicate(timeout=PROGRAM_TIMEOUT)
+    assert process.returncode == 0, err
+    assert out.splitlines() == [
+        "ctl_add_dup 0",
+        "idle 0",
+        "two_ready 3 17",
+        "still_ready 3 17",
+        "dup_ready 3 5 17 40",
+        "one_at_a_time 3 5 17 40",
+        "ctl_del_dup 0",
+        "after_del 3 5 17",
+        "drained 0",
+        "after_close 16 19",
+        "every_one " + " ".join(str(i) for i in range(20) if i != 17),
+    ]
+    assert "more than the log holds: looking at all 19" in err
+
+
 def test_poll_and_select_mix_a_pipe_and_a_stack_socket(run_probe):
     assert run_probe.run("pollmix") == [
         "poll_idle 0",
