@@ -7,7 +7,7 @@ import socket
 from mtcpshim.launcher import LaunchError, runtime_path
 
 SECTIONS = (("runtime", "Stack loop"), ("cost", "Stack CPU since start, per unit of work"), ("packet_io", "Packet I/O"), ("interface", "Ethernet, ARP, IPv4, ICMP"),
-            ("tcp", "TCP drops and errors"), ("tcp_recovery", "TCP loss recovery"),
+            ("tcp", "TCP handshakes, drops and errors"), ("tcp_recovery", "TCP loss recovery"),
             ("congestion", "TCP congestion control, open connections"),
             ("connections", "TCP connections by state"),
             ("sockets", "Stack sockets, by holder (the program, or the stack after close) and state"),

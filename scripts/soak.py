@@ -2,11 +2,12 @@
 `Connection: close` churn, a thousand connections at once and bulk, in turn,
 for MINUTES; then idle until TIME_WAIT has expired.  Prints one line every
 SAMPLE seconds (time, phase, the stack's and lighttpd's resident memory,
-sockets in use, connections, TIME_WAIT records), so that what a long run
-leaves behind shows: sockets and memory should come back to where they
-started.
+sockets in use, connections, TIME_WAIT records, connections accepted so
+far), so that what a long run leaves behind shows: sockets and memory
+should come back to where they started.  --only runs one kind of load
+(`--only close` churns connections: 10^6 in about a minute).
 
-    sudo python3 scripts/soak.py [--minutes 10] [--sample 10]
+    sudo python3 scripts/soak.py [--minutes 10] [--sample 10] [--only PHASE]
 """
 import argparse
 import os
@@ -38,7 +39,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=10)
     parser.add_argument("--sample", type=float, default=10)
+    parser.add_argument("--only", choices=[phase for phase, _, _ in PHASES], help="run only this load")
     args = parser.parse_args()
+    phases = [phase for phase in PHASES if args.only in (None, phase[0])]
     testnet.up()
     with tempfile.TemporaryDirectory(prefix="mtcpshim-soak-") as work:
         root = pathlib.Path(work)
@@ -50,13 +53,13 @@ def main() -> int:
         launcher = subprocess.Popen([sys.executable, "-m", "mtcpshim.cli", "run", "--", "lighttpd", "-D", "-f",
                                      str(conf)], stdout=subprocess.DEVNULL, start_new_session=True)
         try:
-            return soak(launcher, args.minutes * 60, args.sample)
+            return soak(launcher, phases, args.minutes * 60, args.sample)
         finally:
             launcher.terminate()
             launcher.wait(30)
 
 
-def soak(launcher: subprocess.Popen, seconds: float, sample: float) -> int:
+def soak(launcher: subprocess.Popen, phases: list, seconds: float, sample: float) -> int:
     deadline = time.monotonic() + 30
     while True:
         try:
@@ -69,7 +72,8 @@ def soak(launcher: subprocess.Popen, seconds: float, sample: float) -> int:
             time.sleep(0.2)
     time.sleep(1)
     [server] = [p for p in psutil.Process(launcher.pid).children(recursive=True) if p.name() == "lighttpd"]
-    print("seconds  phase       stack_rss_kib  lighttpd_rss_kib  sockets  connections  time_wait", flush=True)
+    print("seconds  phase       stack_rss_kib  lighttpd_rss_kib  sockets  connections  time_wait   accepted",
+          flush=True)
     start = time.monotonic()
     end_of_load = start + seconds
     phase, load, next_sample, turn = "start", None, start, 0
@@ -77,7 +81,7 @@ def soak(launcher: subprocess.Popen, seconds: float, sample: float) -> int:
         now = time.monotonic()
         if load is None or load.poll() is not None:
             if now < end_of_load:
-                phase, wrk_args, duration = PHASES[turn % len(PHASES)]
+                phase, wrk_args, duration = phases[turn % len(phases)]
                 turn += 1
                 duration = min(duration, max(1, int(end_of_load - now)))
                 load = subprocess.Popen(["ip", "netns", "exec", NET.cli_ns, "taskset", "-c", "0", "wrk", "-t1",
@@ -91,8 +95,8 @@ def soak(launcher: subprocess.Popen, seconds: float, sample: float) -> int:
             states = snapshot["connections"]
             time_wait = states.get("TIME_WAIT", 0)
             print(f"{now - start:7.0f}  {phase:10s}  {rss_kib(stack_pid):13d}  {rss_kib(server.pid):16d}  "
-                  f"{snapshot['slots_in_use']:7d}  {sum(states.values()) - time_wait:11d}  {time_wait:9d}",
-                  flush=True)
+                  f"{snapshot['slots_in_use']:7d}  {sum(states.values()) - time_wait:11d}  {time_wait:9d}  "
+                  f"{snapshot['tcp'].get('tcp_passive_opens', 0):9d}", flush=True)
             next_sample += sample
         time.sleep(0.2)
 

@@ -414,6 +414,7 @@ class TcpHost:
             if events & EV_ESTABLISHED and conn.listener is not None:
                 conn.listener.pending -= 1
                 conn.listener = None
+                self.count("tcp_passive_opens")    # Linux's PassiveOpens: handshakes a listener completed
             if events & EV_CLOSED:
                 self._forget(conn)
             self.touched.add(conn)

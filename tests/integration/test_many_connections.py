@@ -88,6 +88,7 @@ def test_fifteen_thousand_idle_connections_are_held_and_answered_then_freed(test
                           str(IDLE_SECONDS)], timeout=240)
         assert done.returncode == 0, done.stderr.decode()
         assert json.loads(done.stdout) == {"connected": CONNECTIONS, "answered": CONNECTIONS}
+        assert server.stats()["tcp"]["tcp_passive_opens"] == CONNECTIONS   # each handshake completed once
         # The server closes each connection as its client does: every slot comes back.
         census = {}
 
