@@ -101,12 +101,6 @@ class SpanFile:
         os.close(self.fd)
 
 
-def _unwatch(buf) -> None:
-    """Never to be watched again: the stack is done with these rings."""
-    buf._watched = True
-    buf._on_filled = None
-
-
 def quiet_twice(buf) -> bool:
     """The stack's look, now and then (housekeeping), at a ring that held
     more than a small flow: the release rule of mts_ring_pages_before_write
@@ -172,8 +166,6 @@ class ShmSendBuffer:
             self._watched = True
             self._on_filled(self)
         return used
-
-    unwatch = _unwatch
 
     def give_back_if_idle(self) -> bool:
         """See `quiet_twice`.  The program writes this ring: its pages go
@@ -371,8 +363,6 @@ class ShmRecvBuffer:
             self._watched = True
             self._on_filled(self)
         return n
-
-    unwatch = _unwatch
 
     def give_back_if_idle(self) -> bool:
         """See `quiet_twice`.  The program has read every byte and only we

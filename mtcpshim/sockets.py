@@ -50,7 +50,7 @@ class StackSocket:
     """What the stack knows of one slot."""
 
     __slots__ = ("slot_id", "slot", "port", "conn", "listener", "parent", "events", "app_closed",
-                 "accept_head", "accept_backlog", "queued", "queued_on", "quarantined", "buffers")
+                 "accept_head", "accept_backlog", "queued", "queued_on", "quarantined")
 
     def __init__(self, slot_id, slot):
         self.slot_id = slot_id
@@ -68,7 +68,6 @@ class StackSocket:
         self.queued = set()
         self.queued_on = None   # the listener whose `queued` holds this connection
         self.quarantined = False  # reset for corruption: its rings are never read again
-        self.buffers = ()         # the TCP core's views of the rings, while the slot is ours
 
 
 class SocketTable:
@@ -241,20 +240,8 @@ class SocketTable:
     def _buffers(self, sock: StackSocket):
         """The TCP core's view of the socket's rings."""
         report = lambda reason: self._corrupted(sock, reason)  # noqa: E731
-        sock.buffers = (ShmSendBuffer(self.geom, sock.slot_id, report, self._filled_rings.add),
-                        ShmRecvBuffer(self.geom, sock.slot_id, report, self._filled_rings.add))
-        return sock.buffers
-
-    def _forget_buffers(self, sock: StackSocket) -> None:
-        """The socket's rings are never read again (its slot goes back to the
-        pool, or it was reset): their views stop being watched for good.  A
-        connection may outlive its socket holding them (one aborted in its
-        handshake), and a look at a slot handed to another socket since would
-        give away that socket's pages."""
-        for buf in sock.buffers:
-            buf.unwatch()
-            self._filled_rings.discard(buf)
-        sock.buffers = ()
+        return (ShmSendBuffer(self.geom, sock.slot_id, report, self._filled_rings.add),
+                ShmRecvBuffer(self.geom, sock.slot_id, report, self._filled_rings.add))
 
     def _bind(self, slot_id, arg, now):
         sock = self._socket(slot_id)
@@ -601,9 +588,9 @@ class SocketTable:
         conn = sock.conn
         if conn is not None and conn.state not in _AFTER_OUR_FIN:
             return
-        self._forget_buffers(sock)
         if conn is not None:
             conn.send_buf.release()
+            self._filled_rings.difference_update((conn.send_buf, conn.recv_buf))
             conn.send_buf = conn.recv_buf = DETACHED
             sock.conn = None  # no reference cycle: both go as soon as the host forgets the connection
         if sock.port:
@@ -650,10 +637,10 @@ class SocketTable:
             conn = sock.conn
             if conn is not None:
                 conn.send_buf.release()
+                self._filled_rings.difference_update((conn.send_buf, conn.recv_buf))
                 conn.send_buf = conn.recv_buf = DETACHED  # its rings are never read again
                 conn.abort(now)
                 self.host.collect(conn, now)
-            self._forget_buffers(sock)
             sock.events |= lib.MTS_EV_HUP
             self._publish(sock, lib.MTS_ST_CLOSED, sock.events, errno.ECONNRESET)
             self._maybe_release(sock)
