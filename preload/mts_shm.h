@@ -463,31 +463,21 @@ static inline void mts_ring_pages_wrote(struct mts_ring_pages *p, uint64_t held)
  * other.  A writer that meets a shut gate steps out and waits for it (the
  * stack holds it for one madvise); the stack never waits: it tries again
  * at its next look.  A program that leaves the count up only keeps its own
- * pages.  A gate shut for a second was not shut for one madvise, even with
- * the stack descheduled on a busy machine: the stack died holding it, or the
- * program wrote it.  The writer gives up then (-1), and its call fails
- * instead of hanging.
+ * pages.  A gate shut for MTS_TX_GATE_PATIENCE yields was not shut for a
+ * madvise: the stack died holding it, or the program wrote it.  The writer
+ * gives up then (-1), and its call fails instead of hanging.
  */
-#define MTS_TX_GATE_PATIENCE_NS 1000000000LL
-
-static inline int64_t mts_monotonic_ns(void)
-{
-    struct timespec now;
-    clock_gettime(CLOCK_MONOTONIC, &now);
-    return (int64_t)now.tv_sec * 1000000000LL + now.tv_nsec;
-}
+#define MTS_TX_GATE_PATIENCE (1u << 18)
 
 static inline int mts_tx_enter(struct mts_slot *s)
 {
-    for (int64_t since = 0;;) {
+    for (uint32_t waited = 0;;) {
         __atomic_add_fetch(&s->tx_writers, 1, __ATOMIC_SEQ_CST);
         if (!__atomic_load_n(&s->tx_gate, __ATOMIC_SEQ_CST))
             return 0;
         __atomic_sub_fetch(&s->tx_writers, 1, __ATOMIC_SEQ_CST);
-        if (!since)
-            since = mts_monotonic_ns();
         while (__atomic_load_n(&s->tx_gate, __ATOMIC_ACQUIRE)) {
-            if (mts_monotonic_ns() - since > MTS_TX_GATE_PATIENCE_NS)
+            if (++waited == MTS_TX_GATE_PATIENCE)
                 return -1;
             sched_yield();
         }

@@ -128,7 +128,7 @@ def test_a_bulk_flow_busy_between_looks_keeps_its_pages(world):
 
 
 def test_a_writer_gives_up_on_a_gate_nobody_opens(world):
-    # The stack holds tx_gate for one madvise; shut for a second, it was
+    # The stack holds tx_gate for one madvise; shut for longer, it was
     # written by the program (or the stack died holding it): the writer's
     # call fails instead of waiting for ever.
     child = exchange(world, 100, 1).child
