@@ -74,8 +74,6 @@ int mts_ring_release(uint8_t *data, uint32_t cap, uint64_t from, uint64_t to);
 void mts_ring_pages_before_write(struct mts_ring_pages *p, uint8_t *data, uint32_t cap, uint64_t head,
                                  uint64_t held);
 void mts_ring_pages_wrote(struct mts_ring_pages *p, uint64_t held);
-int mts_tx_enter(struct mts_slot *s);
-void mts_tx_leave(struct mts_slot *s);
 int mts_tx_give_back(struct mts_slot *s, uint8_t *data, uint32_t cap, uint64_t tail);
 void mts_accept_put(const struct mts_geom *g, uint32_t listener, uint64_t pos, uint32_t child);
 int64_t mts_accept_take(const struct mts_geom *g, uint32_t listener, uint64_t head);
@@ -463,24 +461,17 @@ static inline void mts_ring_pages_wrote(struct mts_ring_pages *p, uint64_t held)
  * other.  A writer that meets a shut gate steps out and waits for it (the
  * stack holds it for one madvise); the stack never waits: it tries again
  * at its next look.  A program that leaves the count up only keeps its own
- * pages.  A gate shut for MTS_TX_GATE_PATIENCE yields was not shut for a
- * madvise: the stack died holding it, or the program wrote it.  The writer
- * gives up then (-1), and its call fails instead of hanging.
+ * pages.
  */
-#define MTS_TX_GATE_PATIENCE (1u << 18)
-
-static inline int mts_tx_enter(struct mts_slot *s)
+static inline void mts_tx_enter(struct mts_slot *s)
 {
-    for (uint32_t waited = 0;;) {
+    for (;;) {
         __atomic_add_fetch(&s->tx_writers, 1, __ATOMIC_SEQ_CST);
         if (!__atomic_load_n(&s->tx_gate, __ATOMIC_SEQ_CST))
-            return 0;
+            return;
         __atomic_sub_fetch(&s->tx_writers, 1, __ATOMIC_SEQ_CST);
-        while (__atomic_load_n(&s->tx_gate, __ATOMIC_ACQUIRE)) {
-            if (++waited == MTS_TX_GATE_PATIENCE)
-                return -1;
+        while (__atomic_load_n(&s->tx_gate, __ATOMIC_ACQUIRE))
             sched_yield();
-        }
     }
 }
 

@@ -190,16 +190,12 @@ static size_t write_tx(uint32_t slot, uint8_t *at, size_t want, size_t done)
 
 /* Around each write to the TX ring, whatever it wrote: the producer's page
  * rule (mts_ring_pages_before_write), its bookkeeping in the slot, and the
- * count of writers that keeps the stack from giving pages back meanwhile.
- * -1 with errno if the stack's gate stayed shut (mts_tx_enter): the call
- * fails rather than hangs. */
-static int tx_before_write(struct mts_slot *s, uint32_t slot)
+ * count of writers that keeps the stack from giving pages back meanwhile. */
+static void tx_before_write(struct mts_slot *s, uint32_t slot)
 {
-    if (mts_tx_enter(s) < 0)
-        return fail(shim_stack_alive(1) ? EIO : ENETDOWN);
+    mts_tx_enter(s);
     mts_ring_pages_before_write(&s->tx.pages, mts_tx_data(&shim.geom, slot), shim.geom.tx_size, s->tx.head,
                                 mts_ring_used_bounded(&s->tx, shim.geom.tx_size));
-    return 0;
 }
 
 static void tx_wrote(struct mts_slot *s)
@@ -230,8 +226,7 @@ ssize_t shim_stack_send(uint32_t slot, const struct iovec *iov, int iovcnt, int 
         if (allowed) {
             if (want == 0)
                 return 0;
-            if (tx_before_write(s, slot) < 0)
-                return done ? (ssize_t)done : -1;
+            tx_before_write(s, slot);
             size_t put = copy_to_tx(slot, iov, iovcnt, done);
             tx_wrote(s);
             if (put) {
@@ -400,8 +395,7 @@ static ssize_t stack_sendfile(uint32_t slot, int in_fd, off_t *offset, size_t co
         if (allowed < 0)
             return done ? (ssize_t)done : -1;
         if (allowed && tx_room(s)) {
-            if (tx_before_write(s, slot) < 0)
-                return done ? (ssize_t)done : -1;
+            tx_before_write(s, slot);
             ssize_t got = (ssize_t)file_span_to_tx(slot, in_fd, offset, count - done);
             if (!got)
                 got = file_to_tx(slot, in_fd, offset, count - done);

@@ -125,16 +125,3 @@ def test_a_bulk_flow_busy_between_looks_keeps_its_pages(world):
         pair.round(b"m" * (lib.MTS_RING_SMALL_FLOW + 1000))
     assert resident_pages(world, lib.mts_rx_data(world.g, pair.child)) == RING // PAGE
     assert world.runtime.sockets.idle_rings_released == 0
-
-
-def test_a_writer_gives_up_on_a_gate_nobody_opens(world):
-    # The stack holds tx_gate for one madvise; shut for longer, it was
-    # written by the program (or the stack died holding it): the writer's
-    # call fails instead of waiting for ever.
-    child = exchange(world, 100, 1).child
-    slot = lib.mts_slot_at(world.g, child)
-    assert lib.mts_tx_enter(slot) == 0 and slot.tx_writers == 1
-    lib.mts_tx_leave(slot)
-    slot.tx_gate = 1
-    assert lib.mts_tx_enter(slot) == -1
-    assert slot.tx_writers == 0
