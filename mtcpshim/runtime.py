@@ -168,8 +168,6 @@ class Runtime:
         timeout = -1 if deadline is None else min(max(0, int((deadline - now) * 1000) + 1), _MAX_SLEEP_MS)
         if self.sockets and (timeout < 0 or timeout > _IDLE_LOOK_MS):
             timeout = _IDLE_LOOK_MS  # housekeeping finds lost commands even when all is quiet
-        if self.sockets.watching_rings and timeout > self.HOUSEKEEPING_INTERVAL * 1000:
-            timeout = int(self.HOUSEKEEPING_INTERVAL * 1000)  # quiet rings give their pages back soon
         if max_ms >= 0 and (timeout < 0 or timeout > max_ms):
             timeout = max_ms
         self.counters["sleeps"] += 1

@@ -38,7 +38,6 @@ _U64 = (1 << 64) - 1
 _U32 = (1 << 32) - 1
 _OFF_T_MAX = (1 << 63) - 1
 _SPAN_SLOTS = lib.MTS_TX_SPANS
-_SMALL_FLOW = lib.MTS_RING_SMALL_FLOW  # what a ring may hold and still give its pages back as it goes
 FILES_KEPT = lib.MTS_TX_FILES  # file numbers a socket keeps registered (its program may send from them again)
 # How long a file's size is believed: a view of bytes a truncation took
 # fails in the kernel (a dropped frame); the retransmission looks again.
@@ -101,33 +100,11 @@ class SpanFile:
         os.close(self.fd)
 
 
-def quiet_twice(buf) -> bool:
-    """The stack's look, now and then (housekeeping), at a ring that held
-    more than a small flow: the release rule of mts_ring_pages_before_write
-    keeps such pages (a busy flow would fault them straight back), so a
-    flow that then went quiet would hold them until it closes.  True when
-    `buf` is empty at this look and was at the last, nothing written
-    between them: its pages may go back."""
-    if len(buf):
-        buf._idle_head = None
-        return False
-    if buf._idle_head != buf._head:
-        buf._idle_head = buf._head
-        return False
-    buf._idle_head = None
-    return True
-
-
 class ShmSendBuffer:
-    """`on_filled(buffer)` is called when the ring first holds more than a
-    small flow does: from then on the stack looks at it now and then
-    (`give_back_if_idle`)."""
-
     __slots__ = ("_head_word", "_tail_word", "_head", "_tail", "_data", "_view", "_cap", "_mask",
-                 "_on_corrupt", "_slot", "_spans_read", "_spans", "_files", "gather_min", "_on_filled",
-                 "_watched", "_idle_head")
+                 "_on_corrupt", "_slot", "_spans_read", "_spans", "_files", "gather_min")
 
-    def __init__(self, geom, slot_id: int, on_corrupt, on_filled=None):
+    def __init__(self, geom, slot_id: int, on_corrupt):
         self._slot = lib.mts_slot_at(geom, slot_id)
         ring = self._slot.tx
         self._head_word = ffi.addressof(ring, "head")
@@ -146,9 +123,6 @@ class ShmSendBuffer:
         # sets the MSS where that holds): they may take views of the ring
         # where it wraps and of span files, never read in user space.
         self.gather_min = _U64
-        self._on_filled = on_filled
-        self._watched = on_filled is None
-        self._idle_head = None             # head when a look last found the ring empty
 
     def __len__(self) -> int:
         head = lib.mts_index_load(self._head_word)
@@ -162,19 +136,7 @@ class ShmSendBuffer:
         if self._files and self._slot.tx_span_head != self._spans_read and not self._read_spans(seen, head):
             self._on_corrupt("TX span record impossible (position, length or file)")
             return 0
-        if used > _SMALL_FLOW and not self._watched:
-            self._watched = True
-            self._on_filled(self)
         return used
-
-    def give_back_if_idle(self) -> bool:
-        """See `quiet_twice`.  The program writes this ring: its pages go
-        back only while no writer is in (mts_tx_give_back).  False once
-        they have."""
-        if not quiet_twice(self) or lib.mts_tx_give_back(self._slot, self._data, self._cap, self._tail) != 1:
-            return True
-        self._watched = False
-        return False
 
     def add_file(self, number: int, source: SpanFile) -> None:
         """The program registered `source` under `number` (MTS_OP_FILE).  An
@@ -359,18 +321,29 @@ class ShmRecvBuffer:
             self._on_corrupt("RX ring tail impossible (ahead of head or beyond capacity)")
             return 0
         self._head = (self._head + n) & _U64
-        if not self._watched and self._pages.held_most > _SMALL_FLOW:
+        if not self._watched and self._pages.held_most > lib.MTS_RING_SMALL_FLOW:
             self._watched = True
             self._on_filled(self)
         return n
 
     def give_back_if_idle(self) -> bool:
-        """See `quiet_twice`.  The program has read every byte and only we
-        write: every page goes back.  False once it has."""
-        if not quiet_twice(self):
+        """The stack's look, now and then, at a ring that held more than a
+        small flow: the release rule of mts_ring_pages_before_write keeps
+        those pages (a busy flow would fault them straight back), so a flow
+        that then goes quiet would hold them until it closes.  A ring found
+        empty at two looks in a row, nothing written between them, gives
+        back every page: the program has read them all, and only we write.
+        False once it has (nothing left to watch)."""
+        head = self._head
+        if len(self):
+            self._idle_head = None
+            return True
+        if self._idle_head != head:
+            self._idle_head = head
             return True
         lib.mts_ring_release(self._data, self._cap, 0, self._cap)
-        self._pages.released, self._pages.held_most = self._head, 0
+        self._pages.released, self._pages.held_most = head, 0
+        self._idle_head = None
         self._watched = False
         return False
 

@@ -314,12 +314,6 @@ struct mts_slot {
     uint32_t op_done;    /* futex word: stack sets 1 and wakes */
     int32_t op_result;   /* 0 or -errno */
 
-    /* The TX ring's pages (mts_tx_enter, mts_tx_give_back): the program's
-     * writers count themselves in and out; the stack shuts the gate to give
-     * an empty ring's pages back, and only while no writer is in. */
-    uint32_t tx_writers;
-    uint32_t tx_gate;
-
     /* addresses, host order */
     uint32_t local_ip;
     uint32_t remote_ip;
@@ -353,7 +347,7 @@ struct mts_slot {
     uint32_t opt_quickack;
     char opt_congestion[16]; /* MTS_CONGESTION_NAME_MAX; empty: the default */
 
-    uint8_t pad1[16];
+    uint8_t pad1[24];
 
     struct mts_ring rx; /* stack produces, application consumes */
     struct mts_ring tx; /* application produces, stack consumes on ACK */

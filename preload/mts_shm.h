@@ -12,7 +12,6 @@
 #include <stddef.h>
 #include <string.h>
 #include <limits.h>
-#include <sched.h>
 #include <time.h>
 #include <unistd.h>
 #include <sys/epoll.h>
@@ -74,7 +73,6 @@ int mts_ring_release(uint8_t *data, uint32_t cap, uint64_t from, uint64_t to);
 void mts_ring_pages_before_write(struct mts_ring_pages *p, uint8_t *data, uint32_t cap, uint64_t head,
                                  uint64_t held);
 void mts_ring_pages_wrote(struct mts_ring_pages *p, uint64_t held);
-int mts_tx_give_back(struct mts_slot *s, uint8_t *data, uint32_t cap, uint64_t tail);
 void mts_accept_put(const struct mts_geom *g, uint32_t listener, uint64_t pos, uint32_t child);
 int64_t mts_accept_take(const struct mts_geom *g, uint32_t listener, uint64_t head);
 int32_t mts_accept_pop(const struct mts_geom *g, uint32_t listener);
@@ -449,48 +447,6 @@ static inline void mts_ring_pages_wrote(struct mts_ring_pages *p, uint64_t held)
 {
     if (held > p->held_most)
         p->held_most = held;
-}
-
-/*
- * A TX ring that held bulk data keeps its pages after the flow goes quiet:
- * only the producer gives pages back (mts_ring_pages_before_write), at its
- * next write.  So the stack may too, for an empty ring, excluding the
- * program's writers the Dekker way: a writer counts itself in, then looks
- * at the gate; the stack shuts the gate, then looks at the count; with
- * sequentially consistent operations on both sides at least one sees the
- * other.  A writer that meets a shut gate steps out and waits for it (the
- * stack holds it for one madvise); the stack never waits: it tries again
- * at its next look.  A program that leaves the count up only keeps its own
- * pages.
- */
-static inline void mts_tx_enter(struct mts_slot *s)
-{
-    for (;;) {
-        __atomic_add_fetch(&s->tx_writers, 1, __ATOMIC_SEQ_CST);
-        if (!__atomic_load_n(&s->tx_gate, __ATOMIC_SEQ_CST))
-            return;
-        __atomic_sub_fetch(&s->tx_writers, 1, __ATOMIC_SEQ_CST);
-        while (__atomic_load_n(&s->tx_gate, __ATOMIC_ACQUIRE))
-            sched_yield();
-    }
-}
-
-static inline void mts_tx_leave(struct mts_slot *s) { __atomic_sub_fetch(&s->tx_writers, 1, __ATOMIC_RELEASE); }
-
-/* The stack, with its own tail: gives every page of the TX ring back if no
- * writer is in and the ring is empty (everything written was acknowledged).
- * Returns 1 if it did, 0 if the ring holds data, -1 if a writer is in. */
-static inline int mts_tx_give_back(struct mts_slot *s, uint8_t *data, uint32_t cap, uint64_t tail)
-{
-    __atomic_store_n(&s->tx_gate, 1u, __ATOMIC_SEQ_CST);
-    int result = -1;
-    if (!__atomic_load_n(&s->tx_writers, __ATOMIC_SEQ_CST)) {
-        result = MTS_LOAD(&s->tx.head) == tail;
-        if (result)
-            mts_ring_release(data, cap, 0, cap);
-    }
-    __atomic_store_n(&s->tx_gate, 0u, __ATOMIC_RELEASE);
-    return result;
 }
 
 /* The stack's producer side of an RX ring: it passes its own head and page

@@ -188,12 +188,10 @@ static size_t write_tx(uint32_t slot, uint8_t *at, size_t want, size_t done)
                           want < room ? want : room);
 }
 
-/* Around each write to the TX ring, whatever it wrote: the producer's page
- * rule (mts_ring_pages_before_write), its bookkeeping in the slot, and the
- * count of writers that keeps the stack from giving pages back meanwhile. */
+/* Around each write to the TX ring, the producer's page rule
+ * (mts_ring_pages_before_write), its bookkeeping in the slot. */
 static void tx_before_write(struct mts_slot *s, uint32_t slot)
 {
-    mts_tx_enter(s);
     mts_ring_pages_before_write(&s->tx.pages, mts_tx_data(&shim.geom, slot), shim.geom.tx_size, s->tx.head,
                                 mts_ring_used_bounded(&s->tx, shim.geom.tx_size));
 }
@@ -201,7 +199,6 @@ static void tx_before_write(struct mts_slot *s, uint32_t slot)
 static void tx_wrote(struct mts_slot *s)
 {
     mts_ring_pages_wrote(&s->tx.pages, mts_ring_used_bounded(&s->tx, shim.geom.tx_size));
-    mts_tx_leave(s);
 }
 
 /* Copies iov (minus its first `skip` bytes) into the TX ring as far as it
@@ -228,8 +225,8 @@ ssize_t shim_stack_send(uint32_t slot, const struct iovec *iov, int iovcnt, int 
                 return 0;
             tx_before_write(s, slot);
             size_t put = copy_to_tx(slot, iov, iovcnt, done);
-            tx_wrote(s);
             if (put) {
+                tx_wrote(s);
                 done += put;
                 notify_tx(slot);
             }
@@ -399,11 +396,11 @@ static ssize_t stack_sendfile(uint32_t slot, int in_fd, off_t *offset, size_t co
             ssize_t got = (ssize_t)file_span_to_tx(slot, in_fd, offset, count - done);
             if (!got)
                 got = file_to_tx(slot, in_fd, offset, count - done);
-            tx_wrote(s);
             if (got < 0)
                 return done ? (ssize_t)done : -1;
             if (got == 0)
                 break; /* end of file */
+            tx_wrote(s);
             done += (size_t)got;
             notify_tx(slot);
             continue;
