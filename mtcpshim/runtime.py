@@ -126,7 +126,6 @@ class Runtime:
             self._device_trouble()     # gone by now, or still only down
         self.waiters.look()            # a registration sent without being counted
         self.sockets.recover_lost_tx(now)
-        self.sockets.give_back_idle_rings()
         if not self._truncation_reported:
             self._report_truncation()
 
@@ -240,8 +239,7 @@ class Runtime:
             "pid": os.getpid(),
             "python": _PYTHON,
             "runtime": {**self.counters, "commands": self.sockets.commands,
-                        "waiter_wakeups": self.waiters.wakeups, "rings_released": self.sockets.rings_released,
-                        "idle_rings_released": self.sockets.idle_rings_released},
+                        "waiter_wakeups": self.waiters.wakeups, "rings_released": self.sockets.rings_released},
             "cost": self._cost(io_counters),
             "interface": dict(self.iface.counters),
             "packet_io": dict(io_counters),

@@ -270,14 +270,12 @@ class ShmSendBuffer:
 
 class ShmRecvBuffer:
     """`space()` is the room within the window's limit: the ring, or less
-    where the program set SO_RCVBUF (`limit`).  `on_filled(buffer)` is
-    called when the ring first holds more than a small flow does: from then
-    on the stack looks at it now and then (`give_back_if_idle`)."""
+    where the program set SO_RCVBUF (`limit`)."""
 
     __slots__ = ("_slot", "_ring", "_tail_word", "_head", "_data", "_cap", "_limit", "_low_water",
-                 "_on_corrupt", "_pages", "_on_filled", "_watched", "_idle_head")
+                 "_on_corrupt", "_pages")
 
-    def __init__(self, geom, slot_id: int, on_corrupt, on_filled=None):
+    def __init__(self, geom, slot_id: int, on_corrupt):
         self._slot = lib.mts_slot_at(geom, slot_id)
         self._ring = ffi.addressof(self._slot.rx)
         self._tail_word = ffi.addressof(self._slot.rx, "tail")
@@ -287,9 +285,6 @@ class ShmRecvBuffer:
         self._data = lib.mts_rx_data(geom, slot_id)
         self._cap = geom.rx_size
         self._on_corrupt = on_corrupt
-        self._on_filled = on_filled
-        self._watched = on_filled is None
-        self._idle_head = None             # head when a look last found the ring empty
         self.limit(lib.mts_buffer_limit(geom.rx_size, self._slot.opt_rcvbuf))
 
     def limit(self, size: int) -> None:
@@ -321,31 +316,7 @@ class ShmRecvBuffer:
             self._on_corrupt("RX ring tail impossible (ahead of head or beyond capacity)")
             return 0
         self._head = (self._head + n) & _U64
-        if not self._watched and self._pages.held_most > lib.MTS_RING_SMALL_FLOW:
-            self._watched = True
-            self._on_filled(self)
         return n
-
-    def give_back_if_idle(self) -> bool:
-        """The stack's look, now and then, at a ring that held more than a
-        small flow: the release rule of mts_ring_pages_before_write keeps
-        those pages (a busy flow would fault them straight back), so a flow
-        that then goes quiet would hold them until it closes.  A ring found
-        empty at two looks in a row, nothing written between them, gives
-        back every page: the program has read them all, and only we write.
-        False once it has (nothing left to watch)."""
-        head = self._head
-        if len(self):
-            self._idle_head = None
-            return True
-        if self._idle_head != head:
-            self._idle_head = head
-            return True
-        lib.mts_ring_release(self._data, self._cap, 0, self._cap)
-        self._pages.released, self._pages.held_most = head, 0
-        self._idle_head = None
-        self._watched = False
-        return False
 
 
 class DetachedBuffer:

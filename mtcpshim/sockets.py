@@ -95,8 +95,6 @@ class SocketTable:
         self.shm_counters = shm_counters
         self.commands = 0                       # commands run, for the statistics
         self.rings_released = 0                 # freed slots whose ring pages went back to the kernel
-        self.idle_rings_released = 0            # RX rings of quiet connections given back (give_back_idle_rings)
-        self._filled_rx: set[ShmRecvBuffer] = set()  # RX rings that held more than a small flow
         self.program_pid = None                 # told by the launcher, for log lines
         self._log_limited = RateLimitedLog()    # a program corrupting in a loop must not flood the log
         self._no_room_at = float("-inf")        # when a SYN last went unanswered for want of room
@@ -222,22 +220,10 @@ class SocketTable:
                 self._tx(sock.slot_id, 0, now)
         self.send_written(now)
 
-    def give_back_idle_rings(self) -> None:
-        """Housekeeping: the RX rings of connections that moved more than a
-        small flow at a time and have gone quiet give their pages back, so
-        an idle connection costs no ring memory, whatever it carried
-        before.  (TX rings are the program's to give back, at its next
-        write: docs/architecture.md 2.1.)"""
-        for buf in list(self._filled_rx):
-            if not buf.give_back_if_idle():
-                self._filled_rx.discard(buf)
-                self.idle_rings_released += 1
-
     def _buffers(self, sock: StackSocket):
         """The TCP core's view of the socket's rings."""
         report = lambda reason: self._corrupted(sock, reason)  # noqa: E731
-        return (ShmSendBuffer(self.geom, sock.slot_id, report),
-                ShmRecvBuffer(self.geom, sock.slot_id, report, self._filled_rx.add))
+        return ShmSendBuffer(self.geom, sock.slot_id, report), ShmRecvBuffer(self.geom, sock.slot_id, report)
 
     def _bind(self, slot_id, arg, now):
         sock = self._socket(slot_id)
@@ -586,7 +572,6 @@ class SocketTable:
             return
         if conn is not None:
             conn.send_buf.release()
-            self._filled_rx.discard(conn.recv_buf)
             conn.send_buf = conn.recv_buf = DETACHED
             sock.conn = None  # no reference cycle: both go as soon as the host forgets the connection
         if sock.port:
@@ -633,7 +618,6 @@ class SocketTable:
             conn = sock.conn
             if conn is not None:
                 conn.send_buf.release()
-                self._filled_rx.discard(conn.recv_buf)
                 conn.send_buf = conn.recv_buf = DETACHED  # its rings are never read again
                 conn.abort(now)
                 self.host.collect(conn, now)
