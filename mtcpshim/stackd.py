@@ -31,6 +31,9 @@ from mtcpshim.region import Region
 # How long a stopping stack keeps serving so that connections the exiting
 # program left open still end with FIN exchanges rather than silence.
 STOP_LINGER_SECONDS = 1.0
+# The buffer a loop's frames are built in (Interface frame_arena): about
+# 700 full-size frames; frames past it get buffers of their own.
+FRAME_ARENA_BYTES = 1 << 20
 
 
 def tap_names(ifindex: int) -> tuple[str, str]:
@@ -136,7 +139,7 @@ def _build_runtime(args, region):
         io = ImpairedIO(io, ImpairSpec.parse(args.impair))
     ip = int(args.ip.ip)
     gateway = int(args.gateway) if args.gateway else None
-    iface = Interface(io.mac, ip, args.ip.network.prefixlen, gateway)
+    iface = Interface(io.mac, ip, args.ip.network.prefixlen, gateway, frame_arena=FRAME_ARENA_BYTES)
     pcap = PcapWriter(args.pcap) if args.pcap else None
     stats = _listen_for_stats(args.stats_socket) if args.stats_socket else None
     # Congestion control as the kernel's in this namespace, so that a

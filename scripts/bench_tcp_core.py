@@ -42,6 +42,7 @@ from mtcpshim.runtime import Runtime                # noqa: E402
 from mtcpshim.stack.host import TcpHost                      # noqa: E402
 from mtcpshim.stack.iface import Interface                   # noqa: E402
 from mtcpshim.stack.node import Node                         # noqa: E402
+from mtcpshim.stackd import FRAME_ARENA_BYTES                # noqa: E402
 from mtcpshim.stack.storage import RingBuffer                # noqa: E402
 from mtcpshim.stack.tcp import TcpConfig, TcpConnection      # noqa: E402
 from mtcpshim.stack.wire.tcp import ACK, PSH, SYN, TcpSegment  # noqa: E402
@@ -183,7 +184,7 @@ class _MemoryLink:
         return batch
 
     def send_batch(self, frames):
-        self.outbound.extend(frames)
+        self.outbound.extend(bytes(frame) for frame in frames)  # as a packet socket copies them
         return len(frames)
 
 
@@ -200,7 +201,8 @@ class _RuntimeRig:
         self.link = _MemoryLink()
         self.wake_fds = os.pipe()
         self.runtime = Runtime(self.region, self.link,
-                               Node(Interface(LOCAL_MAC, LOCAL_IP, 24), TcpHost(LOCAL_IP, CONFIG)),
+                               Node(Interface(LOCAL_MAC, LOCAL_IP, 24, frame_arena=FRAME_ARENA_BYTES),
+                                    TcpHost(LOCAL_IP, CONFIG)),
                                stack_ctl.detach(), self.wake_fds[0])
         self.peer = Node(Interface(REMOTE_MAC, REMOTE_IP, 24), TcpHost(REMOTE_IP))
         self.now = 1000.0

@@ -19,6 +19,8 @@ buffer receives the Ethernet and IPv4 headers, the TCP header and the one
 copy of the payload, and both checksums are computed there.  A segment the
 device is to cut (`gso_size`) becomes a SegmentedFrame instead, whose
 payload is not copied at all: the packet socket gathers it from where it is.
+With a frame arena, that buffer is a part of one reused for every batch
+(`reuse_frames()`).
 `frame_tcp` returns the frame when the next hop's MAC is known; otherwise it
 queues the frame (with its own copy of the payload), starts ARP, returns
 None, and the frame comes out of `take_frames()` once the neighbour answers.
@@ -92,9 +94,12 @@ class _Resolution:
 
 class Interface:
     def __init__(self, mac: bytes, ip: int, prefix_len: int, gateway: int | None = None,
-                 arp_timeout: float = 60.0, *, accelerated: bool | None = None):
+                 arp_timeout: float = 60.0, *, accelerated: bool | None = None, frame_arena: int = 0):
         """`accelerated` selects the C paths (default: whenever the C module
-        is built); False forces the pure-Python paths, e.g. to compare them."""
+        is built); False forces the pure-Python paths, e.g. to compare them.
+        `frame_arena` (bytes, C paths only): frame_tcp builds its frames in
+        one buffer of that size, used again from the start at each
+        `reuse_frames()`; 0 gives each frame a buffer of its own."""
         if len(mac) != 6:
             raise ValueError(f"MAC address of {len(mac)} bytes")
         if not 0 <= prefix_len <= 32:
@@ -112,6 +117,9 @@ class Interface:
         elif accelerated and not native.ACCELERATED:
             raise RuntimeError("mtcpshim.stack._netfast is not built")
         self.accelerated = accelerated
+        self._arena = native.FrameArena(frame_arena) if accelerated and frame_arena else None
+        self._frame_builder = self._arena.build_tcp_frame if self._arena else native.build_tcp_frame \
+            if accelerated else None
         self.counters: Counter[str] = Counter()
         self._neighbours: dict[int, _Neighbour] = {}
         self._resolving: dict[int, _Resolution] = {}
@@ -227,7 +235,7 @@ class Interface:
         if gso_size and (frame := frame.detached()) is None:
             self.counters["tx_payload_gone"] += 1   # the connection's buffer resets it
             return None
-        self._hold(next_hop, frame, now)
+        self._hold(next_hop, frame if gso_size else bytearray(frame), now)  # out of the arena
         return None
 
     def _build_tcp_frame(self, dst_mac: bytes, dst_ip: int, header: bytes, payload,
@@ -238,8 +246,7 @@ class Interface:
                 return SegmentedFrame(native.build_tcp_headers(
                     dst_mac, self.mac, self.ip, dst_ip, ident, header, len(payload)),
                     payload, gso_size)
-            return native.build_tcp_frame(dst_mac, self.mac, self.ip, dst_ip, ident,
-                                          header, payload)
+            return self._frame_builder(dst_mac, self.mac, self.ip, dst_ip, ident, header, payload)
         header = bytearray(header)
         pseudo = pseudo_header_sum(self.ip, dst_ip, PROTO_TCP, len(header) + len(payload))
         if gso_size:
@@ -270,6 +277,12 @@ class Interface:
         else:
             self._hold(next_hop, bytearray(
                 EthernetHeader(UNKNOWN_MAC, self.mac, ETHERTYPE_IPV4).emit(packet)), now)
+
+    def reuse_frames(self) -> None:
+        """Every frame frame_tcp returned so far is sent or copied: with a
+        frame arena, the next ones are built over them."""
+        if self._arena is not None:
+            self._arena.reuse()
 
     def take_frames(self) -> list:
         frames, self._tx_frames = self._tx_frames, []

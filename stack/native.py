@@ -7,8 +7,8 @@ to `mtcpshim.stack.checksum` and `mtcpshim.stack.siphash`.  `ones_complement_sum
 there in both cases.
 
 `copy_guarded` copies in both cases (only C survives a truncated file).
-`match_tcp_frame`, `complete_checksum`, `build_tcp_frame`, `build_tcp_headers`
-and `send_parts` exist only when ACCELERATED; the Interface and the packet socket use them for
+`match_tcp_frame`, `complete_checksum`, `build_tcp_frame`, `FrameArena`,
+`build_tcp_headers` and `send_parts` exist only when ACCELERATED; the Interface and the packet socket use them for
 their per-segment paths, and the Interface has a Python route for everything
 the first three do.
 """
@@ -77,6 +77,42 @@ if ACCELERATED:
         _build_frame(_from_buffer(frame), dst_mac, src_mac, src_ip, dst_ip, ident,
                      header, len(header), payload, payload_len)
         return frame
+
+    class FrameArena:
+        """Frames built one after another in one buffer that is used again
+        from the start after each `reuse()`: a frame costs no allocation,
+        and a batch is sent from where it was built.  A frame is a view,
+        valid until the next `reuse()`; one that must outlive it (waiting
+        for ARP, held by a fault injector) is copied by whoever keeps it.
+        Past the end of the buffer, frames get buffers of their own."""
+
+        __slots__ = ("_base", "_view", "_size", "_used")
+
+        def __init__(self, size: int):
+            self._base = ffi.new("uint8_t[]", size)
+            self._view = memoryview(ffi.buffer(self._base))
+            self._size = size
+            self._used = 0
+
+        def reuse(self) -> None:
+            """Every frame built so far has been sent, copied or dropped."""
+            self._used = 0
+
+        def build_tcp_frame(self, dst_mac: bytes, src_mac: bytes, src_ip: int, dst_ip: int,
+                            ident: int, header: bytes, payload):
+            """`build_tcp_frame`, in the arena."""
+            payload_len = len(payload)
+            at = self._used
+            end = at + TCP_FRAME_HEADROOM + len(header) + payload_len
+            if end > self._size:
+                return build_tcp_frame(dst_mac, src_mac, src_ip, dst_ip, ident, header, payload)
+            _check_segment(len(header), payload_len)
+            if type(payload) is not bytes:
+                payload = _from_buffer(payload)
+            _build_frame(self._base + at, dst_mac, src_mac, src_ip, dst_ip, ident,
+                         header, len(header), payload, payload_len)
+            self._used = end
+            return self._view[at:end]
 
     def build_tcp_headers(dst_mac: bytes, src_mac: bytes, src_ip: int, dst_ip: int,
                           ident: int, header: bytes, payload_len: int) -> bytearray:

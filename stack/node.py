@@ -7,7 +7,9 @@ and sockets).  Sans-IO: frames and time in, frames out.
                           (path MTU) to the host after the batch
     on_timers(now)        the host's and the interface's timers that are due
     egress(now)           every frame to send: segments framed, plus ARP,
-                          ICMP and frames that waited for ARP
+                          ICMP and frames that waited for ARP; valid until
+                          the next egress (an interface with a frame arena
+                          builds the next batch over them)
     poll_at()             when on_timers next has work; None if never
 
 The runtime, the runtime tests' peer and the core benchmark all drive a
@@ -45,6 +47,7 @@ class Node:
             self.iface.on_timer(now)
 
     def egress(self, now: float) -> list:
+        self.iface.reuse_frames()
         frame_tcp = self.iface.frame_tcp
         frames = []
         for dst_ip, header, payload, gso_size in self.host.take_output():

@@ -393,13 +393,12 @@ void nf_rx_release(struct nf_ring *ring)
 #define SEND_BATCH 64
 
 long nf_send_frames(int fd, const uint8_t *address, uint32_t address_len, int vnet,
-                    const uint8_t *frames, const uint32_t *lengths, unsigned count,
+                    const uint8_t *const *frames, const uint32_t *lengths, unsigned count,
                     struct nf_ring_stats *stats)
 {
     struct mmsghdr messages[SEND_BATCH];
     struct iovec iov[SEND_BATCH][2];
     uint8_t headers[SEND_BATCH][VNET_HEADER_LEN];
-    const uint8_t *starts[SEND_BATCH];
     unsigned sent = 0, next = 0;
 
     while (next < count) {
@@ -412,9 +411,7 @@ long nf_send_frames(int fd, const uint8_t *address, uint32_t address_len, int vn
                 store_le16(headers[i] + VNET_HDR_LEN_AT, (uint16_t)len);
                 iov[i][parts++] = (struct iovec){headers[i], VNET_HEADER_LEN};
             }
-            starts[i] = frames;
-            iov[i][parts++] = (struct iovec){(void *)frames, len};
-            frames += len;
+            iov[i][parts++] = (struct iovec){(void *)frames[next + i], len};
             messages[i] = (struct mmsghdr){.msg_hdr = {
                 .msg_name = (void *)address, .msg_namelen = address_len,
                 .msg_iov = iov[i], .msg_iovlen = parts}};
@@ -425,7 +422,6 @@ long nf_send_frames(int fd, const uint8_t *address, uint32_t address_len, int vn
             /* A short count: the next call meets the failing frame first. */
             sent += (unsigned)done;
             next += (unsigned)done;
-            frames = (unsigned)done < batch ? starts[done] : frames;
             continue;
         }
         int error = done < 0 ? errno : EAGAIN;
@@ -436,7 +432,7 @@ long nf_send_frames(int fd, const uint8_t *address, uint32_t address_len, int vn
         if (error != EMSGSIZE && error != EINVAL)
             return -error;
         stats->tx_rejected++;
-        frames = starts[0] + lengths[next++];
+        next++;
     }
     return sent;
 }

@@ -117,8 +117,7 @@ unsigned nf_rx_collect(struct nf_ring *small, struct nf_ring *large, unsigned ma
 /* Hands the slots the last walk held back to the kernel. */
 void nf_rx_release(struct nf_ring *ring);
 
-/* Sends `count` frames, laid end to end in `frames` with their lengths in
- * `lengths`, each as one datagram to the socket address `address`, a batch
+/* Sends `count` frames, `frames[i]` of `lengths[i]` bytes, each as one datagram to the socket address `address`, a batch
  * of them per sendmmsg (MSG_DONTWAIT).  With `vnet` (a PACKET_VNET_HDR
  * socket), each goes after a virtio_net_hdr that asks for no offload and
  * declares the whole frame its header, so the kernel copies it into the
@@ -130,5 +129,5 @@ void nf_rx_release(struct nf_ring *ring);
  * Returns the frames sent, or -errno for any other error (the device went
  * down or away). */
 long nf_send_frames(int fd, const uint8_t *address, uint32_t address_len, int vnet,
-                    const uint8_t *frames, const uint32_t *lengths, unsigned count,
+                    const uint8_t *const *frames, const uint32_t *lengths, unsigned count,
                     struct nf_ring_stats *stats);

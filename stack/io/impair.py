@@ -249,7 +249,8 @@ def _wire_checksummed(frame) -> bytearray:
 
 def _own(frame):
     """A frame that outlives the loop pass that made it: a segmentation
-    offload frame's payload is a view of the send ring, valid for one pass."""
+    offload frame's payload is a view of the send ring, and a plain frame
+    may be a view of the interface's frame arena, both valid for one pass."""
     return frame.detached() if type(frame) is SegmentedFrame else bytes(frame)
 
 

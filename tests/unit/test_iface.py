@@ -28,12 +28,16 @@ GATEWAY_IP = ip("198.18.0.254")
 FAR_IP = ip("198.19.5.5")
 
 
-@pytest.fixture(params=[True, False], ids=["c", "python"])
+ARENA_BYTES = 4096
+
+
+@pytest.fixture(params=[(True, 0), (True, ARENA_BYTES), (False, 0)], ids=["c", "c-arena", "python"])
 def iface(request):
-    if request.param and not native.ACCELERATED:
+    accelerated, arena = request.param
+    if accelerated and not native.ACCELERATED:
         pytest.skip("mtcpshim.stack._netfast not built")
     return Interface(OUR_MAC, OUR_IP, 24, gateway=GATEWAY_IP, arp_timeout=60.0,
-                     accelerated=request.param)
+                     accelerated=accelerated, frame_arena=arena)
 
 
 # ---- frames the peer sends --------------------------------------------------
@@ -276,6 +280,31 @@ def test_ip_idents_increment(iface):
     frames = [iface.frame_tcp(PEER_IP, tcp_segment(OUR_IP, PEER_IP), b"", now=1.0) for _ in range(3)]
     idents = [parse_ip_frame(frame)[1].ident for frame in frames]
     assert idents == [idents[0], idents[0] + 1, idents[0] + 2]
+
+
+def test_frames_from_the_arena_last_until_it_is_reused_and_held_ones_longer():
+    if not native.ACCELERATED:
+        pytest.skip("mtcpshim.stack._netfast not built")
+    arena = Interface(OUR_MAC, OUR_IP, 24, gateway=GATEWAY_IP, frame_arena=ARENA_BYTES)
+    plain = Interface(OUR_MAC, OUR_IP, 24, gateway=GATEWAY_IP)
+    for iface in (arena, plain):
+        peer_says_hello(iface)
+    segment = tcp_segment(OUR_IP, PEER_IP)
+    # Four frames of 1054 bytes: the fourth does not fit in 4096 and gets its own buffer.
+    batch = [iface.frame_tcp(PEER_IP, segment, bytes([n]) * 1000, now=1.0) for iface in (arena, plain)
+             for n in range(4)]
+    built, expected = batch[:4], [bytes(frame) for frame in batch[4:]]
+    assert [bytes(frame) for frame in built] == expected
+    assert [type(frame) for frame in built] == [memoryview] * 3 + [bytearray]
+    # A frame for a next hop not yet resolved waits with its own copy.
+    assert arena.frame_tcp(FAR_IP, segment, b"held", now=1.0) is None
+    arena.reuse_frames()
+    again = arena.frame_tcp(PEER_IP, segment, b"\xff" * 1000, now=1.0)
+    assert bytes(built[0]) != expected[0]                      # built over: the batch was sent
+    assert parse_ip_frame(again)[2][20:] == b"\xff" * 1000
+    arena.receive(arp_frame(OP_REPLY, GATEWAY_MAC, GATEWAY_IP, OUR_MAC, OUR_IP), 1.1)
+    held = [frame for frame in arena.take_frames() if frame[12:14] == b"\x08\x00"]
+    assert [parse_ip_frame(frame)[2][20:] for frame in held] == [b"held"]
 
 
 # ---- drops ------------------------------------------------------------------
