@@ -340,6 +340,7 @@ def _serve_connection(conn: socket.socket, body: bytes, stats: dict) -> None:
     except OSError as err:
         stats["errors"] += 1
         stats["last_error"] = repr(err)
+        log(f"serving a connection failed: {err!r}")
     finally:
         try:
             conn.close()
@@ -372,6 +373,7 @@ def _first_listener(port: int, attempts: int, stats: dict) -> socket.socket:
                 raise
             stats["listen_failures"] = stats.get("listen_failures", 0) + 1
             stats["last_listen_error"] = repr(err)
+            log(f"a listener on port {port} failed: {err!r}; trying a new socket")
             time.sleep(0.1)
     raise AssertionError("unreachable")
 
@@ -451,6 +453,7 @@ def check_phase(region: Region, state: State, args) -> dict:
     """After the attack: the header's geometry back as it was (our own
     interposer reads it), then a fresh listener serving the check blob."""
     region.restore_geometry()
+    log("check: a new listener")
     body = blob(args.check_size, args.seed + 1)
     stats = {}
 

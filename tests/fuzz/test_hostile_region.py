@@ -44,7 +44,8 @@ def _assert_alive_and_serving(observed, summary):
     assert observed["stack_alive"], f"{summary}\n{observed['output_tail']}"
     assert observed["stack_death"] is None, summary
     assert observed["ping_ok"], summary
-    assert observed["new_connection_exact"], f"{summary}: {observed['new_connection']}"
+    assert observed["new_connection_exact"], \
+        f"{summary}: {observed['new_connection']} (check server: {observed.get('check_failed')})\n{observed['output_tail']}"
 
 
 @pytest.mark.parametrize("mode", hostile.MODES)

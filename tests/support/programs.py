@@ -60,7 +60,13 @@ class ShimProgram:
             children = psutil.Process(self.proc.pid).children()
         except psutil.NoSuchProcess:
             return None
-        return next((c for c in children if "mtcpshim.stackd" in " ".join(c.cmdline())), None)
+        for child in children:
+            try:
+                if "mtcpshim.stackd" in " ".join(child.cmdline()):
+                    return child
+            except psutil.NoSuchProcess:
+                continue  # a child that came and went (the launcher failing early)
+        return None
 
     def stack_pid(self, timeout: float = STACK_START_TIMEOUT) -> int:
         """The serving stack's pid, from `mtcpshim stat` once it answers."""
