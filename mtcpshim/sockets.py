@@ -35,6 +35,7 @@ _CLOSED = TcpState.CLOSED
 _SENDING_DATA = (TcpState.ESTABLISHED, TcpState.CLOSE_WAIT)
 _EV_RDHUP = lib.MTS_EV_RDHUP
 _SLOT_USED = lib.MTS_SLOT_USED
+_OP_WAITER_FREE = lib.MTS_OP_WAITER_FREE
 _ADDRESS_ARG_LIMIT = 1 << 48  # ip << 16 | port
 RELEASE_RINGS_AFTER = 64 << 10  # bytes through a slot's busier ring that make its pages worth a syscall
 _U64 = (1 << 64) - 1
@@ -159,6 +160,9 @@ class SocketTable:
         while popped < geom.cmd_capacity and pop(geom, pos, cmd):
             popped += 1
             op, slot_id = cmd.op, cmd.slot
+            if op != _OP_WAITER_FREE and self._queued_before_reuse(slot_id, cmd.generation):
+                self.shm_counters["cmd_stale"] += 1
+                continue
             try:
                 execute(op, slot_id, cmd.arg, now)
             except _NotAllocated:
@@ -198,6 +202,15 @@ class SocketTable:
             self.shm_counters["cmd_bad"] += 1
             return
         handler(self, slot_id, arg, now)
+
+    def _queued_before_reuse(self, slot_id: int, generation: int) -> bool:
+        """Whether a command was queued for an earlier holder of its slot
+        (freed and handed out again since: the slot's generation moved on):
+        run, it would act on a socket it was never meant for.  A slot the
+        program took over while the stack still held it (its generation
+        moved too, and its commands carry the new one) is the business of
+        the handlers and of containment, as before."""
+        return slot_id < self.geom.nslots and generation != lib.mts_slot_at(self.geom, slot_id).generation
 
     def _socket(self, slot_id: int) -> StackSocket:
         """The stack's socket for a slot; a slot the stack does not know yet

@@ -20,7 +20,7 @@
  */
 
 #define MTS_MAGIC 0x314d485350435453
-#define MTS_VERSION 6
+#define MTS_VERSION 7
 
 /* Name of the environment variable that carries the inherited descriptors:
  * "SHM_FD,CTL_FD,WAKE_FD,DEATH_FD" (see mtcpshim/launcher.py). */
@@ -165,7 +165,11 @@ struct mts_cmd {
     uint32_t op;
     uint32_t slot;
     uint64_t arg;
-    uint64_t pad;
+    /* The slot's generation when the command was queued (0 for
+     * MTS_OP_WAITER_FREE): a command still queued when its slot was freed
+     * and handed to another socket is dropped, never run on that one. */
+    uint32_t generation;
+    uint32_t pad;
 };
 
 struct mts_cmdq {

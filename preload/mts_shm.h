@@ -53,7 +53,7 @@ void mts_slot_free(const struct mts_geom *g, uint32_t id);
 int32_t mts_waiter_alloc(const struct mts_geom *g, int32_t pid);
 void mts_waiter_free(const struct mts_geom *g, uint32_t id);
 uint32_t mts_waiter_disarm(struct mts_waiter *w);
-int mts_cmd_push(const struct mts_geom *g, uint32_t op, uint32_t slot, uint64_t arg);
+int mts_cmd_push(const struct mts_geom *g, uint32_t op, uint32_t slot, uint32_t generation, uint64_t arg);
 int mts_cmd_pop(const struct mts_geom *g, uint64_t *pos, struct mts_cmd *out);
 int mts_cmd_pending(const struct mts_geom *g, uint64_t pos);
 uint64_t mts_ring_used(const struct mts_ring *r);
@@ -340,7 +340,8 @@ static inline struct mts_cmd *mts_cmd_cell(const struct mts_geom *g, uint64_t po
 }
 
 /* Returns 0, or -1 when the queue is full. */
-static inline int mts_cmd_push(const struct mts_geom *g, uint32_t op, uint32_t slot, uint64_t arg)
+static inline int mts_cmd_push(const struct mts_geom *g, uint32_t op, uint32_t slot, uint32_t generation,
+                               uint64_t arg)
 {
     struct mts_cmdq *q = mts_cmdq(g);
     uint64_t pos = __atomic_load_n(&q->enqueue_pos, __ATOMIC_RELAXED);
@@ -353,6 +354,7 @@ static inline int mts_cmd_push(const struct mts_geom *g, uint32_t op, uint32_t s
                 cell->op = op;
                 cell->slot = slot;
                 cell->arg = arg;
+                cell->generation = generation;
                 MTS_STORE(&cell->seq, pos + 1);
                 return 0;
             }
@@ -374,6 +376,7 @@ static inline int mts_cmd_pop(const struct mts_geom *g, uint64_t *pos, struct mt
     out->op = cell->op;
     out->slot = cell->slot;
     out->arg = cell->arg;
+    out->generation = cell->generation;
     MTS_STORE(&cell->seq, *pos + g->cmd_capacity);
     *pos += 1;
     return 1;

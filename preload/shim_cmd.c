@@ -57,10 +57,10 @@ static void sleep_ns(long ns)
     nanosleep(&ts, NULL);
 }
 
-static int push_command(uint32_t op, uint32_t slot, uint64_t arg)
+static int push_command(uint32_t op, uint32_t slot, uint32_t generation, uint64_t arg)
 {
     for (int attempt = 0; attempt < PUSH_SPIN_ATTEMPTS + PUSH_SLEEP_ATTEMPTS; attempt++) {
-        if (mts_cmd_push(&shim.geom, op, slot, arg) == 0) {
+        if (mts_cmd_push(&shim.geom, op, slot, generation, arg) == 0) {
             shim_wake_stack();
             return 0;
         }
@@ -79,16 +79,26 @@ static int push_command(uint32_t op, uint32_t slot, uint64_t arg)
     return -1;
 }
 
+/* The generation a command for `slot` carries: the stack drops it if the
+ * slot is handed out again before the command is run. */
+static uint32_t generation_of(uint32_t op, uint32_t slot)
+{
+    return op == MTS_OP_WAITER_FREE ? 0 : __atomic_load_n(&shim_slot(slot)->generation, __ATOMIC_RELAXED);
+}
+
 int shim_cmd_async(uint32_t op, uint32_t slot, uint64_t arg)
 {
     if (!shim_stack_alive(0)) {
         errno = ENETDOWN;
         return -1;
     }
-    return push_command(op, slot, arg);
+    return push_command(op, slot, generation_of(op, slot), arg);
 }
 
-static int await_completion(struct mts_slot *s)
+/* The stack's answer; -EBADF if the slot was handed to another socket
+ * meanwhile (the program marked it free under us: the stack drops the
+ * command as queued for an earlier holder). */
+static int await_completion(struct mts_slot *s, uint32_t generation)
 {
     int64_t spin_end = shim_now_ns() + shim.spin_ns;
     while (!__atomic_load_n(&s->op_done, __ATOMIC_ACQUIRE) && shim_now_ns() < spin_end)
@@ -96,8 +106,12 @@ static int await_completion(struct mts_slot *s)
             shim_cpu_relax();
     while (!__atomic_load_n(&s->op_done, __ATOMIC_ACQUIRE)) {
         mts_futex_wait(&s->op_done, 0, SHIM_LIVENESS_SLICE_MS);
-        if (!__atomic_load_n(&s->op_done, __ATOMIC_ACQUIRE) && !shim_stack_alive(1))
+        if (__atomic_load_n(&s->op_done, __ATOMIC_ACQUIRE))
+            break;
+        if (!shim_stack_alive(1))
             return -ENETDOWN;
+        if (__atomic_load_n(&s->generation, __ATOMIC_RELAXED) != generation)
+            return -EBADF;
     }
     return s->op_result;
 }
@@ -144,7 +158,8 @@ int shim_cmd_sync(uint32_t op, uint32_t slot, uint64_t arg)
         result = -ENETDOWN;
     } else {
         __atomic_store_n(&s->op_done, 0, __ATOMIC_RELAXED);
-        result = push_command(op, slot, arg) < 0 ? -errno : await_completion(s);
+        uint32_t generation = generation_of(op, slot);
+        result = push_command(op, slot, generation, arg) < 0 ? -errno : await_completion(s, generation);
     }
     __atomic_store_n(&s->op_lock, 0, __ATOMIC_RELEASE);
     return result;

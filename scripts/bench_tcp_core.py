@@ -227,7 +227,9 @@ class _RuntimeRig:
         self.peer.host.touched.clear()     # the peer's events have no reader here
 
     def command(self, op, slot, arg=0):
-        assert lib.mts_cmd_push(self.geom, op, slot, arg) == 0
+        # As the interposer queues it: for the slot's current holder.
+        generation = lib.mts_slot_at(self.geom, slot).generation if op != lib.MTS_OP_WAITER_FREE and slot < self.geom.nslots else 0
+        assert lib.mts_cmd_push(self.geom, op, slot, generation, arg) == 0
 
     def listen(self, backlog):
         listener = lib.mts_slot_alloc(self.geom, ffi.NULL)

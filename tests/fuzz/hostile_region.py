@@ -209,9 +209,12 @@ class Region:
     def cell_off(self, pos: int) -> int:
         return self.cmdq_off + CMDQ_SIZE + (pos & (self.cmd_capacity - 1)) * CMD_SIZE
 
-    def push(self, op: int, slot: int, arg: int) -> bool:
+    def push(self, op: int, slot: int, arg: int, generation: int | None = None) -> bool:
         """mts_cmd_push over the raw region (Vyukov queue), with the geometry
-        we started with; False if the queue is full."""
+        we started with, for the slot's generation as it is now unless
+        `generation` says otherwise; False if the queue is full."""
+        if generation is None:
+            generation = self.slot(slot, "generation") if slot < self.nslots and op != lib.MTS_OP_WAITER_FREE else 0
         enqueue = self.cmdq_off + ENQUEUE_POS
         for _ in range(10000):
             pos = self.read(enqueue, 8)
@@ -223,6 +226,7 @@ class Region:
                     self.write(cell + CMD_FIELDS["op"][0], 4, op)
                     self.write(cell + CMD_FIELDS["slot"][0], 4, slot)
                     self.write(cell + CMD_FIELDS["arg"][0], 8, arg)
+                    self.write(cell + CMD_FIELDS["generation"][0], 4, generation)
                     self.write(cell + CMD_FIELDS["seq"][0], 8, pos + 1)
                     return True
             elif lag < 0:
@@ -961,7 +965,10 @@ class Fuzzer:
         arg = rng.choice((0, 1, rng.getrandbits(64), rng.getrandbits(16), self._connect_arg(), rng.randrange(9)))
         if op in (lib.MTS_OP_BIND, lib.MTS_OP_CONNECT) and (arg & 0xFFFF) in self.protect_ports:
             arg ^= 1  # not the honest servers' ports
-        if not self.r.push(op & 0xFFFFFFFF, slot_id & 0xFFFFFFFF, arg):
+        # The generation the last refresh saw (still_ours checked it is the
+        # slot's now); now and then any other, which the stack must drop.
+        generation = self.generation.get(slot_id, 0) if rng.random() < 0.9 else rng.getrandbits(32)
+        if not self.r.push(op & 0xFFFFFFFF, slot_id & 0xFFFFFFFF, arg, generation):
             return self.count("queue_full")
         self.r.wake_stack()
         self.count("command")
@@ -989,7 +996,7 @@ class Fuzzer:
         stops the program's producers, not the stack."""
         rng = self.rng
         enqueue = self.r.read(self.r.cmdq_off + ENQUEUE_POS, 8)
-        names = list(CMD_FIELDS) if self.all_fields else ["op", "slot", "arg", "pad"]
+        names = list(CMD_FIELDS) if self.all_fields else ["op", "slot", "arg", "generation", "pad"]
         name = rng.choice(names)
         off, size, _ = CMD_FIELDS[name]
         if rng.random() < 0.5:
@@ -999,7 +1006,8 @@ class Fuzzer:
             # Not MTS_OP_WAITER_FREE: its slot field is a waiter id, and a
             # live slot's id is often a protected waiter's.
             if (target < self.r.nslots and not self.still_ours(target)) \
-                    or not self.r.push(rng.randrange(1, lib.MTS_OP_WAITER_FREE), target, 0):
+                    or not self.r.push(rng.randrange(1, lib.MTS_OP_WAITER_FREE), target, 0,
+                                       self.generation.get(target, 0)):
                 return self.count("spared")
             cell = self.r.cell_off(enqueue)
             if self.r.read(cell + CMD_FIELDS["slot"][0], 4) != target:

@@ -153,6 +153,33 @@ def test_a_live_slot_marked_free_is_never_handed_out_twice(world):
     assert lib.mts_slot_at(world.g, first).in_use == lib.MTS_SLOT_USED  # the stack took it back
 
 
+def test_a_command_queued_for_a_slots_earlier_holder_never_reaches_the_next(world):
+    """A command that sat in the queue while its slot was freed and handed
+    to a new connection carries the old generation: dropped and counted,
+    the new connection untouched (the hostile-region fuzzer's forged CLOSE
+    once cut an honest download short this way)."""
+    listener = listening_socket(world)
+    first, _, _ = accepted_connection(world, listener)
+    old_generation = lib.mts_slot_at(world.g, first).generation
+    world.command(lib.MTS_OP_CLOSE, first, 1)            # aborted: the slot is free at once
+    world.settle()
+    assert lib.mts_slot_at(world.g, first).in_use == lib.MTS_SLOT_FREE
+    world.runtime.header.slot_hint = first               # the next connection takes it
+    second, conn, (peer_tx, peer_rx) = accepted_connection(world, listener)
+    assert second == first
+    assert lib.mts_cmd_push(world.g, lib.MTS_OP_CLOSE, first, old_generation, 1) == 0
+    world.settle()
+    assert counted(world, "cmd_stale") == 1
+    peer_tx.write(b"still here")
+    conn.send_ready(world.now)
+    world.peer.host.collect(conn, world.now)
+    world.settle()
+    assert world.read(second) == b"still here"
+    world.write(second, b"so am I")
+    world.settle()
+    assert peer_rx.read(7) == b"so am I" and conn.state.name == "ESTABLISHED"
+
+
 def test_random_writes_anywhere_in_the_region_never_escape_the_runtime(world):
     """A seeded storm of hostile words over the whole region with
     well-formed commands mixed in (world.hostile_storm): every step of the

@@ -74,7 +74,9 @@ class World:
     # -- the application's side of the ABI ------------------------------
 
     def command(self, op, slot, arg=0):
-        assert lib.mts_cmd_push(self.g, op, slot, arg) == 0
+        # As the interposer queues it: for the slot's current holder.
+        generation = lib.mts_slot_at(self.g, slot).generation if op != lib.MTS_OP_WAITER_FREE and slot < self.g.nslots else 0
+        assert lib.mts_cmd_push(self.g, op, slot, generation, arg) == 0
 
     def sync(self, op, slot, arg=0):
         lib.mts_slot_at(self.g, slot).op_done = 0
