@@ -50,14 +50,17 @@ class _NotAllocated(Exception):
 class StackSocket:
     """What the stack knows of one slot."""
 
-    __slots__ = ("slot_id", "slot", "port", "conn", "listener", "parent", "events", "app_closed",
+    __slots__ = ("slot_id", "slot", "generation", "port", "conn", "handshake", "listener", "parent", "events",
+                 "app_closed",
                  "accept_head", "accept_backlog", "queued", "queued_on", "quarantined")
 
     def __init__(self, slot_id, slot):
         self.slot_id = slot_id
         self.slot = slot
+        self.generation = slot.generation  # the stack's own copy: a new one means the slot changed hands
         self.port = 0           # a port this socket reserved (bind, ephemeral)
         self.conn = None
+        self.handshake = None   # an accepted socket's connection key, until it meets its connection
         self.listener = None
         self.parent = None      # the listening StackSocket of a connection in its handshake
         self.events = 0         # MTS_EV_* published so far
@@ -160,7 +163,7 @@ class SocketTable:
         while popped < geom.cmd_capacity and pop(geom, pos, cmd):
             popped += 1
             op, slot_id = cmd.op, cmd.slot
-            if op != _OP_WAITER_FREE and self._queued_before_reuse(slot_id, cmd.generation):
+            if op != _OP_WAITER_FREE and not self._for_current_holder(slot_id, cmd.generation, now):
                 self.shm_counters["cmd_stale"] += 1
                 continue
             try:
@@ -203,14 +206,22 @@ class SocketTable:
             return
         handler(self, slot_id, arg, now)
 
-    def _queued_before_reuse(self, slot_id: int, generation: int) -> bool:
-        """Whether a command was queued for an earlier holder of its slot
-        (freed and handed out again since: the slot's generation moved on):
-        run, it would act on a socket it was never meant for.  A slot the
-        program took over while the stack still held it (its generation
-        moved too, and its commands carry the new one) is the business of
-        the handlers and of containment, as before."""
-        return slot_id < self.geom.nslots and generation != lib.mts_slot_at(self.geom, slot_id).generation
+    def _for_current_holder(self, slot_id: int, generation: int, now: float) -> bool:
+        """False for a command queued for an earlier holder of its slot
+        (freed and handed out again since: the slot's generation moved on);
+        run, it would act on a socket it was never meant for.  A command
+        from a program that allocated anew a slot the stack still held (it
+        was marked free behind the stack's back) first resets the stack's
+        old socket there, which lets the slot go."""
+        if slot_id >= self.geom.nslots:
+            return True  # refused as such by execute
+        current = lib.mts_slot_at(self.geom, slot_id).generation
+        if generation != current:
+            return False
+        sock = self._sockets.get(slot_id)
+        if sock is not None and sock.generation != current:
+            self._reset(sock, "its slot was allocated again while the stack held it", now)
+        return True
 
     def _socket(self, slot_id: int) -> StackSocket:
         """The stack's socket for a slot; a slot the stack does not know yet
@@ -301,6 +312,7 @@ class SocketTable:
             return None
         child = self._socket(child_id)
         child.parent = listening
+        child.handshake = (listening.port, remote_ip, remote_port)
         slot = child.slot
         slot.local_ip, slot.local_port = self.host.ip, listening.port
         slot.remote_ip, slot.remote_port = remote_ip, remote_port
@@ -405,10 +417,21 @@ class SocketTable:
             child.queued_on = None
         child.app_closed = True
         child.parent = None
-        if child.conn is not None:
-            child.conn.abort(now)
-            self.host.collect(child.conn, now)
+        conn = self._connection(child)
+        if conn is not None:
+            conn.abort(now)
+            self.host.collect(conn, now)
         self._maybe_release(child)
+
+    def _connection(self, sock: StackSocket):
+        """sock's connection.  One accepted in the loop now running meets it
+        at the next publish; before that, it is the one the host made for
+        it, which must not outlive the socket with views of its slot."""
+        if sock.conn is None and sock.handshake is not None:
+            conn = self.host.connections.get(sock.handshake)
+            if conn is not None and conn.owner is sock:
+                sock.conn = conn
+        return sock.conn
 
     def _setopt(self, slot_id, arg, now):
         sock = self._sockets.get(slot_id)
@@ -500,6 +523,9 @@ class SocketTable:
         conn.events = 0
         if sock.slot is None:
             return  # released: the application is gone, the connection finishes alone
+        if sock.slot.generation != sock.generation:
+            self._corrupted(sock, "its slot was allocated again while the stack held it")
+            return  # the slot is another socket's now
         if sock.slot.in_use != _SLOT_USED:
             # Marked free behind our back: take it back so that nobody else
             # allocates it, and reset the connection it carried.
@@ -580,13 +606,13 @@ class SocketTable:
         connection no longer needs its rings (everything sent was acked)."""
         if not sock.app_closed or sock.slot is None:
             return
-        conn = sock.conn
+        conn = self._connection(sock)
         if conn is not None and conn.state not in _AFTER_OUR_FIN:
             return
         if conn is not None:
             conn.send_buf.release()
             conn.send_buf = conn.recv_buf = DETACHED
-            sock.conn = None  # no reference cycle: both go as soon as the host forgets the connection
+            sock.conn = sock.handshake = None  # no reference cycle: both go once the host forgets it
         if sock.port:
             self.host.unbind(sock.port)
         if sock.queued_on is not None:
@@ -600,11 +626,12 @@ class SocketTable:
         # the next socket; a transfer gives its buffers back, as Linux's
         # memory for a closed socket goes back.  (The positions are the
         # program's to write: a wrong one costs a syscall, nothing more.)
-        moved = max(sock.slot.rx.head, sock.slot.tx.head)
-        if self._release_rings is not None and moved >= RELEASE_RINGS_AFTER:
-            self._release_rings(sock.slot_id)
-            self.rings_released += 1
-        lib.mts_slot_free(self.geom, sock.slot_id)
+        if sock.slot.generation == sock.generation:  # not another socket's now
+            moved = max(sock.slot.rx.head, sock.slot.tx.head)
+            if self._release_rings is not None and moved >= RELEASE_RINGS_AFTER:
+                self._release_rings(sock.slot_id)
+                self.rings_released += 1
+            lib.mts_slot_free(self.geom, sock.slot_id)
         sock.slot = None
 
     # -- containment ----------------------------------------------------------
@@ -618,25 +645,33 @@ class SocketTable:
     def reset_corrupt(self, now: float) -> None:
         corrupt, self._corrupt = self._corrupt, {}
         for sock, reason in corrupt.items():
-            if sock.slot is None:
-                continue
-            sock.quarantined = True
-            self.shm_counters["sockets_reset"] += 1
-            slot = sock.slot
-            self._log_limited(now, f"the program{'' if self.program_pid is None else f' (pid {self.program_pid})'} "
-                              f"corrupted socket {sock.slot_id} ({_endpoints(slot)}): {reason}; socket reset")
-            if sock.listener is not None:
-                self._stop_listening(sock, now)
-                self._abort_unclaimed(sock, now)
-            conn = sock.conn
-            if conn is not None:
-                conn.send_buf.release()
-                conn.send_buf = conn.recv_buf = DETACHED  # its rings are never read again
-                conn.abort(now)
-                self.host.collect(conn, now)
+            if sock.slot is not None:
+                self._reset(sock, reason, now)
+
+    def _reset(self, sock: StackSocket, reason: str, now: float) -> None:
+        """Resets a socket the program corrupted.  If its slot was allocated
+        again meanwhile, it belongs to the new socket: nothing is published
+        there, the old socket counts as closed, and the slot stays allocated."""
+        sock.quarantined = True
+        self.shm_counters["sockets_reset"] += 1
+        slot = sock.slot
+        self._log_limited(now, f"the program{'' if self.program_pid is None else f' (pid {self.program_pid})'} "
+                          f"corrupted socket {sock.slot_id} ({_endpoints(slot)}): {reason}; socket reset")
+        if sock.listener is not None:
+            self._stop_listening(sock, now)
+            self._abort_unclaimed(sock, now)
+        conn = self._connection(sock)
+        if conn is not None:
+            conn.send_buf.release()
+            conn.send_buf = conn.recv_buf = DETACHED  # its rings are never read again
+            conn.abort(now)
+            self.host.collect(conn, now)
+        if sock.slot.generation != sock.generation:
+            sock.app_closed = True  # the program's descriptors name the new socket
+        else:
             sock.events |= lib.MTS_EV_HUP
             self._publish(sock, lib.MTS_ST_CLOSED, sock.events, errno.ECONNRESET)
-            self._maybe_release(sock)
+        self._maybe_release(sock)
 
 
 def _endpoints(slot) -> str:

@@ -8,6 +8,7 @@ import random
 import socket
 
 from mtcpshim._shm import ffi, lib
+from mtcpshim.shmbuf import DETACHED
 from mtcpshim.stack.storage import RingBuffer
 from world import RING, STACK_IP, hostile_storm, listening_socket, peer_connects
 
@@ -180,6 +181,24 @@ def test_a_command_queued_for_a_slots_earlier_holder_never_reaches_the_next(worl
     assert peer_rx.read(7) == b"so am I" and conn.state.name == "ESTABLISHED"
 
 
+def test_a_slot_the_program_allocates_again_under_a_live_connection_is_the_new_sockets(world):
+    """The program marks a connection's slot free and allocates it for a
+    new socket before the stack notices: the new socket's first command
+    resets the old connection, which lets the slot go untouched, and the
+    new socket works (the hostile-region fuzzer's check listener once
+    waited forever on such a slot, freed under it by the old socket)."""
+    listener = listening_socket(world)
+    first, conn, _ = accepted_connection(world, listener)
+    lib.mts_slot_at(world.g, first).in_use = lib.MTS_SLOT_FREE
+    world.runtime.header.slot_hint = first
+    assert listening_socket(world, port=9191) == first
+    assert counted(world, "sockets_reset") == 1
+    assert conn.state.name == "CLOSED"                    # the peer was reset
+    assert lib.mts_slot_at(world.g, first).in_use == lib.MTS_SLOT_USED
+    peer_connects(world, port=9191)
+    assert lib.mts_accept_pop(world.g, first) >= 0
+
+
 def test_random_writes_anywhere_in_the_region_never_escape_the_runtime(world):
     """A seeded storm of hostile words over the whole region with
     well-formed commands mixed in (world.hostile_storm): every step of the
@@ -210,6 +229,28 @@ def test_closing_a_listener_mid_handshake_leaves_its_freed_slot_alone(world):
     world.settle()
     assert lib.mts_slot_at(world.g, child).rx.head == 0  # nothing written into the freed slot
     assert conn.state.name == "CLOSED"                   # reset: nobody listens any more
+
+
+def test_a_listener_reset_in_the_loop_that_took_a_syn_takes_the_new_connection_with_it(world):
+    """The connection a SYN made meets its socket only when the loop
+    publishes; a listener reset for corruption before that (its accept
+    queue found impossible in the same loop) must still end it.  Left
+    alive, it kept views of a slot freed under it, and once that slot was
+    an honest connection's it read and wrote that connection's rings."""
+    listener = listening_socket(world)
+    peer_connects(world)                                 # both sides know each other's MAC now
+    runtime, sockets = world.runtime, world.runtime.sockets
+    before = set(sockets)
+    world.peer.host.connect_ephemeral(runtime.host.ip, 8080, RingBuffer(1 << 16), RingBuffer(1 << 16),
+                                      None, world.now)
+    world.link.inbound.extend(world.peer.egress(world.now))
+    runtime._receive(world.now)                          # the SYN: a child and its connection, not met yet
+    (child,) = set(sockets) - before
+    (conn,) = [c for c in runtime.host.connections.values() if c.owner is sockets[child]]
+    sockets._corrupted(sockets[listener], "found impossible in this loop")
+    runtime._output(world.now)                           # the reset, then the publish
+    assert conn.state.name == "CLOSED" and conn.send_buf is DETACHED and conn.recv_buf is DETACHED
+    assert lib.mts_slot_at(world.g, child).in_use == lib.MTS_SLOT_FREE
 
 
 def test_option_values_past_the_kernels_bounds_are_clamped(world):
