@@ -391,12 +391,12 @@ class SocketTable:
                     self._abort_unclaimed(sock, now)
                     break
                 self._abort_unaccepted(child, now)
-        elif sock.conn is not None:
+        elif (conn := self._connection(sock)) is not None:
             if arg:
-                sock.conn.abort(now)
+                conn.abort(now)
             else:
-                sock.conn.close(now)
-            self.host.collect(sock.conn, now)
+                conn.close(now)
+            self.host.collect(conn, now)
         self._maybe_release(sock)
 
     def _stop_listening(self, sock: StackSocket, now):

@@ -131,8 +131,11 @@ enum shim_fd_kind {
  * default otherwise, not necessarily the stack's). */
 #define SHIM_CANDIDATE_CONGESTION 1u
 
-/* One 64-bit word per fd: kind in the high half, payload in the low half, so
- * a lookup is a single atomic load. */
+/* One 64-bit word per fd, so a lookup is a single atomic load: the kind in
+ * bits 24-31, a payload of 24 bits below it (slot ids stay below
+ * MTS_MAX_SLOTS), and for a stack socket its slot's generation in the high
+ * half: a descriptor whose slot was handed to another socket since (the
+ * program marked it free under us) must not act on that socket. */
 extern uint64_t *shim_fd_table;
 extern uint32_t shim_fd_capacity;
 
@@ -142,8 +145,10 @@ static inline uint64_t shim_fd_word(int fd)
         return 0;
     return __atomic_load_n(&shim_fd_table[fd], __ATOMIC_ACQUIRE);
 }
-static inline enum shim_fd_kind shim_fd_kind_of(uint64_t word) { return (enum shim_fd_kind)(word >> 32); }
-static inline uint32_t shim_fd_payload(uint64_t word) { return (uint32_t)word; }
+static inline enum shim_fd_kind shim_fd_kind_of(uint64_t word) { return (enum shim_fd_kind)(word >> 24 & 0xFF); }
+static inline uint32_t shim_fd_payload(uint64_t word) { return (uint32_t)word & 0xFFFFFF; }
+static inline uint32_t shim_fd_generation(uint64_t word) { return (uint32_t)(word >> 32); }
+_Static_assert(MTS_MAX_SLOTS <= 1 << 24, "slot ids fit an fd word's payload");
 
 /* Returns 1 and the slot id if fd is a stack socket of an attached shim. */
 static inline int shim_stack_fd(int fd, uint32_t *slot_id)
@@ -159,6 +164,7 @@ static inline int shim_stack_fd(int fd, uint32_t *slot_id)
 }
 
 void shim_fd_set(int fd, enum shim_fd_kind kind, uint32_t payload);
+void shim_fd_set_stack(int fd, uint32_t slot, uint32_t generation);
 void shim_fd_clear(int fd);
 /* Serialises compound updates (close, dup, fork) of the table. */
 void shim_fd_lock(void);
@@ -190,7 +196,9 @@ int shim_cmd_sync(uint32_t op, uint32_t slot, uint64_t arg);
 int shim_ctl_send_fd(uint32_t op, uint32_t id, uint64_t arg, int fd);
 
 /* The application drops one reference; the last one closes the socket. */
-void shim_slot_unref(uint32_t slot);
+void shim_slot_unref(uint32_t slot, uint32_t generation);
+/* Whether a stack fd's word still names its slot's socket. */
+int shim_fd_current(uint64_t word);
 
 /* ---- waiting ------------------------------------------------------------ */
 

@@ -86,13 +86,18 @@ static uint32_t generation_of(uint32_t op, uint32_t slot)
     return op == MTS_OP_WAITER_FREE ? 0 : __atomic_load_n(&shim_slot(slot)->generation, __ATOMIC_RELAXED);
 }
 
-int shim_cmd_async(uint32_t op, uint32_t slot, uint64_t arg)
+static int cmd_async(uint32_t op, uint32_t slot, uint32_t generation, uint64_t arg)
 {
     if (!shim_stack_alive(0)) {
         errno = ENETDOWN;
         return -1;
     }
-    return push_command(op, slot, generation_of(op, slot), arg);
+    return push_command(op, slot, generation, arg);
+}
+
+int shim_cmd_async(uint32_t op, uint32_t slot, uint64_t arg)
+{
+    return cmd_async(op, slot, generation_of(op, slot), arg);
 }
 
 /* The stack's answer; -EBADF if the slot was handed to another socket
@@ -165,15 +170,19 @@ int shim_cmd_sync(uint32_t op, uint32_t slot, uint64_t arg)
     return result;
 }
 
-void shim_slot_unref(uint32_t slot)
+void shim_slot_unref(uint32_t slot, uint32_t generation)
 {
     struct mts_slot *s = shim_slot(slot);
+    if (__atomic_load_n(&s->generation, __ATOMIC_RELAXED) != generation) {
+        SHIM_DEBUG("slot %u: handed to another socket since, nothing of ours to let go", slot);
+        return;
+    }
     if (__atomic_sub_fetch(&s->refcnt, 1, __ATOMIC_ACQ_REL) != 0)
         return;
     /* SO_LINGER on with a zero timeout: close aborts with a reset. */
     uint64_t abort = s->opt_linger_on && s->opt_linger_sec == 0;
     SHIM_DEBUG("slot %u: last reference gone, %s", slot, abort ? "abort" : "close");
-    if (shim_cmd_async(MTS_OP_CLOSE, slot, abort) < 0)
+    if (cmd_async(MTS_OP_CLOSE, slot, generation, abort) < 0)
         SHIM_DEBUG("slot %u: close not delivered: %s", slot, strerror(errno));
 }
 

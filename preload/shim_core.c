@@ -50,14 +50,30 @@ void shim_log(const char *fmt, ...)
 
 /* ---- the fd table --------------------------------------------------------- */
 
-void shim_fd_set(int fd, enum shim_fd_kind kind, uint32_t payload)
+static void fd_store(int fd, uint64_t word)
 {
     if ((unsigned)fd >= shim_fd_capacity)
         return;
-    __atomic_store_n(&shim_fd_table[fd], (uint64_t)kind << 32 | payload, __ATOMIC_RELEASE);
+    __atomic_store_n(&shim_fd_table[fd], word, __ATOMIC_RELEASE);
     int high = __atomic_load_n(&fd_highest, __ATOMIC_RELAXED);
     while (fd > high && !__atomic_compare_exchange_n(&fd_highest, &high, fd, 1, __ATOMIC_RELAXED, __ATOMIC_RELAXED))
         ;
+}
+
+void shim_fd_set(int fd, enum shim_fd_kind kind, uint32_t payload)
+{
+    fd_store(fd, (uint64_t)kind << 24 | (payload & 0xFFFFFF));
+}
+
+void shim_fd_set_stack(int fd, uint32_t slot, uint32_t generation)
+{
+    fd_store(fd, (uint64_t)generation << 32 | (uint64_t)SHIM_FD_STACK << 24 | slot);
+}
+
+int shim_fd_current(uint64_t word)
+{
+    return __atomic_load_n(&shim_slot(shim_fd_payload(word))->generation, __ATOMIC_RELAXED) ==
+           shim_fd_generation(word);
 }
 
 void shim_fd_clear(int fd)
@@ -270,7 +286,7 @@ __attribute__((destructor)) static void shim_destructor(void)
         uint64_t word = shim_fd_word(fd);
         if (shim_fd_kind_of(word) == SHIM_FD_STACK) {
             shim_fd_clear(fd);
-            shim_slot_unref(shim_fd_payload(word));
+            shim_slot_unref(shim_fd_payload(word), shim_fd_generation(word));
         }
     }
     shim_fd_unlock();
@@ -283,7 +299,7 @@ static void fork_adjust_references(int delta)
     int high = shim_fd_highest();
     for (int fd = 0; fd <= high; fd++) {
         uint64_t word = shim_fd_word(fd);
-        if (shim_fd_kind_of(word) == SHIM_FD_STACK)
+        if (shim_fd_kind_of(word) == SHIM_FD_STACK && shim_fd_current(word))
             __atomic_add_fetch(&shim_slot(shim_fd_payload(word))->refcnt, (uint32_t)delta, __ATOMIC_ACQ_REL);
     }
 }

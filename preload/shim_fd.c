@@ -16,8 +16,9 @@ static void add_reference(int from_fd, int to_fd, uint64_t word)
 {
     switch (shim_fd_kind_of(word)) {
     case SHIM_FD_STACK:
-        __atomic_add_fetch(&shim_slot(shim_fd_payload(word))->refcnt, 1, __ATOMIC_ACQ_REL);
-        shim_fd_set(to_fd, SHIM_FD_STACK, shim_fd_payload(word));
+        if (shim_fd_current(word)) /* a descriptor of a socket gone since holds nothing */
+            __atomic_add_fetch(&shim_slot(shim_fd_payload(word))->refcnt, 1, __ATOMIC_ACQ_REL);
+        shim_fd_set_stack(to_fd, shim_fd_payload(word), shim_fd_generation(word));
         break;
     case SHIM_FD_EPOLL:
         shim_epoll_ref(from_fd, to_fd);
@@ -35,7 +36,7 @@ static void drop_references(int fd, uint64_t old_word)
     switch (shim_fd_kind_of(old_word)) {
     case SHIM_FD_STACK:
         shim_epoll_forget_fd(fd);
-        shim_slot_unref(shim_fd_payload(old_word));
+        shim_slot_unref(shim_fd_payload(old_word), shim_fd_generation(old_word));
         break;
     case SHIM_FD_EPOLL:
         shim_epoll_unref(fd);

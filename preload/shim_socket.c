@@ -281,12 +281,12 @@ static int become_stack_socket(int fd, uint32_t *slot_out)
         int err = errno;
         if (placeholder >= 0)
             shim_real.close(placeholder);
-        shim_slot_unref((uint32_t)id);
+        shim_slot_unref((uint32_t)id, s->generation);
         errno = err;
         return -1;
     }
     shim_real.close(placeholder);
-    shim_fd_set(fd, SHIM_FD_STACK, (uint32_t)id);
+    shim_fd_set_stack(fd, (uint32_t)id, s->generation);
     *slot_out = (uint32_t)id;
     SHIM_DEBUG("fd %d: stack socket, slot %d%s", fd, id, nonblock ? ", nonblocking" : "");
     return 0;
@@ -493,10 +493,10 @@ static int stack_accept(int fd, uint32_t slot, struct sockaddr *addr, socklen_t 
         int err = errno;
         s->opt_linger_on = 1; /* nobody will ever read it: reset */
         s->opt_linger_sec = 0;
-        shim_slot_unref((uint32_t)child);
+        shim_slot_unref((uint32_t)child, s->generation);
         return fail(err);
     }
-    shim_fd_set(nfd, SHIM_FD_STACK, (uint32_t)child);
+    shim_fd_set_stack(nfd, (uint32_t)child, s->generation);
     fill_address(addr, len, s->remote_ip, s->remote_port);
     if (shim.debug) {
         char text[16];

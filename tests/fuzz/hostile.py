@@ -40,6 +40,7 @@ PEER_PORT = 7100
 EVENT_TIMEOUT = 45.0     # the longest wait for one step of the hostile program
 PEER_TIMEOUT = 15.0      # a kernel peer's longest silence: longer is a hang
 MODES = ("nslots", "cmdq", "accept-indices", "waiters", "data-off", "fake-accept", "rx-tail", "slot-free",
+         "slot-taken",
          "keepalive-options",  # found by the fuzzer
          "sendfile-spans")
 HONEST_MODES = ("listener-close-handshake",)  # found by the fuzzer, no attack needed
@@ -224,7 +225,7 @@ def run_attack(net, workdir: pathlib.Path, mode: str, settle: float = 1.0) -> di
             args += ["--peer", f"{net.cli_ip}:{PEER_PORT}"]
         with hostile_program(net, workdir, mode, args) as run:
             observed["stack_pid"] = run.stack_pid
-            if mode in ("slot-free", "fake-accept"):
+            if mode in ("slot-free", "slot-taken", "fake-accept"):
                 observed["ready"] = run.event("ready")
                 first = Peer(net, workdir, "first", "client", "--connect", f"{net.srv_ip}:{ATTACK_PORT}", total=40)
                 started.append(first)
@@ -247,7 +248,7 @@ def run_attack(net, workdir: pathlib.Path, mode: str, settle: float = 1.0) -> di
                 started.append(client)
                 observed["peer"] = client.result()
                 run.signal("go")
-            elif mode == "slot-free" and observed["attacked"] is not None:
+            elif mode in ("slot-free", "slot-taken") and observed["attacked"] is not None:
                 second = Peer(net, workdir, "second", "client", "--connect", f"{net.srv_ip}:{ATTACK_PORT}",
                               total=40)
                 started.append(second)

@@ -754,6 +754,38 @@ def attack_slot_free(region: Region, state: State, args) -> dict:
     return {"slot": victim, "second_slot": second_slot, "second_peer_port": second_peer[1], **results}
 
 
+def attack_slot_taken(region: Region, state: State, args) -> dict:
+    """The program marks its own connection's slot free, and its next socket
+    (a listener on the same port) is given that slot; then it closes the old
+    descriptor.  The new socket's first command makes the stack reset the
+    old connection; the old descriptor's close must not close the new one."""
+    listener = listen(args.port)
+    listener.settimeout(args.max_wait)
+    state.say("ready", port=args.port)
+    first, first_peer = listener.accept()
+    listener.close()
+    victim = region.find_slot(args.port, remote_port=first_peer[1])
+    region.set_slot(victim, "in_use", lib.MTS_SLOT_FREE)
+    region.set_header("slot_hint", victim)
+    taker = listen(args.port)
+    taken = region.slot(victim, "state") == lib.MTS_ST_LISTENING
+    first.close()
+    taker.settimeout(args.max_wait)
+    state.say("attacked", slot=victim, taken=taken, first_peer_port=first_peer[1])
+    second, _ = taker.accept()
+    try:
+        second.settimeout(10)
+        second.sendall(tagged(b"<second connection>", args.tag_size))
+        sent = "sent"
+    except OSError as err:
+        sent = repr(err)
+    second.close()
+    taker.close()
+    state.say("sent", second=sent)
+    time.sleep(args.settle)
+    return {"slot": victim, "taken": taken, "second": sent}
+
+
 def _slot_exists(region: Region, port: int, remote_port: int) -> bool:
     return any(region.slot(i, "local_port") == port and region.slot(i, "remote_port") == remote_port
                for i in range(region.nslots))
@@ -1191,6 +1223,7 @@ ATTACKS = {
     "fake-accept": attack_fake_accept,
     "rx-tail": attack_rx_tail,
     "slot-free": attack_slot_free,
+    "slot-taken": attack_slot_taken,
     "listener-close-handshake": attack_listener_close_handshake,
     "keepalive-options": attack_keepalive_options,
     "sendfile-spans": attack_sendfile_spans,

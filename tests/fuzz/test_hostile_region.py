@@ -29,6 +29,7 @@ COUNTED = {
     "fake-accept": ("accept_entry_bad",),      # an accept entry the stack never queued (in place of one it did)
     "rx-tail": ("sockets_reset",),             # tail ahead of head
     "slot-free": ("sockets_reset",),           # a live slot marked free
+    "slot-taken": ("sockets_reset",),          # ...and given to the program's next socket
     "keepalive-options": (),                   # out of setsockopt's range, not impossible: clamped or refused
     "sendfile-spans": ("sockets_reset",),      # a span record no interposer writes
 }
@@ -83,6 +84,14 @@ def test_attack_leaves_the_stack_alive_serving_and_counting(private_net, tmp_pat
             assert tagged(TAGS[name], TAG_SIZE).startswith(peer["data"]), \
                 f"{summary}: {name} received foreign bytes: {peer['data'][:64]!r}"
             assert peer["outcome"] == "reset" or len(peer["data"]) == TAG_SIZE, summary
+    elif mode == "slot-taken":
+        # The old connection was reset; the new socket in its slot serves
+        # whole, its old descriptor's close notwithstanding.
+        assert observed["attacked"]["taken"], f"{summary}: the new listener did not get the slot"
+        assert observed["first"]["outcome"] == "reset", f"{summary}: first {observed['first']['outcome']}"
+        second = observed["second"]
+        assert second["outcome"] == "eof" and second["data"] == tagged(TAGS["second"], TAG_SIZE), \
+            f"{summary}: second {second['outcome']}, {len(second['data'])} bytes"
     elif mode == "sendfile-spans":
         assert _shm(observed).get("sendfile_files", 0) >= 1, f"{summary}: the file never reached the stack"
         assert observed["peer"]["outcome"] == "reset", summary
