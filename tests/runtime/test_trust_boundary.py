@@ -31,6 +31,11 @@ def still_serves(world, port=9090):
     assert conn.state.name == "ESTABLISHED"
     child = lib.mts_accept_pop(world.g, listener)
     assert child >= 0
+    exchanges_both_ways(world, child, conn, peer_tx, peer_rx)
+
+
+def exchanges_both_ways(world, child, conn, peer_tx, peer_rx):
+    """The peer's bytes reach the program's socket, and its bytes the peer."""
     peer_tx.write(b"ping")
     conn.send_ready(world.now)
     world.peer.host.collect(conn, world.now)
@@ -171,14 +176,8 @@ def test_a_command_queued_for_a_slots_earlier_holder_never_reaches_the_next(worl
     assert lib.mts_cmd_push(world.g, lib.MTS_OP_CLOSE, first, old_generation, 1) == 0
     world.settle()
     assert counted(world, "cmd_stale") == 1
-    peer_tx.write(b"still here")
-    conn.send_ready(world.now)
-    world.peer.host.collect(conn, world.now)
-    world.settle()
-    assert world.read(second) == b"still here"
-    world.write(second, b"so am I")
-    world.settle()
-    assert peer_rx.read(7) == b"so am I" and conn.state.name == "ESTABLISHED"
+    exchanges_both_ways(world, second, conn, peer_tx, peer_rx)
+    assert conn.state.name == "ESTABLISHED"
 
 
 def test_a_slot_the_program_allocates_again_under_a_live_connection_is_the_new_sockets(world):
