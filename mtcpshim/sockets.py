@@ -36,6 +36,7 @@ _SENDING_DATA = (TcpState.ESTABLISHED, TcpState.CLOSE_WAIT)
 _EV_RDHUP = lib.MTS_EV_RDHUP
 _SLOT_USED = lib.MTS_SLOT_USED
 _OP_WAITER_FREE = lib.MTS_OP_WAITER_FREE
+_TAKEN_OVER = "its slot was allocated again while the stack held it"  # the generation moved on
 _ADDRESS_ARG_LIMIT = 1 << 48  # ip << 16 | port
 RELEASE_RINGS_AFTER = 64 << 10  # bytes through a slot's busier ring that make its pages worth a syscall
 _U64 = (1 << 64) - 1
@@ -220,7 +221,7 @@ class SocketTable:
             return False
         sock = self._sockets.get(slot_id)
         if sock is not None and sock.generation != current:
-            self._reset(sock, "its slot was allocated again while the stack held it", now)
+            self._reset(sock, _TAKEN_OVER, now)
         return True
 
     def _socket(self, slot_id: int) -> StackSocket:
@@ -524,7 +525,7 @@ class SocketTable:
         if sock.slot is None:
             return  # released: the application is gone, the connection finishes alone
         if sock.slot.generation != sock.generation:
-            self._corrupted(sock, "its slot was allocated again while the stack held it")
+            self._corrupted(sock, _TAKEN_OVER)
             return  # the slot is another socket's now
         if sock.slot.in_use != _SLOT_USED:
             # Marked free behind our back: take it back so that nobody else
