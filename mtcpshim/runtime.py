@@ -293,6 +293,10 @@ class Runtime:
             syscalls = (io_counters.get("tx_syscalls", 0) + self.counters["sleeps"]
                         + self.waiters.wakeups + self.counters["wake_reads"])
             cost["syscalls_per_1000_packets"] = round(syscalls * 1000 / packets)
+        received = self.iface.counters["rx_frames"]
+        if received:
+            # Frames header prediction took whole (stack/fastpath.py).
+            cost["fast_path_hit_percent"] = round(100 * self.host.counters.get("tcp_fast_path", 0) / received, 1)
         return cost
 
     # -- the launcher ---------------------------------------------------------

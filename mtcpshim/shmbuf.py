@@ -270,19 +270,24 @@ class ShmSendBuffer:
 
 class ShmRecvBuffer:
     """`space()` is the room within the window's limit: the ring, or less
-    where the program set SO_RCVBUF (`limit`)."""
+    where the program set SO_RCVBUF (`limit`).  `rx_write` and `rx_sink`
+    let the TCP core's C fast path append as `write` does, through the
+    same private view of the ring (struct mts_rx_sink)."""
 
-    __slots__ = ("_slot", "_ring", "_tail_word", "_head", "_data", "_cap", "_limit", "_low_water",
-                 "_on_corrupt", "_pages")
+    __slots__ = ("_slot", "_sink", "_tail_word", "_cap", "_limit", "_low_water", "_on_corrupt",
+                 "rx_sink")
+
+    rx_write = int(ffi.cast("uintptr_t", ffi.addressof(lib, "mts_rx_sink_write")))
 
     def __init__(self, geom, slot_id: int, on_corrupt):
         self._slot = lib.mts_slot_at(geom, slot_id)
-        self._ring = ffi.addressof(self._slot.rx)
         self._tail_word = ffi.addressof(self._slot.rx, "tail")
-        self._head = lib.mts_index_load(ffi.addressof(self._slot.rx, "head"))
+        head = lib.mts_index_load(ffi.addressof(self._slot.rx, "head"))
         # Our own page bookkeeping (mts_ring_pages_before_write), never the region's.
-        self._pages = ffi.new("struct mts_ring_pages *", {"released": self._head})
-        self._data = lib.mts_rx_data(geom, slot_id)
+        self._sink = ffi.new("struct mts_rx_sink *", {
+            "ring": ffi.addressof(self._slot.rx), "data": lib.mts_rx_data(geom, slot_id),
+            "head": head, "pages": {"released": head}, "cap": geom.rx_size})
+        self.rx_sink = int(ffi.cast("uintptr_t", self._sink))
         self._cap = geom.rx_size
         self._on_corrupt = on_corrupt
         self.limit(lib.mts_buffer_limit(geom.rx_size, self._slot.opt_rcvbuf))
@@ -296,7 +301,7 @@ class ShmRecvBuffer:
 
     def __len__(self) -> int:
         """Bytes received and not yet read by the application."""
-        used = (self._head - lib.mts_index_load(self._tail_word)) & _U64
+        used = (self._sink.head - lib.mts_index_load(self._tail_word)) & _U64
         if used > self._cap:
             self._on_corrupt("RX ring tail impossible (ahead of head or beyond capacity)")
             return 0
@@ -310,12 +315,10 @@ class ShmRecvBuffer:
         return max(room, 0)
 
     def write(self, data) -> int:
-        n = lib.mts_ring_produce(self._ring, self._pages, self._data, self._cap, self._head,
-                                 ffi.from_buffer(data), len(data))
+        n = lib.mts_rx_sink_write(self._sink, ffi.from_buffer(data), len(data))
         if n < 0:
             self._on_corrupt("RX ring tail impossible (ahead of head or beyond capacity)")
             return 0
-        self._head = (self._head + n) & _U64
         return n
 
 

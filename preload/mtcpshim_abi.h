@@ -250,6 +250,18 @@ struct mts_ring {
     uint8_t pad1[56];
 };
 
+/* Never in the region: the stack's own view of a socket's RX ring, in its
+ * private memory, with the write index it keeps to itself (the region's
+ * copy is only ever written), so that C (mts_rx_sink_write) and Python
+ * (mtcpshim/shmbuf.py) append through the same one. */
+struct mts_rx_sink {
+    struct mts_ring *ring;
+    uint8_t *data;
+    uint64_t head;
+    struct mts_ring_pages pages;
+    uint32_t cap;
+};
+
 /* A ring's pages are given back once it is empty, has taken this many bytes
  * since they last were, and never held more than MTS_RING_SMALL_FLOW since:
  * a connection that moves small messages walks its ring round and would

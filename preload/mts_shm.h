@@ -73,6 +73,7 @@ int mts_ring_release(uint8_t *data, uint32_t cap, uint64_t from, uint64_t to);
 void mts_ring_pages_before_write(struct mts_ring_pages *p, uint8_t *data, uint32_t cap, uint64_t head,
                                  uint64_t held);
 void mts_ring_pages_wrote(struct mts_ring_pages *p, uint64_t held);
+int64_t mts_rx_sink_write(void *sink, const void *src, uint64_t n);
 void mts_accept_put(const struct mts_geom *g, uint32_t listener, uint64_t pos, uint32_t child);
 int64_t mts_accept_take(const struct mts_geom *g, uint32_t listener, uint64_t head);
 int32_t mts_accept_pop(const struct mts_geom *g, uint32_t listener);
@@ -469,6 +470,19 @@ static inline int64_t mts_ring_produce(struct mts_ring *r, struct mts_ring_pages
     MTS_STORE(&r->head, head + n);
     mts_ring_pages_wrote(pages, used + n);
     return (int64_t)n;
+}
+
+/* Appends to an RX ring through the stack's view of it (struct
+ * mts_rx_sink): the bytes taken, or -1 if the program's tail is impossible
+ * (nothing taken).  Takes a void pointer to serve as the TCP core's
+ * rx_write (stack/csrc/fastpath.h). */
+static inline int64_t mts_rx_sink_write(void *sink, const void *src, uint64_t n)
+{
+    struct mts_rx_sink *s = sink;
+    int64_t taken = mts_ring_produce(s->ring, &s->pages, s->data, s->cap, s->head, src, n);
+    if (taken > 0)
+        s->head += (uint64_t)taken;
+    return taken;
 }
 
 /* The application's side of a byte ring.  An impossible used count (written

@@ -29,6 +29,8 @@ import errno
 import heapq
 import random
 
+from mtcpshim.stack import native
+from mtcpshim.stack.fastpath import FlowTable
 from mtcpshim.stack.isn import COOKIE_MAX_AGE, COOKIE_PERIOD, MSS_TABLE, TcpSecrets, mss_index_for
 from mtcpshim.stack.tcp import (EV_CLOSED, EV_ESTABLISHED, TIME_WAIT, ChallengeAckLimiter, TcpConfig,
                        TcpConnection, reset_for)
@@ -99,10 +101,13 @@ class TcpHost:
     """`rng` draws the host's secret and random port starts; pass a seeded
     random.Random for reproducible tests.  `max_connections` (None: no
     limit) bounds the connection table: beyond it connect() raises
-    OSError(ENOBUFS) and SYNs are dropped."""
+    OSError(ENOBUFS) and SYNs are dropped.  With `fast_path` (and the C
+    module), the connections are in a FlowTable too, for the receive fast
+    path (stack/fastpath.py) that a Node runs in front of the host."""
 
     def __init__(self, ip: int, config: TcpConfig | None = None,
-                 rng: random.Random | None = None, max_connections: int | None = None):
+                 rng: random.Random | None = None, max_connections: int | None = None,
+                 fast_path: bool = True):
         self.ip = ip
         self.config = config or TcpConfig()
         self.rng = rng or random.SystemRandom()
@@ -113,6 +118,7 @@ class TcpHost:
         self.listeners: dict[int, Listener] = {}
         self.bound_ports: set[int] = set()
         self.connections: dict[tuple[int, int, int], TcpConnection] = {}  # (local_port, remote_ip, remote_port)
+        self.flows = FlowTable() if fast_path and native.ACCELERATED else None  # the same, for C
         self.time_waits = TimeWaitTable(self.config.time_wait, self.config.max_time_wait)  # same keys
         self.touched: set[TcpConnection] = set()  # connections with events for the caller
         self.counters: dict[str, int] = {}
@@ -178,7 +184,7 @@ class TcpHost:
         conn.owner = owner
         conn.challenge_acks = self.challenge_acks
         conn.recovery_counts = self.recovery_counts
-        self.connections[key] = conn
+        self._add_connection(key, conn)
         self.collect(conn, now)
         return conn
 
@@ -237,6 +243,12 @@ class TcpHost:
         reply = reset_for(seg)
         if reply is not None:
             self._output.append((src_ip, reply.header(), b"", 0))
+
+    def finish_predicted(self, conn: TcpConnection, seg: TcpSegment, payload_len: int, taken: int,
+                         now: float) -> None:
+        """A segment of `conn` that the fast path took (stack/fastpath.py)."""
+        conn.on_predicted_segment(seg, payload_len, taken, now)
+        self.collect(conn, now)
 
     def receive_icmp_error(self, error: FragmentationNeeded, now: float) -> None:
         """An ICMP "fragmentation needed" quoting a segment from our address."""
@@ -303,7 +315,7 @@ class TcpHost:
         conn.challenge_acks = self.challenge_acks
         conn.recovery_counts = self.recovery_counts
         listener.pending += 1
-        self.connections[(conn.local_port, conn.remote_ip, conn.remote_port)] = conn
+        self._add_connection((conn.local_port, conn.remote_ip, conn.remote_port), conn)
         self.collect(conn, now)
         self.touched.add(conn)  # its owner meets it at the next publish, before any event
 
@@ -401,6 +413,7 @@ class TcpHost:
                 # pieces by the device (see TcpConfig.gso_max_size).
                 payload = seg.payload
                 emit((remote, seg.header(), payload, mss if len(payload) > mss else 0))
+        conn.tcb.fp_predict = conn.predictable()
         if conn.state == TIME_WAIT:
             self._retire(conn, now)
         else:
@@ -430,11 +443,19 @@ class TcpHost:
                 self.count("tcp_time_wait_overflow")
             self._forget(conn)
 
+    def _add_connection(self, key: tuple[int, int, int], conn: TcpConnection) -> None:
+        self.connections[key] = conn
+        if self.flows is not None:
+            self.flows.add(key, conn)
+
     def _forget(self, conn: TcpConnection) -> None:
         conn.timer_at = None  # its heap entries are now stale
         key = (conn.local_port, conn.remote_ip, conn.remote_port)
         if self.connections.get(key) is conn:
             del self.connections[key]
+            if self.flows is not None:
+                self.flows.remove(key)
+        conn.tcb.fp_predict = 0
         if conn.listener is not None:
             conn.listener.pending -= 1
             conn.listener = None
@@ -500,5 +521,5 @@ class TcpHost:
         out, self._output = self._output, []
         return out
 
-    def count(self, reason: str) -> None:
-        self.counters[reason] = self.counters.get(reason, 0) + 1
+    def count(self, reason: str, times: int = 1) -> None:
+        self.counters[reason] = self.counters.get(reason, 0) + times

@@ -7,12 +7,16 @@ to `mtcpshim.stack.checksum` and `mtcpshim.stack.siphash`.  `ones_complement_sum
 there in both cases.
 
 `copy_guarded` copies in both cases (only C survives a truncated file).
+`new_tcb`, `attach_rx_sink` and `TCB_NUMBERS` exist in both cases (the TCB is
+declared from its header even without the module).
 `match_tcp_frame`, `complete_checksum`, `build_tcp_frame`, `FrameArena`,
 `build_tcp_headers` and `send_parts` exist only when ACCELERATED; the Interface and the packet socket use them for
 their per-segment paths, and the Interface has a Python route for everything
 the first three do.
 """
 from __future__ import annotations
+
+import pathlib
 
 from mtcpshim.stack import checksum, siphash
 
@@ -22,6 +26,54 @@ except ImportError:
     ffi = lib = None
 
 ACCELERATED = lib is not None
+
+# The TCB (stack/csrc/fastpath.h) exists without the C module too, declared
+# from the same header, so that the core has one layout either way.
+if ACCELERATED:
+    _tcb_ffi = ffi
+else:
+    import cffi
+    _tcb_ffi = cffi.FFI()
+    _tcb_ffi.cdef((pathlib.Path(__file__).resolve().parent / "csrc" / "fastpath.h").read_text())
+
+#: The TCB's fields that TcpConnection keeps as attributes (all but the fast path's own fp_ ones).
+TCB_NUMBERS = tuple(name for name, _ in _tcb_ffi.typeof("struct nf_tcb").fields if not name.startswith("fp_"))
+_RX_WRITE = "int64_t (*)(void *, const void *, uint64_t)"
+
+
+def new_tcb():
+    """A zeroed struct nf_tcb, freed with the last reference to it."""
+    return _tcb_ffi.new("struct nf_tcb *")
+
+
+def new_bytes(size: int):
+    """`size` zeroed bytes that never move (C may keep their address)."""
+    return _tcb_ffi.new("uint8_t[]", size)
+
+
+def buffer_of(data):
+    return _tcb_ffi.buffer(data)
+
+
+def new_byte_ring(data, capacity: int):
+    """An empty struct nf_byte_ring over `data` (from new_bytes)."""
+    return _tcb_ffi.new("struct nf_byte_ring *", {"data": data, "capacity": capacity})
+
+
+def address_of(pointer) -> int:
+    return int(_tcb_ffi.cast("uintptr_t", pointer))
+
+
+#: The fp_rx_write of a struct nf_byte_ring; 0 (no fast path) without the C module.
+BYTE_RING_WRITE = address_of(_tcb_ffi.addressof(lib, "nf_byte_ring_write")) if ACCELERATED else 0
+
+
+def attach_rx_sink(tcb, write_address: int, sink_address: int) -> None:
+    """Names the function (an address, 0 for none) through which the fast
+    path appends to the connection's receive buffer, and its argument."""
+    tcb.fp_rx_write = _tcb_ffi.cast(_RX_WRITE, write_address)
+    tcb.fp_rx_sink = _tcb_ffi.cast("void *", sink_address)
+
 
 #: Bytes of Ethernet + IPv4 header the frame builders put before a segment.
 TCP_FRAME_HEADROOM = 34

@@ -13,32 +13,45 @@ and sockets).  Sans-IO: frames and time in, frames out.
     poll_at()             when on_timers next has work; None if never
 
 The runtime, the runtime tests' peer and the core benchmark all drive a
-node; a batched C fast path plugs in here.
+node.  A host with a flow table (TcpHost(fast_path=True), the default
+with the C module) gets the receive fast path in front of it
+(stack/fastpath.py): each batch goes through header prediction first.
 """
 from __future__ import annotations
 
+from mtcpshim.stack.fastpath import FastPath
 from mtcpshim.stack.host import TcpHost
 from mtcpshim.stack.iface import Interface
 
 
 class Node:
-    __slots__ = ("iface", "host")
+    __slots__ = ("iface", "host", "_fast_path")
 
     def __init__(self, iface: Interface, host: TcpHost):
         if iface.ip != host.ip:
             raise ValueError("the interface and the TCP host must share one address")
         self.iface = iface
         self.host = host
+        self._fast_path = (FastPath(host.flows, iface.mac, iface.ip)
+                           if host.flows is not None and iface.accelerated else None)
 
     def ingest(self, frames, now: float, vouched: bytes | None = None) -> None:
         """A batch of received frames; `vouched` as the backend's rx_vouched."""
-        iface_receive, host_receive = self.iface.receive, self.host.receive
-        for frame, checksum_vouched in zip(frames, vouched or bytes(len(frames))):
-            tcp = iface_receive(frame, now, checksum_vouched)
-            if tcp is not None:
-                host_receive(tcp[0], tcp[1], tcp[2], now)
+        if self._fast_path is not None:
+            taken = self._fast_path.ingest(frames, now, vouched, self._to_host, self.host.finish_predicted)
+            if taken:
+                self.iface.counters["rx_frames"] += taken
+                self.host.count("tcp_fast_path", taken)
+        else:
+            for frame, checksum_vouched in zip(frames, vouched or bytes(len(frames))):
+                self._to_host(frame, checksum_vouched, now)
         for error in self.iface.take_icmp_errors():
             self.host.receive_icmp_error(error, now)
+
+    def _to_host(self, frame, checksum_vouched: int, now: float) -> None:
+        tcp = self.iface.receive(frame, now, checksum_vouched)
+        if tcp is not None:
+            self.host.receive(tcp[0], tcp[1], tcp[2], now)
 
     def on_timers(self, now: float) -> None:
         self.host.on_timers(now)

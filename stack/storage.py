@@ -10,59 +10,73 @@ from __future__ import annotations
 
 import bisect
 
+from mtcpshim.stack import native
+
 
 class RingBuffer:
-    __slots__ = ("_data", "_capacity", "_head", "_length")
+    """Kept in a struct nf_byte_ring (stack/csrc/fastpath.h), so that the
+    receive fast path can append to it as `write` does (`rx_write`,
+    `rx_sink`)."""
+
+    __slots__ = ("_ring", "_data", "_view", "rx_sink")
+
+    rx_write = native.BYTE_RING_WRITE
 
     def __init__(self, capacity: int):
         if capacity <= 0:
             raise ValueError("capacity must be positive")
-        self._data = bytearray(capacity)
-        self._capacity = capacity
-        self._head = 0
-        self._length = 0
+        self._data = native.new_bytes(capacity)
+        self._view = memoryview(native.buffer_of(self._data))
+        self._ring = native.new_byte_ring(self._data, capacity)
+        self.rx_sink = native.address_of(self._ring)
 
     @property
     def capacity(self) -> int:
-        return self._capacity
+        return self._ring.capacity
 
     def __len__(self) -> int:
-        return self._length
+        return self._ring.length
 
     def space(self) -> int:
-        return self._capacity - self._length
+        ring = self._ring
+        return ring.capacity - ring.length
 
     def write(self, data) -> int:
         """Append as much of `data` as fits; return the byte count taken."""
-        capacity = self._capacity
-        count = min(len(data), capacity - self._length)
+        ring = self._ring
+        capacity, length = ring.capacity, ring.length
+        count = min(len(data), capacity - length)
         if count <= 0:
             return 0
-        tail = (self._head + self._length) % capacity
+        tail = (ring.head + length) % capacity
         first = min(count, capacity - tail)
-        self._data[tail:tail + first] = data[:first]
+        view = self._view
+        view[tail:tail + first] = data[:first]
         if first < count:
-            self._data[:count - first] = data[first:count]
-        self._length += count
+            view[:count - first] = data[first:count]
+        ring.length = length + count
         return count
 
     def peek(self, offset: int, n: int) -> bytes:
         """Up to `n` bytes starting `offset` bytes after the oldest one."""
-        count = min(n, self._length - offset)
+        ring = self._ring
+        count = min(n, ring.length - offset)
         if count <= 0:
             return b""
-        capacity = self._capacity
-        start = (self._head + offset) % capacity
+        capacity = ring.capacity
+        start = (ring.head + offset) % capacity
         end = start + count
+        view = self._view
         if end <= capacity:
-            return bytes(self._data[start:end])
-        return bytes(self._data[start:]) + bytes(self._data[:end - capacity])
+            return bytes(view[start:end])
+        return bytes(view[start:]) + bytes(view[:end - capacity])
 
     def consume(self, n: int) -> None:
         """Drop the `n` oldest bytes (at most all of them)."""
-        n = min(n, self._length)
-        self._head = (self._head + n) % self._capacity
-        self._length -= n
+        ring = self._ring
+        n = min(n, ring.length)
+        ring.head = (ring.head + n) % ring.capacity
+        ring.length -= n
 
     def read(self, n: int) -> bytes:
         data = self.peek(0, n)

@@ -49,7 +49,7 @@ import enum
 import errno
 import random
 
-from mtcpshim.stack import cc
+from mtcpshim.stack import cc, native
 from mtcpshim.stack.recovery import Scoreboard
 from mtcpshim.stack.rtt import RttEstimator
 from mtcpshim.stack.seq import seq_add, seq_diff, seq_ge, seq_gt, seq_le, seq_lt
@@ -201,11 +201,12 @@ def reset_for(seg: TcpSegment):
 class TcpConnection:
     __slots__ = (
         "config", "local_ip", "local_port", "remote_ip", "remote_port",
-        "send_buf", "recv_buf", "state", "error", "events", "outbox",
+        "tcb",                             # the numbers the fast path shares (native.TCB_NUMBERS)
+        "send_buf", "_recv_buf", "state", "error", "events", "outbox",
         "nodelay", "keepalive", "keepidle", "keepintvl", "keepcnt", "user_timeout",
         "challenge_acks", "recovery_counts",
         # send sequence space
-        "iss", "snd_una", "snd_nxt", "snd_max", "snd_wnd", "snd_wl1", "snd_wl2",
+        "iss", "snd_nxt", "snd_wnd", "snd_wl1", "snd_wl2",
         "snd_wscale", "_max_snd_wnd", "_send_base", "_fin_seq", "send_mss", "_snd_sml",
         # congestion control and loss recovery
         "cwnd", "ssthresh", "_cc", "_dupacks", "_in_recovery", "_in_loss", "_recover",
@@ -213,10 +214,10 @@ class TcpConnection:
         "_undo_marker", "_undo_retrans", "_undo_cwnd", "_undo_ssthresh", "_retrans_stamp",
         "rtt", "_rtt_seq", "_rtt_time", "_retries", "_stall_start", "_last_tx",
         # receive sequence space
-        "irs", "rcv_nxt", "rcv_adv", "rcv_wscale", "_rcv_mss", "_rcv_buf_size", "_sws_threshold",
-        "_rcv_unacked", "_last_ack_sent", "_assembler", "_rcv_fin_seq", "_dsack",
+        "irs", "rcv_wscale", "_rcv_mss", "_rcv_buf_size", "_sws_threshold",
+        "_rcv_unacked", "_assembler", "_rcv_fin_seq", "_dsack",
         # negotiated options
-        "ts_enabled", "ts_recent", "_ts_recent_at", "_ts_offset", "sack_enabled",
+        "_ts_offset", "sack_enabled",
         "_wscale_ok",
         # timers and bookkeeping
         "timers", "_now", "_ack_now", "_invalid_ack_at",
@@ -234,6 +235,7 @@ class TcpConnection:
         self.local_port = local_port
         self.remote_ip = remote_ip
         self.remote_port = remote_port
+        self.tcb = native.new_tcb()
         self.send_buf = send_buf
         self.recv_buf = recv_buf
         self.state = CLOSED
@@ -300,14 +302,14 @@ class TcpConnection:
         self._rcv_buf_size = space
         self._set_rcv_mss(_DEFAULT_PEER_MSS)
         self._rcv_unacked = 0              # in-order bytes received since our last ACK
-        self._last_ack_sent = 0
+        self.last_ack_sent = 0
         self._assembler = Assembler(config.max_ooo_ranges)
         self._rcv_fin_seq = None           # peer's FIN, seen before the data ahead of it
         self._dsack = None                 # (start, end) of data received twice, to report
 
         self.ts_enabled = False
         self.ts_recent = 0
-        self._ts_recent_at = now
+        self.ts_recent_at = now
         self._ts_offset = ts_offset
         self.sack_enabled = False
         self._wscale_ok = False
@@ -364,7 +366,7 @@ class TcpConnection:
         if conn._wscale_ok:
             conn.rcv_wscale = rcv_wscale
         conn.rcv_adv = seq_add(conn.rcv_nxt, syn_ack_window)
-        conn._last_ack_sent = conn.rcv_nxt
+        conn.last_ack_sent = conn.rcv_nxt
         conn.timers.arm_retransmit(now + conn.rtt.rto)
         return conn
 
@@ -461,7 +463,7 @@ class TcpConnection:
             if self.ts_enabled:
                 segment.timestamp = (self._ts_now(), self.ts_recent)
             self.rcv_adv = seq_add(self.rcv_nxt, window)
-            self._last_ack_sent = self.rcv_nxt
+            self.last_ack_sent = self.rcv_nxt
         self.outbox.append(segment)
         if not self.timers.retransmit_armed():
             self.timers.arm_retransmit(self._now + self.rtt.rto)
@@ -739,7 +741,7 @@ class TcpConnection:
         timestamp = seg.timestamp
         if (timestamp is not None and self.ts_enabled and not flags & RST
                 and ((timestamp[0] - self.ts_recent) & _MASK) >= _HALF
-                and now - self._ts_recent_at <= _PAWS_IDLE):
+                and now - self.ts_recent_at <= _PAWS_IDLE):
             if flags & SYN:
                 self._challenge_ack()
             else:
@@ -784,9 +786,9 @@ class TcpConnection:
 
         # RFC 7323 4.3: remember the timestamp of a segment that covers the
         # left edge of what we last acknowledged.
-        if timestamp is not None and ((self._last_ack_sent - seq) & _MASK) < _HALF:
+        if timestamp is not None and ((self.last_ack_sent - seq) & _MASK) < _HALF:
             self.ts_recent = timestamp[0]
-            self._ts_recent_at = now
+            self.ts_recent_at = now
 
         if state == SYN_RECEIVED:
             ack = seg.ack
@@ -795,7 +797,7 @@ class TcpConnection:
                                               RST, 0))
                 return
             self._handshake_acked()
-        if not self._process_ack(seg):
+        if not self._process_ack(seg, payload_len):
             return
         if self.state == CLOSED:
             return
@@ -812,6 +814,33 @@ class TcpConnection:
                 self._rcv_fin_seq = seq_add(rcv_nxt, fin_offset)
         if self._rcv_fin_seq is not None and self._rcv_fin_seq == self.rcv_nxt:
             self._receive_fin()
+        self._output()
+
+    def predictable(self) -> bool:
+        """Whether the fast path may take this connection's next segments
+        (stack/csrc/fastpath.h): nothing but the common case can then
+        differ between it and on_segment.  Outside loss recovery, so that
+        ACK processing sends nothing: the fast path takes the payload
+        before the core processes the ACK, which on_segment does the other
+        way round, and a segment sent in between would carry the new
+        rcv_nxt."""
+        return (self.state == ESTABLISHED and not self._orphaned and self._fin_seq is None
+                and self._rcv_fin_seq is None and not self._assembler
+                and not self._in_recovery and not self._in_loss
+                and not self._board.sacked and not self._board.lost)
+
+    def on_predicted_segment(self, seg: TcpSegment, payload_len: int, taken: int, now: float) -> None:
+        """The rest of on_segment for a segment the fast path took, which
+        did TS.Recent, put `taken` payload bytes into recv_buf and moved
+        rcv_nxt: the ACK, the receive bookkeeping, output.  on_segment takes
+        the payload after the ACK; predictable() holds only where that
+        order changes nothing."""
+        self._now = now
+        self._last_rx = now
+        self._keepalive_probes = 0
+        self._process_ack(seg, payload_len)   # the fast path checked that it is acceptable
+        if payload_len:
+            self._took_in_order(taken, payload_len)
         self._output()
 
     def _on_segment_syn_sent(self, seg: TcpSegment) -> None:
@@ -904,9 +933,9 @@ class TcpConnection:
             self._invalid_ack_at = now
         self._ack_now = True
 
-    def _process_ack(self, seg: TcpSegment) -> bool:
-        """The ACK field and window of an acceptable segment.  Returns False
-        if the segment must be dropped."""
+    def _process_ack(self, seg: TcpSegment, payload_len: int) -> bool:
+        """The ACK field and window of an acceptable segment carrying
+        `payload_len` bytes.  Returns False if the segment must be dropped."""
         ack = seg.ack
         snd_una = self.snd_una
         acked = ((ack - snd_una + _HALF) & _MASK) - _HALF
@@ -925,7 +954,7 @@ class TcpConnection:
                     board = self._board
                     board.tsecr = seg.timestamp[1] if seg.timestamp and self.ts_enabled else None
                     self._on_sack(seg.sack_blocks, 0, board.sacked)
-            elif (snd_una != self.snd_max and not seg.payload and not seg.flags & (SYN | FIN)
+            elif (snd_una != self.snd_max and not payload_len and not seg.flags & (SYN | FIN)
                   and window == self.snd_wnd):
                 self._on_duplicate_ack()
         elif acked < -self._max_snd_wnd:
@@ -1216,14 +1245,8 @@ class TcpConnection:
         recv_buf = self.recv_buf
         if offset == 0 and not assembler:
             taken = recv_buf.write(payload)
-            if taken:
-                self.rcv_nxt = (self.rcv_nxt + taken) & _MASK
-                self.events |= EV_READABLE
-                self._rcv_unacked += taken
-            if taken < len(payload) or self._rcv_unacked >= 2 * self._rcv_mss:
-                self._ack_now = True
-            elif self.timers.delayed_ack is None:
-                self.timers.delayed_ack = self._now + self.config.delayed_ack
+            self.rcv_nxt = (self.rcv_nxt + taken) & _MASK
+            self._took_in_order(taken, len(payload))
             return
         assembler.add(offset, payload)
         if offset:
@@ -1240,6 +1263,19 @@ class TcpConnection:
             self.events |= EV_READABLE
         if taken < len(data):              # the buffer shrank: forget the rest
             assembler.clear()
+
+    def _took_in_order(self, taken: int, offered: int) -> None:
+        """The receive buffer took `taken` of `offered` in-order bytes, and
+        rcv_nxt has moved past them: ACK at once every second full segment
+        (RFC 5681 4.2) or when the buffer was short, else within the
+        delayed-ACK time."""
+        if taken:
+            self.events |= EV_READABLE
+            self._rcv_unacked += taken
+        if taken < offered or self._rcv_unacked >= 2 * self._rcv_mss:
+            self._ack_now = True
+        elif self.timers.delayed_ack is None:
+            self.timers.delayed_ack = self._now + self.config.delayed_ack
 
     def _report_duplicate(self, start: int, end: int) -> None:
         """Data from `start` to `end` arrived twice: the next ACK, sent at
@@ -1584,7 +1620,7 @@ class TcpConnection:
         self._ack_now = False
         self.timers.delayed_ack = None
         self._rcv_unacked = 0
-        self._last_ack_sent = rcv_nxt
+        self.last_ack_sent = rcv_nxt
         self.outbox.append(segment)
 
     def _send_ack(self) -> None:
@@ -1667,8 +1703,33 @@ class TcpConnection:
         for start, end, *_ in self._board.records:
             assert seq_le(una, start) and seq_lt(start, end) and seq_le(end, top), (
                 f"scoreboard record [{start}, {end}) outside [snd_una {una}, snd_max {top}]")
+        assert not self.tcb.fp_predict or self.predictable(), "fast path allowed on an unpredictable connection"
+
+    @property
+    def recv_buf(self):
+        return self._recv_buf
+
+    @recv_buf.setter
+    def recv_buf(self, buffer) -> None:
+        """A buffer the fast path can append to (rx_write, rx_sink) is named
+        to it; any other keeps it away."""
+        self._recv_buf = buffer
+        native.attach_rx_sink(self.tcb, getattr(buffer, "rx_write", 0), getattr(buffer, "rx_sink", 0))
 
     def __repr__(self) -> str:
         return (f"<TcpConnection {self.local_port}->{self.remote_port} {self.state.name} "
                 f"una={self.snd_una} nxt={self.snd_nxt} rcv_nxt={self.rcv_nxt} "
                 f"cwnd={self.cwnd} wnd={self.snd_wnd}>")
+
+
+def _tcb_attribute(name: str) -> property:
+    # Compiled per field, so that both CPython and PyPy's JIT see a plain
+    # attribute access (operator.attrgetter is app-level code on PyPy).
+    code = f"def get(conn): return conn.tcb.{name}\ndef put(conn, value): conn.tcb.{name} = value\n"
+    namespace: dict = {}
+    exec(code, namespace)
+    return property(namespace["get"], namespace["put"], doc=f"tcb.{name}, shared with the fast path")
+
+
+for _name in native.TCB_NUMBERS:
+    setattr(TcpConnection, _name, _tcb_attribute(_name))

@@ -13,16 +13,8 @@
 #include <linux/if_packet.h>
 
 #include "netfast.h"
+#include "wire_bytes.h"
 
-#define ETH_HEADER_LEN 14
-#define ETHERTYPE_IPV4 0x0800
-#define IPV4_MIN_HEADER_LEN 20
-#define IPPROTO_TCP_ 6
-#define IPPROTO_UDP_ 17
-#define TCP_MIN_HEADER_LEN 20
-#define TCP_CHECKSUM_AT 16
-#define UDP_HEADER_LEN 8
-#define UDP_CHECKSUM_AT 6
 #define IPV4_FLAG_DF 0x4000
 #define IPV4_MF_AND_OFFSET 0x3fff
 #define DEFAULT_TTL 64
@@ -75,22 +67,6 @@ uint64_t nf_siphash24(const uint8_t *key, const uint8_t *data, size_t len)
     for (int i = 0; i < 4; i++)
         SIP_ROUND(v0, v1, v2, v3);
     return v0 ^ v1 ^ v2 ^ v3;
-}
-
-static inline uint16_t load_be16(const uint8_t *p) { return (uint16_t)(p[0] << 8 | p[1]); }
-
-static inline uint32_t load_be32(const uint8_t *p)
-{
-    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
-}
-
-static inline void store_le16(uint8_t *p, uint16_t v) { p[0] = v & 0xff; p[1] = v >> 8; }
-
-static inline void store_be16(uint8_t *p, uint16_t v) { p[0] = v >> 8; p[1] = v & 0xff; }
-
-static inline void store_be32(uint8_t *p, uint32_t v)
-{
-    p[0] = v >> 24; p[1] = (v >> 16) & 0xff; p[2] = (v >> 8) & 0xff; p[3] = v & 0xff;
 }
 
 static inline uint64_t fold16(uint64_t sum)

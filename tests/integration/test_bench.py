@@ -74,10 +74,14 @@ def test_quick_bench_measures_every_workload_on_both_stacks_and_draws_them(test_
     mark = uuid.uuid4().hex
     json_path, png_path = tmp_path / "bench.json", tmp_path / "bench.png"
 
-    done = subprocess.run(**bench_command("--quick", "--json", str(json_path), "--plot", str(png_path), mark=mark),
-                          capture_output=True, text=True, timeout=QUICK_TIMEOUT)
+    bench = subprocess.Popen(**bench_command("--quick", "--json", str(json_path), "--plot", str(png_path), mark=mark),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = bench.communicate(timeout=QUICK_TIMEOUT)
+    finally:
+        stop(bench, mark)     # a bench that overran leaves no server behind for the next test
 
-    assert done.returncode == 0, done.stdout + done.stderr
+    assert bench.returncode == 0, stdout + stderr
     document = json.loads(json_path.read_text())
     measured = {(run["workload"], run["stack"]): run for run in document["runs"]}
     for workload in workloads.WORKLOADS:
@@ -85,9 +89,9 @@ def test_quick_bench_measures_every_workload_on_both_stacks_and_draws_them(test_
             run = measured[(workload.name, stack)]
             assert throughput(run) and throughput(run) > 0, run
             assert run["server_cpu_s"] > 0 and run["machine_cpu_s"] > 0, run
-            assert f"| {workload.label} | kernel |" in done.stdout
+            assert f"| {workload.label} | kernel |" in stdout
     assert document["machine"]["cpus"] >= 2 and document["machine"]["lighttpd"].startswith("lighttpd/")
-    assert "| shim/kernel |" in done.stdout
+    assert "| shim/kernel |" in stdout
 
     png = png_path.read_bytes()
     assert png.startswith(PNG_SIGNATURE) and len(png) > len(PNG_SIGNATURE)

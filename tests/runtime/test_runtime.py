@@ -327,3 +327,18 @@ def test_stat_reports_the_stack_s_cpu_per_packet_per_command_and_per_loop(world)
     assert {"cpu_ns_per_packet", "cpu_ns_per_command", "cpu_ns_per_loop"} <= cost.keys()
     assert all(cost[name] > 0 for name in ("cpu_ns_per_packet", "cpu_ns_per_command", "cpu_ns_per_loop"))
     assert {"wakeups_per_1000_packets", "sleeps_per_1000_packets", "syscalls_per_1000_packets"} <= cost.keys()
+
+
+def test_stat_reports_the_share_of_received_frames_the_fast_path_took(world):
+    listener = listening_socket(world)
+    conn, (peer_tx, _) = peer_connects(world)
+    child = lib.mts_accept_pop(world.g, listener)
+    before = world.runtime.stats()["tcp"].get("tcp_fast_path", 0)
+    peer_tx.write(b"GET / HTTP/1.1\r\n\r\n")
+    conn.send_ready(world.now)
+    world.peer.host.collect(conn, world.now)
+    world.settle()
+    assert world.read(child) == b"GET / HTTP/1.1\r\n\r\n"
+    stats = world.runtime.stats()
+    assert stats["tcp"]["tcp_fast_path"] == before + 1     # the request went through header prediction
+    assert 0 < stats["cost"]["fast_path_hit_percent"] < 100  # the handshake did not
