@@ -18,7 +18,7 @@ import time
 import traceback
 
 from mtcpshim._shm import ffi, lib
-from mtcpshim.shmbuf import DETACHED, ShmRecvBuffer, ShmSendBuffer, SpanFile
+from mtcpshim.shmbuf import DETACHED, ShmRecvBuffer, ShmSendBuffer, SpanFile, index_add, index_distance
 from mtcpshim.stacklog import RateLimitedLog, log
 from mtcpshim.stack.node import Node
 from mtcpshim.stack.tcp import EV_CLOSED, EV_ESTABLISHED, EV_PEER_FIN, EV_RESET, TcpConnection, TcpState
@@ -39,7 +39,6 @@ _OP_WAITER_FREE = lib.MTS_OP_WAITER_FREE
 _TAKEN_OVER = "its slot was allocated again while the stack held it"  # the generation moved on
 _ADDRESS_ARG_LIMIT = 1 << 48  # ip << 16 | port
 RELEASE_RINGS_AFTER = 64 << 10  # bytes through a slot's busier ring that make its pages worth a syscall
-_U64 = (1 << 64) - 1
 _MAX_KEEPALIVE_SECONDS, _MAX_KEEPCNT, _MAX_USER_TIMEOUT_MS = 32767, 127, (1 << 31) - 1
 _NO_ROOM_EPISODE_GAP = 10.0  # seconds with room between two logged episodes of unanswered SYNs
 
@@ -582,7 +581,7 @@ class SocketTable:
         """Connections queued and not yet accepted; None (and the listener
         reset) if the program's tail lies beyond the queue's capacity below
         the stack's own head."""
-        waiting = (listener.accept_head - lib.mts_index_load(ffi.addressof(listener.slot.rx, "tail"))) & _U64
+        waiting = index_distance(listener.accept_head, lib.mts_index_load(ffi.addressof(listener.slot.rx, "tail")))
         if waiting > self.geom.accept_capacity:
             self._corrupted(listener, "accept queue tail impossible")
             return None
@@ -596,7 +595,7 @@ class SocketTable:
         if waiting is None or waiting == self.geom.accept_capacity:
             return False
         lib.mts_accept_put(self.geom, listener.slot_id, head, child.slot_id)
-        listener.accept_head = (head + 1) & _U64
+        listener.accept_head = index_add(head, 1)
         lib.mts_index_store(ffi.addressof(listener.slot.rx, "head"), listener.accept_head)
         listener.queued.add(child)
         child.queued_on = listener

@@ -23,6 +23,7 @@ except ImportError:   # no C module: no fast path (TcpHost(fast_path=...) falls 
     ffi = lib = None
 
 _MIN_ENTRIES = 1024
+_BYTES = ffi.typeof("uint8_t[]") if ffi is not None else None
 
 
 class FlowTable:
@@ -113,7 +114,7 @@ class FastPath:
         pointers, lengths = self._frames, self._lengths
         keep = []        # the frames' buffers, for as long as C reads them
         for index, frame in enumerate(frames):
-            buffer = ffi.from_buffer("uint8_t[]", frame)
+            buffer = ffi.from_buffer(_BYTES, frame)
             keep.append(buffer)
             pointers[index] = buffer
             lengths[index] = len(frame)
