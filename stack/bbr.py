@@ -52,16 +52,14 @@ OPEN, RECOVERY, LOSS = 0, 1, 2
 
 class WindowedMax:
     """The maximum of the values seen over the last `window` rounds: a
-    deque of (round, value) with values falling from front to back."""
-    __slots__ = ("_window", "_samples")
+    deque of (round, value) with values falling from front to back.
+    `value` is the front's, kept as an attribute (read on every ACK)."""
+    __slots__ = ("_window", "_samples", "value")
 
     def __init__(self, window: int):
         self._window = window
         self._samples = collections.deque()
-
-    @property
-    def value(self) -> float:
-        return self._samples[0][1] if self._samples else 0.0
+        self.value = 0.0
 
     def update(self, round_count: int, value: float) -> None:
         samples = self._samples
@@ -70,6 +68,7 @@ class WindowedMax:
         samples.append((round_count, value))
         while samples[0][0] <= round_count - self._window:
             samples.popleft()
+        self.value = samples[0][1]
 
 
 class Bbr:
