@@ -31,24 +31,25 @@ class FlowTable:
     fast path, each under a number that names it in the fast path's
     records."""
 
-    __slots__ = ("conns", "_table", "_entries", "_free", "_seed")
+    __slots__ = ("conns", "table", "_entries", "_free", "_seed")
 
     def __init__(self):
         self.conns: list = []              # number -> TcpConnection, None when free
+        self.table = None                  # the struct nf_flows that nf_fast_rx searches
         self._free: list[int] = []
         self._seed = int.from_bytes(os.urandom(8), "little")
-        self._table = self._entries = None
+        self._entries = None
         self._resize(_MIN_ENTRIES)
 
     def __len__(self) -> int:
-        return self._table.live
+        return self.table.live
 
     def add(self, key: tuple[int, int, int], conn) -> None:
-        table = self._table
+        table = self.table
         if 4 * (table.live + table.tombstones + 1) > 3 * (table.mask + 1):
             self._resize(4 * (table.live + 1))
         number = self._free.pop() if self._free else len(self.conns)
-        if lib.nf_flows_add(self._table, _flow_key(key), conn.tcb, number):
+        if lib.nf_flows_add(self.table, _flow_key(key), conn.tcb, number):
             raise KeyError(f"flow {key} is in the table already")
         if number == len(self.conns):
             self.conns.append(conn)
@@ -56,7 +57,7 @@ class FlowTable:
             self.conns[number] = conn
 
     def remove(self, key: tuple[int, int, int]) -> None:
-        number = lib.nf_flows_remove(self._table, _flow_key(key))
+        number = lib.nf_flows_remove(self.table, _flow_key(key))
         if number < 0:
             raise KeyError(f"flow {key} is not in the table")
         self.conns[number] = None
@@ -68,9 +69,9 @@ class FlowTable:
             size <<= 1
         new_entries = ffi.new("struct nf_flow[]", size)
         table = ffi.new("struct nf_flows *", {"entries": new_entries, "mask": size - 1, "seed": self._seed})
-        if self._table is not None:
-            lib.nf_flows_move(table, self._table)
-        self._table, self._entries = table, new_entries
+        if self.table is not None:
+            lib.nf_flows_move(table, self.table)
+        self.table, self._entries = table, new_entries
 
 
 def _flow_key(key: tuple[int, int, int]) -> int:
@@ -122,7 +123,7 @@ class FastPath:
             vouched = bytes(count)
         ffi.memmove(self._vouched, vouched, count)
         self._batch = self._batch % 0xFFFFFFFF + 1      # never 0, a fresh TCB's
-        taken = lib.nf_fast_rx(self._flows._table, self._mac, self._ip, pointers, lengths, self._vouched,
+        taken = lib.nf_fast_rx(self._flows.table, self._mac, self._ip, pointers, lengths, self._vouched,
                                count, self._batch, now, self._records, self._slow)
         del keep
         conns, slow, records, next_record = self._flows.conns, self._slow, self._records, 0

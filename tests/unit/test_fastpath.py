@@ -8,6 +8,8 @@ import random
 
 import pytest
 
+from mtcpshim.stack import native
+from mtcpshim.stack.fastpath import FlowTable
 from mtcpshim.stack.tcp import EV_READABLE, TcpConfig, TcpState
 from mtcpshim.stack.wire.tcp import ACK, FIN, PSH, RST, SYN, URG
 
@@ -207,3 +209,31 @@ def test_the_fast_path_and_the_core_answer_random_segments_alike(make_core_trace
             assert core.recv_buf.peek(0, 1 << 20) == fast.recv_buf.peek(0, 1 << 20)
         taken += fast.fast_taken
     assert taken > SEGMENTS // 4, f"the fast path took {taken} of {sent} segments"
+
+
+def test_the_flow_table_finds_every_flow_across_growth_and_removals():
+    """Thousands of flows in and out (growth past the first size, and
+    tombstones): every live one is found once, a removed one never."""
+    if not native.ACCELERATED:
+        pytest.skip("the flow table is C")
+
+    class Flow:
+        def __init__(self):
+            self.tcb = native.new_tcb()
+
+    table = FlowTable()
+    keys = [(80, 0xC6120001 + i // 1000, 1024 + i % 1000) for i in range(5000)]
+    for key in keys:
+        table.add(key, Flow())
+    assert len(table) == 5000
+    with pytest.raises(KeyError):
+        table.add(keys[0], Flow())
+    for key in keys[::2]:
+        table.remove(key)
+    with pytest.raises(KeyError):
+        table.remove(keys[0])
+    for key in keys[::2]:
+        table.add(key, Flow())
+    for key in keys:
+        table.remove(key)
+    assert len(table) == 0 and not any(table.conns)
