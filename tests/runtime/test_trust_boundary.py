@@ -129,11 +129,15 @@ def test_a_receive_tail_past_its_head_resets_that_connection_only(world):
     other, other_conn, (other_tx, _) = accepted_connection(world, listener)
     rx = lib.mts_slot_at(world.g, victim).rx
     rx.tail = rx.head + 10 * 1024 * 1024
+    fast_before = world.runtime.stats()["tcp"].get("tcp_fast_path", 0)
     for conn, tx in ((victim_conn, victim_tx), (other_conn, other_tx)):
         tx.write(b"more data")
         conn.send_ready(world.now)
         world.peer.host.collect(conn, world.now)
     world.settle()
+    # The fast path took the other's segment and left the victim's, whose
+    # ring it found impossible, to the core, which reports it.
+    assert world.runtime.stats()["tcp"]["tcp_fast_path"] == fast_before + 1
     assert counted(world, "sockets_reset") == 1
     victim_slot = lib.mts_slot_at(world.g, victim)
     assert victim_slot.so_error == errno.ECONNRESET and victim_slot.events & lib.MTS_EV_HUP
