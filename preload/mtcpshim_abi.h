@@ -292,6 +292,9 @@ struct mts_rx_sink {
 #define MTS_AF_NONBLOCK 0x1
 #define MTS_AF_SHUT_RD 0x2
 #define MTS_AF_SHUT_WR 0x4
+/* The program made the socket AF_INET6 (a dual-stack socket): it sees its
+ * IPv4 addresses as IPv4-mapped IPv6 ones (::ffff:a.b.c.d), as on Linux. */
+#define MTS_AF_INET6 0x8
 
 /* mts_slot option selectors for MTS_OP_SETOPT */
 #define MTS_OPT_NODELAY 1

@@ -120,7 +120,7 @@ void shim_log(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
 enum shim_fd_kind {
     SHIM_FD_KERNEL = 0,    /* not ours: pass through */
-    SHIM_FD_CANDIDATE = 1, /* AF_INET stream socket still in the kernel, undecided; payload: SHIM_CANDIDATE_* */
+    SHIM_FD_CANDIDATE = 1, /* TCP socket still in the kernel, undecided; payload: SHIM_CANDIDATE_* */
     SHIM_FD_STACK = 2,     /* placeholder of a stack socket; payload = slot id */
     SHIM_FD_EPOLL = 3,     /* epoll instance (shim_epoll.c keeps its state by fd) */
     SHIM_FD_INTERNAL = 4,  /* the interposer's own descriptor: close() pretends success */
@@ -130,6 +130,9 @@ enum shim_fd_kind {
  * socket, which the stack socket must keep (the kernel reads back its own
  * default otherwise, not necessarily the stack's). */
 #define SHIM_CANDIDATE_CONGESTION 1u
+/* ... and it is AF_INET6: ours only as a dual-stack socket whose address is
+ * `::` or IPv4-mapped (see shim_socket.c). */
+#define SHIM_CANDIDATE_INET6 2u
 
 /* One 64-bit word per fd, so a lookup is a single atomic load: the kind in
  * bits 24-31, a payload of 24 bits below it (slot ids stay below

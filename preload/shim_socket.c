@@ -66,11 +66,65 @@ static int port_needs_privilege(uint16_t port)
     return !(caps[CAP_TO_INDEX(CAP_NET_BIND_SERVICE)].effective & CAP_TO_MASK(CAP_NET_BIND_SERVICE));
 }
 
-static const struct sockaddr_in *as_inet(const struct sockaddr *addr, socklen_t len)
+/* The smallest sockaddr_in6 Linux takes (without sin6_scope_id). */
+#define SIN6_LEN_RFC2133 24
+
+/* The IPv4 address and port that `addr` names, in the family the program
+ * made the socket with: a sockaddr_in, or for AF_INET6 a sockaddr_in6
+ * holding `::` (any) or an IPv4-mapped address.  Returns 0; the errno Linux
+ * gives a malformed address of that family; or -1 for a real IPv6 address,
+ * which only the kernel can serve. */
+static int ipv4_of(const struct sockaddr *addr, socklen_t len, int inet6, uint32_t *ip, uint16_t *port)
 {
-    if (!addr || len < (socklen_t)sizeof(struct sockaddr_in) || addr->sa_family != AF_INET)
-        return NULL;
-    return (const struct sockaddr_in *)addr;
+    if (!inet6) {
+        struct sockaddr_in sin;
+        if (!addr || len < (socklen_t)sizeof(sin))
+            return EINVAL;
+        memcpy(&sin, addr, sizeof(sin));
+        if (sin.sin_family != AF_INET)
+            return EAFNOSUPPORT;
+        *ip = ntohl(sin.sin_addr.s_addr);
+        *port = ntohs(sin.sin_port);
+        return 0;
+    }
+    struct sockaddr_in6 sin6;
+    if (!addr || len < SIN6_LEN_RFC2133)
+        return EINVAL;
+    memcpy(&sin6, addr, SIN6_LEN_RFC2133);
+    if (sin6.sin6_family != AF_INET6)
+        return EAFNOSUPPORT;
+    *port = ntohs(sin6.sin6_port);
+    if (IN6_IS_ADDR_UNSPECIFIED(&sin6.sin6_addr)) {
+        *ip = INADDR_ANY;
+        return 0;
+    }
+    if (!IN6_IS_ADDR_V4MAPPED(&sin6.sin6_addr))
+        return -1;
+    uint32_t mapped;
+    memcpy(&mapped, &sin6.sin6_addr.s6_addr[12], sizeof(mapped));
+    *ip = ntohl(mapped);
+    return 0;
+}
+
+/* An AF_INET6 kernel socket that refuses IPv4 peers (IPV6_V6ONLY, whose
+ * default is net.ipv6.bindv6only) stays the kernel's. */
+static int kernel_v6only(int fd)
+{
+    int v6only = 0;
+    socklen_t len = sizeof(v6only);
+    return shim_real.getsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &v6only, &len) == 0 && v6only;
+}
+
+/* Whether a candidate (its fd word) is an AF_INET6 socket that cannot be
+ * ours because it takes IPv6 peers only. */
+static int candidate_v6only(int fd, uint64_t word)
+{
+    return (shim_fd_payload(word) & SHIM_CANDIDATE_INET6) && kernel_v6only(fd);
+}
+
+static int slot_inet6(uint32_t slot)
+{
+    return (__atomic_load_n(&shim_slot(slot)->app_flags, __ATOMIC_RELAXED) & MTS_AF_INET6) != 0;
 }
 
 static void ip_text(uint32_t ip, char out[16])
@@ -270,11 +324,12 @@ static int become_stack_socket(int fd, uint32_t *slot_out)
     }
     struct mts_slot *s = shim_slot((uint32_t)id);
     __atomic_store_n(&s->refcnt, 1, __ATOMIC_RELEASE);
-    copy_kernel_options(fd, shim_fd_payload(shim_fd_word(fd)), s);
+    uint32_t candidate = shim_fd_payload(shim_fd_word(fd));
+    copy_kernel_options(fd, candidate, s);
     int status = shim_real.fcntl(fd, F_GETFL);
     int fd_flags = shim_real.fcntl(fd, F_GETFD);
     int nonblock = status >= 0 && (status & O_NONBLOCK);
-    s->app_flags = nonblock ? MTS_AF_NONBLOCK : 0;
+    s->app_flags = (nonblock ? MTS_AF_NONBLOCK : 0) | (candidate & SHIM_CANDIDATE_INET6 ? MTS_AF_INET6 : 0);
     int placeholder = eventfd(0, EFD_CLOEXEC | (nonblock ? EFD_NONBLOCK : 0));
     if (placeholder < 0 ||
         shim_real.dup3(placeholder, fd, fd_flags >= 0 && (fd_flags & FD_CLOEXEC) ? O_CLOEXEC : 0) < 0) {
@@ -308,9 +363,10 @@ int socket(int domain, int type, int protocol)
     int fd = shim_real.socket(domain, type, protocol);
     if (fd < 0 || !shim.active || shim_busy)
         return fd;
-    if (domain == AF_INET && (type & SOCK_TYPE_MASK) == SOCK_STREAM && (protocol == 0 || protocol == IPPROTO_TCP)) {
-        shim_fd_set(fd, SHIM_FD_CANDIDATE, 0);
-        SHIM_DEBUG("fd %d: TCP socket, undecided", fd);
+    if ((domain == AF_INET || domain == AF_INET6) && (type & SOCK_TYPE_MASK) == SOCK_STREAM &&
+        (protocol == 0 || protocol == IPPROTO_TCP)) {
+        shim_fd_set(fd, SHIM_FD_CANDIDATE, domain == AF_INET6 ? SHIM_CANDIDATE_INET6 : 0);
+        SHIM_DEBUG("fd %d: TCP%s socket, undecided", fd, domain == AF_INET6 ? "v6" : "");
     } else {
         shim_fd_clear(fd); /* a number whose earlier life we missed */
     }
@@ -324,10 +380,13 @@ int bind(int fd, const struct sockaddr *addr, socklen_t len)
     enum shim_fd_kind kind = shim_fd_kind_of(word);
     if (kind != SHIM_FD_CANDIDATE && kind != SHIM_FD_STACK)
         return shim_real.bind(fd, addr, len);
-    const struct sockaddr_in *sin = as_inet(addr, len);
     uint32_t slot = shim_fd_payload(word);
+    int inet6 = kind == SHIM_FD_CANDIDATE ? (slot & SHIM_CANDIDATE_INET6) != 0 : slot_inet6(slot);
+    uint32_t ip = 0;
+    uint16_t port = 0;
+    int bad = ipv4_of(addr, len, inet6, &ip, &port);
     if (kind == SHIM_FD_CANDIDATE) {
-        if (!sin || !stack_serves(ntohl(sin->sin_addr.s_addr))) {
+        if (bad || !stack_serves(ip) || candidate_v6only(fd, word)) {
             int result = shim_real.bind(fd, addr, len);
             if (result == 0) {
                 shim_fd_clear(fd);
@@ -335,18 +394,16 @@ int bind(int fd, const struct sockaddr *addr, socklen_t len)
             }
             return result;
         }
-        if (port_needs_privilege(ntohs(sin->sin_port)))
+        if (port_needs_privilege(port))
             return fail(EACCES);
         if (become_stack_socket(fd, &slot) < 0)
             return -1;
-    } else if (!addr || len < (socklen_t)sizeof(struct sockaddr_in)) {
-        return fail(EINVAL);
-    } else if (addr->sa_family != AF_INET) {
-        return fail(EAFNOSUPPORT);
-    } else if (port_needs_privilege(ntohs(sin->sin_port))) {
+    } else if (bad) {
+        return fail(bad > 0 ? bad : EINVAL); /* bound already, as Linux says of any second bind */
+    } else if (port_needs_privilege(port)) {
         return fail(EACCES);
     }
-    return stack_bind(fd, slot, ntohl(sin->sin_addr.s_addr), ntohs(sin->sin_port));
+    return stack_bind(fd, slot, ip, port);
 }
 
 int listen(int fd, int backlog)
@@ -359,6 +416,10 @@ int listen(int fd, int backlog)
     uint32_t slot = shim_fd_payload(word);
     /* An unbound socket is bound to 0.0.0.0 and an ephemeral port first, as
      * Linux does; that address is the stack's. */
+    if (kind == SHIM_FD_CANDIDATE && candidate_v6only(fd, word)) {
+        shim_fd_clear(fd);
+        return shim_real.listen(fd, backlog);
+    }
     if (kind == SHIM_FD_CANDIDATE) {
         if (become_stack_socket(fd, &slot) < 0 || stack_bind(fd, slot, INADDR_ANY, 0) < 0)
             return -1;
@@ -398,10 +459,15 @@ static int finish_blocking_connect(int fd, uint32_t slot)
 static int stack_connect(int fd, uint32_t slot, const struct sockaddr *addr, socklen_t len)
 {
     struct mts_slot *s = shim_slot(slot);
-    if (!addr || len < (socklen_t)sizeof(struct sockaddr_in))
-        return fail(EINVAL);
-    if (addr->sa_family != AF_INET)
-        return fail(EAFNOSUPPORT);
+    uint32_t ip = 0;
+    uint16_t port = 0;
+    int bad = ipv4_of(addr, len, slot_inet6(slot), &ip, &port);
+    if (bad > 0)
+        return fail(bad);
+    if (bad < 0) {
+        shim_log("connect: fd %d is the stack's (IPv4 only); an IPv6 destination is not supported", fd);
+        return fail(ENETUNREACH);
+    }
     if (!shim_stack_alive(0))
         return fail(ENETDOWN);
     switch (__atomic_load_n(&s->state, __ATOMIC_ACQUIRE)) {
@@ -418,9 +484,6 @@ static int stack_connect(int fd, uint32_t slot, const struct sockaddr *addr, soc
     default:
         break;
     }
-    const struct sockaddr_in *sin = (const struct sockaddr_in *)addr;
-    uint32_t ip = ntohl(sin->sin_addr.s_addr);
-    uint16_t port = ntohs(sin->sin_port);
     int result = shim_cmd_sync(MTS_OP_CONNECT, slot, (uint64_t)ip << 16 | port);
     if (shim.debug) {
         char text[16];
@@ -441,8 +504,10 @@ int connect(int fd, const struct sockaddr *addr, socklen_t len)
     enum shim_fd_kind kind = shim_fd_kind_of(word);
     uint32_t slot = shim_fd_payload(word);
     if (kind == SHIM_FD_CANDIDATE) {
-        const struct sockaddr_in *sin = as_inet(addr, len);
-        if (!sin || !stack_routes(ntohl(sin->sin_addr.s_addr))) {
+        uint32_t ip = 0;
+        uint16_t port;
+        if (ipv4_of(addr, len, (slot & SHIM_CANDIDATE_INET6) != 0, &ip, &port) || !stack_routes(ip) ||
+            candidate_v6only(fd, word)) {
             shim_fd_clear(fd);
             SHIM_DEBUG("fd %d: connect to a kernel destination, stays in the kernel", fd);
             return shim_real.connect(fd, addr, len);
@@ -457,13 +522,36 @@ int connect(int fd, const struct sockaddr *addr, socklen_t len)
 
 /* ---- accept ----------------------------------------------------------------- */
 
-static void fill_address(struct sockaddr *addr, socklen_t *len, uint32_t ip, uint16_t port)
+/* A socket's address as its program sees it: a sockaddr_in, or for an
+ * AF_INET6 socket a sockaddr_in6 with the IPv4-mapped address (`::` for
+ * any), truncated to *len as the kernel truncates it. */
+static void fill_address(struct sockaddr *addr, socklen_t *len, int inet6, uint32_t ip, uint16_t port)
 {
     if (!addr || !len)
         return;
-    struct sockaddr_in sin = {.sin_family = AF_INET, .sin_port = htons(port), .sin_addr = {htonl(ip)}};
-    memcpy(addr, &sin, *len < sizeof(sin) ? *len : sizeof(sin));
-    *len = sizeof(sin);
+    union {
+        struct sockaddr_in v4;
+        struct sockaddr_in6 v6;
+    } name;
+    memset(&name, 0, sizeof(name));
+    socklen_t size;
+    if (inet6) {
+        name.v6.sin6_family = AF_INET6;
+        name.v6.sin6_port = htons(port);
+        if (ip != INADDR_ANY) {
+            uint32_t mapped = htonl(ip);
+            name.v6.sin6_addr.s6_addr[10] = name.v6.sin6_addr.s6_addr[11] = 0xff;
+            memcpy(&name.v6.sin6_addr.s6_addr[12], &mapped, sizeof(mapped));
+        }
+        size = sizeof(name.v6);
+    } else {
+        name.v4.sin_family = AF_INET;
+        name.v4.sin_port = htons(port);
+        name.v4.sin_addr.s_addr = htonl(ip);
+        size = sizeof(name.v4);
+    }
+    memcpy(addr, &name, *len < size ? *len : size);
+    *len = size;
 }
 
 static int stack_accept(int fd, uint32_t slot, struct sockaddr *addr, socklen_t *len, int flags)
@@ -487,7 +575,8 @@ static int stack_accept(int fd, uint32_t slot, struct sockaddr *addr, socklen_t 
     }
     struct mts_slot *s = shim_slot((uint32_t)child);
     __atomic_store_n(&s->refcnt, 1, __ATOMIC_RELEASE);
-    __atomic_store_n(&s->app_flags, flags & SOCK_NONBLOCK ? MTS_AF_NONBLOCK : 0, __ATOMIC_RELEASE);
+    uint32_t family = __atomic_load_n(&listener->app_flags, __ATOMIC_RELAXED) & MTS_AF_INET6;
+    __atomic_store_n(&s->app_flags, (flags & SOCK_NONBLOCK ? MTS_AF_NONBLOCK : 0) | family, __ATOMIC_RELEASE);
     int nfd = eventfd(0, (flags & SOCK_NONBLOCK ? EFD_NONBLOCK : 0) | (flags & SOCK_CLOEXEC ? EFD_CLOEXEC : 0));
     if (nfd < 0) {
         int err = errno;
@@ -497,7 +586,7 @@ static int stack_accept(int fd, uint32_t slot, struct sockaddr *addr, socklen_t 
         return fail(err);
     }
     shim_fd_set_stack(nfd, (uint32_t)child, s->generation);
-    fill_address(addr, len, s->remote_ip, s->remote_port);
+    fill_address(addr, len, family != 0, s->remote_ip, s->remote_port);
     if (shim.debug) {
         char text[16];
         ip_text(s->remote_ip, text);
@@ -549,12 +638,12 @@ static int stack_address(uint32_t slot, struct sockaddr *addr, socklen_t *len, i
         return fail(EFAULT);
     struct mts_slot *s = shim_slot(slot);
     if (!peer) {
-        fill_address(addr, len, s->local_ip, s->local_port);
+        fill_address(addr, len, slot_inet6(slot), s->local_ip, s->local_port);
         return 0;
     }
     if (__atomic_load_n(&s->state, __ATOMIC_ACQUIRE) != MTS_ST_CONNECTED)
         return fail(ENOTCONN);
-    fill_address(addr, len, s->remote_ip, s->remote_port);
+    fill_address(addr, len, slot_inet6(slot), s->remote_ip, s->remote_port);
     return 0;
 }
 
@@ -657,7 +746,7 @@ static int stack_getsockopt(uint32_t slot, int level, int name, void *val, sockl
         case SO_TYPE:
             return put_int(val, len, SOCK_STREAM);
         case SO_DOMAIN:
-            return put_int(val, len, AF_INET);
+            return put_int(val, len, slot_inet6(slot) ? AF_INET6 : AF_INET);
         case SO_PROTOCOL:
             return put_int(val, len, IPPROTO_TCP);
         case SO_ACCEPTCONN:
@@ -712,6 +801,17 @@ static int stack_getsockopt(uint32_t slot, int level, int name, void *val, sockl
         case IP_TOS:
             return put_int(val, len, 0);
         case IP_TTL:
+            return put_int(val, len, 64);
+        default:
+            return fail(ENOPROTOOPT);
+        }
+    }
+    if (level == IPPROTO_IPV6 && slot_inet6(slot)) {
+        switch (name) {
+        case IPV6_V6ONLY: /* a dual-stack socket, or it would be the kernel's */
+        case IPV6_TCLASS:
+            return put_int(val, len, 0);
+        case IPV6_UNICAST_HOPS:
             return put_int(val, len, 64);
         default:
             return fail(ENOPROTOOPT);
@@ -831,6 +931,12 @@ static int stack_setsockopt(int fd, uint32_t slot, int level, int name, const vo
         }
     } else if (level == IPPROTO_IP) {
         /* IP_TOS, IP_TTL and friends: accepted, the stack does not use them. */
+    } else if (level == IPPROTO_IPV6 && slot_inet6(slot)) {
+        /* Bound already (a socket becomes the stack's at bind, listen or
+         * connect), and Linux refuses a change of IPV6_V6ONLY then; the
+         * rest, like the IPv4 options, do not affect the stack. */
+        if (name == IPV6_V6ONLY)
+            return fail(EINVAL);
     } else {
         return fail(ENOPROTOOPT);
     }

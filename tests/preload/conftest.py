@@ -53,7 +53,8 @@ class Probe:
         self.program, self.library, self.stack = program, library, stack
 
     def env(self, attached=True, extra_env=None):
-        env = dict(os.environ, LD_PRELOAD=str(self.library), PROBE_IP=STACK_IP, **(extra_env or {}))
+        env = dict(os.environ, LD_PRELOAD=str(self.library), PROBE_IP=STACK_IP)
+        env.update(extra_env or {})
         env.pop("MTCPSHIM_FDS", None)
         if attached:
             env.update(self.stack.env)
@@ -64,9 +65,9 @@ class Probe:
                                 pass_fds=self.stack.fds if attached else (),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
-    def run(self, scenario, attached=True):
+    def run(self, scenario, attached=True, extra_env=None):
         """The scenario's trace, one string per line; fails on a bad exit."""
-        process = self.start(scenario, attached)
+        process = self.start(scenario, attached, extra_env)
         try:
             out, err = process.communicate(timeout=PROGRAM_TIMEOUT)
         finally:

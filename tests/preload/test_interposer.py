@@ -2,6 +2,9 @@
 runs one probe scenario (tests/preload/progs/probe.c) and reads its trace,
 one call per line, "call result [ERRNO]"."""
 import os
+import socket
+
+import pytest
 
 from inprocess_stack import PROGRAM_TIMEOUT
 from mtcpshim.shmbuf import ShmSendBuffer
@@ -326,6 +329,23 @@ def test_ports_below_the_namespaces_unprivileged_start_need_cap_net_bind_service
         "bind_81_as_nobody -1 EACCES",
         "bind_8081_as_nobody 0",
     ]
+
+
+def test_dual_stack_sockets_behave_as_on_the_kernel(run_probe):
+    """An AF_INET6 listener on `::` takes IPv4 clients (as IPv4-mapped
+    peers) and an AF_INET6 client reaches an IPv4-mapped address: the same
+    calls on the kernel (over loopback) and on the stack give the same
+    trace.  With IPV6_V6ONLY the listener stays the kernel's."""
+    try:
+        socket.socket(socket.AF_INET6, socket.SOCK_STREAM).close()
+    except OSError as error:
+        pytest.skip(f"no IPv6 sockets here: {error}")
+    kernel = run_probe.run("dualstack", attached=False, extra_env={"PROBE_IP": "127.0.0.1"})
+    stack = run_probe.run("dualstack")
+    assert "accepted_from AF_INET6 mapped port expected len 28" in kernel
+    kernel.remove("listener_kernel 1")
+    stack.remove("listener_kernel 0")
+    assert stack == kernel
 
 
 def test_integer_options_read_back_as_the_kernel_s_do(run_probe):

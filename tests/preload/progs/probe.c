@@ -97,11 +97,12 @@ static struct sockaddr_in stack_addr(uint16_t port)
 
 static uint16_t local_port(int fd)
 {
-    struct sockaddr_in sin;
-    socklen_t len = sizeof(sin);
-    if (getsockname(fd, (struct sockaddr *)&sin, &len) < 0)
+    struct sockaddr_storage name;
+    socklen_t len = sizeof(name);
+    if (getsockname(fd, (struct sockaddr *)&name, &len) < 0)
         die("getsockname");
-    return ntohs(sin.sin_port);
+    /* sin_port and sin6_port are at the same place */
+    return ntohs(((struct sockaddr_in *)&name)->sin_port);
 }
 
 static int listener(int flags)
@@ -880,6 +881,136 @@ static void options(void)
     close(stack);
 }
 
+/* ---- dual-stack: run once on the kernel (PROBE_IP=127.0.0.1, not
+ * attached) and once on the stack; the traces must be equal ---------------- */
+
+static struct sockaddr_in6 mapped(uint16_t port)
+{
+    struct sockaddr_in v4 = stack_addr(port);
+    struct sockaddr_in6 v6 = {.sin6_family = AF_INET6, .sin6_port = v4.sin_port};
+    v6.sin6_addr.s6_addr[10] = v6.sin6_addr.s6_addr[11] = 0xff;
+    memcpy(&v6.sin6_addr.s6_addr[12], &v4.sin_addr, 4);
+    return v6;
+}
+
+/* What a name is, relative to PROBE_IP, e.g. "AF_INET6 mapped port expected len 28". */
+static void name_line(const char *what, int result, const struct sockaddr_storage *name, socklen_t len,
+                      uint16_t expected_port)
+{
+    if (result < 0) {
+        out("%s -1 %s", what, strerrorname_np(errno));
+        return;
+    }
+    const char *family = name->ss_family == AF_INET6 ? "AF_INET6" : name->ss_family == AF_INET ? "AF_INET" : "other";
+    const char *address = "other";
+    uint16_t port = 0;
+    if (name->ss_family == AF_INET6) {
+        const struct sockaddr_in6 *v6 = (const struct sockaddr_in6 *)name;
+        struct sockaddr_in6 ours = mapped(0);
+        port = ntohs(v6->sin6_port);
+        if (IN6_IS_ADDR_UNSPECIFIED(&v6->sin6_addr))
+            address = "any";
+        else if (memcmp(&v6->sin6_addr, &ours.sin6_addr, 16) == 0)
+            address = "mapped";
+        if (v6->sin6_flowinfo || v6->sin6_scope_id)
+            address = "flow-or-scope-set";
+    } else if (name->ss_family == AF_INET) {
+        const struct sockaddr_in *v4 = (const struct sockaddr_in *)name;
+        struct sockaddr_in ours = stack_addr(0);
+        port = ntohs(v4->sin_port);
+        address = v4->sin_addr.s_addr == ours.sin_addr.s_addr ? "ours" : v4->sin_addr.s_addr == 0 ? "any" : "other";
+    }
+    out("%s %s %s port %s len %u", what, family, address,
+        expected_port ? (port == expected_port ? "expected" : "other") : (port ? "set" : "0"), (unsigned)len);
+}
+
+/* getsockname (peer 0) or getpeername into a buffer of `room` bytes. */
+static void name_of(const char *what, int fd, int peer, socklen_t room, uint16_t expected_port)
+{
+    struct sockaddr_storage name;
+    memset(&name, 0, sizeof(name));
+    socklen_t len = room;
+    int result = peer ? getpeername(fd, (struct sockaddr *)&name, &len) : getsockname(fd, (struct sockaddr *)&name, &len);
+    name_line(what, result, &name, len, expected_port);
+}
+
+static void dualstack(void)
+{
+    struct sockaddr_storage name;
+    socklen_t len;
+    int value;
+    int l = socket(AF_INET6, SOCK_STREAM, 0);
+    int off = 0;
+    step("v6only_off", setsockopt(l, IPPROTO_IPV6, IPV6_V6ONLY, &off, sizeof(off)));
+    struct sockaddr_in6 any = {.sin6_family = AF_INET6};
+    struct sockaddr_in v4any = {.sin_family = AF_INET};
+    step("bind_sockaddr_in", bind(l, (struct sockaddr *)&v4any, sizeof(v4any)));
+    step("bind_short", bind(l, (struct sockaddr *)&any, 20));
+    step("bind_any6", bind(l, (struct sockaddr *)&any, sizeof(any)));
+    step("listen", listen(l, 8));
+    out("listener_kernel %d", is_kernel_socket(l));
+    name_of("listener_name", l, 0, sizeof(name), 0);
+    uint16_t port = local_port(l);
+    len = sizeof(value);
+    step("so_domain", getsockopt(l, SOL_SOCKET, SO_DOMAIN, &value, &len));
+    out("domain %s", value == AF_INET6 ? "AF_INET6" : "other");
+    len = sizeof(value);
+    value = -1;
+    step("get_v6only", getsockopt(l, IPPROTO_IPV6, IPV6_V6ONLY, &value, &len));
+    out("v6only %d", value);
+    step("set_v6only_bound", setsockopt(l, IPPROTO_IPV6, IPV6_V6ONLY, &off, sizeof(off)));
+
+    /* An IPv4 client: its peer is the IPv4-mapped address. */
+    int c = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in to = stack_addr(port);
+    step("connect_v4", connect(c, (struct sockaddr *)&to, sizeof(to)));
+    uint16_t client_port = local_port(c);
+    len = sizeof(name);
+    int a = accept(l, (struct sockaddr *)&name, &len);
+    name_line("accepted_from", a, &name, len, client_port);
+    name_of("accepted_name", a, 0, sizeof(name), port);
+    name_of("accepted_peer", a, 1, sizeof(name), client_port);
+    /* Too short: truncated, and the full length reported. */
+    name_of("accepted_peer_short", a, 1, sizeof(struct sockaddr_in), client_port);
+    len = sizeof(value);
+    getsockopt(a, SOL_SOCKET, SO_DOMAIN, &value, &len);
+    out("accepted_domain %s", value == AF_INET6 ? "AF_INET6" : "other");
+    char buf[16] = {0};
+    step("write_v4", write(c, "four", 4));
+    step("read_v6", read(a, buf, sizeof(buf)));
+    out("bytes %s", buf);
+    close(a);
+    close(c);
+
+    /* An AF_INET6 client of an IPv4-mapped address. */
+    c = socket(AF_INET6, SOCK_STREAM, 0);
+    struct sockaddr_in6 to6 = mapped(port);
+    step("connect_mapped", connect(c, (struct sockaddr *)&to6, sizeof(to6)));
+    name_of("client_name", c, 0, sizeof(name), 0);
+    client_port = local_port(c);
+    name_of("client_peer", c, 1, sizeof(name), port);
+    len = sizeof(name);
+    a = accept(l, (struct sockaddr *)&name, &len);
+    name_line("accepted_from", a, &name, len, client_port);
+    memset(buf, 0, sizeof(buf));
+    step("write_mapped", write(a, "six", 3));
+    step("read_mapped", read(c, buf, sizeof(buf)));
+    out("bytes %s", buf);
+    step("connect_again", connect(c, (struct sockaddr *)&to6, sizeof(to6)));
+    close(a);
+    close(c);
+    close(l);
+
+    /* IPV6_V6ONLY takes no IPv4 peers: such a listener is the kernel's. */
+    int k = socket(AF_INET6, SOCK_STREAM, 0);
+    int on = 1;
+    setsockopt(k, IPPROTO_IPV6, IPV6_V6ONLY, &on, sizeof(on));
+    step("v6only_bind_any6", bind(k, (struct sockaddr *)&any, sizeof(any)));
+    step("v6only_listen", listen(k, 1));
+    out("v6only_listener_kernel %d", is_kernel_socket(k));
+    close(k);
+}
+
 int main(int argc, char **argv)
 {
     const struct {
@@ -890,7 +1021,7 @@ int main(int argc, char **argv)
         {"sendfile_files", sendfile_files_scenario},
         {"epoll", epoll_scenario}, {"epoll_many", epoll_many_scenario}, {"pollmix", pollmix},  {"blocking", blocking}, {"passthrough", passthrough},
         {"death", death},         {"refused", refused},   {"forkdup", forkdup}, {"protect", protect},
-        {"privport", privport},   {"options", options},
+        {"privport", privport},   {"options", options},     {"dualstack", dualstack},
     };
     for (size_t i = 0; argc == 2 && i < sizeof(scenarios) / sizeof(scenarios[0]); i++)
         if (strcmp(argv[1], scenarios[i].name) == 0) {
