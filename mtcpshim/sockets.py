@@ -259,7 +259,7 @@ class SocketTable:
         if sock.port or sock.conn is not None:
             return lib.mts_complete(sock.slot, -errno.EINVAL)
         try:
-            sock.port = self.host.bind(port)
+            sock.port = self.host.bind(port, bool(sock.slot.opt_reuseaddr))
         except OSError as err:
             return lib.mts_complete(sock.slot, -err.errno)
         sock.slot.local_ip, sock.slot.local_port = ip, sock.port
@@ -277,7 +277,8 @@ class SocketTable:
         if sock.listener is None:
             sock.listener = self.host.listen(sock.port, syn_backlog,
                                              lambda ip, port: self._accept_slot(sock, ip, port),
-                                             lambda wanted: self._has_room(sock, wanted))
+                                             lambda wanted: self._has_room(sock, wanted),
+                                             bool(sock.slot.opt_reuseaddr))
         sock.listener.backlog = syn_backlog
         sock.accept_backlog = backlog
         sock.slot.backlog = backlog
@@ -335,11 +336,12 @@ class SocketTable:
         if not self.iface.routes(ip):
             return lib.mts_complete(sock.slot, -errno.ENETUNREACH)
         buffers = self._buffers(sock)
+        reuse_address = bool(sock.slot.opt_reuseaddr)
         try:
             if sock.port:
-                conn = self.host.connect(sock.port, ip, port, *buffers, sock, now)
+                conn = self.host.connect(sock.port, ip, port, *buffers, sock, now, reuse_address)
             else:
-                conn = self.host.connect_ephemeral(ip, port, *buffers, sock, now)
+                conn = self.host.connect_ephemeral(ip, port, *buffers, sock, now, reuse_address)
                 sock.port = conn.local_port
         except OSError as err:
             return lib.mts_complete(sock.slot, -err.errno)

@@ -85,10 +85,11 @@ class Listener:
     COOKIE_RESERVE_SECONDS count as connections about to complete."""
 
     __slots__ = ("port", "backlog", "accept_buffers", "has_room", "pending", "cookies_sent_at",
-                 "recent_cookies")
+                 "recent_cookies", "reuse_address")
 
-    def __init__(self, port, backlog, accept_buffers, has_room=lambda wanted: True):
+    def __init__(self, port, backlog, accept_buffers, has_room=lambda wanted: True, reuse_address=False):
         self.port = port
+        self.reuse_address = reuse_address  # SO_REUSEADDR, which its connections inherit
         self.backlog = backlog
         self.accept_buffers = accept_buffers
         self.has_room = has_room
@@ -118,6 +119,8 @@ class TcpHost:
         self.listeners: dict[int, Listener] = {}
         self.bound_ports: set[int] = set()
         self.connections: dict[tuple[int, int, int], TcpConnection] = {}  # (local_port, remote_ip, remote_port)
+        # local port -> [connections, connections without SO_REUSEADDR]
+        self._ports_in_use: dict[int, list[int]] = {}
         self.flows = FlowTable() if fast_path and native.ACCELERATED else None  # the same, for C
         self.time_waits = TimeWaitTable(self.config.time_wait, self.config.max_time_wait)  # same keys
         self.touched: set[TcpConnection] = set()  # connections with events for the caller
@@ -129,14 +132,25 @@ class TcpHost:
 
     # -- ports -----------------------------------------------------------
 
-    def bind(self, port: int) -> int:
-        """Reserves `port` (0: an ephemeral one).  Raises OSError(EADDRINUSE)."""
+    def bind(self, port: int, reuse_address: bool = False) -> int:
+        """Reserves `port` (0: an ephemeral one).  Raises OSError(EADDRINUSE)
+        while a socket has bound it, or while a connection or a TIME_WAIT
+        record still uses it, unless both that one and the caller set
+        SO_REUSEADDR (Linux's inet_csk_bind_conflict): a server restarted
+        with SO_REUSEADDR gets its port back at once, one without it waits
+        out TIME_WAIT."""
         if port == 0:
-            return self._ephemeral_port(lambda p: p not in self.bound_ports)
-        if port in self.bound_ports:
+            return self._ephemeral_port(lambda p: p not in self.bound_ports and not self._port_held(p, False))
+        if port in self.bound_ports or self._port_held(port, reuse_address):
             raise OSError(errno.EADDRINUSE, "port in use")
         self.bound_ports.add(port)
         return port
+
+    def _port_held(self, port: int, reuse_address: bool) -> bool:
+        if self.time_waits.holds_port(port, reuse_address):
+            return True
+        in_use = self._ports_in_use.get(port)
+        return in_use is not None and (not reuse_address or in_use[1] > 0)
 
     def unbind(self, port: int) -> None:
         """Releases a port its socket reserved.  Connections still using it
@@ -159,15 +173,17 @@ class TcpHost:
 
     # -- opening ---------------------------------------------------------
 
-    def listen(self, port: int, backlog: int, accept_buffers, has_room=lambda wanted: True) -> Listener:
-        listener = Listener(port, max(1, backlog), accept_buffers, has_room)
+    def listen(self, port: int, backlog: int, accept_buffers, has_room=lambda wanted: True,
+               reuse_address: bool = False) -> Listener:
+        listener = Listener(port, max(1, backlog), accept_buffers, has_room, reuse_address)
         self.listeners[port] = listener
         return listener
 
     def unlisten(self, port: int) -> None:
         self.listeners.pop(port, None)
 
-    def connect(self, local_port, remote_ip, remote_port, send_buf, recv_buf, owner, now) -> TcpConnection:
+    def connect(self, local_port, remote_ip, remote_port, send_buf, recv_buf, owner, now,
+                reuse_address: bool = False) -> TcpConnection:
         """Active open.  Raises OSError: EADDRINUSE if the 4-tuple is taken,
         ENOBUFS at max_connections."""
         key = (local_port, remote_ip, remote_port)
@@ -182,13 +198,15 @@ class TcpHost:
             secrets.isn(self.ip, local_port, remote_ip, remote_port, now), now,
             secrets.timestamp_offset(self.ip, local_port, remote_ip, remote_port))
         conn.owner = owner
+        conn.reuse_address = reuse_address
         conn.challenge_acks = self.challenge_acks
         conn.recovery_counts = self.recovery_counts
         self._add_connection(key, conn)
         self.collect(conn, now)
         return conn
 
-    def connect_ephemeral(self, remote_ip, remote_port, send_buf, recv_buf, owner, now) -> TcpConnection:
+    def connect_ephemeral(self, remote_ip, remote_port, send_buf, recv_buf, owner, now,
+                          reuse_address: bool = False) -> TcpConnection:
         """Active open from a port chosen by RFC 6056 algorithm 3: a keyed
         hash of the destination picks where the search starts, so ports are
         unpredictable off-path yet successive connections to one
@@ -201,7 +219,7 @@ class TcpHost:
             lambda p: p not in self.bound_ports and (p, remote_ip, remote_port) not in self.connections
             and (p, remote_ip, remote_port) not in self.time_waits,
             (offset + self._port_counter) % len(EPHEMERAL_PORTS))
-        return self.connect(port, remote_ip, remote_port, send_buf, recv_buf, owner, now)
+        return self.connect(port, remote_ip, remote_port, send_buf, recv_buf, owner, now, reuse_address)
 
     def _full(self) -> bool:
         return self.max_connections is not None and len(self.connections) >= self.max_connections
@@ -312,6 +330,7 @@ class TcpHost:
     def _adopt(self, conn: TcpConnection, listener: Listener, owner, now: float) -> None:
         conn.owner = owner
         conn.listener = listener
+        conn.reuse_address = listener.reuse_address
         conn.challenge_acks = self.challenge_acks
         conn.recovery_counts = self.recovery_counts
         listener.pending += 1
@@ -447,6 +466,9 @@ class TcpHost:
         self.connections[key] = conn
         if self.flows is not None:
             self.flows.add(key, conn)
+        in_use = self._ports_in_use.setdefault(key[0], [0, 0])
+        in_use[0] += 1
+        in_use[1] += not conn.reuse_address
 
     def _forget(self, conn: TcpConnection) -> None:
         conn.timer_at = None  # its heap entries are now stale
@@ -455,6 +477,11 @@ class TcpHost:
             del self.connections[key]
             if self.flows is not None:
                 self.flows.remove(key)
+            in_use = self._ports_in_use[key[0]]
+            in_use[0] -= 1
+            in_use[1] -= not conn.reuse_address
+            if not in_use[0]:
+                del self._ports_in_use[key[0]]
         conn.tcb.fp_predict = 0
         if conn.listener is not None:
             conn.listener.pending -= 1

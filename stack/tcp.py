@@ -223,8 +223,8 @@ class TcpConnection:
         "timers", "_now", "_ack_now", "_invalid_ack_at",
         "_persist_backoff", "_probes_unanswered", "_last_rx",
         "_keepalive_probes", "_orphaned",
-        # the runtime's own per-connection fields, never touched here
-        "owner", "listener", "timer_at",
+        # the host's and the runtime's own per-connection fields, never touched here
+        "owner", "listener", "timer_at", "reuse_address",
     )
 
     def __init__(self, config: TcpConfig, local_ip: int, local_port: int,
@@ -326,6 +326,7 @@ class TcpConnection:
         self.owner = None
         self.listener = None
         self.timer_at = None
+        self.reuse_address = False  # SO_REUSEADDR of its socket (TcpHost.bind)
 
     # ----------------------------------------------------------- opening
 

@@ -34,13 +34,16 @@ def host_limit(default: int, path: str = _HOST_LIMIT) -> int:
 
 
 class TimeWaitTable:
-    """Records keyed by (local_port, remote_ip, remote_port)."""
+    """Records keyed by (local_port, remote_ip, remote_port).  A record
+    holds its local port against bind() as Linux's do (`holds_port`)."""
 
     def __init__(self, duration: float, limit: int):
         self.duration = duration
         self.limit = limit
         # Insertion order is expiry order: every record lives `duration`.
         self._records: dict[tuple[int, int, int], tuple] = {}
+        # local port -> [records, records whose socket lacked SO_REUSEADDR]
+        self._ports: dict[int, list[int]] = {}
         self._expiry: collections.deque = collections.deque()  # (expires, key), oldest first
         self._stale = 0  # entries of _expiry whose record went early (a reincarnated 4-tuple)
 
@@ -49,6 +52,13 @@ class TimeWaitTable:
 
     def __contains__(self, key) -> bool:
         return key in self._records
+
+    def holds_port(self, port: int, reuse_address: bool) -> bool:
+        """Whether a record keeps a socket from binding `port`: any record
+        does, unless both that socket and the record's had SO_REUSEADDR
+        (Linux's inet_csk_bind_conflict)."""
+        held = self._ports.get(port)
+        return held is not None and (not reuse_address or held[1] > 0)
 
     def add(self, conn, now: float) -> bool:
         """Takes over `conn`, which has just entered TIME_WAIT; False if the
@@ -60,15 +70,19 @@ class TimeWaitTable:
         expires = now + self.duration
         if key in self._records:           # keep insertion order = expiry order
             self._drop(key)
-        self._records[key] = (expires, snd_nxt, rcv_nxt, window, ts_recent, ts_offset)
+        strict = not conn.reuse_address
+        self._records[key] = (expires, snd_nxt, rcv_nxt, window, ts_recent, ts_offset, strict)
         self._expiry.append((expires, key))
+        held = self._ports.setdefault(key[0], [0, 0])
+        held[0] += 1
+        held[1] += strict
         return True
 
     def receive(self, key, seg: TcpSegment, now: float):
         """A segment for a TIME_WAIT 4-tuple.  Returns None to drop it, the
         ACK to send, or REINCARNATE when a new SYN may reuse the 4-tuple (the
         record is gone; the caller opens a connection as for any SYN)."""
-        expires, snd_nxt, rcv_nxt, window, ts_recent, ts_offset = self._records[key]
+        expires, snd_nxt, rcv_nxt, window, ts_recent, ts_offset, _ = self._records[key]
         flags = seg.flags
         if flags & RST:
             return None                    # RFC 1337: no assassination
@@ -92,6 +106,7 @@ class TimeWaitTable:
             record = records.get(key)
             if record is not None and record[0] == expires:
                 del records[key]
+                self._release_port(key[0], record)
             else:
                 self._stale -= 1
 
@@ -101,8 +116,15 @@ class TimeWaitTable:
         would leave a minute of such entries, hundreds of MB at 20,000
         connections a second, so once they outnumber the records the queue
         is rebuilt from the records, which are in expiry order."""
-        del self._records[key]
+        self._release_port(key[0], self._records.pop(key))
         self._stale += 1
         if self._stale > len(self._records) + _STALE_SLACK:
             self._expiry = collections.deque((record[0], key) for key, record in self._records.items())
             self._stale = 0
+
+    def _release_port(self, port: int, record: tuple) -> None:
+        held = self._ports[port]
+        held[0] -= 1
+        held[1] -= record[6]
+        if not held[0]:
+            del self._ports[port]

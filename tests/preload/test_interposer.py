@@ -348,6 +348,16 @@ def test_dual_stack_sockets_behave_as_on_the_kernel(run_probe):
     assert stack == kernel
 
 
+def test_a_port_in_use_or_in_time_wait_binds_as_on_the_kernel(run_probe):
+    """bind() to a port that a listener, an accepted connection or a
+    TIME_WAIT record still holds: EADDRINUSE, unless SO_REUSEADDR is set on
+    both sides and nothing listens there.  The same calls on the kernel and
+    on the stack give the same trace."""
+    kernel = run_probe.run("portrules", attached=False, extra_env={"PROBE_IP": "127.0.0.1"})
+    assert "bind_in_time_wait -1 EADDRINUSE" in kernel
+    assert run_probe.run("portrules") == kernel
+
+
 def test_integer_options_read_back_as_the_kernel_s_do(run_probe):
     """The same setsockopt and getsockopt calls on a kernel socket and on
     a stack socket: every result, errno and value read back is the same."""

@@ -11,7 +11,7 @@ from mtcpshim.stack.host import COOKIE_RESERVE_SECONDS, COOKIE_WINDOW, COOKIE_WS
 from mtcpshim.stack.isn import COOKIE_PERIOD, ISN_CLOCK_HZ, MSS_TABLE, TcpSecrets, mss_index_for
 from mtcpshim.stack.storage import RingBuffer
 from mtcpshim.stack.tcp import TcpConfig, TcpState
-from mtcpshim.stack.wire.tcp import ACK, PSH, RST, SYN, TcpSegment
+from mtcpshim.stack.wire.tcp import ACK, FIN, PSH, RST, SYN, TcpSegment
 
 HOST_IP = 0xC6120002
 PEER_IP = 0xC6120001
@@ -336,11 +336,63 @@ def test_time_wait_keeps_a_compact_record_that_acks_and_reincarnates():
     assert len(server.time_waits) == 0
 
 
+def test_a_port_comes_back_for_bind_as_linux_gives_it_back():
+    """A listener's port stays held by its connections, then by their
+    TIME_WAIT records: bind() gets EADDRINUSE unless it and they set
+    SO_REUSEADDR (the listener's, inherited), and the port is free for
+    everyone once the last record expires."""
+    peer = Peer()
+    host, listener = peer.host, peer.listener
+    host.bind(PORT)
+    listener.reuse_address = True                    # the listener set SO_REUSEADDR
+    peer.send(syn(40000))
+    (syn_ack,) = peer.recv()
+    peer.send(TcpSegment(40000, PORT, 1001, syn_ack.seq + 1, ACK, 64240))
+    conn = host.connections[(PORT, PEER_IP, 40000)]
+    for reuse_address in (False, True):              # the listener has it
+        with pytest.raises(OSError) as refused:
+            host.bind(PORT, reuse_address)
+        assert refused.value.errno == errno.EADDRINUSE
+    host.unlisten(PORT)
+    host.unbind(PORT)
+
+    with pytest.raises(OSError):
+        host.bind(PORT)                              # the connection has it
+    assert host.bind(PORT, reuse_address=True) == PORT
+    host.unbind(PORT)
+
+    conn.close(peer.now)                             # we close first: TIME_WAIT
+    host.collect(conn, peer.now)
+    peer.recv()
+    peer.send(TcpSegment(40000, PORT, 1001, syn_ack.seq + 2, ACK | FIN, 64240))
+    assert conn.state == TcpState.TIME_WAIT and not host.connections
+    with pytest.raises(OSError):
+        host.bind(PORT)                              # its record has it
+    assert host.bind(PORT, reuse_address=True) == PORT
+    host.unbind(PORT)
+    peer.now += host.config.time_wait
+    host.on_timers(peer.now)
+    assert len(host.time_waits) == 0
+    assert host.bind(PORT) == PORT                   # the record expired
+
+
+def test_a_connection_without_so_reuseaddr_holds_its_port_against_everyone():
+    peer = Peer()                                    # the listener did not set SO_REUSEADDR
+    peer.send(syn(40000))
+    (syn_ack,) = peer.recv()
+    peer.send(TcpSegment(40000, PORT, 1001, syn_ack.seq + 1, ACK, 64240))
+    peer.host.unlisten(PORT)
+    with pytest.raises(OSError) as refused:
+        peer.host.bind(PORT, reuse_address=True)
+    assert refused.value.errno == errno.EADDRINUSE
+
+
 def test_time_wait_records_expire():
     from mtcpshim.stack.timewait import TimeWaitTable
 
     class Closed:
         local_port, remote_ip, remote_port = 80, 1, 2
+        reuse_address = False
 
         def time_wait_fields(self):
             return (10, 20, 100, None, 0)
@@ -401,6 +453,7 @@ def test_reincarnated_time_wait_records_leave_no_backlog_of_expiries():
 
     class Closed:
         local_port, remote_ip = 80, 1
+        reuse_address = False
 
         def __init__(self, remote_port):
             self.remote_port = remote_port

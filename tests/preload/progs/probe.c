@@ -1011,6 +1011,51 @@ static void dualstack(void)
     close(k);
 }
 
+/* ---- port rules: run on the kernel and on the stack, traces equal --------- */
+
+/* bind() of a new socket to PROBE_IP:port, with SO_REUSEADDR or not; the
+ * socket is closed again. */
+static long try_bind(uint16_t port, int reuse)
+{
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &reuse, sizeof(reuse));
+    struct sockaddr_in at = stack_addr(port);
+    long result = bind(fd, (struct sockaddr *)&at, sizeof(at));
+    int err = errno;
+    close(fd);
+    errno = err;
+    return result;
+}
+
+static void portrules(void)
+{
+    int one = 1;
+    int l = socket(AF_INET, SOCK_STREAM, 0);
+    setsockopt(l, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+    struct sockaddr_in at = stack_addr(0);
+    step("listener_bind", bind(l, (struct sockaddr *)&at, sizeof(at)));
+    step("listen", listen(l, 4));
+    uint16_t port = local_port(l);
+    at = stack_addr(port);
+    step("bind_while_listening", try_bind(port, 0));
+    step("bind_while_listening_reuse", try_bind(port, 1));
+    int c = socket(AF_INET, SOCK_STREAM, 0);
+    step("connect", connect(c, (struct sockaddr *)&at, sizeof(at)));
+    int a = accept(l, NULL, NULL);
+    step("close_listener", close(l));
+    /* The accepted connection holds the port, with the listener's SO_REUSEADDR. */
+    step("bind_beside_connection", try_bind(port, 0));
+    step("bind_beside_connection_reuse", try_bind(port, 1));
+    /* The server closes first: its side of the connection waits in TIME_WAIT. */
+    step("close_accepted", close(a));
+    char buf[4];
+    step("client_reads_eof", read(c, buf, sizeof(buf)));
+    step("close_client", close(c));
+    sleep_ms(200);
+    step("bind_in_time_wait", try_bind(port, 0));
+    step("bind_in_time_wait_reuse", try_bind(port, 1));
+}
+
 int main(int argc, char **argv)
 {
     const struct {
@@ -1022,6 +1067,7 @@ int main(int argc, char **argv)
         {"epoll", epoll_scenario}, {"epoll_many", epoll_many_scenario}, {"pollmix", pollmix},  {"blocking", blocking}, {"passthrough", passthrough},
         {"death", death},         {"refused", refused},   {"forkdup", forkdup}, {"protect", protect},
         {"privport", privport},   {"options", options},     {"dualstack", dualstack},
+        {"portrules", portrules},
     };
     for (size_t i = 0; argc == 2 && i < sizeof(scenarios) / sizeof(scenarios[0]); i++)
         if (strcmp(argv[1], scenarios[i].name) == 0) {
