@@ -50,8 +50,8 @@ class _NotAllocated(Exception):
 class StackSocket:
     """What the stack knows of one slot."""
 
-    __slots__ = ("slot_id", "slot", "generation", "port", "conn", "handshake", "listener", "parent", "events",
-                 "app_closed",
+    __slots__ = ("slot_id", "slot", "generation", "port", "reuse_port", "conn", "handshake", "listener", "parent",
+                 "events", "app_closed",
                  "accept_head", "accept_backlog", "queued", "queued_on", "quarantined")
 
     def __init__(self, slot_id, slot):
@@ -59,6 +59,7 @@ class StackSocket:
         self.slot = slot
         self.generation = slot.generation  # the stack's own copy: a new one means the slot changed hands
         self.port = 0           # a port this socket reserved (bind, ephemeral)
+        self.reuse_port = False  # ... sharing it with others (SO_REUSEPORT at bind)
         self.conn = None
         self.handshake = None   # an accepted socket's connection key, until it meets its connection
         self.listener = None
@@ -258,10 +259,12 @@ class SocketTable:
             return lib.mts_complete(sock.slot, -errno.EADDRNOTAVAIL)
         if sock.port or sock.conn is not None:
             return lib.mts_complete(sock.slot, -errno.EINVAL)
+        reuse_port = bool(sock.slot.opt_reuseport)
         try:
-            sock.port = self.host.bind(port, bool(sock.slot.opt_reuseaddr))
+            sock.port = self.host.bind(port, bool(sock.slot.opt_reuseaddr), reuse_port)
         except OSError as err:
             return lib.mts_complete(sock.slot, -err.errno)
+        sock.reuse_port = reuse_port
         sock.slot.local_ip, sock.slot.local_port = ip, sock.port
         self._publish(sock, lib.MTS_ST_BOUND, 0)
         lib.mts_complete(sock.slot, 0)
@@ -402,7 +405,7 @@ class SocketTable:
         self._maybe_release(sock)
 
     def _stop_listening(self, sock: StackSocket, now):
-        self.host.unlisten(sock.port)
+        self.host.unlisten(sock.listener)
         sock.listener = None
         for child in [s for s in self._sockets.values() if s.parent is sock]:
             self._abort_unaccepted(child, now)
@@ -616,7 +619,7 @@ class SocketTable:
             conn.send_buf = conn.recv_buf = DETACHED
             sock.conn = sock.handshake = None  # no reference cycle: both go once the host forgets it
         if sock.port:
-            self.host.unbind(sock.port)
+            self.host.unbind(sock.port, sock.reuse_port)
         if sock.queued_on is not None:
             sock.queued_on.queued.discard(sock)
             sock.queued_on = None

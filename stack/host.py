@@ -114,10 +114,11 @@ class TcpHost:
         self.rng = rng or random.SystemRandom()
         self.secrets = TcpSecrets(self.rng.getrandbits(256).to_bytes(32, "big"))
         self.challenge_acks = ChallengeAckLimiter(self.config.challenge_ack_limit, self.rng)
+        self._spread_key = self.rng.getrandbits(64)
         self.max_connections = max_connections
         self._port_counter = 0  # RFC 6056 algorithm 3's next_ephemeral
-        self.listeners: dict[int, Listener] = {}
-        self.bound_ports: set[int] = set()
+        self.listeners: dict[int, list[Listener]] = {}   # more than one: SO_REUSEPORT
+        self.bound_ports: dict[int, list[int]] = {}      # port -> [sockets, of them with SO_REUSEPORT]
         self.connections: dict[tuple[int, int, int], TcpConnection] = {}  # (local_port, remote_ip, remote_port)
         # local port -> [connections, connections without SO_REUSEADDR]
         self._ports_in_use: dict[int, list[int]] = {}
@@ -132,19 +133,29 @@ class TcpHost:
 
     # -- ports -----------------------------------------------------------
 
-    def bind(self, port: int, reuse_address: bool = False) -> int:
+    def bind(self, port: int, reuse_address: bool = False, reuse_port: bool = False) -> int:
         """Reserves `port` (0: an ephemeral one).  Raises OSError(EADDRINUSE)
-        while a socket has bound it, or while a connection or a TIME_WAIT
-        record still uses it, unless both that one and the caller set
-        SO_REUSEADDR (Linux's inet_csk_bind_conflict): a server restarted
-        with SO_REUSEADDR gets its port back at once, one without it waits
-        out TIME_WAIT."""
+        while another socket has bound it, unless all of them and the caller
+        set SO_REUSEPORT; or while a connection or a TIME_WAIT record still
+        uses it, unless both that one and the caller set SO_REUSEADDR
+        (Linux's inet_csk_bind_conflict): a server restarted with
+        SO_REUSEADDR gets its port back at once, one without it waits out
+        TIME_WAIT."""
         if port == 0:
-            return self._ephemeral_port(lambda p: p not in self.bound_ports and not self._port_held(p, False))
-        if port in self.bound_ports or self._port_held(port, reuse_address):
+            return self._ephemeral_port(lambda p: p not in self.bound_ports and not self._port_held(p, False),
+                                        reuse_port=reuse_port)
+        bound = self.bound_ports.get(port)
+        if bound is not None and not (reuse_port and bound[1] == bound[0]):
             raise OSError(errno.EADDRINUSE, "port in use")
-        self.bound_ports.add(port)
+        if self._port_held(port, reuse_address):
+            raise OSError(errno.EADDRINUSE, "port in use")
+        self._hold(port, reuse_port)
         return port
+
+    def _hold(self, port: int, reuse_port: bool) -> None:
+        bound = self.bound_ports.setdefault(port, [0, 0])
+        bound[0] += 1
+        bound[1] += reuse_port
 
     def _port_held(self, port: int, reuse_address: bool) -> bool:
         if self.time_waits.holds_port(port, reuse_address):
@@ -152,12 +163,19 @@ class TcpHost:
         in_use = self._ports_in_use.get(port)
         return in_use is not None and (not reuse_address or in_use[1] > 0)
 
-    def unbind(self, port: int) -> None:
-        """Releases a port its socket reserved.  Connections still using it
-        (TIME_WAIT) keep their 4-tuples, which connect_ephemeral avoids."""
-        self.bound_ports.discard(port)
+    def unbind(self, port: int, reuse_port: bool = False) -> None:
+        """Releases a port a socket reserved (with `reuse_port` as it bound
+        it).  Connections still using it (TIME_WAIT) keep their 4-tuples,
+        which connect_ephemeral avoids."""
+        bound = self.bound_ports.get(port)
+        if bound is None:
+            return
+        bound[0] -= 1
+        bound[1] -= reuse_port
+        if not bound[0]:
+            del self.bound_ports[port]
 
-    def _ephemeral_port(self, usable, start=None) -> int:
+    def _ephemeral_port(self, usable, start=None, reuse_port: bool = False) -> int:
         """The first usable port from `start` on (RFC 6056 algorithm 1, a
         random start, when None: bind() knows no destination yet)."""
         span = len(EPHEMERAL_PORTS)
@@ -166,7 +184,7 @@ class TcpHost:
         for i in range(span):
             port = EPHEMERAL_PORTS[(start + i) % span]
             if usable(port):
-                self.bound_ports.add(port)
+                self._hold(port, reuse_port)
                 self._port_counter += i + 1
                 return port
         raise OSError(errno.EADDRNOTAVAIL, "no free local port")
@@ -175,12 +193,25 @@ class TcpHost:
 
     def listen(self, port: int, backlog: int, accept_buffers, has_room=lambda wanted: True,
                reuse_address: bool = False) -> Listener:
+        """A listener on a bound port.  Listeners that share a port (each
+        bound with SO_REUSEPORT) split its new connections by a hash of the
+        peer's address and port, as Linux's reuseport groups do."""
         listener = Listener(port, max(1, backlog), accept_buffers, has_room, reuse_address)
-        self.listeners[port] = listener
+        self.listeners.setdefault(port, []).append(listener)
         return listener
 
-    def unlisten(self, port: int) -> None:
-        self.listeners.pop(port, None)
+    def _spread(self, src_ip: int, src_port: int) -> int:
+        """Which listener of a shared port a peer's segments go to: the same
+        for all of them (the ACK that returns a cookie included), by a hash
+        keyed with a secret of this host."""
+        return hash((self._spread_key, src_ip, src_port)) & 0xFFFFFFFF
+
+    def unlisten(self, listener: Listener) -> None:
+        group = self.listeners.get(listener.port, [])
+        if listener in group:
+            group.remove(listener)
+            if not group:
+                del self.listeners[listener.port]
 
     def connect(self, local_port, remote_ip, remote_port, send_buf, recv_buf, owner, now,
                 reuse_address: bool = False) -> TcpConnection:
@@ -247,8 +278,9 @@ class TcpHost:
                 if reply is not None:
                     self._output.append((src_ip, reply.header(), b"", 0))
                 return
-        listener = self.listeners.get(seg.dst_port)
-        if listener is not None:
+        group = self.listeners.get(seg.dst_port)
+        if group is not None:
+            listener = group[0] if len(group) == 1 else group[self._spread(src_ip, seg.src_port) % len(group)]
             flags = seg.flags & (SYN | ACK | RST)
             if flags == SYN:
                 self._passive_open(listener, src_ip, seg, now)

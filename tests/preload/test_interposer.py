@@ -358,6 +358,15 @@ def test_a_port_in_use_or_in_time_wait_binds_as_on_the_kernel(run_probe):
     assert run_probe.run("portrules") == kernel
 
 
+def test_so_reuseport_listeners_share_a_port_as_on_the_kernel(run_probe):
+    """Two listeners bound with SO_REUSEPORT split one port's connections;
+    when one closes, the other takes them all; without the option on every
+    side the bind fails.  The kernel's trace and the stack's are equal."""
+    kernel = run_probe.run("reuseport", attached=False, extra_env={"PROBE_IP": "127.0.0.1"})
+    assert "both_listeners_got_some 1" in kernel
+    assert run_probe.run("reuseport") == kernel
+
+
 def test_integer_options_read_back_as_the_kernel_s_do(run_probe):
     """The same setsockopt and getsockopt calls on a kernel socket and on
     a stack socket: every result, errno and value read back is the same."""

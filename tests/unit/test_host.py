@@ -353,7 +353,7 @@ def test_a_port_comes_back_for_bind_as_linux_gives_it_back():
         with pytest.raises(OSError) as refused:
             host.bind(PORT, reuse_address)
         assert refused.value.errno == errno.EADDRINUSE
-    host.unlisten(PORT)
+    host.unlisten(listener)
     host.unbind(PORT)
 
     with pytest.raises(OSError):
@@ -381,10 +381,35 @@ def test_a_connection_without_so_reuseaddr_holds_its_port_against_everyone():
     peer.send(syn(40000))
     (syn_ack,) = peer.recv()
     peer.send(TcpSegment(40000, PORT, 1001, syn_ack.seq + 1, ACK, 64240))
-    peer.host.unlisten(PORT)
+    peer.host.unlisten(peer.listener)
     with pytest.raises(OSError) as refused:
         peer.host.bind(PORT, reuse_address=True)
     assert refused.value.errno == errno.EADDRINUSE
+
+
+def test_so_reuseport_listeners_split_a_port_by_the_peer_s_address():
+    host = TcpHost(HOST_IP, rng=random.Random(1))
+    taken = {"a": [], "b": []}
+
+    def listen(name):
+        return host.listen(PORT, 64, lambda ip, port: (taken[name].append(port) or
+                                                       (RingBuffer(4096), RingBuffer(4096), name)))
+
+    assert host.bind(PORT, reuse_port=True) == PORT
+    with pytest.raises(OSError):
+        host.bind(PORT)                              # without it: not in the group
+    assert host.bind(PORT, reuse_port=True) == PORT
+    first, _ = listen("a"), listen("b")
+    for port in range(40000, 40064):
+        host.receive(PEER_IP, HOST_IP, syn(port).emit(PEER_IP, HOST_IP), 0.0)
+        host.receive(PEER_IP, HOST_IP, syn(port).emit(PEER_IP, HOST_IP), 0.0)   # a retransmission
+    assert sorted(taken["a"] + taken["b"]) == list(range(40000, 40064))      # each SYN to one of them
+    assert 16 < len(taken["a"]) < 48
+    host.unlisten(first)
+    host.unbind(PORT, reuse_port=True)
+    for port in range(41000, 41016):
+        host.receive(PEER_IP, HOST_IP, syn(port).emit(PEER_IP, HOST_IP), 0.0)
+    assert taken["b"][-16:] == list(range(41000, 41016))
 
 
 def test_time_wait_records_expire():

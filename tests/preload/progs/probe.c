@@ -1056,6 +1056,75 @@ static void portrules(void)
     step("bind_in_time_wait_reuse", try_bind(port, 1));
 }
 
+/* A listener on PROBE_IP:port with SO_REUSEPORT (or not); -1 if it cannot. */
+static int reuseport_listener(uint16_t port, int reuse_port)
+{
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
+    setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &reuse_port, sizeof(reuse_port));
+    struct sockaddr_in at = stack_addr(port);
+    if (bind(fd, (struct sockaddr *)&at, sizeof(at)) < 0 || listen(fd, 64) < 0) {
+        int err = errno;
+        close(fd);
+        errno = err;
+        return -1;
+    }
+    return fd;
+}
+
+/* Connections accepted on `fd` until none waits (each closed again). */
+static int accept_all(int fd)
+{
+    int n = 0, a;
+    while ((a = accept(fd, NULL, NULL)) >= 0) {
+        close(a);
+        n++;
+    }
+    return n;
+}
+
+static void reuseport(void)
+{
+    enum { CLIENTS = 24 };
+    int first = reuseport_listener(0, 1);
+    step("first", first < 0 ? first : 0);
+    uint16_t port = local_port(first);
+    step("without_reuseport", reuseport_listener(port, 0));
+    int second = reuseport_listener(port, 1);
+    step("second", second < 0 ? second : 0);
+    int clients[CLIENTS];
+    struct sockaddr_in to = stack_addr(port);
+    int connected = 0;
+    for (int i = 0; i < CLIENTS; i++) {
+        clients[i] = socket(AF_INET, SOCK_STREAM, 0);
+        connected += connect(clients[i], (struct sockaddr *)&to, sizeof(to)) == 0;
+    }
+    out("connected %d", connected);
+    sleep_ms(100);
+    int on_first = accept_all(first), on_second = accept_all(second);
+    out("accepted %d", on_first + on_second);
+    out("both_listeners_got_some %d", on_first > 0 && on_second > 0);
+    for (int i = 0; i < CLIENTS; i++)
+        close(clients[i]);
+    /* With one of them gone, the other takes every new connection. */
+    close(first);
+    int c = socket(AF_INET, SOCK_STREAM, 0);
+    int ok = 0;
+    for (int i = 0; i < 8; i++) {
+        ok += connect(c, (struct sockaddr *)&to, sizeof(to)) == 0;
+        close(c);
+        c = socket(AF_INET, SOCK_STREAM, 0);
+    }
+    close(c);
+    out("after_close_connected %d", ok);
+    sleep_ms(100);
+    out("after_close_accepted %d", accept_all(second));
+    close(second);
+    /* A port bound without SO_REUSEPORT is nobody else's. */
+    int alone = reuseport_listener(0, 0);
+    step("join_without_reuseport_holder", reuseport_listener(local_port(alone), 1));
+    close(alone);
+}
+
 int main(int argc, char **argv)
 {
     const struct {
@@ -1067,7 +1136,7 @@ int main(int argc, char **argv)
         {"epoll", epoll_scenario}, {"epoll_many", epoll_many_scenario}, {"pollmix", pollmix},  {"blocking", blocking}, {"passthrough", passthrough},
         {"death", death},         {"refused", refused},   {"forkdup", forkdup}, {"protect", protect},
         {"privport", privport},   {"options", options},     {"dualstack", dualstack},
-        {"portrules", portrules},
+        {"portrules", portrules}, {"reuseport", reuseport},
     };
     for (size_t i = 0; argc == 2 && i < sizeof(scenarios) / sizeof(scenarios[0]); i++)
         if (strcmp(argv[1], scenarios[i].name) == 0) {
