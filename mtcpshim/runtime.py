@@ -4,7 +4,7 @@ and readiness out.
 One iteration (`step`): waiter registrations (waiters.py) -> the program's
 commands (sockets.py) -> a batch of received frames into the node
 (stack/node.py) -> timers -> housekeeping every 0.1 s (statistics, the
-launcher's pipe, lost commands) -> resets of sockets found corrupt -> one
+launcher's pipe, lost commands, processes that ended) -> resets of sockets found corrupt -> one
 flush of transmitted frames -> readiness published once per touched socket
 (mTCP's flow-level event aggregation) -> armed waiters woken once.  When
 nothing is left to do the thread announces it is sleeping, re-checks the
@@ -28,6 +28,7 @@ import time
 
 from mtcpshim import stat
 from mtcpshim._shm import lib
+from mtcpshim.processes import Processes
 from mtcpshim.sockets import SocketTable
 from mtcpshim.stacklog import log
 from mtcpshim.waiters import Waiters
@@ -55,7 +56,8 @@ class Runtime:
         self.spin_seconds = spin_seconds
         self.wake_fd = wake_fd
         self.shm_counters = collections.Counter()  # what the program wrote that was refused
-        self.waiters = Waiters(self.geom, ctl_fd, self.shm_counters)
+        self.processes = Processes(self.geom)
+        self.waiters = Waiters(self.geom, ctl_fd, self.shm_counters, self.processes)
         self.sockets = SocketTable(self.geom, node, self.waiters, self.shm_counters, region.release_rings,
                                    gathers=packet_io.gathers_payload and pcap is None)
         self.stopping = False
@@ -125,9 +127,19 @@ class Runtime:
         if self._device_down:
             self._device_trouble()     # gone by now, or still only down
         self.waiters.look()            # a registration sent without being counted
+        self._bury_ended_processes(now)
         self.sockets.recover_lost_tx(now)
         if not self._truncation_reported:
             self._report_truncation()
+
+    def _bury_ended_processes(self, now: float) -> None:
+        """What a killed process held is closed, as the kernel closes it at
+        exit; its waiters go too."""
+        ended, closed = self.processes.reap()
+        for pid in ended:
+            self.waiters.free_owned_by(pid)
+        for slot_id in closed:
+            self.sockets.close_abandoned(slot_id, now)
 
     def _report_truncation(self) -> None:
         """Frames too large for the packet I/O's slots are lost: say so once
@@ -147,6 +159,7 @@ class Runtime:
         """Lets go of the descriptors the runtime made or was handed: the
         signal pipe, the control socket and the waiters' eventfds."""
         self.waiters.close()
+        self.processes.close()
         os.close(self._signal_r)
         os.close(self._signal_w)
 
@@ -251,6 +264,7 @@ class Runtime:
             "slots_in_use": len(self.sockets),
             "sockets": self.sockets.census(),
             "waiters": len(self.waiters),
+            "processes": {"sockets": self.processes.holdings(), "ended": self.processes.ended},
         }
 
     def _congestion(self) -> dict:

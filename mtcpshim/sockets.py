@@ -404,6 +404,13 @@ class SocketTable:
             self.host.collect(conn, now)
         self._maybe_release(sock)
 
+    def close_abandoned(self, slot_id: int, now: float) -> None:
+        """The last holder of `slot_id` ended without closing it: the close
+        it never sent (an abort under SO_LINGER with a zero timeout)."""
+        slot = lib.mts_slot_at(self.geom, slot_id)
+        if self._for_current_holder(slot_id, slot.generation, now):
+            self._close(slot_id, int(bool(slot.opt_linger_on) and not slot.opt_linger_sec), now)
+
     def _stop_listening(self, sock: StackSocket, now):
         self.host.unlisten(sock.listener)
         sock.listener = None

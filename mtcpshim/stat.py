@@ -43,6 +43,11 @@ def render(snapshot: dict, as_json: bool = False) -> str:
         return json.dumps(snapshot, indent=2, sort_keys=True)
     lines = [f"stack pid {snapshot['pid']} ({snapshot.get('python', 'CPython')}): "
              f"{snapshot['slots_in_use']} sockets, {snapshot['waiters']} waiters"]
+    processes = snapshot.get("processes")
+    if processes is not None:
+        lines.append(f"program processes ({processes['ended']} ended since the stack started):")
+        for pid, slots in processes["sockets"].items():
+            lines.append(f"    pid {pid}: {len(slots)} sockets" + (f" (slots {_ranges(slots)})" if slots else ""))
     for key, title in SECTIONS:
         lines.append(f"{title}:")
         counters = snapshot.get(key) or {}
@@ -51,6 +56,17 @@ def render(snapshot: dict, as_json: bool = False) -> str:
         for name, value in sorted(counters.items()):
             lines.append(f"    {value:>12}  {name.replace('_', ' ')}")
     return "\n".join(lines)
+
+
+def _ranges(numbers: list[int]) -> str:
+    """1 2 3 7 -> "1-3 7"."""
+    spans = []
+    for n in numbers:
+        if spans and spans[-1][1] == n - 1:
+            spans[-1][1] = n
+        else:
+            spans.append([n, n])
+    return " ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
 
 
 def serve(listener: socket.socket, snapshot) -> None:

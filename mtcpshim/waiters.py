@@ -12,12 +12,13 @@ anyway when poll() finds the socket readable or at housekeeping.
 
 The same socket carries the files a program sends from with sendfile
 (MTS_CTL_SEND_FILE): each is held here until the MTS_OP_FILE command that
-names it takes it (`take_file`).
+names it takes it (`take_file`); and each process's registration
+(MTS_CTL_REGISTER_PROCESS), which goes to `processes` (mtcpshim/processes.py).
 
 The control socket is a trust boundary like the region: a message that is
 not a registration for a waiter the geometry has, or a file for a slot it
-has, is refused and counted (`ctl_bad`), and so is a file no command came
-for while _FILES_HELD others arrived."""
+has, or a process's fd table and pidfd, is refused and counted (`ctl_bad`),
+and so is a file no command came for while _FILES_HELD others arrived."""
 from __future__ import annotations
 
 import os
@@ -32,8 +33,9 @@ _FILES_HELD = 64
 
 
 class Waiters:
-    def __init__(self, geom, ctl_fd: int, shm_counters):
+    def __init__(self, geom, ctl_fd: int, shm_counters, processes):
         self.geom = geom
+        self.processes = processes
         self.ctl = socket.socket(fileno=ctl_fd)
         self.ctl.setblocking(False)
         self._fds: dict[int, int] = {}  # waiter id -> its eventfd
@@ -71,6 +73,9 @@ class Waiters:
             if msg is not None and len(fds) == 1 and msg.op == lib.MTS_CTL_SEND_FILE and msg.id < self.geom.nslots:
                 self._hold_file((msg.id, msg.arg), fds[0])
                 continue
+            if (msg is not None and len(fds) == 2 and msg.op == lib.MTS_CTL_REGISTER_PROCESS
+                    and self.processes.register(fds[0], fds[1], msg.arg)):
+                continue
             waiter = lib.mts_waiter_at(self.geom, msg.id) if msg is not None else ffi.NULL
             if msg is None or msg.op != lib.MTS_CTL_REGISTER_WAITER or len(fds) != 1 or waiter == ffi.NULL:
                 self._shm_counters["ctl_bad"] += 1
@@ -99,6 +104,12 @@ class Waiters:
         self._look = True       # it was sent before the command: read what is there
         self.receive()
         return self._files.pop((slot_id, number), None)
+
+    def free_owned_by(self, pid: int) -> None:
+        """A process ended: the waiters its threads claimed go (each says
+        whose it is; a wrong owner only costs that waiter)."""
+        for waiter_id in [w for w in self._fds if lib.mts_waiter_at(self.geom, w).owner_pid == pid]:
+            self.free(waiter_id)
 
     def free(self, waiter_id: int) -> None:
         """MTS_OP_WAITER_FREE: the thread is gone; its eventfd goes too."""

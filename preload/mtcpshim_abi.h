@@ -135,6 +135,21 @@ struct mts_waiter {
  * carrying one descriptor with SCM_RIGHTS. */
 #define MTS_CTL_REGISTER_WAITER 1 /* id: the waiter; the fd: its eventfd */
 #define MTS_CTL_SEND_FILE 2       /* id: a slot, arg: a file number (MTS_OP_FILE); the fd: the file */
+/* A process of the program (each image: at attach, in a fork child, after
+ * exec).  arg: the words of its fd table; two fds: the table (a memfd) and a
+ * pidfd of the process.  When the pidfd says the process ended, the stack
+ * drops the references its table still names, as the kernel closes a dead
+ * process's descriptors (a normal exit has let go of them already). */
+#define MTS_CTL_REGISTER_PROCESS 3
+
+/* The interposer's fd table: one 64-bit word per descriptor number, the kind
+ * in bits 24-31 and a 24-bit payload below; for a stack socket
+ * (MTS_FD_STACK) the payload is the slot id and bits 32-63 the slot's
+ * generation when the descriptor was made. */
+#define MTS_FD_KIND_SHIFT 24
+#define MTS_FD_PAYLOAD_MASK 0xFFFFFF
+#define MTS_FD_STACK 2
+#define MTS_FD_TABLE_MAX 1048576 /* words: descriptor numbers the table covers at most */
 
 struct mts_ctl_msg {
     uint32_t op;

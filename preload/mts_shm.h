@@ -91,6 +91,8 @@ uint32_t mts_ctl_posted(const struct mts_geom *g);
 uint32_t mts_slot_poll(const struct mts_geom *g, uint32_t id);
 void mts_futex_wake(uint32_t *word);
 int mts_futex_wait(uint32_t *word, uint32_t expected, int timeout_ms);
+uint32_t mts_release_fd_table(const struct mts_geom *g, const uint64_t *table, uint64_t words,
+                              uint32_t *closed, uint32_t max);
 #endif /* cdef-end */
 
 #define MTS_LOAD(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
@@ -697,6 +699,36 @@ static inline int mts_stack_try_sleep(const struct mts_geom *g, uint64_t pos)
         return 1;
     __atomic_store_n(&h->stack_sleeping, 0u, __ATOMIC_RELAXED);
     return 0;
+}
+
+/* The stack, for a process that ended without closing its descriptors
+ * (killed, _exit): drops one reference for each word of its fd table
+ * (MTS_CTL_REGISTER_PROCESS) that names a stack socket whose slot still has
+ * that generation, and writes to `closed` (at most `max`) the slots whose
+ * last reference that was.  Returns how many it wrote.  The table is the
+ * program's to write, so any word may hold anything. */
+static inline uint32_t mts_release_fd_table(const struct mts_geom *g, const uint64_t *table, uint64_t words,
+                                            uint32_t *closed, uint32_t max)
+{
+    uint32_t n = 0;
+    for (uint64_t i = 0; i < words; i++) {
+        uint64_t word = table[i];
+        if ((word >> MTS_FD_KIND_SHIFT & 0xFF) != MTS_FD_STACK)
+            continue;
+        uint32_t id = (uint32_t)word & MTS_FD_PAYLOAD_MASK;
+        if (id >= g->nslots)
+            continue;
+        struct mts_slot *s = mts_slot_at(g, id);
+        if (MTS_LOAD(&s->generation) != (uint32_t)(word >> 32))
+            continue;
+        uint32_t refs = MTS_LOAD(&s->refcnt);
+        while (refs && !__atomic_compare_exchange_n(&s->refcnt, &refs, refs - 1, 0, __ATOMIC_ACQ_REL,
+                                                    __ATOMIC_ACQUIRE))
+            ;
+        if (refs == 1 && n < max)
+            closed[n++] = id;
+    }
+    return n;
 }
 
 static inline void mts_stack_awake(const struct mts_geom *g)

@@ -121,7 +121,7 @@ void shim_log(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 enum shim_fd_kind {
     SHIM_FD_KERNEL = 0,    /* not ours: pass through */
     SHIM_FD_CANDIDATE = 1, /* TCP socket still in the kernel, undecided; payload: SHIM_CANDIDATE_* */
-    SHIM_FD_STACK = 2,     /* placeholder of a stack socket; payload = slot id */
+    SHIM_FD_STACK = MTS_FD_STACK, /* placeholder of a stack socket; payload = slot id */
     SHIM_FD_EPOLL = 3,     /* epoll instance (shim_epoll.c keeps its state by fd) */
     SHIM_FD_INTERNAL = 4,  /* the interposer's own descriptor: close() pretends success */
 };
@@ -134,11 +134,12 @@ enum shim_fd_kind {
  * `::` or IPv4-mapped (see shim_socket.c). */
 #define SHIM_CANDIDATE_INET6 2u
 
-/* One 64-bit word per fd, so a lookup is a single atomic load: the kind in
- * bits 24-31, a payload of 24 bits below it (slot ids stay below
- * MTS_MAX_SLOTS), and for a stack socket its slot's generation in the high
- * half: a descriptor whose slot was handed to another socket since (the
- * program marked it free under us) must not act on that socket. */
+/* One 64-bit word per fd, so a lookup is a single atomic load, laid out as
+ * mtcpshim_abi.h says (MTS_FD_*; slot ids stay below MTS_MAX_SLOTS): a
+ * stack socket's word keeps its slot's generation, so a descriptor whose
+ * slot was handed to another socket since (the program marked it free under
+ * us) must not act on that socket.  The table lives in a memfd the stack
+ * holds too (MTS_CTL_REGISTER_PROCESS), each process its own. */
 extern uint64_t *shim_fd_table;
 extern uint32_t shim_fd_capacity;
 
@@ -148,8 +149,11 @@ static inline uint64_t shim_fd_word(int fd)
         return 0;
     return __atomic_load_n(&shim_fd_table[fd], __ATOMIC_ACQUIRE);
 }
-static inline enum shim_fd_kind shim_fd_kind_of(uint64_t word) { return (enum shim_fd_kind)(word >> 24 & 0xFF); }
-static inline uint32_t shim_fd_payload(uint64_t word) { return (uint32_t)word & 0xFFFFFF; }
+static inline enum shim_fd_kind shim_fd_kind_of(uint64_t word)
+{
+    return (enum shim_fd_kind)(word >> MTS_FD_KIND_SHIFT & 0xFF);
+}
+static inline uint32_t shim_fd_payload(uint64_t word) { return (uint32_t)word & MTS_FD_PAYLOAD_MASK; }
 static inline uint32_t shim_fd_generation(uint64_t word) { return (uint32_t)(word >> 32); }
 _Static_assert(MTS_MAX_SLOTS <= 1 << 24, "slot ids fit an fd word's payload");
 
@@ -197,6 +201,7 @@ int shim_cmd_sync(uint32_t op, uint32_t slot, uint64_t arg);
 /* Sends one descriptor to the stack over CTL_FD (a struct mts_ctl_msg with
  * SCM_RIGHTS) and counts it in the header.  0, or -1 with errno. */
 int shim_ctl_send_fd(uint32_t op, uint32_t id, uint64_t arg, int fd);
+int shim_ctl_send_fds(uint32_t op, uint32_t id, uint64_t arg, const int *fds, unsigned count);
 
 /* The application drops one reference; the last one closes the socket. */
 void shim_slot_unref(uint32_t slot, uint32_t generation);

@@ -121,22 +121,26 @@ static int await_completion(struct mts_slot *s, uint32_t generation)
     return s->op_result;
 }
 
-int shim_ctl_send_fd(uint32_t op, uint32_t id, uint64_t arg, int fd)
+int shim_ctl_send_fds(uint32_t op, uint32_t id, uint64_t arg, const int *fds, unsigned count)
 {
     struct mts_ctl_msg msg = {.op = op, .id = id, .arg = arg};
     struct iovec iov = {.iov_base = &msg, .iov_len = sizeof(msg)};
     union {
         struct cmsghdr align;
-        char buf[CMSG_SPACE(sizeof(int))];
+        char buf[CMSG_SPACE(2 * sizeof(int))];
     } control;
+    if (count < 1 || count > 2) {
+        errno = EINVAL;
+        return -1;
+    }
     memset(&control, 0, sizeof(control));
     struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.buf,
-                        .msg_controllen = sizeof(control.buf)};
+                        .msg_controllen = CMSG_SPACE(count * sizeof(int))};
     struct cmsghdr *cm = CMSG_FIRSTHDR(&mh);
     cm->cmsg_level = SOL_SOCKET;
     cm->cmsg_type = SCM_RIGHTS;
-    cm->cmsg_len = CMSG_LEN(sizeof(int));
-    memcpy(CMSG_DATA(cm), &fd, sizeof(int));
+    cm->cmsg_len = CMSG_LEN(count * sizeof(int));
+    memcpy(CMSG_DATA(cm), fds, count * sizeof(int));
     ssize_t sent;
     do
         sent = shim_real.sendmsg(shim.ctl_fd, &mh, MSG_NOSIGNAL);
@@ -146,6 +150,8 @@ int shim_ctl_send_fd(uint32_t op, uint32_t id, uint64_t arg, int fd)
     mts_ctl_post(&shim.geom);
     return 0;
 }
+
+int shim_ctl_send_fd(uint32_t op, uint32_t id, uint64_t arg, int fd) { return shim_ctl_send_fds(op, id, arg, &fd, 1); }
 
 int shim_cmd_sync(uint32_t op, uint32_t slot, uint64_t arg)
 {

@@ -14,10 +14,9 @@
 #include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 
 #define DEFAULT_SPIN_US 20
-/* Largest fd table we map (8 MiB of address space, touched lazily). */
-#define FD_TABLE_MAX (1u << 20)
 
 struct shim_state shim = {.shm_fd = -1, .ctl_fd = -1, .wake_fd = -1, .death_fd = -1};
 int shim_init_done;
@@ -62,12 +61,12 @@ static void fd_store(int fd, uint64_t word)
 
 void shim_fd_set(int fd, enum shim_fd_kind kind, uint32_t payload)
 {
-    fd_store(fd, (uint64_t)kind << 24 | (payload & 0xFFFFFF));
+    fd_store(fd, (uint64_t)kind << MTS_FD_KIND_SHIFT | (payload & MTS_FD_PAYLOAD_MASK));
 }
 
 void shim_fd_set_stack(int fd, uint32_t slot, uint32_t generation)
 {
-    fd_store(fd, (uint64_t)generation << 32 | (uint64_t)SHIM_FD_STACK << 24 | slot);
+    fd_store(fd, (uint64_t)generation << 32 | (uint64_t)SHIM_FD_STACK << MTS_FD_KIND_SHIFT | slot);
 }
 
 int shim_fd_current(uint64_t word)
@@ -181,21 +180,71 @@ static int parse_inherited_fds(const char *value, int fds[4])
     return 0;
 }
 
-static void setup_fd_table(void)
+/* A memfd holding a copy of the first `words` words of the fd table (all of
+ * them when `words` is the capacity), sized for the whole table; -1 when
+ * the kernel gives no memfd. */
+static int fd_table_memfd(uint32_t words)
+{
+    int fd = memfd_create("mtcpshim-fd-table", MFD_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    size_t size = (size_t)shim_fd_capacity * sizeof(uint64_t);
+    if (ftruncate(fd, (off_t)size) < 0 ||
+        (words && pwrite(fd, shim_fd_table, (size_t)words * sizeof(uint64_t), 0) < 0)) {
+        shim_real.close(fd);
+        return -1;
+    }
+    return fd;
+}
+
+/* Whether the table is a shared mapping (of a memfd), which a fork child
+ * must replace with its own. */
+static int fd_table_shared;
+
+/* The table lives in a memfd the stack is handed (register_process), so
+ * that it can let go of what a process held when it dies; private memory
+ * serves where no memfd can be had. */
+static int setup_fd_table(void)
 {
     struct rlimit lim;
     rlim_t hard = getrlimit(RLIMIT_NOFILE, &lim) == 0 ? lim.rlim_max : 1024;
-    uint32_t capacity = hard == RLIM_INFINITY || hard > FD_TABLE_MAX ? FD_TABLE_MAX : (uint32_t)hard;
-    void *table = mmap(NULL, (size_t)capacity * sizeof(uint64_t), PROT_READ | PROT_WRITE,
-                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    if (table == MAP_FAILED)
-        return;
-    shim_fd_table = table;
+    uint32_t capacity = hard == RLIM_INFINITY || hard > MTS_FD_TABLE_MAX ? MTS_FD_TABLE_MAX : (uint32_t)hard;
+    size_t size = (size_t)capacity * sizeof(uint64_t);
     shim_fd_capacity = capacity;
+    int memfd = fd_table_memfd(0);
+    void *table = memfd >= 0 ? mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, memfd, 0)
+                             : mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+                                    -1, 0);
+    if (table == MAP_FAILED) {
+        if (memfd >= 0)
+            shim_real.close(memfd);
+        shim_fd_capacity = 0;
+        return -1;
+    }
+    shim_fd_table = table;
+    fd_table_shared = memfd >= 0;
     rlim_t soft = getrlimit(RLIMIT_NOFILE, &lim) == 0 ? lim.rlim_cur : 1024;
     if (soft == RLIM_INFINITY || soft > capacity)
         soft = capacity;
     shim.internal_fd_base = soft * 3 / 4 < 1000 ? (int)(soft * 3 / 4) : 1000;
+    return memfd;
+}
+
+/* Hands process `pid`'s fd table and a pidfd of it to the stack, then lets
+ * go of the memfd (a mapping of it stays).  Without a memfd or a pidfd
+ * (kernels before 5.3) the stack learns nothing: a killed process then
+ * keeps its references until the stack stops. */
+static void register_process(int memfd, pid_t pid)
+{
+    if (memfd < 0)
+        return;
+    int pidfd = (int)syscall(SYS_pidfd_open, pid, 0);
+    int fds[2] = {memfd, pidfd};
+    if (pidfd < 0 || shim_ctl_send_fds(MTS_CTL_REGISTER_PROCESS, (uint32_t)pid, shim_fd_capacity, fds, 2) < 0)
+        SHIM_DEBUG("process %d not registered with the stack: %s", (int)pid, strerror(errno));
+    if (pidfd >= 0)
+        shim_real.close(pidfd);
+    shim_real.close(memfd);
 }
 
 /* Spinning waits for the stack's answer, so it pays only while the stack can
@@ -237,9 +286,11 @@ static void attach(void)
             munmap(base, (size_t)st.st_size);
         return;
     }
-    setup_fd_table();
+    int table_memfd = setup_fd_table();
     if (!shim_fd_table || shim_waiters_init() < 0) {
         SHIM_DEBUG("out of memory at attach: every call goes to the kernel");
+        if (table_memfd >= 0)
+            shim_real.close(table_memfd);
         munmap(base, (size_t)st.st_size);
         return;
     }
@@ -251,6 +302,7 @@ static void attach(void)
     shim.death_fd = shim_internal_fd(fds[3], 0);
     publish_inherited_fds();
     shim.active = 1;
+    register_process(table_memfd, getpid());
     SHIM_DEBUG("attached: stack %u.%u.%u.%u/%u, %u slots, fds %d,%d,%d,%d, spin %lld us",
                shim.hdr->ip >> 24, shim.hdr->ip >> 16 & 255, shim.hdr->ip >> 8 & 255, shim.hdr->ip & 255,
                shim.hdr->prefix_len, shim.geom.nslots, shim.shm_fd, shim.ctl_fd, shim.wake_fd,
@@ -304,23 +356,59 @@ static void fork_adjust_references(int delta)
     }
 }
 
+/* A fork child's own table: the memfd copy its parent made and registered
+ * (`memfd`), else a private copy of the mapping it shares with its parent;
+ * then the registered copy is emptied, as nothing would keep it true. */
+static void own_table_in_child(int memfd)
+{
+    size_t size = (size_t)shim_fd_capacity * sizeof(uint64_t);
+    if (memfd >= 0 &&
+        mmap(shim_fd_table, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED | MAP_NORESERVE, memfd, 0) != MAP_FAILED) {
+        shim_real.close(memfd);
+        return;
+    }
+    if (memfd >= 0) {
+        if (ftruncate(memfd, 0) < 0)
+            SHIM_DEBUG("fd table copy not emptied: %s", strerror(errno));
+        shim_real.close(memfd);
+    }
+    void *copy = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (copy != MAP_FAILED) {
+        memcpy(copy, shim_fd_table, (size_t)(shim_fd_highest() + 1) * sizeof(uint64_t));
+        if (mremap(copy, size, size, MREMAP_MAYMOVE | MREMAP_FIXED, shim_fd_table) != MAP_FAILED)
+            return;
+    }
+    shim_log("fork: process %d shares its parent's fd table: %s", (int)getpid(), strerror(errno));
+}
+
 pid_t fork(void)
 {
     shim_ensure_init();
     if (!shim.active || shim_busy)
         return shim_real.fork();
     /* Every stack fd gains a holder in the child, as the kernel's open file
-     * descriptions do; counted before the child can close any. */
+     * descriptions do; counted before the child can close any.  The child's
+     * fd table is a copy of ours made now, in a memfd of its own that we
+     * register for it before fork returns here: a child killed at once
+     * still lets go of what it held. */
     shim_fd_lock();
     fork_adjust_references(+1);
+    int child_table = fd_table_shared ? fd_table_memfd((uint32_t)(shim_fd_highest() + 1)) : -1;
     pid_t pid = shim_real.fork();
     if (pid == 0) {
+        if (fd_table_shared)
+            own_table_in_child(child_table);
         shim_waiter_forget_in_child();
         shim_epoll_after_fork_child();
         SHIM_DEBUG("forked from %d", (int)getppid());
-    } else if (pid < 0) {
+    } else {
         int err = errno;
-        fork_adjust_references(-1);
+        if (pid > 0)
+            register_process(child_table, pid);
+        else if (child_table >= 0)
+            shim_real.close(child_table);
+        if (pid < 0)
+            fork_adjust_references(-1);
         errno = err;
     }
     shim_fd_unlock();

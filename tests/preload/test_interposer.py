@@ -367,6 +367,15 @@ def test_so_reuseport_listeners_share_a_port_as_on_the_kernel(run_probe):
     assert run_probe.run("reuseport") == kernel
 
 
+def test_a_killed_process_lets_go_of_its_sockets_as_on_the_kernel(run_probe):
+    """A fork child holds a listener and a connection alone, and is killed
+    (no exit handler runs): the connection closes with a FIN and the
+    listener refuses, as when the kernel closes a dead process's files."""
+    kernel = run_probe.run("killed", attached=False, extra_env={"PROBE_IP": "127.0.0.1"})
+    assert "connect_to_the_gone_listener -1 ECONNREFUSED" in kernel
+    assert run_probe.run("killed") == kernel
+
+
 def test_integer_options_read_back_as_the_kernel_s_do(run_probe):
     """The same setsockopt and getsockopt calls on a kernel socket and on
     a stack socket: every result, errno and value read back is the same."""

@@ -97,6 +97,64 @@ def test_a_waiter_id_past_the_real_waiters_is_refused_whatever_nwaiters_says(wor
     still_serves(world)
 
 
+def register_process(world, table_fd, pidfd, words=1024):
+    msg = ffi.new("struct mts_ctl_msg *", {"op": lib.MTS_CTL_REGISTER_PROCESS, "id": os.getpid(), "arg": words})
+    socket.send_fds(world.ctl_app, [ffi.buffer(msg)[:]], [table_fd, pidfd])
+    lib.mts_ctl_post(world.g)
+    world.settle()
+
+
+def test_a_process_registration_must_be_a_memfd_and_a_pidfd(world):
+    """Anything else is refused and counted: a pipe as the table (its reads
+    could block the stack), an eventfd as the pidfd, a table past the
+    largest one, all handed back closed."""
+    pidfd = os.pidfd_open(os.getpid())
+    memfd = os.memfd_create("table")
+    read_end, write_end = os.pipe()
+    efd = os.eventfd(0)
+    register_process(world, read_end, pidfd)
+    register_process(world, memfd, efd)
+    register_process(world, memfd, pidfd, words=lib.MTS_FD_TABLE_MAX + 1)
+    assert counted(world, "ctl_bad") == 3
+    assert len(world.runtime.processes) == 0
+    register_process(world, memfd, pidfd)
+    assert world.runtime.processes.holdings() == {os.getpid(): []}
+    for fd in (pidfd, memfd, read_end, write_end, efd):
+        os.close(fd)
+    still_serves(world)
+
+
+def test_a_dead_process_s_table_full_of_lies_takes_no_reference_it_did_not_name(world):
+    """The table says what it likes: words naming slots past the region,
+    slots with another generation, kinds that are no stack socket.  Only
+    the one true word (this socket, its generation) lets go of a
+    reference."""
+    slot = world.new_socket()
+    generation = lib.mts_slot_at(world.g, slot).generation
+    lib.mts_slot_at(world.g, slot).refcnt = 2                     # this process and the one that dies
+    stack_word = lambda slot_id, gen: gen << 32 | lib.MTS_FD_STACK << lib.MTS_FD_KIND_SHIFT | slot_id  # noqa: E731
+    words = [stack_word(slot, generation), stack_word(slot, generation + 1), stack_word(0xFFFFFF, generation),
+             stack_word(world.g.nslots, 0), 1 << lib.MTS_FD_KIND_SHIFT | slot, U32_MAX << 32 | U32_MAX]
+    memfd = os.memfd_create("table")
+    os.write(memfd, b"".join(w.to_bytes(8, "little") for w in words))
+    ours = os.pidfd_open(os.getpid())
+    register_process(world, memfd, ours, words=len(words))
+    os.close(ours)
+    assert world.runtime.processes.holdings() == {os.getpid(): [slot]}   # who holds what, for stat
+    child = os.fork()
+    if child == 0:
+        os._exit(0)
+    pidfd = os.pidfd_open(child)
+    register_process(world, memfd, pidfd, words=len(words) + 100)   # longer than the file: read short
+    os.waitpid(child, 0)
+    os.close(memfd)
+    os.close(pidfd)
+    world.settle(advance=0.2)                                      # housekeeping looks
+    assert world.runtime.processes.ended == 1
+    assert lib.mts_slot_at(world.g, slot).refcnt == 1
+    still_serves(world)
+
+
 def test_a_moved_data_offset_does_not_move_a_send_buffer(world):
     ffi.cast("uint64_t *", header_field(world, "data_off"))[0] = 1 << 44
     listener = listening_socket(world)

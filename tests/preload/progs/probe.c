@@ -1125,6 +1125,42 @@ static void reuseport(void)
     close(alone);
 }
 
+/* ---- a holder killed: run on the kernel and on the stack, traces equal ---- */
+
+static void killed(void)
+{
+    int l = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in at = stack_addr(0);
+    if (bind(l, (struct sockaddr *)&at, sizeof(at)) < 0 || listen(l, 4) < 0)
+        die("listener");
+    uint16_t port = local_port(l);
+    at = stack_addr(port);
+    int c = socket(AF_INET, SOCK_STREAM, 0);
+    step("connect", connect(c, (struct sockaddr *)&at, sizeof(at)));
+    int a = accept(l, NULL, NULL);
+    pid_t child = fork();
+    if (child == 0) {
+        pause(); /* holds l and a until killed */
+        _exit(0);
+    }
+    step("close_listener_in_parent", close(l));
+    step("close_accepted_in_parent", close(a));
+    /* The child holds both now, as a worker would: kill it. */
+    step("kill_holder", kill(child, SIGKILL));
+    int status;
+    waitpid(child, &status, 0);
+    out("holder_killed %d", WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL);
+    /* Its references went with it: the connection closed (FIN), the
+     * listener with it. */
+    step("client_readable", wait_readable(c));
+    char buf[16];
+    step("client_reads_eof", read(c, buf, sizeof(buf)));
+    int d = socket(AF_INET, SOCK_STREAM, 0);
+    step("connect_to_the_gone_listener", connect(d, (struct sockaddr *)&at, sizeof(at)));
+    close(d);
+    close(c);
+}
+
 int main(int argc, char **argv)
 {
     const struct {
@@ -1136,7 +1172,7 @@ int main(int argc, char **argv)
         {"epoll", epoll_scenario}, {"epoll_many", epoll_many_scenario}, {"pollmix", pollmix},  {"blocking", blocking}, {"passthrough", passthrough},
         {"death", death},         {"refused", refused},   {"forkdup", forkdup}, {"protect", protect},
         {"privport", privport},   {"options", options},     {"dualstack", dualstack},
-        {"portrules", portrules}, {"reuseport", reuseport},
+        {"portrules", portrules}, {"reuseport", reuseport}, {"killed", killed},
     };
     for (size_t i = 0; argc == 2 && i < sizeof(scenarios) / sizeof(scenarios[0]); i++)
         if (strcmp(argv[1], scenarios[i].name) == 0) {
