@@ -68,7 +68,12 @@ _STALE_TIMERS_KEPT = 64
 # well under a millisecond; a slower client's ACK may find no room and wait
 # for its retransmission, as on Linux), short enough that a SYN flood's
 # cookies, which never complete, hold little room: 10k SYNs a second, 100.
+# The time runs while the host takes input: a stack that stalled (a
+# collection, a JIT compilation) has its peers' ACKs waiting unread, so a
+# cookie is kept until the host has read COOKIE_RESERVE_SECONDS of input
+# beyond it, or COOKIE_STALL_SECONDS have passed.
 COOKIE_RESERVE_SECONDS = 0.01
+COOKIE_STALL_SECONDS = 0.1
 
 
 class Listener:
@@ -130,6 +135,7 @@ class TcpHost:
         self._timers: list[tuple[float, int, TcpConnection]] = []
         self._timer_seq = 0
         self._output: list[tuple[int, bytes, int]] = []
+        self._batch_at = self._read_until = 0.0   # this batch's time, and the one before (cookies)
 
     # -- ports -----------------------------------------------------------
 
@@ -259,6 +265,8 @@ class TcpHost:
 
     def receive(self, src_ip: int, dst_ip: int, data, now: float) -> None:
         """A TCP segment whose checksum the interface has verified."""
+        if now != self._batch_at:
+            self._read_until, self._batch_at = self._batch_at, now
         try:
             seg = TcpSegment.parse(data, src_ip, dst_ip, verify_checksum=False)
         except WireError as err:
@@ -332,7 +340,8 @@ class TcpHost:
 
     def _passive_open(self, listener: Listener, src_ip: int, syn: TcpSegment, now: float) -> None:
         recent = listener.recent_cookies
-        while recent and recent[0] < now - COOKIE_RESERVE_SECONDS:
+        expired_before = max(self._read_until, now - COOKIE_STALL_SECONDS) - COOKIE_RESERVE_SECONDS
+        while recent and recent[0] < expired_before:
             recent.popleft()
         if not listener.has_room(1 + len(recent)):
             self.count("tcp_syn_dropped_no_room")

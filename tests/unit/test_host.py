@@ -552,6 +552,9 @@ def test_cookies_in_flight_keep_room_for_their_connections():
     assert len(peer.host.connections) == 2 and len(answered) == 7
     assert peer.host.counters["tcp_syncookies_sent"] == 5
     assert peer.host.counters["tcp_syn_dropped_no_room"] == 3
-    peer.now += 2 * COOKIE_RESERVE_SECONDS   # those handshakes had their time
+    peer.now += 2 * COOKIE_RESERVE_SECONDS   # a stall: the host read no input since
+    peer.send(syn(40009))
+    assert peer.recv() == []                 # the cookies' ACKs may be waiting unread: room kept
+    peer.now += 2 * COOKIE_RESERVE_SECONDS   # input read that long after them: they had their time
     peer.send(syn(40009))
     assert len(peer.recv()) == 1
