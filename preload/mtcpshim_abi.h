@@ -23,7 +23,9 @@
 #define MTS_VERSION 7
 
 /* Name of the environment variable that carries the inherited descriptors:
- * "SHM_FD,CTL_FD,WAKE_FD,DEATH_FD" (see mtcpshim/launcher.py). */
+ * "SHM_FD,CTL_FD,WAKE_FD,DEATH_FD" (see mtcpshim/launcher.py), to which the
+ * interposer appends ",TABLE_FD", its fd table's memfd, for the images its
+ * process exec's. */
 #define MTS_ENV_FDS "MTCPSHIM_FDS"
 /* Set to a non-empty value to log the interposer's decisions to stderr. */
 #define MTS_ENV_DEBUG "MTCPSHIM_DEBUG"

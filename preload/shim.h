@@ -88,8 +88,9 @@ struct shim_state {
     int debug;
     struct mts_header *hdr;
     struct mts_geom geom; /* the layout, read once at attach */
-    /* The inherited descriptors, moved to high numbers at attach. */
-    int shm_fd, ctl_fd, wake_fd, death_fd;
+    /* The inherited descriptors, moved to high numbers at attach, and the
+     * fd table's memfd (kept across exec: shim_core.c). */
+    int shm_fd, ctl_fd, wake_fd, death_fd, table_fd;
     int internal_fd_base; /* our own descriptors live at or above this number */
     int64_t spin_ns;      /* busy-wait before sleeping (MTCPSHIM_SPIN_US) */
     int stack_dead;       /* sticky: the death pipe fired or the stack stopped */

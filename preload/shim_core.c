@@ -18,7 +18,7 @@
 
 #define DEFAULT_SPIN_US 20
 
-struct shim_state shim = {.shm_fd = -1, .ctl_fd = -1, .wake_fd = -1, .death_fd = -1};
+struct shim_state shim = {.shm_fd = -1, .ctl_fd = -1, .wake_fd = -1, .death_fd = -1, .table_fd = -1};
 int shim_init_done;
 __thread int shim_busy __attribute__((tls_model("initial-exec")));
 
@@ -131,14 +131,16 @@ int shim_internal_fd(int fd, int cloexec)
 
 static void publish_inherited_fds(void)
 {
-    char value[64];
-    snprintf(value, sizeof(value), "%d,%d,%d,%d", shim.shm_fd, shim.ctl_fd, shim.wake_fd, shim.death_fd);
+    char value[80];
+    int n = snprintf(value, sizeof(value), "%d,%d,%d,%d", shim.shm_fd, shim.ctl_fd, shim.wake_fd, shim.death_fd);
+    if (shim.table_fd >= 0)
+        snprintf(value + n, sizeof(value) - (size_t)n, ",%d", shim.table_fd);
     setenv(MTS_ENV_FDS, value, 1);
 }
 
 int shim_internal_relocate(int fd)
 {
-    int *inherited[] = {&shim.shm_fd, &shim.ctl_fd, &shim.wake_fd, &shim.death_fd};
+    int *inherited[] = {&shim.shm_fd, &shim.ctl_fd, &shim.wake_fd, &shim.death_fd, &shim.table_fd};
     for (size_t i = 0; i < sizeof(inherited) / sizeof(inherited[0]); i++) {
         if (*inherited[i] != fd)
             continue;
@@ -166,30 +168,56 @@ int shim_internal_relocate(int fd)
 
 static pthread_once_t attach_once = PTHREAD_ONCE_INIT;
 
-static int parse_inherited_fds(const char *value, int fds[4])
+/* MTS_ENV_FDS: "SHM,CTL,WAKE,DEATH" from the launcher, and ",TABLE" after
+ * it once an image of the program attached (the fd table's memfd, which an
+ * exec'd image takes over).  fds[4] is -1 without it. */
+static int parse_inherited_fds(const char *value, int fds[5])
 {
     const char *p = value;
-    for (int i = 0; i < 4; i++) {
+    fds[4] = -1;
+    for (int i = 0; i < 5; i++) {
         char *end;
         long v = strtol(p, &end, 10);
-        if (end == p || v < 0 || v > INT_MAX || (i < 3 ? *end != ',' : *end != '\0'))
+        if (end == p || v < 0 || v > INT_MAX || (*end != ',' && *end != '\0') || (*end == ',' && i == 4))
             return -1;
         fds[i] = (int)v;
+        if (*end == '\0')
+            return i >= 3 ? 0 : -1;
         p = end + 1;
     }
-    return 0;
+    return -1;
 }
 
-/* A memfd holding a copy of the first `words` words of the fd table (all of
- * them when `words` is the capacity), sized for the whole table; -1 when
- * the kernel gives no memfd. */
+/* The fd table is a memfd of capacity + 1 words: one per descriptor number,
+ * then the pid of the process whose table it is.  The memfd stays open as
+ * an internal descriptor without FD_CLOEXEC (its number in MTS_ENV_FDS), so
+ * that an image the process exec's takes the table over, and the stack
+ * holds it too (register_process). */
+#define TABLE_BYTES(capacity) (((size_t)(capacity) + 1) * sizeof(uint64_t))
+#define TABLE_NAME "mtcpshim-fd-table"
+
+/* What setup_fd_table found. */
+enum table_origin {
+    TABLE_NEW,        /* a table of our own, empty: the stack must be told */
+    TABLE_AFTER_EXEC, /* this process's, from before it exec'd */
+    TABLE_SPAWNED,    /* new, and `parent_table` is the table of the process that spawned us */
+    TABLE_PRIVATE,    /* private memory: no memfd to be had */
+};
+static uint64_t *parent_table;
+static uint32_t parent_capacity;
+
+/* Whether the table is a shared mapping (of a memfd), which a fork child
+ * must replace with its own. */
+static int fd_table_shared;
+
+/* A memfd for a table of shim_fd_capacity words, holding the first `words`
+ * words of ours; -1 when the kernel gives no memfd. */
 static int fd_table_memfd(uint32_t words)
 {
-    int fd = memfd_create("mtcpshim-fd-table", MFD_CLOEXEC);
+    int fd = memfd_create(TABLE_NAME, 0);
     if (fd < 0)
         return -1;
-    size_t size = (size_t)shim_fd_capacity * sizeof(uint64_t);
-    if (ftruncate(fd, (off_t)size) < 0 ||
+    if (ftruncate(fd, (off_t)TABLE_BYTES(shim_fd_capacity)) < 0 ||
         (words && pwrite(fd, shim_fd_table, (size_t)words * sizeof(uint64_t), 0) < 0)) {
         shim_real.close(fd);
         return -1;
@@ -197,43 +225,157 @@ static int fd_table_memfd(uint32_t words)
     return fd;
 }
 
-/* Whether the table is a shared mapping (of a memfd), which a fork child
- * must replace with its own. */
-static int fd_table_shared;
+static void *map_table(int memfd, uint32_t capacity)
+{
+    return mmap(NULL, TABLE_BYTES(capacity), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, memfd, 0);
+}
 
-/* The table lives in a memfd the stack is handed (register_process), so
- * that it can let go of what a process held when it dies; private memory
- * serves where no memfd can be had. */
-static int setup_fd_table(void)
+/* The table a process inherited through exec (`inherited`, the memfd an
+ * earlier image named in MTS_ENV_FDS): its own if the owner word is our
+ * pid, else the table of the process that spawned us (posix_spawn runs no
+ * fork of ours), mapped at parent_table.  -1 if there is none. */
+static int take_inherited_table(int inherited, uint64_t **table, uint32_t *capacity)
+{
+    static const char name[] = "/memfd:" TABLE_NAME;
+    char path[32], target[64] = {0};
+    snprintf(path, sizeof(path), "/proc/self/fd/%d", inherited);
+    struct stat st;
+    if (inherited < 0 || readlink(path, target, sizeof(target) - 1) < 0 || strncmp(target, name, sizeof(name) - 1) ||
+        fstat(inherited, &st) < 0 || !S_ISREG(st.st_mode) || st.st_size % sizeof(uint64_t) ||
+        st.st_size < (off_t)TABLE_BYTES(1) || st.st_size > (off_t)TABLE_BYTES(MTS_FD_TABLE_MAX))
+        return -1;
+    *capacity = (uint32_t)(st.st_size / sizeof(uint64_t) - 1);
+    *table = map_table(inherited, *capacity);
+    return *table == MAP_FAILED ? -1 : (*table)[*capacity] == (uint64_t)getpid();
+}
+
+/* Maps this image's fd table (see enum table_origin); shim.table_fd is its
+ * memfd, or -1 for private memory. */
+static enum table_origin setup_fd_table(int inherited)
 {
     struct rlimit lim;
     rlim_t hard = getrlimit(RLIMIT_NOFILE, &lim) == 0 ? lim.rlim_max : 1024;
     uint32_t capacity = hard == RLIM_INFINITY || hard > MTS_FD_TABLE_MAX ? MTS_FD_TABLE_MAX : (uint32_t)hard;
-    size_t size = (size_t)capacity * sizeof(uint64_t);
-    shim_fd_capacity = capacity;
-    int memfd = fd_table_memfd(0);
-    void *table = memfd >= 0 ? mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, memfd, 0)
-                             : mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
-                                    -1, 0);
-    if (table == MAP_FAILED) {
-        if (memfd >= 0)
-            shim_real.close(memfd);
-        shim_fd_capacity = 0;
-        return -1;
-    }
-    shim_fd_table = table;
-    fd_table_shared = memfd >= 0;
     rlim_t soft = getrlimit(RLIMIT_NOFILE, &lim) == 0 ? lim.rlim_cur : 1024;
     if (soft == RLIM_INFINITY || soft > capacity)
         soft = capacity;
     shim.internal_fd_base = soft * 3 / 4 < 1000 ? (int)(soft * 3 / 4) : 1000;
-    return memfd;
+
+    uint64_t *table;
+    uint32_t inherited_capacity;
+    int ours = take_inherited_table(inherited, &table, &inherited_capacity);
+    if (ours == 1) {
+        shim_fd_table = table;
+        shim_fd_capacity = inherited_capacity;
+        shim.table_fd = inherited;
+        fd_table_shared = 1;
+        return TABLE_AFTER_EXEC;
+    }
+    if (ours == 0) {
+        parent_table = table;
+        parent_capacity = inherited_capacity;
+    }
+    if (inherited >= 0)
+        shim_real.close(inherited); /* another process's table, or none */
+
+    shim_fd_capacity = capacity;
+    int memfd = fd_table_memfd(0);
+    table = memfd >= 0 ? map_table(memfd, capacity) : MAP_FAILED;
+    if (table == MAP_FAILED) {
+        if (memfd >= 0)
+            shim_real.close(memfd);
+        memfd = -1;
+        table = mmap(NULL, TABLE_BYTES(capacity), PROT_READ | PROT_WRITE,
+                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (table == MAP_FAILED) {
+            shim_fd_capacity = 0;
+            return TABLE_PRIVATE;
+        }
+    }
+    shim_fd_table = table;
+    shim_fd_table[capacity] = (uint64_t)getpid();
+    shim.table_fd = memfd;
+    fd_table_shared = memfd >= 0;
+    return memfd < 0 ? TABLE_PRIVATE : parent_table ? TABLE_SPAWNED : TABLE_NEW;
 }
 
-/* Hands process `pid`'s fd table and a pidfd of it to the stack, then lets
- * go of the memfd (a mapping of it stays).  Without a memfd or a pidfd
- * (kernels before 5.3) the stack learns nothing: a killed process then
- * keeps its references until the stack stops. */
+/* Whether descriptor fd, a stack socket's placeholder (an eventfd) in an
+ * image before exec, still is one: exec closed it if it had FD_CLOEXEC. */
+static int placeholder_survived(int fd)
+{
+    if (shim_real.fcntl(fd, F_GETFD) < 0)
+        return 0;
+    char path[32], target[32] = {0};
+    snprintf(path, sizeof(path), "/proc/self/fd/%d", fd);
+    return readlink(path, target, sizeof(target) - 1) < 0 || strcmp(target, "anon_inode:[eventfd]") == 0;
+}
+
+/* Whether `word`, an earlier image's entry for fd, still holds in this one:
+ * a stack socket or a kernel TCP socket still undecided, if exec left the
+ * descriptor open.  What only that image's interposer knew (its epoll
+ * instances, its own descriptors) is gone with it. */
+static int entry_survived(int fd, uint64_t word)
+{
+    switch (shim_fd_kind_of(word)) {
+    case SHIM_FD_STACK:
+        return placeholder_survived(fd);
+    case SHIM_FD_CANDIDATE:
+        return shim_real.fcntl(fd, F_GETFD) >= 0;
+    default:
+        return 0;
+    }
+}
+
+static int is_ours(int fd)
+{
+    return fd == shim.shm_fd || fd == shim.ctl_fd || fd == shim.wake_fd || fd == shim.death_fd ||
+           fd == shim.table_fd;
+}
+
+/* This process exec'd: the table is the earlier image's.  A socket whose
+ * placeholder exec closed (FD_CLOEXEC) loses that reference now, as the
+ * kernel's socket would at exec. */
+static void adopt_table_after_exec(void)
+{
+    for (uint32_t fd = 0; fd < shim_fd_capacity; fd++) {
+        uint64_t word = shim_fd_table[fd];
+        if (!word || is_ours((int)fd))
+            continue;
+        if (entry_survived((int)fd, word)) {
+            fd_store((int)fd, word);
+            continue;
+        }
+        shim_fd_clear((int)fd);
+        if (shim_fd_kind_of(word) == SHIM_FD_STACK)
+            shim_slot_unref(shim_fd_payload(word), shim_fd_generation(word));
+    }
+}
+
+/* We were spawned (posix_spawn: a clone and exec that no fork of ours saw)
+ * by a process whose table is parent_table: each of its sockets whose
+ * placeholder we inherited gains a reference, as at fork. */
+static void inherit_spawning_table(void)
+{
+    uint32_t words = parent_capacity < shim_fd_capacity ? parent_capacity : shim_fd_capacity;
+    for (uint32_t fd = 0; fd < words; fd++) {
+        uint64_t word = __atomic_load_n(&parent_table[fd], __ATOMIC_ACQUIRE);
+        if (!word || is_ours((int)fd) || !entry_survived((int)fd, word))
+            continue;
+        if (shim_fd_kind_of(word) == SHIM_FD_STACK) {
+            if (!shim_fd_current(word))
+                continue;
+            __atomic_add_fetch(&shim_slot(shim_fd_payload(word))->refcnt, 1, __ATOMIC_ACQ_REL);
+        }
+        fd_store((int)fd, word);
+    }
+    munmap(parent_table, TABLE_BYTES(parent_capacity));
+    parent_table = NULL;
+}
+
+/* Hands process `pid`'s fd table (`memfd`) and a pidfd of it to the stack.
+ * Without a memfd or a pidfd (kernels before 5.3) the stack learns
+ * nothing: a killed process then keeps its references until the stack
+ * stops. */
 static void register_process(int memfd, pid_t pid)
 {
     if (memfd < 0)
@@ -244,7 +386,6 @@ static void register_process(int memfd, pid_t pid)
         SHIM_DEBUG("process %d not registered with the stack: %s", (int)pid, strerror(errno));
     if (pidfd >= 0)
         shim_real.close(pidfd);
-    shim_real.close(memfd);
 }
 
 /* Spinning waits for the stack's answer, so it pays only while the stack can
@@ -273,7 +414,7 @@ static void attach(void)
         SHIM_DEBUG("%s not set: every call goes to the kernel", MTS_ENV_FDS);
         return;
     }
-    int fds[4];
+    int fds[5];
     struct stat st;
     if (parse_inherited_fds(value, fds) < 0 || fstat(fds[0], &st) < 0) {
         SHIM_DEBUG("%s=%s unusable: every call goes to the kernel", MTS_ENV_FDS, value);
@@ -286,11 +427,9 @@ static void attach(void)
             munmap(base, (size_t)st.st_size);
         return;
     }
-    int table_memfd = setup_fd_table();
+    enum table_origin origin = setup_fd_table(fds[4]);
     if (!shim_fd_table || shim_waiters_init() < 0) {
         SHIM_DEBUG("out of memory at attach: every call goes to the kernel");
-        if (table_memfd >= 0)
-            shim_real.close(table_memfd);
         munmap(base, (size_t)st.st_size);
         return;
     }
@@ -300,13 +439,22 @@ static void attach(void)
     shim.ctl_fd = shim_internal_fd(fds[1], 0);
     shim.wake_fd = shim_internal_fd(fds[2], 0);
     shim.death_fd = shim_internal_fd(fds[3], 0);
+    if (shim.table_fd >= 0)
+        shim.table_fd = shim_internal_fd(shim.table_fd, 0);
     publish_inherited_fds();
     shim.active = 1;
-    register_process(table_memfd, getpid());
-    SHIM_DEBUG("attached: stack %u.%u.%u.%u/%u, %u slots, fds %d,%d,%d,%d, spin %lld us",
+    if (origin == TABLE_AFTER_EXEC)
+        adopt_table_after_exec();
+    if (origin == TABLE_SPAWNED)
+        inherit_spawning_table();
+    if (origin == TABLE_NEW || origin == TABLE_SPAWNED)
+        register_process(shim.table_fd, getpid());
+    SHIM_DEBUG("attached: stack %u.%u.%u.%u/%u, %u slots, fds %d,%d,%d,%d, fd table %d (%s), spin %lld us",
                shim.hdr->ip >> 24, shim.hdr->ip >> 16 & 255, shim.hdr->ip >> 8 & 255, shim.hdr->ip & 255,
                shim.hdr->prefix_len, shim.geom.nslots, shim.shm_fd, shim.ctl_fd, shim.wake_fd,
-               shim.death_fd, (long long)(shim.spin_ns / 1000));
+               shim.death_fd, shim.table_fd,
+               origin == TABLE_AFTER_EXEC ? "after exec" : origin == TABLE_SPAWNED ? "spawned" :
+               origin == TABLE_NEW ? "new" : "private", (long long)(shim.spin_ns / 1000));
 }
 
 void shim_init_slow(void)
@@ -357,14 +505,18 @@ static void fork_adjust_references(int delta)
 }
 
 /* A fork child's own table: the memfd copy its parent made and registered
- * (`memfd`), else a private copy of the mapping it shares with its parent;
- * then the registered copy is emptied, as nothing would keep it true. */
+ * (`memfd`), put where the parent's table descriptor was so that
+ * MTS_ENV_FDS still names it; else a private copy of the mapping it shares
+ * with its parent, and then the registered copy is emptied, as nothing
+ * would keep it true. */
 static void own_table_in_child(int memfd)
 {
-    size_t size = (size_t)shim_fd_capacity * sizeof(uint64_t);
+    size_t size = TABLE_BYTES(shim_fd_capacity);
     if (memfd >= 0 &&
-        mmap(shim_fd_table, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED | MAP_NORESERVE, memfd, 0) != MAP_FAILED) {
+        mmap(shim_fd_table, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED | MAP_NORESERVE, memfd, 0) != MAP_FAILED &&
+        shim_real.dup3(memfd, shim.table_fd, 0) >= 0) {
         shim_real.close(memfd);
+        shim_fd_table[shim_fd_capacity] = (uint64_t)getpid();
         return;
     }
     if (memfd >= 0) {
@@ -372,6 +524,8 @@ static void own_table_in_child(int memfd)
             SHIM_DEBUG("fd table copy not emptied: %s", strerror(errno));
         shim_real.close(memfd);
     }
+    shim_real.close(shim.table_fd); /* the parent's: an exec here must not take it for ours */
+    shim.table_fd = -1;
     void *copy = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (copy != MAP_FAILED) {
         memcpy(copy, shim_fd_table, (size_t)(shim_fd_highest() + 1) * sizeof(uint64_t));
@@ -405,7 +559,7 @@ pid_t fork(void)
         int err = errno;
         if (pid > 0)
             register_process(child_table, pid);
-        else if (child_table >= 0)
+        if (child_table >= 0)
             shim_real.close(child_table);
         if (pid < 0)
             fork_adjust_references(-1);

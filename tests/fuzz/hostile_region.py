@@ -112,7 +112,7 @@ def inherited_fds() -> tuple[int, int, int, int]:
     value = os.environ.get("MTCPSHIM_FDS")
     if not value:
         sys.exit("hostile: MTCPSHIM_FDS is not set: run me under `mtcpshim run`")
-    shm, ctl, wake, death = (int(v) for v in value.split(","))
+    shm, ctl, wake, death = (int(v) for v in value.split(",")[:4])  # then the fd table, if any
     return shm, ctl, wake, death
 
 

@@ -376,6 +376,15 @@ def test_a_killed_process_lets_go_of_its_sockets_as_on_the_kernel(run_probe):
     assert run_probe.run("killed") == kernel
 
 
+def test_a_socket_survives_exec_unless_it_has_fd_cloexec_as_on_the_kernel(run_probe):
+    """A child execs a new image: the stack socket it inherited works there
+    (inetd, CGI), the one with FD_CLOEXEC is closed by the exec itself, so
+    its peer reads EOF while the new image still runs."""
+    kernel = run_probe.run("exec", attached=False, extra_env={"PROBE_IP": "127.0.0.1"})
+    assert "new_image_exit 0" in kernel
+    assert run_probe.run("exec") == kernel
+
+
 def test_integer_options_read_back_as_the_kernel_s_do(run_probe):
     """The same setsockopt and getsockopt calls on a kernel socket and on
     a stack socket: every result, errno and value read back is the same."""

@@ -1161,6 +1161,58 @@ static void killed(void)
     close(c);
 }
 
+/* ---- exec: run on the kernel and on the stack, traces equal ---------------- */
+
+/* The image the "exec" scenario's child becomes: the socket it inherited
+ * works, the one with FD_CLOEXEC is gone.  Exits non-zero if not. */
+static void exec_image(void)
+{
+    int kept = atoi(getenv("PROBE_KEPT_FD")), closed = atoi(getenv("PROBE_CLOSED_FD"));
+    if (fcntl(closed, F_GETFD) >= 0)
+        _exit(3);
+    int type = 0;
+    socklen_t len = sizeof(type);
+    if (getsockopt(kept, SOL_SOCKET, SO_TYPE, &type, &len) < 0 || type != SOCK_STREAM)
+        _exit(4);
+    if (write(kept, "from the new image", 18) != 18)
+        _exit(5);
+    char buf[8];
+    if (read(kept, buf, sizeof(buf)) != 3)
+        _exit(6);
+    exit(0);
+}
+
+static void exec_scenario(void)
+{
+    int c, a, c2, a2;
+    connected_pair(&c, &a, 0);
+    connected_pair(&c2, &a2, 0);
+    step("cloexec_on_second", fcntl(a2, F_SETFD, FD_CLOEXEC));
+    char kept[16], closed[16];
+    snprintf(kept, sizeof(kept), "%d", a);
+    snprintf(closed, sizeof(closed), "%d", a2);
+    pid_t child = fork();
+    if (child == 0) {
+        setenv("PROBE_KEPT_FD", kept, 1);
+        setenv("PROBE_CLOSED_FD", closed, 1);
+        execl("/proc/self/exe", "probe", "exec_image", (char *)NULL);
+        _exit(127);
+    }
+    step("close_in_parent", close(a) | close(a2));
+    char buf[32] = {0};
+    step("read_from_new_image", read(c, buf, sizeof(buf) - 1));
+    out("bytes %s", buf);
+    /* The new image is still running: exec itself closed this one. */
+    step("closed_by_exec_reads_eof", read(c2, buf, sizeof(buf)));
+    step("write_to_new_image", write(c, "bye", 3));
+    int status;
+    waitpid(child, &status, 0);
+    out("new_image_exit %d", WIFEXITED(status) ? WEXITSTATUS(status) : -1);
+    step("after_its_exit_reads_eof", read(c, buf, sizeof(buf)));
+    close(c);
+    close(c2);
+}
+
 int main(int argc, char **argv)
 {
     const struct {
@@ -1173,6 +1225,7 @@ int main(int argc, char **argv)
         {"death", death},         {"refused", refused},   {"forkdup", forkdup}, {"protect", protect},
         {"privport", privport},   {"options", options},     {"dualstack", dualstack},
         {"portrules", portrules}, {"reuseport", reuseport}, {"killed", killed},
+        {"exec", exec_scenario},  {"exec_image", exec_image},
     };
     for (size_t i = 0; argc == 2 && i < sizeof(scenarios) / sizeof(scenarios[0]); i++)
         if (strcmp(argv[1], scenarios[i].name) == 0) {
