@@ -68,10 +68,10 @@ _STALE_TIMERS_KEPT = 64
 # well under a millisecond; a slower client's ACK may find no room and wait
 # for its retransmission, as on Linux), short enough that a SYN flood's
 # cookies, which never complete, hold little room: 10k SYNs a second, 100.
-# The time runs while the host takes input: a stack that stalled (a
-# collection, a JIT compilation) has its peers' ACKs waiting unread, so a
-# cookie is kept until the host has read COOKIE_RESERVE_SECONDS of input
-# beyond it, or COOKIE_STALL_SECONDS have passed.
+# A stack that stalled (a collection, a JIT compilation) has its peers'
+# ACKs waiting unread, so a cookie sent at or after the previous batch of
+# input is kept too, however long ago that was, up to COOKIE_STALL_SECONDS:
+# its ACK may be in this batch.
 COOKIE_RESERVE_SECONDS = 0.01
 COOKIE_STALL_SECONDS = 0.1
 
@@ -340,7 +340,7 @@ class TcpHost:
 
     def _passive_open(self, listener: Listener, src_ip: int, syn: TcpSegment, now: float) -> None:
         recent = listener.recent_cookies
-        expired_before = max(self._read_until, now - COOKIE_STALL_SECONDS) - COOKIE_RESERVE_SECONDS
+        expired_before = max(min(now - COOKIE_RESERVE_SECONDS, self._read_until), now - COOKIE_STALL_SECONDS)
         while recent and recent[0] < expired_before:
             recent.popleft()
         if not listener.has_room(1 + len(recent)):
