@@ -43,6 +43,8 @@ class Processes:
         for pid, table_fd, words in self._members.values():
             slots = held.setdefault(pid, [])
             for chunk in _chunks(table_fd, words):
+                if chunk.count(0) == len(chunk):
+                    continue               # most of a table: numbers never used
                 for word in memoryview(chunk).cast("Q"):
                     if word >> lib.MTS_FD_KIND_SHIFT & 0xFF == lib.MTS_FD_STACK:
                         slot_id = word & lib.MTS_FD_PAYLOAD_MASK
