@@ -128,6 +128,11 @@ def _parser() -> argparse.ArgumentParser:
     stat.add_argument("--iface", default=net.srv_if, help="interface given to `run` (default %(default)s)")
     stat.add_argument("--json", action="store_true", help="print the raw JSON snapshot")
 
+    stop = commands.add_parser("stop", help="stop a stack, such as one that serves on for the processes "
+                                            "a program left when it exited (a daemon)")
+    stop.add_argument("--netns", default=net.srv_ns, help="namespace given to `run` (default %(default)s)")
+    stop.add_argument("--iface", default=net.srv_if, help="interface given to `run` (default %(default)s)")
+
     bench = commands.add_parser("bench", help="lighttpd and iperf3 on the kernel's TCP stack vs ours, side by side")
     from mtcpshim import bench as bench_command
     bench_command.add_arguments(bench)
@@ -204,6 +209,15 @@ def _stat(args) -> int:
     return 0
 
 
+def _stop(args) -> int:
+    from mtcpshim import launcher
+    from mtcpshim.netns import netns_exists
+    if args.netns and not netns_exists(args.netns):
+        raise launcher.LaunchError(f"no such network namespace: {args.netns}")
+    launcher.stop(args.netns, args.iface)
+    return 0
+
+
 def _bench(args) -> int:
     from mtcpshim import bench
     return bench.main(args)
@@ -213,7 +227,7 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     from mtcpshim.launcher import LaunchError
     from mtcpshim.stat import StatError
-    commands = {"testnet": _testnet, "run": _run, "stat": _stat, "bench": _bench}
+    commands = {"testnet": _testnet, "run": _run, "stat": _stat, "stop": _stop, "bench": _bench}
     try:
         return commands[args.command](args)
     except (testnet.TestNetError, LaunchError, StatError) as err:

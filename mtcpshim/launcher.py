@@ -4,9 +4,16 @@ interposer preloaded, and stay between them until the program ends.
 The launcher owns the plumbing both sides inherit (see mtcpshim_abi.h):
 the shared region (memfd), a datagram control socket pair, the stack's wake
 eventfd, and a death pipe whose only writer is the stack, so a program
-blocked in epoll_wait hears of a stack crash at once.  A second pipe runs
-the other way, written only by the launcher: the stack stops when it reads
-its end-of-file, so a killed launcher leaves no stack behind.
+blocked in epoll_wait hears of a stack crash at once.  A socket pair links
+the launcher and the stack alone: the stack stops when it reads its
+end-of-file, so a killed launcher leaves no stack behind.
+
+When the program exits, the launcher asks the stack over that link whether
+processes the program left (a daemon it forked) still use it.  If none do,
+the stack stops.  If some do, the launcher returns the program's status, as
+a daemon's parent returns to its shell, and a copy of it (the keeper) stays
+behind in a session of its own: it holds the interface and the link while
+the stack serves those processes, and cleans up when the stack ends.
 
 The stack opens its packet I/O as root and then serves as an unprivileged
 user (--stack-user); what needs root after that (removing its statistics
@@ -27,6 +34,7 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 
 from mtcpshim import abi_source
@@ -132,9 +140,9 @@ def run(options: StackOptions, argv: list[str], user: str | None = None) -> int:
     ifindex = _check_serveable(options.netns, options.iface)
     _check_address_free(options.netns, options.ip)
 
-    with interface_claim(options.netns, options.iface) as stats_path:
+    with interface_claim(options.netns, options.iface) as claim:
         try:
-            return _run_stack_and_program(options, interpreter, argv, program_user, stats_path)
+            return _run_stack_and_program(options, interpreter, argv, program_user, claim)
         finally:
             if options.io == "tap":
                 # The stack bridged its TAP to the interface as root; once it
@@ -198,7 +206,7 @@ def _interface(netns: str | None, iface: str) -> tuple[int, int]:
 
 
 def _run_stack_and_program(options: StackOptions, interpreter: list[str], argv: list[str],
-                           program_user: pwd.struct_passwd | None, stats_path: str) -> int:
+                           program_user: pwd.struct_passwd | None, claim: InterfaceClaim) -> int:
     size = RegionSize(nslots=options.sockets, rx_size=options.buffer_size, tx_size=options.buffer_size)
     try:
         region = Region.create(size, int(options.ip.ip), options.ip.network.prefixlen,
@@ -210,8 +218,8 @@ def _run_stack_and_program(options: StackOptions, interpreter: list[str], argv: 
     wake_fd = os.eventfd(0, os.EFD_NONBLOCK)
     death_r, death_w = os.pipe()
     ready_r, ready_w = os.pipe()
-    # Only this process holds the write end (close-on-exec: never the program's).
-    launcher_r, launcher_w = os.pipe2(os.O_CLOEXEC)
+    # The launcher's end is close-on-exec: never the program's.
+    link, stack_link = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
 
     # The package's parent first on the path: another interpreter than this
     # one imports the same mtcpshim.
@@ -223,19 +231,22 @@ def _run_stack_and_program(options: StackOptions, interpreter: list[str], argv: 
     stack = subprocess.Popen(
         interpreter + ["-m", "mtcpshim.stackd", "--shm-fd", str(region.fd),
          "--ctl-fd", str(ctl_stack.fileno()), "--wake-fd", str(wake_fd), "--ready-fd", str(ready_w),
-         "--launcher-fd", str(launcher_r), "--stack-user", options.stack_user,
+         "--launcher-fd", str(stack_link.fileno()), "--stack-user", options.stack_user,
          "--iface", options.iface, "--ip", str(options.ip), "--io", options.io,
-         "--spin-us", str(options.spin_us), "--stats-socket", stats_path]
+         "--spin-us", str(options.spin_us), "--stats-socket", claim.stats]
         + (["--netns", options.netns] if options.netns else [])
         + (["--gateway", str(options.gateway)] if options.gateway else [])
         + (["--pcap", options.pcap] if options.pcap else [])
         + (["--profile", options.profile] if options.profile else [])
         + (["--impair", options.impair] if options.impair else [])
         + (["--congestion", options.congestion] if options.congestion else []),
-        pass_fds=(region.fd, ctl_stack.fileno(), wake_fd, ready_w, death_w, launcher_r), env=env)
+        pass_fds=(region.fd, ctl_stack.fileno(), wake_fd, ready_w, death_w, stack_link.fileno()), env=env)
+    stack_fd = os.pidfd_open(stack.pid)  # while it is our child: its pid cannot be another's yet
     ctl_stack.close()
-    for fd in (ready_w, death_w, launcher_r):
+    stack_link.close()
+    for fd in (ready_w, death_w):
         os.close(fd)
+    survivors = None
     try:
         try:
             _await_ready(stack, ready_r)
@@ -247,19 +258,27 @@ def _run_stack_and_program(options: StackOptions, interpreter: list[str], argv: 
         for fd in fds[1:]:
             os.close(fd)
         ctl_app.detach()
-        with contextlib.suppress(BrokenPipeError):  # the stack died already: _supervise says so
-            os.write(launcher_w, f"program {program.pid}\n".encode())
+        with contextlib.suppress(OSError):  # the stack died already: _supervise says so
+            link.sendall(f"program {program.pid}\n".encode())
 
         forward = lambda signum, frame: program.send_signal(signum)  # noqa: E731
         previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
-            status, death_reported = _supervise(program, stack, region)
+            status, death_reported = _supervise(program, stack_fd, stack, region)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+        if not death_reported:
+            survivors = _ask_to_detach(link, claim.log)
+        if survivors:
+            _become_keeper(status, survivors, claim)  # the launcher returns here; its keeper goes on
+            _keep(stack_fd, region)
+            return status
     finally:
-        _stop(stack)
-        os.close(launcher_w)
+        if not survivors:
+            _stop(stack, stopping=survivors == [])
+        link.close()
+        os.close(stack_fd)
     # A stack that ended before we stopped it, or failed while stopping,
     # died: the program's status alone would hide that.
     if death_reported or stack.returncode != 0:
@@ -299,15 +318,31 @@ def runtime_path(netns: str | None, iface: str, kind: str) -> str:
     return os.path.join(LOCK_DIR, f"net{netns_inode(netns)}-if{index}.{kind}")
 
 
+@dataclass
+class InterfaceClaim:
+    """What holding an interface gives: where the stack's statistics socket
+    and its log (once it serves on without the launcher) go."""
+    netns: str | None
+    iface: str
+    stats: str
+    log: str
+    lock_fd: int
+
+    def note_holder(self, pid: int) -> None:
+        """The pid a second launcher names, and `mtcpshim stop` signals."""
+        os.ftruncate(self.lock_fd, 0)
+        os.pwrite(self.lock_fd, f"{pid}\n".encode(), 0)
+
+
 @contextlib.contextmanager
 def interface_claim(netns: str | None, iface: str):
     """One stack per interface: a second would answer the first one's
-    segments with resets.  Held for the block, which gets the path of the
-    statistics socket; then the lock file and that socket (the stack cannot
-    remove it once it has dropped root) go too."""
+    segments with resets.  Held for the block, which gets an InterfaceClaim;
+    then the lock file and the statistics socket (the stack cannot remove it
+    once it has dropped root) go too, and the log if the stack wrote none."""
     os.makedirs(LOCK_DIR, exist_ok=True)
     path = runtime_path(netns, iface, "lock")
-    stats_path = runtime_path(netns, iface, "stats")
+    claim = InterfaceClaim(netns, iface, runtime_path(netns, iface, "stats"), runtime_path(netns, iface, "log"), -1)
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
@@ -323,14 +358,47 @@ def interface_claim(netns: str | None, iface: str):
         except FileNotFoundError:
             pass
         os.close(fd)  # the previous holder removed the file meanwhile: lock the new one
+    claim.lock_fd = fd
     try:
-        os.ftruncate(fd, 0)  # a killed launcher's file may remain
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield stats_path
+        claim.note_holder(os.getpid())  # a killed launcher's file may remain
+        yield claim
     finally:
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(stats_path)
+            os.unlink(claim.stats)
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(claim.log).st_size == 0:
+                os.unlink(claim.log)
         os.unlink(path)  # while still locked: a waiter re-checks the inode
+        os.close(fd)
+
+
+def stop(netns: str | None, iface: str) -> None:
+    """`mtcpshim stop`: ends the stack serving `iface`, signalling the
+    launcher or keeper that holds it, and waits until it has let go."""
+    where = f"{iface}{' in ' + netns if netns else ''}"
+    path = runtime_path(netns, iface, "lock")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise LaunchError(f"no stack is serving {where}") from None
+    try:
+        with contextlib.suppress(BlockingIOError):
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            raise LaunchError(f"no stack is serving {where} (a stale {path})")
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        if not holder.isdigit():
+            raise LaunchError(f"{path} names no launcher: {holder!r}")
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(holder), signal.SIGTERM)
+        deadline = time.monotonic() + 2 * STACK_STOP_TIMEOUT
+        while time.monotonic() < deadline:
+            with contextlib.suppress(BlockingIOError):
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                return
+            time.sleep(0.05)
+        raise LaunchError(f"the stack serving {where} (launcher pid {holder}) has not stopped "
+                          f"within {2 * STACK_STOP_TIMEOUT:.0f} s")
+    finally:
         os.close(fd)
 
 
@@ -346,13 +414,13 @@ def _await_ready(stack: subprocess.Popen, ready_r: int) -> None:
     raise LaunchError(f"the stack process did not become ready within {STACK_START_TIMEOUT:.0f} s")
 
 
-def _supervise(program: subprocess.Popen, stack: subprocess.Popen, region: Region) -> tuple[int, bool]:
+def _supervise(program: subprocess.Popen, stack_fd: int, stack: subprocess.Popen,
+               region: Region) -> tuple[int, bool]:
     """Waits for the program, reporting the stack's death if it comes first
     (or with the program's exit: a program that hears of it through the
     death pipe may well end before we do).  Returns the program's status and
     whether the stack died."""
     program_fd = os.pidfd_open(program.pid)
-    stack_fd = os.pidfd_open(stack.pid)
     try:
         stack_alive = True
         while program.poll() is None:
@@ -370,7 +438,69 @@ def _supervise(program: subprocess.Popen, stack: subprocess.Popen, region: Regio
         return program.returncode if program.returncode >= 0 else 128 - program.returncode, not stack_alive
     finally:
         os.close(program_fd)
-        os.close(stack_fd)
+
+
+def _ask_to_detach(link: socket.socket, log_path: str) -> list[int] | None:
+    """Tells the stack that the program has exited.  Returns the pids of the
+    processes it left that still use the stack, which serves them on and
+    writes its log to `log_path`; [] if there are none and the stack is
+    stopping; None if the stack did not answer."""
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        socket.send_fds(link, [b"detach\n"], [log_fd])
+        link.settimeout(STACK_STOP_TIMEOUT)
+        answer = b""
+        while not answer.endswith(b"\n"):
+            chunk = link.recv(256)
+            if not chunk:
+                return None
+            answer += chunk
+    except OSError:  # the stack died meanwhile, or is stuck: stopped as before
+        return None
+    finally:
+        os.close(log_fd)
+    word, *pids = answer.decode(errors="replace").split()
+    if word == "serving" and pids and all(pid.isdigit() for pid in pids):
+        return [int(pid) for pid in pids]
+    return [] if word == "stopping" else None
+
+
+def _become_keeper(status: int, survivors: list[int], claim: InterfaceClaim) -> None:
+    """Forks: the launcher leaves with the program's status, and the child,
+    the keeper, returns in a session of its own with the stack's log as
+    its stderr."""
+    where = (["--netns", claim.netns] if claim.netns else []) + ["--iface", claim.iface]
+    print(f"mtcpshim: the program exited, but its processes {' '.join(map(str, survivors))} still use the "
+          f"stack, which serves them until they end (log: {claim.log}; to end it sooner: mtcpshim stop "
+          f"{' '.join(where)})", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if os.fork() != 0:
+        os._exit(status)
+    os.setsid()
+    null = os.open(os.devnull, os.O_RDWR)
+    log = os.open(claim.log, os.O_WRONLY | os.O_APPEND)
+    for fd, stdio in ((null, 0), (null, 1), (log, 2)):
+        os.dup2(fd, stdio)
+    os.close(null)
+    os.close(log)
+    claim.note_holder(os.getpid())
+
+
+def _keep(stack_fd: int, region: Region) -> None:
+    """The keeper: waits for the stack to end, passing it SIGTERM (from
+    `mtcpshim stop`) or SIGINT."""
+    def stop(signum, frame):
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(stack_fd, signal.SIGTERM)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, stop)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    while not select.select([stack_fd], [], [])[0]:
+        pass
+    fault = region.fault()
+    if fault:
+        print(f"mtcpshim: the stack died: {fault}", file=sys.stderr, flush=True)
 
 
 def _report_stack_death(stack: subprocess.Popen, region: Region) -> None:
@@ -383,10 +513,13 @@ def _report_stack_death(stack: subprocess.Popen, region: Region) -> None:
     print(f"mtcpshim: the stack died, the program's stack sockets now fail: {fault}", file=sys.stderr)
 
 
-def _stop(stack: subprocess.Popen) -> None:
+def _stop(stack: subprocess.Popen, stopping: bool = False) -> None:
+    """Ends the stack: with SIGTERM, unless it said it is `stopping` on its
+    own (a signal would cut its last exchanges short); killed if it lingers."""
     if stack.poll() is not None:
         return
-    stack.terminate()
+    if not stopping:
+        stack.terminate()
     try:
         stack.wait(STACK_STOP_TIMEOUT)
     except subprocess.TimeoutExpired:

@@ -28,13 +28,21 @@ _F_GET_SEALS = getattr(fcntl, "F_GET_SEALS", 1034)  # answers on shared memory (
 class Processes:
     def __init__(self, geom):
         self.geom = geom
-        self._poller = select.poll()
+        self._ended = select.epoll()     # every pidfd: readable once its process has ended
         self._members: dict[int, tuple[int, int, int]] = {}  # pidfd -> (pid, table fd, words)
         self.ended = 0                   # processes seen to end since the stack started
         self._closed = ffi.new("uint32_t[]", _CHUNK_WORDS)
 
+    def fileno(self) -> int:
+        """Readable while a registered process has ended and is not yet reaped:
+        the stack's sleep wakes for it."""
+        return self._ended.fileno()
+
     def __len__(self) -> int:
         return len(self._members)
+
+    def pids(self) -> list[int]:
+        return sorted(pid for pid, _, _ in self._members.values())
 
     def holdings(self) -> dict[int, list[int]]:
         """Each live process's stack sockets, by slot id, as its table says
@@ -60,7 +68,7 @@ class Processes:
         if pid is None or not 0 < words <= lib.MTS_FD_TABLE_MAX or not _is_shared_memory(table_fd):
             return False
         self._members[pidfd] = (pid, table_fd, words)
-        self._poller.register(pidfd, select.POLLIN)
+        self._ended.register(pidfd, select.EPOLLIN)
         return True
 
     def reap(self) -> tuple[list[int], list[int]]:
@@ -69,9 +77,9 @@ class Processes:
         if not self._members:
             return [], []
         ended, closed = [], []
-        for pidfd, _ in self._poller.poll(0):
+        for pidfd, _ in self._ended.poll(0):
             pid, table_fd, words = self._members.pop(pidfd)
-            self._poller.unregister(pidfd)
+            self._ended.unregister(pidfd)
             closed += self._release(table_fd, words)
             os.close(pidfd)
             os.close(table_fd)
@@ -93,6 +101,7 @@ class Processes:
             os.close(pidfd)
             os.close(table_fd)
         self._members.clear()
+        self._ended.close()
 
 
 def _chunks(table_fd: int, words: int):

@@ -4,13 +4,13 @@ and readiness out.
 One iteration (`step`): waiter registrations (waiters.py) -> the program's
 commands (sockets.py) -> a batch of received frames into the node
 (stack/node.py) -> timers -> housekeeping every 0.1 s (statistics, the
-launcher's pipe, lost commands, processes that ended) -> resets of sockets found corrupt -> one
-flush of transmitted frames -> readiness published once per touched socket
-(mTCP's flow-level event aggregation) -> armed waiters woken once.  When
-nothing is left to do the thread announces it is sleeping, re-checks the
-command queue, and sleeps in poll() on the NIC, the wake eventfd, the
-control socket, the launcher's pipe and the statistics socket until the
-next timer.
+launcher's link, lost commands, processes that ended) -> resets of sockets
+found corrupt -> one flush of transmitted frames -> readiness published
+once per touched socket (mTCP's flow-level event aggregation) -> armed
+waiters woken once.  When nothing is left to do the thread announces it is
+sleeping, re-checks the command queue, and sleeps in poll() on the NIC, the
+wake eventfd, the control socket, the launcher's link, the program's
+processes and the statistics socket until the next timer.
 
 The region is a trust boundary: what the stack reads there is checked in
 sockets.py and waiters.py, against the stack's private geometry
@@ -19,6 +19,7 @@ sockets.py and waiters.py, against the stack's private geometry
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import platform
 import resource
@@ -45,7 +46,7 @@ _IDLE_LOOK_MS = 1000
 class Runtime:
     def __init__(self, region, packet_io, node: Node, ctl_fd: int, wake_fd: int,
                  pcap=None, spin_seconds: float = 0.0, stats_listener: socket.socket | None = None,
-                 launcher_fd: int | None = None):
+                 launcher_fd: int | None = None, on_detach=None):
         self.region = region
         self.header = region.header
         self.geom = region.geom
@@ -71,12 +72,14 @@ class Runtime:
         self.fault = None  # why the stack stopped on its own, if it did
         self._device_down = False  # reported down, still there: looked at again until frames return
         self._truncation_reported = False
-        for fd in (*self._io_fds, wake_fd, ctl_fd, self._signal_r):
+        for fd in (*self._io_fds, wake_fd, ctl_fd, self._signal_r, self.processes.fileno()):
             self._poller.register(fd, select.POLLIN)
-        self.launcher_fd = launcher_fd
-        if launcher_fd is not None:
-            os.set_blocking(launcher_fd, False)
+        self.launcher = socket.socket(fileno=launcher_fd) if launcher_fd is not None else None
+        if self.launcher is not None:
+            self.launcher.setblocking(False)
             self._poller.register(launcher_fd, select.POLLIN)
+        self.detached = False  # the program exited and the launcher returned: serving what it left
+        self.on_detach = on_detach  # on_detach(log_fd): the process leaves the launcher's terminal and output
         if stats_listener is not None:
             stats_listener.setblocking(False)
             self._poller.register(stats_listener.fileno(), select.POLLIN)
@@ -140,6 +143,18 @@ class Runtime:
             self.waiters.free_owned_by(pid)
         for slot_id in closed:
             self.sockets.close_abandoned(slot_id, now)
+        if ended and self.detached:
+            self._take_registrations()
+            if not self.processes:
+                log("the program's last process ended: stopping")
+                self.stopping = True
+
+    def _take_registrations(self) -> None:
+        """A process registers the child it forks before fork returns: once
+        it is seen to have ended, what it registered is on the control
+        socket, and read now."""
+        self.waiters.look()
+        self.waiters.receive()
 
     def _report_truncation(self) -> None:
         """Frames too large for the packet I/O's slots are lost: say so once
@@ -193,9 +208,10 @@ class Runtime:
                 self.waiters.look()
             elif fd == self._signal_r:
                 os.read(fd, 64)
-            elif self.stats_listener is not None and fd == self.stats_listener.fileno():
+            elif fd == self.processes.fileno() or (self.stats_listener is not None
+                                                   and fd == self.stats_listener.fileno()):
                 self._next_housekeeping = 0.0
-            elif fd == self.launcher_fd:
+            elif self.launcher is not None and fd == self.launcher.fileno():
                 self._hear_launcher()
         lib.mts_stack_awake(self.geom)
 
@@ -316,23 +332,52 @@ class Runtime:
     # -- the launcher ---------------------------------------------------------
 
     def _hear_launcher(self) -> None:
-        """The launcher says `program PID` once; its end of the pipe closing
-        means it is gone, and so is the reason to serve."""
-        if self.launcher_fd is None:
+        """The launcher says `program PID` once, and `detach` (with the log
+        to write to) when the program has exited; its end of the link
+        closing means it is gone, and so is the reason to serve."""
+        if self.launcher is None:
             return
         try:
-            data = os.read(self.launcher_fd, 256)
+            data, fds, _, _ = socket.recv_fds(self.launcher, 256, 1)
         except BlockingIOError:
             return
+        except OSError:
+            data, fds = b"", []
         for line in data.decode(errors="replace").splitlines():
             word, _, pid = line.partition(" ")
             if word == "program" and pid.isdigit():
                 self.sockets.program_pid = int(pid)
+            elif word == "detach":
+                self._detach(fds[0] if fds else None)
+                fds = []
+        for fd in fds:
+            os.close(fd)
         if not data:
             log("the launcher is gone: stopping")
-            self._poller.unregister(self.launcher_fd)
-            os.close(self.launcher_fd)
-            self.launcher_fd = None
+            self._poller.unregister(self.launcher.fileno())
+            self.launcher.close()
+            self.launcher = None
+            self.stopping = True
+
+    def _detach(self, log_fd: int | None) -> None:
+        """The program has exited.  Processes it left (a daemon it forked)
+        keep the stack serving, in a session of its own, with `log_fd` as
+        its output, until the last of them ends; the launcher hears which
+        (`serving PID...`) or that we stop (`stopping`)."""
+        self._bury_ended_processes(time.monotonic())
+        self._take_registrations()
+        pids = self.processes.pids()
+        if pids and log_fd is not None:
+            if self.on_detach is not None:
+                self.on_detach(log_fd)
+            self.detached = True
+            log(f"the program exited; serving its processes {' '.join(map(str, pids))} until they end")
+        if log_fd is not None:
+            os.close(log_fd)
+        answer = f"serving {' '.join(map(str, pids))}" if self.detached else "stopping"
+        with contextlib.suppress(OSError):
+            self.launcher.sendall(f"{answer}\n".encode())
+        if not self.detached:
             self.stopping = True
 
 

@@ -4,9 +4,10 @@ It opens its packet I/O as root, then drops to --stack-user with no
 capabilities: a program (any of its processes can write anywhere in the
 region) that subverts the stack gains nothing.  It reports readiness (or the
 one-line reason it cannot start) on the ready pipe, then runs the loop until
-SIGTERM or until the launcher's pipe closes.  On a crash it records the
-reason in the region so that the launcher and the interposer can tell the
-user.
+SIGTERM, until the launcher's link closes, or, once the program has exited,
+until the last of the processes it left ends (runtime.py, `detach`).  On a
+crash it records the reason in the region so that the launcher and the
+interposer can tell the user.
 """
 import argparse
 import contextlib
@@ -79,7 +80,8 @@ def _parse(argv):
     parser.add_argument("--congestion", help="default congestion control (else the kernel's here)")
     parser.add_argument("--stats-socket", help="Unix socket path answering `mtcpshim stat`")
     parser.add_argument("--launcher-fd", type=int,
-                        help="read end of a pipe only the launcher writes: its end-of-file stops the stack")
+                        help="our end of a socket pair with the launcher: it says when the program has "
+                             "exited, and its end-of-file stops the stack")
     parser.add_argument("--stack-user", default="nobody",
                         help="the user the stack serves as once its packet I/O is open (default %(default)s)")
     return parser.parse_args(argv)
@@ -156,7 +158,7 @@ def _build_runtime(args, region):
                                              max_time_wait=timewait.host_limit(TcpConfig.max_time_wait))))
     runtime = Runtime(region, io, node, args.ctl_fd, args.wake_fd,
                       pcap=pcap, spin_seconds=args.spin_us / 1e6, stats_listener=stats,
-                      launcher_fd=args.launcher_fd)
+                      launcher_fd=args.launcher_fd, on_detach=_leave_launcher)
 
     def cleanup_all():
         # The statistics socket's path is the launcher's to remove (its
@@ -165,6 +167,16 @@ def _build_runtime(args, region):
             stats.close()
         cleanup()
     return runtime, cleanup_all
+
+
+def _leave_launcher(log_fd: int) -> None:
+    """The program exited and left processes that use us: the launcher
+    returns to its caller, so its output and its terminal are no longer
+    ours; what we say goes to `log_fd`."""
+    for stdio in (1, 2):
+        os.dup2(log_fd, stdio)
+    with contextlib.suppress(OSError):
+        os.setsid()
 
 
 def _listen_for_stats(path: str) -> socket.socket:

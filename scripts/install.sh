@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(lighttpd wrk apache2-utils curl wget nftables iproute2 iputils-ping tcpdump iperf3 gcc procps pypy3 pypy3-dev)
+packages=(lighttpd wrk apache2-utils curl wget nftables iproute2 iputils-ping tcpdump iperf3 gcc procps pypy3 pypy3-dev
+          redis-server redis-tools)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -25,8 +25,8 @@ def netns():
 
 
 def test_a_second_claim_is_refused_until_the_first_is_released(netns):
-    with launcher.interface_claim(netns, "lo") as stats_path:
-        assert stats_path == launcher.runtime_path(netns, "lo", "stats")
+    with launcher.interface_claim(netns, "lo") as claim:
+        assert claim.stats == launcher.runtime_path(netns, "lo", "stats")
         with pytest.raises(launcher.LaunchError, match=f"already serves lo in {netns}"):
             with launcher.interface_claim(netns, "lo"):
                 pass

@@ -355,14 +355,12 @@ def test_commands_for_slots_nobody_allocated_are_refused(world):
     assert free_slot not in world.runtime.sockets
 
 
-def test_the_log_names_the_program_and_the_launcher_s_end_stops_the_stack(world, capsys):
-    """The launcher says `program PID` on its pipe; a reset names that pid;
-    the pipe closing (the launcher died) stops the stack."""
-    read_end, write_end = os.pipe()
-    os.set_blocking(read_end, False)
-    world.runtime.launcher_fd = read_end
-    world.runtime._poller.register(read_end)
-    os.write(write_end, b"program 4321\n")
+def test_a_reset_for_corruption_names_the_program(world, capsys):
+    """The launcher says `program PID` on its link; a reset names that pid."""
+    launcher, world.runtime.launcher = socket.socketpair()
+    world.runtime.launcher.setblocking(False)
+    launcher.sendall(b"program 4321\n")
+    world.now += world.runtime.HOUSEKEEPING_INTERVAL
     listener = listening_socket(world)
     victim, victim_conn, (victim_tx, _) = accepted_connection(world, listener)
     lib.mts_slot_at(world.g, victim).rx.tail = 1 << 40
@@ -371,10 +369,7 @@ def test_the_log_names_the_program_and_the_launcher_s_end_stops_the_stack(world,
     world.peer.host.collect(victim_conn, world.now)
     world.settle()
     assert "the program (pid 4321) corrupted socket" in capsys.readouterr().err
-    os.close(write_end)
-    world.now += world.runtime.HOUSEKEEPING_INTERVAL
-    world.runtime.step(world.now)
-    assert world.runtime.stopping and "the launcher is gone" in capsys.readouterr().err
+    launcher.close()
 
 
 def test_a_connection_reset_for_corruption_as_its_handshake_completes_is_published_closed(world):
