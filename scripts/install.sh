@@ -5,13 +5,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(lighttpd wrk apache2-utils curl wget nftables iproute2 iputils-ping tcpdump iperf3 gcc procps pypy3 pypy3-dev
-          redis-server redis-tools)
+          redis-server redis-tools nginx haproxy postgresql)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
 if [ ${#missing[@]} -gt 0 ]; then
-    # Installing lighttpd must not start a system-wide server: keep services down.
+    # Installing lighttpd, nginx, redis or PostgreSQL must not start a system-wide
+    # server: keep services down.
     policy=/usr/sbin/policy-rc.d
     added_policy=0
     if [ ! -e "$policy" ]; then
