@@ -153,6 +153,14 @@ struct mts_waiter {
 #define MTS_FD_STACK 2
 #define MTS_FD_TABLE_MAX 1048576 /* words: descriptor numbers the table covers at most */
 
+/* A stack socket's placeholder in the kernel's fd table is an eventfd whose
+ * count says which socket it stands for: MTS_PLACEHOLDER_TAG | slot id,
+ * set when it is made and never read or written after.  A process handed
+ * one over an AF_UNIX socket (SCM_RIGHTS) reads it (/proc/self/fdinfo) to
+ * know which socket it was given. */
+#define MTS_PLACEHOLDER_TAG 0x6D000000
+#define MTS_PLACEHOLDER_SLOT_MASK 0x00FFFFFF
+
 struct mts_ctl_msg {
     uint32_t op;
     uint32_t id;

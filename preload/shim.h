@@ -209,6 +209,13 @@ void shim_slot_unref(uint32_t slot, uint32_t generation);
 /* Whether a stack fd's word still names its slot's socket. */
 int shim_fd_current(uint64_t word);
 
+/* ---- stack sockets over AF_UNIX (shim_rights.c) -------------------------- */
+
+/* sendmsg on a kernel socket whose message carries descriptors. */
+ssize_t shim_send_rights(int fd, const struct msghdr *msg, int flags);
+/* After a kernel recvmsg with control data: the stack sockets received. */
+void shim_adopt_rights(const struct msghdr *msg);
+
 /* ---- waiting ------------------------------------------------------------ */
 
 struct shim_waiter {
@@ -282,6 +289,9 @@ void shim_epoll_unref(int fd);
 void shim_epoll_ref(int from_fd, int to_fd);
 /* After fork in the child. */
 void shim_epoll_after_fork_child(void);
+/* epfd, if an epoll set of ours, is inside another wait (epoll, poll,
+ * select): from now on its own fd is readable while a stack fd in it is. */
+void shim_epoll_nest(int epfd);
 
 /* Drops the fd's table entry and what it held (slot reference, epoll
  * instance), after the real close or dup2 over it succeeded. */

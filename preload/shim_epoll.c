@@ -10,6 +10,13 @@
  * looks at every entry once.  When nothing is ready it sleeps in the real
  * epoll_pwait, in whose set the instance keeps its waiter's eventfd and the
  * death pipe, so timeouts, signal masks and EINTR stay the kernel's.
+ *
+ * An instance inside another epoll set, or in poll or select, is "nested":
+ * the outer waiter sees only its kernel fd, so while a stack entry is ready
+ * the instance keeps that fd readable (its waiter's eventfd signalled), and
+ * otherwise keeps its waiter armed, so that the stack's next change makes
+ * it readable.  The outer wait may then find it readable once more than
+ * the kernel's would: the next wait on the instance itself settles that.
  */
 #include "shim.h"
 
@@ -57,6 +64,7 @@ struct epoll_instance {
     uint32_t ready_start; /* round robin, so no stack fd starves */
     uint64_t log_pos;     /* the change log is read up to here */
     uint8_t death_seen;   /* every entry was queued once the stack died */
+    uint8_t nested;       /* in another epoll set, or polled: see the top */
 };
 
 /* Registry, changed under the fd table lock. */
@@ -384,10 +392,59 @@ static void ensure_waiter(struct epoll_instance *inst, int epfd)
     inst->waiter_in_set = 1;
 }
 
+/* Whether a stack entry would be reported now; nothing changes but the ready
+ * list's contents (entries the change log names join it). */
+static int any_ready(struct epoll_instance *inst)
+{
+    int dead = __atomic_load_n(&shim.stack_dead, __ATOMIC_ACQUIRE), ready = dead;
+    instance_lock(inst);
+    read_changes(inst);
+    for (uint32_t pos = 0; pos < inst->ready_count && !ready; pos++) {
+        if (inst->ready[pos] == LEFT)
+            continue;
+        const struct epoll_entry *e = &inst->entries[inst->ready[pos]];
+        uint32_t seq = __atomic_load_n(&shim_slot(e->slot)->event_seq, __ATOMIC_ACQUIRE);
+        ready = !e->disabled && !((e->events & EPOLLET) && seq == e->seen_seq) &&
+                (shim_slot_ready(e->slot) & (e->events | EPOLLERR | EPOLLHUP));
+    }
+    instance_unlock(inst);
+    return ready;
+}
+
+/* A nested instance's kernel fd: readable while a stack entry is ready,
+ * else readable at the stack's next change (see the top). */
+static void keep_nested_readable(struct epoll_instance *inst, int epfd)
+{
+    if (!inst->nested || !__atomic_load_n(&inst->count, __ATOMIC_ACQUIRE))
+        return;
+    ensure_waiter(inst, epfd);
+    if (!inst->waiter_in_set)
+        return;
+    shim_waiter_arm(&inst->waiter);
+    if (any_ready(inst)) {
+        uint64_t one = 1;
+        __atomic_store_n(&inst->waiter.w->armed, 0, __ATOMIC_RELEASE);
+        shim_real.write(inst->waiter.efd, &one, sizeof(one));
+    }
+}
+
+void shim_epoll_nest(int epfd)
+{
+    struct epoll_instance *inst = instance_of(epfd);
+    if (!inst)
+        return;
+    if (!inst->nested)
+        SHIM_DEBUG("epoll %d: nested in another wait", epfd);
+    inst->nested = 1;
+    keep_nested_readable(inst, epfd);
+}
+
 int epoll_ctl(int epfd, int op, int fd, struct epoll_event *event)
 {
     uint32_t slot;
     if (!shim_stack_fd(fd, &slot)) {
+        if ((op == EPOLL_CTL_ADD || op == EPOLL_CTL_MOD) && !shim_busy)
+            shim_epoll_nest(fd); /* an epoll set holding stack sockets, inside this one */
         int result = shim_real.epoll_ctl(epfd, op, fd, event);
         struct epoll_instance *inst = result == 0 && shim.active && !shim_busy ? instance_of(epfd) : NULL;
         if (inst && op == EPOLL_CTL_ADD)
@@ -534,8 +591,8 @@ static int ms_until(int64_t deadline)
     return ms > INT_MAX ? INT_MAX : (int)ms;
 }
 
-static int instance_wait(int epfd, struct epoll_instance *inst, struct epoll_event *events, int max,
-                         int64_t deadline, const sigset_t *sigmask)
+static int wait_for_events(int epfd, struct epoll_instance *inst, struct epoll_event *events, int max,
+                           int64_t deadline, const sigset_t *sigmask)
 {
     if (max <= 0 || max > EP_MAX_EVENTS)
         return fail(EINVAL);
@@ -578,6 +635,17 @@ sleep:
             return n;
     }
 }
+
+static int instance_wait(int epfd, struct epoll_instance *inst, struct epoll_event *events, int max,
+                         int64_t deadline, const sigset_t *sigmask)
+{
+    int found = wait_for_events(epfd, inst, events, max, deadline, sigmask);
+    int err = errno;
+    keep_nested_readable(inst, epfd);
+    errno = err;
+    return found;
+}
+
 
 int epoll_pwait(int epfd, struct epoll_event *events, int max, int timeout, const sigset_t *sigmask)
 {

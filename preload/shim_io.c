@@ -480,8 +480,12 @@ ssize_t __recvfrom_chk(int fd, void *buf, size_t n, size_t buflen, int flags, st
 ssize_t recvmsg(int fd, struct msghdr *msg, int flags)
 {
     uint32_t slot;
-    if (!shim_stack_fd(fd, &slot))
-        return shim_real.recvmsg(fd, msg, flags);
+    if (!shim_stack_fd(fd, &slot)) {
+        ssize_t got = shim_real.recvmsg(fd, msg, flags);
+        if (got >= 0 && msg->msg_controllen && shim.active && !shim_busy)
+            shim_adopt_rights(msg);
+        return got;
+    }
     ssize_t got = shim_stack_recv(slot, msg->msg_iov, (int)msg->msg_iovlen, flags);
     if (got >= 0) {
         msg->msg_namelen = 0;
@@ -531,7 +535,8 @@ ssize_t sendmsg(int fd, const struct msghdr *msg, int flags)
 {
     uint32_t slot;
     if (!shim_stack_fd(fd, &slot))
-        return shim_real.sendmsg(fd, msg, flags);
+        return msg && msg->msg_controllen && shim.active && !shim_busy ? shim_send_rights(fd, msg, flags)
+                                                                      : shim_real.sendmsg(fd, msg, flags);
     return shim_stack_send(slot, msg->msg_iov, (int)msg->msg_iovlen, flags);
 }
 

@@ -20,12 +20,18 @@ _Static_assert(POLLIN == EPOLLIN && POLLPRI == EPOLLPRI && POLLOUT == EPOLLOUT &
 
 #define LOCAL_POLLFDS 64
 
+/* Whether a stack fd is among fds.  An epoll set among them is nested from
+ * now on: readable while it holds a ready stack fd (shim_epoll.c). */
 static int has_stack_fd(const struct pollfd *fds, nfds_t nfds)
 {
-    for (nfds_t i = 0; i < nfds; i++)
-        if (shim_fd_kind_of(shim_fd_word(fds[i].fd)) == SHIM_FD_STACK)
-            return 1;
-    return 0;
+    int stack = 0;
+    for (nfds_t i = 0; i < nfds; i++) {
+        enum shim_fd_kind kind = shim_fd_kind_of(shim_fd_word(fds[i].fd));
+        stack |= kind == SHIM_FD_STACK;
+        if (kind == SHIM_FD_EPOLL)
+            shim_epoll_nest(fds[i].fd);
+    }
+    return stack;
 }
 
 /* Fills revents of the stack fds; returns how many are ready. */
@@ -155,14 +161,19 @@ int __ppoll_chk(struct pollfd *fds, nfds_t nfds, const struct timespec *timeout,
 
 /* ---- select ---------------------------------------------------------------------- */
 
+/* As has_stack_fd, for select's sets. */
 static int sets_have_stack_fd(int nfds, fd_set *r, fd_set *w, fd_set *e)
 {
-    int high = shim_fd_highest();
-    for (int fd = 0; fd < nfds && fd <= high && fd < FD_SETSIZE; fd++)
-        if (((r && FD_ISSET(fd, r)) || (w && FD_ISSET(fd, w)) || (e && FD_ISSET(fd, e))) &&
-            shim_fd_kind_of(shim_fd_word(fd)) == SHIM_FD_STACK)
-            return 1;
-    return 0;
+    int high = shim_fd_highest(), stack = 0;
+    for (int fd = 0; fd < nfds && fd <= high && fd < FD_SETSIZE; fd++) {
+        if (!((r && FD_ISSET(fd, r)) || (w && FD_ISSET(fd, w)) || (e && FD_ISSET(fd, e))))
+            continue;
+        enum shim_fd_kind kind = shim_fd_kind_of(shim_fd_word(fd));
+        stack |= kind == SHIM_FD_STACK;
+        if (kind == SHIM_FD_EPOLL)
+            shim_epoll_nest(fd);
+    }
+    return stack;
 }
 
 /* select as a poll over the same fds, with the kernel's readiness sets. */

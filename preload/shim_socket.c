@@ -330,7 +330,7 @@ static int become_stack_socket(int fd, uint32_t *slot_out)
     int fd_flags = shim_real.fcntl(fd, F_GETFD);
     int nonblock = status >= 0 && (status & O_NONBLOCK);
     s->app_flags = (nonblock ? MTS_AF_NONBLOCK : 0) | (candidate & SHIM_CANDIDATE_INET6 ? MTS_AF_INET6 : 0);
-    int placeholder = eventfd(0, EFD_CLOEXEC | (nonblock ? EFD_NONBLOCK : 0));
+    int placeholder = eventfd(MTS_PLACEHOLDER_TAG | (uint32_t)id, EFD_CLOEXEC | (nonblock ? EFD_NONBLOCK : 0));
     if (placeholder < 0 ||
         shim_real.dup3(placeholder, fd, fd_flags >= 0 && (fd_flags & FD_CLOEXEC) ? O_CLOEXEC : 0) < 0) {
         int err = errno;
@@ -577,7 +577,8 @@ static int stack_accept(int fd, uint32_t slot, struct sockaddr *addr, socklen_t 
     __atomic_store_n(&s->refcnt, 1, __ATOMIC_RELEASE);
     uint32_t family = __atomic_load_n(&listener->app_flags, __ATOMIC_RELAXED) & MTS_AF_INET6;
     __atomic_store_n(&s->app_flags, (flags & SOCK_NONBLOCK ? MTS_AF_NONBLOCK : 0) | family, __ATOMIC_RELEASE);
-    int nfd = eventfd(0, (flags & SOCK_NONBLOCK ? EFD_NONBLOCK : 0) | (flags & SOCK_CLOEXEC ? EFD_CLOEXEC : 0));
+    int nfd = eventfd(MTS_PLACEHOLDER_TAG | (uint32_t)child,
+                      (flags & SOCK_NONBLOCK ? EFD_NONBLOCK : 0) | (flags & SOCK_CLOEXEC ? EFD_CLOEXEC : 0));
     if (nfd < 0) {
         int err = errno;
         s->opt_linger_on = 1; /* nobody will ever read it: reset */

@@ -68,3 +68,50 @@ def test_a_worker_killed_with_sigkill_closes_what_it_held(test_network, tmp_path
             client.kill()
             client.wait()
         server.stop()
+
+
+# A privilege-separated server in miniature: the parent accepts and hands
+# each connection over an AF_UNIX socket to a worker it forked before any
+# connection existed, closing its own copy at once.
+PASSING_SERVER = """
+import os, socket, sys
+parent_end, worker_end = socket.socketpair()
+worker = os.fork()
+if worker == 0:
+    parent_end.close()
+    while True:
+        _, fds, _, _ = socket.recv_fds(worker_end, 1, 1)
+        if not fds:
+            os._exit(0)
+        conn = socket.socket(fileno=fds[0])
+        request = conn.recv(4096)
+        body = f"worker {os.getpid()} family {conn.family.name}".encode()
+        conn.sendall(b"HTTP/1.0 200 OK\\r\\nContent-Length: %d\\r\\n\\r\\n" % len(body) + body)
+        conn.close()
+worker_end.close()
+listener = socket.create_server(("", int(sys.argv[1])))
+print("worker", worker, flush=True)
+for _ in range(int(sys.argv[2])):
+    conn, _ = listener.accept()
+    socket.send_fds(parent_end, [b"c"], [conn.fileno()])
+    conn.close()
+parent_end.close()
+os.waitpid(worker, 0)
+"""
+
+
+def test_connections_passed_to_a_worker_over_af_unix_are_served_there(test_network, tmp_path):
+    requests = 20
+    server = ShimProgram([sys.executable, "-c", PASSING_SERVER, str(SERVER_PORT), str(requests)],
+                         tmp_path / "server.log")
+    try:
+        server.stack_pid()
+        wait_until(lambda: "worker " in server.output(), 20, "the server to listen")
+        worker = server.output().split("worker ", 1)[1].split()[0]
+        for _ in range(requests):
+            got = subprocess.run(["ip", "netns", "exec", NET.cli_ns, "curl", "-s", "-m", "10",
+                                  f"http://{NET.srv_ip}:{SERVER_PORT}/"], capture_output=True, text=True, timeout=30)
+            assert got.stdout == f"worker {worker} family AF_INET", got
+        assert server.wait(30) == 0
+    finally:
+        server.stop()

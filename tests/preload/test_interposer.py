@@ -385,6 +385,25 @@ def test_a_socket_survives_exec_unless_it_has_fd_cloexec_as_on_the_kernel(run_pr
     assert run_probe.run("exec") == kernel
 
 
+def test_sockets_passed_over_af_unix_work_in_the_receiver_as_on_the_kernel(run_probe):
+    """A listener and a connection go over an AF_UNIX socket (SCM_RIGHTS)
+    and their sender closes its copies before the receiver takes them: the
+    message keeps them open; the receiver writes on the connection, accepts
+    on the listener, and its exit closes both."""
+    kernel = run_probe.run("passfd", attached=False, extra_env={"PROBE_IP": "127.0.0.1"})
+    assert "bytes stream 1 1 cloexec 1" in kernel and "receiver_exit 0" in kernel
+    assert run_probe.run("passfd") == kernel
+
+
+def test_an_epoll_set_of_stack_sockets_nested_in_epoll_and_poll_as_on_the_kernel(run_probe):
+    """An epoll set holding a stack connection, inside another epoll set and
+    in poll: readable while the connection is, and a sleeping outer wait
+    wakes when data arrives."""
+    kernel = run_probe.run("nested", attached=False, extra_env={"PROBE_IP": "127.0.0.1"})
+    assert "outer_reports_inner 1" in kernel and "outer_wakes 1" in kernel
+    assert run_probe.run("nested") == kernel
+
+
 def test_integer_options_read_back_as_the_kernel_s_do(run_probe):
     """The same setsockopt and getsockopt calls on a kernel socket and on
     a stack socket: every result, errno and value read back is the same."""

@@ -1161,6 +1161,159 @@ static void killed(void)
     close(c);
 }
 
+/* ---- an epoll set inside another, and in poll: kernel and stack ----------- */
+
+static void nested(void)
+{
+    int c, a;
+    connected_pair(&c, &a, 0);
+    int inner = epoll_create1(0), outer = epoll_create1(0);
+    struct epoll_event in = {.events = EPOLLIN, .data.fd = a}, of_inner = {.events = EPOLLIN, .data.fd = inner};
+    step("inner_add_connection", epoll_ctl(inner, EPOLL_CTL_ADD, a, &in));
+    step("outer_add_inner", epoll_ctl(outer, EPOLL_CTL_ADD, inner, &of_inner));
+    struct epoll_event got[4];
+    step("outer_before_data", epoll_wait(outer, got, 4, 0));
+    step("write", write(c, "x", 1));
+    int n = (int)step("outer_after_data", epoll_wait(outer, got, 4, 5000));
+    out("outer_reports_inner %d", n == 1 && got[0].data.fd == inner);
+    n = (int)step("inner_wait", epoll_wait(inner, got, 4, 0));
+    out("inner_reports_connection %d", n == 1 && got[0].data.fd == a && got[0].events == EPOLLIN);
+    /* Level-triggered and unread: the inner set stays readable. */
+    step("outer_still", epoll_wait(outer, got, 4, 0));
+    struct pollfd p = {.fd = inner, .events = POLLIN};
+    step("poll_inner", poll(&p, 1, 0));
+    out("poll_revents %s", poll_bits(p.revents));
+    char buf[8];
+    step("read", read(a, buf, sizeof(buf)));
+    step("inner_after_read", epoll_wait(inner, got, 4, 0));
+    step("outer_after_read", epoll_wait(outer, got, 4, 0));
+    /* Asleep in the outer wait when data arrives: it wakes. */
+    pid_t child = fork();
+    if (child == 0) {
+        sleep_ms(100);
+        write(c, "y", 1);
+        _exit(0);
+    }
+    n = (int)step("outer_wakes", epoll_wait(outer, got, 4, 5000));
+    p.revents = 0;
+    step("poll_inner_again", poll(&p, 1, 0));
+    waitpid(child, NULL, 0);
+    close(outer);
+    close(inner);
+    close(a);
+    close(c);
+}
+
+/* ---- passing sockets over AF_UNIX: run on the kernel and on the stack ------ */
+
+static int send_fds(int over, const int *fds, int count)
+{
+    char data = 'f';
+    struct iovec iov = {&data, 1};
+    union {
+        char buf[CMSG_SPACE(4 * sizeof(int))];
+        struct cmsghdr align;
+    } control;
+    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.buf,
+                         .msg_controllen = CMSG_SPACE((size_t)count * sizeof(int))};
+    struct cmsghdr *cm = CMSG_FIRSTHDR(&msg);
+    cm->cmsg_level = SOL_SOCKET;
+    cm->cmsg_type = SCM_RIGHTS;
+    cm->cmsg_len = CMSG_LEN((size_t)count * sizeof(int));
+    memcpy(CMSG_DATA(cm), fds, (size_t)count * sizeof(int));
+    return (int)sendmsg(over, &msg, 0);
+}
+
+/* Receives up to `count` descriptors; returns how many came. */
+static int receive_fds(int over, int *fds, int count)
+{
+    char data;
+    struct iovec iov = {&data, 1};
+    union {
+        char buf[CMSG_SPACE(4 * sizeof(int))];
+        struct cmsghdr align;
+    } control;
+    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.buf,
+                         .msg_controllen = sizeof(control.buf)};
+    if (recvmsg(over, &msg, MSG_CMSG_CLOEXEC) != 1)
+        return -1;
+    struct cmsghdr *cm = CMSG_FIRSTHDR(&msg);
+    if (!cm || cm->cmsg_type != SCM_RIGHTS)
+        return 0;
+    int got = (int)((cm->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+    memcpy(fds, CMSG_DATA(cm), (size_t)(got < count ? got : count) * sizeof(int));
+    return got;
+}
+
+/* The receiver: it gets a listener and a connection its sender has closed
+ * already, and says what it found over the connection itself.  Its status
+ * tells the sender what failed, if anything. */
+static void passfd_receiver(int over, int go)
+{
+    char byte;
+    if (read(go, &byte, 1) != 1)
+        _exit(3);
+    int fds[2];
+    if (receive_fds(over, fds, 2) != 2)
+        _exit(4);
+    int types[2] = {0, 0};
+    for (int i = 0; i < 2; i++) {
+        socklen_t len = sizeof(types[i]);
+        getsockopt(fds[i], SOL_SOCKET, SO_TYPE, &types[i], &len);
+    }
+    char line[64];
+    int n = snprintf(line, sizeof(line), "stream %d %d cloexec %d", types[0] == SOCK_STREAM,
+                     types[1] == SOCK_STREAM, fcntl(fds[1], F_GETFD) == FD_CLOEXEC);
+    if (write(fds[1], line, (size_t)n) != n)
+        _exit(5);
+    int second = accept(fds[0], NULL, NULL);
+    if (second < 0 || write(second, "accepted by the receiver", 24) != 24)
+        _exit(6);
+    _exit(0);
+}
+
+static void passfd(void)
+{
+    int pair[2], go[2];
+    if (socketpair(AF_UNIX, SOCK_STREAM, 0, pair) < 0 || pipe(go) < 0)
+        die("socketpair");
+    pid_t child = fork();
+    if (child == 0) {
+        close(pair[0]);
+        close(go[1]);
+        passfd_receiver(pair[1], go[0]);
+    }
+    close(pair[1]);
+    close(go[0]);
+    int l = listener(0);
+    struct sockaddr_in to = stack_addr(local_port(l));
+    int c = socket(AF_INET, SOCK_STREAM, 0);
+    step("connect", connect(c, (struct sockaddr *)&to, sizeof(to)));
+    int a = accept(l, NULL, NULL);
+    int fds[2] = {l, a};
+    step("send_listener_and_connection", send_fds(pair[0], fds, 2));
+    /* Only the message holds them now, as on the kernel. */
+    step("close_both", close(l) | close(a));
+    step("let_receiver_go", write(go[1], "g", 1));
+    char buf[64] = {0};
+    step("read_from_receiver", read(c, buf, sizeof(buf) - 1));
+    out("bytes %s", buf);
+    int c2 = socket(AF_INET, SOCK_STREAM, 0);
+    step("connect_to_passed_listener", connect(c2, (struct sockaddr *)&to, sizeof(to)));
+    memset(buf, 0, sizeof(buf));
+    step("read_from_accepted", read(c2, buf, sizeof(buf) - 1));
+    out("bytes %s", buf);
+    int status;
+    waitpid(child, &status, 0);
+    out("receiver_exit %d", WIFEXITED(status) ? WEXITSTATUS(status) : -1);
+    step("after_its_exit_reads_eof", read(c, buf, sizeof(buf)));
+    int c3 = socket(AF_INET, SOCK_STREAM, 0);
+    step("connect_after_its_exit", connect(c3, (struct sockaddr *)&to, sizeof(to)));
+    close(c3);
+    close(c2);
+    close(c);
+}
+
 /* ---- exec: run on the kernel and on the stack, traces equal ---------------- */
 
 /* The image the "exec" scenario's child becomes: the socket it inherited
@@ -1225,7 +1378,8 @@ int main(int argc, char **argv)
         {"death", death},         {"refused", refused},   {"forkdup", forkdup}, {"protect", protect},
         {"privport", privport},   {"options", options},     {"dualstack", dualstack},
         {"portrules", portrules}, {"reuseport", reuseport}, {"killed", killed},
-        {"exec", exec_scenario},  {"exec_image", exec_image},
+        {"exec", exec_scenario},  {"exec_image", exec_image}, {"passfd", passfd},
+        {"nested", nested},
     };
     for (size_t i = 0; argc == 2 && i < sizeof(scenarios) / sizeof(scenarios[0]); i++)
         if (strcmp(argv[1], scenarios[i].name) == 0) {
