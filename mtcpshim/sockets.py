@@ -36,6 +36,8 @@ _SENDING_DATA = (TcpState.ESTABLISHED, TcpState.CLOSE_WAIT)
 _EV_RDHUP = lib.MTS_EV_RDHUP
 _SLOT_USED = lib.MTS_SLOT_USED
 _OP_WAITER_FREE = lib.MTS_OP_WAITER_FREE
+# struct mts_tcp_info, the ABI's one list of TCP_INFO figures.
+_TCP_INFO_FIELDS = tuple(name for name, _ in ffi.typeof("struct mts_tcp_info").fields)
 _TAKEN_OVER = "its slot was allocated again while the stack held it"  # the generation moved on
 _ADDRESS_ARG_LIMIT = 1 << 48  # ip << 16 | port
 RELEASE_RINGS_AFTER = 64 << 10  # bytes through a slot's busier ring that make its pages worth a syscall
@@ -504,6 +506,16 @@ class SocketTable:
         self.shm_counters["sendfile_files"] += 1
         lib.mts_complete(sock.slot, 0)
 
+    def _info(self, slot_id, arg, now):
+        """MTS_OP_INFO: TCP_INFO's figures of the socket's connection, into
+        its slot (zero where there is none: a listener, or closed)."""
+        sock = self._socket(slot_id)
+        figures = sock.conn.info() if sock.conn is not None else {}
+        info = sock.slot.info
+        for name in _TCP_INFO_FIELDS:
+            setattr(info, name, figures.get(name, 0))
+        lib.mts_complete(sock.slot, 0)
+
     _HANDLERS = {
         lib.MTS_OP_BIND: _bind,
         lib.MTS_OP_LISTEN: _listen,
@@ -515,6 +527,7 @@ class SocketTable:
         lib.MTS_OP_SETOPT: _setopt,
         lib.MTS_OP_WAITER_FREE: _waiter_free,
         lib.MTS_OP_FILE: _file,
+        lib.MTS_OP_INFO: _info,
     }
 
     # -- readiness ----------------------------------------------------------

@@ -184,6 +184,7 @@ struct mts_ctl_msg {
 #define MTS_OP_SETOPT 8   /* async; arg = MTS_OPT_* that changed */
 #define MTS_OP_WAITER_FREE 9 /* async; slot field holds the waiter id */
 #define MTS_OP_FILE 10    /* sync; arg = a file number whose fd went ahead on CTL_FD (sendfile spans) */
+#define MTS_OP_INFO 11    /* sync: the stack fills slot.info (TCP_INFO) */
 
 struct mts_cmd {
     uint64_t seq;
@@ -335,6 +336,24 @@ struct mts_rx_sink {
 #define MTS_CONGESTION_NAME_MAX 16
 #define MTS_CONGESTION_LIST_MAX 64
 
+/* TCP_INFO's figures of a connection, as Linux's tcp_get_info reports them
+ * (times in microseconds, windows in segments), written by the stack as it
+ * serves MTS_OP_INFO. */
+struct mts_tcp_info {
+    uint32_t rto_us;
+    uint32_t rtt_us; /* smoothed */
+    uint32_t rttvar_us;
+    uint32_t snd_mss;
+    uint32_t rcv_mss;
+    uint32_t advmss;
+    uint32_t snd_cwnd;
+    uint32_t snd_ssthresh;
+    uint32_t unacked;       /* segments sent and not yet acknowledged */
+    uint32_t total_retrans; /* segments retransmitted since the connection began */
+    uint32_t retransmits;   /* retransmission timeouts in a row, now */
+    uint32_t options;       /* TCPI_OPT_*, and the window scales: snd << 8 | rcv << 12 */
+};
+
 struct mts_slot {
     /* ownership */
     uint32_t in_use;
@@ -391,7 +410,8 @@ struct mts_slot {
     uint32_t opt_quickack;
     char opt_congestion[16]; /* MTS_CONGESTION_NAME_MAX; empty: the default */
 
-    uint8_t pad1[24];
+    struct mts_tcp_info info;
+    uint8_t pad1[104];
 
     struct mts_ring rx; /* stack produces, application consumes */
     struct mts_ring tx; /* application produces, stack consumes on ACK */

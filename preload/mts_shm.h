@@ -30,8 +30,8 @@ _Static_assert(sizeof(struct mts_cmdq) == 128, "mts_cmdq layout");
 _Static_assert(sizeof(struct mts_changes) == MTS_CACHELINE, "mts_changes layout");
 _Static_assert(MTS_MAX_RING <= UINT32_MAX / 2 + 1, "ring sizes fit uint32_t");
 _Static_assert(sizeof(struct mts_ring) == 128, "mts_ring layout");
-_Static_assert(offsetof(struct mts_slot, rx) == 384, "mts_slot rings aligned");
-_Static_assert(sizeof(struct mts_slot) == 640, "mts_slot layout");
+_Static_assert(offsetof(struct mts_slot, rx) == 512, "mts_slot rings aligned");
+_Static_assert(sizeof(struct mts_slot) == 768, "mts_slot layout");
 _Static_assert(sizeof(struct mts_span) == 24, "mts_span layout");
 _Static_assert(sizeof(struct mts_ctl_msg) == 16, "mts_ctl_msg layout");
 

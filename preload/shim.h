@@ -279,6 +279,10 @@ static inline uint32_t shim_slot_ready(uint32_t slot)
     return mts_slot_poll(&shim.geom, slot);
 }
 
+/* The system call itself, as syscall(2) makes it, without going through
+ * our own syscall() (shim_syscall.c), which the program's calls reach. */
+long shim_raw_syscall(long number, ...);
+
 /* ---- cross-file hooks ---------------------------------------------------- */
 
 /* A stack fd is being closed: forget it in every epoll instance. */

@@ -380,7 +380,7 @@ static void register_process(int memfd, pid_t pid)
 {
     if (memfd < 0)
         return;
-    int pidfd = (int)syscall(SYS_pidfd_open, pid, 0);
+    int pidfd = (int)shim_raw_syscall(SYS_pidfd_open, pid, 0);
     int fds[2] = {memfd, pidfd};
     if (pidfd < 0 || shim_ctl_send_fds(MTS_CTL_REGISTER_PROCESS, (uint32_t)pid, shim_fd_capacity, fds, 2) < 0)
         SHIM_DEBUG("process %d not registered with the stack: %s", (int)pid, strerror(errno));

@@ -12,58 +12,58 @@
 #include <sys/ioctl.h>
 #include <sys/sendfile.h>
 
-static int direct_socket(int d, int t, int p) { return (int)syscall(SYS_socket, d, t, p); }
-static int direct_bind(int fd, const struct sockaddr *a, socklen_t l) { return (int)syscall(SYS_bind, fd, a, l); }
-static int direct_listen(int fd, int b) { return (int)syscall(SYS_listen, fd, b); }
-static int direct_accept(int fd, struct sockaddr *a, socklen_t *l) { return (int)syscall(SYS_accept, fd, a, l); }
+static int direct_socket(int d, int t, int p) { return (int)shim_raw_syscall(SYS_socket, d, t, p); }
+static int direct_bind(int fd, const struct sockaddr *a, socklen_t l) { return (int)shim_raw_syscall(SYS_bind, fd, a, l); }
+static int direct_listen(int fd, int b) { return (int)shim_raw_syscall(SYS_listen, fd, b); }
+static int direct_accept(int fd, struct sockaddr *a, socklen_t *l) { return (int)shim_raw_syscall(SYS_accept, fd, a, l); }
 static int direct_accept4(int fd, struct sockaddr *a, socklen_t *l, int f)
 {
-    return (int)syscall(SYS_accept4, fd, a, l, f);
+    return (int)shim_raw_syscall(SYS_accept4, fd, a, l, f);
 }
-static int direct_connect(int fd, const struct sockaddr *a, socklen_t l) { return (int)syscall(SYS_connect, fd, a, l); }
-static int direct_shutdown(int fd, int how) { return (int)syscall(SYS_shutdown, fd, how); }
-static int direct_getsockname(int fd, struct sockaddr *a, socklen_t *l) { return (int)syscall(SYS_getsockname, fd, a, l); }
-static int direct_getpeername(int fd, struct sockaddr *a, socklen_t *l) { return (int)syscall(SYS_getpeername, fd, a, l); }
+static int direct_connect(int fd, const struct sockaddr *a, socklen_t l) { return (int)shim_raw_syscall(SYS_connect, fd, a, l); }
+static int direct_shutdown(int fd, int how) { return (int)shim_raw_syscall(SYS_shutdown, fd, how); }
+static int direct_getsockname(int fd, struct sockaddr *a, socklen_t *l) { return (int)shim_raw_syscall(SYS_getsockname, fd, a, l); }
+static int direct_getpeername(int fd, struct sockaddr *a, socklen_t *l) { return (int)shim_raw_syscall(SYS_getpeername, fd, a, l); }
 static int direct_getsockopt(int fd, int level, int name, void *v, socklen_t *l)
 {
-    return (int)syscall(SYS_getsockopt, fd, level, name, v, l);
+    return (int)shim_raw_syscall(SYS_getsockopt, fd, level, name, v, l);
 }
 static int direct_setsockopt(int fd, int level, int name, const void *v, socklen_t l)
 {
-    return (int)syscall(SYS_setsockopt, fd, level, name, v, l);
+    return (int)shim_raw_syscall(SYS_setsockopt, fd, level, name, v, l);
 }
-static ssize_t direct_read(int fd, void *b, size_t n) { return syscall(SYS_read, fd, b, n); }
-static ssize_t direct_readv(int fd, const struct iovec *v, int n) { return syscall(SYS_readv, fd, v, n); }
-static ssize_t direct_recv(int fd, void *b, size_t n, int f) { return syscall(SYS_recvfrom, fd, b, n, f, NULL, NULL); }
+static ssize_t direct_read(int fd, void *b, size_t n) { return shim_raw_syscall(SYS_read, fd, b, n); }
+static ssize_t direct_readv(int fd, const struct iovec *v, int n) { return shim_raw_syscall(SYS_readv, fd, v, n); }
+static ssize_t direct_recv(int fd, void *b, size_t n, int f) { return shim_raw_syscall(SYS_recvfrom, fd, b, n, f, NULL, NULL); }
 static ssize_t direct_recvfrom(int fd, void *b, size_t n, int f, struct sockaddr *a, socklen_t *l)
 {
-    return syscall(SYS_recvfrom, fd, b, n, f, a, l);
+    return shim_raw_syscall(SYS_recvfrom, fd, b, n, f, a, l);
 }
-static ssize_t direct_recvmsg(int fd, struct msghdr *m, int f) { return syscall(SYS_recvmsg, fd, m, f); }
-static ssize_t direct_write(int fd, const void *b, size_t n) { return syscall(SYS_write, fd, b, n); }
-static ssize_t direct_writev(int fd, const struct iovec *v, int n) { return syscall(SYS_writev, fd, v, n); }
-static ssize_t direct_send(int fd, const void *b, size_t n, int f) { return syscall(SYS_sendto, fd, b, n, f, NULL, 0); }
+static ssize_t direct_recvmsg(int fd, struct msghdr *m, int f) { return shim_raw_syscall(SYS_recvmsg, fd, m, f); }
+static ssize_t direct_write(int fd, const void *b, size_t n) { return shim_raw_syscall(SYS_write, fd, b, n); }
+static ssize_t direct_writev(int fd, const struct iovec *v, int n) { return shim_raw_syscall(SYS_writev, fd, v, n); }
+static ssize_t direct_send(int fd, const void *b, size_t n, int f) { return shim_raw_syscall(SYS_sendto, fd, b, n, f, NULL, 0); }
 static ssize_t direct_sendto(int fd, const void *b, size_t n, int f, const struct sockaddr *a, socklen_t l)
 {
-    return syscall(SYS_sendto, fd, b, n, f, a, l);
+    return shim_raw_syscall(SYS_sendto, fd, b, n, f, a, l);
 }
-static ssize_t direct_sendmsg(int fd, const struct msghdr *m, int f) { return syscall(SYS_sendmsg, fd, m, f); }
-static ssize_t direct_sendfile(int out, int in, off_t *off, size_t n) { return syscall(SYS_sendfile, out, in, off, n); }
-static int direct_close(int fd) { return (int)syscall(SYS_close, fd); }
+static ssize_t direct_sendmsg(int fd, const struct msghdr *m, int f) { return shim_raw_syscall(SYS_sendmsg, fd, m, f); }
+static ssize_t direct_sendfile(int out, int in, off_t *off, size_t n) { return shim_raw_syscall(SYS_sendfile, out, in, off, n); }
+static int direct_close(int fd) { return (int)shim_raw_syscall(SYS_close, fd); }
 static int direct_close_range(unsigned int first, unsigned int last, int flags)
 {
-    return (int)syscall(SYS_close_range, first, last, flags);
+    return (int)shim_raw_syscall(SYS_close_range, first, last, flags);
 }
-static int direct_dup(int fd) { return (int)syscall(SYS_dup, fd); }
-static int direct_dup2(int fd, int to) { return (int)syscall(SYS_dup2, fd, to); }
-static int direct_dup3(int fd, int to, int flags) { return (int)syscall(SYS_dup3, fd, to, flags); }
+static int direct_dup(int fd) { return (int)shim_raw_syscall(SYS_dup, fd); }
+static int direct_dup2(int fd, int to) { return (int)shim_raw_syscall(SYS_dup2, fd, to); }
+static int direct_dup3(int fd, int to, int flags) { return (int)shim_raw_syscall(SYS_dup3, fd, to, flags); }
 static int direct_fcntl(int fd, int cmd, ...)
 {
     va_list ap;
     va_start(ap, cmd);
     long arg = va_arg(ap, long);
     va_end(ap);
-    return (int)syscall(SYS_fcntl, fd, cmd, arg);
+    return (int)shim_raw_syscall(SYS_fcntl, fd, cmd, arg);
 }
 static int direct_ioctl(int fd, unsigned long req, ...)
 {
@@ -71,18 +71,18 @@ static int direct_ioctl(int fd, unsigned long req, ...)
     va_start(ap, req);
     long arg = va_arg(ap, long);
     va_end(ap);
-    return (int)syscall(SYS_ioctl, fd, req, arg);
+    return (int)shim_raw_syscall(SYS_ioctl, fd, req, arg);
 }
-static int direct_epoll_create(int size) { return size <= 0 ? (errno = EINVAL, -1) : (int)syscall(SYS_epoll_create1, 0); }
-static int direct_epoll_create1(int flags) { return (int)syscall(SYS_epoll_create1, flags); }
-static int direct_epoll_ctl(int ep, int op, int fd, struct epoll_event *ev) { return (int)syscall(SYS_epoll_ctl, ep, op, fd, ev); }
+static int direct_epoll_create(int size) { return size <= 0 ? (errno = EINVAL, -1) : (int)shim_raw_syscall(SYS_epoll_create1, 0); }
+static int direct_epoll_create1(int flags) { return (int)shim_raw_syscall(SYS_epoll_create1, flags); }
+static int direct_epoll_ctl(int ep, int op, int fd, struct epoll_event *ev) { return (int)shim_raw_syscall(SYS_epoll_ctl, ep, op, fd, ev); }
 static int direct_epoll_pwait(int ep, struct epoll_event *ev, int n, int timeout, const sigset_t *mask)
 {
-    return (int)syscall(SYS_epoll_pwait, ep, ev, n, timeout, mask, _NSIG / 8);
+    return (int)shim_raw_syscall(SYS_epoll_pwait, ep, ev, n, timeout, mask, _NSIG / 8);
 }
 static int direct_epoll_pwait2(int ep, struct epoll_event *ev, int n, const struct timespec *ts, const sigset_t *mask)
 {
-    return (int)syscall(SYS_epoll_pwait2, ep, ev, n, ts, mask, _NSIG / 8);
+    return (int)shim_raw_syscall(SYS_epoll_pwait2, ep, ev, n, ts, mask, _NSIG / 8);
 }
 static int direct_ppoll(struct pollfd *fds, nfds_t n, const struct timespec *ts, const sigset_t *mask)
 {
@@ -91,11 +91,11 @@ static int direct_ppoll(struct pollfd *fds, nfds_t n, const struct timespec *ts,
         copy = *ts;
         tp = &copy;
     }
-    return (int)syscall(SYS_ppoll, fds, n, tp, mask, _NSIG / 8);
+    return (int)shim_raw_syscall(SYS_ppoll, fds, n, tp, mask, _NSIG / 8);
 }
 static int direct_select(int n, fd_set *r, fd_set *w, fd_set *e, struct timeval *tv)
 {
-    return (int)syscall(SYS_select, n, r, w, e, tv);
+    return (int)shim_raw_syscall(SYS_select, n, r, w, e, tv);
 }
 static int direct_pselect(int n, fd_set *r, fd_set *w, fd_set *e, const struct timespec *ts, const sigset_t *mask)
 {
@@ -108,9 +108,9 @@ static int direct_pselect(int n, fd_set *r, fd_set *w, fd_set *e, const struct t
         const sigset_t *set;
         size_t size;
     } sig = {mask, _NSIG / 8};
-    return (int)syscall(SYS_pselect6, n, r, w, e, tp, mask ? &sig : NULL);
+    return (int)shim_raw_syscall(SYS_pselect6, n, r, w, e, tp, mask ? &sig : NULL);
 }
-static pid_t direct_fork(void) { return (pid_t)syscall(SYS_fork); }
+static pid_t direct_fork(void) { return (pid_t)shim_raw_syscall(SYS_fork); }
 
 struct shim_real shim_real = {
     .socket = direct_socket,

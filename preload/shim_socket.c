@@ -61,7 +61,7 @@ static int port_needs_privilege(uint16_t port)
         return 0;
     struct __user_cap_header_struct header = {_LINUX_CAPABILITY_VERSION_3, 0};
     struct __user_cap_data_struct caps[_LINUX_CAPABILITY_U32S_3];
-    if (syscall(SYS_capget, &header, caps) != 0)
+    if (shim_raw_syscall(SYS_capget, &header, caps) != 0)
         return 1;
     return !(caps[CAP_TO_INDEX(CAP_NET_BIND_SERVICE)].effective & CAP_TO_MASK(CAP_NET_BIND_SERVICE));
 }
@@ -713,6 +713,36 @@ static int put_timeval(void *val, socklen_t *len, uint32_t ms)
     return put_value(val, len, &tv, sizeof(tv));
 }
 
+static int tcp_state_of(struct mts_slot *s);
+
+/* TCP_INFO: the stack's figures for the connection, asked for at once
+ * (MTS_OP_INFO), in the layout of glibc's struct tcp_info. */
+static int get_tcp_info(uint32_t slot, struct mts_slot *s, void *val, socklen_t *len)
+{
+    struct tcp_info info;
+    memset(&info, 0, sizeof(info));
+    info.tcpi_state = (uint8_t)tcp_state_of(s);
+    int result = shim_cmd_sync(MTS_OP_INFO, slot, 0);
+    if (result < 0)
+        return fail(-result);
+    const struct mts_tcp_info *from = &s->info;
+    info.tcpi_rto = from->rto_us;
+    info.tcpi_rtt = from->rtt_us;
+    info.tcpi_rttvar = from->rttvar_us;
+    info.tcpi_snd_mss = from->snd_mss;
+    info.tcpi_rcv_mss = from->rcv_mss;
+    info.tcpi_advmss = from->advmss;
+    info.tcpi_snd_cwnd = from->snd_cwnd;
+    info.tcpi_snd_ssthresh = from->snd_ssthresh;
+    info.tcpi_unacked = from->unacked;
+    info.tcpi_total_retrans = from->total_retrans;
+    info.tcpi_retransmits = (uint8_t)from->retransmits;
+    info.tcpi_options = (uint8_t)(from->options & 0xFF);
+    info.tcpi_snd_wscale = (from->options >> 8) & 0xF;
+    info.tcpi_rcv_wscale = (from->options >> 12) & 0xF;
+    return put_value(val, len, &info, sizeof(info));
+}
+
 /* The Linux TCP state a program would see (lighttpd checks CLOSE_WAIT). */
 static int tcp_state_of(struct mts_slot *s)
 {
@@ -786,13 +816,8 @@ static int stack_getsockopt(uint32_t slot, int level, int name, void *val, sockl
                 congestion_name(0, name);
             return put_value(val, len, name, strlen(name) + 1);
         }
-        case TCP_INFO: {
-            struct tcp_info info;
-            memset(&info, 0, sizeof(info));
-            info.tcpi_state = (uint8_t)tcp_state_of(s);
-            info.tcpi_snd_mss = info.tcpi_rcv_mss = info.tcpi_advmss = DEFAULT_MSS;
-            return put_value(val, len, &info, sizeof(info));
-        }
+        case TCP_INFO:
+            return get_tcp_info(slot, s, val, len);
         default:
             return fail(ENOPROTOOPT);
         }

@@ -65,6 +65,11 @@ _SACK_BLOCK_LEN = 8
 _IPV4_TCP_HEADERS_LEN = 40       # IPv4 and TCP headers without options
 _DEFAULT_PEER_MSS = 536          # RFC 9293 3.7.1: no MSS option received
 _MAX_WINDOW = 0xFFFF
+# TCP_INFO (linux/tcp.h): the option bits, and the slow-start threshold
+# that means none yet (TCP_INFINITE_SSTHRESH).
+_TCPI_OPT_TIMESTAMPS, _TCPI_OPT_SACK, _TCPI_OPT_WSCALE = 1, 2, 4
+_INFINITE_SSTHRESH = 0x7FFFFFFF
+_NO_SSTHRESH = 1 << 30           # bytes: slow start runs until the first loss
 _PAWS_IDLE = 24 * 24 * 3600      # RFC 7323 5.5: TS.Recent is invalid after 24 days idle
 _DUPTHRESH = 3                   # RFC 5681 / 6675 DupThresh
 # Tail loss probe (RFC 8985 section 7): wait 2*SRTT, at least this long, and
@@ -212,7 +217,7 @@ class TcpConnection:
         "cwnd", "ssthresh", "_cc", "_dupacks", "_in_recovery", "_in_loss", "_recover",
         "_board", "_prr_delivered", "_prr_out", "_recover_fs",
         "_undo_marker", "_undo_retrans", "_undo_cwnd", "_undo_ssthresh", "_retrans_stamp",
-        "rtt", "_rtt_seq", "_rtt_time", "_retries", "_stall_start", "_last_tx",
+        "rtt", "_rtt_seq", "_rtt_time", "_retries", "_stall_start", "_last_tx", "retransmitted_segments",
         # receive sequence space
         "irs", "rcv_wscale", "_rcv_mss", "_rcv_buf_size", "_sws_threshold",
         "_rcv_unacked", "_assembler", "_rcv_fin_seq", "_dsack",
@@ -266,7 +271,7 @@ class TcpConnection:
         self._snd_sml = iss                # end of the last small segment (Minshall)
 
         self.cwnd = 0
-        self.ssthresh = 1 << 30
+        self.ssthresh = _NO_SSTHRESH
         self._cc = cc.create(config.congestion)
         self._dupacks = 0
         self._in_recovery = False          # fast recovery (PRR with SACK, else NewReno)
@@ -285,6 +290,7 @@ class TcpConnection:
         self._rtt_seq = None               # Karn: sequence number being timed
         self._rtt_time = 0.0
         self._retries = 0
+        self.retransmitted_segments = 0    # since the connection began (TCP_INFO's total_retrans)
         self._stall_start = None           # since when data or probes go unanswered
         self._last_tx = now                # when data last went out (Linux lsndtime)
 
@@ -400,6 +406,28 @@ class TcpConnection:
     def congestion_model(self):
         """The controller itself, for statistics (BBR's bandwidth, min RTT, mode)."""
         return self._cc
+
+    def info(self) -> dict[str, int]:
+        """The figures Linux's TCP_INFO reports of a connection (tcp_get_info):
+        times in microseconds, windows in segments."""
+        mss = self.send_mss
+        srtt = self.rtt.srtt
+        wscales = _TCPI_OPT_WSCALE | self.snd_wscale << 8 | self.rcv_wscale << 12 if self._wscale_ok else 0
+        return {
+            "rto_us": int(self.rtt.rto * 1e6),
+            "rtt_us": int(srtt * 1e6) if srtt is not None else 0,
+            "rttvar_us": int(self.rtt.rttvar * 1e6),
+            "snd_mss": mss,
+            "rcv_mss": self._rcv_mss,
+            "advmss": self.config.mss - (_TIMESTAMP_OPTION_LEN if self.ts_enabled else 0),
+            "snd_cwnd": self.cwnd // mss,
+            "snd_ssthresh": _INFINITE_SSTHRESH if self.ssthresh >= _NO_SSTHRESH else self.ssthresh // mss,
+            "unacked": -(-seq_diff(self.snd_nxt, self.snd_una) // mss),
+            "total_retrans": self.retransmitted_segments,
+            "retransmits": self._retries,
+            "options": ((_TCPI_OPT_TIMESTAMPS if self.ts_enabled else 0)
+                        | (_TCPI_OPT_SACK if self.sack_enabled else 0) | wscales),
+        }
 
     # What a congestion controller reads of the connection (stack/cc.py).
     @property
@@ -1586,6 +1614,7 @@ class TcpConnection:
         used = size + (flags & FIN)
         pieces = max(1, -(-size // self.send_mss))
         self.recovery_counts["retransmitted_segments"] += pieces
+        self.retransmitted_segments += pieces
         self._board.retransmitted(seq, seq_add(seq, used), self._now)
         if self._in_recovery:
             self._prr_out += used

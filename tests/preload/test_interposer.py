@@ -404,6 +404,27 @@ def test_an_epoll_set_of_stack_sockets_nested_in_epoll_and_poll_as_on_the_kernel
     assert run_probe.run("nested") == kernel
 
 
+def test_socket_calls_made_through_syscall_reach_the_stack(run_probe):
+    """socket, bind, listen, accept4, read, write, dup, close... through
+    syscall(SYS_...) as a runtime might make them: the listener is the
+    stack's, and every result is the kernel's."""
+    kernel = run_probe.run("rawsyscall", attached=False, extra_env={"PROBE_IP": "127.0.0.1"})
+    stack = run_probe.run("rawsyscall")
+    assert "read_nothing -1 EAGAIN" in kernel and "client_reads_eof 0" in kernel
+    kernel.remove("listener_kernel 1")
+    stack.remove("listener_kernel 0")
+    assert stack == kernel
+
+
+def test_tcp_info_reports_the_connection_s_figures_as_the_kernel_s_do(run_probe):
+    """After 4 MB across: a measured RTT, MSS, a grown window, nothing left
+    unacknowledged or retransmitted, the negotiated options; a short buffer
+    gets the first bytes, as on Linux."""
+    kernel = run_probe.run("tcpinfo", attached=False, extra_env={"PROBE_IP": "127.0.0.1"})
+    assert all(line.endswith((" 1", " 0", " 8", " 4194304")) for line in kernel), kernel
+    assert run_probe.run("tcpinfo") == kernel
+
+
 def test_integer_options_read_back_as_the_kernel_s_do(run_probe):
     """The same setsockopt and getsockopt calls on a kernel socket and on
     a stack socket: every result, errno and value read back is the same."""

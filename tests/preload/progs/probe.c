@@ -23,6 +23,7 @@
 #include <sys/select.h>
 #include <sys/sendfile.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
 #include <sys/uio.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -1204,6 +1205,81 @@ static void nested(void)
     close(c);
 }
 
+/* ---- TCP_INFO's figures after a transfer: kernel and stack ----------------- */
+
+static void tcpinfo(void)
+{
+    int c, a;
+    connected_pair(&c, &a, 0);
+    static char chunk[16 * 1024];
+    long moved = 0;
+    for (int i = 0; i < 256; i++) { /* 4 MB across, read as it goes: acknowledged, RTT sampled */
+        ssize_t sent = write(c, chunk, sizeof(chunk));
+        for (ssize_t got = 0; sent > 0 && got < sent;) {
+            ssize_t n = read(a, chunk, sizeof(chunk));
+            if (n <= 0)
+                die("read");
+            got += n;
+        }
+        moved += sent;
+    }
+    out("moved %ld", moved);
+    sleep_ms(50); /* the last ACKs */
+    struct tcp_info info;
+    socklen_t len = sizeof(info);
+    step("tcp_info", getsockopt(c, IPPROTO_TCP, TCP_INFO, &info, &len));
+    out("len_full %d", len == sizeof(info));
+    out("established %d", info.tcpi_state == TCP_ESTABLISHED);
+    out("rtt_measured %d", info.tcpi_rtt > 0 && info.tcpi_rtt < 1000000 && info.tcpi_rto >= 200000);
+    out("mss_set %d", info.tcpi_snd_mss >= 536 && info.tcpi_rcv_mss >= 536 && info.tcpi_advmss >= 536);
+    out("cwnd_grown %d", info.tcpi_snd_cwnd >= 10);
+    out("nothing_unacked %d", info.tcpi_unacked == 0);
+    out("no_retransmissions %d", info.tcpi_total_retrans == 0 && info.tcpi_retransmits == 0);
+    out("options_sack_timestamps_wscale %d", (info.tcpi_options & 7) == 7 && info.tcpi_snd_wscale > 0);
+    len = 8;
+    step("tcp_info_short", getsockopt(c, IPPROTO_TCP, TCP_INFO, &info, &len));
+    out("len_short %d", len);
+    close(a);
+    close(c);
+}
+
+/* ---- the same calls through syscall(2): kernel and stack ------------------- */
+
+static void rawsyscall(void)
+{
+    int l = (int)step("socket", syscall(SYS_socket, AF_INET, SOCK_STREAM, 0));
+    struct sockaddr_in any = {.sin_family = AF_INET};
+    step("bind", syscall(SYS_bind, l, &any, sizeof(any)));
+    step("listen", syscall(SYS_listen, l, 4));
+    out("listener_kernel %d", is_kernel_socket(l));
+    struct sockaddr_in to = stack_addr(local_port(l));
+    int c = socket(AF_INET, SOCK_STREAM, 0);
+    step("connect", connect(c, (struct sockaddr *)&to, sizeof(to)));
+    int a = (int)syscall(SYS_accept4, l, NULL, NULL, SOCK_CLOEXEC);
+    out("accepted %d cloexec %d", a >= 0, fcntl(a, F_GETFD) == FD_CLOEXEC);
+    step("write", syscall(SYS_write, c, "raw", 3));
+    char buf[8] = {0};
+    step("read", syscall(SYS_read, a, buf, sizeof(buf)));
+    out("bytes %s", buf);
+    struct sockaddr_in peer;
+    socklen_t len = sizeof(peer);
+    step("getpeername", syscall(SYS_getpeername, a, &peer, &len));
+    out("peer_port_matches %d", ntohs(peer.sin_port) == local_port(c));
+    int one = 1;
+    step("setsockopt_nodelay", syscall(SYS_setsockopt, a, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one)));
+    step("fcntl_nonblock", syscall(SYS_fcntl, a, F_SETFL, O_NONBLOCK));
+    step("read_nothing", syscall(SYS_read, a, buf, sizeof(buf)));
+    int d = (int)syscall(SYS_dup, a);
+    step("close_accepted", syscall(SYS_close, a));
+    step("send_via_dup", syscall(SYS_sendto, d, "d", 1, 0, NULL, 0));
+    step("read_client", read(c, buf, sizeof(buf)));
+    step("shutdown_write", syscall(SYS_shutdown, d, SHUT_WR));
+    step("client_reads_eof", read(c, buf, sizeof(buf)));
+    step("close_dup", syscall(SYS_close, d));
+    step("close_listener", syscall(SYS_close, l));
+    close(c);
+}
+
 /* ---- passing sockets over AF_UNIX: run on the kernel and on the stack ------ */
 
 static int send_fds(int over, const int *fds, int count)
@@ -1379,7 +1455,8 @@ int main(int argc, char **argv)
         {"privport", privport},   {"options", options},     {"dualstack", dualstack},
         {"portrules", portrules}, {"reuseport", reuseport}, {"killed", killed},
         {"exec", exec_scenario},  {"exec_image", exec_image}, {"passfd", passfd},
-        {"nested", nested},
+        {"nested", nested}, {"rawsyscall", rawsyscall},
+        {"tcpinfo", tcpinfo},
     };
     for (size_t i = 0; argc == 2 && i < sizeof(scenarios) / sizeof(scenarios[0]); i++)
         if (strcmp(argv[1], scenarios[i].name) == 0) {
