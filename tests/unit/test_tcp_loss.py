@@ -127,3 +127,23 @@ def test_limited_transmit_sends_new_data_on_the_first_two_duplicate_acks(tcp_est
     assert t.recv() == [t.tx(ACK | PSH, t.L + 1 + 11 * MSS, t.R + 1, data[:MSS])]
     t.send(duplicate)                             # the third: fast retransmit
     assert t.recv() == [t.tx(ACK, t.L + 1, t.R + 1, data[:MSS])]
+
+
+def test_tcp_info_reports_rtt_window_flight_and_retransmissions(tcp_established):
+    """TCP_INFO's figures follow the connection: the handshake's 100 ms
+    sample, the initial window, segments in flight, and a timeout's
+    retransmission counted both in total and in a row."""
+    t = tcp_established
+    info = t.conn.info()
+    assert (info["rtt_us"], info["rto_us"], info["snd_mss"]) == (100_000, 300_000, MSS)
+    assert (info["snd_cwnd"], info["snd_ssthresh"], info["unacked"]) == (10, 0x7FFFFFFF, 0)
+    t.write(b"x" * (2 * MSS + 1))
+    t.recv()
+    assert t.conn.info()["unacked"] == 3
+    t.wait_for_timer()
+    t.recv()
+    info = t.conn.info()
+    assert (info["total_retrans"], info["retransmits"], info["snd_cwnd"]) == (1, 1, 1)
+    t.send(t.rx(ACK, t.R + 1, t.L + 1 + 2 * MSS + 1))
+    info = t.conn.info()
+    assert (info["total_retrans"], info["retransmits"], info["unacked"]) == (1, 0, 0)
