@@ -269,6 +269,10 @@ uint32_t shim_spin_slot(uint32_t slot, uint32_t mask);
 /* Blocks until mts_slot_poll(slot) & (mask | EPOLLERR | EPOLLHUP).  Returns
  * 0, or -1 with errno EAGAIN (deadline passed), EINTR or ENETDOWN. */
 int shim_wait_slot(uint32_t slot, uint32_t mask, int64_t deadline);
+/* The interposed call that waited in shim_wait_slot is over: the socket it
+ * held while asleep is let go (closed, if another thread closed its last
+ * descriptor meanwhile). */
+void shim_call_done(void);
 
 /* Readiness of a stack socket as seen by epoll/poll; a dead stack makes
  * every socket report an error and hang-up so the program notices. */

@@ -85,7 +85,7 @@ static size_t copy_from_rx(uint32_t slot, const struct iovec *iov, int iovcnt, s
     return copied;
 }
 
-ssize_t shim_stack_recv(uint32_t slot, const struct iovec *iov, int iovcnt, int flags)
+static ssize_t recv_from_slot(uint32_t slot, const struct iovec *iov, int iovcnt, int flags)
 {
     struct mts_slot *s = shim_slot(slot);
     ssize_t want = iov_total(iov, iovcnt);
@@ -130,6 +130,13 @@ ssize_t shim_stack_recv(uint32_t slot, const struct iovec *iov, int iovcnt, int 
         if (shim_wait_slot(slot, EPOLLIN | EPOLLRDHUP, deadline) < 0)
             return done ? (ssize_t)done : -1;
     }
+}
+
+ssize_t shim_stack_recv(uint32_t slot, const struct iovec *iov, int iovcnt, int flags)
+{
+    ssize_t result = recv_from_slot(slot, iov, iovcnt, flags);
+    shim_call_done();
+    return result;
 }
 
 /* ---- sending ---------------------------------------------------------------- */
@@ -208,7 +215,7 @@ static size_t copy_to_tx(uint32_t slot, const struct iovec *iov, int iovcnt, siz
     return walk_iov(slot, iov, iovcnt, skip, write_tx);
 }
 
-ssize_t shim_stack_send(uint32_t slot, const struct iovec *iov, int iovcnt, int flags)
+static ssize_t send_to_slot(uint32_t slot, const struct iovec *iov, int iovcnt, int flags)
 {
     struct mts_slot *s = shim_slot(slot);
     ssize_t want = iov_total(iov, iovcnt);
@@ -240,6 +247,13 @@ ssize_t shim_stack_send(uint32_t slot, const struct iovec *iov, int iovcnt, int 
         if (shim_wait_slot(slot, EPOLLOUT, deadline) < 0)
             return done ? (ssize_t)done : -1;
     }
+}
+
+ssize_t shim_stack_send(uint32_t slot, const struct iovec *iov, int iovcnt, int flags)
+{
+    ssize_t result = send_to_slot(slot, iov, iovcnt, flags);
+    shim_call_done();
+    return result;
 }
 
 /* ---- sendfile --------------------------------------------------------------- */
@@ -380,7 +394,7 @@ static size_t file_span_to_tx(uint32_t slot, int in_fd, off_t *pos, size_t count
     return len;
 }
 
-static ssize_t stack_sendfile(uint32_t slot, int in_fd, off_t *offset, size_t count)
+static ssize_t sendfile_to_slot(uint32_t slot, int in_fd, off_t *offset, size_t count)
 {
     struct mts_slot *s = shim_slot(slot);
     int64_t deadline = 0;
@@ -413,6 +427,13 @@ static ssize_t stack_sendfile(uint32_t slot, int in_fd, off_t *offset, size_t co
             return done ? (ssize_t)done : -1;
     }
     return (ssize_t)done;
+}
+
+static ssize_t stack_sendfile(uint32_t slot, int in_fd, off_t *offset, size_t count)
+{
+    ssize_t result = sendfile_to_slot(slot, in_fd, offset, count);
+    shim_call_done();
+    return result;
 }
 
 /* ---- the interposed calls ------------------------------------------------------ */

@@ -456,7 +456,7 @@ static int finish_blocking_connect(int fd, uint32_t slot)
     }
 }
 
-static int stack_connect(int fd, uint32_t slot, const struct sockaddr *addr, socklen_t len)
+static int connect_slot(int fd, uint32_t slot, const struct sockaddr *addr, socklen_t len)
 {
     struct mts_slot *s = shim_slot(slot);
     uint32_t ip = 0;
@@ -495,6 +495,13 @@ static int stack_connect(int fd, uint32_t slot, const struct sockaddr *addr, soc
     if (__atomic_load_n(&s->app_flags, __ATOMIC_RELAXED) & MTS_AF_NONBLOCK)
         return fail(EINPROGRESS);
     return finish_blocking_connect(fd, slot);
+}
+
+static int stack_connect(int fd, uint32_t slot, const struct sockaddr *addr, socklen_t len)
+{
+    int result = connect_slot(fd, slot, addr, len);
+    shim_call_done();
+    return result;
 }
 
 int connect(int fd, const struct sockaddr *addr, socklen_t len)
@@ -554,7 +561,7 @@ static void fill_address(struct sockaddr *addr, socklen_t *len, int inet6, uint3
     *len = size;
 }
 
-static int stack_accept(int fd, uint32_t slot, struct sockaddr *addr, socklen_t *len, int flags)
+static int accept_from_slot(int fd, uint32_t slot, struct sockaddr *addr, socklen_t *len, int flags)
 {
     struct mts_slot *listener = shim_slot(slot);
     if (flags & ~(SOCK_NONBLOCK | SOCK_CLOEXEC))
@@ -594,6 +601,13 @@ static int stack_accept(int fd, uint32_t slot, struct sockaddr *addr, socklen_t 
         SHIM_DEBUG("fd %d: accepted fd %d, slot %d, from %s:%u", fd, nfd, child, text, s->remote_port);
     }
     return nfd;
+}
+
+static int stack_accept(int fd, uint32_t slot, struct sockaddr *addr, socklen_t *len, int flags)
+{
+    int result = accept_from_slot(fd, slot, addr, len, flags);
+    shim_call_done();
+    return result;
 }
 
 int accept4(int fd, struct sockaddr *addr, socklen_t *len, int flags)

@@ -134,11 +134,54 @@ uint32_t shim_spin_slot(uint32_t slot, uint32_t mask)
     return 0;
 }
 
+/* A thread asleep on a socket holds it until its call returns, as the
+ * kernel's call holds its file: another thread's close of the last
+ * descriptor meanwhile closes the socket only then (shim_call_done). */
+static __thread struct {
+    uint32_t slot, generation;
+    int held;
+} call_hold;
+
+static int hold_for_call(uint32_t slot)
+{
+    struct mts_slot *s = shim_slot(slot);
+    uint32_t generation = __atomic_load_n(&s->generation, __ATOMIC_ACQUIRE);
+    uint32_t refs = __atomic_load_n(&s->refcnt, __ATOMIC_ACQUIRE);
+    do {
+        if (!refs) { /* its last descriptor is closed already */
+            errno = EBADF;
+            return -1;
+        }
+    } while (!__atomic_compare_exchange_n(&s->refcnt, &refs, refs + 1, 1, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE));
+    uint32_t now = __atomic_load_n(&s->generation, __ATOMIC_ACQUIRE);
+    if (now != generation) { /* freed and handed out between the two reads: not ours to hold */
+        shim_slot_unref(slot, now);
+        errno = EBADF;
+        return -1;
+    }
+    call_hold.slot = slot;
+    call_hold.generation = generation;
+    call_hold.held = 1;
+    return 0;
+}
+
+void shim_call_done(void)
+{
+    if (!call_hold.held)
+        return;
+    int err = errno;
+    call_hold.held = 0;
+    shim_slot_unref(call_hold.slot, call_hold.generation);
+    errno = err;
+}
+
 int shim_wait_slot(uint32_t slot, uint32_t mask, int64_t deadline)
 {
     mask |= EPOLLERR | EPOLLHUP;
     if (shim_spin_slot(slot, mask))
         return 0;
+    if (!call_hold.held && hold_for_call(slot) < 0)
+        return -1;
     struct shim_waiter *sw = shim_thread_waiter();
     for (;;) {
         if (!shim_stack_alive(0)) {

@@ -425,6 +425,15 @@ def test_tcp_info_reports_the_connection_s_figures_as_the_kernel_s_do(run_probe)
     assert run_probe.run("tcpinfo") == kernel
 
 
+def test_a_socket_closed_under_a_blocked_reader_stays_open_until_its_read_returns(run_probe):
+    """Another thread closes the descriptor a thread is reading from: as on
+    Linux, the read holds the socket; the peer's later data reaches it, and
+    the socket closes (the peer reads EOF) once the read has returned."""
+    kernel = run_probe.run("closeblocked", attached=False, extra_env={"PROBE_IP": "127.0.0.1"})
+    assert "blocked_read 4 late" in kernel
+    assert run_probe.run("closeblocked") == kernel
+
+
 def test_integer_options_read_back_as_the_kernel_s_do(run_probe):
     """The same setsockopt and getsockopt calls on a kernel socket and on
     a stack socket: every result, errno and value read back is the same."""

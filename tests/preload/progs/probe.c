@@ -1205,6 +1205,40 @@ static void nested(void)
     close(c);
 }
 
+/* ---- a socket closed while another thread blocks on it: kernel and stack --- */
+
+struct blocked_reader {
+    int fd;
+    ssize_t result;
+    char data[16];
+};
+
+static void *read_blocked(void *arg)
+{
+    struct blocked_reader *r = arg;
+    r->result = read(r->fd, r->data, sizeof(r->data) - 1);
+    return NULL;
+}
+
+static void closeblocked(void)
+{
+    int c, a;
+    connected_pair(&c, &a, 0);
+    struct blocked_reader reader = {.fd = a};
+    pthread_t thread;
+    pthread_create(&thread, NULL, read_blocked, &reader);
+    sleep_ms(100);
+    /* Linux: the number goes, the socket stays while the read holds it. */
+    step("close_under_the_reader", close(a));
+    sleep_ms(100);
+    step("peer_writes", write(c, "late", 4));
+    pthread_join(thread, NULL);
+    out("blocked_read %zd %s", reader.result, reader.data);
+    char buf[8];
+    step("peer_reads_eof", read(c, buf, sizeof(buf)));
+    close(c);
+}
+
 /* ---- TCP_INFO's figures after a transfer: kernel and stack ----------------- */
 
 static void tcpinfo(void)
@@ -1456,7 +1490,7 @@ int main(int argc, char **argv)
         {"portrules", portrules}, {"reuseport", reuseport}, {"killed", killed},
         {"exec", exec_scenario},  {"exec_image", exec_image}, {"passfd", passfd},
         {"nested", nested}, {"rawsyscall", rawsyscall},
-        {"tcpinfo", tcpinfo},
+        {"tcpinfo", tcpinfo},     {"closeblocked", closeblocked},
     };
     for (size_t i = 0; argc == 2 && i < sizeof(scenarios) / sizeof(scenarios[0]); i++)
         if (strcmp(argv[1], scenarios[i].name) == 0) {
