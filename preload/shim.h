@@ -60,6 +60,8 @@ struct shim_real {
     ssize_t (*send)(int, const void *, size_t, int);
     ssize_t (*sendto)(int, const void *, size_t, int, const struct sockaddr *, socklen_t);
     ssize_t (*sendmsg)(int, const struct msghdr *, int);
+    int (*sendmmsg)(int, struct mmsghdr *, unsigned int, int);
+    int (*recvmmsg)(int, struct mmsghdr *, unsigned int, int, struct timespec *);
     ssize_t (*sendfile)(int, int, off_t *, size_t);
     int (*close)(int);
     int (*close_range)(unsigned int, unsigned int, int);

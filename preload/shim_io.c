@@ -561,6 +561,46 @@ ssize_t sendmsg(int fd, const struct msghdr *msg, int flags)
     return shim_stack_send(slot, msg->msg_iov, (int)msg->msg_iovlen, flags);
 }
 
+/* sendmmsg and recvmmsg on a stream socket: one message after another,
+ * as Linux does (each message whole, or the count so far). */
+int sendmmsg(int fd, struct mmsghdr *vec, unsigned int n, int flags)
+{
+    uint32_t slot;
+    if (!shim_stack_fd(fd, &slot))
+        return shim_real.sendmmsg(fd, vec, n, flags);
+    unsigned int sent = 0;
+    for (; sent < n && sent < UIO_MAXIOV; sent++) {
+        ssize_t got = shim_stack_send(slot, vec[sent].msg_hdr.msg_iov, (int)vec[sent].msg_hdr.msg_iovlen, flags);
+        if (got < 0)
+            return sent ? (int)sent : -1;
+        vec[sent].msg_len = (unsigned int)got;
+    }
+    return (int)sent;
+}
+
+int recvmmsg(int fd, struct mmsghdr *vec, unsigned int n, int flags, struct timespec *timeout)
+{
+    uint32_t slot;
+    if (!shim_stack_fd(fd, &slot))
+        return shim_real.recvmmsg(fd, vec, n, flags, timeout);
+    unsigned int got = 0;
+    for (; got < n && got < UIO_MAXIOV; got++) {
+        /* After the first message, MSG_WAITFORONE takes only what is there. */
+        int these = got && (flags & MSG_WAITFORONE) ? flags | MSG_DONTWAIT : flags;
+        ssize_t size = shim_stack_recv(slot, vec[got].msg_hdr.msg_iov, (int)vec[got].msg_hdr.msg_iovlen,
+                                       these & ~MSG_WAITFORONE);
+        if (size < 0)
+            return got ? (int)got : -1;
+        vec[got].msg_hdr.msg_namelen = 0;
+        vec[got].msg_hdr.msg_controllen = 0;
+        vec[got].msg_hdr.msg_flags = 0;
+        vec[got].msg_len = (unsigned int)size;
+        if (size == 0)
+            return (int)got + 1; /* end of stream */
+    }
+    return (int)got;
+}
+
 ssize_t sendfile(int out_fd, int in_fd, off_t *offset, size_t count)
 {
     uint32_t slot;

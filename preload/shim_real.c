@@ -48,6 +48,14 @@ static ssize_t direct_sendto(int fd, const void *b, size_t n, int f, const struc
     return shim_raw_syscall(SYS_sendto, fd, b, n, f, a, l);
 }
 static ssize_t direct_sendmsg(int fd, const struct msghdr *m, int f) { return shim_raw_syscall(SYS_sendmsg, fd, m, f); }
+static int direct_sendmmsg(int fd, struct mmsghdr *v, unsigned int n, int f)
+{
+    return (int)shim_raw_syscall(SYS_sendmmsg, fd, v, n, f);
+}
+static int direct_recvmmsg(int fd, struct mmsghdr *v, unsigned int n, int f, struct timespec *t)
+{
+    return (int)shim_raw_syscall(SYS_recvmmsg, fd, v, n, f, t);
+}
 static ssize_t direct_sendfile(int out, int in, off_t *off, size_t n) { return shim_raw_syscall(SYS_sendfile, out, in, off, n); }
 static int direct_close(int fd) { return (int)shim_raw_syscall(SYS_close, fd); }
 static int direct_close_range(unsigned int first, unsigned int last, int flags)
@@ -134,6 +142,8 @@ struct shim_real shim_real = {
     .send = direct_send,
     .sendto = direct_sendto,
     .sendmsg = direct_sendmsg,
+    .sendmmsg = direct_sendmmsg,
+    .recvmmsg = direct_recvmmsg,
     .sendfile = direct_sendfile,
     .close = direct_close,
     .close_range = direct_close_range,
@@ -186,6 +196,8 @@ void shim_resolve_real_functions(void)
     RESOLVE(send);
     RESOLVE(sendto);
     RESOLVE(sendmsg);
+    RESOLVE(sendmmsg);
+    RESOLVE(recvmmsg);
     RESOLVE(sendfile);
     RESOLVE(close);
     RESOLVE(close_range);

@@ -82,6 +82,9 @@ long syscall(long number, ...)
     case SYS_sendto:
         return sendto(fd, P(const void *, a2), (size_t)a3, (int)a4, P(const struct sockaddr *, a5), (socklen_t)a6);
     case SYS_sendmsg: return sendmsg(fd, P(const struct msghdr *, a2), (int)a3);
+    case SYS_sendmmsg: return sendmmsg(fd, P(struct mmsghdr *, a2), (unsigned int)a3, (int)a4);
+    case SYS_recvmmsg:
+        return recvmmsg(fd, P(struct mmsghdr *, a2), (unsigned int)a3, (int)a4, P(struct timespec *, a5));
     case SYS_sendfile: return sendfile(fd, (int)a2, P(off_t *, a3), (size_t)a4);
     case SYS_close: return close(fd);
     case SYS_close_range: return close_range((unsigned int)a1, (unsigned int)a2, (int)a3);

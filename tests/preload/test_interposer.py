@@ -434,6 +434,12 @@ def test_a_socket_closed_under_a_blocked_reader_stays_open_until_its_read_return
     assert run_probe.run("closeblocked") == kernel
 
 
+def test_sendmmsg_and_recvmmsg_on_a_stream_as_on_the_kernel(run_probe):
+    kernel = run_probe.run("mmsg", attached=False, extra_env={"PROBE_IP": "127.0.0.1"})
+    assert "received ab cd lens 2 2" in kernel
+    assert run_probe.run("mmsg") == kernel
+
+
 def test_integer_options_read_back_as_the_kernel_s_do(run_probe):
     """The same setsockopt and getsockopt calls on a kernel socket and on
     a stack socket: every result, errno and value read back is the same."""

@@ -1205,6 +1205,29 @@ static void nested(void)
     close(c);
 }
 
+/* ---- sendmmsg and recvmmsg on a stream: kernel and stack ------------------ */
+
+static void mmsg(void)
+{
+    int c, a;
+    connected_pair(&c, &a, 0);
+    struct iovec out_iov[2] = {{"ab", 2}, {"cd", 2}};
+    struct mmsghdr out_msgs[2] = {{.msg_hdr = {.msg_iov = &out_iov[0], .msg_iovlen = 1}},
+                                  {.msg_hdr = {.msg_iov = &out_iov[1], .msg_iovlen = 1}}};
+    step("sendmmsg", sendmmsg(c, out_msgs, 2, 0));
+    out("sent_lens %u %u", out_msgs[0].msg_len, out_msgs[1].msg_len);
+    sleep_ms(50);
+    char first[2], second[8] = {0};
+    struct iovec in_iov[2] = {{first, sizeof(first)}, {second, sizeof(second) - 1}};
+    struct mmsghdr in_msgs[3] = {{.msg_hdr = {.msg_iov = &in_iov[0], .msg_iovlen = 1}},
+                                 {.msg_hdr = {.msg_iov = &in_iov[1], .msg_iovlen = 1}},
+                                 {.msg_hdr = {.msg_iov = &in_iov[1], .msg_iovlen = 1}}};
+    step("recvmmsg_waitforone", recvmmsg(a, in_msgs, 3, MSG_WAITFORONE, NULL));
+    out("received %.2s %s lens %u %u", first, second, in_msgs[0].msg_len, in_msgs[1].msg_len);
+    close(a);
+    close(c);
+}
+
 /* ---- a socket closed while another thread blocks on it: kernel and stack --- */
 
 struct blocked_reader {
@@ -1491,6 +1514,7 @@ int main(int argc, char **argv)
         {"exec", exec_scenario},  {"exec_image", exec_image}, {"passfd", passfd},
         {"nested", nested}, {"rawsyscall", rawsyscall},
         {"tcpinfo", tcpinfo},     {"closeblocked", closeblocked},
+        {"mmsg", mmsg},
     };
     for (size_t i = 0; argc == 2 && i < sizeof(scenarios) / sizeof(scenarios[0]); i++)
         if (strcmp(argv[1], scenarios[i].name) == 0) {
