@@ -373,33 +373,56 @@ def interface_claim(netns: str | None, iface: str):
 
 
 def stop(netns: str | None, iface: str) -> None:
-    """`mtcpshim stop`: ends the stack serving `iface`, signalling the
-    launcher or keeper that holds it, and waits until it has let go."""
+    """`mtcpshim stop`: ends the program's processes that the stack serves
+    (SIGTERM, then SIGKILL), as stopping a service does, and with them the
+    stack; then, if it still holds the interface, the launcher or keeper.
+    Processes left alive on a stopped stack would see every call fail with
+    ENETDOWN, and a server's accept loop would spin on it."""
     where = f"{iface}{' in ' + netns if netns else ''}"
     path = runtime_path(netns, iface, "lock")
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         raise LaunchError(f"no stack is serving {where}") from None
+
+    def released(within: float) -> bool:
+        deadline = time.monotonic() + within
+        while True:
+            with contextlib.suppress(BlockingIOError):
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
     try:
-        with contextlib.suppress(BlockingIOError):
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        if released(0):
             raise LaunchError(f"no stack is serving {where} (a stale {path})")
         holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
         if not holder.isdigit():
             raise LaunchError(f"{path} names no launcher: {holder!r}")
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in _served_processes(netns, iface):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+            if released(STACK_STOP_TIMEOUT):
+                return
         with contextlib.suppress(ProcessLookupError):
             os.kill(int(holder), signal.SIGTERM)
-        deadline = time.monotonic() + 2 * STACK_STOP_TIMEOUT
-        while time.monotonic() < deadline:
-            with contextlib.suppress(BlockingIOError):
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                return
-            time.sleep(0.05)
-        raise LaunchError(f"the stack serving {where} (launcher pid {holder}) has not stopped "
-                          f"within {2 * STACK_STOP_TIMEOUT:.0f} s")
+        if not released(2 * STACK_STOP_TIMEOUT):
+            raise LaunchError(f"the stack serving {where} (launcher pid {holder}) has not stopped "
+                              f"within {4 * STACK_STOP_TIMEOUT:.0f} s")
     finally:
         os.close(fd)
+
+
+def _served_processes(netns: str | None, iface: str) -> list[int]:
+    """The pids of the program's processes, as the stack knows them (each
+    registered with a pidfd); none if it does not answer."""
+    from mtcpshim import stat
+    try:
+        return [int(pid) for pid in stat.fetch(netns, iface)["processes"]["sockets"]]
+    except (stat.StatError, KeyError, ValueError):
+        return []
 
 
 def _await_ready(stack: subprocess.Popen, ready_r: int) -> None:

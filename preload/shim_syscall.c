@@ -54,8 +54,10 @@ long syscall(long number, ...)
     long a1 = va_arg(ap, long), a2 = va_arg(ap, long), a3 = va_arg(ap, long);
     long a4 = va_arg(ap, long), a5 = va_arg(ap, long), a6 = va_arg(ap, long);
     va_end(ap);
-    shim_ensure_init();
-    if (!shim.active || shim_busy)
+    /* Never attaches from here: an allocator makes system calls through
+     * syscall(2) while it holds its own locks (jemalloc opens files so as it
+     * starts, from a library's constructor), and attaching allocates. */
+    if (!__atomic_load_n(&shim_init_done, __ATOMIC_ACQUIRE) || !shim.active || shim_busy)
         return shim_raw_syscall(number, a1, a2, a3, a4, a5, a6);
     int fd = (int)a1;
     switch (number) {

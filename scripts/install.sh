@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(lighttpd wrk apache2-utils curl wget nftables iproute2 iputils-ping tcpdump iperf3 gcc procps pypy3 pypy3-dev
-          redis-server redis-tools nginx haproxy postgresql)
+          redis-server redis-tools nginx haproxy postgresql memcached socat)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -46,23 +46,33 @@ def stack_serves() -> bool:
     return os.path.exists(lock_path())
 
 
+def ended(pid: int) -> bool:
+    """Gone, or a zombie its new parent (init) has yet to reap."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat_line:
+            return stat_line.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
 def daemon_pids() -> list[int]:
     return [int(pid) for pid in stack_snapshot(NET.srv_ns, NET.srv_if)["processes"]["sockets"]]
 
 
 @contextlib.contextmanager
 def detached_stack():
-    """Whatever the test leaves: the daemons it started (by the pids the
-    stack names) are killed and the stack is stopped."""
+    """Whatever the test leaves is ended: `mtcpshim stop` ends every process
+    of the program the stack still serves, and the stack; the pids the test
+    named are killed too, should the stack not answer."""
     started = []
     try:
         yield started
     finally:
+        if stack_serves():
+            subprocess.run(mtcpshim_command("stop"), capture_output=True, timeout=120)
         for pid in started:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        if stack_serves():
-            subprocess.run(mtcpshim_command("stop"), capture_output=True, timeout=60)
 
 
 def get(url: str) -> str:
@@ -85,7 +95,10 @@ def test_a_daemon_keeps_the_stack_serving_after_the_launcher_returns(test_networ
         os.unlink(log)
 
 
-def test_stop_ends_a_stack_that_serves_a_daemon(test_network):
+def test_stop_ends_the_daemon_and_the_stack_that_serves_it(test_network):
+    """As stopping a service: the daemon gets SIGTERM, and the stack stops
+    once it has ended (left alive on a stopped stack, a server's accept
+    loop would spin on ENETDOWN)."""
     with detached_stack() as started:
         done = run_under_shim([sys.executable, "-c", DAEMON, str(SERVER_PORT), "1000"], timeout=30)
         assert done.returncode == 0, done.stderr
@@ -95,6 +108,7 @@ def test_stop_ends_a_stack_that_serves_a_daemon(test_network):
         stopped = subprocess.run(mtcpshim_command("stop"), capture_output=True, text=True, timeout=60)
         assert stopped.returncode == 0, stopped.stderr
         assert not stack_serves()
+        assert ended(started[0])
         again = subprocess.run(mtcpshim_command("stop"), capture_output=True, text=True, timeout=60)
         assert again.returncode != 0 and again.stderr.strip() == \
             f"mtcpshim: no stack is serving {NET.srv_if} in {NET.srv_ns}"

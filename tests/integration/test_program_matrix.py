@@ -8,6 +8,7 @@ import pwd
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 
 import pytest
@@ -219,3 +220,68 @@ def test_redis_cli_as_a_client_of_a_kernel_redis(test_network, tmp_path):
     finally:
         server.terminate()
         server.wait(10)
+
+
+ECHO_CLIENT = """
+import os, socket, sys, threading
+data = os.urandom(1 << 20)
+conn = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=30)
+received = bytearray()
+def read_all():
+    while chunk := conn.recv(65536):
+        received.extend(chunk)
+reader = threading.Thread(target=read_all)
+reader.start()
+conn.sendall(data)
+conn.shutdown(socket.SHUT_WR)
+reader.join(60)
+print("echoed", bytes(received) == data, len(received))
+"""
+
+
+@needs("socat")
+def test_socat_forks_a_child_per_connection(test_network, tmp_path):
+    """socat's `fork`: the listener's process forks for each connection and
+    the child serves it (here with `cat` behind it) while the parent goes on
+    accepting."""
+    server = ShimProgram(["socat", f"TCP-LISTEN:{SERVER_PORT},fork,reuseaddr", "EXEC:cat"], tmp_path / "socat.log")
+    try:
+        server.stack_pid()
+        for _ in range(3):
+            done = in_client([sys.executable, "-c", ECHO_CLIENT, NET.srv_ip, str(SERVER_PORT)], timeout=90, text=True)
+            assert done.stdout.strip() == f"echoed True {1 << 20}", done.stdout + done.stderr
+    finally:
+        server.stop()
+
+
+MEMCACHED_CLIENT = """
+import os, socket, sys
+conns = [socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=30) for _ in range(8)]
+matched = 0
+for i in range(2000):
+    conn = conns[i % 8]
+    value = os.urandom(100).hex().encode()
+    conn.sendall(b"set k%d 0 0 %d\\r\\n%s\\r\\n" % (i, len(value), value))
+    assert conn.recv(100) == b"STORED\\r\\n"
+    conn.sendall(b"get k%d\\r\\n" % i)
+    reply = b""
+    while not reply.endswith(b"END\\r\\n"):
+        reply += conn.recv(4096)
+    matched += value in reply
+print("matched", matched)
+"""
+
+
+@needs("memcached")
+def test_memcached_threads_dropped_to_nobody(test_network, tmp_path):
+    server = ShimProgram(["memcached", "-u", "nobody", "-p", str(SERVER_PORT), "-l", "0.0.0.0", "-t", "2"],
+                         tmp_path / "memcached.log")
+    try:
+        server.stack_pid()
+        wait_until(lambda: in_client(["bash", "-c", f"exec 3<>/dev/tcp/{NET.srv_ip}/{SERVER_PORT}"]).returncode == 0,
+                   20, "memcached to listen")
+        done = in_client([sys.executable, "-c", MEMCACHED_CLIENT, NET.srv_ip, str(SERVER_PORT)], timeout=120,
+                         text=True)
+        assert done.stdout.strip() == "matched 2000", done.stdout + done.stderr
+    finally:
+        server.stop()
