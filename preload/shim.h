@@ -19,6 +19,7 @@
 #define _GNU_SOURCE
 #endif
 #include <errno.h>
+#include <fcntl.h>
 #include <poll.h>
 #include <pthread.h>
 #include <signal.h>
@@ -26,6 +27,7 @@
 #include <sys/epoll.h>
 #include <sys/select.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/types.h>
 #include <sys/uio.h>
 #include <time.h>
@@ -61,6 +63,10 @@ struct shim_real {
     ssize_t (*sendto)(int, const void *, size_t, int, const struct sockaddr *, socklen_t);
     ssize_t (*sendmsg)(int, const struct msghdr *, int);
     int (*sendmmsg)(int, struct mmsghdr *, unsigned int, int);
+    int (*fstat)(int, struct stat *);
+    int (*__fxstat)(int, int, struct stat *);
+    ssize_t (*splice)(int, loff_t *, int, loff_t *, size_t, unsigned int);
+    ssize_t (*tee)(int, int, size_t, unsigned int);
     int (*recvmmsg)(int, struct mmsghdr *, unsigned int, int, struct timespec *);
     ssize_t (*sendfile)(int, int, off_t *, size_t);
     int (*close)(int);

@@ -267,3 +267,56 @@ int ioctl(int fd, unsigned long request, ...)
         return shim_real.ioctl(fd, request, arg);
     }
 }
+
+/* ---- what the kernel would say of a socket --------------------------------- */
+
+/* A stack socket's placeholder is an eventfd: fstat says what it says of a
+ * socket (S_IFSOCK), as a program that checks S_ISSOCK expects (socket
+ * activation, inetd-style servers checking their stdin). */
+static int as_socket(int fd, struct stat *st, int result)
+{
+    uint32_t slot;
+    if (result == 0 && shim_stack_fd(fd, &slot)) {
+        st->st_mode = S_IFSOCK | 0777;
+        st->st_size = 0;
+        st->st_blocks = 0;
+    }
+    return result;
+}
+
+int fstat(int fd, struct stat *st) { return as_socket(fd, st, shim_real.fstat(fd, st)); }
+
+_Static_assert(sizeof(struct stat) == sizeof(struct stat64), "fstat64 aliases fstat");
+int fstat64(int fd, struct stat64 *st) { return fstat(fd, (struct stat *)st); }
+
+/* What binaries built against glibc before 2.33 call. */
+int __fxstat(int ver, int fd, struct stat *st) { return as_socket(fd, st, shim_real.__fxstat(ver, fd, st)); }
+int __fxstat64(int ver, int fd, struct stat64 *st) { return __fxstat(ver, fd, (struct stat *)st); }
+
+/* ---- not supported on stack sockets: one line, and the kernel's errno --------- */
+
+static ssize_t unsupported(const char *call, int fd, int *said)
+{
+    if (!__atomic_exchange_n(said, 1, __ATOMIC_RELAXED))
+        shim_log("%s: fd %d is a stack socket, which %s does not support: EINVAL", call, fd, call);
+    errno = EINVAL;
+    return -1;
+}
+
+ssize_t splice(int in, loff_t *off_in, int out, loff_t *off_out, size_t len, unsigned int flags)
+{
+    static int said;
+    uint32_t slot;
+    if (shim_stack_fd(in, &slot) || shim_stack_fd(out, &slot))
+        return unsupported("splice", shim_stack_fd(in, &slot) ? in : out, &said);
+    return shim_real.splice(in, off_in, out, off_out, len, flags);
+}
+
+ssize_t tee(int in, int out, size_t len, unsigned int flags)
+{
+    static int said;
+    uint32_t slot;
+    if (shim_stack_fd(in, &slot) || shim_stack_fd(out, &slot))
+        return unsupported("tee", shim_stack_fd(in, &slot) ? in : out, &said);
+    return shim_real.tee(in, out, len, flags);
+}

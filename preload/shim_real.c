@@ -48,6 +48,13 @@ static ssize_t direct_sendto(int fd, const void *b, size_t n, int f, const struc
     return shim_raw_syscall(SYS_sendto, fd, b, n, f, a, l);
 }
 static ssize_t direct_sendmsg(int fd, const struct msghdr *m, int f) { return shim_raw_syscall(SYS_sendmsg, fd, m, f); }
+static int direct_fstat(int fd, struct stat *st) { return (int)shim_raw_syscall(SYS_fstat, fd, st); }
+static int direct_fxstat(int ver, int fd, struct stat *st) { return (void)ver, direct_fstat(fd, st); }
+static ssize_t direct_splice(int in, loff_t *off_in, int out, loff_t *off_out, size_t n, unsigned int f)
+{
+    return shim_raw_syscall(SYS_splice, in, off_in, out, off_out, n, f);
+}
+static ssize_t direct_tee(int in, int out, size_t n, unsigned int f) { return shim_raw_syscall(SYS_tee, in, out, n, f); }
 static int direct_sendmmsg(int fd, struct mmsghdr *v, unsigned int n, int f)
 {
     return (int)shim_raw_syscall(SYS_sendmmsg, fd, v, n, f);
@@ -143,6 +150,10 @@ struct shim_real shim_real = {
     .sendto = direct_sendto,
     .sendmsg = direct_sendmsg,
     .sendmmsg = direct_sendmmsg,
+    .fstat = direct_fstat,
+    .__fxstat = direct_fxstat,
+    .splice = direct_splice,
+    .tee = direct_tee,
     .recvmmsg = direct_recvmmsg,
     .sendfile = direct_sendfile,
     .close = direct_close,
@@ -197,6 +208,10 @@ void shim_resolve_real_functions(void)
     RESOLVE(sendto);
     RESOLVE(sendmsg);
     RESOLVE(sendmmsg);
+    RESOLVE(fstat);
+    RESOLVE(__fxstat);
+    RESOLVE(splice);
+    RESOLVE(tee);
     RESOLVE(recvmmsg);
     RESOLVE(sendfile);
     RESOLVE(close);

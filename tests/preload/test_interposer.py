@@ -440,6 +440,18 @@ def test_sendmmsg_and_recvmmsg_on_a_stream_as_on_the_kernel(run_probe):
     assert run_probe.run("mmsg") == kernel
 
 
+def test_fstat_calls_a_stack_socket_a_socket_and_splice_is_refused_in_one_line(run_probe):
+    """S_ISSOCK as on the kernel; splice, which the kernel does on its own
+    sockets, is refused with EINVAL and one line naming the call."""
+    kernel = run_probe.run("fstat_splice", attached=False, extra_env={"PROBE_IP": "127.0.0.1"})
+    assert "is_socket 1" in kernel and "splice_to_pipe 7" in kernel
+    process = run_probe.start("fstat_splice")
+    out, err = process.communicate(timeout=30)
+    assert out.splitlines() == [line if not line.startswith("splice_to_pipe") else "splice_to_pipe -1 EINVAL"
+                                for line in kernel]
+    assert "splice: fd " in err and "which splice does not support" in err
+
+
 def test_integer_options_read_back_as_the_kernel_s_do(run_probe):
     """The same setsockopt and getsockopt calls on a kernel socket and on
     a stack socket: every result, errno and value read back is the same."""

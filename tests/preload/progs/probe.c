@@ -23,6 +23,7 @@
 #include <sys/select.h>
 #include <sys/sendfile.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
 #include <sys/wait.h>
@@ -1205,6 +1206,27 @@ static void nested(void)
     close(c);
 }
 
+/* ---- what fstat says of a socket; splice, not supported on the stack -------- */
+
+static void fstat_splice(void)
+{
+    int c, a;
+    connected_pair(&c, &a, 0);
+    struct stat st;
+    step("fstat", fstat(a, &st));
+    out("is_socket %d", S_ISSOCK(st.st_mode));
+    int pipefd[2];
+    if (pipe(pipefd) < 0)
+        die("pipe");
+    step("write", write(c, "spliced", 7));
+    sleep_ms(50);
+    step("splice_to_pipe", splice(a, NULL, pipefd[1], NULL, 7, SPLICE_F_NONBLOCK));
+    close(pipefd[0]);
+    close(pipefd[1]);
+    close(a);
+    close(c);
+}
+
 /* ---- sendmmsg and recvmmsg on a stream: kernel and stack ------------------ */
 
 static void mmsg(void)
@@ -1514,7 +1536,7 @@ int main(int argc, char **argv)
         {"exec", exec_scenario},  {"exec_image", exec_image}, {"passfd", passfd},
         {"nested", nested}, {"rawsyscall", rawsyscall},
         {"tcpinfo", tcpinfo},     {"closeblocked", closeblocked},
-        {"mmsg", mmsg},
+        {"mmsg", mmsg},           {"fstat_splice", fstat_splice},
     };
     for (size_t i = 0; argc == 2 && i < sizeof(scenarios) / sizeof(scenarios[0]); i++)
         if (strcmp(argv[1], scenarios[i].name) == 0) {
