@@ -220,6 +220,9 @@ def _run_stack_and_program(options: StackOptions, interpreter: list[str], argv: 
     ready_r, ready_w = os.pipe()
     # The launcher's end is close-on-exec: never the program's.
     link, stack_link = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    secret_r, secret_w = os.pipe()
+    os.write(secret_w, claim.secret())
+    os.close(secret_w)
 
     # The package's parent first on the path: another interpreter than this
     # one imports the same mtcpshim.
@@ -233,18 +236,18 @@ def _run_stack_and_program(options: StackOptions, interpreter: list[str], argv: 
          "--ctl-fd", str(ctl_stack.fileno()), "--wake-fd", str(wake_fd), "--ready-fd", str(ready_w),
          "--launcher-fd", str(stack_link.fileno()), "--stack-user", options.stack_user,
          "--iface", options.iface, "--ip", str(options.ip), "--io", options.io,
-         "--spin-us", str(options.spin_us), "--stats-socket", claim.stats]
+         "--spin-us", str(options.spin_us), "--stats-socket", claim.stats, "--secret-fd", str(secret_r)]
         + (["--netns", options.netns] if options.netns else [])
         + (["--gateway", str(options.gateway)] if options.gateway else [])
         + (["--pcap", options.pcap] if options.pcap else [])
         + (["--profile", options.profile] if options.profile else [])
         + (["--impair", options.impair] if options.impair else [])
         + (["--congestion", options.congestion] if options.congestion else []),
-        pass_fds=(region.fd, ctl_stack.fileno(), wake_fd, ready_w, death_w, stack_link.fileno()), env=env)
+        pass_fds=(region.fd, ctl_stack.fileno(), wake_fd, ready_w, death_w, stack_link.fileno(), secret_r), env=env)
     stack_fd = os.pidfd_open(stack.pid)  # while it is our child: its pid cannot be another's yet
     ctl_stack.close()
     stack_link.close()
-    for fd in (ready_w, death_w):
+    for fd in (ready_w, death_w, secret_r):
         os.close(fd)
     survivors = None
     try:
@@ -327,6 +330,24 @@ class InterfaceClaim:
     stats: str
     log: str
     lock_fd: int
+
+    def secret(self) -> bytes:
+        """The interface's host secret (isn.py), made at its first stack and
+        kept until reboot (/run), as a host keeps its own: a stack started
+        again on the interface numbers a reused 4-tuple's sequence and
+        timestamps above its last incarnation's, so that a peer still in
+        TIME_WAIT takes the new SYN (with a new secret, half were refused
+        by PAWS, and each such connect waited out SYN retransmissions)."""
+        path = runtime_path(self.netns, self.iface, "secret")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            secret = os.pread(fd, 32, 0)
+            if len(secret) < 32:
+                secret = os.urandom(32)
+                os.pwrite(fd, secret, 0)
+            return secret
+        finally:
+            os.close(fd)
 
     def note_holder(self, pid: int) -> None:
         """The pid a second launcher names, and `mtcpshim stop` signals."""

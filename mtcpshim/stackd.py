@@ -82,6 +82,8 @@ def _parse(argv):
     parser.add_argument("--launcher-fd", type=int,
                         help="our end of a socket pair with the launcher: it says when the program has "
                              "exited, and its end-of-file stops the stack")
+    parser.add_argument("--secret-fd", type=int,
+                        help="a pipe carrying the host's secret (32 bytes): the interface's, kept across restarts")
     parser.add_argument("--stack-user", default="nobody",
                         help="the user the stack serves as once its packet I/O is open (default %(default)s)")
     return parser.parse_args(argv)
@@ -155,7 +157,8 @@ def _build_runtime(args, region):
               f"the stack; using {congestion}", file=sys.stderr)
     region.publish_congestion(congestion)
     node = Node(iface, TcpHost(ip, TcpConfig(gso_max_size=io.gso_max_size, congestion=congestion,
-                                             max_time_wait=timewait.host_limit(TcpConfig.max_time_wait))))
+                                             max_time_wait=timewait.host_limit(TcpConfig.max_time_wait)),
+                               secret=_read_secret(args.secret_fd)))
     runtime = Runtime(region, io, node, args.ctl_fd, args.wake_fd,
                       pcap=pcap, spin_seconds=args.spin_us / 1e6, stats_listener=stats,
                       launcher_fd=args.launcher_fd, on_detach=_leave_launcher)
@@ -167,6 +170,16 @@ def _build_runtime(args, region):
             stats.close()
         cleanup()
     return runtime, cleanup_all
+
+
+def _read_secret(fd: int | None) -> bytes | None:
+    if fd is None:
+        return None
+    with os.fdopen(fd, "rb") as pipe:
+        secret = pipe.read(64)
+    if len(secret) < 32:
+        raise ValueError(f"the host secret on fd {fd} is {len(secret)} bytes, not 32")
+    return secret
 
 
 def _leave_launcher(log_fd: int) -> None:

@@ -29,6 +29,7 @@ nftables netdev table `mtcpshim_loss`:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -164,8 +165,15 @@ def _links_survive(net: TestNet) -> bool:
 
 
 def down(net: TestNet = TESTNET) -> None:
-    """Remove the test network; deleting the namespaces removes links and rules."""
+    """Remove the test network; deleting the namespaces removes links and rules,
+    and the files a stack kept for the server's interface (launcher.py:
+    its host secret, a detached stack's log) go with them."""
     _preflight()
+    if netns_exists(net.srv_ns):
+        from mtcpshim.launcher import LaunchError, runtime_path
+        for kind in ("secret", "log"):
+            with contextlib.suppress(LaunchError, FileNotFoundError):
+                os.unlink(runtime_path(net.srv_ns, net.srv_if, kind))
     for ns in (net.cli_ns, net.srv_ns):
         if netns_exists(ns):
             _run(["ip", "netns", "del", ns])

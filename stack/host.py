@@ -104,8 +104,9 @@ class Listener:
 
 
 class TcpHost:
-    """`rng` draws the host's secret and random port starts; pass a seeded
-    random.Random for reproducible tests.  `max_connections` (None: no
+    """`secret` keys the host's hashes (isn.py); `rng` draws one if it is
+    None, and random port starts; pass a seeded random.Random for
+    reproducible tests.  `max_connections` (None: no
     limit) bounds the connection table: beyond it connect() raises
     OSError(ENOBUFS) and SYNs are dropped.  With `fast_path` (and the C
     module), the connections are in a FlowTable too, for the receive fast
@@ -113,11 +114,11 @@ class TcpHost:
 
     def __init__(self, ip: int, config: TcpConfig | None = None,
                  rng: random.Random | None = None, max_connections: int | None = None,
-                 fast_path: bool = True):
+                 fast_path: bool = True, secret: bytes | None = None):
         self.ip = ip
         self.config = config or TcpConfig()
         self.rng = rng or random.SystemRandom()
-        self.secrets = TcpSecrets(self.rng.getrandbits(256).to_bytes(32, "big"))
+        self.secrets = TcpSecrets(secret or self.rng.getrandbits(256).to_bytes(32, "big"))
         self.challenge_acks = ChallengeAckLimiter(self.config.challenge_ack_limit, self.rng)
         self._spread_key = self.rng.getrandbits(64)
         self.max_connections = max_connections

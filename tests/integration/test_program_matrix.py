@@ -94,10 +94,39 @@ http {{
         os.unlink(launcher.runtime_path(NET.srv_ns, NET.srv_if, "log"))
 
 
+# The backend on the client's kernel: http.server with a listen backlog to
+# match haproxy's bursts (socketserver's own is 5: its SYN drops stalled
+# requests for a second each, on the kernel's side).
+KERNEL_BACKEND = """
+import http.server, functools, sys
+handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=sys.argv[3])
+http.server.ThreadingHTTPServer.request_queue_size = 1024
+http.server.ThreadingHTTPServer((sys.argv[1], int(sys.argv[2])), handler).serve_forever()
+"""
+
+
+@pytest.fixture
+def kernel_backend(test_network, docroot, tmp_path):
+    port = 8000
+    with open(tmp_path / "backend.log", "wb") as log:
+        server = subprocess.Popen(["ip", "netns", "exec", NET.cli_ns, sys.executable, "-c", KERNEL_BACKEND,
+                                   NET.cli_ip, str(port), str(docroot)], stdout=log, stderr=subprocess.STDOUT)
+        try:
+            url = f"http://{NET.cli_ip}:{port}"
+            wait_until(lambda: in_client(["curl", "-s", "-m", "2", f"{url}/small.txt"]).returncode == 0, 20,
+                       "the kernel's backend")
+            yield url
+        finally:
+            server.terminate()
+            server.wait(10)
+
+
 @needs("haproxy")
-def test_haproxy_in_tcp_mode_between_kernel_client_and_kernel_backend(test_network, kernel_url, docroot, tmp_path):
+def test_haproxy_in_tcp_mode_between_kernel_client_and_kernel_backend(test_network, kernel_backend, docroot,
+                                                                      tmp_path):
     """Each client connection accepted by the stack and one opened by the
     stack to the kernel's backend, in one event loop."""
+    kernel_url = kernel_backend
     conf = tmp_path / "haproxy.cfg"
     conf.write_text(f"""
 global
