@@ -9,6 +9,8 @@ until the last of the processes it left ends (runtime.py, `detach`).  On a
 crash it records the reason in the region so that the launcher and the
 interposer can tell the user.
 """
+from __future__ import annotations
+
 import argparse
 import contextlib
 import cProfile
