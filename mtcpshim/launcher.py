@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import ipaddress
 import json
 import os
@@ -332,27 +333,45 @@ class InterfaceClaim:
     lock_fd: int
 
     def secret(self) -> bytes:
-        """The interface's host secret (isn.py), made at its first stack and
-        kept until reboot (/run), as a host keeps its own: a stack started
-        again on the interface numbers a reused 4-tuple's sequence and
-        timestamps above its last incarnation's, so that a peer still in
-        TIME_WAIT takes the new SYN (with a new secret, half were refused
-        by PAWS, and each such connect waited out SYN retransmissions)."""
-        path = runtime_path(self.netns, self.iface, "secret")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            secret = os.pread(fd, 32, 0)
-            if len(secret) < 32:
-                secret = os.urandom(32)
-                os.pwrite(fd, secret, 0)
-            return secret
-        finally:
-            os.close(fd)
+        """The interface's host secret (isn.py), the same for every stack it
+        gets until reboot, as a host keeps its own: a stack started again
+        numbers a reused 4-tuple's sequence and timestamps above its last
+        incarnation's, so that a peer still in TIME_WAIT takes the new SYN
+        (with a new secret, half were refused by PAWS, and each such
+        connect waited out SYN retransmissions).  Derived from one machine
+        secret, so no file per interface outlives its namespace."""
+        identity = os.path.basename(runtime_path(self.netns, self.iface, "secret")).encode()
+        return hashlib.blake2s(identity, key=_machine_secret()).digest()
 
     def note_holder(self, pid: int) -> None:
         """The pid a second launcher names, and `mtcpshim stop` signals."""
         os.ftruncate(self.lock_fd, 0)
         os.pwrite(self.lock_fd, f"{pid}\n".encode(), 0)
+
+
+def _machine_secret() -> bytes:
+    """32 random bytes in /run/mtcpshim (root's, 0600), made by the first
+    launcher after boot; a file put in place whole, so that two launchers
+    starting at once agree on it."""
+    path = os.path.join(LOCK_DIR, "secret")
+    try:
+        with open(path, "rb") as existing:
+            secret = existing.read(32)
+        if len(secret) == 32:
+            return secret
+    except FileNotFoundError:
+        pass
+    draft = f"{path}.{os.getpid()}"
+    with open(os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600), "wb") as new:
+        new.write(os.urandom(32))
+    try:
+        os.link(draft, path)          # fails if another launcher's is there already
+    except FileExistsError:
+        pass
+    finally:
+        os.unlink(draft)
+    with open(path, "rb") as chosen:
+        return chosen.read(32)
 
 
 @contextlib.contextmanager

@@ -166,14 +166,12 @@ def _links_survive(net: TestNet) -> bool:
 
 def down(net: TestNet = TESTNET) -> None:
     """Remove the test network; deleting the namespaces removes links and rules,
-    and the files a stack kept for the server's interface (launcher.py:
-    its host secret, a detached stack's log) go with them."""
+    and a detached stack's log of the server's interface goes with them."""
     _preflight()
     if netns_exists(net.srv_ns):
         from mtcpshim.launcher import LaunchError, runtime_path
-        for kind in ("secret", "log"):
-            with contextlib.suppress(LaunchError, FileNotFoundError):
-                os.unlink(runtime_path(net.srv_ns, net.srv_if, kind))
+        with contextlib.suppress(LaunchError, FileNotFoundError):
+            os.unlink(runtime_path(net.srv_ns, net.srv_if, "log"))
     for ns in (net.cli_ns, net.srv_ns):
         if netns_exists(ns):
             _run(["ip", "netns", "del", ns])

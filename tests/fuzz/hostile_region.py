@@ -763,7 +763,14 @@ def attack_slot_taken(region: Region, state: State, args) -> dict:
     listener.settimeout(args.max_wait)
     state.say("ready", port=args.port)
     first, first_peer = listener.accept()
+    listener_slot = region.find_slot(args.port, state=lib.MTS_ST_LISTENING)
     listener.close()
+    # The stack frees the listener's slot when it serves the close, and a
+    # freed slot below the hint moves the hint there: wait for that first,
+    # or the new listener may get the listener's old slot, not the victim's.
+    deadline = time.monotonic() + args.max_wait
+    while region.slot(listener_slot, "in_use") != lib.MTS_SLOT_FREE and time.monotonic() < deadline:
+        time.sleep(0.01)
     victim = region.find_slot(args.port, remote_port=first_peer[1])
     region.set_slot(victim, "in_use", lib.MTS_SLOT_FREE)
     region.set_header("slot_hint", victim)
