@@ -14,25 +14,26 @@
 #include <sys/sendfile.h>
 #include <sys/uio.h>
 
-/* What syscall(2) does, minus the interposition: the kernel's answer, or -1
- * with errno. */
-long shim_raw_syscall(long number, ...)
+/* syscall(2)'s six argument words, as it reads them whatever the number. */
+static void take_arguments(va_list ap, long a[6])
 {
-    va_list ap;
-    va_start(ap, number);
-    long a1 = va_arg(ap, long), a2 = va_arg(ap, long), a3 = va_arg(ap, long);
-    long a4 = va_arg(ap, long), a5 = va_arg(ap, long), a6 = va_arg(ap, long);
-    va_end(ap);
+    for (int i = 0; i < 6; i++)
+        a[i] = va_arg(ap, long);
+}
+
+/* The system call itself: the kernel's answer, or -1 with errno. */
+static long raw(long number, const long a[6])
+{
     long result;
 #if defined(__x86_64__)
-    register long r10 __asm__("r10") = a4, r8 __asm__("r8") = a5, r9 __asm__("r9") = a6;
+    register long r10 __asm__("r10") = a[3], r8 __asm__("r8") = a[4], r9 __asm__("r9") = a[5];
     __asm__ volatile("syscall"
                      : "=a"(result)
-                     : "a"(number), "D"(a1), "S"(a2), "d"(a3), "r"(r10), "r"(r8), "r"(r9)
+                     : "a"(number), "D"(a[0]), "S"(a[1]), "d"(a[2]), "r"(r10), "r"(r8), "r"(r9)
                      : "rcx", "r11", "memory");
 #elif defined(__aarch64__)
-    register long x8 __asm__("x8") = number, x0 __asm__("x0") = a1, x1 __asm__("x1") = a2;
-    register long x2 __asm__("x2") = a3, x3 __asm__("x3") = a4, x4 __asm__("x4") = a5, x5 __asm__("x5") = a6;
+    register long x8 __asm__("x8") = number, x0 __asm__("x0") = a[0], x1 __asm__("x1") = a[1];
+    register long x2 __asm__("x2") = a[2], x3 __asm__("x3") = a[3], x4 __asm__("x4") = a[4], x5 __asm__("x5") = a[5];
     __asm__ volatile("svc 0" : "+r"(x0) : "r"(x8), "r"(x1), "r"(x2), "r"(x3), "r"(x4), "r"(x5) : "memory");
     result = x0;
 #else
@@ -45,20 +46,31 @@ long shim_raw_syscall(long number, ...)
     return result;
 }
 
+long shim_raw_syscall(long number, ...)
+{
+    long a[6];
+    va_list ap;
+    va_start(ap, number);
+    take_arguments(ap, a);
+    va_end(ap);
+    return raw(number, a);
+}
+
 #define P(type, arg) ((type)(uintptr_t)(arg))
 
 long syscall(long number, ...)
 {
+    long a[6];
     va_list ap;
     va_start(ap, number);
-    long a1 = va_arg(ap, long), a2 = va_arg(ap, long), a3 = va_arg(ap, long);
-    long a4 = va_arg(ap, long), a5 = va_arg(ap, long), a6 = va_arg(ap, long);
+    take_arguments(ap, a);
     va_end(ap);
+    long a1 = a[0], a2 = a[1], a3 = a[2], a4 = a[3], a5 = a[4], a6 = a[5];
     /* Never attaches from here: an allocator makes system calls through
      * syscall(2) while it holds its own locks (jemalloc opens files so as it
      * starts, from a library's constructor), and attaching allocates. */
     if (!__atomic_load_n(&shim_init_done, __ATOMIC_ACQUIRE) || !shim.active || shim_busy)
-        return shim_raw_syscall(number, a1, a2, a3, a4, a5, a6);
+        return raw(number, a);
     int fd = (int)a1;
     switch (number) {
     case SYS_socket: return socket(fd, (int)a2, (int)a3);
@@ -117,6 +129,6 @@ long syscall(long number, ...)
         return select(fd, P(fd_set *, a2), P(fd_set *, a3), P(fd_set *, a4), P(struct timeval *, a5));
 #endif
     default:
-        return shim_raw_syscall(number, a1, a2, a3, a4, a5, a6);
+        return raw(number, a);
     }
 }
