@@ -61,6 +61,12 @@ def _sockets(text):
         raise argparse.ArgumentTypeError(str(err))
 
 
+def _cores(text):
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"cores {text!r}: want a whole number from 1")
+    return int(text)
+
+
 def _parser() -> argparse.ArgumentParser:
     net = testnet.TESTNET
     parser = _Parser(prog="mtcpshim", description="Run unmodified programs over a user-level TCP stack.")
@@ -121,6 +127,10 @@ def _parser() -> argparse.ArgumentParser:
                           "on Linux with a full accept queue.  The default is $MTCPSHIM_SOCKETS, else the "
                           "program's open-file limit, at least 65536 (each costs address space; memory "
                           "only where data passed)")
+    run.add_argument("--cores", type=_cores, metavar="N", default=os.environ.get("MTCPSHIM_CORES"),
+                     help="stack workers, one pinned to each of the first N cores the program may run on, "
+                          "each with its own flows (steered by their ports), sockets and timers.  The "
+                          "default is $MTCPSHIM_CORES, else every such core")
     run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- PROGRAM [ARGS...]")
 
     stat = commands.add_parser("stat", help="counters of a running stack (drops by reason, TCP, packet I/O)")
@@ -199,7 +209,7 @@ def _run(args) -> int:
                                     impair=args.impair, stack_user=args.stack_user,
                                     stack_python=args.stack_python or launcher.DEFAULT_STACK_PYTHON,
                                     congestion=args.congestion, buffer_size=args.buffer_size,
-                                    sockets=args.sockets or default_sockets())
+                                    sockets=args.sockets or default_sockets(), cores=args.cores)
     return launcher.run(options, argv, user=args.user)
 
 

@@ -39,6 +39,7 @@ import time
 from dataclasses import dataclass, field
 
 from mtcpshim import abi_source
+from mtcpshim._shm import lib
 from mtcpshim.netns import in_netns, netns_inode
 from mtcpshim.region import DEFAULT_BUFFER_SIZE, Region, RegionSize, default_sockets
 from mtcpshim.stackd import tap_names
@@ -81,6 +82,7 @@ class StackOptions:
     congestion: str | None = None  # default congestion control; None: the kernel's in the namespace
     buffer_size: int = DEFAULT_BUFFER_SIZE  # bytes of each socket's receive and of its send ring
     sockets: int = field(default_factory=default_sockets)  # slots in the region
+    cores: int | None = None    # stack workers, one per core; None: every core the program may run on
 
 
 # The interpreters the stack process runs under.  PyPy's JIT runs the TCP
@@ -139,6 +141,9 @@ def run(options: StackOptions, argv: list[str], user: str | None = None) -> int:
     if user and shutil.which("setpriv") is None:
         raise LaunchError("--user needs setpriv (util-linux)")
     ifindex = _check_serveable(options.netns, options.iface)
+    if options.io == "tap" and len(worker_cpus(options.cores)) > 1:
+        raise LaunchError("--io tap serves from one core: add --cores 1 (a multi-queue TAP that steers as "
+                          "the packet sockets do is not built yet)")
     _check_address_free(options.netns, options.ip)
 
     with interface_claim(options.netns, options.iface) as claim:
@@ -206,25 +211,126 @@ def _interface(netns: str | None, iface: str) -> tuple[int, int]:
     return index, hardware_type
 
 
+@dataclass
+class _Worker:
+    """One stack worker process and what the launcher holds of it."""
+    index: int
+    process: subprocess.Popen
+    pidfd: int          # opened while it is our child: its pid cannot be another's yet
+    link: socket.socket  # ours; close-on-exec, never the program's
+    ctl_app: socket.socket  # the program's end of the worker's control socket pair
+    wake_fd: int
+
+
 def _run_stack_and_program(options: StackOptions, interpreter: list[str], argv: list[str],
                            program_user: pwd.struct_passwd | None, claim: InterfaceClaim) -> int:
-    size = RegionSize(nslots=options.sockets, rx_size=options.buffer_size, tx_size=options.buffer_size)
+    cpus = worker_cpus(options.cores)
+    # Each worker owns an equal range of the slots.
+    nslots = -(-options.sockets // len(cpus)) * len(cpus)
+    size = RegionSize(nslots=nslots, nworkers=len(cpus), rx_size=options.buffer_size, tx_size=options.buffer_size)
     try:
         region = Region.create(size, int(options.ip.ip), options.ip.network.prefixlen,
                                int(options.gateway) if options.gateway else 0)
     except OSError as err:  # address space (or RLIMIT_AS) short of sockets x rings
         raise LaunchError(f"cannot map {size.bytes() >> 30} GiB of address space for {options.sockets} "
                           f"sockets' rings ({err.strerror}): lower --sockets or --buffer-size") from None
-    ctl_stack, ctl_app = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-    wake_fd = os.eventfd(0, os.EFD_NONBLOCK)
     death_r, death_w = os.pipe()
+    wake_fds = [os.eventfd(0, os.EFD_NONBLOCK) for _ in cpus]
+    workers = []
+    survivors = None
+    death_reported = False
+    try:
+        try:
+            readies = []
+            for index, cpu in enumerate(cpus):
+                worker, ready_r = _start_worker(options, interpreter, claim, region, index, cpu, wake_fds, death_w)
+                workers.append(worker)
+                readies.append(ready_r)
+            os.close(death_w)
+            for worker, ready_r in zip(workers, readies):
+                try:
+                    _await_ready(worker.process, ready_r)
+                finally:
+                    os.close(ready_r)
+        finally:
+            # What the workers hold alone (and, had one failed to start, nobody).
+            for fd in wake_fds[len(workers):]:
+                os.close(fd)
+            with contextlib.suppress(OSError):
+                os.close(death_w)
+
+        fds = [(worker.ctl_app.fileno(), worker.wake_fd) for worker in workers]
+        program = _start_program(options.netns, argv, program_user, region.fd, death_r, fds)
+        os.close(death_r)
+        for worker in workers:
+            worker.ctl_app.close()
+            os.close(worker.wake_fd)
+            with contextlib.suppress(OSError):  # the stack died already: _supervise says so
+                worker.link.sendall(f"program {program.pid}\n".encode())
+
+        forward = lambda signum, frame: program.send_signal(signum)  # noqa: E731
+        previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            status, death_reported = _supervise(program, workers, region)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        if not death_reported:
+            survivors = _ask_to_detach(workers, claim.log)
+        if survivors:
+            _become_keeper(status, survivors, claim)  # the launcher returns here; its keeper goes on
+            _keep(workers, region)
+            return status
+    finally:
+        for worker in workers:
+            if not survivors:
+                _stop(worker.process, stopping=survivors == [])
+            worker.link.close()
+            os.close(worker.pidfd)
+    # A stack that ended before we stopped it, or failed while stopping,
+    # died: the program's status alone would hide that.
+    failed = [worker for worker in workers if worker.process.returncode != 0]
+    if death_reported or failed:
+        if not death_reported:
+            _report_stack_death(failed[0].process, region)
+        return status or 1
+    return status
+
+
+def worker_cpus(cores: int | None) -> list[int]:
+    """The cores the stack's workers are pinned to, one each: the first
+    `cores` of those the launcher (and so the program) may run on, all of
+    them by default."""
+    allowed = sorted(os.sched_getaffinity(0))
+    if cores is None:
+        return allowed[:lib.MTS_MAX_WORKERS]
+    if not 1 <= cores <= min(len(allowed), lib.MTS_MAX_WORKERS):
+        raise LaunchError(f"--cores {cores}: want 1 to {min(len(allowed), lib.MTS_MAX_WORKERS)}, the cores this "
+                          f"program may run on ({_cpu_list(allowed)})")
+    return allowed[:cores]
+
+
+def _cpu_list(cpus: list[int]) -> str:
+    return ",".join(map(str, cpus))
+
+
+def worker_path(path: str, index: int) -> str:
+    """Worker `index`'s own file where the user named one (--pcap, --profile,
+    the statistics socket): the path itself for worker 0, PATH.INDEX for
+    the others."""
+    return path if index == 0 else f"{path}.{index}"
+
+
+def _start_worker(options: StackOptions, interpreter: list[str], claim: InterfaceClaim, region: Region,
+                  index: int, cpu: int, wake_fds: list[int], death_w: int) -> tuple[_Worker, int]:
+    """Starts stack worker `index` pinned to `cpu`; returns it and the read
+    end of its ready pipe."""
+    ctl_stack, ctl_app = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     ready_r, ready_w = os.pipe()
-    # The launcher's end is close-on-exec: never the program's.
     link, stack_link = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     secret_r, secret_w = os.pipe()
     os.write(secret_w, claim.secret())
     os.close(secret_w)
-
     # The package's parent first on the path: another interpreter than this
     # one imports the same mtcpshim.
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
@@ -232,77 +338,44 @@ def _run_stack_and_program(options: StackOptions, interpreter: list[str], argv: 
     # PyPy's young generation sized for a packet loop: with its default (half
     # the L2 cache) the stack spent 2.2x the CPU per keep-alive request.
     env.setdefault("PYPY_GC_NURSERY", PYPY_GC_NURSERY)
-    stack = subprocess.Popen(
+    process = subprocess.Popen(
         interpreter + ["-m", "mtcpshim.stackd", "--shm-fd", str(region.fd),
-         "--ctl-fd", str(ctl_stack.fileno()), "--wake-fd", str(wake_fd), "--ready-fd", str(ready_w),
+         "--ctl-fd", str(ctl_stack.fileno()), "--wake-fds", ",".join(map(str, wake_fds)),
+         "--worker", str(index), "--cpu", str(cpu), "--ready-fd", str(ready_w),
          "--launcher-fd", str(stack_link.fileno()), "--stack-user", options.stack_user,
          "--iface", options.iface, "--ip", str(options.ip), "--io", options.io,
-         "--spin-us", str(options.spin_us), "--stats-socket", claim.stats, "--secret-fd", str(secret_r)]
+         "--spin-us", str(options.spin_us), "--stats-socket", worker_path(claim.stats, index),
+         "--secret-fd", str(secret_r)]
         + (["--netns", options.netns] if options.netns else [])
         + (["--gateway", str(options.gateway)] if options.gateway else [])
-        + (["--pcap", options.pcap] if options.pcap else [])
-        + (["--profile", options.profile] if options.profile else [])
+        + (["--pcap", worker_path(options.pcap, index)] if options.pcap else [])
+        + (["--profile", worker_path(options.profile, index)] if options.profile else [])
         + (["--impair", options.impair] if options.impair else [])
         + (["--congestion", options.congestion] if options.congestion else []),
-        pass_fds=(region.fd, ctl_stack.fileno(), wake_fd, ready_w, death_w, stack_link.fileno(), secret_r), env=env)
-    stack_fd = os.pidfd_open(stack.pid)  # while it is our child: its pid cannot be another's yet
+        pass_fds=(region.fd, ctl_stack.fileno(), *wake_fds, ready_w, death_w, stack_link.fileno(), secret_r),
+        env=env)
+    pidfd = os.pidfd_open(process.pid)
     ctl_stack.close()
     stack_link.close()
-    for fd in (ready_w, death_w, secret_r):
+    for fd in (ready_w, secret_r):
         os.close(fd)
-    survivors = None
-    try:
-        try:
-            _await_ready(stack, ready_r)
-        finally:
-            os.close(ready_r)
-
-        fds = (region.fd, ctl_app.fileno(), wake_fd, death_r)
-        program = _start_program(options.netns, argv, program_user, fds)
-        for fd in fds[1:]:
-            os.close(fd)
-        ctl_app.detach()
-        with contextlib.suppress(OSError):  # the stack died already: _supervise says so
-            link.sendall(f"program {program.pid}\n".encode())
-
-        forward = lambda signum, frame: program.send_signal(signum)  # noqa: E731
-        previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            status, death_reported = _supervise(program, stack_fd, stack, region)
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-        if not death_reported:
-            survivors = _ask_to_detach(link, claim.log)
-        if survivors:
-            _become_keeper(status, survivors, claim)  # the launcher returns here; its keeper goes on
-            _keep(stack_fd, region)
-            return status
-    finally:
-        if not survivors:
-            _stop(stack, stopping=survivors == [])
-        link.close()
-        os.close(stack_fd)
-    # A stack that ended before we stopped it, or failed while stopping,
-    # died: the program's status alone would hide that.
-    if death_reported or stack.returncode != 0:
-        if not death_reported:
-            _report_stack_death(stack, region)
-        return status or 1
-    return status
+    return _Worker(index, process, pidfd, link, ctl_app, wake_fds[index]), ready_r
 
 
-def attach_env(fds: tuple[int, int, int, int]) -> dict[str, str]:
-    """What tells the interposer where its stack is: the inherited region,
-    control socket, wake eventfd and death pipe, in that order."""
-    return {abi_source.string_constants()["MTS_ENV_FDS"]: ",".join(map(str, fds))}
+def attach_env(region_fd: int, death_fd: int, workers: list[tuple[int, int]]) -> dict[str, str]:
+    """What tells the interposer where its stack is: the inherited region
+    and death pipe, no fd table yet (-1), then each worker's control socket
+    and wake eventfd."""
+    words = [region_fd, death_fd, -1] + [fd for pair in workers for fd in pair]
+    return {abi_source.string_constants()["MTS_ENV_FDS"]: ",".join(map(str, words))}
 
 
-def _start_program(netns: str | None, argv: list[str], user: pwd.struct_passwd | None,
-                   fds: tuple[int, ...]) -> subprocess.Popen:
+def _start_program(netns: str | None, argv: list[str], user: pwd.struct_passwd | None, region_fd: int,
+                   death_fd: int, workers: list[tuple[int, int]]) -> subprocess.Popen:
     env = dict(os.environ)
     env["LD_PRELOAD"] = " ".join(filter(None, [PRELOAD_LIBRARY, env.get("LD_PRELOAD")]))
-    env.update(attach_env(fds))
+    env.update(attach_env(region_fd, death_fd, workers))
+    fds = (region_fd, death_fd, *(fd for pair in workers for fd in pair))
     # The program lives on the stack's host: its kernel sockets (loopback,
     # UDP) are in the stack's namespace too.  `ip netns exec` needs root, so
     # the switch to `user` comes after it.
@@ -403,8 +476,9 @@ def interface_claim(netns: str | None, iface: str):
         claim.note_holder(os.getpid())  # a killed launcher's file may remain
         yield claim
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(claim.stats)
+        for index in range(lib.MTS_MAX_WORKERS):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(worker_path(claim.stats, index))
         with contextlib.suppress(FileNotFoundError):
             if os.stat(claim.log).st_size == 0:
                 os.unlink(claim.log)
@@ -477,38 +551,58 @@ def _await_ready(stack: subprocess.Popen, ready_r: int) -> None:
     raise LaunchError(f"the stack process did not become ready within {STACK_START_TIMEOUT:.0f} s")
 
 
-def _supervise(program: subprocess.Popen, stack_fd: int, stack: subprocess.Popen,
-               region: Region) -> tuple[int, bool]:
-    """Waits for the program, reporting the stack's death if it comes first
-    (or with the program's exit: a program that hears of it through the
-    death pipe may well end before we do).  Returns the program's status and
-    whether the stack died."""
+def _supervise(program: subprocess.Popen, workers: list[_Worker], region: Region) -> tuple[int, bool]:
+    """Waits for the program, reporting the stack's death (any worker's) if
+    it comes first (or with the program's exit: a program that hears of it
+    through the death pipe may well end before we do).  Returns the
+    program's status and whether the stack died."""
     program_fd = os.pidfd_open(program.pid)
     try:
         stack_alive = True
         while program.poll() is None:
-            watched = [program_fd] + ([stack_fd] if stack_alive else [])
+            watched = [program_fd] + ([worker.pidfd for worker in workers] if stack_alive else [])
             try:
                 readable, _, _ = select.select(watched, [], [])
             except InterruptedError:
                 continue
-            if stack_alive and stack_fd in readable:
+            dead = [worker for worker in workers if worker.pidfd in readable]
+            if stack_alive and dead:
                 stack_alive = False
-                _report_stack_death(stack, region)
-        if stack_alive and stack.poll() is not None:
+                _report_stack_death(dead[0].process, region)
+                _end_workers(workers)
+        dead = [worker for worker in workers if worker.process.poll() is not None]
+        if stack_alive and dead:
             stack_alive = False
-            _report_stack_death(stack, region)
+            _report_stack_death(dead[0].process, region)
+            _end_workers(workers)
         return program.returncode if program.returncode >= 0 else 128 - program.returncode, not stack_alive
     finally:
         os.close(program_fd)
 
 
-def _ask_to_detach(link: socket.socket, log_path: str) -> list[int] | None:
-    """Tells the stack that the program has exited.  Returns the pids of the
-    processes it left that still use the stack, which serves them on and
+def _end_workers(workers: list[_Worker]) -> None:
+    """One worker died, so the stack did: the others go too, and with the
+    last of them the death pipe's write end, which wakes every call the
+    program has blocked on the stack (ENETDOWN)."""
+    for worker in workers:
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(worker.pidfd, signal.SIGKILL)
+
+
+def _ask_to_detach(workers: list[_Worker], log_path: str) -> list[int] | None:
+    """Tells every worker that the program has exited.  Returns the pids of
+    the processes it left that still use the stack, which serves them on and
     writes its log to `log_path`; [] if there are none and the stack is
-    stopping; None if the stack did not answer."""
-    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    stopping; None if a worker did not answer."""
+    os.close(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600))
+    answers = [_ask_worker_to_detach(worker.link, log_path) for worker in workers]
+    if None in answers:
+        return None
+    return sorted(set().union(*answers))
+
+
+def _ask_worker_to_detach(link: socket.socket, log_path: str) -> list[int] | None:
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
     try:
         socket.send_fds(link, [b"detach\n"], [log_fd])
         link.settimeout(STACK_STOP_TIMEOUT)
@@ -550,17 +644,21 @@ def _become_keeper(status: int, survivors: list[int], claim: InterfaceClaim) -> 
     claim.note_holder(os.getpid())
 
 
-def _keep(stack_fd: int, region: Region) -> None:
-    """The keeper: waits for the stack to end, passing it SIGTERM (from
-    `mtcpshim stop`) or SIGINT."""
+def _keep(workers: list[_Worker], region: Region) -> None:
+    """The keeper: waits for the stack's workers to end, passing them
+    SIGTERM (from `mtcpshim stop`) or SIGINT."""
     def stop(signum, frame):
-        with contextlib.suppress(ProcessLookupError):
-            signal.pidfd_send_signal(stack_fd, signal.SIGTERM)
+        for worker in workers:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(worker.pidfd, signal.SIGTERM)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, stop)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    while not select.select([stack_fd], [], [])[0]:
-        pass
+    running = [worker.pidfd for worker in workers]
+    while running:
+        with contextlib.suppress(InterruptedError):
+            ended = select.select(running, [], [])[0]
+            running = [fd for fd in running if fd not in ended]
     fault = region.fault()
     if fault:
         print(f"mtcpshim: the stack died: {fault}", file=sys.stderr, flush=True)

@@ -26,8 +26,9 @@ _F_GET_SEALS = getattr(fcntl, "F_GET_SEALS", 1034)  # answers on shared memory (
 
 
 class Processes:
-    def __init__(self, geom):
+    def __init__(self, geom, worker: int = 0):
         self.geom = geom
+        self.worker = worker  # whose slots' references a dead process's table lets go here
         self._ended = select.epoll()     # every pidfd: readable once its process has ended
         self._members: dict[int, tuple[int, int, int]] = {}  # pidfd -> (pid, table fd, words)
         self.ended = 0                   # processes seen to end since the stack started
@@ -92,7 +93,7 @@ class Processes:
         slots = self._closed
         for chunk in _chunks(table_fd, words):
             table = ffi.from_buffer("uint64_t[]", chunk)
-            count = lib.mts_release_fd_table(self.geom, table, len(chunk) // 8, slots, _CHUNK_WORDS)
+            count = lib.mts_release_fd_table(self.geom, self.worker, table, len(chunk) // 8, slots, _CHUNK_WORDS)
             closed += ffi.unpack(slots, count)
         return closed
 

@@ -75,6 +75,7 @@ def parse_sockets(text: str) -> int:
 @dataclass(frozen=True)
 class RegionSize:
     nslots: int
+    nworkers: int = 1          # stack workers; nslots is a multiple of it
     nwaiters: int = 256
     cmd_capacity: int = 8192
     # Slots the change log remembers: an epoll that falls further behind
@@ -84,7 +85,7 @@ class RegionSize:
     tx_size: int = DEFAULT_BUFFER_SIZE
 
     def bytes(self) -> int:
-        return lib.mts_region_size(self.nslots, self.nwaiters, self.cmd_capacity, self.changes_capacity,
+        return lib.mts_region_size(self.nslots, self.nworkers, self.nwaiters, self.cmd_capacity, self.changes_capacity,
                                    self.rx_size, self.tx_size)
 
 
@@ -122,7 +123,7 @@ class Region:
         fcntl.fcntl(fd, _F_ADD_SEALS, _SIZE_SEALS)
         with mmap.mmap(fd, total, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) as m:
             base = ffi.from_buffer(m)
-            lib.mts_region_init(base, total, size.nslots, size.nwaiters, size.cmd_capacity,
+            lib.mts_region_init(base, total, size.nslots, size.nworkers, size.nwaiters, size.cmd_capacity,
                                 size.changes_capacity, size.rx_size, size.tx_size)
             header = ffi.cast("struct mts_header *", base)
             header.ip, header.prefix_len, header.gateway = ip, prefix_len, gateway

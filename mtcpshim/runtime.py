@@ -15,6 +15,11 @@ processes and the statistics socket until the next timer.
 The region is a trust boundary: what the stack reads there is checked in
 sockets.py and waiters.py, against the stack's private geometry
 (region.geom), before use.
+
+With `mtcpshim run --cores N` each of N worker processes runs this loop
+over its own slots, command queue, control socket and packet sockets;
+`worker` is its index, and `wake_fds` every worker's wake eventfd, for the
+commands it queues to the others (a listener it owns has closed).
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ import platform
 import resource
 import select
 import socket
+import sys
 import time
 
 from mtcpshim import stat
@@ -46,8 +52,11 @@ _IDLE_LOOK_MS = 1000
 class Runtime:
     def __init__(self, region, packet_io, node: Node, ctl_fd: int, wake_fd: int,
                  pcap=None, spin_seconds: float = 0.0, stats_listener: socket.socket | None = None,
-                 launcher_fd: int | None = None, on_detach=None):
+                 launcher_fd: int | None = None, on_detach=None, worker: int = 0,
+                 wake_fds: tuple[int, ...] | None = None):
         self.region = region
+        self.worker = worker
+        self._wake_fds = wake_fds if wake_fds is not None else (wake_fd,)
         self.header = region.header
         self.geom = region.geom
         self.io = packet_io
@@ -57,10 +66,12 @@ class Runtime:
         self.spin_seconds = spin_seconds
         self.wake_fd = wake_fd
         self.shm_counters = collections.Counter()  # what the program wrote that was refused
-        self.processes = Processes(self.geom)
-        self.waiters = Waiters(self.geom, ctl_fd, self.shm_counters, self.processes)
+        self.processes = Processes(self.geom, worker)
+        self.waiters = Waiters(self.geom, ctl_fd, self.shm_counters, self.processes, worker)
         self.sockets = SocketTable(self.geom, node, self.waiters, self.shm_counters, region.release_rings,
-                                   gathers=packet_io.gathers_payload and pcap is None)
+                                   gathers=packet_io.gathers_payload and pcap is None, worker=worker,
+                                   tell_workers=self._tell_workers if self.geom.nworkers > 1 else None)
+        lib.mts_worker_at(self.geom, worker).pid = os.getpid()
         self.stopping = False
         self.counters = {"loops": 0, "sleeps": 0, "wake_reads": 0}
         self.stats_listener = stats_listener
@@ -189,7 +200,7 @@ class Runtime:
             conn.state in finished for conn in self.host.connections.values()))
 
     def _sleep(self, now: float, max_ms: int) -> None:
-        if not lib.mts_stack_try_sleep(self.geom, self.sockets.cmd_position):
+        if not lib.mts_stack_try_sleep(self.geom, self.worker, self.sockets.cmd_position):
             return
         deadline = self._next_deadline()
         timeout = -1 if deadline is None else min(max(0, int((deadline - now) * 1000) + 1), _MAX_SLEEP_MS)
@@ -213,7 +224,19 @@ class Runtime:
                 self._next_housekeeping = 0.0
             elif self.launcher is not None and fd == self.launcher.fileno():
                 self._hear_launcher()
-        lib.mts_stack_awake(self.geom)
+        lib.mts_stack_awake(self.geom, self.worker)
+
+    def _tell_workers(self, op: int, slot_id: int, generation: int, arg: int) -> None:
+        """Queues a command to every other worker, as a program's thread
+        would, and wakes those asleep."""
+        for worker, wake_fd in enumerate(self._wake_fds):
+            if worker == self.worker:
+                continue
+            if lib.mts_cmd_push(self.geom, worker, op, slot_id, generation, arg) != 0:
+                self.shm_counters["worker_queue_full"] += 1  # the program filled it: its listener stays there
+                continue
+            if lib.mts_worker_at(self.geom, worker).sleeping:
+                os.write(wake_fd, _EVENTFD_ONE)
 
     def _next_deadline(self):
         io_deadline = getattr(self.io, "deadline", None)  # a fault injector's held frames
@@ -266,6 +289,7 @@ class Runtime:
         io_counters = self.io.counters() if hasattr(self.io, "counters") else {}
         return {
             "pid": os.getpid(),
+            "worker": self.worker,
             "python": _PYTHON,
             "runtime": {**self.counters, "commands": self.sockets.commands,
                         "waiter_wakeups": self.waiters.wakeups, "rings_released": self.sockets.rings_released},
@@ -382,6 +406,7 @@ class Runtime:
 
 
 _PYTHON = f"{platform.python_implementation()} {platform.python_version()}"
+_EVENTFD_ONE = (1).to_bytes(8, sys.byteorder)
 
 
 def _drain_eventfd(fd: int) -> None:

@@ -7,6 +7,12 @@ Everything read from the region is untrusted: slot ids, queue entries and
 ring indices are checked against the stack's own state; an impossible one
 resets that socket only (`reset_corrupt`), counted in `shm_counters` and
 logged with the program's pid.
+
+With several stack workers (one per core) each table serves its worker's
+range of slots and its own command queue.  A listener is every worker's:
+the others each open a sibling in a slot of their own, whose accept queue
+takes the connections they receive (`_listen_share`), and close it when the
+listener's owner says the listener closed (`_close_share`).
 """
 from __future__ import annotations
 
@@ -36,6 +42,9 @@ _SENDING_DATA = (TcpState.ESTABLISHED, TcpState.CLOSE_WAIT)
 _EV_RDHUP = lib.MTS_EV_RDHUP
 _SLOT_USED = lib.MTS_SLOT_USED
 _OP_WAITER_FREE = lib.MTS_OP_WAITER_FREE
+# Commands a worker runs for a slot of another worker's: a listener's
+# sharing and its end.
+_SHARE_OPS = (lib.MTS_OP_LISTEN, lib.MTS_OP_CLOSE)
 # struct mts_tcp_info, the ABI's one list of TCP_INFO figures.
 _TCP_INFO_FIELDS = tuple(name for name, _ in ffi.typeof("struct mts_tcp_info").fields)
 _TAKEN_OVER = "its slot was allocated again while the stack held it"  # the generation moved on
@@ -53,7 +62,7 @@ class StackSocket:
     """What the stack knows of one slot."""
 
     __slots__ = ("slot_id", "slot", "generation", "port", "reuse_port", "conn", "handshake", "listener", "parent",
-                 "events", "app_closed",
+                 "events", "app_closed", "share_of",
                  "accept_head", "accept_backlog", "queued", "queued_on", "quarantined")
 
     def __init__(self, slot_id, slot):
@@ -75,6 +84,7 @@ class StackSocket:
         self.queued = set()
         self.queued_on = None   # the listener whose `queued` holds this connection
         self.quarantined = False  # reset for corruption: its rings are never read again
+        self.share_of = None    # a sibling listener: (the listener's slot id, its generation then)
 
 
 class SocketTable:
@@ -82,8 +92,15 @@ class SocketTable:
     `len(table)`, iteration over slot ids)."""
 
     def __init__(self, geom, node: Node, waiters, shm_counters: collections.Counter, release_rings=None,
-                 gathers: bool = False):
+                 gathers: bool = False, worker: int = 0, tell_workers=None):
         self.geom = geom
+        # This worker's slots: commands for others' are refused, but for
+        # sharing a listener (_SHARE_OPS).  tell_workers(op, slot_id,
+        # generation, arg) queues a command to every other worker.
+        self.worker = worker
+        self._first_slot = worker * geom.slots_per_worker
+        self._tell_workers = tell_workers
+        self._shares: dict[int, StackSocket] = {}  # a listener of another worker's -> our sibling of it
         # Whether segments longer than the MSS reach the kernel by a gather
         # send, unread in user space: then their payload may be views, of a
         # ring where it wraps and of a file mapping (sendfile spans, which
@@ -160,12 +177,16 @@ class SocketTable:
     def execute_commands(self, now: float) -> bool:
         """Runs the commands the program queued: at most one queue's worth."""
         cmd, geom, pos, pop, execute = self._cmd, self.geom, self._cmd_pos, lib.mts_cmd_pop, self.execute
+        worker, owns = self.worker, self.owns
         popped = 0
         # At most one queue's worth per loop: a program that keeps refilling
         # cells cannot starve the network.
-        while popped < geom.cmd_capacity and pop(geom, pos, cmd):
+        while popped < geom.cmd_capacity and pop(geom, worker, pos, cmd):
             popped += 1
             op, slot_id = cmd.op, cmd.slot
+            if op != _OP_WAITER_FREE and not owns(slot_id):
+                self._shared_listener_command(op, slot_id, cmd.generation, cmd.arg, now)
+                continue
             if op != _OP_WAITER_FREE and not self._for_current_holder(slot_id, cmd.generation, now):
                 self.shm_counters["cmd_stale"] += 1
                 continue
@@ -226,6 +247,10 @@ class SocketTable:
             self._reset(sock, _TAKEN_OVER, now)
         return True
 
+    def owns(self, slot_id: int) -> bool:
+        """Whether the slot is in this worker's range."""
+        return 0 <= slot_id - self._first_slot < self.geom.slots_per_worker
+
     def _socket(self, slot_id: int) -> StackSocket:
         """The stack's socket for a slot; a slot the stack does not know yet
         must be one a process of the program allocated."""
@@ -275,6 +300,10 @@ class SocketTable:
         sock = self._socket(slot_id)
         if not sock.port or sock.conn is not None:
             return lib.mts_complete(sock.slot, -errno.EINVAL)
+        self._listen_on(sock, arg)
+        lib.mts_complete(sock.slot, 0)
+
+    def _listen_on(self, sock: StackSocket, arg: int) -> None:
         backlog = min(max(int(arg), 1), self.geom.accept_capacity)
         # Each half-open connection holds a slot: past a quarter of them, SYNs
         # get cookies, so a flood cannot take every slot (and every listener).
@@ -288,7 +317,75 @@ class SocketTable:
         sock.accept_backlog = backlog
         sock.slot.backlog = backlog
         self._publish(sock, lib.MTS_ST_LISTENING, 0)
-        lib.mts_complete(sock.slot, 0)
+
+    # -- a listener shared by every worker --------------------------------------
+
+    def _shared_listener_command(self, op: int, listener_id: int, generation: int, arg: int, now: float) -> None:
+        """A command for another worker's slot: listen() shared with us, or
+        the listener's owner telling us that it closed; anything else was
+        queued to the wrong worker."""
+        if op not in _SHARE_OPS or listener_id >= self.geom.nslots:
+            self.shm_counters["cmd_bad"] += 1
+            return
+        try:
+            if op == lib.MTS_OP_LISTEN:
+                self._listen_share(listener_id, generation, arg, now)
+            else:
+                self._close_share(listener_id, generation, now)
+        except Exception:  # reached through program-controlled input: contain it
+            self._contain(self._shares.get(listener_id), f"command {op} on shared listener {listener_id}")
+
+    def _listen_share(self, listener_id: int, generation: int, arg: int, now: float) -> None:
+        """Opens (or re-sizes) our sibling of another worker's listener, on
+        its port, with its options: the SYNs this worker receives for the
+        port become connections in our slots, queued on the sibling."""
+        slot = lib.mts_slot_at(self.geom, listener_id)
+        if slot.generation != generation:
+            self.shm_counters["cmd_stale"] += 1
+            return
+        sibling = self._shares.get(listener_id)
+        if sibling is not None and sibling.share_of[1] != generation:
+            self._close_share(listener_id, sibling.share_of[1], now)  # an earlier holder's, never closed
+            sibling = None
+        if sibling is None:
+            if not slot.local_port or slot.state != lib.MTS_ST_LISTENING:
+                return lib.mts_complete(slot, -errno.EINVAL)
+            sibling_id = lib.mts_slot_alloc(self.geom, self.worker, self._owned_view)
+            if sibling_id < 0:
+                return lib.mts_complete(slot, -errno.ENOBUFS)
+            sibling = self._socket(sibling_id)
+            _copy_options(slot, sibling.slot)
+            try:
+                sibling.port = self.host.bind(slot.local_port, reuse_address=True, reuse_port=True)
+            except OSError as err:
+                self._free_unused(sibling)
+                return lib.mts_complete(slot, -err.errno)
+            sibling.reuse_port = True
+            sibling.share_of = (listener_id, generation)
+            sibling.slot.local_ip, sibling.slot.local_port = slot.local_ip, sibling.port
+            self._shares[listener_id] = sibling
+            slot.siblings[self.worker] = sibling_id + 1
+        self._listen_on(sibling, arg)
+        lib.mts_complete(slot, 0)
+
+    def _close_share(self, listener_id: int, generation: int, now: float) -> None:
+        """The listener's owner closed it: so goes our sibling, and the
+        connections it queued that nobody accepted."""
+        sibling = self._shares.get(listener_id)
+        if sibling is None or sibling.share_of[1] != generation:
+            return
+        del self._shares[listener_id]
+        slot = lib.mts_slot_at(self.geom, listener_id)
+        if slot.generation == generation:
+            slot.siblings[self.worker] = 0
+        if sibling.slot is not None and not sibling.app_closed:
+            self._close(sibling.slot_id, 0, now)
+
+    def _free_unused(self, sock: StackSocket) -> None:
+        """A slot we allocated and never used."""
+        del self._sockets[sock.slot_id]
+        self._owned[sock.slot_id] = 0
+        lib.mts_slot_free(self.geom, sock.slot_id)
 
     def _has_room(self, listening: StackSocket, wanted: int) -> bool:
         """Whether `wanted` connections to `listening` completed now could
@@ -300,7 +397,8 @@ class SocketTable:
             return False
         if waiting + wanted > listening.accept_backlog:
             full = f"the accept queue of port {listening.port} is full ({listening.accept_backlog})"
-        elif not lib.mts_slots_available(self.geom, self._owned_view, min(wanted, self.geom.nslots + 1)):
+        elif not lib.mts_slots_available(self.geom, self.worker, self._owned_view,
+                                         min(wanted, self.geom.slots_per_worker + 1)):
             full = f"no socket free for a new connection (of {self.geom.nslots})"
         else:
             return True
@@ -313,7 +411,7 @@ class SocketTable:
 
     def _accept_slot(self, listening: StackSocket, remote_ip: int, remote_port: int):
         """A SYN arrived for `listening`: a slot for the new connection."""
-        child_id = lib.mts_slot_alloc(self.geom, self._owned_view)
+        child_id = lib.mts_slot_alloc(self.geom, self.worker, self._owned_view)
         if child_id < 0:
             return None
         child = self._socket(child_id)
@@ -323,9 +421,7 @@ class SocketTable:
         slot.local_ip, slot.local_port = self.host.ip, listening.port
         slot.remote_ip, slot.remote_port = remote_ip, remote_port
         # Accepted sockets inherit the listener's options, as in the kernel.
-        options_size = ffi.offsetof("struct mts_slot", "pad1") - _OPTIONS_OFFSET
-        ffi.memmove(ffi.cast("char *", slot) + _OPTIONS_OFFSET,
-                    ffi.cast("char *", listening.slot) + _OPTIONS_OFFSET, options_size)
+        _copy_options(listening.slot, slot)
         return (*self._buffers(child), child)
 
     def _connect(self, slot_id, arg, now):
@@ -416,6 +512,8 @@ class SocketTable:
     def _stop_listening(self, sock: StackSocket, now):
         self.host.unlisten(sock.listener)
         sock.listener = None
+        if self._tell_workers is not None and sock.share_of is None:
+            self._tell_workers(lib.MTS_OP_CLOSE, sock.slot_id, sock.generation, 0)
         for child in [s for s in self._sockets.values() if s.parent is sock]:
             self._abort_unaccepted(child, now)
 
@@ -586,7 +684,8 @@ class SocketTable:
     def _publish(self, sock: StackSocket, state: int, events: int, so_error: int = 0) -> None:
         """A socket's new state for the program, and its id in the change log
         for every epoll that holds it."""
-        lib.mts_publish(self.geom, self._changes_logged, sock.slot_id, state, events, so_error)
+        logged_as = sock.slot_id if sock.share_of is None else sock.share_of[0]
+        lib.mts_publish(self.geom, self.worker, self._changes_logged, sock.slot_id, logged_as, state, events, so_error)
 
     def _queue_for_accept(self, child: StackSocket) -> None:
         parent = child.parent
@@ -697,6 +796,13 @@ class SocketTable:
             sock.events |= lib.MTS_EV_HUP
             self._publish(sock, lib.MTS_ST_CLOSED, sock.events, errno.ECONNRESET)
         self._maybe_release(sock)
+
+
+def _copy_options(source, target) -> None:
+    """The socket options of one slot onto another's, as an accepted socket
+    inherits its listener's in the kernel."""
+    size = ffi.offsetof("struct mts_slot", "info") - _OPTIONS_OFFSET
+    ffi.memmove(ffi.cast("char *", target) + _OPTIONS_OFFSET, ffi.cast("char *", source) + _OPTIONS_OFFSET, size)
 
 
 def _endpoints(slot) -> str:

@@ -1,4 +1,6 @@
-"""The stack process: started by the launcher, serves one shared region.
+"""A stack worker process: started by the launcher, one per core, serves its
+share of one shared region (its slots, its command queue, the flows its
+packet sockets' filter steers to it: stack/io/steer.py).
 
 It opens its packet I/O as root, then drops to --stack-user with no
 capabilities: a program (any of its processes can write anywhere in the
@@ -68,7 +70,10 @@ def _parse(argv):
     parser = argparse.ArgumentParser(prog="mtcpshim-stackd")
     parser.add_argument("--shm-fd", type=int, required=True)
     parser.add_argument("--ctl-fd", type=int, required=True)
-    parser.add_argument("--wake-fd", type=int, required=True)
+    parser.add_argument("--wake-fds", type=_fd_list, required=True,
+                        help="every worker's wake eventfd, in worker order")
+    parser.add_argument("--worker", type=int, default=0, help="this worker's index")
+    parser.add_argument("--cpu", type=int, help="the core this worker is pinned to")
     parser.add_argument("--ready-fd", type=int, required=True)
     parser.add_argument("--netns")
     parser.add_argument("--iface", required=True)
@@ -91,7 +96,11 @@ def _parse(argv):
     return parser.parse_args(argv)
 
 
-def _open_packet_io(args):
+def _fd_list(text: str) -> tuple[int, ...]:
+    return tuple(int(fd) for fd in text.split(","))
+
+
+def _open_packet_io(args, workers: int):
     """The stack's NIC: an AF_PACKET socket on --iface, or with --io tap a TAP
     device bridged to --iface by the kernel.  Opened inside --netns; the
     socket or TAP stays there.  Returns (io, cleanup)."""
@@ -99,7 +108,8 @@ def _open_packet_io(args):
         if args.io == "tap":
             return _open_bridged_tap(args.iface)
         from mtcpshim.stack.io.afpacket import AfPacketIO
-        return AfPacketIO(args.iface), lambda: None
+        steering = (args.worker, workers) if workers > 1 else None
+        return AfPacketIO(args.iface, steering=steering), lambda: None
 
 
 def _open_bridged_tap(iface: str):
@@ -139,13 +149,17 @@ def _build_runtime(args, region):
     from mtcpshim.stack import cc, timewait
     from mtcpshim.stack.tcp import TcpConfig
 
-    io, cleanup = _open_packet_io(args)
+    workers = region.geom.nworkers
+    if not 0 <= args.worker < workers or len(args.wake_fds) != workers:
+        raise ValueError(f"worker {args.worker} with {len(args.wake_fds)} wake eventfds: the region has {workers}")
+    io, cleanup = _open_packet_io(args, workers)
     if args.impair:
         from mtcpshim.stack.io.impair import ImpairedIO, ImpairSpec
         io = ImpairedIO(io, ImpairSpec.parse(args.impair))
     ip = int(args.ip.ip)
     gateway = int(args.gateway) if args.gateway else None
-    iface = Interface(io.mac, ip, args.ip.network.prefixlen, gateway, frame_arena=FRAME_ARENA_BYTES)
+    iface = Interface(io.mac, ip, args.ip.network.prefixlen, gateway, frame_arena=FRAME_ARENA_BYTES,
+                      answers_arp=args.worker == 0)
     pcap = PcapWriter(args.pcap) if args.pcap else None
     stats = _listen_for_stats(args.stats_socket) if args.stats_socket else None
     # Congestion control as the kernel's in this namespace, so that a
@@ -160,10 +174,12 @@ def _build_runtime(args, region):
     region.publish_congestion(congestion)
     node = Node(iface, TcpHost(ip, TcpConfig(gso_max_size=io.gso_max_size, congestion=congestion,
                                              max_time_wait=timewait.host_limit(TcpConfig.max_time_wait)),
-                               secret=_read_secret(args.secret_fd)))
-    runtime = Runtime(region, io, node, args.ctl_fd, args.wake_fd,
+                               secret=_read_secret(args.secret_fd),
+                               steering=(args.worker, workers) if workers > 1 else None))
+    runtime = Runtime(region, io, node, args.ctl_fd, args.wake_fds[args.worker],
                       pcap=pcap, spin_seconds=args.spin_us / 1e6, stats_listener=stats,
-                      launcher_fd=args.launcher_fd, on_detach=_leave_launcher)
+                      launcher_fd=args.launcher_fd, on_detach=_leave_launcher,
+                      worker=args.worker, wake_fds=args.wake_fds)
 
     def cleanup_all():
         # The statistics socket's path is the launcher's to remove (its
@@ -192,6 +208,15 @@ def _leave_launcher(log_fd: int) -> None:
         os.dup2(log_fd, stdio)
     with contextlib.suppress(OSError):
         os.setsid()
+
+
+def _pin_to(cpu: int) -> None:
+    """sched_setaffinity(2) through libc: PyPy 3.9's os module lacks it."""
+    mask = (ctypes.c_ulong * 16)()
+    mask[cpu // 64] = 1 << (cpu % 64)
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.sched_setaffinity(0, ctypes.sizeof(mask), mask) != 0:
+        raise OSError(ctypes.get_errno(), f"cannot pin the worker to core {cpu}")
 
 
 def _listen_for_stats(path: str) -> socket.socket:
@@ -267,8 +292,14 @@ def main(argv=None) -> int:
     args = _parse(argv)
     _keep_freed_memory()
     region = Region(args.shm_fd)
-    region.header.stack_pid = os.getpid()
+    if args.worker == 0:
+        region.header.stack_pid = os.getpid()
     try:
+        if args.cpu is not None:
+            # Its flows' frames, its commands and the program's threads on
+            # this core meet here: nothing on the data path crosses cores.
+            _pin_to(args.cpu)
+            lib.mts_worker_at(region.geom, args.worker % region.geom.nworkers).cpu = args.cpu
         runtime, cleanup = _build_runtime(args, region)
         # Opened while root: the stack user may not write where the user asked.
         profile_file = open(args.profile, "wb") if args.profile else None

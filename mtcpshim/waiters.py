@@ -33,8 +33,9 @@ _FILES_HELD = 64
 
 
 class Waiters:
-    def __init__(self, geom, ctl_fd: int, shm_counters, processes):
+    def __init__(self, geom, ctl_fd: int, shm_counters, processes, worker: int = 0):
         self.geom = geom
+        self.worker = worker  # each worker has a control socket of its own, and a copy of every waiter's eventfd
         self.processes = processes
         self.ctl = socket.socket(fileno=ctl_fd)
         self.ctl.setblocking(False)
@@ -42,7 +43,7 @@ class Waiters:
         self._files: dict[tuple, int] = {}  # (slot id, file number) -> a file sent ahead of MTS_OP_FILE
         self._shm_counters = shm_counters
         self.wakeups = 0
-        self._posted_seen = lib.mts_ctl_posted(geom)
+        self._posted_seen = lib.mts_ctl_posted(geom, worker)
         self._look = True             # whatever came before the count was read
 
     def fileno(self) -> int:
@@ -57,7 +58,7 @@ class Waiters:
 
     def receive(self) -> bool:
         """Takes every registration waiting on the control socket; True if any."""
-        posted = lib.mts_ctl_posted(self.geom)
+        posted = lib.mts_ctl_posted(self.geom, self.worker)
         if posted == self._posted_seen and not self._look:
             return False
         self._posted_seen = posted
@@ -86,8 +87,7 @@ class Waiters:
             if old is not None:
                 os.close(old)
             self._fds[msg.id] = fds[0]
-            waiter.registered = 1
-            lib.mts_futex_wake(ffi.addressof(waiter, "registered"))
+            lib.mts_waiter_registered(waiter, self.worker)
 
     def _hold_file(self, key: tuple, fd: int) -> None:
         old = self._files.pop(key, None)
@@ -116,7 +116,7 @@ class Waiters:
         fd = self._fds.pop(waiter_id, None)
         if fd is not None:
             os.close(fd)
-            lib.mts_waiter_free(self.geom, waiter_id)
+            lib.mts_waiter_free(self.geom, waiter_id, self.worker)
 
     def close(self) -> None:
         for fd in (*self._fds.values(), *self._files.values()):

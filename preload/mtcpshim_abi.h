@@ -12,15 +12,22 @@
  * The region is a memfd created by the launcher and mapped by every process
  * at its own address, so structures hold offsets, never pointers:
  *
- *   [mts_header][mts_waiter x nwaiters][mts_cmdq + mts_cmd x cmd_capacity]
- *   [mts_changes + uint32 slot id x changes_capacity]
+ *   [mts_header][mts_worker x nworkers][mts_waiter x nwaiters]
+ *   [per worker: mts_cmdq + mts_cmd x cmd_capacity]
+ *   [per worker: mts_changes + uint32 slot id x changes_capacity]
  *   [mts_slot x nslots][per slot: RX ring data (rx_size), TX ring data (tx_size)]
+ *
+ * One stack worker per core (mtcpshim run --cores N) serves the region: worker
+ * w owns the slots [w * nslots / nworkers, (w + 1) * nslots / nworkers) and
+ * alone runs their commands, through its own command queue, and logs their
+ * changes in its own change log.  Nothing on the data path is shared between
+ * workers: a thread queues a socket's command to the worker that owns it.
  *
  * All integers are host byte order, addresses included.
  */
 
 #define MTS_MAGIC 0x314d485350435453
-#define MTS_VERSION 7
+#define MTS_VERSION 8
 
 /* Name of the environment variable that carries the inherited descriptors:
  * "SHM_FD,CTL_FD,WAKE_FD,DEATH_FD" (see mtcpshim/launcher.py), to which the
@@ -35,6 +42,12 @@
 /* Bounds a header must respect to be attached (mts_geom_attach), so that no
  * offset computed from the geometry can overflow. */
 #define MTS_MAX_SLOTS 1048576
+#define MTS_MAX_WORKERS 16
+/* Which worker a TCP flow's frames reach: the high half of a multiplicative
+ * hash of its two ports' XOR, modulo the workers (mts_worker_of_ports; the
+ * packet sockets' filter, stack/io/steer.py, computes the same). */
+#define MTS_STEER_MULTIPLIER 2654435761
+#define MTS_STEER_SHIFT 16
 #define MTS_MAX_WAITERS 65536
 #define MTS_MAX_CMD_CAPACITY 1048576
 #define MTS_MIN_CHANGES 16
@@ -53,15 +66,20 @@ struct mts_geom {
     uint8_t *base;
     uint64_t size;
     uint32_t nslots;
+    uint32_t nworkers;
+    uint32_t slots_per_worker;
     uint32_t nwaiters;
     uint32_t cmd_capacity;
     uint32_t rx_size;
     uint32_t tx_size;
     uint32_t accept_capacity; /* slot ids a listener's RX area holds */
     uint32_t changes_capacity;
+    uint64_t workers_off;
     uint64_t waiters_off;
-    uint64_t cmdq_off;
-    uint64_t changes_off;
+    uint64_t cmdq_off;     /* worker w's queue at cmdq_off + w * cmdq_stride */
+    uint64_t cmdq_stride;
+    uint64_t changes_off;  /* worker w's change log at changes_off + w * changes_stride */
+    uint64_t changes_stride;
     uint64_t slots_off;
     uint64_t data_off;
 };
@@ -79,13 +97,16 @@ struct mts_header {
     uint64_t region_size;
 
     /* The geometry as created; read once at attach, into struct mts_geom. */
-    uint32_t nslots;
+    uint32_t nslots;       /* a multiple of nworkers */
+    uint32_t nworkers;
     uint32_t nwaiters;
     uint32_t cmd_capacity; /* power of two */
     uint32_t rx_size;      /* power of two, bytes of each slot's RX ring */
     uint32_t tx_size;      /* power of two, bytes of each slot's TX ring */
     uint32_t changes_capacity; /* power of two, entries of the change log */
+    uint32_t pad0;
 
+    uint64_t workers_off;
     uint64_t waiters_off;
     uint64_t cmdq_off;
     uint64_t changes_off;
@@ -99,16 +120,8 @@ struct mts_header {
     uint32_t gateway; /* 0: none, only the on-link prefix is routed */
 
     uint32_t stack_state;
-    int32_t stack_pid;
-    uint32_t slot_hint; /* where the next slot search starts */
-    /* Messages the interposers have sent on the control socket: the stack
-     * reads the socket when this moves (or poll() says so), not every loop. */
-    uint32_t ctl_posted;
-    uint8_t pad1[12];
-
-    /* Its own cache line: written by the stack every time it sleeps. */
-    uint32_t stack_sleeping;
-    uint8_t pad2[60];
+    int32_t stack_pid; /* worker 0's */
+    uint8_t pad1[16];
 
     /* NUL-terminated reason the stack died, written by the launcher. */
     char fault[256];
@@ -116,6 +129,24 @@ struct mts_header {
     /* The TCP_CONGESTION names the stack offers, space-separated, its
      * default first: written at creation from stack/cc.py, the one list. */
     char congestion[64]; /* MTS_CONGESTION_LIST_MAX */
+    uint8_t pad2[48];
+};
+
+/* A stack worker's own words. */
+struct mts_worker {
+    /* Its own cache line: written by the worker every time it sleeps.  A
+     * thread that queued a command writes the worker's wake eventfd only
+     * while this is set. */
+    uint32_t sleeping;
+    uint8_t pad0[60];
+    /* Messages the interposers have sent on the worker's control socket:
+     * it reads the socket when this moves (or poll() says so), not every
+     * loop. */
+    uint32_t ctl_posted;
+    uint32_t slot_hint; /* where the next search of the worker's slots starts */
+    int32_t pid;
+    int32_t cpu;        /* the core it is pinned to; -1: none */
+    uint8_t pad1[48];
 };
 
 /*
@@ -129,12 +160,16 @@ struct mts_header {
 struct mts_waiter {
     uint32_t in_use;     /* 0 free, 1 owned (claimed by compare-and-swap) */
     uint32_t armed;
-    uint32_t registered; /* futex word: stack sets 1 once it holds the eventfd */
+    /* Futex word: worker w sets bit w once it holds the eventfd, and clears
+     * it when it lets the eventfd go (MTS_OP_WAITER_FREE, which goes to
+     * every worker); the last to clear it frees the waiter. */
+    uint32_t registered;
     int32_t owner_pid;
 };
 
-/* Control datagrams on the inherited SOCK_DGRAM Unix socket (CTL_FD), each
- * carrying one descriptor with SCM_RIGHTS. */
+/* Control datagrams on a worker's inherited SOCK_DGRAM Unix socket (its
+ * CTL_FD), each carrying descriptors with SCM_RIGHTS.  Waiters and processes
+ * register with every worker; a file goes to its slot's worker. */
 #define MTS_CTL_REGISTER_WAITER 1 /* id: the waiter; the fd: its eventfd */
 #define MTS_CTL_SEND_FILE 2       /* id: a slot, arg: a file number (MTS_OP_FILE); the fd: the file */
 /* A process of the program (each image: at attach, in a fork child, after
@@ -168,11 +203,19 @@ struct mts_ctl_msg {
 };
 
 /*
- * Command queue: a bounded multi-producer queue (Vyukov style: each cell
- * carries a sequence number) from every application thread and process to the
- * stack thread.  After pushing, the application writes WAKE_FD if
- * mts_header.stack_sleeping is set.  The stack sets stack_sleeping, re-checks
- * the queue, and only then sleeps.
+ * Command queues: one per worker, a bounded multi-producer queue (Vyukov
+ * style: each cell carries a sequence number) from every application thread
+ * and process (and the other workers) to the worker.  A slot's commands go
+ * to the worker that owns it.  After pushing, the application writes that
+ * worker's WAKE_FD if mts_worker.sleeping is set.  The worker sets sleeping,
+ * re-checks its queue, and only then sleeps.
+ *
+ * A listener is shared by every worker: MTS_OP_LISTEN goes to its owner
+ * first, then to each other worker, which opens a sibling listener in a slot
+ * of its own (recorded in the listener's siblings[]) whose accept queue
+ * takes the connections that worker receives.  The owner, closing the
+ * listener, queues MTS_OP_CLOSE for it to the other workers, which close
+ * their siblings.
  */
 #define MTS_OP_BIND 1     /* sync; arg = ip << 16 | port */
 #define MTS_OP_LISTEN 2   /* sync; arg = backlog */
@@ -233,7 +276,8 @@ struct mts_changes {
  * peer has acknowledged the bytes, so the ring doubles as the retransmission
  * buffer.  A listener's RX area holds its accept queue: uint32 slot ids of
  * established connections, consumed by compare-and-swap on tail (several
- * processes may accept from one listener).
+ * processes may accept from one listener); its siblings' queues hold those
+ * the other workers received.
  */
 /*
  * Sendfile spans: bytes of the TX stream that stay in a file instead of the
@@ -411,7 +455,12 @@ struct mts_slot {
     char opt_congestion[16]; /* MTS_CONGESTION_NAME_MAX; empty: the default */
 
     struct mts_tcp_info info;
-    uint8_t pad1[104];
+    /* A listener's siblings: slot id + 1 of the listener worker w opened
+     * for it, 0 for none (and at the owner's own index).  Written by the
+     * workers, read by accept and poll, which check each id against the
+     * worker's range. */
+    uint32_t siblings[16]; /* MTS_MAX_WORKERS */
+    uint8_t pad1[40];
 
     struct mts_ring rx; /* stack produces, application consumes */
     struct mts_ring tx; /* application produces, stack consumes on ACK */

@@ -23,7 +23,8 @@
 
 _Static_assert(sizeof(struct mts_header) == 512, "mts_header layout");
 _Static_assert(sizeof(((struct mts_header *)0)->congestion) == MTS_CONGESTION_LIST_MAX, "congestion list");
-_Static_assert(offsetof(struct mts_header, stack_sleeping) % MTS_CACHELINE == 0, "sleep flag line");
+_Static_assert(sizeof(struct mts_worker) == 2 * MTS_CACHELINE, "mts_worker layout");
+_Static_assert(sizeof(((struct mts_slot *)0)->siblings) == MTS_MAX_WORKERS * sizeof(uint32_t), "siblings");
 _Static_assert(sizeof(struct mts_waiter) == 16, "mts_waiter layout");
 _Static_assert(sizeof(struct mts_cmd) == 32, "mts_cmd layout");
 _Static_assert(sizeof(struct mts_cmdq) == 128, "mts_cmdq layout");
@@ -38,24 +39,29 @@ _Static_assert(sizeof(struct mts_ctl_msg) == 16, "mts_ctl_msg layout");
 /* The functions cffi wraps for the stack: mtcpshim/abi_source.py hands the
  * lines between the markers to cffi.  C compilers skip them. */
 #ifdef MTS_CFFI_PROTOTYPES /* cdef-begin */
-uint64_t mts_region_size(uint32_t nslots, uint32_t nwaiters, uint32_t cmd_capacity,
+uint64_t mts_region_size(uint32_t nslots, uint32_t nworkers, uint32_t nwaiters, uint32_t cmd_capacity,
                          uint32_t changes_capacity, uint32_t rx_size, uint32_t tx_size);
-int mts_region_init(void *base, uint64_t mapped_size, uint32_t nslots, uint32_t nwaiters,
+int mts_region_init(void *base, uint64_t mapped_size, uint32_t nslots, uint32_t nworkers, uint32_t nwaiters,
                     uint32_t cmd_capacity, uint32_t changes_capacity, uint32_t rx_size, uint32_t tx_size);
 int mts_geom_attach(struct mts_geom *g, void *base, uint64_t mapped_size);
 struct mts_slot *mts_slot_at(const struct mts_geom *g, uint32_t id);
 uint8_t *mts_rx_data(const struct mts_geom *g, uint32_t id);
 uint8_t *mts_tx_data(const struct mts_geom *g, uint32_t id);
 struct mts_waiter *mts_waiter_at(const struct mts_geom *g, uint32_t id);
-int32_t mts_slot_alloc(const struct mts_geom *g, const uint8_t *skip);
-int mts_slots_available(const struct mts_geom *g, const uint8_t *skip, uint32_t wanted);
+struct mts_worker *mts_worker_at(const struct mts_geom *g, uint32_t worker);
+uint32_t mts_slot_worker(const struct mts_geom *g, uint32_t id);
+uint32_t mts_worker_of_ports(uint32_t port_a, uint32_t port_b, uint32_t workers);
+int32_t mts_slot_alloc(const struct mts_geom *g, uint32_t worker, const uint8_t *skip);
+int mts_slots_available(const struct mts_geom *g, uint32_t worker, const uint8_t *skip, uint32_t wanted);
 void mts_slot_free(const struct mts_geom *g, uint32_t id);
 int32_t mts_waiter_alloc(const struct mts_geom *g, int32_t pid);
-void mts_waiter_free(const struct mts_geom *g, uint32_t id);
+void mts_waiter_registered(struct mts_waiter *w, uint32_t worker);
+void mts_waiter_free(const struct mts_geom *g, uint32_t id, uint32_t worker);
 uint32_t mts_waiter_disarm(struct mts_waiter *w);
-int mts_cmd_push(const struct mts_geom *g, uint32_t op, uint32_t slot, uint32_t generation, uint64_t arg);
-int mts_cmd_pop(const struct mts_geom *g, uint64_t *pos, struct mts_cmd *out);
-int mts_cmd_pending(const struct mts_geom *g, uint64_t pos);
+int mts_cmd_push(const struct mts_geom *g, uint32_t worker, uint32_t op, uint32_t slot, uint32_t generation,
+                 uint64_t arg);
+int mts_cmd_pop(const struct mts_geom *g, uint32_t worker, uint64_t *pos, struct mts_cmd *out);
+int mts_cmd_pending(const struct mts_geom *g, uint32_t worker, uint64_t pos);
 uint64_t mts_ring_used(const struct mts_ring *r);
 uint32_t mts_buffer_limit(uint32_t ring_size, uint32_t opt);
 uint64_t mts_ring_write(struct mts_ring *r, uint8_t *data, uint32_t cap, const void *src, uint64_t n);
@@ -76,22 +82,24 @@ void mts_ring_pages_wrote(struct mts_ring_pages *p, uint64_t held);
 int64_t mts_rx_sink_write(void *sink, const void *src, uint64_t n);
 void mts_accept_put(const struct mts_geom *g, uint32_t listener, uint64_t pos, uint32_t child);
 int64_t mts_accept_take(const struct mts_geom *g, uint32_t listener, uint64_t head);
-int32_t mts_accept_pop(const struct mts_geom *g, uint32_t listener);
+int32_t mts_accept_pop(const struct mts_geom *g, uint32_t listener, uint32_t first_worker);
 uint32_t mts_accept_pending(const struct mts_geom *g, uint32_t listener);
-void mts_publish(const struct mts_geom *g, uint64_t *logged, uint32_t id, uint32_t state, uint32_t events,
+int64_t mts_listener_part(const struct mts_geom *g, uint32_t listener, uint32_t worker);
+void mts_publish(const struct mts_geom *g, uint32_t worker, uint64_t *logged, uint32_t id, uint32_t logged_id,
+                 uint32_t state, uint32_t events,
                  int32_t so_error);
 void mts_complete(struct mts_slot *s, int32_t result);
 void mts_rx_arm_notify(struct mts_slot *s);
 void mts_tx_clear_pending(struct mts_slot *s);
 int mts_rx_take_notify(struct mts_slot *s);
-int mts_stack_try_sleep(const struct mts_geom *g, uint64_t pos);
-void mts_stack_awake(const struct mts_geom *g);
-void mts_ctl_post(const struct mts_geom *g);
-uint32_t mts_ctl_posted(const struct mts_geom *g);
+int mts_stack_try_sleep(const struct mts_geom *g, uint32_t worker, uint64_t pos);
+void mts_stack_awake(const struct mts_geom *g, uint32_t worker);
+void mts_ctl_post(const struct mts_geom *g, uint32_t worker);
+uint32_t mts_ctl_posted(const struct mts_geom *g, uint32_t worker);
 uint32_t mts_slot_poll(const struct mts_geom *g, uint32_t id);
 void mts_futex_wake(uint32_t *word);
 int mts_futex_wait(uint32_t *word, uint32_t expected, int timeout_ms);
-uint32_t mts_release_fd_table(const struct mts_geom *g, const uint64_t *table, uint64_t words,
+uint32_t mts_release_fd_table(const struct mts_geom *g, uint32_t worker, const uint64_t *table, uint64_t words,
                               uint32_t *closed, uint32_t max);
 #endif /* cdef-end */
 
@@ -122,23 +130,41 @@ static inline void mts_audit(const struct mts_geom *g, const uint8_t *p, uint64_
 #define MTS_IN_REGION(g, p, n) ((void)0)
 #endif
 
+static inline void mts_futex_wake(uint32_t *word)
+{
+    syscall(SYS_futex, word, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
+}
+
+/* Waits while *word == expected, at most timeout_ms (negative: forever). */
+static inline int mts_futex_wait(uint32_t *word, uint32_t expected, int timeout_ms)
+{
+    struct timespec ts = {timeout_ms / 1000, (long)(timeout_ms % 1000) * 1000000L};
+    return (int)syscall(SYS_futex, word, FUTEX_WAIT, expected, timeout_ms < 0 ? NULL : &ts, NULL, 0);
+}
+
 /* The one layout rule: fills g's offsets and size from its counts and sizes.
  * Returns 0, or -1 for counts or sizes outside the ABI's bounds. */
 static inline int mts_layout(struct mts_geom *g)
 {
-    if (!g->nslots || g->nslots > MTS_MAX_SLOTS || !g->nwaiters || g->nwaiters > MTS_MAX_WAITERS ||
+    if (!g->nslots || g->nslots > MTS_MAX_SLOTS || !g->nworkers || g->nworkers > MTS_MAX_WORKERS ||
+        g->nslots % g->nworkers || !g->nwaiters || g->nwaiters > MTS_MAX_WAITERS ||
         !mts_pow2(g->cmd_capacity) || g->cmd_capacity > MTS_MAX_CMD_CAPACITY ||
         !mts_pow2(g->changes_capacity) || g->changes_capacity < MTS_MIN_CHANGES ||
         g->changes_capacity > MTS_MAX_CHANGES || !mts_pow2(g->rx_size) || g->rx_size < MTS_MIN_RING || g->rx_size > MTS_MAX_RING ||
         !mts_pow2(g->tx_size) || g->tx_size < MTS_MIN_RING || g->tx_size > MTS_MAX_RING)
         return -1;
+    g->slots_per_worker = g->nslots / g->nworkers;
     uint64_t off = mts_align(sizeof(struct mts_header), 4096);
+    g->workers_off = off;
+    off += (uint64_t)g->nworkers * sizeof(struct mts_worker);
     g->waiters_off = off;
-    off = mts_align(off + (uint64_t)g->nwaiters * sizeof(struct mts_waiter), MTS_CACHELINE);
+    off = mts_align(off + (uint64_t)g->nwaiters * sizeof(struct mts_waiter), 4096);
     g->cmdq_off = off;
-    off = mts_align(off + sizeof(struct mts_cmdq) + (uint64_t)g->cmd_capacity * sizeof(struct mts_cmd), 4096);
+    g->cmdq_stride = mts_align(sizeof(struct mts_cmdq) + (uint64_t)g->cmd_capacity * sizeof(struct mts_cmd), 4096);
+    off += g->nworkers * g->cmdq_stride;
     g->changes_off = off;
-    off = mts_align(off + sizeof(struct mts_changes) + (uint64_t)g->changes_capacity * sizeof(uint32_t), 4096);
+    g->changes_stride = mts_align(sizeof(struct mts_changes) + (uint64_t)g->changes_capacity * sizeof(uint32_t), 4096);
+    off += g->nworkers * g->changes_stride;
     g->slots_off = off;
     off = mts_align(off + (uint64_t)g->nslots * sizeof(struct mts_slot), 4096);
     g->data_off = off;
@@ -147,25 +173,26 @@ static inline int mts_layout(struct mts_geom *g)
     return 0;
 }
 
-static inline uint64_t mts_region_size(uint32_t nslots, uint32_t nwaiters, uint32_t cmd_capacity,
+static inline uint64_t mts_region_size(uint32_t nslots, uint32_t nworkers, uint32_t nwaiters, uint32_t cmd_capacity,
                                        uint32_t changes_capacity, uint32_t rx_size, uint32_t tx_size)
 {
-    struct mts_geom g = {.nslots = nslots, .nwaiters = nwaiters, .cmd_capacity = cmd_capacity,
+    struct mts_geom g = {.nslots = nslots, .nworkers = nworkers, .nwaiters = nwaiters, .cmd_capacity = cmd_capacity,
                          .changes_capacity = changes_capacity, .rx_size = rx_size, .tx_size = tx_size};
     return mts_layout(&g) ? 0 : g.size;
 }
 
 /* Lays out a zero-filled region (a fresh memfd is).  Returns 0, or -1 if the
  * geometry is out of bounds or does not fit mapped_size. */
-static inline int mts_region_init(void *base, uint64_t mapped_size, uint32_t nslots, uint32_t nwaiters,
-                                  uint32_t cmd_capacity, uint32_t changes_capacity, uint32_t rx_size,
-                                  uint32_t tx_size)
+static inline int mts_region_init(void *base, uint64_t mapped_size, uint32_t nslots, uint32_t nworkers,
+                                  uint32_t nwaiters, uint32_t cmd_capacity, uint32_t changes_capacity,
+                                  uint32_t rx_size, uint32_t tx_size)
 {
-    struct mts_geom g = {.nslots = nslots, .nwaiters = nwaiters, .cmd_capacity = cmd_capacity,
+    struct mts_geom g = {.nslots = nslots, .nworkers = nworkers, .nwaiters = nwaiters, .cmd_capacity = cmd_capacity,
                          .changes_capacity = changes_capacity, .rx_size = rx_size, .tx_size = tx_size};
     if (mts_layout(&g) || g.size > mapped_size)
         return -1;
     struct mts_header *h = base;
+    h->workers_off = g.workers_off;
     h->waiters_off = g.waiters_off;
     h->cmdq_off = g.cmdq_off;
     h->changes_off = g.changes_off;
@@ -174,14 +201,20 @@ static inline int mts_region_init(void *base, uint64_t mapped_size, uint32_t nsl
     h->region_size = g.size;
     h->header_size = sizeof(struct mts_header);
     h->nslots = nslots;
+    h->nworkers = nworkers;
     h->nwaiters = nwaiters;
     h->cmd_capacity = cmd_capacity;
     h->changes_capacity = changes_capacity;
     h->rx_size = rx_size;
     h->tx_size = tx_size;
-    struct mts_cmd *cells = (struct mts_cmd *)((char *)base + g.cmdq_off + sizeof(struct mts_cmdq));
-    for (uint32_t i = 0; i < cmd_capacity; i++)
-        cells[i].seq = i;
+    for (uint32_t w = 0; w < nworkers; w++) {
+        struct mts_cmd *cells = (struct mts_cmd *)((char *)base + g.cmdq_off + w * g.cmdq_stride + sizeof(struct mts_cmdq));
+        for (uint32_t i = 0; i < cmd_capacity; i++)
+            cells[i].seq = i;
+        struct mts_worker *worker = (struct mts_worker *)((char *)base + g.workers_off) + w;
+        worker->slot_hint = w * g.slots_per_worker;
+        worker->cpu = -1;
+    }
     h->version = MTS_VERSION;
     MTS_STORE(&h->magic, (uint64_t)MTS_MAGIC);
     return 0;
@@ -198,12 +231,13 @@ static inline int mts_geom_attach(struct mts_geom *g, void *base, uint64_t mappe
         h->version != MTS_VERSION || h->header_size != sizeof(struct mts_header))
         return -1;
     g->nslots = h->nslots;
+    g->nworkers = h->nworkers;
     g->nwaiters = h->nwaiters;
     g->cmd_capacity = h->cmd_capacity;
     g->changes_capacity = h->changes_capacity;
     g->rx_size = h->rx_size;
     g->tx_size = h->tx_size;
-    if (mts_layout(g) || g->size > mapped_size || g->size != h->region_size ||
+    if (mts_layout(g) || g->size > mapped_size || g->size != h->region_size || g->workers_off != h->workers_off ||
         g->waiters_off != h->waiters_off || g->cmdq_off != h->cmdq_off || g->changes_off != h->changes_off ||
         g->slots_off != h->slots_off || g->data_off != h->data_off)
         return -1;
@@ -241,18 +275,39 @@ static inline struct mts_waiter *mts_waiter_at(const struct mts_geom *g, uint32_
     return w;
 }
 
-/* Claims a free slot by compare-and-swap (both sides allocate: the
- * application at bind/connect, the stack for accepted connections) and resets
- * it.  Only the stack frees slots.  `skip` (the stack's, NULL for the
- * application) marks slots the caller knows to be live whatever their in_use
- * word says: a program that marks a live slot free cannot make the stack
- * hand it out twice. */
-static inline int32_t mts_slot_alloc(const struct mts_geom *g, const uint8_t *skip)
+/* Worker `worker`'s own words; callers pass a worker below nworkers (taken
+ * modulo otherwise, so that no value reaches outside the array). */
+static inline struct mts_worker *mts_worker_at(const struct mts_geom *g, uint32_t worker)
 {
-    struct mts_header *h = mts_hdr(g);
-    uint32_t start = MTS_LOAD(&h->slot_hint) % g->nslots;
-    for (uint32_t i = 0; i < g->nslots; i++) {
-        uint32_t id = (start + i) % g->nslots;
+    struct mts_worker *w = (struct mts_worker *)(g->base + g->workers_off) + worker % g->nworkers;
+    MTS_IN_REGION(g, w, sizeof(*w));
+    return w;
+}
+
+/* The worker that owns slot `id` (ids past the geometry: nworkers). */
+static inline uint32_t mts_slot_worker(const struct mts_geom *g, uint32_t id)
+{
+    return id < g->nslots ? id / g->slots_per_worker : g->nworkers;
+}
+
+static inline uint32_t mts_worker_of_ports(uint32_t port_a, uint32_t port_b, uint32_t workers)
+{
+    return ((uint32_t)((port_a ^ port_b) * (uint32_t)MTS_STEER_MULTIPLIER) >> MTS_STEER_SHIFT) % workers;
+}
+
+/* Claims a free slot of `worker`'s range by compare-and-swap (both sides
+ * allocate: the application at bind/connect, a worker for the connections
+ * it accepts) and resets it.  Only the owning worker frees slots.  `skip`
+ * (the stack's, NULL for the application) marks slots the caller knows to
+ * be live whatever their in_use word says: a program that marks a live
+ * slot free cannot make the stack hand it out twice. */
+static inline int32_t mts_slot_alloc(const struct mts_geom *g, uint32_t worker, const uint8_t *skip)
+{
+    struct mts_worker *wk = mts_worker_at(g, worker);
+    uint32_t first = worker % g->nworkers * g->slots_per_worker, count = g->slots_per_worker;
+    uint32_t start = MTS_LOAD(&wk->slot_hint) - first;
+    for (uint32_t i = 0; i < count; i++) {
+        uint32_t id = first + (start + i) % count;
         struct mts_slot *s = mts_slot_at(g, id);
         uint32_t expected = MTS_SLOT_FREE;
         if ((skip && skip[id]) || MTS_LOAD(&s->in_use) != MTS_SLOT_FREE ||
@@ -263,27 +318,28 @@ static inline int32_t mts_slot_alloc(const struct mts_geom *g, const uint8_t *sk
         memset((char *)s + offsetof(struct mts_slot, refcnt), 0,
                sizeof(*s) - offsetof(struct mts_slot, refcnt));
         s->generation = generation;
-        MTS_STORE(&h->slot_hint, (id + 1) % g->nslots);
+        MTS_STORE(&wk->slot_hint, first + (id - first + 1) % count);
         return (int32_t)id;
     }
     return -1;
 }
 
-/* Whether mts_slot_alloc would find `wanted` slots now (same rules,
- * nothing taken): the search stops at the wanted-th free one. */
-static inline int mts_slots_available(const struct mts_geom *g, const uint8_t *skip, uint32_t wanted)
+/* Whether mts_slot_alloc would find `wanted` slots of `worker` now (same
+ * rules, nothing taken): the search stops at the wanted-th free one. */
+static inline int mts_slots_available(const struct mts_geom *g, uint32_t worker, const uint8_t *skip, uint32_t wanted)
 {
-    uint32_t start = MTS_LOAD(&mts_hdr(g)->slot_hint) % g->nslots;
-    for (uint32_t i = 0; i < g->nslots && wanted; i++) {
-        uint32_t id = (start + i) % g->nslots;
+    uint32_t first = worker % g->nworkers * g->slots_per_worker, count = g->slots_per_worker;
+    uint32_t start = MTS_LOAD(&mts_worker_at(g, worker)->slot_hint) - first;
+    for (uint32_t i = 0; i < count && wanted; i++) {
+        uint32_t id = first + (start + i) % count;
         if (!(skip && skip[id]) && MTS_LOAD(&mts_slot_at(g, id)->in_use) == MTS_SLOT_FREE)
             wanted--;
     }
     return wanted == 0;
 }
 
-/* Frees a slot, and points the next allocation's search at it if it is
- * lower than where that search would start: slots are reused from the
+/* Frees a slot, and points its worker's next allocation search at it if it
+ * is lower than where that search would start: slots are reused from the
  * bottom, and with them the ring pages a short exchange left in its slot
  * (which keeps them: SocketTable._maybe_release), instead of new pages in
  * every slot of a large region in turn. */
@@ -293,9 +349,10 @@ static inline void mts_slot_free(const struct mts_geom *g, uint32_t id)
     if (!s)
         return;
     MTS_STORE(&s->in_use, (uint32_t)MTS_SLOT_FREE);
-    struct mts_header *h = mts_hdr(g);
-    if (id < MTS_LOAD(&h->slot_hint) % g->nslots)
-        MTS_STORE(&h->slot_hint, id);
+    uint32_t worker = mts_slot_worker(g, id), first = worker * g->slots_per_worker;
+    struct mts_worker *wk = mts_worker_at(g, worker);
+    if (id - first < (MTS_LOAD(&wk->slot_hint) - first) % g->slots_per_worker)
+        MTS_STORE(&wk->slot_hint, id);
 }
 
 static inline int32_t mts_waiter_alloc(const struct mts_geom *g, int32_t pid)
@@ -314,14 +371,25 @@ static inline int32_t mts_waiter_alloc(const struct mts_geom *g, int32_t pid)
     return -1;
 }
 
-/* Called by the stack once it has closed its copy of the waiter's eventfd. */
-static inline void mts_waiter_free(const struct mts_geom *g, uint32_t id)
+/* A worker holds the waiter's eventfd now. */
+static inline void mts_waiter_registered(struct mts_waiter *w, uint32_t worker)
+{
+    __atomic_or_fetch(&w->registered, 1u << worker, __ATOMIC_ACQ_REL);
+    mts_futex_wake(&w->registered);
+}
+
+/* Called by a worker once it has closed its copy of the waiter's eventfd
+ * (the application, for a waiter no worker saw, passes every worker's bit
+ * by calling it with worker = MTS_MAX_WORKERS): the last copy to go frees
+ * the waiter. */
+static inline void mts_waiter_free(const struct mts_geom *g, uint32_t id, uint32_t worker)
 {
     struct mts_waiter *w = mts_waiter_at(g, id);
     if (!w)
         return;
-    w->registered = 0;
-    MTS_STORE(&w->in_use, 0u);
+    uint32_t bit = worker < MTS_MAX_WORKERS ? 1u << worker : ~0u;
+    if (__atomic_and_fetch(&w->registered, ~bit, __ATOMIC_ACQ_REL) == 0)
+        MTS_STORE(&w->in_use, 0u);
 }
 
 /* Returns 1 if the waiter was armed (its owner sleeps or is about to). */
@@ -330,26 +398,26 @@ static inline uint32_t mts_waiter_disarm(struct mts_waiter *w)
     return MTS_LOAD(&w->armed) && __atomic_exchange_n(&w->armed, 0u, __ATOMIC_ACQ_REL);
 }
 
-static inline struct mts_cmdq *mts_cmdq(const struct mts_geom *g)
+static inline struct mts_cmdq *mts_cmdq(const struct mts_geom *g, uint32_t worker)
 {
-    return (struct mts_cmdq *)(g->base + g->cmdq_off);
+    return (struct mts_cmdq *)(g->base + g->cmdq_off + worker % g->nworkers * g->cmdq_stride);
 }
 
-static inline struct mts_cmd *mts_cmd_cell(const struct mts_geom *g, uint64_t pos)
+static inline struct mts_cmd *mts_cmd_cell(const struct mts_geom *g, uint32_t worker, uint64_t pos)
 {
-    struct mts_cmd *cell = (struct mts_cmd *)(mts_cmdq(g) + 1) + (pos & (g->cmd_capacity - 1));
+    struct mts_cmd *cell = (struct mts_cmd *)(mts_cmdq(g, worker) + 1) + (pos & (g->cmd_capacity - 1));
     MTS_IN_REGION(g, cell, sizeof(*cell));
     return cell;
 }
 
-/* Returns 0, or -1 when the queue is full. */
-static inline int mts_cmd_push(const struct mts_geom *g, uint32_t op, uint32_t slot, uint32_t generation,
-                               uint64_t arg)
+/* Queues a command for `worker`.  Returns 0, or -1 when its queue is full. */
+static inline int mts_cmd_push(const struct mts_geom *g, uint32_t worker, uint32_t op, uint32_t slot,
+                               uint32_t generation, uint64_t arg)
 {
-    struct mts_cmdq *q = mts_cmdq(g);
+    struct mts_cmdq *q = mts_cmdq(g, worker);
     uint64_t pos = __atomic_load_n(&q->enqueue_pos, __ATOMIC_RELAXED);
     for (;;) {
-        struct mts_cmd *cell = mts_cmd_cell(g, pos);
+        struct mts_cmd *cell = mts_cmd_cell(g, worker, pos);
         int64_t lag = (int64_t)(MTS_LOAD(&cell->seq) - pos);
         if (lag == 0) {
             if (__atomic_compare_exchange_n(&q->enqueue_pos, &pos, pos + 1, 1,
@@ -369,11 +437,11 @@ static inline int mts_cmd_push(const struct mts_geom *g, uint32_t op, uint32_t s
     }
 }
 
-/* Single consumer (the stack thread), whose own *pos says where it is.
- * Returns 1 and fills *out (every field still to be checked), or 0. */
-static inline int mts_cmd_pop(const struct mts_geom *g, uint64_t *pos, struct mts_cmd *out)
+/* Single consumer (the worker), whose own *pos says where it is.  Returns 1
+ * and fills *out (every field still to be checked), or 0. */
+static inline int mts_cmd_pop(const struct mts_geom *g, uint32_t worker, uint64_t *pos, struct mts_cmd *out)
 {
-    struct mts_cmd *cell = mts_cmd_cell(g, *pos);
+    struct mts_cmd *cell = mts_cmd_cell(g, worker, *pos);
     if (MTS_LOAD(&cell->seq) != *pos + 1)
         return 0;
     out->op = cell->op;
@@ -385,9 +453,9 @@ static inline int mts_cmd_pop(const struct mts_geom *g, uint64_t *pos, struct mt
     return 1;
 }
 
-static inline int mts_cmd_pending(const struct mts_geom *g, uint64_t pos)
+static inline int mts_cmd_pending(const struct mts_geom *g, uint32_t worker, uint64_t pos)
 {
-    return MTS_LOAD(&mts_cmd_cell(g, pos)->seq) == pos + 1;
+    return MTS_LOAD(&mts_cmd_cell(g, worker, pos)->seq) == pos + 1;
 }
 
 static inline uint64_t mts_ring_used(const struct mts_ring *r)
@@ -582,38 +650,68 @@ static inline int64_t mts_accept_take(const struct mts_geom *g, uint32_t listene
     return -1;
 }
 
-/* The application accepts: a slot id within the geometry, or -1. */
-static inline int32_t mts_accept_pop(const struct mts_geom *g, uint32_t listener)
+/* The slot whose accept queue holds the connections `worker` received for
+ * `listener`: the listener itself for its owner, else the sibling that
+ * worker opened, if the id recorded is one of that worker's slots; -1 for
+ * none. */
+static inline int64_t mts_listener_part(const struct mts_geom *g, uint32_t listener, uint32_t worker)
 {
     struct mts_slot *s = mts_slot_at(g, listener);
-    int64_t child = s ? mts_accept_take(g, listener, MTS_LOAD(&s->rx.head)) : -1;
-    return child >= 0 && child < g->nslots ? (int32_t)child : -1;
+    if (!s || worker >= g->nworkers)
+        return -1;
+    if (mts_slot_worker(g, listener) == worker)
+        return listener;
+    uint32_t sibling = MTS_LOAD(&s->siblings[worker]) - 1;
+    return mts_slot_worker(g, sibling) == worker ? (int64_t)sibling : -1;
 }
 
+/* The application accepts: a slot id within the geometry, or -1.  It looks
+ * at the queue of `first_worker` (the worker of the core it runs on) first,
+ * then at the others'. */
+static inline int32_t mts_accept_pop(const struct mts_geom *g, uint32_t listener, uint32_t first_worker)
+{
+    for (uint32_t i = 0; i < g->nworkers; i++) {
+        int64_t part = mts_listener_part(g, listener, (first_worker + i) % g->nworkers);
+        if (part < 0)
+            continue;
+        int64_t child = mts_accept_take(g, (uint32_t)part, MTS_LOAD(&mts_slot_at(g, (uint32_t)part)->rx.head));
+        if (child >= 0 && child < g->nslots)
+            return (int32_t)child;
+    }
+    return -1;
+}
+
+/* Connections waiting in the listener's queue and its siblings'. */
 static inline uint32_t mts_accept_pending(const struct mts_geom *g, uint32_t listener)
 {
-    uint64_t used = mts_ring_used(&mts_slot_at(g, listener)->rx);
-    return used > g->accept_capacity ? 0 : (uint32_t)used;
+    uint32_t pending = 0;
+    for (uint32_t w = 0; w < g->nworkers; w++) {
+        int64_t part = mts_listener_part(g, listener, w);
+        uint64_t used = part < 0 ? 0 : mts_ring_used(&mts_slot_at(g, (uint32_t)part)->rx);
+        pending += used > g->accept_capacity ? 0 : (uint32_t)used;
+    }
+    return pending;
 }
 
-static inline struct mts_changes *mts_changes_at(const struct mts_geom *g)
+static inline struct mts_changes *mts_changes_at(const struct mts_geom *g, uint32_t worker)
 {
-    struct mts_changes *c = (struct mts_changes *)(g->base + g->changes_off);
+    struct mts_changes *c = (struct mts_changes *)(g->base + g->changes_off + worker % g->nworkers * g->changes_stride);
     MTS_IN_REGION(g, c, sizeof(*c) + (uint64_t)g->changes_capacity * sizeof(uint32_t));
     return c;
 }
 
-static inline uint32_t *mts_change_entry(const struct mts_geom *g, uint64_t pos)
+static inline uint32_t *mts_change_entry(const struct mts_geom *g, uint32_t worker, uint64_t pos)
 {
-    return (uint32_t *)(mts_changes_at(g) + 1) + (pos & (g->changes_capacity - 1));
+    return (uint32_t *)(mts_changes_at(g, worker) + 1) + (pos & (g->changes_capacity - 1));
 }
 
-/* The stack publishes a slot's new state, then bumps event_seq, so a reader
+/* A worker publishes a slot's new state, then bumps event_seq, so a reader
  * that sees the new sequence number also sees the state behind it; then it
- * logs the slot (*logged: the stack's own count of entries), so an epoll
- * that reads the entry sees the state too. */
-static inline void mts_publish(const struct mts_geom *g, uint64_t *logged, uint32_t id, uint32_t state,
-                               uint32_t events, int32_t so_error)
+ * logs `logged_id` in its change log (*logged: its own count of entries),
+ * so an epoll that reads the entry sees the state too.  A sibling listener
+ * is logged as the listener the program holds. */
+static inline void mts_publish(const struct mts_geom *g, uint32_t worker, uint64_t *logged, uint32_t id,
+                               uint32_t logged_id, uint32_t state, uint32_t events, int32_t so_error)
 {
     struct mts_slot *s = mts_slot_at(g, id);
     if (!s)
@@ -623,20 +721,8 @@ static inline void mts_publish(const struct mts_geom *g, uint64_t *logged, uint3
     MTS_STORE(&s->events, events);
     MTS_STORE(&s->state, state);
     __atomic_add_fetch(&s->event_seq, 1, __ATOMIC_ACQ_REL);
-    __atomic_store_n(mts_change_entry(g, *logged), id, __ATOMIC_RELAXED);
-    MTS_STORE(&mts_changes_at(g)->head, ++*logged);
-}
-
-static inline void mts_futex_wake(uint32_t *word)
-{
-    syscall(SYS_futex, word, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
-}
-
-/* Waits while *word == expected, at most timeout_ms (negative: forever). */
-static inline int mts_futex_wait(uint32_t *word, uint32_t expected, int timeout_ms)
-{
-    struct timespec ts = {timeout_ms / 1000, (long)(timeout_ms % 1000) * 1000000L};
-    return (int)syscall(SYS_futex, word, FUTEX_WAIT, expected, timeout_ms < 0 ? NULL : &ts, NULL, 0);
+    __atomic_store_n(mts_change_entry(g, worker, *logged), logged_id, __ATOMIC_RELAXED);
+    MTS_STORE(&mts_changes_at(g, worker)->head, ++*logged);
 }
 
 /* Completes a synchronous command on the slot and wakes its caller. */
@@ -676,39 +762,40 @@ static inline void mts_tx_clear_pending(struct mts_slot *s)
     __atomic_exchange_n(&s->tx_pending, 0u, __ATOMIC_SEQ_CST);
 }
 
-/* An interposer has sent a message on the control socket (after the send,
- * so that a stack which sees the count move finds the message queued). */
-static inline void mts_ctl_post(const struct mts_geom *g)
+/* An interposer has sent a message on a worker's control socket (after the
+ * send, so that a worker which sees the count move finds the message
+ * queued). */
+static inline void mts_ctl_post(const struct mts_geom *g, uint32_t worker)
 {
-    __atomic_add_fetch(&mts_hdr(g)->ctl_posted, 1u, __ATOMIC_RELEASE);
+    __atomic_add_fetch(&mts_worker_at(g, worker)->ctl_posted, 1u, __ATOMIC_RELEASE);
 }
 
-static inline uint32_t mts_ctl_posted(const struct mts_geom *g)
+static inline uint32_t mts_ctl_posted(const struct mts_geom *g, uint32_t worker)
 {
-    return MTS_LOAD(&mts_hdr(g)->ctl_posted);
+    return MTS_LOAD(&mts_worker_at(g, worker)->ctl_posted);
 }
 
-/* The stack announces it is about to sleep.  Returns 1 if it may (no command
+/* A worker announces it is about to sleep.  Returns 1 if it may (no command
  * arrived at its own dequeue position meanwhile), else clears the flag and
  * returns 0. */
-static inline int mts_stack_try_sleep(const struct mts_geom *g, uint64_t pos)
+static inline int mts_stack_try_sleep(const struct mts_geom *g, uint32_t worker, uint64_t pos)
 {
-    struct mts_header *h = mts_hdr(g);
-    __atomic_store_n(&h->stack_sleeping, 1u, __ATOMIC_SEQ_CST);
-    if (!mts_cmd_pending(g, pos))
+    struct mts_worker *w = mts_worker_at(g, worker);
+    __atomic_store_n(&w->sleeping, 1u, __ATOMIC_SEQ_CST);
+    if (!mts_cmd_pending(g, worker, pos))
         return 1;
-    __atomic_store_n(&h->stack_sleeping, 0u, __ATOMIC_RELAXED);
+    __atomic_store_n(&w->sleeping, 0u, __ATOMIC_RELAXED);
     return 0;
 }
 
-/* The stack, for a process that ended without closing its descriptors
+/* A worker, for a process that ended without closing its descriptors
  * (killed, _exit): drops one reference for each word of its fd table
- * (MTS_CTL_REGISTER_PROCESS) that names a stack socket whose slot still has
- * that generation, and writes to `closed` (at most `max`) the slots whose
- * last reference that was.  Returns how many it wrote.  The table is the
- * program's to write, so any word may hold anything. */
-static inline uint32_t mts_release_fd_table(const struct mts_geom *g, const uint64_t *table, uint64_t words,
-                                            uint32_t *closed, uint32_t max)
+ * (MTS_CTL_REGISTER_PROCESS) that names a socket of the worker's whose slot
+ * still has that generation, and writes to `closed` (at most `max`) the
+ * slots whose last reference that was.  Returns how many it wrote.  The
+ * table is the program's to write, so any word may hold anything. */
+static inline uint32_t mts_release_fd_table(const struct mts_geom *g, uint32_t worker, const uint64_t *table,
+                                            uint64_t words, uint32_t *closed, uint32_t max)
 {
     uint32_t n = 0;
     for (uint64_t i = 0; i < words; i++) {
@@ -716,7 +803,7 @@ static inline uint32_t mts_release_fd_table(const struct mts_geom *g, const uint
         if ((word >> MTS_FD_KIND_SHIFT & 0xFF) != MTS_FD_STACK)
             continue;
         uint32_t id = (uint32_t)word & MTS_FD_PAYLOAD_MASK;
-        if (id >= g->nslots)
+        if (mts_slot_worker(g, id) != worker)
             continue;
         struct mts_slot *s = mts_slot_at(g, id);
         if (MTS_LOAD(&s->generation) != (uint32_t)(word >> 32))
@@ -731,9 +818,9 @@ static inline uint32_t mts_release_fd_table(const struct mts_geom *g, const uint
     return n;
 }
 
-static inline void mts_stack_awake(const struct mts_geom *g)
+static inline void mts_stack_awake(const struct mts_geom *g, uint32_t worker)
 {
-    __atomic_store_n(&mts_hdr(g)->stack_sleeping, 0u, __ATOMIC_RELAXED);
+    __atomic_store_n(&mts_worker_at(g, worker)->sleeping, 0u, __ATOMIC_RELAXED);
 }
 
 /* Readiness of a stack socket in epoll bits, derived from what both sides

@@ -96,9 +96,11 @@ struct shim_state {
     int debug;
     struct mts_header *hdr;
     struct mts_geom geom; /* the layout, read once at attach */
-    /* The inherited descriptors, moved to high numbers at attach, and the
-     * fd table's memfd (kept across exec: shim_core.c). */
-    int shm_fd, ctl_fd, wake_fd, death_fd, table_fd;
+    /* The inherited descriptors, moved to high numbers at attach (a control
+     * socket and a wake eventfd per stack worker), and the fd table's memfd
+     * (kept across exec: shim_core.c). */
+    int shm_fd, death_fd, table_fd;
+    int ctl_fd[MTS_MAX_WORKERS], wake_fd[MTS_MAX_WORKERS];
     int internal_fd_base; /* our own descriptors live at or above this number */
     int64_t spin_ns;      /* busy-wait before sleeping (MTCPSHIM_SPIN_US) */
     int stack_dead;       /* sticky: the death pipe fired or the stack stopped */
@@ -202,15 +204,25 @@ static inline struct mts_slot *shim_slot(uint32_t id) { return mts_slot_at(&shim
  * death pipe (a system call). */
 int shim_stack_alive(int check_pipe);
 void shim_mark_stack_dead(const char *why);
-void shim_wake_stack(void);
-/* Queues an asynchronous command.  Returns 0, or -1 with errno. */
+void shim_wake_stack(uint32_t worker);
+/* The stack worker of the core this thread runs on: where its new sockets
+ * go, and whose accept queue it looks at first. */
+uint32_t shim_current_worker(void);
+/* Queues an asynchronous command to the slot's worker.  Returns 0, or -1
+ * with errno. */
 int shim_cmd_async(uint32_t op, uint32_t slot, uint64_t arg);
-/* Runs a synchronous command; returns its result, 0 or -errno. */
+/* Queues MTS_OP_WAITER_FREE to every worker. */
+int shim_cmd_waiter_free(uint32_t waiter);
+/* Runs a synchronous command on the slot's worker, or on `worker`; returns
+ * its result, 0 or -errno. */
 int shim_cmd_sync(uint32_t op, uint32_t slot, uint64_t arg);
-/* Sends one descriptor to the stack over CTL_FD (a struct mts_ctl_msg with
- * SCM_RIGHTS) and counts it in the header.  0, or -1 with errno. */
-int shim_ctl_send_fd(uint32_t op, uint32_t id, uint64_t arg, int fd);
-int shim_ctl_send_fds(uint32_t op, uint32_t id, uint64_t arg, const int *fds, unsigned count);
+int shim_cmd_sync_on(uint32_t worker, uint32_t op, uint32_t slot, uint64_t arg);
+/* Sends descriptors to a worker over its CTL_FD (a struct mts_ctl_msg with
+ * SCM_RIGHTS) and counts it in the worker's words.  0, or -1 with errno. */
+int shim_ctl_send_fd(uint32_t worker, uint32_t op, uint32_t id, uint64_t arg, int fd);
+int shim_ctl_send_fds(uint32_t worker, uint32_t op, uint32_t id, uint64_t arg, const int *fds, unsigned count);
+/* The same message to every worker. */
+int shim_ctl_send_all(uint32_t op, uint32_t id, uint64_t arg, const int *fds, unsigned count);
 
 /* The application drops one reference; the last one closes the socket. */
 void shim_slot_unref(uint32_t slot, uint32_t generation);

@@ -40,15 +40,27 @@ int shim_stack_alive(int check_pipe)
     return 1;
 }
 
-void shim_wake_stack(void)
+void shim_wake_stack(uint32_t worker)
 {
-    /* Our queue write must be visible before we read the flag the stack
-     * sets before it re-checks the queue (store-load ordering). */
+    /* Our queue write must be visible before we read the flag the worker
+     * sets before it re-checks its queue (store-load ordering). */
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
-    if (__atomic_load_n(&shim.hdr->stack_sleeping, __ATOMIC_RELAXED)) {
+    if (__atomic_load_n(&mts_worker_at(&shim.geom, worker)->sleeping, __ATOMIC_RELAXED)) {
         uint64_t one = 1;
-        shim_real.write(shim.wake_fd, &one, sizeof(one));
+        shim_real.write(shim.wake_fd[worker % shim.geom.nworkers], &one, sizeof(one));
     }
+}
+
+uint32_t shim_current_worker(void)
+{
+    uint32_t n = shim.geom.nworkers;
+    if (n == 1)
+        return 0;
+    int cpu = sched_getcpu();
+    for (uint32_t w = 0; w < n; w++)
+        if (__atomic_load_n(&mts_worker_at(&shim.geom, w)->cpu, __ATOMIC_RELAXED) == cpu)
+            return w;
+    return cpu < 0 ? 0 : (uint32_t)cpu % n;
 }
 
 static void sleep_ns(long ns)
@@ -57,14 +69,14 @@ static void sleep_ns(long ns)
     nanosleep(&ts, NULL);
 }
 
-static int push_command(uint32_t op, uint32_t slot, uint32_t generation, uint64_t arg)
+static int push_command(uint32_t worker, uint32_t op, uint32_t slot, uint32_t generation, uint64_t arg)
 {
     for (int attempt = 0; attempt < PUSH_SPIN_ATTEMPTS + PUSH_SLEEP_ATTEMPTS; attempt++) {
-        if (mts_cmd_push(&shim.geom, op, slot, generation, arg) == 0) {
-            shim_wake_stack();
+        if (mts_cmd_push(&shim.geom, worker, op, slot, generation, arg) == 0) {
+            shim_wake_stack(worker);
             return 0;
         }
-        shim_wake_stack();
+        shim_wake_stack(worker);
         if (!shim_stack_alive(attempt % 64 == 63)) {
             errno = ENETDOWN;
             return -1;
@@ -86,18 +98,26 @@ static uint32_t generation_of(uint32_t op, uint32_t slot)
     return op == MTS_OP_WAITER_FREE ? 0 : __atomic_load_n(&shim_slot(slot)->generation, __ATOMIC_RELAXED);
 }
 
-static int cmd_async(uint32_t op, uint32_t slot, uint32_t generation, uint64_t arg)
+static int cmd_async(uint32_t worker, uint32_t op, uint32_t slot, uint32_t generation, uint64_t arg)
 {
     if (!shim_stack_alive(0)) {
         errno = ENETDOWN;
         return -1;
     }
-    return push_command(op, slot, generation, arg);
+    return push_command(worker, op, slot, generation, arg);
 }
 
 int shim_cmd_async(uint32_t op, uint32_t slot, uint64_t arg)
 {
-    return cmd_async(op, slot, generation_of(op, slot), arg);
+    return cmd_async(mts_slot_worker(&shim.geom, slot), op, slot, generation_of(op, slot), arg);
+}
+
+int shim_cmd_waiter_free(uint32_t waiter)
+{
+    int result = 0;
+    for (uint32_t w = 0; w < shim.geom.nworkers; w++)
+        result |= cmd_async(w, MTS_OP_WAITER_FREE, waiter, 0, 0);
+    return result;
 }
 
 /* The stack's answer; -EBADF if the slot was handed to another socket
@@ -121,7 +141,7 @@ static int await_completion(struct mts_slot *s, uint32_t generation)
     return s->op_result;
 }
 
-int shim_ctl_send_fds(uint32_t op, uint32_t id, uint64_t arg, const int *fds, unsigned count)
+int shim_ctl_send_fds(uint32_t worker, uint32_t op, uint32_t id, uint64_t arg, const int *fds, unsigned count)
 {
     struct mts_ctl_msg msg = {.op = op, .id = id, .arg = arg};
     struct iovec iov = {.iov_base = &msg, .iov_len = sizeof(msg)};
@@ -143,17 +163,33 @@ int shim_ctl_send_fds(uint32_t op, uint32_t id, uint64_t arg, const int *fds, un
     memcpy(CMSG_DATA(cm), fds, count * sizeof(int));
     ssize_t sent;
     do
-        sent = shim_real.sendmsg(shim.ctl_fd, &mh, MSG_NOSIGNAL);
+        sent = shim_real.sendmsg(shim.ctl_fd[worker % shim.geom.nworkers], &mh, MSG_NOSIGNAL);
     while (sent < 0 && errno == EINTR);
     if (sent != (ssize_t)sizeof(msg))
         return -1;
-    mts_ctl_post(&shim.geom);
+    mts_ctl_post(&shim.geom, worker);
     return 0;
 }
 
-int shim_ctl_send_fd(uint32_t op, uint32_t id, uint64_t arg, int fd) { return shim_ctl_send_fds(op, id, arg, &fd, 1); }
+int shim_ctl_send_fd(uint32_t worker, uint32_t op, uint32_t id, uint64_t arg, int fd)
+{
+    return shim_ctl_send_fds(worker, op, id, arg, &fd, 1);
+}
+
+int shim_ctl_send_all(uint32_t op, uint32_t id, uint64_t arg, const int *fds, unsigned count)
+{
+    for (uint32_t w = 0; w < shim.geom.nworkers; w++)
+        if (shim_ctl_send_fds(w, op, id, arg, fds, count) < 0)
+            return -1;
+    return 0;
+}
 
 int shim_cmd_sync(uint32_t op, uint32_t slot, uint64_t arg)
+{
+    return shim_cmd_sync_on(mts_slot_worker(&shim.geom, slot), op, slot, arg);
+}
+
+int shim_cmd_sync_on(uint32_t worker, uint32_t op, uint32_t slot, uint64_t arg)
 {
     struct mts_slot *s = shim_slot(slot);
     for (unsigned spins = 0;; spins++) {
@@ -170,7 +206,7 @@ int shim_cmd_sync(uint32_t op, uint32_t slot, uint64_t arg)
     } else {
         __atomic_store_n(&s->op_done, 0, __ATOMIC_RELAXED);
         uint32_t generation = generation_of(op, slot);
-        result = push_command(op, slot, generation, arg) < 0 ? -errno : await_completion(s, generation);
+        result = push_command(worker, op, slot, generation, arg) < 0 ? -errno : await_completion(s, generation);
     }
     __atomic_store_n(&s->op_lock, 0, __ATOMIC_RELEASE);
     return result;
@@ -188,7 +224,7 @@ void shim_slot_unref(uint32_t slot, uint32_t generation)
     /* SO_LINGER on with a zero timeout: close aborts with a reset. */
     uint64_t abort = s->opt_linger_on && s->opt_linger_sec == 0;
     SHIM_DEBUG("slot %u: last reference gone, %s", slot, abort ? "abort" : "close");
-    if (cmd_async(MTS_OP_CLOSE, slot, generation, abort) < 0)
+    if (cmd_async(mts_slot_worker(&shim.geom, slot), MTS_OP_CLOSE, slot, generation, abort) < 0)
         SHIM_DEBUG("slot %u: close not delivered: %s", slot, strerror(errno));
 }
 

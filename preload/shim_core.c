@@ -18,7 +18,7 @@
 
 #define DEFAULT_SPIN_US 20
 
-struct shim_state shim = {.shm_fd = -1, .ctl_fd = -1, .wake_fd = -1, .death_fd = -1, .table_fd = -1};
+struct shim_state shim = {.shm_fd = -1, .death_fd = -1, .table_fd = -1};
 int shim_init_done;
 __thread int shim_busy __attribute__((tls_model("initial-exec")));
 
@@ -131,17 +131,32 @@ int shim_internal_fd(int fd, int cloexec)
 
 static void publish_inherited_fds(void)
 {
-    char value[80];
-    int n = snprintf(value, sizeof(value), "%d,%d,%d,%d", shim.shm_fd, shim.ctl_fd, shim.wake_fd, shim.death_fd);
-    if (shim.table_fd >= 0)
-        snprintf(value + n, sizeof(value) - (size_t)n, ",%d", shim.table_fd);
+    char value[16 * (3 + 2 * MTS_MAX_WORKERS)];
+    int n = snprintf(value, sizeof(value), "%d,%d,%d", shim.shm_fd, shim.death_fd, shim.table_fd);
+    for (uint32_t w = 0; w < shim.geom.nworkers; w++)
+        n += snprintf(value + n, sizeof(value) - (size_t)n, ",%d,%d", shim.ctl_fd[w], shim.wake_fd[w]);
     setenv(MTS_ENV_FDS, value, 1);
+}
+
+/* The descriptor variables MTS_ENV_FDS names; returns how many it wrote. */
+static size_t inherited_fds(int *fds[3 + 2 * MTS_MAX_WORKERS])
+{
+    size_t n = 0;
+    fds[n++] = &shim.shm_fd;
+    fds[n++] = &shim.death_fd;
+    fds[n++] = &shim.table_fd;
+    for (uint32_t w = 0; w < shim.geom.nworkers; w++) {
+        fds[n++] = &shim.ctl_fd[w];
+        fds[n++] = &shim.wake_fd[w];
+    }
+    return n;
 }
 
 int shim_internal_relocate(int fd)
 {
-    int *inherited[] = {&shim.shm_fd, &shim.ctl_fd, &shim.wake_fd, &shim.death_fd, &shim.table_fd};
-    for (size_t i = 0; i < sizeof(inherited) / sizeof(inherited[0]); i++) {
+    int *inherited[3 + 2 * MTS_MAX_WORKERS];
+    size_t count = inherited_fds(inherited);
+    for (size_t i = 0; i < count; i++) {
         if (*inherited[i] != fd)
             continue;
         int moved = shim_real.fcntl(fd, F_DUPFD, fd + 1);
@@ -168,21 +183,21 @@ int shim_internal_relocate(int fd)
 
 static pthread_once_t attach_once = PTHREAD_ONCE_INIT;
 
-/* MTS_ENV_FDS: "SHM,CTL,WAKE,DEATH" from the launcher, and ",TABLE" after
- * it once an image of the program attached (the fd table's memfd, which an
- * exec'd image takes over).  fds[4] is -1 without it. */
-static int parse_inherited_fds(const char *value, int fds[5])
+/* MTS_ENV_FDS: "SHM,DEATH,TABLE" then "CTL,WAKE" of each worker.  TABLE is
+ * -1 from the launcher; once an image of the program attached it is the fd
+ * table's memfd, which an exec'd image takes over.  Returns the number of
+ * workers, or -1. */
+static int parse_inherited_fds(const char *value, int fds[3 + 2 * MTS_MAX_WORKERS])
 {
     const char *p = value;
-    fds[4] = -1;
-    for (int i = 0; i < 5; i++) {
+    for (int i = 0; i < 3 + 2 * MTS_MAX_WORKERS; i++) {
         char *end;
         long v = strtol(p, &end, 10);
-        if (end == p || v < 0 || v > INT_MAX || (*end != ',' && *end != '\0') || (*end == ',' && i == 4))
+        if (end == p || v < (i == 2 ? -1 : 0) || v > INT_MAX || (*end != ',' && *end != '\0'))
             return -1;
         fds[i] = (int)v;
         if (*end == '\0')
-            return i >= 3 ? 0 : -1;
+            return i >= 4 && i % 2 == 0 ? (i - 2) / 2 : -1;
         p = end + 1;
     }
     return -1;
@@ -328,8 +343,12 @@ static int entry_survived(int fd, uint64_t word)
 
 static int is_ours(int fd)
 {
-    return fd == shim.shm_fd || fd == shim.ctl_fd || fd == shim.wake_fd || fd == shim.death_fd ||
-           fd == shim.table_fd;
+    int *inherited[3 + 2 * MTS_MAX_WORKERS];
+    size_t count = inherited_fds(inherited);
+    for (size_t i = 0; i < count; i++)
+        if (*inherited[i] == fd)
+            return 1;
+    return 0;
 }
 
 /* This process exec'd: the table is the earlier image's.  A socket whose
@@ -382,7 +401,7 @@ static void register_process(int memfd, pid_t pid)
         return;
     int pidfd = (int)shim_raw_syscall(SYS_pidfd_open, pid, 0);
     int fds[2] = {memfd, pidfd};
-    if (pidfd < 0 || shim_ctl_send_fds(MTS_CTL_REGISTER_PROCESS, (uint32_t)pid, shim_fd_capacity, fds, 2) < 0)
+    if (pidfd < 0 || shim_ctl_send_all(MTS_CTL_REGISTER_PROCESS, (uint32_t)pid, shim_fd_capacity, fds, 2) < 0)
         SHIM_DEBUG("process %d not registered with the stack: %s", (int)pid, strerror(errno));
     if (pidfd >= 0)
         shim_real.close(pidfd);
@@ -414,20 +433,22 @@ static void attach(void)
         SHIM_DEBUG("%s not set: every call goes to the kernel", MTS_ENV_FDS);
         return;
     }
-    int fds[5];
+    int fds[3 + 2 * MTS_MAX_WORKERS];
+    int workers = parse_inherited_fds(value, fds);
     struct stat st;
-    if (parse_inherited_fds(value, fds) < 0 || fstat(fds[0], &st) < 0) {
+    if (workers < 0 || fstat(fds[0], &st) < 0) {
         SHIM_DEBUG("%s=%s unusable: every call goes to the kernel", MTS_ENV_FDS, value);
         return;
     }
     void *base = mmap(NULL, (size_t)st.st_size, PROT_READ | PROT_WRITE, MAP_SHARED, fds[0], 0);
-    if (base == MAP_FAILED || mts_geom_attach(&shim.geom, base, (uint64_t)st.st_size) != 0) {
+    if (base == MAP_FAILED || mts_geom_attach(&shim.geom, base, (uint64_t)st.st_size) != 0 ||
+        shim.geom.nworkers != (uint32_t)workers) {
         SHIM_DEBUG("shared region on fd %d is invalid: every call goes to the kernel", fds[0]);
         if (base != MAP_FAILED)
             munmap(base, (size_t)st.st_size);
         return;
     }
-    enum table_origin origin = setup_fd_table(fds[4]);
+    enum table_origin origin = setup_fd_table(fds[2]);
     if (!shim_fd_table || shim_waiters_init() < 0) {
         SHIM_DEBUG("out of memory at attach: every call goes to the kernel");
         munmap(base, (size_t)st.st_size);
@@ -436,9 +457,11 @@ static void attach(void)
     shim.hdr = base;
     shim.spin_ns = spin_ns(shim.hdr->stack_pid);
     shim.shm_fd = shim_internal_fd(fds[0], 0);
-    shim.ctl_fd = shim_internal_fd(fds[1], 0);
-    shim.wake_fd = shim_internal_fd(fds[2], 0);
-    shim.death_fd = shim_internal_fd(fds[3], 0);
+    shim.death_fd = shim_internal_fd(fds[1], 0);
+    for (int w = 0; w < workers; w++) {
+        shim.ctl_fd[w] = shim_internal_fd(fds[3 + 2 * w], 0);
+        shim.wake_fd[w] = shim_internal_fd(fds[4 + 2 * w], 0);
+    }
     if (shim.table_fd >= 0)
         shim.table_fd = shim_internal_fd(shim.table_fd, 0);
     publish_inherited_fds();
@@ -449,10 +472,9 @@ static void attach(void)
         inherit_spawning_table();
     if (origin == TABLE_NEW || origin == TABLE_SPAWNED)
         register_process(shim.table_fd, getpid());
-    SHIM_DEBUG("attached: stack %u.%u.%u.%u/%u, %u slots, fds %d,%d,%d,%d, fd table %d (%s), spin %lld us",
+    SHIM_DEBUG("attached: stack %u.%u.%u.%u/%u, %u slots, %u workers, fds %d,%d, fd table %d (%s), spin %lld us",
                shim.hdr->ip >> 24, shim.hdr->ip >> 16 & 255, shim.hdr->ip >> 8 & 255, shim.hdr->ip & 255,
-               shim.hdr->prefix_len, shim.geom.nslots, shim.shm_fd, shim.ctl_fd, shim.wake_fd,
-               shim.death_fd, shim.table_fd,
+               shim.hdr->prefix_len, shim.geom.nslots, shim.geom.nworkers, shim.shm_fd, shim.death_fd, shim.table_fd,
                origin == TABLE_AFTER_EXEC ? "after exec" : origin == TABLE_SPAWNED ? "spawned" :
                origin == TABLE_NEW ? "new" : "private", (long long)(shim.spin_ns / 1000));
 }

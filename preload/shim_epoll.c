@@ -62,7 +62,7 @@ struct epoll_instance {
     uint32_t *ready;
     uint32_t ready_count;
     uint32_t ready_start; /* round robin, so no stack fd starves */
-    uint64_t log_pos;     /* the change log is read up to here */
+    uint64_t log_pos[MTS_MAX_WORKERS]; /* each worker's change log is read up to here */
     uint8_t death_seen;   /* every entry was queued once the stack died */
     uint8_t nested;       /* in another epoll set, or polled: see the top */
 };
@@ -306,30 +306,32 @@ static void remove_entry(struct epoll_instance *inst, struct epoll_entry *e)
     __atomic_store_n(&inst->count, last, __ATOMIC_RELEASE);
 }
 
-/* Queues the entries of every slot the stack logged since the last look.
- * Entries are read before the head is checked again: if the stack lapped
+/* Queues the entries of every slot a worker logged since the last look.
+ * Entries are read before the head is checked again: if the worker lapped
  * us meanwhile, some were overwritten, and every entry is queued instead. */
 static void read_changes(struct epoll_instance *inst)
 {
     const struct mts_geom *g = &shim.geom;
-    struct mts_changes *log = mts_changes_at(g);
-    uint64_t head = MTS_LOAD(&log->head), from = inst->log_pos;
-    if (head == from)
-        return;
-    inst->log_pos = head;
-    if (head - from <= g->changes_capacity) {
-        for (uint64_t pos = from; pos != head; pos++) {
-            uint32_t slot = __atomic_load_n(mts_change_entry(g, pos), __ATOMIC_RELAXED);
-            if (slot < inst->slot_capacity)
-                for (uint32_t i = inst->first_of_slot[slot]; i; i = inst->entries[i - 1].next_of_slot)
-                    enqueue(inst, i - 1);
+    for (uint32_t worker = 0; worker < g->nworkers; worker++) {
+        struct mts_changes *log = mts_changes_at(g, worker);
+        uint64_t head = MTS_LOAD(&log->head), from = inst->log_pos[worker];
+        if (head == from)
+            continue;
+        inst->log_pos[worker] = head;
+        if (head - from <= g->changes_capacity) {
+            for (uint64_t pos = from; pos != head; pos++) {
+                uint32_t slot = __atomic_load_n(mts_change_entry(g, worker, pos), __ATOMIC_RELAXED);
+                if (slot < inst->slot_capacity)
+                    for (uint32_t i = inst->first_of_slot[slot]; i; i = inst->entries[i - 1].next_of_slot)
+                        enqueue(inst, i - 1);
+            }
+            if (MTS_LOAD(&log->head) - from <= g->changes_capacity)
+                continue;
         }
-        if (MTS_LOAD(&log->head) - from <= g->changes_capacity)
-            return;
+        SHIM_DEBUG("epoll: %llu slots logged by worker %u since the last look, more than the log holds: "
+                   "looking at all %u", (unsigned long long)(head - from), worker, inst->count);
+        enqueue_all(inst);
     }
-    SHIM_DEBUG("epoll: %llu slots logged since the last look, more than the log holds: looking at all %u",
-               (unsigned long long)(head - from), inst->count);
-    enqueue_all(inst);
 }
 
 void shim_epoll_forget_fd(int fd)

@@ -348,7 +348,7 @@ static uint32_t span_file_for(uint32_t slot, int in_fd, const struct stat *st, u
     do
         file = __atomic_add_fetch(&s->tx_file_next, 1, __ATOMIC_RELAXED);
     while (file == 0 || file == SPAN_FILE_REFUSED);
-    int result = shim_ctl_send_fd(MTS_CTL_SEND_FILE, slot, file, in_fd) < 0 ? -errno
+    int result = shim_ctl_send_fd(mts_slot_worker(&shim.geom, slot), MTS_CTL_SEND_FILE, slot, file, in_fd) < 0 ? -errno
                                                                            : shim_cmd_sync(MTS_OP_FILE, slot, file);
     SHIM_DEBUG("slot %u: file %u for sendfile spans: %s", slot, file, result ? strerror(-result) : "taken");
     if (result == -EOPNOTSUPP)

@@ -299,17 +299,22 @@ static void copy_kernel_options(int fd, uint32_t candidate, struct mts_slot *s)
  * to this long for that, as the kernel would have freed them at once. */
 #define SLOT_WAIT_NS (20 * 1000 * 1000)
 
+/* A slot of the worker of the core we run on: its commands and its
+ * segments stay on this core.  When that worker has none free, another's. */
 static int32_t alloc_slot(void)
 {
-    int32_t id = mts_slot_alloc(&shim.geom, NULL);
+    uint32_t first = shim_current_worker(), n = shim.geom.nworkers;
+    int32_t id = -1;
+    for (uint32_t i = 0; i < n && id < 0; i++)
+        id = mts_slot_alloc(&shim.geom, (first + i) % n, NULL);
     if (id >= 0 || !shim_stack_alive(0))
         return id;
-    shim_wake_stack();
+    shim_wake_stack(first);
     int64_t deadline = shim_now_ns() + SLOT_WAIT_NS;
     while (id < 0 && shim_now_ns() < deadline) {
         struct timespec pause = {0, 200 * 1000};
         nanosleep(&pause, NULL);
-        id = mts_slot_alloc(&shim.geom, NULL);
+        id = mts_slot_alloc(&shim.geom, first, NULL);
     }
     return id;
 }
@@ -434,6 +439,12 @@ int listen(int fd, int backlog)
         backlog = MAX_BACKLOG;
     shim_slot(slot)->backlog = (uint32_t)backlog;
     int result = shim_cmd_sync(MTS_OP_LISTEN, slot, (uint64_t)backlog);
+    /* Then every other worker opens a sibling listener, so that the SYNs
+     * it receives for the port find one. */
+    uint32_t owner = mts_slot_worker(&shim.geom, slot);
+    for (uint32_t worker = 0; worker < shim.geom.nworkers && result == 0; worker++)
+        if (worker != owner)
+            result = shim_cmd_sync_on(worker, MTS_OP_LISTEN, slot, (uint64_t)backlog);
     SHIM_DEBUG("fd %d: listen backlog %d -> %d", fd, backlog, result);
     return result < 0 ? fail(-result) : 0;
 }
@@ -454,6 +465,56 @@ static int finish_blocking_connect(int fd, uint32_t slot)
         if (shim_wait_slot(slot, EPOLLOUT, deadline) < 0)
             return fail(errno == EAGAIN ? EINPROGRESS : errno);
     }
+}
+
+/* A socket bound before connect() keeps its port, so its flow's frames
+ * reach the worker that port and the destination's steer to
+ * (mts_worker_of_ports), which must own it.  Another worker's socket moves
+ * there first: a slot of that worker takes its options and its port (bound
+ * there before the old slot lets it go), and a new placeholder takes the
+ * descriptor.  Only a socket that this one descriptor names can move; for
+ * another, connect fails with EADDRNOTAVAIL rather than open a flow whose
+ * replies would reach a worker that does not know it.  Returns the slot
+ * to connect, or -1 with errno. */
+static int64_t steer_bound_socket(int fd, uint32_t slot, uint16_t remote_port)
+{
+    struct mts_slot *s = shim_slot(slot);
+    uint32_t want = mts_worker_of_ports(s->local_port, remote_port, shim.geom.nworkers);
+    if (shim.geom.nworkers == 1 || want == mts_slot_worker(&shim.geom, slot) ||
+        __atomic_load_n(&s->state, __ATOMIC_ACQUIRE) != MTS_ST_BOUND)
+        return slot;
+    if (__atomic_load_n(&s->refcnt, __ATOMIC_ACQUIRE) != 1) {
+        shim_log("connect: fd %d is bound to port %u, whose flow to port %u another worker serves, and it is "
+                 "shared (dup or fork), so it cannot move there", fd, s->local_port, remote_port);
+        return fail(EADDRNOTAVAIL);
+    }
+    int32_t moved = mts_slot_alloc(&shim.geom, want, NULL);
+    struct mts_slot *t = moved < 0 ? NULL : shim_slot((uint32_t)moved);
+    if (!t)
+        return fail(ENOBUFS);
+    size_t first = offsetof(struct mts_slot, opt_nodelay), options = offsetof(struct mts_slot, info) - first;
+    memcpy((char *)t + first, (const char *)s + first, options);
+    t->app_flags = s->app_flags;
+    __atomic_store_n(&t->refcnt, 1, __ATOMIC_RELEASE);
+    int result = shim_cmd_sync(MTS_OP_BIND, (uint32_t)moved, (uint64_t)s->local_ip << 16 | s->local_port);
+    int fd_flags = shim_real.fcntl(fd, F_GETFD);
+    int nonblock = (t->app_flags & MTS_AF_NONBLOCK) != 0;
+    int placeholder = result < 0 ? -1 : eventfd(MTS_PLACEHOLDER_TAG | (uint32_t)moved,
+                                                EFD_CLOEXEC | (nonblock ? EFD_NONBLOCK : 0));
+    if (placeholder < 0 ||
+        shim_real.dup3(placeholder, fd, fd_flags >= 0 && (fd_flags & FD_CLOEXEC) ? O_CLOEXEC : 0) < 0) {
+        int err = result < 0 ? -result : errno;
+        if (placeholder >= 0)
+            shim_real.close(placeholder);
+        shim_slot_unref((uint32_t)moved, t->generation);
+        return fail(err);
+    }
+    shim_real.close(placeholder);
+    shim_fd_set_stack(fd, (uint32_t)moved, t->generation);
+    shim_slot_unref(slot, s->generation);
+    SHIM_DEBUG("fd %d: bound to port %u, moved from slot %u to slot %d of worker %u", fd, t->local_port, slot,
+               moved, want);
+    return moved;
 }
 
 static int connect_slot(int fd, uint32_t slot, const struct sockaddr *addr, socklen_t len)
@@ -484,6 +545,11 @@ static int connect_slot(int fd, uint32_t slot, const struct sockaddr *addr, sock
     default:
         break;
     }
+    int64_t steered = steer_bound_socket(fd, slot, port);
+    if (steered < 0)
+        return -1;
+    slot = (uint32_t)steered;
+    s = shim_slot(slot);
     int result = shim_cmd_sync(MTS_OP_CONNECT, slot, (uint64_t)ip << 16 | port);
     if (shim.debug) {
         char text[16];
@@ -570,7 +636,7 @@ static int accept_from_slot(int fd, uint32_t slot, struct sockaddr *addr, sockle
         return fail(EINVAL);
     int64_t deadline = listener->opt_rcvtimeo_ms ? shim_deadline_ms(listener->opt_rcvtimeo_ms) : SHIM_FOREVER;
     int32_t child;
-    while ((child = mts_accept_pop(&shim.geom, slot)) < 0) {
+    while ((child = mts_accept_pop(&shim.geom, slot, shim_current_worker())) < 0) {
         if (!shim_stack_alive(0))
             return fail(ENETDOWN);
         if (__atomic_load_n(&listener->app_flags, __ATOMIC_RELAXED) & MTS_AF_NONBLOCK)

@@ -57,17 +57,20 @@ int shim_waiter_open(struct shim_waiter *sw)
     }
     struct mts_waiter *w = mts_waiter_at(&shim.geom, (uint32_t)id);
     int efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    if (efd < 0 || shim_ctl_send_fd(MTS_CTL_REGISTER_WAITER, (uint32_t)id, 0, efd) < 0) {
+    if (efd < 0 || shim_ctl_send_all(MTS_CTL_REGISTER_WAITER, (uint32_t)id, 0, &efd, 1) < 0) {
         SHIM_DEBUG("waiter %d not registered: %s", id, strerror(errno));
         if (efd >= 0)
             shim_real.close(efd);
-        mts_waiter_free(&shim.geom, (uint32_t)id); /* the stack never saw it */
+        mts_waiter_free(&shim.geom, (uint32_t)id, MTS_MAX_WORKERS); /* no worker holds it for good */
         return -1;
     }
-    shim_wake_stack();
-    while (!__atomic_load_n(&w->registered, __ATOMIC_ACQUIRE)) {
-        mts_futex_wait(&w->registered, 0, SHIM_LIVENESS_SLICE_MS);
-        if (!__atomic_load_n(&w->registered, __ATOMIC_ACQUIRE) && !shim_stack_alive(1)) {
+    /* Every worker wakes it: each must hold the eventfd before we sleep. */
+    uint32_t all = (uint32_t)((1ull << shim.geom.nworkers) - 1), seen;
+    for (uint32_t worker = 0; worker < shim.geom.nworkers; worker++)
+        shim_wake_stack(worker);
+    while ((seen = __atomic_load_n(&w->registered, __ATOMIC_ACQUIRE)) != all) {
+        mts_futex_wait(&w->registered, seen, SHIM_LIVENESS_SLICE_MS);
+        if (__atomic_load_n(&w->registered, __ATOMIC_ACQUIRE) != all && !shim_stack_alive(1)) {
             shim_real.close(efd);
             return -1;
         }
@@ -85,7 +88,7 @@ void shim_waiter_close(struct shim_waiter *sw)
     if (sw->id < 0)
         return;
     __atomic_store_n(&waiters_by_id[sw->id], NULL, __ATOMIC_RELEASE);
-    if (shim_cmd_async(MTS_OP_WAITER_FREE, (uint32_t)sw->id, 0) < 0)
+    if (shim_cmd_waiter_free((uint32_t)sw->id) < 0)
         SHIM_DEBUG("waiter %d not returned: %s", sw->id, strerror(errno));
     shim_fd_clear(sw->efd);
     shim_real.close(sw->efd);

@@ -229,10 +229,10 @@ class _RuntimeRig:
     def command(self, op, slot, arg=0):
         # As the interposer queues it: for the slot's current holder.
         generation = lib.mts_slot_at(self.geom, slot).generation if op != lib.MTS_OP_WAITER_FREE and slot < self.geom.nslots else 0
-        assert lib.mts_cmd_push(self.geom, op, slot, generation, arg) == 0
+        assert lib.mts_cmd_push(self.geom, 0, op, slot, generation, arg) == 0
 
     def listen(self, backlog):
-        listener = lib.mts_slot_alloc(self.geom, ffi.NULL)
+        listener = lib.mts_slot_alloc(self.geom, 0, ffi.NULL)
         lib.mts_slot_at(self.geom, listener).refcnt = 1
         self.command(lib.MTS_OP_BIND, listener, HTTP_PORT)
         self.command(lib.MTS_OP_LISTEN, listener, backlog)
@@ -274,7 +274,7 @@ def bench_keepalive(count, connections=CONNECTIONS):
             rig.peer_exchange()
             rig.stack_step()
     children = []
-    while (child := lib.mts_accept_pop(rig.geom, listener)) >= 0:
+    while (child := lib.mts_accept_pop(rig.geom, listener, 0)) >= 0:
         children.append(child)
     assert len(children) == connections, "the handshakes did not complete"
 
@@ -310,7 +310,7 @@ def bench_close(count, connections=CONNECTIONS):
     for _ in range(8):
         rig.peer_exchange()
         rig.stack_step()
-    while lib.mts_accept_pop(rig.geom, listener) >= 0:
+    while lib.mts_accept_pop(rig.geom, listener, 0) >= 0:
         pass
     rig.timed = 0.0
     served = 0
@@ -328,7 +328,7 @@ def bench_close(count, connections=CONNECTIONS):
         rig.peer_exchange()
         rig.stack_step()
         children = []
-        while (child := lib.mts_accept_pop(rig.geom, listener)) >= 0:
+        while (child := lib.mts_accept_pop(rig.geom, listener, 0)) >= 0:
             children.append(child)
         assert len(children) == len(peers), "a handshake did not complete"
         for child in children:

@@ -31,6 +31,7 @@ import random
 
 from mtcpshim.stack import native
 from mtcpshim.stack.fastpath import FlowTable
+from mtcpshim.stack.io.steer import worker_of_ports
 from mtcpshim.stack.isn import COOKIE_MAX_AGE, COOKIE_PERIOD, MSS_TABLE, TcpSecrets, mss_index_for
 from mtcpshim.stack.tcp import (EV_CLOSED, EV_ESTABLISHED, TIME_WAIT, ChallengeAckLimiter, TcpConfig,
                        TcpConnection, reset_for)
@@ -110,12 +111,19 @@ class TcpHost:
     limit) bounds the connection table: beyond it connect() raises
     OSError(ENOBUFS) and SYNs are dropped.  With `fast_path` (and the C
     module), the connections are in a FlowTable too, for the receive fast
-    path (stack/fastpath.py) that a Node runs in front of the host."""
+    path (stack/fastpath.py) that a Node runs in front of the host.
+    `steering` (worker, workers): this host is one of several stack workers
+    on an interface and receives only the flows io.steer.worker_of_ports
+    gives it (None: the only one)."""
 
     def __init__(self, ip: int, config: TcpConfig | None = None,
                  rng: random.Random | None = None, max_connections: int | None = None,
-                 fast_path: bool = True, secret: bytes | None = None):
+                 fast_path: bool = True, secret: bytes | None = None,
+                 steering: tuple[int, int] | None = None):
+        if steering is not None and not 0 <= steering[0] < steering[1]:
+            raise ValueError(f"steering {steering}: the worker is not one of the workers")
         self.ip = ip
+        self.steering = steering
         self.config = config or TcpConfig()
         self.rng = rng or random.SystemRandom()
         self.secrets = TcpSecrets(secret or self.rng.getrandbits(256).to_bytes(32, "big"))
@@ -181,6 +189,13 @@ class TcpHost:
         bound[1] -= reuse_port
         if not bound[0]:
             del self.bound_ports[port]
+
+    def steers_here(self, local_port: int, remote_port: int) -> bool:
+        """Whether this worker receives the frames of a flow between these ports."""
+        if self.steering is None:
+            return True
+        worker, workers = self.steering
+        return worker_of_ports(local_port, remote_port, workers) == worker
 
     def _ephemeral_port(self, usable, start=None, reuse_port: bool = False) -> int:
         """The first usable port from `start` on (RFC 6056 algorithm 1, a
@@ -248,14 +263,16 @@ class TcpHost:
         """Active open from a port chosen by RFC 6056 algorithm 3: a keyed
         hash of the destination picks where the search starts, so ports are
         unpredictable off-path yet successive connections to one
-        destination do not collide with its TIME_WAIT 4-tuples."""
+        destination do not collide with its TIME_WAIT 4-tuples.  Under
+        steering the search passes over the ports whose replies would reach
+        another worker."""
         if self._full():
             self.count("tcp_connection_limit")
             raise OSError(errno.ENOBUFS, "connection table full")
         offset = self.secrets.port_offset(self.ip, remote_ip, remote_port)
         port = self._ephemeral_port(
             lambda p: p not in self.bound_ports and (p, remote_ip, remote_port) not in self.connections
-            and (p, remote_ip, remote_port) not in self.time_waits,
+            and (p, remote_ip, remote_port) not in self.time_waits and self.steers_here(p, remote_port),
             (offset + self._port_counter) % len(EPHEMERAL_PORTS))
         return self.connect(port, remote_ip, remote_port, send_buf, recv_buf, owner, now, reuse_address)
 

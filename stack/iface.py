@@ -94,9 +94,13 @@ class _Resolution:
 
 class Interface:
     def __init__(self, mac: bytes, ip: int, prefix_len: int, gateway: int | None = None,
-                 arp_timeout: float = 60.0, *, accelerated: bool | None = None, frame_arena: int = 0):
+                 arp_timeout: float = 60.0, *, accelerated: bool | None = None, frame_arena: int = 0,
+                 answers_arp: bool = True):
         """`accelerated` selects the C paths (default: whenever the C module
         is built); False forces the pure-Python paths, e.g. to compare them.
+        `answers_arp`: False for all but one of several stack workers on an
+        interface: each sees every ARP frame and learns from it, and one
+        answers requests and announces the address.
         `frame_arena` (bytes, C paths only): frame_tcp builds its frames in
         one buffer of that size, used again from the start at each
         `reuse_frames()`; 0 gives each frame a buffer of its own."""
@@ -112,6 +116,7 @@ class Interface:
             raise ValueError(f"gateway {ipaddress.IPv4Address(gateway)} is not on-link")
         self.gateway = gateway
         self.arp_timeout = arp_timeout
+        self.answers_arp = answers_arp
         if accelerated is None:
             accelerated = native.ACCELERATED
         elif accelerated and not native.ACCELERATED:
@@ -190,7 +195,7 @@ class Interface:
         # Sender 0.0.0.0 is an address probe (RFC 5227), nothing to learn.
         if arp.sender_ip and (arp.target_ip == self.ip or arp.sender_ip in self._neighbours):
             self._learn(arp.sender_ip, arp.sender_mac, now)
-        if is_request and arp.target_ip == self.ip:
+        if is_request and arp.target_ip == self.ip and self.answers_arp:
             reply = ArpPacket(OP_REPLY, self.mac, self.ip, arp.sender_mac, arp.sender_ip)
             self._tx_frames.append(
                 EthernetHeader(arp.sender_mac, self.mac, ETHERTYPE_ARP).emit(reply.emit()))
@@ -325,6 +330,8 @@ class Interface:
         """Queues a gratuitous ARP (RFC 5227 announcement: a request for our
         own address), so neighbours that cached another MAC for it, from an
         earlier stack or TAP device, update their entry at once."""
+        if not self.answers_arp:
+            return
         self._send_arp_request(self.ip, BROADCAST)
         self.counters["arp_announce_tx"] += 1
 

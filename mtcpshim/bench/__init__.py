@@ -63,6 +63,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         metavar="{cpython,pypy,auto}",
                         help="the interpreter of our stack process, as `mtcpshim run --stack-python` "
                              "(default $MTCPSHIM_STACK_PYTHON, else auto: PyPy where ready)")
+    parser.add_argument("--cores", type=positive, default=1, metavar="N",
+                        help="the server's cores: lighttpd with N workers and our stack with N workers, on CPUs "
+                             "0 to N-1 (the client shares CPU 0); default 1: the server alone on CPU 1")
+    parser.add_argument("--stack-workers", type=positive, metavar="N",
+                        help="our stack's workers, if not one per server core (--cores): with fewer, "
+                             "a worker serves several cores' flows, from the first of them")
     parser.add_argument("--quick", action="store_true", help="a smoke run of every workload in under a minute")
     parser.add_argument("--json", metavar="FILE", help="write every run's raw figures and the machine's details")
     parser.add_argument("--plot", metavar="FILE", help="write a PNG bar chart")
@@ -92,13 +98,21 @@ def main(args: argparse.Namespace) -> int:
         print("mtcpshim bench: needs two CPUs (client on CPU 0, server on CPU 1)", file=sys.stderr)
         return FAILED
 
+    if args.cores > (os.cpu_count() or 1):
+        print(f"mtcpshim bench: --cores {args.cores}: this machine has {os.cpu_count()} CPUs", file=sys.stderr)
+        return FAILED
+    stack_workers = args.stack_workers or args.cores
+    if stack_workers > args.cores:
+        print(f"mtcpshim bench: --stack-workers {stack_workers} is more than the server's --cores {args.cores}",
+              file=sys.stderr)
+        return FAILED
     settings = runner.Settings(
         workloads=workloads.select(args.workload),
         duration=args.duration or (QUICK_DURATION if args.quick else DEFAULT_DURATION),
         runs=args.runs or (QUICK_RUNS if args.quick else DEFAULT_RUNS),
         connections=args.connections,
         warmup=0 if args.quick else max(args.warmup, 0),
-        stack_python=stack_python)
+        stack_python=stack_python, cores=args.cores, stack_workers=stack_workers)
     started = time.time()
     try:
         records = runner.run_plan(settings, runner.Progress(settings))

@@ -103,7 +103,11 @@ def markdown_table(summaries: list[WorkloadSummary], records: list[RunRecord], s
         f"each after {settings.warmup} s of unmeasured load; our stack process under "
         f"{_PYTHON_NAMES.get(settings.stack_python, settings.stack_python)}"
         f"{''.join(f', {name}={value}' for name, value in stack_environment().items())}; "
-        f"{settings.connections} connections for keepalive and close. The test network's veth keeps the "
+        f"{settings.connections} connections for keepalive and close; "
+        + ("the server on CPU 1, the client on CPU 0. " if settings.cores == 1 else
+           f"the server on CPUs 0-{settings.cores - 1} (lighttpd with {settings.cores} workers, our stack "
+           f"with {settings.stack_workers}), the client on CPU 0. ")
+        + "The test network's veth keeps the "
         "kernel's default offloads (checksum, TSO, GSO); rows marked \"offloads off\" run on its frame-exact "
         "variant (offloads off, one segment per frame). Median (min-max); "
         "shim/kernel is the median of per-run ratios. CPU is per request (µs) or per GB (s): "
@@ -258,7 +262,8 @@ def write_json(path: str, records: list[RunRecord], summaries: list[WorkloadSumm
         "machine": machine_info(),
         "settings": {"workloads": [w.name for w in settings.workloads], "duration_s": settings.duration,
                      "runs": settings.runs, "connections": settings.connections,
-                     "warmup_s": settings.warmup, "stack_python": settings.stack_python,
+                     "warmup_s": settings.warmup, "stack_python": settings.stack_python, "cores": settings.cores,
+                     "stack_workers": settings.stack_workers,
                      "stack_environment": stack_environment()},
         "network": "the test network at the kernel's default offloads; measures named *-offloads-off on its "
                    "frame-exact variant (offloads off, one segment per frame)",

@@ -41,6 +41,8 @@ class Settings:
     connections: int
     warmup: int = 0              # seconds of unmeasured load before each measured run
     stack_python: str = "cpython"
+    cores: int = 1               # the server's cores: lighttpd workers, and our stack workers
+    stack_workers: int = 1       # ours, on the first of those cores
 
 
 @dataclass
@@ -76,12 +78,13 @@ def run_plan(settings: Settings, progress: "Progress") -> list[RunRecord]:
     records = []
     # One server start per (network variant, program), the kernel's defaults first.
     starts = sorted(dict.fromkeys((w.offloads, w.server) for w in settings.workloads), key=lambda s: not s[0])
-    with interrupts.terminate_like_interrupt(), test_network(), servers.site() as where:
+    with interrupts.terminate_like_interrupt(), test_network(), servers.site(settings.cores) as where:
         for run in range(1, settings.runs + 1):
             for stack in servers.STACKS:
                 for offloads, program in starts:
                     testnet.up(net=servers.NET if offloads else testnet.FRAME_EXACT_TESTNET)
-                    with servers.running(stack, program, where, settings.stack_python) as server:
+                    with servers.running(stack, program, where, settings.stack_python, settings.cores,
+                                         settings.stack_workers) as server:
                         for workload in _run_order(settings.workloads, program, offloads):
                             progress.step(workload.name, stack, run)
                             warm_up(workload, settings, str(where.wrk_script))

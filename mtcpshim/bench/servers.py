@@ -1,5 +1,7 @@
 """The server side: the same lighttpd (or iperf3) binary and configuration,
-once on the kernel stack and once under `mtcpshim run`, pinned to CPU 1.
+once on the kernel stack and once under `mtcpshim run`, pinned to CPU 1
+(with `--cores N`: lighttpd with N workers, and N stack workers, on CPUs
+0 to N-1).
 
 Kernel case: the stack side's veth gets the kernel address for the
 duration and loses it again afterwards, whatever happens: with a kernel
@@ -56,8 +58,14 @@ class Site:
         return self.directory / "summary.lua"
 
 
+def server_cpus(cores: int) -> str:
+    """The CPUs the server (and our stack) runs on, as taskset takes them:
+    CPU 1 alone, away from the client on CPU 0; N cores from CPU 0 on."""
+    return SERVER_CPU if cores == 1 else f"0-{cores - 1}"
+
+
 @contextlib.contextmanager
-def site() -> Iterator[Site]:
+def site(cores: int = 1) -> Iterator[Site]:
     with tempfile.TemporaryDirectory(prefix="mtcpshim-bench-") as directory:
         root = pathlib.Path(directory)
         docroot = root / "docroot"
@@ -77,7 +85,7 @@ server.max-keep-alive-requests = 65535
 server.max-keep-alive-idle = 60
 # Also 16 bits (65536 would wrap to 0), and below the hard open-file limit.
 server.max-fds = 16384
-""")
+""" + (f"server.max-worker = {cores}\n" if cores > 1 else ""))
         yield made
 
 
@@ -142,17 +150,20 @@ class RunningServer:
 
 
 @contextlib.contextmanager
-def running(stack: str, program: str, where: Site, stack_python: str = "cpython") -> Iterator[RunningServer]:
-    """`program` serving on `stack` until the block ends; ours under `stack_python`."""
+def running(stack: str, program: str, where: Site, stack_python: str = "cpython",
+            cores: int = 1, stack_workers: int = 1) -> Iterator[RunningServer]:
+    """`program` serving on `stack` until the block ends, on `cores` cores;
+    ours under `stack_python`, with `stack_workers` workers."""
+    cpus = server_cpus(cores)
     argv = server_argv(program, where)
     log_path = where.directory / f"{program}-{stack}.log"
     with kernel_address() if stack == KERNEL else contextlib.nullcontext():
         if stack == KERNEL:
-            argv = ["ip", "netns", "exec", NET.srv_ns, "taskset", "-c", SERVER_CPU, *argv]
+            argv = ["ip", "netns", "exec", NET.srv_ns, "taskset", "-c", cpus, *argv]
         else:
             # The stack process and the program inherit the launcher's affinity.
-            argv = ["taskset", "-c", SERVER_CPU, sys.executable, "-m", "mtcpshim.cli", "run",
-                    "--stack-python", stack_python, "--", *argv]
+            argv = ["taskset", "-c", cpus, sys.executable, "-m", "mtcpshim.cli", "run",
+                    "--stack-python", stack_python, "--cores", str(stack_workers), "--", *argv]
         server = None
         try:
             server = RunningServer(stack, program, argv, log_path)

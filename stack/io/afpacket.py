@@ -45,6 +45,14 @@ order: the plain frames before one are sent first.
 Where the kernel has no PACKET_VNET_HDR, plain frames go through the
 receiving socket without a header, bypassing the qdisc as a NIC driver's
 own ring would, and `gso_max_size` is 0.
+
+Steering (issue 14, one stack per core): with `steering=(worker, workers)`
+each of N workers opens its own sockets on the interface, and each receive
+filter, after its length test, drops the frames another worker takes
+(steer.py: a TCP flow by its two ports, ARP to all, the rest to worker 0).
+Not PACKET_FANOUT: a fanout group's member index is its join order and
+compacts when a member leaves, so a flow's worker would change under it,
+and fanout hands ARP to one member only.
 """
 from __future__ import annotations
 
@@ -59,6 +67,7 @@ import struct
 from mtcpshim.stack import native
 from mtcpshim.stack.io.base import (GSO_MAX_SIZE, MAX_FRAME_LEN, PacketIOError, device_segments,
                                      interface_index)
+from mtcpshim.stack.io.steer import steering_program
 from mtcpshim.stack.wire.vnet import PayloadParts, SegmentedFrame
 
 _SOL_PACKET = 263
@@ -88,8 +97,8 @@ _ETH_P_IP = 0x0800
 
 _TPACKET_REQ = struct.Struct("IIII")       # block size, blocks, frame size, frames
 _SO_ATTACH_FILTER = 26
-# Classic BPF on a packet socket: A = frame length; if A > MAX_FRAME_LEN,
-# return the first verdict, else the second (a verdict is the bytes kept).
+# Classic BPF on a packet socket: A = frame length, jump if A > K, return
+# K (a verdict is the bytes kept).
 _BPF_LD_LEN, _BPF_JGT_K, _BPF_RET_K = 0x80, 0x25, 0x06
 _SOCK_FILTER = struct.Struct("HBBI")
 _KEEP_ALL, _DROP = 0x40000, 0
@@ -106,9 +115,12 @@ class AfPacketIO:
     connections at once overflowed 4,096 slots by 71,000 frames (SYNs, then
     the requests, while the stack worked through them) and 16,384 by
     18,000; 32,768 dropped none.  `counters()` reports the rings' drops plus
-    the kernel's (`rx_kernel_drops`: a ring full)."""
+    the kernel's (`rx_kernel_drops`: a ring full).  `steering` (worker,
+    workers) receives only this worker's frames (module docstring); None:
+    every frame."""
 
-    def __init__(self, ifname: str, small_slots: int = 32768, large_slots: int = 240):
+    def __init__(self, ifname: str, small_slots: int = 32768, large_slots: int = 240,
+                 steering: tuple[int, int] | None = None):
         if not native.ACCELERATED:
             raise PacketIOError("AfPacketIO walks its rings in C: "
                                 "build mtcpshim.stack._netfast (pip install -e .)")
@@ -127,7 +139,7 @@ class AfPacketIO:
         try:
             self._large_sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
             self._gso_sock = self._open_gso_socket()
-            self._setup(ifname, small_slots, large_slots)
+            self._setup(ifname, small_slots, large_slots, steering)
         except BaseException:
             for sock in (self._gso_sock, self._large_sock, self._sock):
                 if sock is not None:
@@ -156,7 +168,8 @@ class AfPacketIO:
                                               interface_index(self.ifname), 0, 0, 0, b"")
         return sock
 
-    def _setup(self, ifname: str, small_slots: int, large_slots: int) -> None:
+    def _setup(self, ifname: str, small_slots: int, large_slots: int,
+               steering: tuple[int, int] | None) -> None:
         ffi, lib = native.ffi, native.lib
         for sock in (self._sock, self._large_sock):
             sock.setsockopt(_SOL_PACKET, _PACKET_VERSION, _TPACKET_V2)
@@ -174,8 +187,8 @@ class AfPacketIO:
             except OSError as error:
                 if error.errno != errno.ENOPROTOOPT:
                     raise
-        _sort_by_length(self._sock, longer=_DROP, shorter=_KEEP_ALL)
-        _sort_by_length(self._large_sock, longer=_KEEP_ALL, shorter=_DROP)
+        _attach_filter(self._sock, receive_filter(longer=False, steering=steering))
+        _attach_filter(self._large_sock, receive_filter(longer=True, steering=steering))
         small, small_bytes = _request_ring(self._sock, _PACKET_RX_RING, _SMALL_BLOCK_SIZE,
                                            SMALL_SLOT_SIZE, small_slots)
         large, large_bytes = _request_ring(self._large_sock, _PACKET_RX_RING, _LARGE_BLOCK_SIZE,
@@ -338,15 +351,20 @@ def _request_ring(sock: socket.socket, option: int, block_size: int, slot_size: 
              "block_size": block_size}, blocks * block_size)
 
 
-def _sort_by_length(sock: socket.socket, longer: int, shorter: int) -> None:
-    """A filter on `sock`: frames longer than an MTU's get verdict `longer`,
-    the others `shorter` (_KEEP_ALL or _DROP)."""
-    program = b"".join(_SOCK_FILTER.pack(*instruction) for instruction in (
-        (_BPF_LD_LEN, 0, 0, 0),
-        (_BPF_JGT_K, 0, 1, MAX_FRAME_LEN),
-        (_BPF_RET_K, 0, 0, longer),
-        (_BPF_RET_K, 0, 0, shorter)))
-    instructions = ctypes.create_string_buffer(program, len(program))
+def receive_filter(longer: bool, steering: tuple[int, int] | None) -> list[tuple[int, int, int, int]]:
+    """The classic BPF program of a receive socket: it keeps the frames
+    longer than an MTU's (`longer`) or the others, and of those the ones
+    `steering` gives this worker."""
+    taken = [(_BPF_RET_K, 0, 0, _KEEP_ALL)] if steering is None else steering_program(*steering, _KEEP_ALL)
+    return [(_BPF_LD_LEN, 0, 0, 0),
+            (_BPF_JGT_K, int(longer), int(not longer), MAX_FRAME_LEN),   # past the drop: our lengths
+            (_BPF_RET_K, 0, 0, _DROP),
+            *taken]
+
+
+def _attach_filter(sock: socket.socket, program: list[tuple[int, int, int, int]]) -> None:
+    code = b"".join(_SOCK_FILTER.pack(*instruction) for instruction in program)
+    instructions = ctypes.create_string_buffer(code, len(code))
     # struct sock_fprog: the instruction count, then a pointer to them.
     sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER,
-                    struct.pack("HxxxxxxP", len(program) // _SOCK_FILTER.size, ctypes.addressof(instructions)))
+                    struct.pack("HxxxxxxP", len(program), ctypes.addressof(instructions)))

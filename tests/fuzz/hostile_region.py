@@ -66,10 +66,9 @@ TEN_MB = 10 * 1000 * 1000
 DATA_OFF_BYTES = 4096
 
 # Header fields that only the program reads (the stack writes them): writing
-# them only makes the program's own sockets fail (stack_state, fault) or its
-# commands wait for the next packet (stack_sleeping).  The fuzzer leaves them
+# them only makes the program's own sockets fail.  The fuzzer leaves them
 # alone unless --all-fields.
-PROGRAM_SIDE_HEADER_FIELDS = ("stack_state", "fault", "stack_sleeping")
+PROGRAM_SIDE_HEADER_FIELDS = ("stack_state", "fault")
 
 
 def log(*args):
@@ -97,10 +96,12 @@ def fields_of(struct_name: str, prefix: str = "", base: int = 0):
 
 HEADER_FIELDS = {name: (off, size, kind) for name, off, size, kind in fields_of("struct mts_header")}
 SLOT_FIELDS = {name: (off, size, kind) for name, off, size, kind in fields_of("struct mts_slot")}
+WORKER_FIELDS = {name: (off, size, kind) for name, off, size, kind in fields_of("struct mts_worker")}
 WAITER_FIELDS = {name: (off, size, kind) for name, off, size, kind in fields_of("struct mts_waiter")}
 CMD_FIELDS = {name: (off, size, kind) for name, off, size, kind in fields_of("struct mts_cmd")}
 SLOT_SIZE = ffi.sizeof("struct mts_slot")
 WAITER_SIZE = ffi.sizeof("struct mts_waiter")
+WORKER_SIZE = ffi.sizeof("struct mts_worker")
 CMD_SIZE = ffi.sizeof("struct mts_cmd")
 CMDQ_SIZE = ffi.sizeof("struct mts_cmdq")
 ENQUEUE_POS = ffi.offsetof("struct mts_cmdq", "enqueue_pos")
@@ -109,10 +110,11 @@ CTL_MSG = ffi.sizeof("struct mts_ctl_msg")
 
 
 def inherited_fds() -> tuple[int, int, int, int]:
+    """The region, worker 0's control socket and wake eventfd, the death pipe."""
     value = os.environ.get("MTCPSHIM_FDS")
     if not value:
         sys.exit("hostile: MTCPSHIM_FDS is not set: run me under `mtcpshim run`")
-    shm, ctl, wake, death = (int(v) for v in value.split(",")[:4])  # then the fd table, if any
+    shm, death, _table, ctl, wake = (int(v) for v in value.split(",")[:5])  # then the other workers', if any
     return shm, ctl, wake, death
 
 
@@ -129,7 +131,7 @@ class Region:
         g = self.start
         self.nslots, self.nwaiters, self.cmd_capacity = g["nslots"], g["nwaiters"], g["cmd_capacity"]
         self.rx_size, self.tx_size = g["rx_size"], g["tx_size"]
-        self.waiters_off, self.cmdq_off = g["waiters_off"], g["cmdq_off"]
+        self.waiters_off, self.cmdq_off, self.workers_off = g["waiters_off"], g["cmdq_off"], g["workers_off"]
         self.slots_off, self.data_off = g["slots_off"], g["data_off"]
         self.region_size = g["region_size"]
         if g["magic"] != lib.MTS_MAGIC or self.region_size > self.size:
@@ -158,11 +160,30 @@ class Region:
     def restore_geometry(self) -> None:
         """Puts back every header field we may have written, as it was at start
         (the stack's own fields excepted)."""
-        for name in ("magic", "version", "header_size", "region_size", "nslots", "nwaiters", "cmd_capacity",
-                     "changes_capacity", "rx_size", "tx_size", "waiters_off", "cmdq_off", "changes_off",
-                     "slots_off", "data_off", "ip", "prefix_len", "gateway"):
+        for name in ("magic", "version", "header_size", "region_size", "nslots", "nworkers", "nwaiters",
+                     "cmd_capacity", "changes_capacity", "rx_size", "tx_size", "workers_off", "waiters_off",
+                     "cmdq_off", "changes_off", "slots_off", "data_off", "ip", "prefix_len", "gateway"):
             self.set_header(name, self.start[name])
-        self.set_header("slot_hint", 0)
+        self.set_worker("slot_hint", 0)
+
+    def set_worker(self, name: str, value: int, worker: int = 0) -> None:
+        """A field of a stack worker's words."""
+        off, size, _ = WORKER_FIELDS[name]
+        self.write(self.workers_off + worker * WORKER_SIZE + off, size, value)
+
+    def worker(self, name: str, worker: int = 0) -> int:
+        off, size, _ = WORKER_FIELDS[name]
+        return self.read(self.workers_off + worker * WORKER_SIZE + off, size)
+
+    def worker_of_slot(self, slot_id: int) -> int:
+        return slot_id // (self.nslots // self.start["nworkers"])
+
+    def move_to_worker_of(self, slot_id: int) -> None:
+        """This thread runs on the core of the worker that owns the slot:
+        the sockets it makes next take that worker's slots."""
+        cpu = self.worker("cpu", self.worker_of_slot(slot_id))
+        if cpu != 0xFFFFFFFF:                     # -1: a worker pinned nowhere
+            os.sched_setaffinity(0, {cpu})
 
     # slots
     def slot_off(self, slot_id: int) -> int:
@@ -730,7 +751,7 @@ def attack_slot_free(region: Region, state: State, args) -> dict:
     first, first_peer = listener.accept()
     victim = region.find_slot(args.port, remote_port=first_peer[1])
     region.set_slot(victim, "in_use", lib.MTS_SLOT_FREE)
-    region.set_header("slot_hint", victim)
+    region.set_worker("slot_hint", victim, region.worker_of_slot(victim))
     state.say("attacked", slot=victim, first_peer_port=first_peer[1])
     second, second_peer = listener.accept()
     second_slot = region.find_slot(args.port, remote_port=second_peer[1], timeout=2) \
@@ -773,7 +794,8 @@ def attack_slot_taken(region: Region, state: State, args) -> dict:
         time.sleep(0.01)
     victim = region.find_slot(args.port, remote_port=first_peer[1])
     region.set_slot(victim, "in_use", lib.MTS_SLOT_FREE)
-    region.set_header("slot_hint", victim)
+    region.set_worker("slot_hint", victim, region.worker_of_slot(victim))
+    region.move_to_worker_of(victim)
     taker = listen(args.port)
     taken = region.slot(victim, "state") == lib.MTS_ST_LISTENING
     first.close()

@@ -69,12 +69,14 @@ def test_more_clients_than_sockets_are_served_in_turn_never_left_hanging(test_ne
                          timeout=60)
         assert done.returncode == 0, done.stderr.decode()
         result = json.loads(done.stdout)
-        counters = server.stats()["tcp"]
+        snapshot = server.stats()
+        counters, workers = snapshot["tcp"], len(snapshot.get("workers", [snapshot]))
         said = server.output().count("SYNs go unanswered until there is room")
     first = result["first"]
     # Handshakes complete only where a socket waits: every one is served.
     assert 0 < first["connected"] < CLIENTS and first["connected_unanswered"] == 0, result
-    assert counters.get("tcp_syn_dropped_no_room", 0) > 1 and said == 1, (counters, said)   # one line an episode
+    # One line an episode, in each worker that ran out of room.
+    assert counters.get("tcp_syn_dropped_no_room", 0) > 1 and 1 <= said <= workers, (counters, said)
     # The rest retried their SYNs once sockets came free, and were served.
     assert result["late_answered"] == result["late_total"] == CLIENTS - first["connected"], result
 

@@ -33,7 +33,7 @@ def test_pcap_shows_the_handshake(kernel_url, tmp_path):
 
 def test_tap_backend_serves_the_large_file(test_network, docroot, tmp_path):
     out = tmp_path / "large.bin"
-    with shim_lighttpd(docroot, tmp_path, options=["--io", "tap"]):
+    with shim_lighttpd(docroot, tmp_path, options=["--io", "tap", "--cores", "1"]):
         result = in_client(["curl", "-sS", "--fail", "-o", str(out), f"{SERVER_URL}/large.bin"])
     assert result.returncode == 0, result.stderr.decode()
     assert sha256_of(out) == sha256_of(docroot / "large.bin")

@@ -122,7 +122,7 @@ class InProcessStack:
 
     @property
     def env(self) -> dict[str, str]:
-        return attach_env(self.fds)
+        return attach_env(self.region.fd, self.death_r, [(self.ctl_app.fileno(), self.wake_fd)])
 
     @property
     def log(self) -> list[str]:
@@ -149,7 +149,7 @@ class InProcessStack:
         # next one begins: an empty queue then means every command ran.
         start = counters["loops"]
         while time.monotonic() < deadline and self.failure is None:
-            if counters["loops"] >= start + 2 and not lib.mts_cmd_pending(geom, self.sockets.cmd_position):
+            if counters["loops"] >= start + 2 and not lib.mts_cmd_pending(geom, 0, self.sockets.cmd_position):
                 return
             os.eventfd_write(self.wake_fd, 1)
             time.sleep(0.001)

@@ -30,7 +30,7 @@ def send_registration(world, pid):
     table, pidfd = os.memfd_create("table"), os.pidfd_open(pid)
     msg = ffi.new("struct mts_ctl_msg *", {"op": lib.MTS_CTL_REGISTER_PROCESS, "id": pid, "arg": 64})
     socket.send_fds(world.ctl_app, [ffi.buffer(msg)[:]], [table, pidfd])
-    lib.mts_ctl_post(world.g)
+    lib.mts_ctl_post(world.g, 0)
     os.close(table)
     os.close(pidfd)
 

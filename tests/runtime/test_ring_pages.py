@@ -34,7 +34,7 @@ def exchange(world, message_size, rounds):
     as much back, and the peer reads it: both rings walk round."""
     listener = listening_socket(world)
     conn, (peer_tx, peer_rx) = peer_connects(world)
-    child = lib.mts_accept_pop(world.g, listener)
+    child = lib.mts_accept_pop(world.g, listener, 0)
     slot = lib.mts_slot_at(world.g, child)
     message = b"m" * message_size
     for _ in range(rounds):

@@ -18,7 +18,7 @@ def test_passive_open_data_both_ways_and_close_frees_the_slot(world):
     conn, (peer_tx, peer_rx) = peer_connects(world)
     assert conn.state.name == "ESTABLISHED"
 
-    child = lib.mts_accept_pop(world.g, listener)
+    child = lib.mts_accept_pop(world.g, listener, 0)
     assert child >= 0
     child_slot = lib.mts_slot_at(world.g, child)
     assert child_slot.state == lib.MTS_ST_CONNECTED
@@ -71,7 +71,7 @@ def _tcp_segments(frames):
 def test_a_write_then_shutdown_in_one_batch_leaves_as_one_segment_with_data_and_fin(world):
     listener = listening_socket(world)
     conn, (peer_tx, peer_rx) = peer_connects(world)
-    child = lib.mts_accept_pop(world.g, listener)
+    child = lib.mts_accept_pop(world.g, listener, 0)
     response = b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + b"x" * 64
 
     # What lighttpd does with `Connection: close`: write, shutdown, close,
@@ -89,7 +89,7 @@ def test_a_write_then_shutdown_in_one_batch_leaves_as_one_segment_with_data_and_
 def test_stat_counts_sockets_by_holder_and_state(world):
     listener = listening_socket(world)
     peer_connects(world)
-    child = lib.mts_accept_pop(world.g, listener)
+    child = lib.mts_accept_pop(world.g, listener, 0)
     assert world.runtime.stats()["sockets"] == {"program: LISTEN": 1, "program: ESTABLISHED": 1}
 
     lib.mts_slot_at(world.g, child).refcnt = 0
@@ -107,7 +107,7 @@ def test_a_closed_socket_is_freed_when_the_fins_cross(world):
     # is acknowledged.  That step frees the slot, though it frees no data.
     listener = listening_socket(world)
     conn, _ = peer_connects(world)
-    child = lib.mts_accept_pop(world.g, listener)
+    child = lib.mts_accept_pop(world.g, listener, 0)
     lib.mts_slot_at(world.g, child).refcnt = 0
     world.command(lib.MTS_OP_CLOSE, child)
     world.now += 0.001
@@ -129,7 +129,7 @@ def test_a_closed_socket_is_freed_when_the_fins_cross(world):
 def test_a_fault_while_sending_what_was_written_resets_that_socket_only(world, monkeypatch):
     listener = listening_socket(world)
     peer_connects(world)
-    child = lib.mts_accept_pop(world.g, listener)
+    child = lib.mts_accept_pop(world.g, listener, 0)
     conn = world.runtime.sockets[child].conn
 
     send_ready = TcpConnection.send_ready
@@ -191,7 +191,7 @@ def test_armed_waiter_is_woken_once_by_new_readiness(world):
     waiter_fd = os.eventfd(0, os.EFD_NONBLOCK)
     msg = ffi.new("struct mts_ctl_msg *", {"op": lib.MTS_CTL_REGISTER_WAITER, "id": waiter_id})
     socket.send_fds(world.ctl_app, [ffi.buffer(msg)[:]], [waiter_fd])
-    lib.mts_ctl_post(world.g)                      # as the interposer does
+    lib.mts_ctl_post(world.g, 0)                      # as the interposer does
     world.settle()
     waiter = lib.mts_waiter_at(world.g, waiter_id)
     assert waiter.registered == 1
@@ -262,7 +262,7 @@ def test_so_rcvbuf_set_before_listen_bounds_what_an_accepted_connection_takes(wo
     assert world.sync(lib.MTS_OP_LISTEN, listener, 16) == 0
     conn, (peer_tx, _) = peer_connects(world)
     assert (conn.state.name, conn.snd_wscale, conn.snd_wnd) == ("ESTABLISHED", 0, 16384)
-    child = lib.mts_accept_pop(world.g, listener)
+    child = lib.mts_accept_pop(world.g, listener, 0)
 
     peer_tx.write(bytes(100_000))
     conn.send_ready(world.now)
@@ -292,7 +292,7 @@ def test_the_region_lists_the_tcp_core_s_congestion_controls_for_the_interposer(
 def test_a_lost_segment_shows_in_the_loss_recovery_counters(world):
     listening_socket(world)
     conn, (_, peer_rx) = peer_connects(world)
-    child = lib.mts_accept_pop(world.g, 0)
+    child = lib.mts_accept_pop(world.g, 0, 0)
     assert world.runtime.stats()["tcp_recovery"] == {}
     link_send, lost = world.link.send_batch, []
 
@@ -320,7 +320,7 @@ def test_a_lost_segment_shows_in_the_loss_recovery_counters(world):
 def test_stat_reports_the_stack_s_cpu_per_packet_per_command_and_per_loop(world):
     listening_socket(world)
     peer_connects(world)
-    world.write(lib.mts_accept_pop(world.g, 0), b"x" * 100)
+    world.write(lib.mts_accept_pop(world.g, 0, 0), b"x" * 100)
     world.settle()
     cost = world.runtime.stats()["cost"]
     assert cost["cpu_ms"] >= 0
@@ -332,7 +332,7 @@ def test_stat_reports_the_stack_s_cpu_per_packet_per_command_and_per_loop(world)
 def test_stat_reports_the_share_of_received_frames_the_fast_path_took(world):
     listener = listening_socket(world)
     conn, (peer_tx, _) = peer_connects(world)
-    child = lib.mts_accept_pop(world.g, listener)
+    child = lib.mts_accept_pop(world.g, listener, 0)
     before = world.runtime.stats()["tcp"].get("tcp_fast_path", 0)
     peer_tx.write(b"GET / HTTP/1.1\r\n\r\n")
     conn.send_ready(world.now)

@@ -39,7 +39,7 @@ def world(request):
 def connection(world, port=8080):
     listener = listening_socket(world, port)
     conn, (peer_tx, peer_rx) = peer_connects(world, port)
-    child = lib.mts_accept_pop(world.g, listener)
+    child = lib.mts_accept_pop(world.g, listener, 0)
     lib.mts_slot_at(world.g, child).refcnt = 1
     return child, conn, peer_rx
 
@@ -50,7 +50,7 @@ def register(world, slot, path, number):
     msg = ffi.new("struct mts_ctl_msg *", {"op": lib.MTS_CTL_SEND_FILE, "id": slot, "arg": number})
     socket.send_fds(world.ctl_app, [ffi.buffer(msg)[:]], [fd])
     os.close(fd)                        # the stack holds its own
-    lib.mts_ctl_post(world.g)
+    lib.mts_ctl_post(world.g, 0)
     return world.sync(lib.MTS_OP_FILE, slot, number)
 
 
@@ -131,7 +131,7 @@ def test_a_file_that_is_not_a_regular_file_is_refused_and_the_socket_goes_on(wor
     r, w = os.pipe()
     msg = ffi.new("struct mts_ctl_msg *", {"op": lib.MTS_CTL_SEND_FILE, "id": slot, "arg": 1})
     socket.send_fds(world.ctl_app, [ffi.buffer(msg)[:]], [r])
-    lib.mts_ctl_post(world.g)
+    lib.mts_ctl_post(world.g, 0)
     assert world.sync(lib.MTS_OP_FILE, slot, 1) == -errno.EBADF
     os.close(r), os.close(w)
     world.write(slot, b"still fine")

@@ -29,7 +29,7 @@ def still_serves(world, port=9090):
     listener = listening_socket(world, port)
     conn, (peer_tx, peer_rx) = peer_connects(world, port)
     assert conn.state.name == "ESTABLISHED"
-    child = lib.mts_accept_pop(world.g, listener)
+    child = lib.mts_accept_pop(world.g, listener, 0)
     assert child >= 0
     exchanges_both_ways(world, child, conn, peer_tx, peer_rx)
 
@@ -48,7 +48,7 @@ def exchanges_both_ways(world, child, conn, peer_tx, peer_rx):
 
 def accepted_connection(world, listener, port=8080):
     conn, buffers = peer_connects(world, port)
-    child = lib.mts_accept_pop(world.g, listener)
+    child = lib.mts_accept_pop(world.g, listener, 0)
     assert child >= 0
     lib.mts_slot_at(world.g, child).refcnt = 1
     return child, conn, buffers
@@ -89,7 +89,7 @@ def test_a_waiter_id_past_the_real_waiters_is_refused_whatever_nwaiters_says(wor
     efd = os.eventfd(0)
     msg = ffi.new("struct mts_ctl_msg *", {"op": lib.MTS_CTL_REGISTER_WAITER, "id": 0x10000000})
     socket.send_fds(world.ctl_app, [ffi.buffer(msg)[:]], [efd])
-    lib.mts_ctl_post(world.g)                      # as the interposer does
+    lib.mts_ctl_post(world.g, 0)                      # as the interposer does
     os.close(efd)
     world.settle()
     assert counted(world, "ctl_bad") == 1
@@ -100,7 +100,7 @@ def test_a_waiter_id_past_the_real_waiters_is_refused_whatever_nwaiters_says(wor
 def register_process(world, table_fd, pidfd, words=1024):
     msg = ffi.new("struct mts_ctl_msg *", {"op": lib.MTS_CTL_REGISTER_PROCESS, "id": os.getpid(), "arg": words})
     socket.send_fds(world.ctl_app, [ffi.buffer(msg)[:]], [table_fd, pidfd])
-    lib.mts_ctl_post(world.g)
+    lib.mts_ctl_post(world.g, 0)
     world.settle()
 
 
@@ -210,7 +210,7 @@ def test_a_live_slot_marked_free_is_never_handed_out_twice(world):
     listener = listening_socket(world)
     first, first_conn, (first_tx, _) = accepted_connection(world, listener)
     lib.mts_slot_at(world.g, first).in_use = lib.MTS_SLOT_FREE
-    world.runtime.header.slot_hint = first  # the next search starts right there
+    lib.mts_worker_at(world.g, 0).slot_hint = first  # the next search starts right there
     second, _, _ = accepted_connection(world, listener)
     assert second != first
     first_tx.write(b"x")
@@ -232,10 +232,10 @@ def test_a_command_queued_for_a_slots_earlier_holder_never_reaches_the_next(worl
     world.command(lib.MTS_OP_CLOSE, first, 1)            # aborted: the slot is free at once
     world.settle()
     assert lib.mts_slot_at(world.g, first).in_use == lib.MTS_SLOT_FREE
-    world.runtime.header.slot_hint = first               # the next connection takes it
+    lib.mts_worker_at(world.g, 0).slot_hint = first               # the next connection takes it
     second, conn, (peer_tx, peer_rx) = accepted_connection(world, listener)
     assert second == first
-    assert lib.mts_cmd_push(world.g, lib.MTS_OP_CLOSE, first, old_generation, 1) == 0
+    assert lib.mts_cmd_push(world.g, 0, lib.MTS_OP_CLOSE, first, old_generation, 1) == 0
     world.settle()
     assert counted(world, "cmd_stale") == 1
     exchanges_both_ways(world, second, conn, peer_tx, peer_rx)
@@ -251,13 +251,13 @@ def test_a_slot_the_program_allocates_again_under_a_live_connection_is_the_new_s
     listener = listening_socket(world)
     first, conn, _ = accepted_connection(world, listener)
     lib.mts_slot_at(world.g, first).in_use = lib.MTS_SLOT_FREE
-    world.runtime.header.slot_hint = first
+    lib.mts_worker_at(world.g, 0).slot_hint = first
     assert listening_socket(world, port=9191) == first
     assert counted(world, "sockets_reset") == 1
     assert conn.state.name == "CLOSED"                    # the peer was reset
     assert lib.mts_slot_at(world.g, first).in_use == lib.MTS_SLOT_USED
     peer_connects(world, port=9191)
-    assert lib.mts_accept_pop(world.g, first) >= 0
+    assert lib.mts_accept_pop(world.g, first, 0) >= 0
 
 
 def test_random_writes_anywhere_in_the_region_never_escape_the_runtime(world):

@@ -63,7 +63,7 @@ class World:
             self.peer.ingest(out, self.now)
             back = self.peer.egress(self.now)
             self.link.inbound.extend(back)
-            if not out and not back and not lib.mts_cmd_pending(self.g, self.runtime.sockets.cmd_position):
+            if not out and not back and not lib.mts_cmd_pending(self.g, 0, self.runtime.sockets.cmd_position):
                 return
 
     def take_wire_frames(self):
@@ -76,7 +76,7 @@ class World:
     def command(self, op, slot, arg=0):
         # As the interposer queues it: for the slot's current holder.
         generation = lib.mts_slot_at(self.g, slot).generation if op != lib.MTS_OP_WAITER_FREE and slot < self.g.nslots else 0
-        assert lib.mts_cmd_push(self.g, op, slot, generation, arg) == 0
+        assert lib.mts_cmd_push(self.g, 0, op, slot, generation, arg) == 0
 
     def sync(self, op, slot, arg=0):
         lib.mts_slot_at(self.g, slot).op_done = 0
@@ -87,7 +87,7 @@ class World:
         return s.op_result
 
     def new_socket(self):
-        slot = lib.mts_slot_alloc(self.g, ffi.NULL)
+        slot = lib.mts_slot_alloc(self.g, 0, ffi.NULL)
         lib.mts_slot_at(self.g, slot).refcnt = 1
         return slot
 

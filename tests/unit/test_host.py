@@ -8,6 +8,7 @@ import pytest
 
 from mtcpshim.stack import native, siphash
 from mtcpshim.stack.host import COOKIE_RESERVE_SECONDS, COOKIE_WINDOW, COOKIE_WSCALE, EPHEMERAL_PORTS, TcpHost
+from mtcpshim.stack.io.steer import worker_of_ports
 from mtcpshim.stack.isn import COOKIE_PERIOD, ISN_CLOCK_HZ, MSS_TABLE, TcpSecrets, mss_index_for
 from mtcpshim.stack.storage import RingBuffer
 from mtcpshim.stack.tcp import TcpConfig, TcpState
@@ -104,6 +105,34 @@ def test_ephemeral_ports_follow_rfc6056_algorithm_3():
     # Another destination starts from its own offset.
     other = host.secrets.port_offset(HOST_IP, PEER_IP, 443)
     assert open_to(443) == EPHEMERAL_PORTS[(other + 2) % span]
+
+
+def test_a_steered_host_opens_only_from_ports_whose_replies_come_back_to_it():
+    """One worker of two (issue 14): the search from algorithm 3's offset
+    passes over the ports the other worker's filter takes."""
+    host = TcpHost(HOST_IP, rng=random.Random(14), steering=(1, 2))
+    offset = host.secrets.port_offset(HOST_IP, PEER_IP, 80)
+    ports = [host.connect_ephemeral(PEER_IP, 80, RingBuffer(100), RingBuffer(100), None, 0.0).local_port
+             for _ in range(200)]
+    assert all(worker_of_ports(port, 80, 2) == 1 and host.steers_here(port, 80) for port in ports)
+    assert len(set(ports)) == 200
+    span = len(EPHEMERAL_PORTS)
+    assert ports[0] == next(EPHEMERAL_PORTS[(offset + i) % span] for i in range(span)
+                            if worker_of_ports(EPHEMERAL_PORTS[(offset + i) % span], 80, 2) == 1)
+    assert not host.steers_here(ports[0] ^ 1, 80)
+    assert TcpHost(HOST_IP, rng=random.Random(14)).steers_here(ports[0] ^ 1, 80)
+
+
+def test_a_steered_host_runs_out_of_its_own_ports_not_into_another_worker_s():
+    host = TcpHost(HOST_IP, rng=random.Random(15), steering=(0, 3))
+    for port in EPHEMERAL_PORTS:
+        if host.steers_here(port, 443):
+            host.bind(port)
+    with pytest.raises(OSError) as raised:
+        host.connect_ephemeral(PEER_IP, 443, RingBuffer(10), RingBuffer(10), None, 0.0)
+    assert raised.value.errno == errno.EADDRNOTAVAIL
+    with pytest.raises(ValueError):
+        TcpHost(HOST_IP, steering=(3, 3))
 
 
 def test_timestamps_start_at_a_per_connection_offset():

@@ -91,6 +91,18 @@ def test_arp_request_for_us_is_answered_and_its_sender_learned(iface):
     assert iface.deadline() is None
 
 
+def test_a_worker_that_does_not_answer_arp_still_learns_from_it():
+    """One of several stack workers on an interface: every ARP frame reaches
+    each, and only one may answer."""
+    quiet = Interface(OUR_MAC, OUR_IP, 24, answers_arp=False)
+    quiet.announce()
+    assert peer_says_hello(quiet) == []
+    quiet.send_ip(PEER_IP, PROTO_UDP, b"hi", now=1.0)      # learned: no ARP needed
+    [frame] = quiet.take_frames()
+    assert frame[:6] == PEER_MAC
+    assert quiet.counters["arp_reply_tx"] == 0
+
+
 def test_arp_request_for_someone_else_is_ignored(iface):
     iface.receive(arp_frame(OP_REQUEST, PEER_MAC, PEER_IP, bytes(6), ip("198.18.0.77")), 0.0)
     assert iface.take_frames() == []

@@ -772,8 +772,8 @@ static void forkdup(void)
 static void protect(void)
 {
     const char *fds = getenv("MTCPSHIM_FDS");
-    int shm, ctl, wake, dead;
-    if (!fds || sscanf(fds, "%d,%d,%d,%d", &shm, &ctl, &wake, &dead) != 4)
+    int shm, ctl, wake, dead, table;
+    if (!fds || sscanf(fds, "%d,%d,%d,%d,%d", &shm, &dead, &table, &ctl, &wake) != 5)
         die("MTCPSHIM_FDS");
     out("moved_high %d", shm >= 500 && ctl >= 500 && wake >= 500 && dead >= 500);
     step("close_inherited", close(ctl));
