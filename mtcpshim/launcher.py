@@ -42,6 +42,7 @@ from mtcpshim import abi_source
 from mtcpshim._shm import lib
 from mtcpshim.netns import in_netns, netns_inode
 from mtcpshim.region import DEFAULT_BUFFER_SIZE, Region, RegionSize, default_sockets
+from mtcpshim.stack.io.pcap import start_capture
 from mtcpshim.stackd import tap_names
 
 LOCK_DIR = "/run/mtcpshim"
@@ -234,6 +235,8 @@ def _run_stack_and_program(options: StackOptions, interpreter: list[str], argv: 
     except OSError as err:  # address space (or RLIMIT_AS) short of sockets x rings
         raise LaunchError(f"cannot map {size.bytes() >> 30} GiB of address space for {options.sockets} "
                           f"sockets' rings ({err.strerror}): lower --sockets or --buffer-size") from None
+    if options.pcap:
+        start_capture(options.pcap)                 # every worker appends to it
     death_r, death_w = os.pipe()
     wake_fds = [os.eventfd(0, os.EFD_NONBLOCK) for _ in cpus]
     workers = []
@@ -246,18 +249,16 @@ def _run_stack_and_program(options: StackOptions, interpreter: list[str], argv: 
                 worker, ready_r = _start_worker(options, interpreter, claim, region, index, cpu, wake_fds, death_w)
                 workers.append(worker)
                 readies.append(ready_r)
-            os.close(death_w)
-            for worker, ready_r in zip(workers, readies):
-                try:
-                    _await_ready(worker.process, ready_r)
-                finally:
-                    os.close(ready_r)
         finally:
             # What the workers hold alone (and, had one failed to start, nobody).
+            os.close(death_w)
             for fd in wake_fds[len(workers):]:
                 os.close(fd)
-            with contextlib.suppress(OSError):
-                os.close(death_w)
+        for worker, ready_r in zip(workers, readies):
+            try:
+                _await_ready(worker.process, ready_r)
+            finally:
+                os.close(ready_r)
 
         fds = [(worker.ctl_app.fileno(), worker.wake_fd) for worker in workers]
         program = _start_program(options.netns, argv, program_user, region.fd, death_r, fds)
@@ -315,9 +316,9 @@ def _cpu_list(cpus: list[int]) -> str:
 
 
 def worker_path(path: str, index: int) -> str:
-    """Worker `index`'s own file where the user named one (--pcap, --profile,
-    the statistics socket): the path itself for worker 0, PATH.INDEX for
-    the others."""
+    """Worker `index`'s own file where the user named one (--profile, the
+    statistics socket): the path itself for worker 0, PATH.INDEX for the
+    others."""
     return path if index == 0 else f"{path}.{index}"
 
 
@@ -348,7 +349,7 @@ def _start_worker(options: StackOptions, interpreter: list[str], claim: Interfac
          "--secret-fd", str(secret_r)]
         + (["--netns", options.netns] if options.netns else [])
         + (["--gateway", str(options.gateway)] if options.gateway else [])
-        + (["--pcap", worker_path(options.pcap, index)] if options.pcap else [])
+        + (["--pcap", options.pcap] if options.pcap else [])
         + (["--profile", worker_path(options.profile, index)] if options.profile else [])
         + (["--impair", options.impair] if options.impair else [])
         + (["--congestion", options.congestion] if options.congestion else []),

@@ -80,7 +80,7 @@ def _parse(argv):
     parser.add_argument("--ip", type=ipaddress.IPv4Interface, required=True)
     parser.add_argument("--gateway", type=ipaddress.IPv4Address)
     parser.add_argument("--io", choices=("afpacket", "tap"), default="afpacket")
-    parser.add_argument("--pcap")
+    parser.add_argument("--pcap", help="append every frame to this capture file (the launcher started it)")
     parser.add_argument("--profile", help="write a cProfile of the loop here when it stops")
     parser.add_argument("--spin-us", type=float, default=0.0)
     parser.add_argument("--impair", help="an ImpairSpec: faults applied to the packet I/O")

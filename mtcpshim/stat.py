@@ -36,8 +36,9 @@ def fetch(netns: str | None, iface: str) -> dict:
     return snapshots[0] if len(snapshots) == 1 else _total(snapshots)
 
 
-# Figures that are not counts: worker 0's stand for the stack.
-_NOT_SUMMED = ("pid", "python", "worker")
+# Figures that are not counts (or, for waiters, the same in every worker,
+# as each holds every waiter's eventfd): worker 0's stand for the stack.
+_NOT_SUMMED = ("pid", "python", "worker", "waiters")
 
 
 def _total(snapshots: list[dict]) -> dict:

@@ -255,6 +255,7 @@ class TcpHost:
         conn.challenge_acks = self.challenge_acks
         conn.recovery_counts = self.recovery_counts
         self._add_connection(key, conn)
+        self.count("tcp_active_opens")             # Linux's ActiveOpens: SYNs sent to open a connection
         self.collect(conn, now)
         return conn
 
@@ -304,6 +305,11 @@ class TcpHost:
                 if reply is not None:
                     self._output.append((src_ip, reply.header(), b"", 0))
                 return
+        if self.steering is not None and not self.steers_here(seg.dst_port, seg.src_port):
+            # Another worker's flow, which the packet sockets' filter should
+            # have kept from us: counted, and never answered with a reset.
+            self.count("tcp_rx_other_worker")
+            return
         group = self.listeners.get(seg.dst_port)
         if group is not None:
             listener = group[0] if len(group) == 1 else group[self._spread(src_ip, seg.src_port) % len(group)]

@@ -1,5 +1,13 @@
 """Classic pcap capture files (LINKTYPE_ETHERNET, microsecond timestamps),
-readable by tcpdump -r and Wireshark."""
+readable by tcpdump -r and Wireshark.
+
+Several stack workers (one per core) write one capture: the launcher
+starts the file (`start_capture`), and each worker appends to it
+(`PcapWriter`), every record with one write(2) on an O_APPEND descriptor,
+so that records of different workers never interleave.  A record's place
+in the file is when it was written; its timestamp says when it was seen.
+"""
+import os
 import struct
 
 _MAGIC_MICROSECONDS = 0xA1B2C3D4
@@ -11,11 +19,17 @@ _FILE_HEADER = struct.Struct("=IHHiIII")
 _RECORD_HEADER = struct.Struct("=IIII")
 
 
+def start_capture(path) -> None:
+    """A new capture file at `path`: its header and no record yet."""
+    with open(path, "wb") as capture:
+        capture.write(_FILE_HEADER.pack(_MAGIC_MICROSECONDS, 2, 4, 0, 0, _SNAPLEN, _LINKTYPE_ETHERNET))
+
+
 class PcapWriter:
+    """Appends records to a capture file that start_capture made."""
+
     def __init__(self, path):
-        self._file = open(path, "wb")
-        self._file.write(_FILE_HEADER.pack(_MAGIC_MICROSECONDS, 2, 4, 0, 0, _SNAPLEN,
-                                           _LINKTYPE_ETHERNET))
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
 
     def write(self, frame, timestamp: float) -> None:
         """Record `frame` captured at `timestamp` (seconds since the epoch)."""
@@ -23,12 +37,11 @@ class PcapWriter:
             frame = bytes(frame)  # a frame in parts (stack/wire/vnet.py's SegmentedFrame)
         microseconds = round(timestamp * 1_000_000)
         captured = min(len(frame), _SNAPLEN)
-        self._file.write(_RECORD_HEADER.pack(microseconds // 1_000_000,
-                                             microseconds % 1_000_000, captured, len(frame)))
-        self._file.write(frame[:captured])
+        os.write(self._fd, _RECORD_HEADER.pack(microseconds // 1_000_000, microseconds % 1_000_000, captured,
+                                               len(frame)) + bytes(frame[:captured]))
 
     def close(self) -> None:
-        self._file.close()
+        os.close(self._fd)
 
     def __enter__(self) -> "PcapWriter":
         return self

@@ -218,6 +218,13 @@ class Region:
                                  f"remote port {remote_port}) within {timeout:.0f} s")
             time.sleep(0.05)
 
+    def listening_parts(self, port: int) -> list[int]:
+        """A listener's slot and its siblings' (one per other stack
+        worker), each with an accept queue of its own."""
+        self.find_slot(port, lib.MTS_ST_LISTENING)
+        return [slot_id for slot_id in range(self.nslots) if self.slot(slot_id, "in_use") == lib.MTS_SLOT_USED
+                and self.slot(slot_id, "local_port") == port and self.slot(slot_id, "state") == lib.MTS_ST_LISTENING]
+
     # waiters
     def waiter_off(self, waiter_id: int) -> int:
         return self.waiters_off + waiter_id * WAITER_SIZE
@@ -530,11 +537,13 @@ def attack_cmdq(region: Region, state: State, args) -> dict:
 
 def attack_accept_indices(region: Region, state: State, args) -> dict:
     listener = listen(args.port)
-    slot_id = region.find_slot(args.port, lib.MTS_ST_LISTENING)
+    parts = region.listening_parts(args.port)
     region.set_header("rx_size", 1 << 31)
     moved = 1 << 40
-    region.set_slot(slot_id, "rx.head", moved)
-    region.set_slot(slot_id, "rx.tail", moved)
+    for slot_id in parts:                         # whichever worker gets the connection
+        region.set_slot(slot_id, "rx.head", moved)
+        region.set_slot(slot_id, "rx.tail", moved)
+    slot_id = parts[0]
     state.say("attacked", slot=slot_id, port=args.port, head=moved, tail=moved)
     state.wait("go")  # the test's client has connected (or tried to)
     time.sleep(args.settle)
@@ -606,11 +615,15 @@ def attack_fake_accept(region: Region, state: State, args) -> dict:
     connects after "ready"), one more past the head with the head bumped.
     Then the listener is closed: the stack takes back what was not accepted."""
     listener = listen(args.port)
-    slot_id = region.find_slot(args.port, lib.MTS_ST_LISTENING)
-    state.say("ready", port=args.port, slot=slot_id)
+    parts = region.listening_parts(args.port)
+    state.say("ready", port=args.port, slot=parts[0])
     deadline = time.monotonic() + args.max_wait
-    while region.slot(slot_id, "rx.head") == region.slot(slot_id, "rx.tail") and time.monotonic() < deadline:
+
+    def queued(slot_id):
+        return region.slot(slot_id, "rx.head") != region.slot(slot_id, "rx.tail")
+    while not any(map(queued, parts)) and time.monotonic() < deadline:
         time.sleep(0.02)
+    slot_id = next(filter(queued, parts), parts[0])   # the queue of the worker that took the connection
     head, tail = region.slot(slot_id, "rx.head"), region.slot(slot_id, "rx.tail")
     capacity = region.rx_size // 4
     queue = region.rx_data_off(slot_id)

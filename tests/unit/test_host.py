@@ -135,6 +135,20 @@ def test_a_steered_host_runs_out_of_its_own_ports_not_into_another_worker_s():
         TcpHost(HOST_IP, steering=(3, 3))
 
 
+def test_a_steered_host_never_answers_another_workers_flow():
+    """A segment of a flow that steers to the other worker (the filter let
+    it through) is counted, not reset, and opens nothing."""
+    peer = Peer(steering=(0, 2))
+    theirs = next(port for port in range(40000, 40100) if worker_of_ports(port, PORT, 2) == 1)
+    ours = next(port for port in range(40000, 40100) if worker_of_ports(port, PORT, 2) == 0)
+    peer.send(syn(theirs))
+    peer.send(TcpSegment(theirs, PORT, 5000, 0, ACK, 64240))
+    assert peer.recv() == [] and peer.accepted == []
+    assert peer.host.counters["tcp_rx_other_worker"] == 2
+    peer.send(syn(ours))
+    assert [seg.flags for seg in peer.recv()] == [SYN | ACK]
+
+
 def test_timestamps_start_at_a_per_connection_offset():
     host = TcpHost(HOST_IP, rng=random.Random(5))
     conn = host.connect(45000, PEER_IP, 80, RingBuffer(1000), RingBuffer(1000), None, 2.0)

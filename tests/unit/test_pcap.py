@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from mtcpshim.stack.io.pcap import PcapWriter
+from mtcpshim.stack.io.pcap import PcapWriter, start_capture
 from mtcpshim.stack.wire.arp import OP_REQUEST, ArpPacket
 from mtcpshim.stack.wire.ethernet import BROADCAST, ETHERTYPE_ARP, ETHERTYPE_IPV4, EthernetHeader
 from mtcpshim.stack.wire.icmp import TYPE_ECHO_REQUEST, IcmpEcho
@@ -27,9 +27,10 @@ PING = EthernetHeader(PEER_MAC, MAC, ETHERTYPE_IPV4).emit(
 @pytest.fixture
 def capture(tmp_path):
     path = tmp_path / "trace.pcap"
-    with PcapWriter(path) as writer:
-        writer.write(ARP_REQUEST, 1700000000.25)
-        writer.write(bytearray(PING), 1700000000.500001)
+    start_capture(path)
+    with PcapWriter(path) as first, PcapWriter(path) as second:   # two stack workers
+        first.write(ARP_REQUEST, 1700000000.25)
+        second.write(bytearray(PING), 1700000000.500001)
     return path
 
 
