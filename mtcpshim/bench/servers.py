@@ -191,12 +191,20 @@ def kernel_address() -> Iterator[None]:
 @contextlib.contextmanager
 def interface_lock() -> Iterator[None]:
     """The lock `mtcpshim run` takes for the test network's interface, so the
-    kernel-stack runs and a stack exclude each other."""
-    try:
-        with launcher.interface_claim(NET.srv_ns, NET.srv_if):
-            yield
-    except launcher.LaunchError as err:  # only the claim raises it
-        raise BenchError(f"{err}: stop it before benchmarking") from None
+    kernel-stack runs and a stack exclude each other.  A server of several
+    processes may leave the stack serving its last ones for a moment after
+    the launcher returned (its keeper holds the lock): that is waited for."""
+    deadline = time.monotonic() + STOP_TIMEOUT
+    with contextlib.ExitStack() as held:
+        while True:
+            try:
+                held.enter_context(launcher.interface_claim(NET.srv_ns, NET.srv_if))
+                break
+            except launcher.LaunchError as err:  # only the claim raises it
+                if time.monotonic() >= deadline:
+                    raise BenchError(f"{err}: stop it before benchmarking") from None
+                time.sleep(POLL_INTERVAL)
+        yield
 
 
 def _ip(*args: str, check: bool = True) -> None:

@@ -65,8 +65,11 @@ def test_more_clients_than_sockets_are_served_in_turn_never_left_hanging(test_ne
     docroot = tmp_path / "docroot"
     docroot.mkdir()
     with shim_lighttpd(docroot, tmp_path, options=("--sockets", str(SOCKETS))) as server:
-        done = in_client([sys.executable, "-c", _CLIENT, NET.srv_ip, "8080", str(CLIENTS), "2", "15"],
-                         timeout=60)
+        # Late clients get until their SYN's retry at 31 s: each stack worker
+        # has its share of the sockets, so the clients a worker could not
+        # take at their first retry wait for a later one.
+        done = in_client([sys.executable, "-c", _CLIENT, NET.srv_ip, "8080", str(CLIENTS), "2", "35"],
+                         timeout=90)
         assert done.returncode == 0, done.stderr.decode()
         result = json.loads(done.stdout)
         snapshot = server.stats()
