@@ -113,6 +113,9 @@ class SocketTable:
         self._cmd = ffi.new("struct mts_cmd *")
         self._cmd_pos = ffi.new("uint64_t *")   # the queue's dequeue position is ours alone
         self._changes_logged = ffi.new("uint64_t *")  # the change log's head, ours alone (never read back)
+        # The waiters interested in a slot published since the last wakeups
+        # (each slot's waiter_interest, ORed): only they are woken.
+        self._interest = ffi.new("uint64_t[]", lib.MTS_INTEREST_BITS // 64)
         self._owned = bytearray(geom.nslots)    # slots the stack knows live, whatever in_use says
         self._owned_view = ffi.from_buffer(self._owned)
         self._corrupt: dict[StackSocket, str] = {}
@@ -639,7 +642,8 @@ class SocketTable:
         self.host.touched.clear()  # publishing may touch more: those go next loop
         for conn in touched:
             self._publish_connection(conn.owner, conn)
-        self.waiters.wake_armed()
+        self.waiters.wake_armed(self._interest)
+        ffi.memmove(self._interest, bytes(ffi.sizeof(self._interest)), ffi.sizeof(self._interest))
 
     def _publish_connection(self, sock: StackSocket, conn) -> None:
         happened = conn.events
@@ -685,7 +689,8 @@ class SocketTable:
         """A socket's new state for the program, and its id in the change log
         for every epoll that holds it."""
         logged_as = sock.slot_id if sock.share_of is None else sock.share_of[0]
-        lib.mts_publish(self.geom, self.worker, self._changes_logged, sock.slot_id, logged_as, state, events, so_error)
+        lib.mts_publish(self.geom, self.worker, self._changes_logged, self._interest, sock.slot_id, logged_as, state,
+                        events, so_error)
 
     def _queue_for_accept(self, child: StackSocket) -> None:
         parent = child.parent

@@ -1,10 +1,13 @@
 """Waiters: how a program's blocked thread gets woken.  A thread about to
 block registers an eventfd once, over the control socket (a datagram with
-the fd as SCM_RIGHTS), for a waiter cell in the region; before each sleep it
-arms its cell, re-checks, and sleeps on the eventfd.  The stack wakes every
-armed waiter once per loop, after publishing readiness.
+the fd as SCM_RIGHTS), for a waiter cell in the region, with every stack
+worker; before each sleep it marks its interest in the slots it waits for,
+arms its cell, re-checks, and sleeps on the eventfd.  A worker wakes, once
+per loop, after publishing readiness, the armed waiters interested in a
+slot it published: a connection's change wakes the process that waits for
+it, not every process of a server.
 
-The interposer counts each message it sends in the region's header
+The interposer counts each message it sends in the worker's words
 (`ctl_posted`), so the busy loop reads the socket only when the count
 moved: a recvmsg() per loop pass cost about 14 us.  A message sent without
 being counted (a hostile program, or one that died in between) is read
@@ -125,8 +128,12 @@ class Waiters:
         self._files.clear()
         self.ctl.close()
 
-    def wake_armed(self) -> None:
+    def wake_armed(self, interest) -> None:
+        """Wakes the armed waiters among those `interest` names (a bit per
+        waiter id modulo MTS_INTEREST_BITS: see mtcpshim_abi.h)."""
+        bits = lib.MTS_INTEREST_BITS
         for waiter_id, fd in self._fds.items():
-            if lib.mts_waiter_disarm(lib.mts_waiter_at(self.geom, waiter_id)):
+            bit = waiter_id % bits
+            if interest[bit >> 6] >> (bit & 63) & 1 and lib.mts_waiter_disarm(lib.mts_waiter_at(self.geom, waiter_id)):
                 self.wakeups += 1
                 os.write(fd, _EVENTFD_ONE)

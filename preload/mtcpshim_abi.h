@@ -149,13 +149,20 @@ struct mts_worker {
     uint8_t pad1[48];
 };
 
+/* A slot's waiter_interest: bit (waiter id % MTS_INTEREST_BITS) for each
+ * waiter that may sleep until the slot changes. */
+#define MTS_INTEREST_BITS 256
+
 /*
  * Waiters: an application thread that must block (epoll_wait, poll, select,
  * a blocking accept/connect/read/write) owns a waiter whose eventfd it has
  * handed to the stack (MTS_CTL_REGISTER_WAITER).  Protocol: set armed = 1,
- * re-check readiness, then sleep in the kernel on the eventfd.  At the end of
- * every loop that changed some socket's readiness, the stack exchanges armed
- * to 0 and, if it was 1, writes the eventfd.
+ * re-check readiness, then sleep in the kernel on the eventfd.  Before it
+ * arms to sleep until a slot changes, a waiter sets its bit in the slot's
+ * waiter_interest.  At the end of every loop that changed some socket's
+ * readiness, a worker takes each waiter whose bit is in the interest of a
+ * slot it published: it exchanges armed to 0 and, if it was 1, writes the
+ * eventfd.
  */
 struct mts_waiter {
     uint32_t in_use;     /* 0 free, 1 owned (claimed by compare-and-swap) */
@@ -460,7 +467,12 @@ struct mts_slot {
      * workers, read by accept and poll, which check each id against the
      * worker's range. */
     uint32_t siblings[16]; /* MTS_MAX_WORKERS */
-    uint8_t pad1[40];
+    /* Waiters that sleep until this slot changes (MTS_INTEREST_BITS): set by
+     * the application, cleared only by the slot's next allocation, so a
+     * stale bit (or two waiters' ids on one bit) costs a wakeup, never
+     * loses one. */
+    uint64_t waiter_interest[4];
+    uint8_t pad1[8];
 
     struct mts_ring rx; /* stack produces, application consumes */
     struct mts_ring tx; /* application produces, stack consumes on ACK */

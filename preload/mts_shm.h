@@ -25,6 +25,7 @@ _Static_assert(sizeof(struct mts_header) == 512, "mts_header layout");
 _Static_assert(sizeof(((struct mts_header *)0)->congestion) == MTS_CONGESTION_LIST_MAX, "congestion list");
 _Static_assert(sizeof(struct mts_worker) == 2 * MTS_CACHELINE, "mts_worker layout");
 _Static_assert(sizeof(((struct mts_slot *)0)->siblings) == MTS_MAX_WORKERS * sizeof(uint32_t), "siblings");
+_Static_assert(sizeof(((struct mts_slot *)0)->waiter_interest) * 8 == MTS_INTEREST_BITS, "interest bits");
 _Static_assert(sizeof(struct mts_waiter) == 16, "mts_waiter layout");
 _Static_assert(sizeof(struct mts_cmd) == 32, "mts_cmd layout");
 _Static_assert(sizeof(struct mts_cmdq) == 128, "mts_cmdq layout");
@@ -85,8 +86,9 @@ int64_t mts_accept_take(const struct mts_geom *g, uint32_t listener, uint64_t he
 int32_t mts_accept_pop(const struct mts_geom *g, uint32_t listener, uint32_t first_worker);
 uint32_t mts_accept_pending(const struct mts_geom *g, uint32_t listener);
 int64_t mts_listener_part(const struct mts_geom *g, uint32_t listener, uint32_t worker);
-void mts_publish(const struct mts_geom *g, uint32_t worker, uint64_t *logged, uint32_t id, uint32_t logged_id,
-                 uint32_t state, uint32_t events,
+void mts_slot_interest_add(const struct mts_geom *g, uint32_t id, uint32_t waiter);
+void mts_publish(const struct mts_geom *g, uint32_t worker, uint64_t *logged, uint64_t *interest, uint32_t id,
+                 uint32_t logged_id, uint32_t state, uint32_t events,
                  int32_t so_error);
 void mts_complete(struct mts_slot *s, int32_t result);
 void mts_rx_arm_notify(struct mts_slot *s);
@@ -705,13 +707,28 @@ static inline uint32_t *mts_change_entry(const struct mts_geom *g, uint32_t work
     return (uint32_t *)(mts_changes_at(g, worker) + 1) + (pos & (g->changes_capacity - 1));
 }
 
+/* A waiter is about to sleep until slot `id` changes: its bit goes into
+ * the slot's interest first (then the waiter arms, then it re-checks). */
+static inline void mts_slot_interest_add(const struct mts_geom *g, uint32_t id, uint32_t waiter)
+{
+    struct mts_slot *s = mts_slot_at(g, id);
+    if (!s)
+        return;
+    uint32_t bit = waiter % MTS_INTEREST_BITS;
+    uint64_t *word = &s->waiter_interest[bit / 64], mask = 1ull << (bit % 64);
+    if (!(MTS_LOAD(word) & mask))
+        __atomic_fetch_or(word, mask, __ATOMIC_SEQ_CST);
+}
+
 /* A worker publishes a slot's new state, then bumps event_seq, so a reader
  * that sees the new sequence number also sees the state behind it; then it
  * logs `logged_id` in its change log (*logged: its own count of entries),
  * so an epoll that reads the entry sees the state too.  A sibling listener
- * is logged as the listener the program holds. */
-static inline void mts_publish(const struct mts_geom *g, uint32_t worker, uint64_t *logged, uint32_t id,
-                               uint32_t logged_id, uint32_t state, uint32_t events, int32_t so_error)
+ * is logged as the listener the program holds, whose interest (after a
+ * full fence: a waiter sets its bit, then re-checks the state) goes into
+ * `interest`, the waiters to wake. */
+static inline void mts_publish(const struct mts_geom *g, uint32_t worker, uint64_t *logged, uint64_t *interest,
+                               uint32_t id, uint32_t logged_id, uint32_t state, uint32_t events, int32_t so_error)
 {
     struct mts_slot *s = mts_slot_at(g, id);
     if (!s)
@@ -723,6 +740,10 @@ static inline void mts_publish(const struct mts_geom *g, uint32_t worker, uint64
     __atomic_add_fetch(&s->event_seq, 1, __ATOMIC_ACQ_REL);
     __atomic_store_n(mts_change_entry(g, worker, *logged), logged_id, __ATOMIC_RELAXED);
     MTS_STORE(&mts_changes_at(g, worker)->head, ++*logged);
+    struct mts_slot *held = mts_slot_at(g, logged_id);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    for (unsigned i = 0; held && i < MTS_INTEREST_BITS / 64; i++)
+        interest[i] |= MTS_LOAD(&held->waiter_interest[i]);
 }
 
 /* Completes a synchronous command on the slot and wakes its caller. */

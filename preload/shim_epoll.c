@@ -284,6 +284,8 @@ static int append(struct epoll_instance *inst, int fd, uint32_t slot, const stru
     e->seen_seq = initial_seen_seq(slot, event->events);
     e->next_of_slot = inst->first_of_slot[slot];
     inst->first_of_slot[slot] = index + 1;
+    if (inst->waiter.id >= 0)
+        mts_slot_interest_add(&shim.geom, slot, (uint32_t)inst->waiter.id);
     __atomic_store_n(&inst->count, index + 1, __ATOMIC_RELEASE);
     inst->index_of_fd[fd] = index + 1;
     enqueue(inst, index);
@@ -385,6 +387,12 @@ static void ensure_waiter(struct epoll_instance *inst, int epfd)
         return;
     if (inst->waiter.id < 0 && shim_waiter_open(&inst->waiter) < 0)
         return;
+    /* It wakes for every stack fd in the set: these, and (under the same
+     * lock, the id set before) those append adds later. */
+    instance_lock(inst);
+    for (uint32_t i = 0; i < inst->count; i++)
+        mts_slot_interest_add(&shim.geom, inst->entries[i].slot, (uint32_t)inst->waiter.id);
+    instance_unlock(inst);
     struct epoll_event wake = {.events = EPOLLIN | EPOLLET, .data.u64 = WAKE_TAG};
     if (shim_real.epoll_ctl(epfd, EPOLL_CTL_ADD, inst->waiter.efd, &wake) < 0 && errno != EEXIST) {
         SHIM_DEBUG("epoll %d: waiter not added: %s", epfd, strerror(errno));

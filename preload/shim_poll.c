@@ -89,6 +89,11 @@ int shim_poll_mixed(struct pollfd *fds, nfds_t nfds, int64_t deadline, const sig
             ;
     }
     struct shim_waiter *sw = ready || expired ? NULL : shim_thread_waiter();
+    for (nfds_t i = 0; sw && i < nfds; i++) {
+        uint64_t word = shim_fd_word(fds[i].fd);
+        if (shim_fd_kind_of(word) == SHIM_FD_STACK)
+            mts_slot_interest_add(&shim.geom, shim_fd_payload(word), (uint32_t)sw->id);
+    }
     for (;;) {
         if (sw) {
             kernel[nfds + 1].fd = sw->efd;

@@ -186,6 +186,8 @@ int shim_wait_slot(uint32_t slot, uint32_t mask, int64_t deadline)
     if (!call_hold.held && hold_for_call(slot) < 0)
         return -1;
     struct shim_waiter *sw = shim_thread_waiter();
+    if (sw)
+        mts_slot_interest_add(&shim.geom, slot, (uint32_t)sw->id);
     for (;;) {
         if (!shim_stack_alive(0)) {
             errno = ENETDOWN;

@@ -4,6 +4,8 @@ import errno
 import os
 import socket
 
+import pytest
+
 from mtcpshim._shm import ffi, lib
 from mtcpshim.runtime import Runtime
 from mtcpshim.stack.tcp import TcpConnection
@@ -185,8 +187,7 @@ def test_connect_off_prefix_without_gateway_is_unreachable(world):
     assert world.sync(lib.MTS_OP_CONNECT, slot, addr(0x08080808, 80)) == -errno.ENETUNREACH
 
 
-def test_armed_waiter_is_woken_once_by_new_readiness(world):
-    listener = listening_socket(world)
+def registered_waiter(world):
     waiter_id = lib.mts_waiter_alloc(world.g, os.getpid())
     waiter_fd = os.eventfd(0, os.EFD_NONBLOCK)
     msg = ffi.new("struct mts_ctl_msg *", {"op": lib.MTS_CTL_REGISTER_WAITER, "id": waiter_id})
@@ -195,12 +196,34 @@ def test_armed_waiter_is_woken_once_by_new_readiness(world):
     world.settle()
     waiter = lib.mts_waiter_at(world.g, waiter_id)
     assert waiter.registered == 1
+    return waiter_id, waiter, waiter_fd
 
+
+def test_armed_waiter_is_woken_once_by_new_readiness(world):
+    listener = listening_socket(world)
+    waiter_id, waiter, waiter_fd = registered_waiter(world)
+    lib.mts_slot_interest_add(world.g, listener, waiter_id)   # it will wait for the listener
     waiter.armed = 1
     peer_connects(world)
     assert os.eventfd_read(waiter_fd) == 1
     assert waiter.armed == 0
     assert lib.mts_accept_pending(world.g, listener) == 1
+
+
+def test_a_change_wakes_only_the_waiters_that_wait_for_its_socket(world):
+    """Two processes of a server, each asleep on its own socket: a SYN for
+    one listener wakes its waiter, not the other's (it stays armed)."""
+    first, second = listening_socket(world, port=8080), listening_socket(world, port=8081)
+    (first_id, first_waiter, first_fd), (second_id, second_waiter, second_fd) = \
+        registered_waiter(world), registered_waiter(world)
+    lib.mts_slot_interest_add(world.g, first, first_id)
+    lib.mts_slot_interest_add(world.g, second, second_id)
+    first_waiter.armed = second_waiter.armed = 1
+    peer_connects(world, port=8081)
+    assert os.eventfd_read(second_fd) == 1 and second_waiter.armed == 0
+    assert first_waiter.armed == 1
+    with pytest.raises(BlockingIOError):
+        os.eventfd_read(first_fd)
 
 
 def test_a_registration_the_interposer_did_not_count_is_taken_at_housekeeping(world):
