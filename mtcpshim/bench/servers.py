@@ -10,7 +10,7 @@ resets.  While it is there the bench holds the launcher's interface lock, so
 no stack can start on the interface meanwhile.
 
 Every server is started in its own session and stopped by pid; then
-anything left in that session is killed.
+anything left in that session, and every process it had started, is killed.
 """
 from __future__ import annotations
 
@@ -24,6 +24,8 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+
+import psutil
 
 from mtcpshim import launcher, testnet
 from mtcpshim.bench import interrupts
@@ -136,7 +138,11 @@ class RunningServer:
         return subprocess.run(probe, capture_output=True).returncode == 0
 
     def stop(self) -> None:
-        """The launcher forwards SIGINT to its program, then stops the stack."""
+        """The launcher forwards SIGINT to its program, then stops the stack.
+        What the server started is ended too: lighttpd moves to a session of
+        its own, and its workers may outlive its master (the launcher then
+        returns while the stack serves them)."""
+        started = _descendants(self.process.pid)
         if self.alive():
             os.kill(self.process.pid, signal.SIGINT if self.stack == SHIM else signal.SIGTERM)
         deadline = time.monotonic() + STOP_TIMEOUT
@@ -147,6 +153,16 @@ class RunningServer:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait()
+        for process in started:
+            with contextlib.suppress(psutil.Error):
+                process.kill()                    # by pid and start time: only what we started
+
+
+def _descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
 
 
 @contextlib.contextmanager
