@@ -224,8 +224,17 @@ void shim_slot_unref(uint32_t slot, uint32_t generation)
     /* SO_LINGER on with a zero timeout: close aborts with a reset. */
     uint64_t abort = s->opt_linger_on && s->opt_linger_sec == 0;
     SHIM_DEBUG("slot %u: last reference gone, %s", slot, abort ? "abort" : "close");
-    if (cmd_async(mts_slot_worker(&shim.geom, slot), MTS_OP_CLOSE, slot, generation, abort) < 0)
+    uint32_t owner = mts_slot_worker(&shim.geom, slot);
+    if (cmd_async(owner, MTS_OP_CLOSE, slot, generation, abort) < 0)
         SHIM_DEBUG("slot %u: close not delivered: %s", slot, strerror(errno));
+    /* A listener's siblings close too, each in its worker's queue ahead of
+     * what this thread queues next there: a listen() on the same port right
+     * after must not find the old sibling holding it.  (The owner tells the
+     * workers as well, for closes that never pass here: a killed process.) */
+    if (shim.geom.nworkers > 1 && __atomic_load_n(&s->state, __ATOMIC_ACQUIRE) == MTS_ST_LISTENING)
+        for (uint32_t worker = 0; worker < shim.geom.nworkers; worker++)
+            if (worker != owner && cmd_async(worker, MTS_OP_CLOSE, slot, generation, abort) < 0)
+                SHIM_DEBUG("slot %u: close not delivered to worker %u: %s", slot, worker, strerror(errno));
 }
 
 /* ---- time ------------------------------------------------------------------- */
