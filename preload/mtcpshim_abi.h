@@ -220,9 +220,9 @@ struct mts_ctl_msg {
  * A listener is shared by every worker: MTS_OP_LISTEN goes to its owner
  * first, then to each other worker, which opens a sibling listener in a slot
  * of its own (recorded in the listener's siblings[]) whose accept queue
- * takes the connections that worker receives.  The owner, closing the
- * listener, queues MTS_OP_CLOSE for it to the other workers, which close
- * their siblings.
+ * takes the connections that worker receives.  Its last close goes to
+ * every worker (the interposer queues it; the owner repeats it for a close
+ * the interposer never saw), and the others close their siblings.
  */
 #define MTS_OP_BIND 1     /* sync; arg = ip << 16 | port */
 #define MTS_OP_LISTEN 2   /* sync; arg = backlog */

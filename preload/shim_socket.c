@@ -319,6 +319,26 @@ static int32_t alloc_slot(void)
     return id;
 }
 
+/* Puts slot `id`'s placeholder (an eventfd whose count names the slot)
+ * under descriptor number `fd`, keeping its close-on-exec flag, and marks
+ * the number in our table.  0, or -1 with errno (fd untouched). */
+static int place_stack_socket(int fd, uint32_t id, int nonblock)
+{
+    int fd_flags = shim_real.fcntl(fd, F_GETFD);
+    int placeholder = eventfd(MTS_PLACEHOLDER_TAG | id, EFD_CLOEXEC | (nonblock ? EFD_NONBLOCK : 0));
+    if (placeholder < 0 ||
+        shim_real.dup3(placeholder, fd, fd_flags >= 0 && (fd_flags & FD_CLOEXEC) ? O_CLOEXEC : 0) < 0) {
+        int err = errno;
+        if (placeholder >= 0)
+            shim_real.close(placeholder);
+        errno = err;
+        return -1;
+    }
+    shim_real.close(placeholder);
+    shim_fd_set_stack(fd, id, shim_slot(id)->generation);
+    return 0;
+}
+
 static int become_stack_socket(int fd, uint32_t *slot_out)
 {
     int32_t id = alloc_slot();
@@ -332,21 +352,14 @@ static int become_stack_socket(int fd, uint32_t *slot_out)
     uint32_t candidate = shim_fd_payload(shim_fd_word(fd));
     copy_kernel_options(fd, candidate, s);
     int status = shim_real.fcntl(fd, F_GETFL);
-    int fd_flags = shim_real.fcntl(fd, F_GETFD);
     int nonblock = status >= 0 && (status & O_NONBLOCK);
     s->app_flags = (nonblock ? MTS_AF_NONBLOCK : 0) | (candidate & SHIM_CANDIDATE_INET6 ? MTS_AF_INET6 : 0);
-    int placeholder = eventfd(MTS_PLACEHOLDER_TAG | (uint32_t)id, EFD_CLOEXEC | (nonblock ? EFD_NONBLOCK : 0));
-    if (placeholder < 0 ||
-        shim_real.dup3(placeholder, fd, fd_flags >= 0 && (fd_flags & FD_CLOEXEC) ? O_CLOEXEC : 0) < 0) {
+    if (place_stack_socket(fd, (uint32_t)id, nonblock) < 0) {
         int err = errno;
-        if (placeholder >= 0)
-            shim_real.close(placeholder);
         shim_slot_unref((uint32_t)id, s->generation);
         errno = err;
         return -1;
     }
-    shim_real.close(placeholder);
-    shim_fd_set_stack(fd, (uint32_t)id, s->generation);
     *slot_out = (uint32_t)id;
     SHIM_DEBUG("fd %d: stack socket, slot %d%s", fd, id, nonblock ? ", nonblocking" : "");
     return 0;
@@ -497,20 +510,11 @@ static int64_t steer_bound_socket(int fd, uint32_t slot, uint16_t remote_port)
     t->app_flags = s->app_flags;
     __atomic_store_n(&t->refcnt, 1, __ATOMIC_RELEASE);
     int result = shim_cmd_sync(MTS_OP_BIND, (uint32_t)moved, (uint64_t)s->local_ip << 16 | s->local_port);
-    int fd_flags = shim_real.fcntl(fd, F_GETFD);
-    int nonblock = (t->app_flags & MTS_AF_NONBLOCK) != 0;
-    int placeholder = result < 0 ? -1 : eventfd(MTS_PLACEHOLDER_TAG | (uint32_t)moved,
-                                                EFD_CLOEXEC | (nonblock ? EFD_NONBLOCK : 0));
-    if (placeholder < 0 ||
-        shim_real.dup3(placeholder, fd, fd_flags >= 0 && (fd_flags & FD_CLOEXEC) ? O_CLOEXEC : 0) < 0) {
+    if (result < 0 || place_stack_socket(fd, (uint32_t)moved, (t->app_flags & MTS_AF_NONBLOCK) != 0) < 0) {
         int err = result < 0 ? -result : errno;
-        if (placeholder >= 0)
-            shim_real.close(placeholder);
         shim_slot_unref((uint32_t)moved, t->generation);
         return fail(err);
     }
-    shim_real.close(placeholder);
-    shim_fd_set_stack(fd, (uint32_t)moved, t->generation);
     shim_slot_unref(slot, s->generation);
     SHIM_DEBUG("fd %d: bound to port %u, moved from slot %u to slot %d of worker %u", fd, t->local_port, slot,
                moved, want);
