@@ -215,7 +215,6 @@ def _interface(netns: str | None, iface: str) -> tuple[int, int]:
 @dataclass
 class _Worker:
     """One stack worker process and what the launcher holds of it."""
-    index: int
     process: subprocess.Popen
     pidfd: int          # opened while it is our child: its pid cannot be another's yet
     link: socket.socket  # ours; close-on-exec, never the program's
@@ -360,7 +359,7 @@ def _start_worker(options: StackOptions, interpreter: list[str], claim: Interfac
     stack_link.close()
     for fd in (ready_w, secret_r):
         os.close(fd)
-    return _Worker(index, process, pidfd, link, ctl_app, wake_fds[index]), ready_r
+    return _Worker(process, pidfd, link, ctl_app, wake_fds[index]), ready_r
 
 
 def attach_env(region_fd: int, death_fd: int, workers: list[tuple[int, int]]) -> dict[str, str]:
